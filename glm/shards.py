@@ -1,0 +1,212 @@
+"""Shards and manifests: how stages talk to each other through files.
+
+Every stage writes its files to temporary names and renames them into place, then
+writes `manifest.json` last. A stage is done iff its manifest exists and checks out,
+which gives resumability, idempotence and cache keys (the manifest's digest) for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ManifestError(RuntimeError):
+    """A manifest is missing, unreadable or does not match the files on disk."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def remove_stale_temporaries(directory: str | Path) -> int:
+    """Delete `.NAME.*.tmp` files a crashed writer left behind; returns how many."""
+    n = 0
+    for p in Path(directory).rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> str:
+    """Hash of the `glm` package sources: part of every cache key, so a code change re-runs stages."""
+    h = hashlib.sha256()
+    for p in sorted(_PACKAGE_DIR.rglob("*.py")):
+        h.update(p.relative_to(_PACKAGE_DIR).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- Arrow / Parquet
+
+
+def write_arrow(path: str | Path, table: pa.Table) -> Path:
+    """Write an Arrow IPC file (uncompressed, so readers can memory-map it zero-copy)."""
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    return Path(path)
+
+
+def read_arrow(path: str | Path, memory_map: bool = True) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Arrow shard {path} does not exist; re-run the stage that writes it")
+    source = pa.memory_map(str(path), "r") if memory_map else pa.OSFile(str(path), "rb")
+    try:
+        return ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as e:
+        raise ManifestError(f"Arrow shard {path} is unreadable ({e}); delete it and re-run the stage") from None
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise ManifestError(f"Parquet shard {path} is unreadable ({e}); delete it and re-run the stage") from None
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def file_entry(path: str | Path, root: str | Path, **extra: Any) -> dict[str, Any]:
+    """Describe one output file: its path relative to the stage directory, size and content hash."""
+    path, root = Path(path), Path(root)
+    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path), **extra}
+
+
+def write_manifest(
+    directory: str | Path,
+    stage: str,
+    files: list[dict[str, Any]],
+    *,
+    config: dict[str, Any] | None = None,
+    inputs: list[str | Path] = (),
+    stats: dict[str, Any] | None = None,
+) -> Path:
+    """Close a stage: list its files, the config and inputs that made them, and statistics. Written last."""
+    directory = Path(directory)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "stage": stage,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": config or {},
+        "config_sha256": sha256_json(config or {}),
+        "inputs": [{"manifest": str(Path(p)), "sha256": manifest_digest(p)} for p in inputs],
+        "files": sorted(files, key=lambda f: f["path"]),
+        "stats": stats or {},
+    }
+    return atomic_write_json(directory / MANIFEST, manifest)
+
+
+def _manifest_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() or path.suffix != ".json" else path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    mp = _manifest_path(path)
+    if not mp.is_file():
+        raise ManifestError(f"no manifest at {mp}: the stage that writes it has not finished; run it first")
+    try:
+        manifest = json.loads(mp.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"manifest {mp} is not valid JSON ({e}); delete it and re-run the stage") from None
+    if manifest.get("manifest_version", 0) > MANIFEST_VERSION:
+        raise ManifestError(f"manifest {mp} has version {manifest['manifest_version']}, newer than this code; upgrade glm-pipeline")
+    return manifest
+
+
+def manifest_digest(path: str | Path) -> str:
+    """Content hash of a manifest (which itself hashes every file): the input part of cache keys."""
+    return sha256_file(_manifest_path(path))
+
+
+def verify_manifest(path: str | Path, deep: bool = False) -> list[str]:
+    """Problems with a stage's outputs ([] when it checks out). `deep` re-hashes every file."""
+    mp = _manifest_path(path)
+    try:
+        manifest = read_manifest(mp)
+    except ManifestError as e:
+        return [str(e)]
+    problems = []
+    for f in manifest["files"]:
+        p = mp.parent / f["path"]
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != f["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {f['bytes']}")
+        elif deep and sha256_file(p) != f["sha256"]:
+            problems.append(f"{p}: content hash differs from the manifest")
+    return problems
+
+
+def stage_is_complete(directory: str | Path, deep: bool = False) -> bool:
+    return not verify_manifest(directory, deep=deep)
