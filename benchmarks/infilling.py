@@ -195,7 +195,7 @@ def run(quick: bool = False) -> Iterator[dict]:
             "value": round(value),
             "unit": "tokens/s",
             "reference": round(baseline),
-            "ratio": round(value / baseline, 2),
+            "ratio": round(value, 0) / round(baseline, 0),
             "better": "higher",
             "seq_len": SEQ_LEN,
             "batch": batch,

@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    import torch
+
+    # tiny models are 10-100x slower with several intra-op threads on a shared 2-core machine
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     import torch
