@@ -1,0 +1,229 @@
+"""Blank filling: KV-cache decoding = full recompute, greedy/sampling/beam, batching, <eop>, several blanks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from glm.config import OptimConfig, model_config
+from glm.generate import GenerationConfig, fill_blanks, filter_logits, infill_inputs, splice
+from glm.model import GLM, configure_optimizer, infilling_loss
+from glm.special_tokens import SPECIAL
+
+VOCAB = 64
+M, S, G, EOP = SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask, SPECIAL.eop
+PROMPTS = [[40, 41, M, 42, S, 43], [50, G], [30, 31, 32, M, 33, 34, 35, 36, 37]]  # different lengths
+ANSWER = {M: [20, 21], S: [22]}  # what the trained fixture learns to put in each kind of blank
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models run fastest on one thread, and do not fight other processes for the cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def untrained(rotary: bool = False) -> GLM:
+    """A random model whose blocks dominate the residual stream (weights x10), so that its choices vary
+    from step to step instead of echoing the input token, as a freshly initialised tied model does."""
+    torch.manual_seed(0)
+    model = GLM(model_config("tiny", vocab_size=VOCAB, rotary_2d=rotary)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(10.0)
+    return model
+
+
+def _rows(n: int, seed: int, T: int = 24) -> dict[str, torch.Tensor]:
+    """Prompts with 1-2 blanks of kind [MASK]/[sMASK]; each span is ANSWER[kind] then <eop>."""
+    rng = random.Random(seed)
+    cols: dict[str, list] = {k: [] for k in ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")}
+    for _ in range(n):
+        L = rng.randint(4, 12)
+        prompt = [rng.randint(30, VOCAB - 1) for _ in range(L)]
+        for w in rng.sample(range(L), rng.randint(1, 2)):
+            prompt[w] = rng.choice([M, S])
+        spans = [ANSWER[t] for t in prompt if t in ANSWER]
+        x = infill_inputs(prompt, spans)
+        targets, loss = [0] * L, [False] * L
+        for s in spans:
+            targets += s + [EOP]
+            loss += [True] * (len(s) + 1)
+        pad = T - len(targets)
+        cols["input_ids"].append(x["input_ids"].tolist() + [0] * pad)
+        cols["position_ids"].append(x["position_ids"].tolist() + [0] * pad)
+        cols["block_position_ids"].append(x["block_position_ids"].tolist() + [0] * pad)
+        cols["sep"].append(L)
+        cols["targets"].append(targets + [0] * pad)
+        cols["loss_mask"].append(loss + [False] * pad)
+    return {k: torch.tensor(v) for k, v in cols.items()}
+
+
+@pytest.fixture(scope="module")
+def trained() -> GLM:
+    """A tiny model taught to fill [MASK] with 20 21 <eop> and [sMASK] with 22 <eop> (~2 s)."""
+    torch.manual_seed(0)
+    model = GLM(model_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+    opt = configure_optimizer(model, OptimConfig(lr=5e-3, weight_decay=0.0), "cpu")
+    for step in range(240):
+        loss, _ = infilling_loss(model, _rows(32, seed=step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        held_out, _ = infilling_loss(model, _rows(64, seed=10_000))
+    assert held_out.item() < 0.05
+    return model
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cached_decoding_equals_full_recompute(rotary):
+    model = untrained(rotary)
+    results = fill_blanks(model, PROMPTS, GenerationConfig(max_new_tokens=4, output_scores=True))
+    for prompt, res in zip(PROMPTS, results):
+        x = infill_inputs(prompt, res.spans)  # Part A ++ [sop] span ... for every blank
+        full = model(x["input_ids"][None], x["position_ids"][None], x["block_position_ids"][None], x["sep"][None])
+        part_b = full[0, len(prompt):]  # (steps, V): one prediction per decoding step
+        assert res.step_logits.shape == part_b.shape
+        torch.testing.assert_close(res.step_logits, part_b, atol=1e-5, rtol=0)
+
+
+def test_infill_inputs_and_splice():
+    x = infill_inputs([10, M, 11, S], [[20, 21], [22]])
+    assert x["input_ids"].tolist() == [10, M, 11, S, SPECIAL.sop, 20, 21, SPECIAL.sop, 22]
+    assert x["position_ids"].tolist() == [0, 1, 2, 3, 1, 1, 1, 3, 3]
+    assert x["block_position_ids"].tolist() == [0, 0, 0, 0, 1, 2, 3, 1, 2]
+    assert int(x["sep"]) == 4
+    assert splice([10, M, 11, S], [[20, 21], [22]]) == [10, 20, 21, 11, 22]
+
+
+# --------------------------------------------------------------------------- greedy, several blanks, <eop>
+
+
+def test_trained_model_fills_several_blanks_and_stops_at_eop(trained):
+    results = fill_blanks(trained, PROMPTS, GenerationConfig(max_new_tokens=8))
+    assert results[0].spans == [[20, 21], [22]]  # [MASK] then [sMASK], each stopped by <eop>
+    assert results[0].tokens == [40, 41, 20, 21, 42, 22, 43]
+    assert results[2].spans == [[20, 21]]
+    assert results[2].tokens == [30, 31, 32, 20, 21, 33, 34, 35, 36, 37]
+    assert len(results[1].spans) == 1 and len(results[1].spans[0]) <= 8  # [gMASK]: never trained, only bounded
+
+
+def test_max_new_tokens_cuts_a_span_and_the_next_blank_still_fills(trained):
+    (res,) = fill_blanks(trained, [PROMPTS[0]], GenerationConfig(max_new_tokens=1))
+    assert res.spans == [[20], [22]]
+
+
+def test_greedy_is_deterministic():
+    model = untrained()
+    cfg = GenerationConfig(max_new_tokens=5)
+    assert [r.spans for r in fill_blanks(model, PROMPTS, cfg)] == [r.spans for r in fill_blanks(model, PROMPTS, cfg)]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_batched_prompts_decode_as_one_by_one(trained, strategy):
+    model = untrained()
+    for m in (model, trained):
+        cfg = GenerationConfig(strategy=strategy, max_new_tokens=5, num_beams=3)
+        batched = fill_blanks(m, PROMPTS, cfg)
+        alone = [fill_blanks(m, [p], cfg)[0] for p in PROMPTS]
+        assert [r.spans for r in batched] == [r.spans for r in alone]
+        if strategy == "beam":
+            assert [r.score for r in batched] == pytest.approx([r.score for r in alone], abs=1e-5)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = untrained()
+    cfg = lambda seed: GenerationConfig(strategy="sample", max_new_tokens=6, temperature=2.0, seed=seed)  # noqa: E731
+    first = [r.spans for r in fill_blanks(model, PROMPTS, cfg(1))]
+    assert first == [r.spans for r in fill_blanks(model, PROMPTS, cfg(1))]
+    assert first != [r.spans for r in fill_blanks(model, PROMPTS, cfg(2))]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    # nucleus 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it -> two tokens
+    assert torch.isfinite(filter_logits(logits, top_p=0.7)).tolist() == [[False, True, False, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[False, True, True, True]]
+    assert torch.isfinite(filter_logits(logits)).all()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.3)])
+def test_sampled_tokens_stay_inside_the_filtered_support(top_k, top_p):
+    model = untrained()
+    cfg = GenerationConfig(strategy="sample", max_new_tokens=6, temperature=3.0, top_k=top_k, top_p=top_p,
+                           seed=0, output_scores=True)
+    for res in fill_blanks(model, PROMPTS * 3, cfg):
+        allowed = torch.isfinite(filter_logits(res.step_logits / 3.0, top_k, top_p))  # (steps, V)
+        step = 0
+        for span in res.spans:
+            for tok in span:
+                assert bool(allowed[step, tok])
+                step += 1
+            # the <eop> closing a span is chosen too, unless max_new_tokens forced it
+            assert len(span) == cfg.max_new_tokens or bool(allowed[step, EOP])
+            step += 1
+        assert step == res.step_logits.shape[0]
+
+
+def test_top_k_one_sampling_is_greedy():
+    model = untrained()
+    greedy = fill_blanks(model, PROMPTS, GenerationConfig(max_new_tokens=5))
+    sampled = fill_blanks(model, PROMPTS, GenerationConfig(strategy="sample", top_k=1, max_new_tokens=5, seed=3))
+    assert [r.spans for r in sampled] == [r.spans for r in greedy]
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+def test_one_beam_is_greedy(trained):
+    for m in (untrained(), trained):
+        greedy = fill_blanks(m, PROMPTS, GenerationConfig(max_new_tokens=5))
+        beam = fill_blanks(m, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=5))
+        assert [r.spans for r in beam] == [r.spans for r in greedy]
+
+
+def test_beam_finds_the_trained_answer_and_scores_it_correctly(trained):
+    cfg = GenerationConfig(strategy="beam", num_beams=4, max_new_tokens=6, length_penalty=0.5)
+    (res,) = fill_blanks(trained, [PROMPTS[0]], cfg)
+    assert res.spans == [[20, 21], [22]]
+    # the score is the length-normalised log-probability of s1 s2 <eop> t1 <eop>, teacher-forced
+    x = infill_inputs(PROMPTS[0], res.spans)
+    logp = trained(x["input_ids"][None], x["position_ids"][None], x["block_position_ids"][None], x["sep"][None])
+    logp = logp[0, len(PROMPTS[0]):].log_softmax(-1)  # (5, V)
+    chosen = [20, 21, EOP, 22, EOP]
+    total = sum(logp[i, t].item() for i, t in enumerate(chosen))
+    assert res.score == pytest.approx(total / len(chosen) ** 0.5, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_clear_errors():
+    model = untrained()
+    with pytest.raises(ValueError, match="no blank"):
+        fill_blanks(model, [[10, 11]])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        fill_blanks(model, [[10] * 200 + [G]])
+    with pytest.raises(ValueError, match="vocab_size"):
+        fill_blanks(model, [[10, VOCAB + 5, G]])
+    with pytest.raises(ValueError, match="strategy"):
+        GenerationConfig(strategy="nucleus")
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="prompts"):
+        fill_blanks(model, [])
