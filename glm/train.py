@@ -1,0 +1,673 @@
+"""GLM pretraining: the training loop, in one function (`pretrain`).
+
+The loop is plain PyTorch; device, mixed precision, torch.compile and data parallelism
+(glm/distributed.py) are applied to the model from outside. The recipe (GLM.md section 3):
+AdamW with decoupled weight decay, linear warmup then cosine decay to min_lr_ratio x lr,
+gradient clipping, gradient accumulation.
+
+Loss normalisation. One optimizer step sees `grad_accum` micro-batches on each of
+`world_size` ranks. Each micro-batch backpropagates the SUM of its per-token losses; after
+the last one the gradients are multiplied by world_size / (loss tokens in the whole global
+batch) (world_size undoes DDP/FSDP's averaging over ranks). The step's gradient is therefore
+the gradient of the token-weighted mean loss over the global batch: exactly what one large
+batch gives, however it is split into micro-batches and ranks, even when rows hold different
+numbers of loss tokens (a mean of per-micro-batch means would weight them unequally).
+
+Resuming. A run restarts from out_dir's latest valid checkpoint, else from train.init_from
+(any step directory or run directory: branching or continuing a run). It restores weights,
+optimizer, step, every rank's torch/numpy/Python RNG and data position, so with the same
+world size the loss trace and final weights equal those of an uninterrupted run; metrics
+past the resumed step are dropped from metrics.jsonl and rewritten. The learning-rate
+schedule is a pure function of (step, train.steps): raising train.steps on resume
+stretches the cosine from there. A non-finite loss or gradient norm skips the update
+(counted as a bad step) and stops the run with NonFiniteLossError past train.max_bad_steps.
+
+    python -m glm.train --config RUN.yaml --data INFILL_DIR --out OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 4 -m glm.train --config ... (train.distributed=ddp|fsdp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from glm.checkpoint import (
+    latest_checkpoint,
+    load_model_state,
+    load_trainer_state,
+    read_meta,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    to_plain,
+)
+from glm.config import ConfigError, ModelConfig, OptimConfig, PipelineConfig, TrainConfig, load_config
+from glm.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    init_distributed,
+    load_full_optimizer_state,
+    unwrap,
+    wrap_model,
+)
+from glm.model import GLM, configure_optimizer, infilling_loss
+from glm.shards import ManifestError, atomic_write_text
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
+
+log = logging.getLogger("glm.train")  # also when run as __main__
+
+Batch = dict[str, torch.Tensor]
+BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the loop needs from training data: micro-batches and a resumable position.
+
+    `state_dict()` must describe the position after the micro-batches already yielded,
+    so that a fresh source given it by `load_state_dict` continues with the next one.
+    """
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf more often than train.max_bad_steps allows."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # optimizer steps completed (skipped bad steps included)
+    loss: float | None  # last training loss (token-weighted mean over the global batch)
+    val_loss: float | None  # last validation loss, if any
+    checkpoint: Path | None  # the final checkpoint
+    metrics_path: Path
+    bad_steps: int
+    resumed_from: int | None  # the step a resumed run started from
+    tokens: int  # input tokens processed, all ranks, all runs of this training
+    elapsed: float  # seconds of training, summed over resumed runs
+
+
+# --------------------------------------------------------------------------- schedule, precision, MFU
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate for the update that follows `step` completed updates (0-based).
+
+    Linear warmup to optim.lr over warmup_steps updates (the first update uses lr/warmup),
+    then cosine decay reaching min_lr_ratio x lr at the last update and staying there.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    min_lr = optim.lr * optim.min_lr_ratio
+    decay_steps = total_steps - optim.warmup_steps - 1
+    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (optim.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast dtype, or None for plain fp32. `auto`: bf16 on CUDA (if supported), fp32 on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
+        log.warning("this GPU has no bf16 support; training in fp32")
+        return None
+    return torch.bfloat16
+
+
+# dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; more specific names first
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 peak, or None when unknown (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for frag, peak in PEAK_BF16_FLOPS.items() if frag in name), None)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self._f = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run rewrites them) and any torn last line."""
+        if not self.enabled:
+            return
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write(json.dumps(record, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+
+
+def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} is not divisible by micro_batch_size x world size = "
+            f"{cfg.micro_batch_size} x {world_size}; make it a multiple of {per_step}"
+        )
+    return cfg.batch_size // per_step
+
+
+def _seed_rank_streams(seed: int, rank: int) -> None:
+    """Per-rank torch/numpy/python streams (dropout differs across ranks; reproducible per rank)."""
+    s = int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _to_device(batch: Any, device: torch.device, micro_batch_size: int | None, where: str) -> Batch:
+    if not isinstance(batch, dict) or not set(BATCH_KEYS) <= set(batch):
+        got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{where}: a batch must be a dict with {list(BATCH_KEYS)}, got {got}")
+    out = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True) for k in BATCH_KEYS}
+    rows = out["input_ids"].shape[0]
+    if micro_batch_size is not None and rows != micro_batch_size:
+        raise ValueError(
+            f"{where}: a batch has {rows} rows but train.micro_batch_size={micro_batch_size}; "
+            "build the loader with the configured micro-batch size"
+        )
+    return out
+
+
+def _next_batch(it: Iterator[Batch], step: int) -> Any:
+    try:
+        return next(it)
+    except StopIteration:
+        raise ValueError(
+            f"training data ran out at step {step + 1}; build more infilling epochs or lower train.steps"
+        ) from None
+
+
+def _grad_norm(norm: torch.Tensor) -> float:
+    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
+    return float(full)
+
+
+def _accumulate_gradients(
+    model: torch.nn.Module, it: Iterator[Any], accum: int, step: int, cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager], info: DistInfo,
+) -> tuple[torch.Tensor, int, int]:
+    """Backpropagate the summed token losses of `accum` micro-batches (gradients sync on the last).
+
+    Returns (sum of token losses, loss tokens) summed over ranks, this rank's input tokens, and the row length.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # sum of per-token losses
+    n_loss = torch.zeros((), dtype=torch.float64, device=info.device)  # loss tokens
+    n_input, seq_len = 0, 0
+    for micro in range(accum):
+        batch = _to_device(_next_batch(it, step), info.device, cfg.micro_batch_size, "training data")
+        with gradient_sync(model, enabled=micro == accum - 1):
+            with autocast():
+                loss, n = infilling_loss(model, batch)
+            (loss * n).backward()
+        # a micro-batch without loss tokens has a NaN mean over nothing; it contributes 0
+        loss_sum += torch.where(n > 0, loss.detach().double() * n, 0.0)
+        n_loss += n
+        n_input += batch["input_ids"].numel()
+        seq_len = batch["input_ids"].shape[1]
+    return all_reduce_sum(torch.stack([loss_sum, n_loss])), n_input, seq_len  # (2,) over all ranks
+
+
+def evaluate(
+    model: torch.nn.Module, valid_data: Iterable[Any], n_batches: int, device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager], info: DistInfo,
+) -> dict[str, float] | None:
+    """Token-weighted validation loss over up to n_batches per rank (ranks stop together)."""
+    was_training = model.training
+    net = unwrap(model)  # DDP: bypass its forward hooks; FSDP2 shards in place and needs its hooks
+    net.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x tokens, tokens)
+    it = iter(valid_data)
+    with torch.no_grad():
+        for _ in range(n_batches):
+            raw = next(it, None)
+            # FSDP ranks must run the same number of forwards: stop when any rank runs out
+            have = all_reduce_sum(torch.tensor([float(raw is not None)], device=device))
+            if int(have.item()) < info.world_size:
+                break
+            batch = _to_device(raw, device, None, "validation data")
+            with autocast():
+                loss, n = infilling_loss(net, batch)
+            if n > 0:
+                sums += torch.stack([loss.double() * n, n.double()])
+    model.train(was_training)
+    all_reduce_sum(sums)
+    if sums[1] == 0:
+        return None
+    val_loss = float(sums[0] / sums[1])
+    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf, "val_tokens": int(sums[1])}
+
+
+def _save(
+    out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: BatchSource,
+    counters: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig, info: DistInfo,
+) -> Path | None:
+    """Gather full state to rank 0 (collective under FSDP) and write one checkpoint there."""
+    model_state = full_model_state(model)
+    optim_state = full_optimizer_state(model, optimizer)
+    per_rank = all_gather_objects({"rng": rng_state(), "loader": to_plain(data.state_dict(), "loader state")})
+    path = None
+    if info.is_main:
+        trainer_state = {"step": step, "optimizer": optim_state, "ranks": per_rank, **counters}
+        path = save_checkpoint(
+            out_dir / "checkpoints", step, model_state, trainer_state, model_config=model_cfg,
+            extra_meta={"train_config": cfg.model_dump(mode="json"), "world_size": info.world_size,
+                        "loss": _finite_or_none(counters.get("loss"))},
+            keep=cfg.keep_checkpoints,
+        )
+    barrier()
+    return path
+
+
+def _find_resume(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> Path | None:
+    """This run's own latest checkpoint wins (a restarted run continues); else cfg.init_from."""
+    path = latest_checkpoint(out_dir / "checkpoints") if (out_dir / "checkpoints").is_dir() else None
+    if path is None and cfg.init_from:
+        path = resolve_checkpoint(cfg.init_from)
+    if path is not None:
+        # the architecture must match; dropout may change between runs and preset is only a label
+        free = {"preset", "dropout", "attention_dropout"}
+        saved = {k: v for k, v in read_meta(path)["model_config"].items() if k not in free}
+        wanted = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in free}
+        if saved != wanted:
+            diff = {k: (saved.get(k), wanted.get(k)) for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)}
+            raise ValueError(
+                f"checkpoint {path} has another model architecture (checkpoint vs config: {diff}); "
+                "use a fresh output directory or the matching model config"
+            )
+    return path
+
+
+def _restore(
+    resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: BatchSource,
+    counters: dict[str, Any], cfg: TrainConfig, info: DistInfo, out_dir: Path,
+) -> int:
+    """Load optimizer, counters, this rank's RNG streams and data position; return the step."""
+    state = load_trainer_state(resume)
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
+    step = int(state["step"])
+    counters.update({k: state[k] for k in counters if k in state})
+    if len(state["ranks"]) == info.world_size:
+        mine = state["ranks"][info.rank]
+        set_rng_state(mine["rng"])
+    else:  # weights, optimizer and step carry over; the random streams cannot
+        log.warning(
+            "checkpoint %s was written by %d ranks, this run has %d: RNG streams are reseeded and the data "
+            "position is rank 0's (exact for TrainLoader, whose position is global), so the run is not "
+            "bit-identical to an uninterrupted one", resume, len(state["ranks"]), info.world_size,
+        )
+        mine = state["ranks"][0]
+        _seed_rank_streams(cfg.seed + step, info.rank)
+    try:
+        data.load_state_dict(mine["loader"])
+    except ValueError as e:
+        if resume.resolve().is_relative_to((out_dir / "checkpoints").resolve()):
+            raise  # a run's own checkpoint must fit its data
+        # init_from a run on other data (continued pretraining): start this data at its beginning
+        log.warning("data position of %s not restored (%s); reading the data from its start", resume, e)
+    if info.is_main:
+        log.info("resuming from %s (step %d)", resume, step)
+    return step
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def pretrain(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data: BatchSource,
+    out_dir: str | Path,
+    *,
+    valid_data: Iterable[Any] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a GLM for cfg.steps optimizer steps; checkpoints and metrics.jsonl go to out_dir.
+
+    `data` yields this rank's micro-batches (dicts of BATCH_KEYS). `valid_data` is re-iterated
+    from its start at every evaluation. A run resumes exactly from out_dir's latest valid
+    checkpoint (or cfg.init_from): weights, optimizer, step, RNG streams and data position.
+    Under torchrun every rank calls this; only rank 0 writes files and calls `on_metrics`.
+    """
+    if model_cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is None; set it from the tokenizer before pretraining")
+    if not isinstance(data, BatchSource):
+        raise TypeError("data must be iterable and have state_dict()/load_state_dict() (see glm.train.BatchSource)")
+    out_dir = Path(out_dir)
+    owns_group = not dist.is_initialized()
+    info = init_distributed(cfg.device)
+    metrics, bar = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), None
+    try:
+        device = info.device
+        accum = _grad_accum(cfg, info.world_size)
+        dtype = autocast_dtype(cfg.precision, device)
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+        # ---- model: same init on every rank, resumed weights, then compile and wrap from outside
+        resume = _find_resume(out_dir, cfg, model_cfg)
+        torch.manual_seed(cfg.seed)
+        net = GLM(model_cfg)
+        if resume is not None:
+            net.load_state_dict(load_model_state(resume), strict=True)
+        net.to(device)
+        if cfg.compile:
+            # the loss gathers only its (data-dependent number of) positions before the vocab
+            # projection; without this flag that gather is a graph break
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            net.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+        model = wrap_model(net, cfg.distributed, info)
+        optimizer = configure_optimizer(unwrap(model), cfg.optim, device.type)
+        _seed_rank_streams(cfg.seed, info.rank)
+
+        step, counters = 0, {"bad_steps": 0, "tokens": 0, "elapsed": 0.0, "loss": None, "val_loss": None}
+        if resume is not None:
+            step = _restore(resume, model, optimizer, data, counters, cfg, info, out_dir)
+
+        metrics.truncate_after(step)
+
+        def emit(record: dict[str, Any]) -> None:
+            metrics.write(record)
+            if on_metrics is not None and info.is_main:
+                on_metrics(record)
+
+        flops_per_token = unwrap(model).flops_per_token
+        peak = peak_flops(device)
+        show_bar = info.is_main and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=step, disable=not show_bar, desc="pretrain", dynamic_ncols=True)
+        resumed_from = step if resume is not None else None
+        last_ckpt = resume if step >= cfg.steps else None
+        run_start, elapsed_before = time.perf_counter(), float(counters["elapsed"])
+        it = iter(data)
+        model.train()
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim, cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            totals, n_input, seq_len = _accumulate_gradients(model, it, accum, step, cfg, autocast, info)
+            global_tokens = max(float(totals[1]), 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(info.world_size / global_tokens)  # sum of token losses -> global token mean
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            loss_value = float(totals[0]) / global_tokens
+            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            if skipped:
+                counters["bad_steps"] += 1
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dt = time.perf_counter() - t0
+            step_tokens = n_input * info.world_size
+            counters["tokens"] += step_tokens
+            counters["loss"] = loss_value
+            tokens_per_s = step_tokens / dt
+            mfu = None
+            if peak is not None:
+                achieved = flops_per_token(seq_len, float(totals[1]) / step_tokens) * tokens_per_s
+                mfu = achieved / (peak * info.world_size)
+            emit({
+                "step": step, "loss": _finite_or_none(loss_value), "lr": lr, "grad_norm": _finite_or_none(grad_norm),
+                "tokens_per_s": tokens_per_s, "loss_tokens": int(totals[1]), "tokens": counters["tokens"],
+                "elapsed": elapsed_before + time.perf_counter() - run_start, "mfu": mfu,
+                "skipped": skipped, "bad_steps": counters["bad_steps"],
+            })
+            if skipped and counters["bad_steps"] > cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step} "
+                    f"(loss={loss_value}, grad_norm={grad_norm}); {counters['bad_steps']} bad step(s) exceed "
+                    f"train.max_bad_steps={cfg.max_bad_steps}. Lower the learning rate, check the data, "
+                    "or resume from the last checkpoint"
+                )
+            if skipped:
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d/%d bad steps allowed)",
+                            step, counters["bad_steps"], cfg.max_bad_steps)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                if info.is_main and not show_bar:
+                    log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f",
+                             step, cfg.steps, loss_value, lr, grad_norm, tokens_per_s)
+
+            if valid_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                per_rank = -(-cfg.eval_batches // info.world_size)  # eval_batches counts all ranks together
+                val = evaluate(model, valid_data, per_rank, device, autocast, info)
+                if val is not None:
+                    counters["val_loss"] = val["val_loss"]
+                    emit({"step": step, **{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in val.items()}})
+            counters["elapsed"] = elapsed_before + time.perf_counter() - run_start
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                last_ckpt = _save(out_dir, step, model, optimizer, data, counters, cfg, model_cfg, info)
+        return TrainResult(
+            step=step, loss=counters["loss"], val_loss=counters["val_loss"], checkpoint=last_ckpt,
+            metrics_path=out_dir / "metrics.jsonl", bad_steps=counters["bad_steps"], resumed_from=resumed_from,
+            tokens=int(counters["tokens"]), elapsed=float(counters["elapsed"]),
+        )
+    finally:
+        metrics.close()
+        if bar is not None:
+            bar.close()
+        if owns_group:
+            destroy_distributed()
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+class SyntheticBatches:
+    """Random infilling-shaped micro-batches: tests and throughput checks without shards.
+
+    Sample i depends only on (seed, i). Rank r of w reads micro-batches r, r+w, r+2w, ...
+    of micro_batch_size consecutive samples, so any split of a global batch into ranks and
+    accumulation steps covers the same samples. Rows hold different numbers of loss tokens.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, *, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, limit: int | None = None):
+        if seq_len < 8 or vocab_size <= NUM_SPECIAL:
+            raise ValueError("SyntheticBatches needs seq_len >= 8 and vocab_size > the special tokens")
+        self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
+        self.seed, self.rank, self.world_size, self.limit = seed, rank, world_size, limit
+        self._next = 0  # micro-batches of this rank already yielded
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batches": self._next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._next = int(state["micro_batches"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.limit is None or self._next < self.limit:
+            block = self._next * self.world_size + self.rank
+            self._next += 1
+            first = block * self.micro_batch_size
+            rows = [self._sample(first + j) for j in range(self.micro_batch_size)]
+            yield {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
+
+    def _sample(self, i: int) -> dict[str, np.ndarray]:
+        g = np.random.default_rng([self.seed, i])
+        T = self.seq_len
+        sep = int(g.integers(T // 2, T - 3))  # Part A length
+        span = int(g.integers(2, T - sep + 1))  # Part B length ([sop] + tokens); the rest is padding
+        mask_at = int(g.integers(0, sep))
+        ids = np.full(T, SPECIAL.pad, dtype=np.int64)  # (T,)
+        ids[:sep] = g.integers(NUM_SPECIAL, self.vocab_size, sep)
+        ids[mask_at] = SPECIAL.mask
+        ids[sep] = SPECIAL.sop
+        ids[sep + 1 : sep + span] = g.integers(NUM_SPECIAL, self.vocab_size, span - 1)
+        targets = np.zeros(T, dtype=np.int64)  # (T,)
+        targets[sep : sep + span - 1] = ids[sep + 1 : sep + span]
+        targets[sep + span - 1] = SPECIAL.eop
+        pos = np.zeros(T, dtype=np.int64)  # (T,)
+        pos[:sep] = np.arange(sep)
+        pos[sep : sep + span] = mask_at
+        block_pos = np.zeros(T, dtype=np.int64)  # (T,)
+        block_pos[sep : sep + span] = np.arange(1, span + 1)
+        loss_mask = np.zeros(T, dtype=np.int64)  # (T,)
+        loss_mask[sep : sep + span] = 1
+        return {"input_ids": ids, "position_ids": pos, "block_position_ids": block_pos,
+                "sep": np.int64(sep), "targets": targets, "loss_mask": loss_mask}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def vocab_size_from_data(data_dir: str | Path) -> int | None:
+    """The tokenizer's vocabulary, rounded up to a multiple of 64, from the token stage that built the shards."""
+    from glm.shards import read_manifest
+
+    for entry in read_manifest(data_dir).get("inputs", []):
+        try:
+            stats = read_manifest(entry["manifest"]).get("stats", {})
+        except (ManifestError, OSError):  # an input moved since the build: the caller sets the size instead
+            continue
+        if stats.get("vocab_size"):
+            return -(-int(stats["vocab_size"]) // 64) * 64
+    return None
+
+
+def pretrain_on_shards(
+    pipeline: PipelineConfig, data_dir: str | Path, out_dir: str | Path, *,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Pretrain on a span-corruption dataset: this rank's TrainLoader, the validation split, `pretrain`."""
+    from glm.loader import InfillingData, TrainLoader, ValidLoader
+
+    cfg, model_cfg = pipeline.pretrain, pipeline.model
+    if model_cfg.vocab_size is None:
+        vocab = vocab_size_from_data(data_dir)
+        if vocab is None:
+            raise ValueError(
+                f"model.vocab_size is not set and the token manifest behind {data_dir} does not record it; "
+                "pass --set model.vocab_size=N (the tokenizer's size)"
+            )
+        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab})
+    owns_group = not dist.is_initialized()
+    info = init_distributed(cfg.device)
+    try:
+        shards = InfillingData(data_dir, seq_len=pipeline.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
+        data = TrainLoader(shards, cfg.micro_batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+        valid = None
+        if shards.valid is not None:
+            valid = ValidLoader(shards, cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                                max_batches=-(-cfg.eval_batches // info.world_size))
+        return pretrain(cfg, model_cfg, data, out_dir, valid_data=valid, on_metrics=on_metrics)
+    finally:
+        if owns_group:
+            destroy_distributed()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m glm.train", description="Pretrain a GLM on span-corruption shards.")
+    p.add_argument("--config", required=True, help="pipeline YAML (its model, infilling and pretrain sections are used)")
+    p.add_argument("--data", required=True, help="span-corruption dataset directory (the infill stage's output)")
+    p.add_argument("--out", required=True, help="output directory: checkpoints/ and metrics.jsonl")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override by dotted path, e.g. --set pretrain.steps=100 (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints the TrainResult as one JSON line (rank 0) for the orchestrator."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        pipeline = load_config(args.config, args.overrides)
+        result = pretrain_on_shards(pipeline, args.data, args.out)
+    except (ConfigError, ValueError, FileNotFoundError, ManifestError, NonFiniteLossError) as e:
+        print(f"glm.train: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
