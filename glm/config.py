@@ -142,6 +142,11 @@ class TokenizerConfig(Section):
     sample_docs: int = Field(default=200_000, ge=1, description="Bounded training sample of the train split.")
     existing: str | None = Field(default=None, description="Path to an existing tokenizer.model to load instead of training.")
     seed: int = 0
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Trainer threads (None: all available cores). The trained model depends on it: pin it for identical tokenizers across machines.",
+    )
 
 
 # --------------------------------------------------------------------------- infilling
@@ -244,6 +249,8 @@ class FinetuneConfig(Section):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=50, weight_decay=0.01))
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     patience: int = Field(default=2, ge=1, description="Early stopping: dev evaluations without improvement.")
+    eval_every: int | None = Field(default=None, ge=1, description="Evaluate on dev every N steps (None: at the end of each epoch).")
+    log_every: int = Field(default=10, ge=1, description="Steps per training record in metrics.jsonl (mean loss over them).")
     from_scratch_baseline: bool = True
     seed: int = 0
 

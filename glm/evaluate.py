@@ -1,0 +1,505 @@
+"""Evaluation: held-out losses, classification metrics, samples, and the report (Markdown + PNG plots).
+
+- `infilling_metrics`: token-weighted blank-infilling loss, perplexity and next-token accuracy
+  over any iterable of blank-infilling batches (the validation loader, seq2seq batches).
+- `lm_metrics`: held-out left-to-right LM loss/perplexity: each token row becomes GLM's causal
+  sample, Part A = [gMASK] and Part B = <sop> + the row (as the infilling builder's "causal"
+  objective), scored on the row's tokens (no <eop>: a row is a cut of the text, not its end).
+- `classification_metrics`, `majority_baseline`: accuracy, macro-F1, confusion matrix.
+- `fill_samples`: a few blanks filled by a pretrained model, as text.
+- `write_report`: metrics.json, report.md and the plots it embeds by relative path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from glm.config import EvaluateConfig
+from glm.shards import atomic_path, atomic_write_json, atomic_write_text
+from glm.special_tokens import SPECIAL
+
+BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")
+
+
+# --------------------------------------------------------------------------- held-out losses
+
+
+def _as_tensors(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"evaluation batch is missing {missing}; expected a blank-infilling batch with {list(BATCH_KEYS)}")
+    out = {k: torch.as_tensor(np.asarray(batch[k]) if not isinstance(batch[k], torch.Tensor) else batch[k]) for k in BATCH_KEYS}
+    out = {k: v.to(device=device, dtype=torch.bool if k == "loss_mask" else torch.long) for k, v in out.items()}
+    return out
+
+
+@torch.no_grad()
+def infilling_metrics(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
+) -> dict[str, float]:
+    """Loss (mean cross-entropy per target token), perplexity and argmax token accuracy over Part B targets."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, tokens, n_batches = 0.0, 0, 0, 0
+    try:
+        for raw in batches:
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            b = _as_tensors(raw, device)
+            select = b["loss_mask"]  # (B, T)
+            n_batches += 1
+            if not bool(select.any()):
+                continue
+            logits = model(b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], select=select)  # (N, V)
+            targets = b["targets"][select]  # (N,)
+            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
+            tokens += int(targets.numel())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError(f"no loss tokens in {n_batches} evaluation batches; the validation data is empty")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / tokens,
+            "tokens": tokens, "batches": n_batches}
+
+
+def causal_lm_batch(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded causal samples: [gMASK] | <sop> x1 .. x(n-1), predicting x1 .. xn (one row each)."""
+    width = 2 + max(len(r) for r in rows) - 1
+    B = len(rows)
+    ids = torch.full((B, width), SPECIAL.pad, dtype=torch.long)  # (B, T)
+    blk = torch.zeros(B, width, dtype=torch.long)  # (B, T)
+    tgt = torch.zeros(B, width, dtype=torch.long)  # (B, T)
+    ids[:, 0], ids[:, 1] = SPECIAL.gmask, SPECIAL.sop
+    for i, row in enumerate(rows):
+        n = len(row)
+        r = torch.as_tensor(list(row), dtype=torch.long)  # (n,)
+        ids[i, 2 : n + 1] = r[:-1]
+        tgt[i, 1 : n + 1] = r
+        blk[i, 1 : n + 1] = torch.arange(1, n + 1)
+    batch = {
+        "input_ids": ids,
+        "position_ids": torch.zeros(B, width, dtype=torch.long),  # (B, T) every Part B token sits at the [gMASK]
+        "block_position_ids": blk,
+        "targets": tgt,
+        "loss_mask": blk > 0,  # (B, T)
+        "sep": torch.ones(B, dtype=torch.long),  # (B,)
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lm_metrics(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_size: int = 16) -> dict[str, float]:
+    """Held-out LM loss/perplexity of token rows (each cut to model.max_seq_len - 1 tokens)."""
+    limit = model.cfg.max_seq_len - 1
+    rows = [list(r[:limit]) for r in rows if len(r) >= 1]
+    if not rows:
+        raise ValueError("lm_metrics got no non-empty token rows")
+    device = next(model.parameters()).device
+    return infilling_metrics(model, (causal_lm_batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)))
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (mean over ALL labels; a label never predicted has precision 0),
+    per-label precision/recall/F1/support and the confusion matrix (rows: true, columns: predicted)."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    L = len(labels)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or y_true.size == 0:
+        raise ValueError(f"need two equal-length non-empty label sequences, got {y_true.shape} and {y_pred.shape}")
+    if min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= L:
+        raise ValueError(f"label indices must lie in [0, {L}) for labels {list(labels)}")
+    confusion = np.zeros((L, L), dtype=np.int64)  # (true, predicted)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp = np.diag(confusion).astype(np.float64)  # (L,)
+    predicted, support = confusion.sum(0), confusion.sum(1)  # (L,) each
+    precision = np.divide(tp, predicted, out=np.zeros(L), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(L), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(L), where=(precision + recall) > 0)
+    return {
+        "accuracy": float(tp.sum() / y_true.size),
+        "macro_f1": float(f1.mean()),
+        "n": int(y_true.size),
+        "labels": list(labels),
+        "confusion": confusion.tolist(),
+        "per_label": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+    }
+
+
+def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Metrics of always predicting the most frequent TRAIN label (ties: the first label)."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(labels))  # (L,)
+    majority = int(counts.argmax())
+    out = classification_metrics(test_labels, [majority] * len(test_labels), labels)
+    return out | {"majority_label": labels[majority]}
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def fill_samples(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    n: int = 5,
+    *,
+    context_tokens: int = 48,
+    seed: int = 0,
+) -> list[dict[str, str]]:
+    """Blank one short span in each of the first `n` texts with [MASK] and let the model fill it (greedy).
+
+    Returns per sample: `prompt` (text with [MASK]), `reference` (the removed span) and `filled`.
+    """
+    from glm.generate import GenerationConfig, fill_blanks
+
+    rng = np.random.default_rng(seed)
+    prompts, parts = [], []
+    for text in texts:
+        if len(prompts) >= n:
+            break
+        ids = tokenizer.encode(text, specials=False)[:context_tokens]
+        if len(ids) < 3:
+            continue
+        span = int(min(6, max(1, round(0.15 * len(ids)))))
+        start = int(rng.integers(1, len(ids) - span))  # at least one token of context before and after
+        before, ref, after = ids[:start], ids[start : start + span], ids[start + span :]
+        prompts.append(before + [SPECIAL.mask] + after)
+        parts.append((before, ref, after))
+    if not prompts:
+        return []
+    results = fill_blanks(model, prompts, GenerationConfig(max_new_tokens=min(16, model.cfg.max_seq_len - 1)))
+    return [
+        {
+            "prompt": f"{tokenizer.decode(before)} [MASK] {tokenizer.decode(after)}".strip(),
+            "reference": tokenizer.decode(ref),
+            "filled": tokenizer.decode(r.spans[0]),
+        }
+        for (before, ref, after), r in zip(parts, results)
+    ]
+
+
+def evaluate_pretrained(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    valid_batches: Iterable[Mapping[str, Any]],
+    texts: Sequence[str],
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """The pretraining section of the report: blank-infilling metrics on up to cfg.batches validation
+    batches, held-out LM metrics on up to 16 x cfg.batches held-out `texts` (each cut to the model's
+    length) and cfg.fill_samples blank-filling samples."""
+    out: dict[str, Any] = {"infilling": infilling_metrics(model, valid_batches, cfg.batches)}
+    rows = [r for r in (tokenizer.encode(t, specials=False) for t in texts[: 16 * cfg.batches]) if r]
+    if rows:
+        out["lm"] = lm_metrics(model, rows)
+    out["fill_samples"] = fill_samples(model, tokenizer, texts, cfg.fill_samples) if cfg.fill_samples else []
+    return out
+
+
+# --------------------------------------------------------------------------- metrics files
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file (a torn last line, from a crash mid-write, is skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _curve(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pts)
+    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if values.size < 3 or window <= 1:
+        return values
+    window = min(window, values.size)
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.full(window - 1, values[0]), values])
+    return np.convolve(padded, kernel, mode="valid")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 13, "axes.grid": True, "grid.alpha": 0.3})
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_pretrain_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Training loss (raw and smoothed) and validation loss against the optimizer step."""
+    train_x, train_y = _curve(records, "loss")
+    val_x, val_y = _curve(records, "val_loss")
+    if train_x.size == 0 and val_x.size == 0:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train_x.size:
+        ax.plot(train_x, train_y, color="tab:blue", alpha=0.25, linewidth=1, label="training loss (per step)")
+        ax.plot(train_x, _smooth(train_y, max(1, train_x.size // 25)), color="tab:blue", linewidth=2,
+                label="training loss (smoothed)")
+    if val_x.size:
+        ax.plot(val_x, val_y, "o-", color="tab:orange", linewidth=2, markersize=5, label="validation loss")
+    ax.set(title="Pretraining: blank-infilling loss", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def plot_finetune_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, majority_accuracy: float | None = None
+) -> Path | None:
+    """Per run: training and validation loss (left) and validation accuracy (right) against the step."""
+    if not runs:
+        return None
+    has_acc = any(_curve(r, "val_accuracy")[0].size for r in runs.values())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(13 if has_acc else 7.5, 4.5), squeeze=False)
+    ax_loss = axes[0, 0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, records) in enumerate(runs.items()):
+        c = colors[i % len(colors)]
+        tx, ty = _curve(records, "loss")
+        vx, vy = _curve(records, "val_loss")
+        if tx.size:
+            ax_loss.plot(tx, ty, color=c, alpha=0.5, linewidth=1.2, label=f"{name}: training")
+        if vx.size:
+            ax_loss.plot(vx, vy, "o-", color=c, linewidth=2, markersize=4, label=f"{name}: validation")
+    ax_loss.set(title="Fine-tuning loss", xlabel="optimizer step", ylabel="cross-entropy")
+    ax_loss.legend(fontsize=9)
+    if has_acc:
+        ax_acc = axes[0, 1]
+        for i, (name, records) in enumerate(runs.items()):
+            vx, vy = _curve(records, "val_accuracy")
+            if vx.size:
+                ax_acc.plot(vx, vy, "o-", color=colors[i % len(colors)], linewidth=2, markersize=4, label=name)
+        if majority_accuracy is not None:
+            ax_acc.axhline(majority_accuracy, color="gray", linestyle="--", label="majority class (test split)")
+        ax_acc.set(title="Validation accuracy", xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1.02))
+        ax_acc.legend(fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str) -> Path:
+    """Counts in each cell, coloured by the share of the true label's examples (rows sum to 1)."""
+    plt = _pyplot()
+    cm = np.asarray(confusion, dtype=np.float64)  # (L, L)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # (L, L)
+    size = 2.2 + 0.9 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.grid(False)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.55 else "black", fontsize=10)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(title=title, xlabel="predicted label", ylabel="true label")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
+    return _save_figure(fig, Path(path))
+
+
+def plot_accuracy_bars(bars: Mapping[str, tuple[float, float]], path: str | Path, title: str) -> Path:
+    """Grouped bars of test accuracy and macro-F1 per model."""
+    plt = _pyplot()
+    names = list(bars)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(names), 4.5))
+    for k, (metric, offset, color) in enumerate((("accuracy", -0.2, "tab:blue"), ("macro-F1", 0.2, "tab:green"))):
+        values = [bars[n][k] for n in names]
+        rects = ax.bar(x + offset, values, width=0.38, color=color, label=metric)
+        ax.bar_label(rects, labels=[f"{v:.1%}" for v in values], padding=2, fontsize=9)
+    ax.set_xticks(x, names)
+    ax.set(title=title, ylabel="test score", ylim=(0, 1.1))
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="upper right", fontsize=9)
+    return _save_figure(fig, Path(path))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.1%}" if pct else f"{x:.4g}"
+    return str(x)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(str(c)) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def write_report(
+    out_dir: str | Path,
+    results: Mapping[str, Any],
+    pretrain_metrics_path: str | Path | None = None,
+    finetune_metrics_paths: Mapping[str, str | Path] | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json, report.md and the PNG plots into out_dir; returns their paths.
+
+    `results` may hold (each optional):
+      "title": str;
+      "pretrain": {"infilling": infilling_metrics(...), "lm": lm_metrics(...), "fill_samples": fill_samples(...)};
+      "cloze": {run name: finetune_cloze(...) result}, e.g. {"pretrained": ..., "from scratch": ...};
+      "seq2seq": {run name: finetune_seq2seq(...) result}.
+    Fine-tuning curves come from `finetune_metrics_paths` (run name -> metrics.jsonl), defaulting to
+    each result's "metrics_path".
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    md = [f"# {results.get('title', 'GLM evaluation report')}", ""]
+
+    cloze: Mapping[str, Mapping[str, Any]] = results.get("cloze") or {}
+    seq2seq: Mapping[str, Mapping[str, Any]] = results.get("seq2seq") or {}
+    pretrain: Mapping[str, Any] = results.get("pretrain") or {}
+    paths = dict(finetune_metrics_paths or {})
+    for name, res in {**cloze, **seq2seq}.items():
+        if name not in paths and res.get("metrics_path") and Path(res["metrics_path"]).is_file():
+            paths[name] = res["metrics_path"]
+
+    # ---- classification summary first: it is the headline
+    majority = next((r["majority"] for r in cloze.values() if r.get("majority")), None)
+    if cloze:
+        task = next(iter(cloze.values())).get("task", "classification")
+        md += [f"## Cloze classification: {task}", ""]
+        rows, bars = [], {}
+        for name, res in cloze.items():
+            t = res["test"]
+            rows.append([name, _fmt(t["accuracy"], True), _fmt(t["macro_f1"], True), _fmt(res.get("best_val_accuracy"), True),
+                         res.get("steps", "n/a"), "yes" if res.get("stopped_early") else "no"])
+            bars[name] = (t["accuracy"], t["macro_f1"])
+        if majority is not None:
+            rows.append([f"majority class ({majority['majority_label']})", _fmt(majority["accuracy"], True),
+                         _fmt(majority["macro_f1"], True), "", "", ""])
+            bars["majority class"] = (majority["accuracy"], majority["macro_f1"])
+        md += _table(["model", "test accuracy", "test macro-F1", "best validation accuracy", "steps", "stopped early"], rows)
+        first = next(iter(cloze.values()))
+        if first.get("sizes"):
+            s = first["sizes"]
+            cut = first.get("truncated") or {}
+            md += [f"Examples: {s.get('train')} train / {s.get('dev')} validation / {s.get('test')} test (split by a "
+                   f"hash of the text); cut to fit the model: {cut.get('train', 0)} / {cut.get('dev', 0)} / {cut.get('test', 0)}.", ""]
+        plots["accuracy"] = plot_accuracy_bars(bars, out_dir / "accuracy.png", f"Test scores: {task}")
+        md += ["![test accuracy and macro-F1](accuracy.png)", ""]
+        for name, res in cloze.items():
+            t = res["test"]
+            slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+            plots[f"confusion_{slug}"] = plot_confusion(
+                t["confusion"], t["labels"], out_dir / f"confusion_{slug}.png",
+                f"{name}: test confusion matrix (accuracy {t['accuracy']:.1%})",
+            )
+            md += [f"### {name}", "", f"![confusion matrix of {name}](confusion_{slug}.png)", ""]
+            md += _table(["label", "precision", "recall", "F1", "support"],
+                         [[label, _fmt(m["precision"], True), _fmt(m["recall"], True), _fmt(m["f1"], True), m["support"]]
+                          for label, m in t["per_label"].items()])
+
+    curves = {name: read_metrics(p) for name, p in paths.items() if Path(p).is_file()}
+    cloze_curves = {n: r for n, r in curves.items() if n not in seq2seq}
+    if cloze_curves:
+        plots["finetune_curves"] = plot_finetune_curves(
+            cloze_curves, out_dir / "finetune_curves.png", majority["accuracy"] if majority else None
+        )
+        md += ["### Fine-tuning curves", "", "![fine-tuning loss and validation accuracy](finetune_curves.png)", ""]
+
+    # ---- pretraining
+    if pretrain or pretrain_metrics_path:
+        md += ["## Pretraining", ""]
+        rows = []
+        for key, title in (("infilling", "blank infilling (validation)"), ("lm", "left-to-right LM (held out)")):
+            m = pretrain.get(key)
+            if m:
+                rows.append([title, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m.get("token_accuracy"), True),
+                             m.get("tokens", "")])
+        if rows:
+            md += _table(["held-out objective", "loss", "perplexity", "token accuracy", "tokens"], rows)
+        if pretrain_metrics_path and Path(pretrain_metrics_path).is_file():
+            fig = plot_pretrain_curves(read_metrics(pretrain_metrics_path), out_dir / "pretrain_loss.png")
+            if fig is not None:
+                plots["pretrain_loss"] = fig
+                md += ["![pretraining loss curves](pretrain_loss.png)", ""]
+        samples = pretrain.get("fill_samples") or []
+        if samples:
+            md += ["### Blank-filling samples (greedy)", ""]
+            md += _table(["text with a blank", "original", "model's fill"],
+                         [[s["prompt"], s["reference"], s["filled"]] for s in samples])
+
+    # ---- seq2seq
+    for name, res in seq2seq.items():
+        t = res["test"]
+        md += [f"## Seq2seq: {name}", "",
+               f"Test loss {_fmt(t['loss'])}, perplexity {_fmt(t['perplexity'])}, "
+               f"token accuracy {_fmt(t['token_accuracy'], True)}.", ""]
+        if res.get("examples"):
+            md += _table(["source", "reference", "generated"],
+                         [[e["source"], e["reference"], e["generated"]] for e in res["examples"]])
+        if name in curves:
+            slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+            plots[f"seq2seq_{slug}"] = plot_finetune_curves({name: curves[name]}, out_dir / f"seq2seq_{slug}.png")
+            md += [f"![seq2seq loss curves](seq2seq_{slug}.png)", ""]
+
+    metrics = _json_safe({**results, "plots": {k: p.name for k, p in plots.items()}})
+    written = {
+        "metrics": atomic_write_json(out_dir / "metrics.json", metrics),
+        "report": atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n"),
+    }
+    return written | plots

