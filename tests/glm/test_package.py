@@ -1,0 +1,36 @@
+"""Package-level rules: `glm` never imports Prefect, and the CLI reports config errors by key path."""
+
+import subprocess
+import sys
+
+from glm import cli
+
+
+def test_glm_modules_never_import_prefect():
+    code = (
+        "import importlib, pkgutil, sys, glm\n"
+        "mods = [m.name for m in pkgutil.iter_modules(glm.__path__)]\n"
+        "for m in mods: importlib.import_module('glm.' + m)\n"
+        "bad = sorted(k for k in sys.modules if k == 'prefect' or k.startswith('prefect.'))\n"
+        "assert not bad, bad[:5]\n"
+        "print(len(mods))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 15
+
+
+def test_cli_config_prints_validated_config(capsys):
+    assert cli.main(["config", "configs/tiny.yaml", "--set", "pretrain.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_keys_with_their_path(capsys):
+    assert cli.main(["config", "tiny", "--set", "pretrain.stepz=7"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.stepz" in err and "unknown key" in err
+
+
+def test_cli_rejects_missing_config_file(capsys):
+    assert cli.main(["config", "configs/nope.yaml"]) == 2
+    assert "not found" in capsys.readouterr().err
