@@ -34,3 +34,14 @@ def test_cli_reports_bad_keys_with_their_path(capsys):
 def test_cli_rejects_missing_config_file(capsys):
     assert cli.main(["config", "configs/nope.yaml"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from glm.config import load_config
+
+    names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert {"tiny", "demo", "base", "large"} <= set(names)
+    for name in names:
+        assert load_config(f"configs/{name}.yaml").name == name
