@@ -1,0 +1,564 @@
+"""ONNX export of a GLM checkpoint into a verified, self-contained bundle that glm.runtime runs.
+
+One graph serves the prompt pass and every decoding step: the key/value cache is explicit
+(inputs `past_key_values.{i}.key/value` (B, H, P, D), outputs `present.{i}.key/value`
+(B, H, P+T, D)), with dynamic batch, sequence and past axes; P=0 is the prompt pass. Besides
+input_ids, position_ids, block_position_ids (B, T) and sep (B,), the graph takes `key_start`
+(B,): the first key each row may see, so left-padded batches (batched generation, multi-token
+cloze scoring) run through the same graph; feed zeros when rows are unpadded.
+
+The bundle directory (written to a temporary name, renamed into place once verified):
+
+    model.onnx         fp32, one file (external data only past protobuf's 2 GB limit)
+    model.int8.onnx    optional: dynamic int8 (onnxruntime quant_pre_process + quantize_dynamic)
+    tokenizer.model    the sentencepiece model
+    config.json        format version, dimensions, special ids, I/O names, classifier spec
+    verification.json  what was checked and the numbers
+    SHA256SUMS         `sha256sum -c` format, every other file
+
+Verification runs after every export and a failure raises ExportVerificationError (nothing is
+written): fp32 logits and presents against PyTorch at a grid of (batch, seq, past) shapes
+(max abs diff <= ExportConfig.atol), greedy generations token-identical to glm.generate, and
+for a cloze classifier the same test accuracy as PyTorch (int8: within one point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from glm import runtime
+from glm.checkpoint import load_model, read_meta, resolve_checkpoint
+from glm.config import ClozeTaskConfig, ExportConfig
+from glm.generate import GenerationConfig, fill_blanks
+from glm.model import GLM
+from glm.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, code_version, sha256_file
+from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
+from glm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = runtime.FORMAT_VERSION
+MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+REPORT_FILE = "verification.json"
+PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX file holds at most 2 GB; above it weights go to external data
+INT8_ACCURACY_TOLERANCE = 0.01  # one point of test accuracy
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported model disagrees with PyTorch; `report` holds every number checked."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return [*runtime.INPUTS, *past], ["logits", *present]
+
+
+class CachedGLM(nn.Module):
+    """GLM with its key/value cache flattened into positional tensors: the exported forward."""
+
+    def __init__(self, model: GLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, *past: torch.Tensor):
+        pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
+        logits, presents = self.model(
+            input_ids, position_ids, block_position_ids, sep,
+            past_key_values=pairs, key_start=key_start, use_cache=True,
+        )  # (B, T, V), per layer (B, H, P+T, D)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter warns about optional packages (torchvision) and axis renaming: noise here."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(model: GLM, path: str | Path, opset: int = 18) -> Path:
+    """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    was_training = model.training
+    wrapper = CachedGLM(model.float().eval()).eval()
+    # example sizes >= 2 on every dynamic axis: torch.export specialises axes whose example is 0 or 1
+    B, T, P = 2, 3, 4
+    g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    ids = torch.randint(NUM_SPECIAL, cfg.vocab_size, (B, T), generator=g)  # (B, T)
+    pos = torch.arange(T).repeat(B, 1) + P  # (B, T)
+    blk = torch.ones_like(pos)  # (B, T)
+    sep, key_start = torch.full((B,), P, dtype=torch.long), torch.zeros(B, dtype=torch.long)  # (B,)
+    past = tuple(torch.zeros(B, cfg.n_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer))  # (B, H, P, D) each
+    example = tuple(t.to(device) for t in (ids, pos, blk, sep, key_start, *past))
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+    past_len = torch.export.Dim("past", min=0)
+    rows = {0: batch, 1: seq}
+    dynamic = {
+        "input_ids": rows, "position_ids": rows, "block_position_ids": rows, "sep": {0: batch}, "key_start": {0: batch},
+        "past": tuple({0: batch, 2: past_len} for _ in past),
+    }
+    inputs, outputs = io_names(cfg.n_layer)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, example, input_names=inputs, output_names=outputs,
+                dynamic_shapes=dynamic, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+            )
+    finally:
+        model.train(was_training)
+    got_in = [v.name for v in program.model.graph.inputs]
+    got_out = [v.name for v in program.model.graph.outputs]
+    if got_in != inputs or got_out != outputs:
+        raise RuntimeError(f"the exported graph's I/O {got_in} -> {got_out} is not the expected {inputs} -> {outputs}")
+    path = Path(path)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(path), external_data=n_bytes >= PROTOBUF_LIMIT - (64 << 20))  # margin for the graph itself
+    return path
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 weights (activations quantized on the fly) after onnxruntime's pre-processing.
+
+    quant_pre_process folds the tied output projection's transpose into a constant first;
+    quantizing the raw export leaves a runtime transpose that makes int8 no faster than fp32.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    large = src.stat().st_size >= PROTOBUF_LIMIT or any(src.parent.glob(src.name + ".data"))
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        quant_pre_process(str(src), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large)
+    return dst
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _grid(max_seq_len: int) -> list[tuple[int, int, int]]:
+    """(batch, seq, past) shapes covering batch 1-4, seq 1-128, past 0-128 within the model's length."""
+    n = min(128, max_seq_len)
+    return sorted({(1, 1, 0), (1, n, 0), (2, 1, n), (3, min(17, n), min(64, n)), (4, n, n), (4, 1, 1), (2, min(5, n), 1)})
+
+
+def _random_inputs(cfg, B: int, T: int, P: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    hi = cfg.max_seq_len + 1  # the position tables' rows
+    return {
+        "input_ids": rng.integers(0, cfg.vocab_size, (B, T)),
+        "position_ids": rng.integers(0, hi, (B, T)),
+        "block_position_ids": rng.integers(0, hi, (B, T)),
+        "sep": rng.integers(0, P + T + 1, B),
+        "key_start": rng.integers(0, P + 1, B) * rng.integers(0, 2, B),  # half the rows unpadded
+        "past": [rng.standard_normal((B, cfg.n_head, P, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)],
+    }
+
+
+@torch.no_grad()
+def _torch_forward(model: GLM, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+    t = {k: torch.from_numpy(np.asarray(x[k], np.int64)) for k in runtime.INPUTS}
+    P = x["past"][0].shape[2]
+    past = None if P == 0 else [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(x["past"][0::2], x["past"][1::2])]
+    logits, presents = model(
+        t["input_ids"], t["position_ids"], t["block_position_ids"], t["sep"],
+        past_key_values=past, key_start=t["key_start"], use_cache=True,
+    )
+    return logits.numpy(), [a.numpy() for kv in presents for a in kv]
+
+
+def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+    return bundle.run(*(x[k] for k in runtime.INPUTS), past=x["past"])
+
+
+def check_parity(model: GLM, bundle: runtime.Bundle, shapes: Iterable[tuple[int, int, int]], seed: int = 0) -> list[dict[str, Any]]:
+    """Max abs differences of logits and presents, bundle vs PyTorch, at each (batch, seq, past)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for B, T, P in shapes:
+        x = _random_inputs(model.cfg, B, T, P, rng)
+        ref_logits, ref_presents = _torch_forward(model, x)
+        logits, presents = _bundle_forward(bundle, x)
+        rows.append({
+            "batch": B, "seq": T, "past": P,
+            "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+            "presents_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(presents, ref_presents)),
+            "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        })
+    return rows
+
+
+def _generation_prompts(model: GLM, tokenizer: Tokenizer | None, seed: int = 0) -> list[list[int]]:
+    """Real text with blanks (when a tokenizer is given) and random-id prompts of different lengths."""
+    limit = model.cfg.max_seq_len
+    prompts = []
+    if tokenizer is not None:
+        texts = ("The film was [MASK] and the music was [MASK].", "这部电影[MASK]，我很喜欢。", "Once upon a time [gMASK]")
+        prompts += [tokenizer.encode(text)[:limit] for text in texts]
+    rng = np.random.default_rng(seed)
+    top = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
+    for n in (5, 23, min(60, limit)):
+        p = rng.integers(NUM_SPECIAL, top, n).tolist()
+        for w in rng.choice(n, size=1 + (n > 10), replace=False):
+            p[int(w)] = int(rng.choice(SPECIAL.mask_ids))
+        prompts.append(p)
+    return [p for p in prompts if any(t in SPECIAL.mask_ids for t in p)]
+
+
+def check_greedy(model: GLM, bundle: runtime.Bundle, prompts: list[list[int]], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy spans from glm.generate and from the bundle, batched and one prompt alone."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, strategy="greedy")
+    ref = [r.spans for r in fill_blanks(model, prompts, gen)]
+    got = bundle.fill_ids(prompts, max_new_tokens)
+    ref_one, got_one = fill_blanks(model, prompts[:1], gen)[0].spans, bundle.fill_ids(prompts[:1], max_new_tokens)[0]
+    pairs = list(zip(ref, got)) + [(ref_one, got_one)]
+    flat = lambda spans: [t for s in spans for t in s + [-1]]  # noqa: E731  (-1 marks a span end)
+    same = total = 0
+    for r, g in pairs:
+        r, g = flat(r), flat(g)
+        same += sum(a == b for a, b in zip(r, g))
+        total += max(len(r), len(g))
+    mismatches = [i for i, (r, g) in enumerate(pairs) if r != g]
+    return {
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "identical": not mismatches,
+        "token_agreement": same / max(total, 1), "mismatched_prompts": mismatches,
+        "generated_tokens": sum(len(span) for r, _ in pairs for span in r),
+    }
+
+
+def _labelled(verify_data: Any) -> tuple[list[str], list[str | None], list[str]]:
+    """texts, text pairs, labels from (text, label) / (text, pair, label) tuples, objects with
+    .text/.label(/.text_pair), or a dict of lists {texts, labels[, text_pairs]}."""
+    if isinstance(verify_data, dict):
+        texts, labels = list(verify_data["texts"]), [str(x) for x in verify_data["labels"]]
+        pairs = list(verify_data.get("text_pairs") or [None] * len(texts))
+        return texts, pairs, labels
+    texts, pairs, labels = [], [], []
+    for item in verify_data:
+        if hasattr(item, "text") and hasattr(item, "label"):
+            texts.append(item.text), pairs.append(getattr(item, "text_pair", None)), labels.append(str(item.label))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            texts.append(item[0]), pairs.append(item[1] if len(item) == 3 else None), labels.append(str(item[-1]))
+        else:
+            raise ValueError(f"verify_data item {item!r}: expected (text, label), (text, text_pair, label) "
+                             "or an object with .text and .label")
+    return texts, pairs, labels
+
+
+def _default_verify_data(checkpoint: Path | None) -> list[tuple[str, str | None, str]] | None:
+    """The fine-tuning run's held-out test split (finetune_cloze writes test_predictions.jsonl next to checkpoints/)."""
+    if checkpoint is None:
+        return None
+    for run_dir in (checkpoint.parent.parent, checkpoint.parent):
+        f = run_dir / "test_predictions.jsonl"
+        if f.is_file():
+            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [(r["text"], r.get("text_pair"), str(r["label"])) for r in rows]
+    return None
+
+
+def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
+    return ClozeTaskConfig(
+        name=spec.get("name", "classifier"), pattern=spec["pattern"], verbalizers=spec["verbalizers"],
+        multi_token=spec.get("multi_token", False), length_normalise=spec.get("length_normalise", False),
+        text_pair_field=spec.get("text_pair_field"),
+    )
+
+
+def check_classifier(model: GLM, tokenizer: Tokenizer, bundle: runtime.Bundle, verify_data: Any) -> dict[str, Any]:
+    """Test accuracy of the bundle and of PyTorch (glm.finetune.score_cloze) on labelled data."""
+    from glm.finetune import score_cloze
+
+    spec = bundle.classifier
+    texts, pairs, labels = _labelled(verify_data)
+    unknown = sorted(set(labels) - set(spec["labels"]))
+    if unknown:
+        raise ValueError(f"verify_data has labels {unknown} that the classifier does not know (labels: {spec['labels']})")
+    truth = np.array([spec["labels"].index(y) for y in labels])
+    has_pairs = any(p is not None for p in pairs)
+    ref = score_cloze(model, tokenizer, texts, _cloze_task_config(spec), text_pairs=pairs if has_pairs else None,
+                      max_seq_len=spec["max_seq_len"])  # (N, L)
+    got = bundle.label_scores(texts, pairs if has_pairs else None)  # (N, L)
+    return {
+        "examples": len(texts),
+        "accuracy_pytorch": float((ref.argmax(1) == truth).mean()),
+        "accuracy": float((got.argmax(1) == truth).mean()),
+        "prediction_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+        "scores_max_abs_diff": float(np.abs(ref - got).max()) if len(texts) else 0.0,
+    }
+
+
+def verify_bundle(
+    bundle_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
+    cfg: ExportConfig | None = None,
+    *,
+    model: GLM | None = None,
+    verify_data: Any = None,
+    raise_on_failure: bool = True,
+) -> dict[str, Any]:
+    """Check a bundle against the PyTorch model it came from; returns the report (see module docstring).
+
+    The model is `model`, else `checkpoint_dir`, else the checkpoint recorded in config.json.
+    verify_data (classifier bundles): labelled examples; default: the fine-tuning run's test split.
+    """
+    cfg = cfg or ExportConfig()
+    bundle_dir = Path(bundle_dir)
+    fp32 = runtime.Bundle.load(bundle_dir, providers=["CPUExecutionProvider"])
+    checkpoint = None
+    if model is None:
+        checkpoint = resolve_checkpoint(checkpoint_dir or fp32.config["source"]["checkpoint"])
+        model, _ = load_model(checkpoint)
+    elif checkpoint_dir is not None:
+        checkpoint = resolve_checkpoint(checkpoint_dir)
+    model = model.float().eval()
+    if model.cfg.vocab_size != fp32.vocab_size or model.cfg.n_layer != fp32.n_layer:
+        raise ValueError(f"the model (vocab {model.cfg.vocab_size}, {model.cfg.n_layer} layers) is not the one this bundle "
+                         f"was exported from (vocab {fp32.vocab_size}, {fp32.n_layer} layers)")
+    tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
+    max_new = min(16, model.cfg.max_seq_len - 1)
+    prompts = _generation_prompts(model, tokenizer)
+    t0 = time.perf_counter()
+
+    parity = check_parity(model, fp32, _grid(model.cfg.max_seq_len))
+    report: dict[str, Any] = {"atol": cfg.atol, "fp32": {"parity": parity}}
+    report["fp32"]["logits_max_abs_diff"] = max(r["logits_max_abs_diff"] for r in parity)
+    report["fp32"]["presents_max_abs_diff"] = max(r["presents_max_abs_diff"] for r in parity)
+    report["fp32"]["greedy"] = check_greedy(model, fp32, prompts, max_new)
+    failures = []
+    if report["fp32"]["logits_max_abs_diff"] > cfg.atol or report["fp32"]["presents_max_abs_diff"] > cfg.atol:
+        worst = max(parity, key=lambda r: max(r["logits_max_abs_diff"], r["presents_max_abs_diff"]))
+        failures.append(
+            f"fp32 outputs differ from PyTorch by up to {report['fp32']['logits_max_abs_diff']:.3g} (logits) / "
+            f"{report['fp32']['presents_max_abs_diff']:.3g} (presents), above atol={cfg.atol:g}; worst at "
+            f"batch={worst['batch']} seq={worst['seq']} past={worst['past']}"
+        )
+    if not report["fp32"]["greedy"]["identical"]:
+        g = report["fp32"]["greedy"]
+        failures.append(f"greedy generations differ from glm.generate on prompts {g['mismatched_prompts']} "
+                        f"(token agreement {g['token_agreement']:.4f})")
+
+    data = verify_data if verify_data is not None else _default_verify_data(checkpoint)
+    if fp32.classifier is not None:
+        if data is None:
+            report["fp32"]["classifier"] = {
+                "skipped": "no labelled data: pass verify_data or keep the fine-tuning run's test_predictions.jsonl"
+            }
+        else:
+            c = report["fp32"]["classifier"] = check_classifier(model, tokenizer, fp32, data)
+            if c["accuracy"] != c["accuracy_pytorch"]:
+                failures.append(f"classifier test accuracy {c['accuracy']:.4f} differs from PyTorch's {c['accuracy_pytorch']:.4f} "
+                                f"({c['examples']} examples)")
+
+    if fp32.config["files"].get("model_int8"):
+        int8 = runtime.Bundle.load(bundle_dir, providers=["CPUExecutionProvider"], int8=True, verify_checksums=False)
+        files = fp32.config["files"]
+        q = report["int8"] = {
+            "bytes": (bundle_dir / files["model_int8"]).stat().st_size,
+            "fp32_bytes": (bundle_dir / files["model"]).stat().st_size,
+        }
+        q["size_ratio"] = q["bytes"] / q["fp32_bytes"]
+        q["parity"] = check_parity(model, int8, [(1, 1, 0), (2, min(17, model.cfg.max_seq_len), 1)], seed=1)
+        q["logits_max_abs_diff"] = max(r["logits_max_abs_diff"] for r in q["parity"])
+        q["greedy"] = check_greedy(model, int8, prompts, max_new)
+        if "classifier" in report["fp32"] and "accuracy" in report["fp32"]["classifier"]:
+            c = q["classifier"] = check_classifier(model, tokenizer, int8, data)
+            c["accuracy_change"] = c["accuracy"] - c["accuracy_pytorch"]
+            if abs(c["accuracy_change"]) > INT8_ACCURACY_TOLERANCE + 1e-9:
+                failures.append(f"int8 classifier test accuracy {c['accuracy']:.4f} is more than one point from PyTorch's "
+                                f"{c['accuracy_pytorch']:.4f} ({c['examples']} examples)")
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["passed"] = not failures
+    report["failures"] = failures
+    if failures and raise_on_failure:
+        raise ExportVerificationError(f"bundle {bundle_dir} failed verification: " + "; ".join(failures), report)
+    return report
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
+    """The fine-tuned spec plus the pattern pre-tokenized exactly as glm.finetune.ClozeTask does."""
+    from glm.finetune import ClozeTask
+
+    missing = {"pattern", "verbalizers", "labels"} - set(spec)
+    if missing:
+        raise ValueError(f"classifier spec lacks {sorted(missing)}; pass the dict saved under meta.json's 'finetune' key")
+    task = ClozeTask(tokenizer, _cloze_task_config(spec), spec.get("max_seq_len") or max_seq_len)
+    if task.labels != list(spec["labels"]):
+        raise ValueError(f"classifier labels {spec['labels']} do not follow its verbalizers' order {task.labels}")
+    if "answer_ids" in spec and [list(a) for a in spec["answer_ids"]] != task.answers:
+        raise ValueError("the classifier's verbalizers tokenize differently with this tokenizer than at fine-tuning; "
+                         "export with the tokenizer the model was fine-tuned with")
+    return {
+        **{k: v for k, v in spec.items() if k not in ("answer_ids", "scores")},
+        "labels": task.labels,
+        "answer_ids": task.answers,
+        "max_seq_len": task.max_seq_len,
+        "multi_token": task.task.multi_token,
+        "length_normalise": task.task.length_normalise,
+        "has_pair": task.has_pair,
+        "segments": task.segments,  # token-id lists for the pattern's literal text, or "text"/"text_pair"/"mask"
+        "text_budget": task.text_budget,  # text tokens kept; longer texts are cut from their end
+    }
+
+
+def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dict[str, Any], cfg: ExportConfig,
+                   classifier: dict[str, Any] | None, int8: bool) -> dict[str, Any]:
+    c = model.cfg
+    inputs, outputs = io_names(c.n_layer)
+    cache = ["batch", c.n_head, "past", c.head_dim]
+    return {
+        "format": runtime.FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "files": {"model": MODEL_FILE, "model_int8": INT8_FILE if int8 else None, "tokenizer": TOKENIZER_FILE},
+        "model": {
+            "n_layer": c.n_layer, "n_head": c.n_head, "head_dim": c.head_dim, "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size, "max_seq_len": c.max_seq_len, "rotary_2d": c.rotary_2d,
+            "num_params": model.num_params(), "config": c.model_dump(mode="json"),
+        },
+        "special_tokens": SPECIAL.as_dict(),
+        "special_pieces": PIECES,
+        "tokenizer": {
+            "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256, "byte_fallback": tokenizer.byte_fallback,
+            # how literal "[MASK]", "<sop>"... in user text are spelled as plain pieces (glm.tokenizer)
+            "literal_ids": {str(i): ids.tolist() for i, ids in tokenizer._literal_ids.items()},
+        },
+        "io": {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                {"name": "block_position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                {"name": "sep", "dtype": "int64", "shape": ["batch"], "doc": "Part A length (absolute, past included)"},
+                {"name": "key_start", "dtype": "int64", "shape": ["batch"], "doc": "first visible key (left padding); 0 if unpadded"},
+                *({"name": n, "dtype": "float32", "shape": cache} for n in inputs[len(runtime.INPUTS):]),
+            ],
+            "outputs": [
+                {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
+                *({"name": n, "dtype": "float32", "shape": ["batch", c.n_head, "past + seq", c.head_dim]} for n in outputs[1:]),
+            ],
+            "attention": "key j is visible to query i iff (j < sep or j <= i) and j >= key_start (absolute positions)",
+        },
+        "classifier": classifier,
+        "source": {
+            "checkpoint": str(checkpoint.resolve()), "step": meta.get("step"), "checkpoint_code_version": meta.get("code_version"),
+        },
+        "export": cfg.model_dump(mode="json"),
+    }
+
+
+def write_sha256sums(directory: str | Path) -> Path:
+    """SHA256SUMS over every other regular file of `directory`, sorted, in `sha256sum` format."""
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != runtime.SUMS_FILE and not p.name.startswith("."))
+    return atomic_write_text(directory / runtime.SUMS_FILE, "".join(f"{sha256_file(directory / n)}  {n}\n" for n in names))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(
+    checkpoint_dir: str | Path,
+    tokenizer_model_path: str | Path,
+    out_dir: str | Path,
+    cfg: ExportConfig | None = None,
+    *,
+    classifier: dict[str, Any] | None = None,
+    verify_data: Any = None,
+) -> Path:
+    """Export a pretrained or fine-tuned checkpoint into a verified bundle at `out_dir`; returns out_dir.
+
+    checkpoint_dir: a step directory or a run / checkpoints directory (its latest valid step).
+    classifier: a cloze spec (pattern, verbalizers, labels...); default: the one a fine-tuned
+    checkpoint carries in meta.json ("finetune", kind "cloze"), if any.
+    verify_data: labelled examples for the classifier accuracy check (default: the run's test split).
+    Raises ExportVerificationError (and leaves out_dir untouched) if the bundle disagrees with PyTorch.
+    """
+    cfg = cfg or ExportConfig()
+    checkpoint = resolve_checkpoint(checkpoint_dir)
+    meta = read_meta(checkpoint)
+    model, model_cfg = load_model(checkpoint)
+    tokenizer = Tokenizer.load(tokenizer_model_path)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_model_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+            f"{model_cfg.vocab_size}: they were not trained together; pass the run's tokenizer/tokenizer.model"
+        )
+    spec = classifier
+    if spec is None and (meta.get("finetune") or {}).get("kind") == "cloze":
+        spec = meta["finetune"]
+    classifier_cfg = _classifier_config(spec, tokenizer, model_cfg.max_seq_len) if spec is not None else None
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        t0 = time.perf_counter()
+        export_onnx(model, tmp / MODEL_FILE, cfg.opset)
+        export_seconds = time.perf_counter() - t0
+        if cfg.quantize_int8:
+            quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
+        atomic_write_bytes(tmp / TOKENIZER_FILE, tokenizer.model_proto)
+        config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8)
+        atomic_write_json(tmp / runtime.CONFIG_FILE, config)
+        write_sha256sums(tmp)  # the runtime refuses a bundle without checksums, verification included
+        if cfg.verify:
+            report = verify_bundle(tmp, checkpoint, cfg, model=model, verify_data=verify_data)
+        else:
+            report = {"passed": None, "skipped": "export.verify is false"}
+        report["export_seconds"] = round(export_seconds, 2)
+        report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / REPORT_FILE, report)
+        write_sha256sums(tmp)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s -> %s (%s)", checkpoint, out_dir, "verified" if cfg.verify else "not verified")
+    return out_dir

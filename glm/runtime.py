@@ -1,0 +1,557 @@
+"""Run an exported GLM bundle with numpy, onnxruntime and sentencepiece only.
+
+This file is meant to be copied into an application on its own: it imports nothing from
+`glm` or torch, and reads every id it needs (special tokens, the classifier's pattern
+pieces) from the bundle's config.json. A bundle is a directory written by
+`glm.export.export_bundle`:
+
+    model.onnx  [model.int8.onnx]  tokenizer.model  config.json  verification.json  SHA256SUMS
+
+The ONNX graph takes input_ids, position_ids, block_position_ids (B, T), sep, key_start (B,)
+and past_key_values.{i}.key/value (B, H, P, D); it returns logits (B, T, V) and
+present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step feeds the
+previous presents back as the past. key_start hides left padding (0 = no padding).
+
+Decoding follows glm.generate (GLM.md section 4): Part A runs once, each blank's span is
+decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
+the next blank. Greedy decoding is token-identical to glm.generate.fill_blanks (checked at
+export time). Sampling uses numpy's generator, so seeded draws are reproducible here but
+differ from torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks,
+generate); classifier inputs are truncated from the end of the text, as in fine-tuning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import sentencepiece as spm
+
+FORMAT = "glm-onnx-bundle"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+SUMS_FILE = "SHA256SUMS"
+INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete, corrupt, or made for a newer runtime."""
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_sha256sums(path: str | Path) -> dict[str, str]:
+    """{file name: sha256} from a `sha256sum`-format file ("HEX  NAME" or "HEX *NAME" per line)."""
+    sums = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
+        if m is None:
+            raise BundleError(f"{path} line {n} is not 'SHA256  NAME': {line!r}; the bundle is corrupt, re-export it")
+        sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def check_bundle_files(path: str | Path, required: Sequence[str] = ()) -> None:
+    """Raise BundleError unless every file SHA256SUMS lists (and every `required` one) is present and intact."""
+    path = Path(path)
+    sums_path = path / SUMS_FILE
+    if not sums_path.is_file():
+        raise BundleError(f"bundle {path} has no {SUMS_FILE}; it is incomplete: re-export it")
+    sums = read_sha256sums(sums_path)
+    for name in required:
+        if name not in sums:
+            raise BundleError(f"bundle {path}: {name} is not listed in {SUMS_FILE}; the bundle is corrupt, re-export it")
+    for name, want in sums.items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(
+                f"bundle {path} is missing {name} (listed in {SUMS_FILE}); copy the whole bundle directory or re-export it"
+            )
+        if sha256_file(f) != want:
+            raise BundleError(f"bundle {path}: {name} does not match its checksum in {SUMS_FILE} (corrupt or modified); re-export it")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class FillResult:
+    text: str  # the prompt with every blank filled
+    spans: list[str]  # the text generated for each blank, in order
+    span_ids: list[list[int]] = field(repr=False)  # their token ids (<eop> excluded)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class Classification:
+    label: str
+    probabilities: dict[str, float]  # softmax of the scores over the labels
+    scores: list[float] = field(repr=False)  # log P(verbalizer) per label, in label order
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _session(model: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if providers is not None:
+        return ort.InferenceSession(str(model), options, providers=list(providers))
+    try_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if try_cuda else ["CPUExecutionProvider"]
+    if try_cuda:
+        # a GPU build on a machine without CUDA logs a loud load failure, then falls back to CPU;
+        # which provider really loaded is read from the session (Bundle.device), never assumed
+        ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(str(model), options, providers=wanted)
+    finally:
+        if try_cuda:
+            ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+
+
+class Bundle:
+    """An exported GLM: tokenizer, ONNX session and the config needed to drive them."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: dict[str, Any],
+        session: ort.InferenceSession,
+        tokenizer: spm.SentencePieceProcessor,
+        model_path: Path | None = None,
+    ):
+        self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
+        self.model_path = model_path or path / config["files"]["model"]
+        m = config["model"]
+        self.n_layer, self.n_head, self.head_dim = m["n_layer"], m["n_head"], m["head_dim"]
+        self.vocab_size, self.max_seq_len = m["vocab_size"], m["max_seq_len"]
+        self.special: dict[str, int] = config["special_tokens"]
+        self.mask_ids = {self.special[k] for k in ("mask", "smask", "gmask")}
+        self.literal_ids = {int(k): v for k, v in config["tokenizer"]["literal_ids"].items()}
+        self.classifier: dict[str, Any] | None = config.get("classifier")
+        self.past_names = [n for i in range(self.n_layer) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
+        self.present_names = [n for i in range(self.n_layer) for n in (f"present.{i}.key", f"present.{i}.value")]
+        # presents stay on the device that computed them (io binding); only logits come back to the host
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        int8: bool = False,
+        threads: int | None = None,
+        verify_checksums: bool = True,
+    ) -> "Bundle":
+        """Open a bundle directory. providers=None: CUDA if it really loads, else CPU. int8: the quantized model."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"bundle directory {path} does not exist; export one with glm.export.export_bundle")
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise BundleError(f"bundle {path} is missing {CONFIG_FILE}; copy the whole bundle directory or re-export it")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{config_path} is not valid JSON ({e}); the bundle is corrupt, re-export it") from None
+        if config.get("format") != FORMAT:
+            raise BundleError(f"{config_path} is not a GLM bundle config (format {config.get('format')!r}, expected {FORMAT!r})")
+        version = config.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(
+                f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}); "
+                "update runtime.py (glm-pipeline) to read it"
+            )
+        files = config["files"]
+        model_file = files.get("model_int8") if int8 else files["model"]
+        if model_file is None:
+            raise BundleError(f"bundle {path} has no int8 model; re-export with export.quantize_int8=true, or load without int8")
+        if verify_checksums:
+            check_bundle_files(path, required=(CONFIG_FILE, files["tokenizer"], model_file))
+        for name in (files["tokenizer"], model_file):
+            if not (path / name).is_file():
+                raise BundleError(f"bundle {path} is missing {name}; copy the whole bundle directory or re-export it")
+        tokenizer = spm.SentencePieceProcessor()
+        try:
+            tokenizer.LoadFromSerializedProto((path / files["tokenizer"]).read_bytes())
+        except (RuntimeError, OSError) as e:
+            raise BundleError(f"{path / files['tokenizer']} is not a sentencepiece model ({e}); re-export the bundle") from None
+        return cls(path, config, _session(path / model_file, providers, threads), tokenizer, path / model_file)
+
+    # ----------------------------------------------------------------- tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a prompt: "[MASK]", "[sMASK]", "[gMASK]" in it are blanks."""
+        return self.tokenizer.encode(text, out_type=int)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of user text: literal "[MASK]", "<sop>"... stay plain text (as glm.finetune.encode_text)."""
+        out: list[int] = []
+        for t in self.tokenizer.encode(text, out_type=int):
+            out.extend(self.literal_ids.get(t, (t,)))
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        n = self.tokenizer.get_piece_size()
+        return self.tokenizer.decode([int(t) for t in ids if 0 <= t < n])  # ids past the tokenizer: padding rows of the table
+
+    # ----------------------------------------------------------------- the model
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        block_position_ids: np.ndarray,
+        sep: np.ndarray,
+        key_start: np.ndarray | None = None,
+        past: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One plain forward on host arrays: logits (B, T, V) and presents, each (B, H, P+T, D)."""
+        B = input_ids.shape[0]
+        key_start = np.zeros(B, np.int64) if key_start is None else key_start
+        ints = (input_ids, position_ids, block_position_ids, sep, key_start)
+        feeds = {n: np.ascontiguousarray(a, np.int64) for n, a in zip(INPUTS, ints)}
+        feeds.update(zip(self.past_names, self.empty_past(B) if past is None else past))
+        logits, *presents = self.session.run(None, feeds)
+        return logits, presents
+
+    def _run_bound(self, arrays: Sequence[np.ndarray], past: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
+        """A forward whose presents stay on the device (OrtValues), ready to be fed back as the past."""
+        binding = self.session.io_binding()
+        B = arrays[0].shape[0]
+        for name, a in zip(INPUTS, arrays):
+            binding.bind_cpu_input(name, np.ascontiguousarray(a, np.int64))
+        if past is None:
+            for name, a in zip(self.past_names, self.empty_past(B)):
+                binding.bind_cpu_input(name, a)
+        else:
+            for name, value in zip(self.past_names, past):
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        return logits.numpy(), presents
+
+    # ----------------------------------------------------------------- blank filling
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise ValueError("no prompt given; pass text with a [MASK], [sMASK] or [gMASK] blank")
+        for i, p in enumerate(prompts):
+            if not any(t in self.mask_ids for t in p):
+                raise ValueError(
+                    f"prompt {i} has no blank; put [MASK]/[sMASK] where text is wanted, or use generate() "
+                    "(which appends [gMASK]) for free continuation"
+                )
+            if len(p) > self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} is {len(p)} tokens, more than the model's max_seq_len={self.max_seq_len}; "
+                    "shorten it (the runtime does not truncate prompts)"
+                )
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise ValueError(
+                    f"prompt {i} holds ids outside [0, vocab_size={self.vocab_size}); check the tokenizer/bundle pairing"
+                )
+        if not 1 <= max_new_tokens < self.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} must be in [1, {self.max_seq_len - 1}] (block positions run to max_seq_len)"
+            )
+
+    def fill_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[list[int]]]:
+        """Spans (token ids, <eop> excluded) for every blank of every prompt; temperature 0 = greedy.
+
+        Prompts are left-padded into one batch (key_start hides the padding) and decoded in lockstep.
+        """
+        self._check_prompts(prompts, max_new_tokens)
+        if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        sp = self.special
+        B, L = len(prompts), max(map(len, prompts))
+        ids = np.full((B, L), sp["pad"], np.int64)  # (B, L)
+        pos = np.zeros((B, L), np.int64)  # (B, L)
+        blank_lists = [[i for i, t in enumerate(p) if t in self.mask_ids] for p in prompts]
+        blanks = np.zeros((B, max(map(len, blank_lists))), np.int64)  # (B, NB) blank positions, 0-padded
+        for r, p in enumerate(prompts):
+            ids[r, L - len(p):] = p
+            pos[r, L - len(p):] = np.arange(len(p))
+            blanks[r, : len(blank_lists[r])] = blank_lists[r]
+        n_blanks = np.array([len(b) for b in blank_lists])  # (B,)
+        sep = np.full(B, L, np.int64)  # (B,) the padded Part A length
+        key_start = np.array([L - len(p) for p in prompts], np.int64)  # (B,)
+        _, cache = self._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
+
+        rng = np.random.default_rng(seed)
+        rows = np.arange(B)
+        blank = np.zeros(B, np.int64)  # (B,) blank being filled
+        n_gen = np.zeros(B, np.int64)  # (B,) tokens generated in it
+        token = np.full(B, sp["sop"], np.int64)  # (B,) next input
+        cur_pos, bpos = blanks[:, 0].copy(), np.ones(B, np.int64)  # (B,) its position / block position
+        active = np.ones(B, bool)  # (B,)
+        history = []
+        for _ in range(int(n_blanks.max()) * (max_new_tokens + 1)):
+            logits, cache = self._run_bound((token[:, None], cur_pos[:, None], bpos[:, None], sep, key_start), cache)
+            scores = logits[:, -1].astype(np.float32)  # (B, V)
+            force = n_gen >= max_new_tokens  # (B,) the blank is full: only <eop> may follow
+            scores[force] = -np.inf
+            scores[force, sp["eop"]] = 0.0
+            chosen = scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
+            chosen = np.where(active, chosen, -1)  # (B,) -1: row already finished
+            history.append(chosen)
+            is_eop = chosen == sp["eop"]  # (B,)
+            active &= ~(is_eop & (blank == n_blanks - 1))
+            if not active.any():
+                break
+            # <eop> is never fed back: the next blank starts with its own <sop>; finished rows idle on [PAD]
+            nxt = np.minimum(blank + is_eop, blanks.shape[1] - 1)  # (B,)
+            blank = np.where(active, blank + is_eop, blank)
+            token = np.where(active, np.where(is_eop, sp["sop"], chosen), sp["pad"])
+            cur_pos = np.where(active, blanks[rows, nxt], cur_pos)
+            bpos = np.where(active, np.where(is_eop, 1, bpos + 1), bpos)
+            n_gen = np.where(active, np.where(is_eop, 0, n_gen + 1), n_gen)
+        steps = np.stack(history, axis=1)  # (B, steps)
+        return [_split_spans([int(t) for t in steps[r] if t >= 0], sp["eop"], int(n_blanks[r])) for r in range(B)]
+
+    def fill_blanks(
+        self,
+        text: str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> FillResult:
+        """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy."""
+        prompt = self.encode(text)
+        spans = self.fill_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed)[0]
+        filled, k = [], 0
+        for t in prompt:
+            if t in self.mask_ids and k < len(spans):
+                filled += spans[k]
+                k += 1
+            else:
+                filled.append(t)
+        return FillResult(self.decode(filled), [self.decode(s) for s in spans], spans)
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> str:
+        """The continuation of `prompt`, new text only (with its leading space, if any).
+
+        A [gMASK] (GLM's long-generation blank) is appended; "[MASK]" written in the prompt stays text.
+        """
+        ids = self.encode_text(prompt)
+        span = self.fill_ids([ids + [self.special["gmask"]]], max_new_tokens, temperature, top_k, top_p, seed)[0][0]
+        head, full = self.decode(ids), self.decode(ids + span)
+        # decoding the span alone would drop its leading space (sentencepiece strips it at a text start)
+        return full[len(head):] if full.startswith(head) else self.decode(span)
+
+    # ----------------------------------------------------------------- cloze classification
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.classifier["labels"]) if self.classifier else []
+
+    def _part_a(self, text: str, text_pair: str | None) -> tuple[list[int], int]:
+        """The pattern with the text filled in (as glm.finetune.ClozeTask.encode) and the mask's index."""
+        c = self.classifier
+        text_ids = self.encode_text(text.strip())
+        pair_ids = self.encode_text(text_pair.strip()) if c["has_pair"] and text_pair else []
+        keep_text, keep_pair = _fit_two(len(text_ids), len(pair_ids), c["text_budget"])
+        fill = {"text": text_ids[:keep_text], "text_pair": pair_ids[:keep_pair]}
+        part_a: list[int] = []
+        mask_pos = -1
+        for seg in c["segments"]:
+            if seg == "mask":
+                mask_pos = len(part_a)
+                part_a.append(self.special["mask"])
+            else:
+                part_a.extend(fill[seg] if isinstance(seg, str) else seg)
+        return part_a, mask_pos
+
+    def label_scores(self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32) -> np.ndarray:
+        """(N, n_labels) log-probabilities of each label's verbalizer (glm.finetune.score_cloze's scores)."""
+        if self.classifier is None:
+            raise BundleError(
+                f"bundle {self.path} is not a classifier (no cloze pattern in its config); export a fine-tuned checkpoint"
+            )
+        if isinstance(texts, str):
+            raise TypeError("label_scores takes a list of texts; use classify(text) for one")
+        pairs = list(text_pairs) if text_pairs is not None else [None] * len(texts)
+        items = [self._part_a(t, p) for t, p in zip(texts, pairs)]
+        score = self._multi_token_scores if self.classifier["multi_token"] else self._single_token_scores
+        out = [score(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def _single_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
+        """Part A ++ [<sop>] per row, right-padded: padding sits after each row's <sop>, which cannot see it."""
+        B, T = len(items), max(len(a) for a, _ in items) + 1
+        ids, pos, blk = (np.zeros((B, T), np.int64) for _ in range(3))  # (B, T) each
+        sep = np.array([len(a) for a, _ in items], np.int64)  # (B,)
+        for r, (a, m) in enumerate(items):
+            ids[r, : len(a) + 1] = a + [self.special["sop"]]
+            pos[r, : len(a) + 1] = list(range(len(a))) + [m]
+            blk[r, len(a)] = 1
+        logits, _ = self.run(ids, pos, blk, sep)  # (B, T, V)
+        logp = _log_softmax(logits[np.arange(B), sep])  # (B, V) at each <sop>
+        return logp[:, [a[0] for a in self.classifier["answer_ids"]]]  # (B, L)
+
+    def _multi_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
+        """Summed log P(answer + <eop>): Part A once (left-padded), its cache shared by every candidate."""
+        answers = self.classifier["answer_ids"]
+        B, L, A = len(items), len(answers), max(len(a) for a, _ in items)
+        ids, pos = np.full((B, A), self.special["pad"], np.int64), np.zeros((B, A), np.int64)  # (B, A)
+        for r, (a, _) in enumerate(items):
+            ids[r, A - len(a):], pos[r, A - len(a):] = a, np.arange(len(a))
+        key_start = np.array([A - len(a) for a, _ in items], np.int64)  # (B,)
+        sep = np.full(B, A, np.int64)  # (B,)
+        _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
+        cache = [np.repeat(c, L, axis=0) for c in cache]  # (B*L, H, A, D) each
+        K = max(map(len, answers)) + 1
+        b_ids, b_tgt, b_blk = (np.zeros((L, K), np.int64) for _ in range(3))  # (L, K) each
+        for j, a in enumerate(answers):
+            b_ids[j, : len(a) + 1] = [self.special["sop"]] + a
+            b_tgt[j, : len(a) + 1] = a + [self.special["eop"]]
+            b_blk[j, : len(a) + 1] = np.arange(1, len(a) + 2)
+        b_ids, b_tgt, b_blk = (np.tile(x, (B, 1)) for x in (b_ids, b_tgt, b_blk))  # (B*L, K) each
+        real = b_blk > 0  # (B*L, K)
+        b_pos = np.repeat([m for _, m in items], L)[:, None] * real  # (B*L, K)
+        logits, _ = self.run(b_ids, b_pos, b_blk, np.repeat(sep, L), np.repeat(key_start, L), cache)  # (B*L, K, V)
+        logp = np.take_along_axis(_log_softmax(logits), b_tgt[..., None], axis=-1)[..., 0]  # (B*L, K)
+        scores = (logp * real).sum(1)  # (B*L,)
+        if self.classifier["length_normalise"]:
+            scores = scores / real.sum(1)
+        return scores.reshape(B, L).astype(np.float32)  # (B, L)
+
+    def classify(self, text: str, text_pair: str | None = None) -> Classification:
+        """The label of `text` under the fine-tuned cloze pattern, with the label probabilities."""
+        return self.classify_batch([text], None if text_pair is None else [text_pair])[0]
+
+    def classify_batch(
+        self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> list[Classification]:
+        scores = self.label_scores(texts, text_pairs, batch_size)  # (N, L)
+        probs = np.exp(scores - scores.max(1, keepdims=True))  # (N, L)
+        probs /= probs.sum(1, keepdims=True)
+        labels = self.labels
+        return [
+            Classification(labels[int(row.argmax())], {lab: float(p) for lab, p in zip(labels, prob)}, row.tolist())
+            for row, prob in zip(scores, probs)
+        ]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _sample(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row (B, V) after top-k and nucleus filtering (as glm.generate.filter_logits)."""
+    logits = logits.astype(np.float64)
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = -np.partition(-logits, k - 1, axis=-1)[:, k - 1 : k]  # (B, 1) the k-th largest logit
+        logits = np.where(logits < kth, -np.inf, logits)  # (B, V)
+    if top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")  # (B, V)
+        probs = np.exp(_log_softmax(np.take_along_axis(logits, order, -1)))  # (B, V)
+        drop_sorted = np.cumsum(probs, -1) - probs >= top_p  # (B, V) the best token always survives
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        logits = np.where(drop, -np.inf, logits)
+    probs = np.exp(_log_softmax(logits))  # (B, V)
+    return np.array([rng.choice(len(p), p=p / p.sum()) for p in probs], np.int64)
+
+
+def _split_spans(chosen: list[int], eop: int, n_blanks: int) -> list[list[int]]:
+    """s1 .. sk <eop> t1 .. <eop> ... -> [[s1 .. sk], [t1 ..], ...]."""
+    spans: list[list[int]] = [[]]
+    for t in chosen:
+        if t == eop:
+            if len(spans) == n_blanks:
+                break
+            spans.append([])
+        else:
+            spans[-1].append(t)
+    return spans + [[] for _ in range(n_blanks - len(spans))]
+
+
+def _fit_two(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Lengths to keep of two texts sharing `budget` tokens: the longer one is cut first."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    half = budget // 2
+    if len_a <= half:
+        return len_a, budget - len_a
+    if len_b <= budget - half:
+        return budget - len_b, len_b
+    return half, budget - half
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def infer_command(args: Any) -> int:
+    """`glm-pipeline infer BUNDLE --fill|--generate|--classify TEXT`: print the result; exit code."""
+    import sys
+
+    try:
+        bundle = Bundle.load(args.bundle, int8=args.int8)
+        decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        if args.fill is not None:
+            print(bundle.fill_blanks(args.fill, **decoding).text)
+        elif args.generate is not None:
+            print(args.generate + bundle.generate(args.generate, **decoding))
+        else:
+            result = bundle.classify(args.classify)
+            print(f"label: {result.label}")
+            for label, p in sorted(result.probabilities.items(), key=lambda kv: -kv[1]):
+                print(f"  {label}: {p:.4f}")
+        return 0
+    except (BundleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,398 @@
+"""ONNX export: one verified bundle per kind (language model, cloze classifier), built once and
+shared with test_runtime.py; parity with PyTorch at a grid of shapes, greedy generation parity,
+int8, classifier agreement with score_cloze, verification failures and atomic replacement."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import sentencepiece as spm
+import torch
+
+from glm import export, runtime
+from glm import finetune as ft
+from glm.checkpoint import load_model, save_checkpoint
+from glm.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig, model_config
+from glm.generate import GenerationConfig, fill_blanks
+from glm.model import GLM
+from glm.special_tokens import SPECIAL
+from glm.tokenizer import Tokenizer
+
+EN = "the movie film was plot acting story really very quite an a good bad great terrible fun boring not".split()
+ZH = list("我们喜欢这部电影很好看不故事演员音乐")
+FILLER = "the movie film was plot acting story really very quite an a".split()
+SINGLE = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "bad", "1": "good"})
+M, S, G = SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask
+
+
+# --------------------------------------------------------------------------- shared artefacts
+
+
+def make_tokenizer() -> bytes:
+    """A ~400-piece sentencepiece model (256 byte pieces + English and Chinese words) with the GLM ids."""
+    rng = random.Random(0)
+    sentences = []
+    for _ in range(300):
+        sentences.append(" ".join(rng.choice(EN) for _ in range(rng.randint(4, 12))) + ".")
+        sentences.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))) + "。")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=400, model_type="unigram",
+        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
+        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
+        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )
+    return buf.getvalue()
+
+
+def sentiment_examples(n: int, seed: int = 1) -> list[ft.LabelledExample]:
+    """Filler words plus one "good" (label 1) or "bad" (label 0): trivially separable."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
+        out.append(ft.LabelledExample(" ".join(words), str(label)))
+    return out
+
+
+def lively_model(vocab: int, seed: int = 0, **overrides) -> GLM:
+    """A random tiny model whose blocks dominate the residual stream (weights x10), so greedy decoding
+    varies from step to step instead of echoing its input as a freshly initialised tied model does."""
+    torch.manual_seed(seed)
+    model = GLM(model_config("tiny", vocab_size=vocab, dropout=0.0, attention_dropout=0.0, **overrides)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(10.0)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    root: Path
+    tokenizer: Path  # tokenizer.model
+    lm_checkpoint: Path  # a "pretrained" tiny model
+    lm_bundle: Path  # its bundle, with int8
+    clf_checkpoint: Path  # a cloze classifier fine-tuned with glm.finetune
+    clf_bundle: Path
+    clf_test: list  # the fine-tuning run's test examples
+
+
+_BUILT: dict[str, Built] = {}
+
+
+def build_bundles(tmp_path_factory) -> Built:
+    """Export both bundles once per test session (the dynamo exporter takes seconds per export)."""
+    if "built" in _BUILT:
+        return _BUILT["built"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("bundles")
+        tok_path = root / "tokenizer.model"
+        tok_path.write_bytes(make_tokenizer())
+        tok = Tokenizer.load(tok_path)
+        vocab = 448  # the tokenizer's 400 pieces rounded up to a multiple of 64, as the pipeline does
+
+        lm = lively_model(vocab)
+        lm_ckpt = save_checkpoint(root / "lm", 100, lm.state_dict(), {}, model_config=lm.cfg)
+        lm_bundle = export.export_bundle(lm_ckpt, tok_path, root / "lm-bundle", ExportConfig())
+
+        torch.manual_seed(0)
+        clf = GLM(model_config("tiny", vocab_size=vocab, max_seq_len=64, dropout=0.0, attention_dropout=0.0))
+        cfg = FinetuneConfig(task=SINGLE, epochs=4, batch_size=16, patience=3,
+                             optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+        examples = sentiment_examples(240)
+        result = ft.finetune_cloze(clf, tok, cfg, root / "clf", examples=examples)
+        test = [json.loads(line) for line in open(result["predictions_path"])]
+        # verify_data defaults to the run's test_predictions.jsonl: the real fine-tune -> export path
+        clf_bundle = export.export_bundle(root / "clf" / "checkpoints", tok_path, root / "clf-bundle", ExportConfig())
+    finally:
+        torch.set_num_threads(threads)
+    _BUILT["built"] = Built(root, tok_path, lm_ckpt, lm_bundle, Path(result["checkpoint"]), clf_bundle, test)
+    return _BUILT["built"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    return build_bundles(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm(built) -> GLM:
+    return load_model(built.lm_checkpoint)[0]
+
+
+@pytest.fixture(scope="module")
+def lm_bundle(built) -> runtime.Bundle:
+    return runtime.Bundle.load(built.lm_bundle, providers=["CPUExecutionProvider"], threads=1)
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def test_bundle_holds_the_listed_files_with_sha256sum_checksums(built):
+    for bundle in (built.lm_bundle, built.clf_bundle):
+        names = sorted(p.name for p in bundle.iterdir())
+        assert names == ["SHA256SUMS", "config.json", "model.int8.onnx", "model.onnx", "tokenizer.model", "verification.json"]
+        lines = (bundle / "SHA256SUMS").read_text().splitlines()
+        assert [line.split("  ")[1] for line in lines] == [n for n in names if n != "SHA256SUMS"]
+        for line in lines:
+            digest, name = line.split("  ")
+            assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
+    # nothing left behind by the temporary directory or the quantizer
+    assert not [p for p in built.root.iterdir() if p.name.startswith(".")]
+
+
+def test_config_records_version_dimensions_special_ids_and_io(built, lm):
+    config = json.loads((built.lm_bundle / "config.json").read_text())
+    assert config["format"] == runtime.FORMAT and config["format_version"] == export.FORMAT_VERSION == 1
+    m = config["model"]
+    assert (m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], m["max_seq_len"]) == (2, 2, 16, 448, 128)
+    assert config["special_tokens"] == SPECIAL.as_dict()
+    inputs, outputs = export.io_names(2)
+    assert [x["name"] for x in config["io"]["inputs"]] == inputs
+    assert [x["name"] for x in config["io"]["outputs"]] == outputs
+    assert inputs[:5] == ["input_ids", "position_ids", "block_position_ids", "sep", "key_start"]
+    assert inputs[5:7] == ["past_key_values.0.key", "past_key_values.0.value"] and outputs[1] == "present.0.key"
+    assert config["classifier"] is None and config["files"]["model_int8"] == "model.int8.onnx"
+    assert Path(config["source"]["checkpoint"]) == built.lm_checkpoint.resolve()
+
+
+def test_graph_is_one_file_with_dynamic_batch_sequence_and_past_axes(built):
+    model = onnx.load(str(built.lm_bundle / "model.onnx"))
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    graph_io = [*model.graph.input, *model.graph.output]
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph_io}
+    assert dims["input_ids"] == dims["block_position_ids"] == ["batch", "seq"]
+    assert dims["sep"] == dims["key_start"] == ["batch"]
+    assert dims["past_key_values.1.value"] == ["batch", 2, "past", 16]
+    assert dims["logits"] == ["batch", "seq", 448]
+    assert dims["present.1.key"][:2] == ["batch", 2] and isinstance(dims["present.1.key"][2], str)
+
+
+def test_verification_report_covers_the_shape_grid_and_passed(built):
+    report = json.loads((built.lm_bundle / "verification.json").read_text())
+    assert report["passed"] is True and report["failures"] == []
+    fp32 = report["fp32"]
+    assert fp32["logits_max_abs_diff"] <= report["atol"] == 1e-4 and fp32["presents_max_abs_diff"] <= 1e-4
+    shapes = [(r["batch"], r["seq"], r["past"]) for r in fp32["parity"]]
+    assert {b for b, _, _ in shapes} == {1, 2, 3, 4}
+    assert min(t for _, t, _ in shapes) == 1 and max(t for _, t, _ in shapes) == 128
+    assert min(p for _, _, p in shapes) == 0 and max(p for _, _, p in shapes) == 128
+    assert fp32["greedy"]["identical"] and fp32["greedy"]["generated_tokens"] > 50
+    int8 = report["int8"]
+    assert int8["size_ratio"] < 0.5 and "logits_max_abs_diff" in int8 and 0.0 <= int8["greedy"]["token_agreement"] <= 1.0
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def _random_case(cfg, B, T, P, seed):
+    g = torch.Generator().manual_seed(seed)
+    ri = lambda hi, shape: torch.randint(0, hi, shape, generator=g)  # noqa: E731
+    return dict(
+        ids=ri(cfg.vocab_size, (B, T)), pos=ri(cfg.max_seq_len + 1, (B, T)), blk=ri(cfg.max_seq_len + 1, (B, T)),
+        sep=ri(P + T + 1, (B,)), key_start=ri(P + 1, (B,)),
+        past=[torch.randn(B, cfg.n_head, P, cfg.head_dim, generator=g) for _ in range(2 * cfg.n_layer)],
+    )
+
+
+@pytest.mark.parametrize("B,T,P", [(1, 1, 0), (4, 128, 0), (1, 1, 128), (2, 7, 33), (3, 1, 2), (4, 128, 128)])
+def test_logits_and_presents_match_pytorch_at_batch_seq_past(lm, lm_bundle, B, T, P):
+    x = _random_case(lm.cfg, B, T, P, seed=B * 1000 + T * 10 + P)
+    pairs = list(zip(x["past"][0::2], x["past"][1::2])) if P else None
+    with torch.no_grad():
+        ref_logits, ref_presents = lm(x["ids"], x["pos"], x["blk"], x["sep"], past_key_values=pairs,
+                                      key_start=x["key_start"], use_cache=True)
+    logits, presents = lm_bundle.run(*(x[k].numpy() for k in ("ids", "pos", "blk", "sep", "key_start")),
+                                     past=[t.numpy() for t in x["past"]])
+    assert logits.shape == (B, T, 448) and len(presents) == 4 and presents[0].shape == (B, 2, P + T, 16)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4, rtol=0)
+    for got, ref in zip(presents, [t for kv in ref_presents for t in kv]):
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=0)
+
+
+def test_greedy_generation_is_token_identical_to_glm_generate(built, lm, lm_bundle):
+    tok = Tokenizer.load(built.tokenizer)
+    prompts = [
+        tok.encode("the movie was [MASK] and the acting [sMASK] 我们很[MASK]。"),
+        [40, 41, M, 42],
+        tok.encode("a story") + [G],
+        list(range(100, 150)) + [S] + list(range(200, 230)),
+    ]
+    for max_new in (1, 6, 20):
+        ref = [r.spans for r in fill_blanks(lm, prompts, GenerationConfig(max_new_tokens=max_new))]
+        got = lm_bundle.fill_ids(prompts, max_new_tokens=max_new)
+        assert got == ref
+        assert all(len(span) <= max_new for spans in got for span in spans)
+    assert len({t for spans in got for s in spans for t in s}) > 5  # the model really varies its choices
+
+
+def test_int8_bundle_loads_decodes_and_reports_its_size_and_accuracy_change(built):
+    int8 = runtime.Bundle.load(built.lm_bundle, int8=True, threads=1)
+    assert int8.model_path.name == "model.int8.onnx"
+    assert (built.lm_bundle / "model.int8.onnx").stat().st_size < 0.5 * (built.lm_bundle / "model.onnx").stat().st_size
+    result = int8.fill_blanks("the plot was [MASK].", max_new_tokens=4)
+    assert len(result.spans) == 1 and len(result.span_ids[0]) <= 4
+    c = json.loads((built.clf_bundle / "verification.json").read_text())["int8"]["classifier"]
+    assert abs(c["accuracy_change"]) <= 0.01 and c["examples"] == len(built.clf_test)
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def test_classifier_bundle_carries_the_cloze_spec_and_its_accuracy_equals_pytorch(built):
+    config = json.loads((built.clf_bundle / "config.json").read_text())
+    c = config["classifier"]
+    assert c["pattern"] == "{text} It was [MASK]." and c["verbalizers"] == {"0": "bad", "1": "good"} and c["labels"] == ["0", "1"]
+    report = json.loads((built.clf_bundle / "verification.json").read_text())["fp32"]["classifier"]
+    assert report["examples"] == len(built.clf_test) > 10
+    assert report["accuracy"] == report["accuracy_pytorch"] > 0.9
+
+
+def test_classifier_scores_equal_score_cloze_including_odd_and_long_texts(built):
+    model, _ = load_model(built.clf_checkpoint)
+    tok = Tokenizer.load(built.tokenizer)
+    bundle = runtime.Bundle.load(built.clf_bundle, threads=1)
+    texts = [e["text"] for e in built.clf_test[:6]] + [
+        "good 🎉 naïve 𠀋 café",  # characters the tokenizer never saw: byte fallback
+        "the plot [MASK] was <sop> bad",  # literal special-token text stays text
+        " ".join(["very good"] * 80),  # longer than the model: cut from its end, like fine-tuning
+    ]
+    ref = ft.score_cloze(model, tok, texts, SINGLE)
+    got = bundle.label_scores(texts)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert [bundle.classify(t).label for t in texts] == [["0", "1"][i] for i in ref.argmax(1)]
+
+
+def test_multi_token_cloze_scoring_matches_pytorch(built):
+    """The runtime's shared-prefix multi-token scoring (left padding, key_start, cache reuse) on the same graph."""
+    model, _ = load_model(built.clf_checkpoint)
+    tok = Tokenizer.load(built.tokenizer)
+    multi = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
+                            multi_token=True, length_normalise=True)
+    spec = {"kind": "cloze", **ft.ClozeTask(tok, multi, 64).spec()}
+    base = runtime.Bundle.load(built.clf_bundle, threads=1)
+    config = {**base.config, "classifier": export._classifier_config(spec, tok, 64)}
+    bundle = runtime.Bundle(base.path, config, base.session, base.tokenizer)
+    texts = ["the movie was good", "bad", "a very very long story film plot really quite an acting " * 3]
+    np.testing.assert_allclose(bundle.label_scores(texts), ft.score_cloze(model, tok, texts, multi), atol=1e-4)
+
+
+def test_text_pair_patterns_and_their_truncation_match_pytorch(built):
+    model, _ = load_model(built.clf_checkpoint)
+    tok = Tokenizer.load(built.tokenizer)
+    pair = ClozeTaskConfig(pattern="{text} ? [MASK] , {text_pair}", verbalizers={"0": "bad", "1": "good"},
+                           text_pair_field="premise")
+    spec = {"kind": "cloze", **ft.ClozeTask(tok, pair, 64).spec()}
+    base = runtime.Bundle.load(built.clf_bundle, threads=1)
+    bundle = runtime.Bundle(base.path, {**base.config, "classifier": export._classifier_config(spec, tok, 64)}, base.session,
+                            base.tokenizer)
+    texts, pairs = ["the movie was good", "a " * 50 + "film"], ["bad acting", "story " * 70]  # the second pair must be cut
+    np.testing.assert_allclose(bundle.label_scores(texts, pairs), ft.score_cloze(model, tok, texts, pair, text_pairs=pairs),
+                               atol=1e-4)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_verification_failure_raises_with_the_numbers(built):
+    other = lively_model(448, seed=1)
+    with pytest.raises(export.ExportVerificationError, match=r"differ from PyTorch by up to [0-9.e+-]+ \(logits\)") as info:
+        export.verify_bundle(built.lm_bundle, model=other)
+    assert info.value.report["passed"] is False and info.value.report["fp32"]["logits_max_abs_diff"] > 1e-4
+
+
+def _reuse_graph(source: Path):
+    """An export_onnx stand-in that copies an existing graph: tests export_bundle's plumbing in milliseconds."""
+    def fake_export(model, path, opset=18):
+        shutil.copy(source, path)
+        return Path(path)
+    return fake_export
+
+
+def test_failed_export_leaves_the_existing_bundle_and_no_temporary_files(built, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "export_onnx", _reuse_graph(built.lm_bundle / "model.onnx"))
+    other = lively_model(448, seed=2)
+    ckpt = save_checkpoint(tmp_path / "other", 1, other.state_dict(), {}, model_config=other.cfg)
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous bundle")
+    with pytest.raises(export.ExportVerificationError):
+        export.export_bundle(ckpt, built.tokenizer, out, ExportConfig(quantize_int8=False))
+    assert (out / "keep.txt").read_text() == "previous bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "other"]
+
+
+def test_export_replaces_an_existing_bundle(built, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "export_onnx", _reuse_graph(built.lm_bundle / "model.onnx"))
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export.export_bundle(built.lm_checkpoint, built.tokenizer, out, ExportConfig(quantize_int8=False))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["SHA256SUMS", "config.json", "model.onnx", "tokenizer.model", "verification.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert json.loads((out / "config.json").read_text())["files"]["model_int8"] is None
+    with pytest.raises(runtime.BundleError, match="no int8 model"):
+        runtime.Bundle.load(out, int8=True)
+
+
+def test_bad_export_inputs_are_clear_errors(built, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.export_bundle(tmp_path / "nowhere", built.tokenizer, tmp_path / "b")
+    small = GLM(model_config("tiny", vocab_size=64))
+    ckpt = save_checkpoint(tmp_path / "small", 1, small.state_dict(), {}, model_config=small.cfg)
+    with pytest.raises(ValueError, match="400 pieces but the model's vocabulary is 64"):
+        export.export_bundle(ckpt, built.tokenizer, tmp_path / "b")
+    with pytest.raises(ValueError, match=r"classifier spec lacks \['labels'"):
+        export.export_bundle(built.lm_checkpoint, built.tokenizer, tmp_path / "b",
+                             classifier={"pattern": "{text} It was [MASK].", "verbalizers": {"0": "bad"}})
+    with pytest.raises(ValueError, match="labels"):
+        export.verify_bundle(built.clf_bundle, verify_data=[("good film", "positive")])
+    assert not (tmp_path / "b").exists()
+
+
+def test_rotary_model_exports_and_verifies(built, tmp_path):
+    model = lively_model(448, rotary_2d=True)
+    ckpt = save_checkpoint(tmp_path / "rot", 1, model.state_dict(), {}, model_config=model.cfg)
+    out = export.export_bundle(ckpt, built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False))
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and report["fp32"]["logits_max_abs_diff"] <= 1e-4 and report["fp32"]["greedy"]["identical"]
+
+
+def test_verify_bundle_alone_finds_the_checkpoint_and_the_test_split(built):
+    report = export.verify_bundle(built.clf_bundle)  # checkpoint from config.json, data from test_predictions.jsonl
+    assert report["passed"] and report["fp32"]["classifier"]["examples"] == len(built.clf_test)
+    data = [(e["text"], e["label"]) for e in built.clf_test[:5]]
+    assert export.verify_bundle(built.clf_bundle, verify_data=data)["fp32"]["classifier"]["examples"] == 5
+
+
+def test_models_past_the_protobuf_limit_get_external_data_files(built, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)  # pretend the tiny model is over 2 GB
+    out = export.export_bundle(built.lm_checkpoint, built.tokenizer, tmp_path / "bundle", ExportConfig())
+    names = sorted(p.name for p in out.iterdir())
+    assert {"model.onnx.data", "model.int8.onnx.data"} <= set(names)
+    assert {line.split("  ")[1] for line in (out / "SHA256SUMS").read_text().splitlines()} == set(names) - {"SHA256SUMS"}
+    assert json.loads((out / "verification.json").read_text())["passed"]
+    assert runtime.Bundle.load(out, int8=True).fill_ids([[20, M]], max_new_tokens=2)

@@ -1,0 +1,250 @@
+"""The bundle runtime: vendorable alone (numpy + onnxruntime + sentencepiece), clear errors for bad
+bundles and inputs, provider choice from the real session, io-bound decoding, sampling, classify, CLI."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glm import finetune as ft
+from glm import runtime
+from glm.checkpoint import load_model
+from glm.cli import main as cli_main
+from glm.export import write_sha256sums
+from glm.tokenizer import Tokenizer
+from tests.glm.test_export import SINGLE, build_bundles
+
+RUNTIME_PY = Path(runtime.__file__)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_bundles(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lm(built) -> runtime.Bundle:
+    return runtime.Bundle.load(built.lm_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def clf(built) -> runtime.Bundle:
+    return runtime.Bundle.load(built.clf_bundle, threads=1)
+
+
+# --------------------------------------------------------------------------- vendorable alone
+
+
+def test_runtime_imports_only_numpy_onnxruntime_sentencepiece_and_the_standard_library():
+    tree = ast.parse(RUNTIME_PY.read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports tie runtime.py to its package"
+            imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party == {"numpy", "onnxruntime", "sentencepiece"}
+
+
+def test_a_copy_of_runtime_py_alone_runs_a_bundle_without_torch_or_glm(built, tmp_path):
+    shutil.copy(RUNTIME_PY, tmp_path / "glm_runtime.py")
+    script = (
+        "import sys, glm_runtime as r\n"
+        f"b = r.Bundle.load({str(built.clf_bundle)!r})\n"
+        "print(b.classify('the movie was good').label, b.fill_blanks('the plot [MASK].', max_new_tokens=3).text != '')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'glm')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["1 True", "[]"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _copy(built, tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(built.lm_bundle, dst)
+    return dst
+
+
+def _edit_config(bundle: Path, **changes) -> None:
+    config = json.loads((bundle / "config.json").read_text())
+    for key, value in changes.items():
+        node = config
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    (bundle / "config.json").write_text(json.dumps(config))
+    write_sha256sums(bundle)  # only the intended problem remains
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: _edit_config(b, format_version=2), "format version 2, newer than this runtime understands \\(1\\)"),
+        (lambda b: (b / "tokenizer.model").unlink(), "missing tokenizer.model"),
+        (lambda b: (b / "model.onnx").open("ab").write(b"\0"), "model.onnx does not match its checksum"),
+        (lambda b: (b / "SHA256SUMS").unlink(), "has no SHA256SUMS"),
+        (lambda b: (b / "config.json").unlink(), "missing config.json"),
+        (lambda b: _edit_config(b, format="something-else"), "not a GLM bundle config"),
+        (lambda b: (b / "SHA256SUMS").write_text("not a checksum line\n"), "line 1 is not 'SHA256  NAME'"),
+    ],
+    ids=["newer-version", "missing-file", "checksum-mismatch", "no-checksums", "no-config", "not-a-bundle", "bad-sums"],
+)
+def test_bad_bundles_are_clear_errors(built, tmp_path, damage, message):
+    bundle = _copy(built, tmp_path)
+    damage(bundle)
+    with pytest.raises(runtime.BundleError, match=message):
+        runtime.Bundle.load(bundle)
+
+
+def test_a_missing_directory_and_a_missing_int8_model_are_clear_errors(built, tmp_path):
+    with pytest.raises(runtime.BundleError, match="does not exist"):
+        runtime.Bundle.load(tmp_path / "nowhere")
+    bundle = _copy(built, tmp_path)
+    _edit_config(bundle, files__model_int8=None)
+    with pytest.raises(runtime.BundleError, match="no int8 model; re-export with export.quantize_int8=true"):
+        runtime.Bundle.load(bundle, int8=True)
+
+
+class _FakeSession:
+    def __init__(self, providers):
+        self._providers = providers
+
+    def get_providers(self):
+        return self._providers
+
+
+def test_the_device_follows_the_providers_the_session_really_loaded(lm):
+    # CUDA requested but not loadable (no GPU): onnxruntime falls back, and so must the cache placement
+    fallback = runtime.Bundle(lm.path, lm.config, _FakeSession(["CPUExecutionProvider"]), lm.tokenizer)
+    cuda = runtime.Bundle(lm.path, lm.config, _FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"]), lm.tokenizer)
+    assert fallback.device == "cpu" and cuda.device == "cuda"
+    assert lm.device == ("cuda" if "CUDAExecutionProvider" in lm.session.get_providers() else "cpu")
+    assert runtime.Bundle.load(lm.path, providers=["CPUExecutionProvider"]).session.get_providers() == ["CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_io_bound_cache_steps_equal_plain_host_runs(lm):
+    B, L = 2, 6
+    ids = np.array([[0, 0, 20, 21, 4, 22], [30, 31, 32, 4, 33, 34]])
+    pos = np.array([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    sep, key_start = np.full(B, L), np.array([2, 0])
+    step = (np.array([[7], [7]]), np.array([[2], [3]]), np.ones((B, 1), np.int64), sep, key_start)
+    _, past_host = lm.run(ids, pos, np.zeros_like(pos), sep, key_start)
+    ref, _ = lm.run(*step[:4], step[4], past_host)
+    _, past_dev = lm._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
+    got, presents = lm._run_bound(step, past_dev)
+    np.testing.assert_array_equal(got, ref)
+    assert presents[0].shape() == [B, 2, L + 1, 16]
+
+
+def test_fill_blanks_returns_the_text_with_every_blank_filled(lm):
+    result = lm.fill_blanks("the movie was [MASK] and the acting [sMASK].", max_new_tokens=5)
+    assert len(result.spans) == len(result.span_ids) == 2 and all(len(s) <= 5 for s in result.span_ids)
+    prompt = lm.encode("the movie was [MASK] and the acting [sMASK].")
+    spliced = prompt[: prompt.index(4)] + result.span_ids[0] + prompt[prompt.index(4) + 1 : prompt.index(5)]
+    spliced += result.span_ids[1] + prompt[prompt.index(5) + 1 :]
+    assert result.text == lm.decode(spliced) and str(result) == result.text
+
+
+def test_generate_continues_the_prompt_within_max_new_tokens(lm):
+    text = lm.generate("the plot was", max_new_tokens=6)
+    assert isinstance(text, str)
+    span = lm.fill_ids([lm.encode_text("the plot was") + [6]], max_new_tokens=6)[0][0]
+    assert 1 <= len(span) <= 6 and lm.decode(lm.encode_text("the plot was") + span).endswith(text)
+
+
+def test_unseen_characters_fall_back_to_bytes(lm, clf):
+    text = "naïve 🎉 𠀋 café [MASK]"
+    ids = lm.encode(text)
+    assert 1 not in ids and any(lm.tokenizer.is_byte(i) for i in ids)  # no [UNK]: byte pieces
+    assert "🎉" in lm.fill_blanks(text, max_new_tokens=3).text
+    assert clf.classify("good 🎉 𠀋").label in ("0", "1")
+
+
+def test_too_long_prompts_and_bad_decoding_settings_are_clear_errors(lm):
+    with pytest.raises(ValueError, match=r"is \d+ tokens, more than the model's max_seq_len=128; shorten it"):
+        lm.fill_blanks("the movie " * 100 + "[MASK]")
+    with pytest.raises(ValueError, match="more than the model's max_seq_len"):
+        lm.generate("a story " * 200)
+    with pytest.raises(ValueError, match="has no blank"):
+        lm.fill_blanks("no blank here")
+    with pytest.raises(ValueError, match=r"max_new_tokens=500 must be in \[1, 127\]"):
+        lm.fill_blanks("a [MASK]", max_new_tokens=500)
+    with pytest.raises(ValueError, match="top_p"):
+        lm.fill_blanks("a [MASK]", temperature=1.0, top_p=0.0)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(lm):
+    prompt = "the movie was [MASK]."
+    greedy = lm.fill_blanks(prompt, max_new_tokens=8).span_ids
+    assert lm.fill_blanks(prompt, max_new_tokens=8, temperature=0.7, top_k=1, seed=3).span_ids == greedy
+    assert lm.fill_blanks(prompt, max_new_tokens=8, temperature=1e-3, top_p=1e-6, seed=3).span_ids == greedy
+    draws = [lm.fill_blanks(prompt, max_new_tokens=8, temperature=1.0, seed=s).span_ids for s in range(4)]
+    assert draws[0] == lm.fill_blanks(prompt, max_new_tokens=8, temperature=1.0, seed=0).span_ids
+    assert len({json.dumps(d) for d in draws}) > 1
+
+
+def test_top_k_and_top_p_filters_keep_only_allowed_tokens():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 400))  # (400, 4)
+    assert set(runtime._sample(logits, 2, 1.0, rng).tolist()) == {0, 1}
+    assert set(runtime._sample(logits, 0, 0.7, rng).tolist()) == {0, 1}  # mass before token 2 is 0.8 >= 0.7
+    assert set(runtime._sample(logits, 0, 1.0, rng).tolist()) == {0, 1, 2, 3}
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_classify_agrees_with_pytorch_score_cloze(built, clf):
+    model, _ = load_model(built.clf_checkpoint)
+    tok = Tokenizer.load(built.tokenizer)
+    texts = [e["text"] for e in built.clf_test[:10]] + ["good", "a bad film", "the film [MASK] bad"]
+    with torch.no_grad():
+        ref = ft.score_cloze(model, tok, texts, SINGLE)
+    for text, row in zip(texts, ref):
+        result = clf.classify(text)
+        assert result.label == ["0", "1"][int(row.argmax())]
+        probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        np.testing.assert_allclose([result.probabilities["0"], result.probabilities["1"]], probs, atol=1e-4)
+
+
+def test_classify_needs_a_classifier_bundle(lm):
+    with pytest.raises(runtime.BundleError, match="not a classifier"):
+        lm.classify("the movie was good")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_infer_command_fills_generates_and_classifies(built, capsys):
+    assert cli_main(["infer", str(built.lm_bundle), "--fill", "the movie was [MASK].", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli_main(["infer", str(built.lm_bundle), "--generate", "the plot", "--max-new-tokens", "4",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--int8"]) == 0
+    assert capsys.readouterr().out.startswith("the plot")
+    assert cli_main(["infer", str(built.clf_bundle), "--classify", "a good film"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "label: 1" and {line.split(":")[0].strip() for line in out[1:]} == {"0", "1"}
+
+
+def test_infer_command_reports_errors_with_exit_code_2(built, tmp_path, capsys):
+    assert cli_main(["infer", str(tmp_path / "nowhere"), "--fill", "a [MASK]"]) == 2
+    assert "error: bundle directory" in capsys.readouterr().err
+    assert cli_main(["infer", str(built.lm_bundle), "--classify", "good"]) == 2
+    assert "not a classifier" in capsys.readouterr().err
