@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "httpx", "sentencepiece"):  # INFO chatter nobody acts on
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # our own progress at INFO; libraries (GX, onnx, quantization) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("glm").setLevel(logging.INFO)
     try:
         if args.command == "config":
             print(dump_config(load_config(args.config, args.overrides)), end="")
