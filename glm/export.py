@@ -460,7 +460,7 @@ def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dic
         "tokenizer": {
             "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256, "byte_fallback": tokenizer.byte_fallback,
             # how literal "[MASK]", "<sop>"... in user text are spelled as plain pieces (glm.tokenizer)
-            "literal_ids": {str(i): ids.tolist() for i, ids in tokenizer._literal_ids.items()},
+            "literal_ids": {str(i): ids for i, ids in tokenizer.literal_ids().items()},
         },
         "io": {
             "inputs": [

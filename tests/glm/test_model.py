@@ -9,22 +9,9 @@ import torch
 
 from glm.config import OptimConfig, model_config
 from glm.model import GLM, _flex_block_mask, configure_optimizer, infilling_loss, prefix_lm_mask
+from tests.glm.factories import tiny_model
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models run fastest on one thread, and do not fight other processes for the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**overrides) -> GLM:
-    cfg = model_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0, **overrides)
-    return GLM(cfg).eval()
 
 
 def synthetic_batch(B: int = 3, T: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -104,7 +91,7 @@ def test_flex_block_mask_applies_the_same_rule(with_key_start):
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_part_a_never_sees_part_b(rotary):
-    model, b = tiny(rotary_2d=rotary), synthetic_batch()
+    model, b = tiny_model(VOCAB, rotary_2d=rotary), synthetic_batch()
     base = run(model, b)
     for r, sep in enumerate(b["sep"].tolist()):
         for j in (sep, sep + 3, sep + 6):  # a [sop], a span token, the last span's token
@@ -117,7 +104,7 @@ def test_part_a_never_sees_part_b(rotary):
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_part_b_is_causal(rotary):
-    model, b = tiny(rotary_2d=rotary), synthetic_batch()
+    model, b = tiny_model(VOCAB, rotary_2d=rotary), synthetic_batch()
     base = run(model, b)
     r, sep = 0, int(b["sep"][0])
     j = sep + 4  # a token of the second span
@@ -130,7 +117,7 @@ def test_part_b_is_causal(rotary):
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_part_b_sees_all_of_part_a(rotary):
-    model, b = tiny(rotary_2d=rotary), synthetic_batch()
+    model, b = tiny_model(VOCAB, rotary_2d=rotary), synthetic_batch()
     base = run(model, b)
     r, sep = 1, int(b["sep"][1])
     changed = {k: v.clone() for k, v in b.items()}
@@ -144,7 +131,7 @@ def test_part_b_sees_all_of_part_a(rotary):
 
 
 def test_left_padding_with_key_start_matches_unpadded():
-    model, b = tiny(), synthetic_batch(B=1)
+    model, b = tiny_model(VOCAB), synthetic_batch(B=1)
     ids, pos, blk, sep = b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"]
     pad = 5
     padded = lambda t: torch.cat([torch.zeros(1, pad, dtype=t.dtype), t], dim=1)  # noqa: E731
@@ -157,7 +144,7 @@ def test_left_padding_with_key_start_matches_unpadded():
 
 
 def test_shapes_dtype_and_tied_output():
-    model, b = tiny(), synthetic_batch()
+    model, b = tiny_model(VOCAB), synthetic_batch()
     logits = run(model, b)
     assert logits.shape == (3, 24, VOCAB) and logits.dtype == torch.float32
     h, presents = model.hidden_states(
@@ -175,14 +162,14 @@ def test_shapes_dtype_and_tied_output():
 
 
 def test_tiny_param_count_and_flops_by_hand():
-    model = tiny()
+    model = tiny_model(VOCAB)
     # per layer: 2 LN (2*64) + qkv (32*96+96) + proj (32*32+32) + fc (32*128+128) + proj (128*32+32) = 12704
     body = 2 * 12704 + 64  # + final LN
     assert model.num_params(exclude_embeddings=True) == body
     assert model.num_params() == body + VOCAB * 32 + 2 * 129 * 32  # tied token table + two position tables
     assert model.flops_per_token(16) == 6 * body + 6 * VOCAB * 32 + 12 * 2 * 32 * 16
     assert model.flops_per_token(16, loss_fraction=0.25) == 6 * body + 6 * VOCAB * 32 * 0.25 + 12 * 2 * 32 * 16
-    rotary = tiny(rotary_2d=True)
+    rotary = tiny_model(VOCAB, rotary_2d=True)
     assert rotary.num_params() == body + VOCAB * 32  # no learned position tables
 
 
@@ -211,7 +198,7 @@ def test_preset_param_counts(preset, vocab, low, high):
 def test_clear_errors():
     with pytest.raises(ValueError, match="vocab_size"):
         GLM(model_config("tiny"))
-    model, b = tiny(), synthetic_batch()
+    model, b = tiny_model(VOCAB), synthetic_batch()
     with pytest.raises(ValueError, match="position_ids"):
         model(b["input_ids"], b["position_ids"][:, :-1], b["block_position_ids"], b["sep"])
     with pytest.raises(ValueError, match="sep"):
@@ -225,7 +212,7 @@ def test_clear_errors():
 
 
 def test_optimizer_decays_linear_weights_only():
-    model = tiny()
+    model = tiny_model(VOCAB)
     opt = configure_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
     decay, no_decay = opt.param_groups
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
@@ -240,7 +227,7 @@ def test_optimizer_decays_linear_weights_only():
 
 
 def test_infilling_loss_counts_and_matches_full_projection():
-    model, b = tiny(), synthetic_batch()
+    model, b = tiny_model(VOCAB), synthetic_batch()
     loss, n = infilling_loss(model, b)
     assert int(n) == 3 * 7
     logits = run(model, b)  # (B, T, V): the slow way, every position projected
@@ -254,8 +241,7 @@ def test_infilling_loss_counts_and_matches_full_projection():
 
 
 def test_tiny_model_memorises_one_batch():
-    torch.manual_seed(0)
-    model = GLM(model_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0)).train()
+    model = tiny_model(VOCAB).train()
     b = synthetic_batch(B=4, T=24, seed=1)
     opt = configure_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.0), "cpu")
     for _ in range(150):
@@ -296,7 +282,7 @@ def test_golden_loss_trace():
 
 @pytest.mark.parametrize("rotary", [False, True])
 def test_bf16_autocast_close_to_fp32(rotary):
-    model, b = tiny(rotary_2d=rotary), synthetic_batch()
+    model, b = tiny_model(VOCAB, rotary_2d=rotary), synthetic_batch()
     ref = run(model, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run(model, b)
@@ -310,7 +296,7 @@ def test_bf16_autocast_close_to_fp32(rotary):
 @pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("extra", [0, 2])
 def test_kv_cache_prompt_then_incremental_equals_full(rotary, extra):
-    model, b = tiny(rotary_2d=rotary), synthetic_batch()
+    model, b = tiny_model(VOCAB, rotary_2d=rotary), synthetic_batch()
     full = run(model, b)  # (B, T, V)
     ids, pos, blk, sep = b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"]
     P = int(sep.max()) + extra  # the prompt pass must hold every row's whole Part A
@@ -330,7 +316,7 @@ def test_kv_cache_prompt_then_incremental_equals_full(rotary, extra):
 
 def test_no_graph_breaks_for_torch_compile():
     # a real fullgraph compile takes ~30 s on 2 cores; dynamo's explain runs the same tracing in < 1 s
-    model, b = tiny(), synthetic_batch()
+    model, b = tiny_model(VOCAB), synthetic_batch()
     model.train()
     args = (b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"])
     assert torch._dynamo.explain(model)(*args).graph_break_count == 0

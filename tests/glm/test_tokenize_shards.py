@@ -16,6 +16,7 @@ from glm.shards import file_entry, read_arrow, read_manifest, sha256_file, verif
 from glm.special_tokens import SPECIAL
 from glm.tokenize_shards import _token_table, finish_tokenize, plan_tokenize, token_type, tokenize_corpus, tokenize_shard
 from glm.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from tests.glm.factories import write_docs
 
 WORDS = "the a film story actor scene music night city river light quiet loud slow bright old new great".split()
 HANZI = "电影故事演员音乐夜晚城市河流光安静明亮新旧好看我们你他她是的了在有"
@@ -28,18 +29,6 @@ def random_docs(n: int, seed: int) -> list[str]:
         english = " ".join(rng.choices(WORDS, k=rng.randint(5, 30))).capitalize() + rng.choice(".!?")
         docs.append(english + " " + "".join(rng.choices(HANZI, k=rng.randint(3, 20))) + "。")
     return docs
-
-
-def write_docs(docs_dir: Path, splits: dict[str, list[list[str]]]) -> Path:
-    """Document shards {split}/part-NNNNN.parquet with a manifest, as the corpus stage writes them."""
-    files = []
-    for split, shards in splits.items():
-        for i, texts in enumerate(shards):
-            table = pa.table(
-                {"text": pa.array(texts, pa.string()), "doc_id": [f"{split}-{i}-{j}" for j in range(len(texts))], "source": ["test"] * len(texts)}
-            )
-            files.append(file_entry(write_parquet(docs_dir / split / f"part-{i:05d}.parquet", table), docs_dir))
-    return write_manifest(docs_dir, "docs", files)
 
 
 SHARDS = {"train": [random_docs(40, 0), random_docs(30, 1)], "valid": [random_docs(10, 2)]}

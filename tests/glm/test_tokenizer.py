@@ -8,14 +8,14 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import sentencepiece as spm
 
 from glm.config import TokenizerConfig
-from glm.shards import file_entry, read_manifest, verify_manifest, write_manifest, write_parquet
+from glm.shards import read_manifest, verify_manifest
 from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
 from glm.tokenizer import MODEL_FILE, SPECIAL_FILE, Tokenizer, _chunks, train_tokenizer
+from tests.glm.factories import write_docs
 
 ENGLISH = [
     "The film was a quiet triumph of patient storytelling.",
@@ -40,18 +40,6 @@ CHINESE = [
 def random_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choices(ENGLISH, k=4)) + " " + "".join(rng.choices(CHINESE, k=3)) for _ in range(n)]
-
-
-def write_docs(docs_dir: Path, splits: dict[str, list[list[str]]]) -> Path:
-    """Document shards {split}/part-NNNNN.parquet with a manifest, as the corpus stage writes them."""
-    files = []
-    for split, shards in splits.items():
-        for i, texts in enumerate(shards):
-            table = pa.table(
-                {"text": pa.array(texts, pa.string()), "doc_id": [f"{split}-{i}-{j}" for j in range(len(texts))], "source": ["test"] * len(texts)}
-            )
-            files.append(file_entry(write_parquet(docs_dir / split / f"part-{i:05d}.parquet", table), docs_dir))
-    return write_manifest(docs_dir, "docs", files)
 
 
 CFG = TokenizerConfig(vocab_size=420, sample_docs=150, num_threads=1)
@@ -157,6 +145,15 @@ def test_literals_are_spelled_out_when_specials_are_off(tok):
     assert tok.decode(ids) == text
     with_specials = tok.encode(text)
     assert sum(i in SPECIAL.mask_ids + (SPECIAL.sop, SPECIAL.eop) for i in with_specials) == 6
+
+
+def test_literal_ids_are_how_encode_spells_each_special_text(tok):
+    literal = tok.literal_ids()
+    assert set(literal) == {*SPECIAL.mask_ids, SPECIAL.sop, SPECIAL.eop}
+    names = {i: name for name, i in SPECIAL.as_dict().items()}
+    for i, ids in literal.items():
+        assert min(ids) >= NUM_SPECIAL and tok.decode(ids) == PIECES[names[i]]
+        assert tok.encode("x" + PIECES[names[i]], specials=False)[-len(ids):] == ids
 
 
 def test_encode_flat_lengths_follow_escaping(tok):

@@ -12,15 +12,6 @@ from glm.train import NonFiniteLossError, SyntheticBatches, lr_at, pretrain, rea
 V, T = 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core box they contend badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(dropout: float = 0.0) -> ModelConfig:
     return ModelConfig(vocab_size=V, max_seq_len=T, dropout=dropout, attention_dropout=dropout)
 
