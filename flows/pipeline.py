@@ -1,0 +1,174 @@
+"""The GLM pipeline as Prefect flows: the end-to-end flow and stage flows that also run alone.
+
+    glm_pipeline(config)   data -> pretrain -> finetune + evaluate -> export (one flow run)
+    data_flow(config)      ingest, validate, tokenizer, token shards, validate, span-corruption shards
+    pretrain_flow(config)  pretraining (a subprocess; resumes from its checkpoint)
+    finetune_flow(config)  fine-tuning (+ the from-scratch baseline) and the evaluation report
+    export_flow(config)    ONNX bundle, verified against PyTorch
+
+The parameter is the typed PipelineConfig (Prefect validates it before anything runs). Every
+task is cached on its stage key (tasks/options.py), so re-running an unchanged config is a
+series of "Cached" task runs, and a changed input, config section or glm module re-runs
+exactly the stages downstream of it. A stage whose output was deleted is refreshed.
+
+Ways to run:
+    glm-pipeline run configs/tiny.yaml [--stage data]       in-process (Prefect's ephemeral API)
+    glm-pipeline serve configs/demo.yaml --cron "0 2 * * *"  one long-lived process that creates the
+        deployment `glm-pipeline/NAME-nightly` on the Prefect server at PREFECT_API_URL and runs it on
+        the schedule (each night: new files are ingested, and pretraining continues from its last
+        checkpoint for pretrain.steps more steps when the data changed); Ctrl-C pauses the schedule.
+    prefect deploy --all                                       the deployments of prefect.yaml, run by a
+        worker of the `glm-process` pool (docker compose up, see docker-compose.yml)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
+from prefect import Task, flow, unmapped
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from glm import stages
+from glm.config import PipelineConfig
+from tasks import stages as t
+from tasks.options import configure, slug
+from tasks.training import pretrain as pretrain_task
+
+
+def task_runner(cfg: PipelineConfig) -> TaskRunner:
+    """The runner of per-shard tasks: orchestration.task_runner with data.workers workers."""
+    kind, workers = cfg.orchestration.task_runner, cfg.data.workers
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ImportError(
+            "orchestration.task_runner=dask needs prefect-dask: pip install 'glm-pipeline[dask]' "
+            "(or choose task_runner threads or processes)"
+        ) from None
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers})
+
+
+def _stage_task(task: Task, cfg: PipelineConfig, stage: str, **options: Any) -> Task:
+    """The task with the run's options. Its cached result is trusted only while the stage's output on
+    disk is the one made for this key (glm.stages stamps): a deleted or since-overwritten output is rebuilt."""
+    paths = stages.RunPaths(cfg.run_dir)
+    try:
+        current = stages.is_current(stage, stages.stage_key(stage, cfg, paths, **options), paths.output(stage, cfg), paths)
+    except stages.StageInputMissing:
+        current = True  # nothing to refresh: the task itself fails and says which stage to run first
+    return configure(task, cfg, refresh_cache=not current)
+
+
+def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[Any], done: Any, **static: Any) -> list[Any]:
+    """Map `task` over jobs on `runner`; a job whose output is missing (done(job) false) skips the cache."""
+    static = {k: unmapped(v) for k, v in static.items()}
+    groups = {False: [j for j in jobs if done(j)], True: [j for j in jobs if not done(j)]}
+    futures = []
+    for refresh, group in groups.items():
+        if group:
+            futures += runner.map(configure(task, cfg, refresh_cache=refresh), {"job": group, **static})
+    return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- stage groups
+
+
+def data_stages(cfg: PipelineConfig) -> dict[str, str]:
+    paths = stages.RunPaths(cfg.run_dir)
+    out = {"docs": _stage_task(t.ingest, cfg, "ingest")(cfg)}
+    out["docs_validation"] = _stage_task(t.validate_corpus, cfg, "validate-corpus")(cfg)
+    out["tokenizer"] = _stage_task(t.train_tokenizer, cfg, "tokenizer")(cfg)
+    with task_runner(cfg) as runner:  # one pool for both per-shard stages
+        entries = _map_shards(runner, t.tokenize_shard, cfg, stages.tokenize_jobs(cfg, paths),
+                              lambda job: Path(job["out_path"]).is_file(), run_dir=cfg.run_dir)
+        out["tokens"] = _stage_task(t.close_tokenize, cfg, "tokenize")(cfg, entries)
+        out["tokens_validation"] = _stage_task(t.validate_tokens, cfg, "validate-tokens")(cfg)
+        results = _map_shards(runner, t.build_span_corruption_shard, cfg, stages.infill_jobs(cfg, paths),
+                              stages.infill_shard_done)
+    out["infill"] = _stage_task(t.close_infill, cfg, "infill")(cfg, results)
+    return out
+
+
+def pretrain_stage(cfg: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+    return {"pretrain": _stage_task(pretrain_task, cfg, "pretrain", continue_steps=continue_steps)(cfg, continue_steps)}
+
+
+def finetune_stages(cfg: PipelineConfig) -> dict[str, str]:
+    out = {"finetune": _stage_task(t.finetune, cfg, "finetune")(cfg)}
+    out["eval"] = _stage_task(t.evaluate, cfg, "evaluate")(cfg)
+    return out
+
+
+def export_stages(cfg: PipelineConfig) -> dict[str, str]:
+    _stage_task(t.export_onnx, cfg, "export")(cfg)
+    return {"export": _stage_task(t.verify_export, cfg, "export")(cfg)}
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="glm-pipeline", flow_run_name="{config.name}")
+def glm_pipeline(config: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+    """Every stage: data, pretraining, fine-tuning and evaluation, export. Returns each stage's output.
+
+    continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
+    """
+    return {**data_stages(config), **pretrain_stage(config, continue_steps), **finetune_stages(config), **export_stages(config)}
+
+
+@flow(name="glm-data", flow_run_name="{config.name}")
+def data_flow(config: PipelineConfig) -> dict[str, str]:
+    """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
+    return data_stages(config)
+
+
+@flow(name="glm-pretrain", flow_run_name="{config.name}")
+def pretrain_flow(config: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+    """Pretraining on the span-corruption shards the data flow built."""
+    return pretrain_stage(config, continue_steps)
+
+
+@flow(name="glm-finetune", flow_run_name="{config.name}")
+def finetune_flow(config: PipelineConfig) -> dict[str, str]:
+    """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
+    return finetune_stages(config)
+
+
+@flow(name="glm-export", flow_run_name="{config.name}")
+def export_flow(config: PipelineConfig) -> dict[str, str]:
+    """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
+    return export_stages(config)
+
+
+FLOWS = {"data": data_flow, "pretrain": pretrain_flow, "finetune": finetune_flow, "export": export_flow, "all": glm_pipeline}
+
+
+def run_stage(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, str]:
+    """Run one stage flow (or the whole pipeline) now, in this process; raises if it fails."""
+    if stage not in FLOWS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(FLOWS)}")
+    if stage in ("pretrain", "all"):
+        return FLOWS[stage](cfg, continue_steps=continue_steps)
+    return FLOWS[stage](cfg)
+
+
+def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | None = None) -> None:
+    """Serve the pipeline as deployment `glm-pipeline/NAME-nightly` on a cron schedule (blocks).
+
+    Needs a Prefect server (PREFECT_API_URL). Each scheduled run ingests new files; when the
+    data changed, pretraining continues from its latest checkpoint for `continue_steps` more
+    steps (default: pretrain.steps).
+    """
+    glm_pipeline.serve(
+        name=f"{slug(cfg.name)}-nightly",
+        cron=cron,
+        parameters={"config": cfg.model_dump(mode="json"), "continue_steps": continue_steps or cfg.pretrain.steps},
+        description=f"GLM pipeline for config {cfg.name!r}: nightly ingestion and continued pretraining",
+        tags=["glm", slug(cfg.name)],
+    )

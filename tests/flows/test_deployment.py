@@ -1,0 +1,137 @@
+"""prefect.yaml, docker-compose.yml, Dockerfile and .env.example hold together (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def _prefect_yaml() -> dict:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())
+
+
+@pytest.mark.parametrize("deployment", [d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]])
+def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment):
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from glm.config import PipelineConfig
+
+    spec = next(d for d in PrefectYamlModel.model_validate(_prefect_yaml()).deployments if d.name == deployment)
+    flow = load_flow_from_entrypoint(str(ROOT / spec.entrypoint), use_placeholder_flow=False)
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate(spec.parameters, schema, raise_on_error=True, preprocess=True)  # as `prefect deploy` does
+    params = flow.validate_parameters(spec.parameters)  # as each run does
+    assert isinstance(params["config"], PipelineConfig)
+    assert spec.work_pool.name == "glm-process"
+
+
+def test_the_nightly_deployment_runs_the_whole_pipeline_on_a_cron_and_continues_pretraining():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    doc = _prefect_yaml()
+    nightly = next(d for d in doc["deployments"] if d["name"] == "nightly")
+    assert nightly["entrypoint"] == "flows/pipeline.py:glm_pipeline"
+    [schedule] = nightly["schedules"]
+    assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
+    assert nightly["parameters"]["continue_steps"] > 0
+    assert nightly["parameters"]["config"]["data"]["sources"][0]["path"] == "/data/incoming"  # the compose data volume
+    assert doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"  # the image's WORKDIR
+    assert re.search(r"^WORKDIR /app$", (ROOT / "Dockerfile").read_text(), re.M)
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+def test_the_compose_file_is_valid(tmp_path):
+    if _docker_compose_available():  # the real parser, with .env made from the example
+        for name in ("docker-compose.yml", "Dockerfile", "prefect.yaml"):
+            shutil.copy(ROOT / name, tmp_path / name)
+        shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+        done = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    services = _compose()["services"]
+    assert set(services) == {"postgres", "redis", "prefect-server", "prefect-services", "deploy", "worker"}
+    for name, svc in services.items():
+        assert "restart" in svc, name
+        assert svc.get("env_file") == ".env" or name == "redis", name
+        if name != "deploy":  # the one-shot deploy step exits when done
+            assert svc["healthcheck"]["test"], name
+    assert "--no-services" in services["prefect-server"]["command"]
+    assert services["prefect-services"]["command"] == "prefect server services start"
+    assert services["prefect-services"]["environment"]["PREFECT_MESSAGING_BROKER"] == "prefect_redis.messaging"
+    assert services["prefect-services"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+
+
+def test_only_the_ui_is_published_and_only_on_loopback():
+    services = _compose()["services"]
+    published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
+    assert set(published) == {"prefect-server"}
+    for port in published["prefect-server"]:
+        assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_the_worker_is_our_image_with_a_gpu_and_the_data_and_run_volumes():
+    worker = _compose()["services"]["worker"]
+    assert worker["build"] == "."
+    assert "--pool glm-process" in worker["command"] and "--with-healthcheck" in worker["command"]
+    [gpu] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    mounts = {v.rsplit("}:", 1)[-1].split(":")[0] for v in worker["volumes"]}  # ${HOST:-default}:TARGET[:ro]
+    assert {"/data", "/app/runs"} <= mounts
+    assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
+
+
+def test_credentials_come_from_the_env_file_and_every_variable_is_in_the_example():
+    text = COMPOSE.read_text()
+    assert "POSTGRES_PASSWORD:?" in text  # compose refuses to start without a password
+    for line in text.splitlines():  # no password written into the file itself
+        if "PASSWORD" in line and not line.lstrip().startswith("#"):
+            assert "${POSTGRES_PASSWORD" in line or "$${POSTGRES" in line, line
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    example = {line.split("=", 1)[0] for line in lines if "=" in line and not line.startswith("#")}
+    assert used <= example, used - example
+
+
+def test_the_dockerfile_installs_the_pinned_project_and_runs_unprivileged():
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.startswith("#") and re.search(r"^FROM python:3\.11", text, re.M)
+    assert "-c constraints.txt" in text
+    for package in ("glm", "tasks", "flows"):
+        assert f"COPY {package}/ {package}/" in text
+    assert re.search(r"^USER (?!root)\w+", text, re.M)
+
+
+def test_serve_creates_a_nightly_deployment_of_the_whole_pipeline(monkeypatch):
+    import json
+
+    from flows import pipeline
+    from glm.config import load_config
+
+    captured = {}
+    monkeypatch.setattr(type(pipeline.glm_pipeline), "serve", lambda self, **kw: captured.update(kw, flow=self))
+    cfg = load_config("configs/tiny.yaml", ["name=My Corpus"])
+    pipeline.serve(cfg, cron="30 1 * * *")
+    assert captured["flow"] is pipeline.glm_pipeline
+    assert captured["name"] == "my-corpus-nightly" and captured["cron"] == "30 1 * * *"
+    params = json.loads(json.dumps(captured["parameters"]))  # stored by the server as JSON
+    assert params["continue_steps"] == cfg.pretrain.steps
+    assert pipeline.glm_pipeline.validate_parameters(params)["config"] == cfg

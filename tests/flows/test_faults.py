@@ -1,0 +1,174 @@
+"""Failures and changes: retried transient faults, killed training resumed, deleted outputs refreshed,
+a changed config section re-running exactly the stages below it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.pipeline import data_flow, pretrain_flow, task_runner
+from glm import stages
+from tests.flows.api import artifacts, states, task_runs
+
+# runs `python -m glm.train ARGS` but SIGKILLs itself right after logging step 3 (checkpoint 2 is on disk)
+KILLED_AT_STEP_3 = """
+import os, signal, sys
+import glm.train as train
+write = train.MetricsLog.write
+def write_then_die(self, record):
+    write(self, record)
+    if record.get("step") == 3 and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.MetricsLog.write = write_then_die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def _state_of(flow_state, prefix: str) -> dict[str, str]:
+    return {n: s for n, s in states(task_runs(flow_state.state_details.flow_run_id)).items() if n.startswith(prefix)}
+
+
+def test_a_transient_ingest_failure_is_retried_and_the_flow_succeeds(prefect_api, make_config, monkeypatch):
+    cfg = make_config("quality.enabled=false", "orchestration.retries=2")
+    real, calls = stages.ingest, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("injected: the corpus share went away for a moment")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "ingest", flaky)
+    state = data_flow(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(calls) == 2
+    ingest_run = next(r for r in task_runs(state.state_details.flow_run_id) if r.name.startswith("ingest-"))
+    assert ingest_run.run_count == 2 and ingest_run.state.name == "Completed"
+
+
+def test_a_permanent_failure_is_not_retried(prefect_api, make_config, monkeypatch):
+    cfg = make_config("quality.enabled=false", "orchestration.retries=2")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("data.sources[0]: path 'nowhere' does not exist")
+
+    monkeypatch.setattr(stages, "ingest", broken)
+    state = data_flow(cfg, return_state=True)
+    assert state.is_failed() and len(calls) == 1
+
+
+def test_a_failed_quality_gate_stops_the_flow_and_still_shows_its_results(prefect_api, make_config):
+    cfg = make_config("quality.min_docs=100000", "orchestration.retries=2", name="gated")
+    state = data_flow(cfg, return_state=True)
+    assert state.is_failed()
+    ran = task_runs(state.state_details.flow_run_id)
+    gate = next(r for r in ran if r.name == "validate-corpus-gated")
+    assert gate.state.name == "Failed" and gate.run_count == 1  # a data problem is not retried
+    assert "expect_table_row_count_to_be_between(min_value=100000): observed 160" in gate.state.message
+    assert not any(r.name.startswith("train-tokenizer") for r in ran)  # nothing ran past the gate
+    table = artifacts(state.state_details.flow_run_id)["gated-corpus-validation"]
+    assert "FAILED" in table.description and "row_count" in table.data
+
+
+def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weights(prefect_api, make_config, monkeypatch):
+    cfg = make_config("quality.enabled=false", "orchestration.retries=0")
+    assert data_flow(cfg, return_state=True).is_completed()
+    real_command = stages.pretrain_command
+    def killing_command(run_cfg, paths, python=sys.executable):
+        return [python, "-c", KILLED_AT_STEP_3, *real_command(run_cfg, paths)[3:]]  # [python, -m, glm.train, ARGS]
+
+    monkeypatch.setattr(stages, "pretrain_command", killing_command)
+    killed = pretrain_flow(cfg, return_state=True)
+    assert killed.is_failed()
+    assert "died" in str(killed.result(raise_on_failure=False))
+    paths = stages.RunPaths(cfg.run_dir)
+    checkpoints = paths.pretrain / "checkpoints"
+    assert (checkpoints / "step-000002").is_dir() and not (checkpoints / "step-000006").exists()
+
+    monkeypatch.setattr(stages, "pretrain_command", real_command)
+    resumed = pretrain_flow(cfg, return_state=True)
+    assert resumed.is_completed(), resumed.message
+    manifest = stages.read_manifest(paths.pretrain / "manifest.json")
+    assert manifest["stats"]["resumed_from"] == 2 and manifest["stats"]["step"] == 6
+
+    reference = Path(cfg.run_dir) / "uninterrupted"
+    subprocess.run(real_command(cfg, paths)[:-1] + [str(reference)], check=True, capture_output=True)
+    got = load_file(paths.pretrain / "checkpoints" / "step-000006" / "model.safetensors")
+    want = load_file(reference / "checkpoints" / "step-000006" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_deleted_output_is_rebuilt_even_though_its_cache_entry_survives(prefect_api, make_config):
+    cfg = make_config("quality.enabled=false")
+    assert data_flow(cfg, return_state=True).is_completed()
+    paths = stages.RunPaths(cfg.run_dir)
+    (paths.tokens / "train" / "part-00000.arrow").unlink()
+    (paths.infill / "manifest.json").unlink()
+
+    again = data_flow(cfg, return_state=True)
+    assert again.is_completed(), again.message
+    ran = states(task_runs(again.state_details.flow_run_id))
+    assert ran["tokenize-train/part-00000"] == "Completed" and ran["tokenize-valid/part-00000"] == "Cached"
+    assert ran["close-span-corruption-tiny"] == "Completed" and ran["ingest-tiny"] == "Cached"
+    assert stages.output_ok(paths.tokens / "manifest.json") and stages.output_ok(paths.infill / "manifest.json")
+
+
+def test_a_changed_section_reruns_exactly_the_stages_below_it(prefect_api, make_config):
+    cfg = make_config()
+    assert data_flow(cfg, return_state=True).is_completed()
+    paths = stages.RunPaths(cfg.run_dir)
+    build_key = stages.read_manifest(paths.infill / "manifest.json")["stats"]["build_key"]
+    changed = cfg.model_copy(deep=True)
+    changed.infilling.seed = 99  # only the span-corruption shards depend on it
+    state = data_flow(changed, return_state=True)
+    assert state.is_completed()
+    ran = states(task_runs(state.state_details.flow_run_id))
+    reran = {name for name, s in ran.items() if s != "Cached"}
+    assert reran == {name for name in ran if name.startswith(("span-corruption-", "close-span-corruption-"))}
+    assert len(reran) >= 2
+
+    # back to the first config: its cache entries survive, but the shards on disk are the other seed's
+    back = data_flow(cfg, return_state=True)
+    assert back.is_completed()
+    ran = states(task_runs(back.state_details.flow_run_id))
+    assert {s for n, s in ran.items() if n.startswith("span-corruption-")} == {"Completed"}
+    assert stages.read_manifest(paths.infill / "manifest.json")["stats"]["build_key"] == build_key
+
+
+def test_the_flow_rejects_an_invalid_config_before_running_anything(prefect_api, make_config):
+    cfg = make_config().model_dump(mode="json")
+    cfg["pretrain"]["steps"] = 0
+    state = pretrain_flow(cfg, return_state=True)
+    assert state.is_failed()
+    assert "steps" in state.message or "steps" in str(state.result(raise_on_failure=False))
+    assert task_runs(state.state_details.flow_run_id) == []
+    assert not Path(cfg["run_dir"]).exists()
+
+
+def test_the_dask_runner_is_optional(make_config):
+    cfg = make_config("orchestration.task_runner=dask")
+    try:
+        import prefect_dask  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install 'glm-pipeline\\[dask\\]'"):
+            task_runner(cfg)
+    else:
+        assert type(task_runner(cfg)).__name__ == "DaskTaskRunner"
+
+
+@pytest.mark.parametrize("runner", ["processes"])
+def test_per_shard_tasks_run_on_the_configured_task_runner(prefect_api, make_config, runner):
+    cfg = make_config("quality.enabled=false", f"orchestration.task_runner={runner}", "data.workers=2")
+    state = data_flow(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    shards = _state_of(state, "span-corruption-")
+    assert shards and set(shards.values()) == {"Completed"}
+    assert stages.output_ok(stages.RunPaths(cfg.run_dir).infill / "manifest.json")

@@ -1,0 +1,91 @@
+"""The whole pipeline as a flow under a temporary Prefect server: artifacts, run names, logs, caching."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.pipeline import glm_pipeline, run_stage
+from glm import stages
+from glm.config import load_config
+from tests.flows.api import artifacts, client, logs, states, task_runs
+from tests.flows.conftest import SMALL
+
+HEAVY = ("ingest-", "validate-corpus-", "train-tokenizer-", "tokenize-", "close-tokenize-", "validate-tokens-",
+         "span-corruption-", "close-span-corruption-", "pretrain-", "finetune-", "evaluate-", "export-onnx-", "verify-export-")
+
+
+@pytest.fixture(scope="module")
+def two_runs(prefect_api, tmp_path_factory):
+    """The tiny config end to end, then once more unchanged."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    cfg = load_config("configs/tiny.yaml", [*SMALL, "name=tiny-e2e", f"run_dir={run_dir}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        first = glm_pipeline(cfg, return_state=True)
+        second = glm_pipeline(cfg, return_state=True)
+    return cfg, first, second
+
+
+def test_the_pipeline_completes_and_writes_every_stage(two_runs):
+    cfg, first, _ = two_runs
+    assert first.is_completed(), first.message
+    outputs = first.result()
+    paths = stages.RunPaths(cfg.run_dir)
+    for stage in stages.STAGES:
+        assert stages.output_ok(paths.output(stage, cfg)), stage
+    assert outputs["export"] == str(paths.output("export", cfg))
+    assert (paths.bundle / "model.onnx").is_file() and (paths.bundle / "verification.json").is_file()
+
+
+def test_every_artifact_is_visible_through_the_api(two_runs):
+    _, first, _ = two_runs
+    found = artifacts(first.state_details.flow_run_id)
+    expected = {
+        "corpus-statistics": "table", "cleaning-statistics": "table", "corpus-validation": "table",
+        "tokenizer-summary": "markdown", "token-statistics": "table", "token-validation": "table",
+        "pretrain-progress": "progress", "pretrain-loss": "table", "finetune-results": "table",
+        "evaluation-report": "markdown", "onnx-bundle": "markdown", "export-verification": "table",  # a link is Markdown
+    }
+    assert {f"tiny-e2e-{k}" for k in expected} <= set(found), sorted(found)
+    for key, kind in expected.items():
+        assert found[f"tiny-e2e-{key}"].type == kind, key
+    assert float(found["tiny-e2e-pretrain-progress"].data) == pytest.approx(100.0)
+    report = found["tiny-e2e-evaluation-report"].data
+    assert "data:image/png;base64," in report and "](accuracy.png)" not in report  # plots render in the UI
+    assert "](file:///" in found["tiny-e2e-onnx-bundle"].data and "export/bundle)" in found["tiny-e2e-onnx-bundle"].data
+    loss_rows = found["tiny-e2e-pretrain-loss"].data
+    assert '"step": 6' in loss_rows and '"loss"' in loss_rows
+
+
+def test_runs_are_named_after_the_config_and_the_shard(two_runs):
+    _, first, _ = two_runs
+    names = set(states(task_runs(first.state_details.flow_run_id)))
+    assert {"ingest-tiny-e2e", "pretrain-tiny-e2e", "finetune-sentiment", "verify-export-tiny-e2e"} <= names
+    assert "tokenize-train/part-00000" in names and "tokenize-valid/part-00000" in names
+    assert "span-corruption-epoch-000-shard-00000" in names and "span-corruption-valid-shard-00000" in names
+    with client() as c:
+        assert c.read_flow_run(first.state_details.flow_run_id).name == "tiny-e2e"
+
+
+def test_glm_and_training_logs_reach_the_run_logs(two_runs):
+    _, first, _ = two_runs
+    records = logs(first.state_details.flow_run_id)
+    assert any(r.name.startswith("glm.") and "ingest" in r.message for r in records)  # PREFECT_LOGGING_EXTRA_LOGGERS
+    assert any("glm.train: step 6/6" in r.message for r in records)  # the training subprocess's output
+
+
+def test_an_unchanged_rerun_is_cached_task_by_task(two_runs):
+    _, first, second = two_runs
+    assert second.is_completed()
+    first_names = states(task_runs(first.state_details.flow_run_id))
+    again = states(task_runs(second.state_details.flow_run_id))
+    assert set(again) == set(first_names)
+    assert all(state == "Completed" for state in first_names.values())
+    heavy = {name: state for name, state in again.items() if name.startswith(HEAVY)}
+    assert len(heavy) == len(again) >= 16
+    assert set(heavy.values()) == {"Cached"}, {n: s for n, s in heavy.items() if s != "Cached"}
+
+
+def test_run_stage_rejects_an_unknown_stage(make_config):
+    with pytest.raises(ValueError, match="unknown stage 'train'.*data, pretrain"):
+        run_stage(make_config(), "train")

