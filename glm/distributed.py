@@ -18,12 +18,6 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 Strategy = Literal["none", "ddp", "fsdp"]
 
@@ -184,7 +178,16 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- full state dicts
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _state_dict_api() -> Any:
+    # imported at the first checkpoint rather than at start-up: torch.distributed.checkpoint
+    # costs ~1.5 s, which would delay a training subprocess's first step
+    import torch.distributed.checkpoint.state_dict as api
+
+    return api
+
+
+def _full_options() -> Any:
+    return _state_dict_api().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,15 +195,15 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
     A collective under FSDP: every rank must call it; only rank 0 receives the tensors.
     """
-    return get_model_state_dict(model, options=_FULL)
+    return _state_dict_api().get_model_state_dict(model, options=_full_options())
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Unsharded optimizer state keyed by parameter names (collective; rank 0 receives it)."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+    return _state_dict_api().get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a name-keyed full optimizer state on every rank (FSDP re-shards it)."""
-    options = StateDictOptions(full_state_dict=is_fsdp(model))
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(model, optimizer, state, options=api.StateDictOptions(full_state_dict=is_fsdp(model)))

@@ -17,7 +17,6 @@ middle one over shards; `run_pipeline` runs everything in order, in this process
 
 from __future__ import annotations
 
-import ast
 import functools
 import glob
 import hashlib
@@ -27,7 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -125,18 +124,27 @@ class RunPaths:
 # --------------------------------------------------------------------------- cache keys
 
 
+_IMPORT_PATTERNS = (
+    re.compile(r"^\s*from\s+glm\.(\w+)[\w.]*\s+import\b", re.M),  # from glm.x import ...
+    re.compile(r"^\s*import\s+glm\.(\w+)", re.M),  # import glm.x
+    re.compile(r"^\s*from\s+glm\s+import\s+\(?\s*([\w\s,]+)", re.M),  # from glm import x, y
+)
+
+
 def _imports(module: str) -> set[str]:
-    """glm modules imported anywhere in glm/MODULE.py (function-level imports included)."""
-    tree = ast.parse((_PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8"))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "glm":
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("glm."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("glm."))
-    return {m for m in found if (_PACKAGE_DIR / f"{m}.py").is_file()}
+    """glm modules imported anywhere in glm/MODULE.py (function-level imports included).
+
+    A text scan, not ast.parse: CPython 3.11's AST constructor fails ("recursion depth
+    mismatch") when threads parse concurrently, and cache keys are computed in task-runner
+    threads next to Prefect's own. A mention in a docstring can only add a module (a key that
+    changes a little too often), never miss one.
+    """
+    source = (_PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8")
+    found: set[str] = set()
+    for pattern in _IMPORT_PATTERNS:
+        for match in pattern.finditer(source):
+            found.update(name.strip() for name in match.group(1).split(","))
+    return {m for m in found if m and (_PACKAGE_DIR / f"{m}.py").is_file()}
 
 
 def stage_modules(stage: str) -> list[str]:
@@ -152,14 +160,10 @@ def stage_modules(stage: str) -> list[str]:
     return sorted(seen)
 
 
-_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not safe in concurrent threads
-
-
 @functools.lru_cache(maxsize=None)
 def stage_code_version(stage: str) -> str:
     """Hash of the sources of stage_modules(stage): editing glm/model.py changes pretraining's, not ingestion's."""
-    with _PARSE_LOCK:  # cache keys are computed in task-runner threads
-        modules = stage_modules(stage)
+    modules = stage_modules(stage)
     h = hashlib.sha256()
     for module in modules:
         h.update(module.encode() + b"\0" + (_PACKAGE_DIR / f"{module}.py").read_bytes())

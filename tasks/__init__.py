@@ -16,6 +16,9 @@ def _route_glm_logs() -> None:
         os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*names, "glm"])
     # glm also runs outside flow runs (glm.stages.run_pipeline, tests): no warning about a missing run there
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # the embedded server's telemetry fails loudly (at ERROR) on machines without internet access;
+    # opt out unless the user opted in explicitly
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 _route_glm_logs()
