@@ -6,7 +6,9 @@ the timed region), each run on a fresh run directory:
   - reference: glm.stages.run_pipeline(cfg), every stage in order in one process, no Prefect;
   - the flow: flows.pipeline.run_stage(cfg) against a temporary local Prefect server (SQLite):
     task runs, cache keys, persisted results, artifacts, and pretraining in a subprocess;
-    ratio = flow seconds / direct seconds, lower is better (goal: below 1.15).
+    ratio = flow seconds / direct seconds, lower is better (goal: below 1.15);
+  - the same flow with orchestration.train_in_process=true (rows flow_in_process_*): pretraining
+    in the flow's process, as the reference does, so no training subprocess start-up;
     "cold" is each process's first run (it also pays the lazy imports of Great Expectations,
     ONNX...: equal on both sides); "warm" is a second run on a new run directory in the same
     process, the steady state of a long-lived worker or `glm-pipeline serve`;
@@ -18,7 +20,8 @@ Also reported: the fixed cost of the training subprocess (a Python process impor
 and exiting), which the flow pays and the in-process reference does not, and the warm flow
 without it (an estimate of what Prefect itself adds). The Prefect server shares the machine's
 cores with the pipeline here, as it would on a laptop.
-quick=True: the data stages only, without the quality gates, one cold run per side.
+quick=True: the data stages only, without the quality gates, one cold run per side (no in-process variant:
+no training).
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def run(quick: bool = False) -> Iterator[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as tmp:
         direct = _run(_DIRECT.format(overrides=overrides, run_dir=f"{tmp}/direct", stage=stage, runs=runs))
         flow = _run(_FLOW.format(overrides=overrides, run_dir=f"{tmp}/flow", stage=stage, runs=runs))
+        in_process = None if quick else _run(_FLOW.format(overrides=[*overrides, "orchestration.train_in_process=true"],
+                                                           run_dir=f"{tmp}/in-process", stage=stage, runs=runs))
     common = {"name": f"orchestration_{'data' if quick else 'tiny'}", "stage": stage, "better": "lower"}
     for i, when in enumerate(["cold", "warm"][:runs]):
         (wall, cpu), (ref_wall, ref_cpu) = flow[i], direct[i]
@@ -117,6 +122,18 @@ def run(quick: bool = False) -> Iterator[dict]:
     yield {**common, "metric": "cached_rerun_wall_time", "value": round(flow[-1][0], 3), "unit": "s",
            "reference": round(flow[0][0], 3), "ratio": round(flow[-1][0] / flow[0][0], 4), "goal": "ratio < 0.10",
            "note": "every task Cached; reference: the cold flow run"}
+    for i, when in enumerate(["cold", "warm"][:runs] if in_process else []):
+        (wall, cpu), (ref_wall, ref_cpu) = in_process[i], direct[i]
+        yield {**common, "metric": f"flow_in_process_wall_time_{when}", "value": round(wall, 3), "unit": "s",
+               "reference": round(ref_wall, 3), "ratio": round(wall / ref_wall, 4), "goal": "ratio < 1.15",
+               "note": "orchestration.train_in_process=true; reference: glm.stages.run_pipeline, no Prefect"}
+        yield {**common, "metric": f"flow_in_process_cpu_time_{when}", "value": round(cpu, 3), "unit": "cpu-s",
+               "reference": round(ref_cpu, 3), "ratio": round(cpu / ref_cpu, 4),
+               "note": "orchestration.train_in_process=true; process + Prefect server CPU seconds"}
+    if in_process:
+        yield {**common, "metric": "cached_rerun_in_process_wall_time", "value": round(in_process[-1][0], 3), "unit": "s",
+               "reference": round(in_process[0][0], 3), "ratio": round(in_process[-1][0] / in_process[0][0], 4),
+               "goal": "ratio < 0.10", "note": "every task Cached; reference: the cold in-process flow run"}
     if not quick:
         startup = _run(_TRAIN_IMPORT)["seconds"]
         yield {**common, "metric": "training_subprocess_startup", "value": round(startup, 3), "unit": "s",

@@ -273,6 +273,13 @@ class OrchestrationConfig(Section):
     retries: int = Field(default=2, ge=0)
     retry_delay_seconds: float = Field(default=5.0, ge=0.0)
     train_timeout_seconds: float | None = Field(default=None, gt=0.0)
+    train_in_process: bool = Field(
+        default=False,
+        description="Run single-device pretraining inside the flow's process: no subprocess start-up cost "
+        "(interpreter and imports, a few seconds), but orchestration.train_timeout_seconds cannot be enforced "
+        "and a crash takes the flow run with it. Off by default (a subprocess: killable, crash-isolated); "
+        "torchrun (pretrain.nproc > 1) is always a subprocess.",
+    )
 
 
 # --------------------------------------------------------------------------- the whole tree
@@ -308,6 +315,23 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"infilling.seq_len={self.infilling.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower the first or raise the second"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _in_process_training_is_possible(self) -> "PipelineConfig":
+        if not self.orchestration.train_in_process:
+            return self
+        if self.pretrain.nproc > 1:
+            raise ValueError(
+                f"orchestration.train_in_process=true needs pretrain.nproc=1 (got {self.pretrain.nproc}): torchrun "
+                "always runs in a subprocess; set orchestration.train_in_process=false or pretrain.nproc=1"
+            )
+        if self.orchestration.train_timeout_seconds is not None:
+            raise ValueError(
+                f"orchestration.train_timeout_seconds={self.orchestration.train_timeout_seconds:g} cannot be enforced "
+                "with orchestration.train_in_process=true (a running task thread cannot be killed); unset "
+                "orchestration.train_timeout_seconds or set orchestration.train_in_process=false"
             )
         return self
 

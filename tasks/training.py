@@ -5,6 +5,8 @@ it runs in its own process group), and so a crash of the training process is a f
 retryable task run: glm.train resumes from its latest checkpoint, so a retry (or a re-run of
 the flow) continues where the killed run stopped. While it runs, its output goes to the run
 log line by line and pretrain/metrics.jsonl is tailed into a progress artifact.
+orchestration.train_in_process trains one device in the task's thread instead: no start-up cost
+(an interpreter and torch's imports), but no timeout, and a crash is the flow process's.
 """
 
 from __future__ import annotations
@@ -143,9 +145,23 @@ def _exit_error(finished: Finished, cmd: list[str]) -> Exception:
                            f"a retry resumes from the last checkpoint. Last output:\n{last}")
 
 
+def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
+                      on_metrics: Callable[[dict], None]) -> dict:
+    """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints."""
+    import dataclasses
+
+    from glm.train import NonFiniteLossError, pretrain_on_shards
+
+    try:
+        result = pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics)
+    except NonFiniteLossError as e:  # permanent, as the subprocess's exit code 1 says: a retry would diverge again
+        raise ValueError(f"training failed: {e}") from e
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+
+
 @task(name="pretrain", task_run_name="pretrain-{cfg.name}", cache_key_fn=stage_key_fn("pretrain"))
 def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
-    """Pretrain in a subprocess; returns pretrain/manifest.json."""
+    """Pretrain in a subprocess (or in this process: orchestration.train_in_process); returns pretrain/manifest.json."""
     logger = get_run_logger()
     paths = stages.RunPaths(cfg.run_dir)
     key = stages.stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
@@ -166,11 +182,15 @@ def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
             shown[0] = step
             update_progress_artifact(progress_id, 100.0 * min(step, total) / total)
 
-    logger.info("launching: %s", " ".join(cmd))
-    finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds, on_poll=update)
-    if finished.returncode != 0:
-        raise _exit_error(finished, cmd)
-    result = stages.parse_train_result("\n".join(finished.lines))
+    if cfg.orchestration.train_in_process and run_cfg.pretrain.nproc == 1:
+        logger.info("training in this process (orchestration.train_in_process)")
+        result = _train_in_process(run_cfg, paths, on_metrics=lambda record: update())
+    else:
+        logger.info("launching: %s", " ".join(cmd))
+        finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds, on_poll=update)
+        if finished.returncode != 0:
+            raise _exit_error(finished, cmd)
+        result = stages.parse_train_result("\n".join(finished.lines))
     manifest = stages.close_pretrain(cfg, paths, result, continue_steps)
     update_progress_artifact(progress_id, 100.0 * min(int(result["step"]), total) / total)
     artifacts.loss_table(cfg, paths.pretrain / "metrics.jsonl")
