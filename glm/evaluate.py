@@ -215,7 +215,7 @@ def evaluate_pretrained(
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics.jsonl file (a torn last line, from a crash mid-write, is skipped)."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

@@ -287,7 +287,7 @@ def _default_verify_data(checkpoint: Path | None) -> list[tuple[str, str | None,
     for run_dir in (checkpoint.parent.parent, checkpoint.parent):
         f = run_dir / "test_predictions.jsonl"
         if f.is_file():
-            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
             return [(r["text"], r.get("text_pair"), str(r["label"])) for r in rows]
     return None
 

@@ -189,7 +189,7 @@ class MetricsLog:
             return
         kept = []
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_text(encoding="utf-8").split("\n"):
                 try:
                     if json.loads(line)["step"] <= step:
                         kept.append(line)
@@ -213,7 +213,7 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 # --------------------------------------------------------------------------- helpers of the loop

@@ -353,3 +353,14 @@ def test_models_past_the_protobuf_limit_get_external_data_files(built, tmp_path,
     assert {line.split("  ")[1] for line in (out / "SHA256SUMS").read_text().splitlines()} == set(names) - {"SHA256SUMS"}
     assert json.loads((out / "verification.json").read_text())["passed"]
     assert runtime.Bundle.load(out, int8=True).fill_ids([[20, M]], max_new_tokens=2)
+
+
+def test_default_verify_data_reads_texts_with_unicode_line_separators(tmp_path):
+    # json.dumps(ensure_ascii=False) keeps U+2028 / U+0085 raw; str.splitlines() would cut records there
+    from glm.export import _default_verify_data
+
+    run = tmp_path / "pretrained"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    rows = [{"text": "odd\u2028line\x85break", "text_pair": None, "label": "1"}, {"text": "plain", "label": 0}]
+    (run / "test_predictions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert _default_verify_data(run / "checkpoints" / "step-000001") == [("odd\u2028line\x85break", None, "1"), ("plain", None, "0")]
