@@ -539,6 +539,9 @@ def export_bundle(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the shipped bundle owner-only
     try:
         t0 = time.perf_counter()
         export_onnx(model, tmp / MODEL_FILE, cfg.opset)
