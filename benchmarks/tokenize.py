@@ -171,6 +171,16 @@ def run(quick: bool = False) -> Iterator[dict]:
             "unit": "x",
             "better": "higher",
         }
+        # peak RSS of this process, where the 1-worker stage and the raw encodes run (forkserver
+        # workers are not our children, so their RSS is not visible here)
+        yield {
+            "name": "tokenize_peak_rss",
+            "metric": "peak_rss",
+            "value": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "unit": "MiB",
+            "better": "lower",
+            "note": "the whole benchmark process: an upper bound that includes every text held in memory for the raw-sentencepiece reference",
+        }
 
 if __name__ == "__main__":
     for row in run(quick="--quick" in sys.argv):
