@@ -142,6 +142,12 @@ class TokenizerConfig(Section):
     character_coverage: float = Field(default=0.9995, gt=0.0, le=1.0)
     sample_docs: int = Field(default=200_000, ge=1, description="Bounded training sample of the train split.")
     existing: str | None = Field(default=None, description="Path to an existing tokenizer.model to load instead of training.")
+    lowercase: bool = Field(
+        default=False,
+        description="Case-fold all text (sentencepiece's nmt_nfkc_cf rule, stored in tokenizer.model, so every "
+        "later encode, the ONNX runtime's included, folds too). Use it when fine-tuning data is lowercased "
+        "but the corpus is not (the demo's Rotten Tomatoes sentences).",
+    )
     seed: int = 0
     num_threads: int | None = Field(
         default=None,
@@ -253,6 +259,21 @@ class FinetuneConfig(Section):
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate on dev every N steps (None: at the end of each epoch).")
     log_every: int = Field(default=10, ge=1, description="Steps per training record in metrics.jsonl (mean loss over them).")
     from_scratch_baseline: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast on CUDA, fp32 on CPU. bf16 also pays on CPUs with native bf16 "
+        "(AVX512-BF16/AMX); test scores are always computed in fp32, as the exported model runs.",
+    )
+    dropout: float | None = Field(
+        default=None, ge=0.0, lt=1.0,
+        description="Dropout (residual, embedding and attention) while fine-tuning; None keeps the model's.",
+    )
+    group_by_length: bool = Field(
+        default=False,
+        description="Batch examples of similar length (sorted within shuffled windows of 50 batches, "
+        "batch order shuffled again): less padding, so faster steps; every batch then holds one length, "
+        "which slowed learning on tiny data sets in our tests.",
+    )
     seed: int = 0
 
 

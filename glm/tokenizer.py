@@ -2,7 +2,8 @@
 
 Decisions every downstream artefact inherits:
 
-- Normalisation is sentencepiece's `nmt_nfkc`, stored inside tokenizer.model. The corpus is
+- Normalisation is sentencepiece's `nmt_nfkc` (`nmt_nfkc_cf`, which also case-folds, with
+  `tokenizer.lowercase`), stored inside tokenizer.model. The corpus is
   already NFKC, so on training text it only maps tabs/newlines/zero-width characters to spaces
   and collapses runs of spaces; at inference (the ONNX bundle runs raw sentencepiece) it gives
   user input the normalisation the corpus had. Newlines are therefore not representable, and
@@ -55,7 +56,11 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "tokenizer.model"
 SPECIAL_FILE = "special_tokens.json"
-NORMALIZATION = "nmt_nfkc"
+
+
+def normalization_rule(cfg: TokenizerConfig) -> str:
+    """sentencepiece's rule name; user-defined symbols such as [MASK] are matched before it, so never folded."""
+    return "nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc"
 
 _CONTROL = ("pad", "cls", "eos")
 _USER_DEFINED = tuple(sorted(("mask", "smask", "gmask", "sop", "eop"), key=lambda n: getattr(SPECIAL, n)))
@@ -289,7 +294,7 @@ def train_tokenizer(docs_dir: str | Path | None, out_dir: str | Path, cfg: Token
     proto = _train_sentencepiece(_sample_texts(files, cfg.sample_docs, cfg.seed, sample), cfg, threads, sample)
     seconds = time.perf_counter() - t0
     tok = Tokenizer(proto, origin=f"the tokenizer just trained from {docs_manifest}")  # fails loudly on wrong ids
-    stats = {**sample, "train_seconds": round(seconds, 3), "num_threads": threads, "normalization": NORMALIZATION}
+    stats = {**sample, "train_seconds": round(seconds, 3), "num_threads": threads, "normalization": normalization_rule(cfg)}
     return _save(out_dir, tok, config, [docs_manifest], stats)
 
 
@@ -385,7 +390,7 @@ def _train_sentencepiece(texts: Iterator[str], cfg: TokenizerConfig, threads: in
             input_sentence_size=0,
             shuffle_input_sentence=False,
             max_sentence_length=_MAX_SENTENCE_BYTES,
-            normalization_rule_name=NORMALIZATION,
+            normalization_rule_name=normalization_rule(cfg),
             byte_fallback=True,
             split_digits=True,
             pad_id=SPECIAL.pad,

@@ -244,6 +244,17 @@ def test_changed_config_retrains(trained, tmp_path):
     assert Tokenizer.load(tmp_path / "t").vocab_size == 520 != first.vocab_size
 
 
+def test_lowercase_folds_text_but_not_the_special_literals(trained, tmp_path):
+    train_tokenizer(trained[0], tmp_path / "lc", CFG.model_copy(update={"lowercase": True}))
+    lc = Tokenizer.load(tmp_path / "lc")
+    assert read_manifest(tmp_path / "lc")["stats"]["normalization"] == "nmt_nfkc_cf"
+    assert lc.encode("THE Film Was A Quiet Triumph") == lc.encode("the film was a quiet triumph")
+    ids = lc.encode("It was [MASK]. <sop>")
+    assert SPECIAL.mask in ids and SPECIAL.sop in ids
+    assert lc.decode(lc.encode("It was [MASK].", specials=False)) == "it was [MASK]."  # a corpus literal stays text
+    assert SPECIAL.mask not in lc.encode("It was [MASK].", specials=False)
+
+
 def test_a_grown_corpus_keeps_the_tokenizer(tmp_path, caplog):
     cfg = TokenizerConfig(model_type="bpe", vocab_size=450, num_threads=1)
     write_docs(tmp_path / "docs", {"train": [random_docs(40, 0)]})
