@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from glm.evaluate import classification_metrics, majority_baseline
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import SPECIAL
-from glm.train import lr_at
+from glm.train import autocast_dtype, lr_at
 
 
 class TokenizerLike(Protocol):
@@ -508,6 +509,44 @@ class LoopResult:
     history: list[dict[str, Any]]
 
 
+GROUP_WINDOW_BATCHES = 50
+
+
+def epoch_batches(
+    n: int, batch_size: int, rng: np.random.Generator, lengths: Sequence[int] | None = None
+) -> list[np.ndarray]:
+    """One epoch's batches of example indices: every index exactly once, in random order.
+
+    With `lengths`, examples are sorted by length within shuffled windows of GROUP_WINDOW_BATCHES
+    batches and the batches shuffled again: each batch pads to a similar length, the epoch stays
+    random (the usual group-by-length sampler)."""
+    order = rng.permutation(n)  # (n,)
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    lengths = np.asarray(lengths)
+    window = batch_size * GROUP_WINDOW_BATCHES
+    batches = []
+    for w in range(0, n, window):
+        chunk = order[w : w + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]  # (W,) shortest first
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set every dropout rate of a GLM (residual, embedding and attention) to p."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout = p
+
+
+def autocast_for(cfg: FinetuneConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    dtype = autocast_dtype(cfg.precision, device)
+    return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def train_loop(
     model: torch.nn.Module,
     train_items: Sequence[Any],
@@ -519,13 +558,19 @@ def train_loop(
     score_key: str,
     higher_is_better: bool,
     tie_key: str | None = None,
+    length_of: Callable[[Any], int] | None = None,
 ) -> LoopResult:
     """AdamW + warmup/cosine over epochs; dev evaluation each epoch (or every cfg.eval_every steps);
     early stopping after cfg.patience evaluations without improvement; the best weights are restored.
 
     An evaluation improves if its `score_key` is strictly better, or equal with a lower `tie_key`
-    (accuracy on a small dev split ties often; the loss then decides)."""
+    (accuracy on a small dev split ties often; the loss then decides). `length_of` (item -> tokens)
+    enables cfg.group_by_length; training steps and dev evaluations run under cfg.precision."""
     device = next(model.parameters()).device
+    autocast = autocast_for(cfg, device)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
+    lengths = [length_of(item) for item in train_items] if cfg.group_by_length and length_of else None
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     optimizer = configure_optimizer(model, cfg.optim, device.type)
@@ -533,7 +578,8 @@ def train_loop(
     total_steps = cfg.epochs * steps_per_epoch
 
     def evaluate(step: int, epoch: float) -> dict[str, float]:
-        record = evaluate_fn(model)
+        with autocast():
+            record = evaluate_fn(model)
         log.write(kind="eval", step=step, epoch=round(epoch, 4), **record)
         return record
 
@@ -549,14 +595,15 @@ def train_loop(
     seen, train_seconds, window_loss, window_n = 0, 0.0, 0.0, 0
     model.train()
     for epoch in range(cfg.epochs):
-        order = rng.permutation(len(train_items))
-        for start in range(0, len(order), cfg.batch_size):
+        batches = epoch_batches(len(train_items), cfg.batch_size, rng, lengths)
+        for b, indices in enumerate(batches):
             t0 = time.perf_counter()
-            batch = [train_items[i] for i in order[start : start + cfg.batch_size]]
+            batch = [train_items[i] for i in indices]
             lr = lr_at(step, cfg.optim, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(model, batch)
+            with autocast():
+                loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite fine-tuning loss ({float(loss.detach())}) at step {step + 1}; lower finetune.optim.lr "
@@ -570,7 +617,7 @@ def train_loop(
             step, seen = step + 1, seen + len(batch)
             window_loss, window_n = window_loss + float(loss.detach()), window_n + 1
             train_seconds += time.perf_counter() - t0
-            epoch_pos = epoch + (start + len(batch)) / len(order)
+            epoch_pos = epoch + (b + 1) / len(batches)
             if step % cfg.log_every == 0 or step == total_steps:
                 log.write(kind="train", step=step, epoch=round(epoch_pos, 4), loss=window_loss / window_n, lr=lr,
                           examples_per_s=seen / max(train_seconds, 1e-9))
@@ -578,7 +625,7 @@ def train_loop(
             if cfg.eval_every:
                 due = step % cfg.eval_every == 0 or step == total_steps
             else:
-                due = start + cfg.batch_size >= len(order)  # the epoch's last batch
+                due = b == len(batches) - 1  # the epoch's last batch
             if due:
                 record = evaluate(step, epoch_pos)
                 model.train()
@@ -678,7 +725,7 @@ def finetune_cloze(
 
     with MetricsLog(out_dir / "metrics.jsonl") as log:
         loop = train_loop(model, train_items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True,
-                          tie_key="val_loss")
+                          tie_key="val_loss", length_of=lambda item: len(item[0].part_a))
 
     test_scores = score_encoded(model, task, encoded["test"], eval_batch)  # (N, L)
     pred = test_scores.argmax(-1)
@@ -787,7 +834,8 @@ def finetune_seq2seq(
         return {"val_loss": metrics["loss"], "val_token_accuracy": metrics["token_accuracy"]}
 
     with MetricsLog(out_dir / "metrics.jsonl") as log:
-        loop = train_loop(model, encoded["train"], loss_fn, evaluate_fn, cfg, log, score_key="val_loss", higher_is_better=False)
+        loop = train_loop(model, encoded["train"], loss_fn, evaluate_fn, cfg, log, score_key="val_loss", higher_is_better=False,
+                          length_of=lambda e: len(e.source) + len(e.target))
     test = seq2seq_loss(model, encoded["test"], eval_batch)
     examples = decode_examples(model, tokenizer, encoded["test"], n_examples)
     spec = {"kind": "seq2seq", "name": cfg.task.name, "max_seq_len": max_seq_len}

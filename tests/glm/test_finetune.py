@@ -308,6 +308,49 @@ def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
         ft.score_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, ["good"], SINGLE, max_seq_len=100)
 
 
+def test_epoch_batches_cover_every_example_once():
+    rng = np.random.default_rng(0)
+    plain = ft.epoch_batches(10, 4, np.random.default_rng(0))
+    assert [len(b) for b in plain] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(plain), np.random.default_rng(0).permutation(10))  # unchanged order
+    lengths = rng.integers(1, 60, size=1000)
+    batches = ft.epoch_batches(1000, 8, np.random.default_rng(1), lengths)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])  # max - min length inside a batch
+    assert spread <= 2 < np.mean([np.ptp(lengths[b]) for b in plain_batches(1000, 8)])
+    # still random: batch lengths are not in sorted order, and the order depends on the seed
+    firsts = [int(lengths[b].min()) for b in batches]
+    assert firsts != sorted(firsts)
+    other = ft.epoch_batches(1000, 8, np.random.default_rng(2), lengths)
+    assert [b.tolist() for b in other] != [b.tolist() for b in batches]
+
+
+def plain_batches(n: int, batch_size: int) -> list[np.ndarray]:
+    return ft.epoch_batches(n, batch_size, np.random.default_rng(1))
+
+
+def test_finetune_dropout_and_bf16_options(tok, tmp_path):
+    model = tiny_model(tok.vocab_size, max_seq_len=64, dropout=0.0, attention_dropout=0.0)
+    ft.set_dropout(model, 0.3)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert {m.attn_dropout for m in model.modules() if hasattr(m, "attn_dropout")} == {0.3}
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    items = [task.encode(e.text) for e in sentiment_examples(8)]
+    seen = []
+
+    def loss_fn(m, batch):  # records the autocast state the step runs under
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return ft.cloze_scores(m, task, batch).logsumexp(-1).mean()
+
+    cfg = FinetuneConfig(task=SINGLE, epochs=1, batch_size=4, precision="bf16", dropout=0.2, group_by_length=True)
+    fresh = tiny_model(tok.vocab_size, max_seq_len=64)
+    with ft.MetricsLog(tmp_path / "m.jsonl") as log:
+        ft.train_loop(fresh, items, loss_fn, lambda m: {"val_accuracy": 0.5}, cfg, log, score_key="val_accuracy",
+                      higher_is_better=True, length_of=lambda e: len(e.part_a))
+    assert seen == [True, True]
+    assert {m.p for m in fresh.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+
+
 def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path):
     from glm.checkpoint import save_checkpoint
 
