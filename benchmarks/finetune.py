@@ -68,6 +68,31 @@ def _rate(fn, n_examples: int, repeats: int) -> float:
     return n_examples * repeats / (time.perf_counter() - t0)
 
 
+def _group_by_length_row(model: GLM, tok: WordTokenizer, task_cfg: ClozeTaskConfig, max_seq_len: int, preset: str,
+                         batch: int, n: int) -> dict:
+    """One epoch of train steps over sentences of 4-60 words: batches grouped by length vs random batches."""
+    rng = np.random.default_rng(1)
+    task = ft.ClozeTask(tok, task_cfg, max_seq_len)
+    items = [task.encode(" ".join(f"w{x}" for x in rng.integers(0, 5000, int(k)))) for k in rng.integers(4, 61, n)]
+    labels = torch.tensor([i % 2 for i in range(n)])
+    optimizer = configure_optimizer(model, OptimConfig(lr=1e-5), "cpu")
+    model.train()
+
+    def epoch(lengths) -> None:
+        for b in ft.epoch_batches(n, batch, np.random.default_rng(0), lengths):
+            loss = F.cross_entropy(ft.cloze_scores(model, task, [items[i] for i in b]), labels[b])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    grouped = _rate(lambda: epoch([len(e.part_a) for e in items]), n, 1)
+    plain = _rate(lambda: epoch(None), n, 1)
+    return {"name": f"finetune_cloze_{preset}_group_by_length", "metric": "train throughput over one epoch of 4-60 word sentences",
+            "unit": "examples/s", "value": grouped, "reference": plain, "ratio": grouped / plain, "better": "higher",
+            "reference_name": "random batches (finetune.group_by_length=false)", "preset": preset, "batch_size": batch,
+            "examples": n}
+
+
 def run(quick: bool = False) -> Iterator[dict]:
     torch.manual_seed(0)
     presets = ["tiny"] if quick else ["tiny", "small"]
@@ -96,9 +121,18 @@ def run(quick: bool = False) -> Iterator[dict]:
             loss.backward()
             optimizer.step()
 
+        def train_step_bf16() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                train_step()
+
         common = {"preset": preset, "batch_size": batch, "tokens_per_example": len(items[0].part_a) + 1}
-        yield {"name": f"finetune_cloze_{preset}", "metric": "train throughput", "unit": "examples/s",
-               "value": _rate(train_step, batch, repeats), **common}
+        fp32 = _rate(train_step, batch, repeats)
+        yield {"name": f"finetune_cloze_{preset}", "metric": "train throughput", "unit": "examples/s", "value": fp32, **common}
+        bf16 = _rate(train_step_bf16, batch, repeats)
+        yield {"name": f"finetune_cloze_{preset}_bf16", "metric": "train throughput, bf16 autocast (finetune.precision=bf16)",
+               "unit": "examples/s", "value": bf16, "reference": fp32, "ratio": bf16 / fp32, "better": "higher",
+               "reference_name": "fp32", **common}
+        yield _group_by_length_row(model, tok, single, cfg.max_seq_len, preset, batch, n=4 * batch if quick else 16 * batch)
 
         model.eval()
         with torch.no_grad():
