@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -11,9 +12,49 @@ def client():
     return get_client(sync_client=True)
 
 
+def _recorded(c: Any, task_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    return c.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=[task_run_id])))
+
+
+def _barrier() -> Any:
+    """A flow run of one task run; returns that task run's id."""
+    from prefect import flow, task
+
+    @task(name="api-barrier-task", persist_result=False)
+    def mark() -> None:
+        return None
+
+    @flow(name="api-barrier", persist_result=False)
+    def barrier() -> Any:
+        return mark(return_state=True).state_details.task_run_id
+
+    return barrier()
+
+
+def settle(timeout: float = 60.0) -> None:
+    """Wait until the server has recorded every task run event this process sent so far.
+
+    Task runs and their states reach the server as events, which it records a moment later, in
+    the order they were sent: a flow can return before its last task run is visible. A task run
+    started now (in a flow run of its own) is recorded after all of them; wait (polling, at most
+    `timeout` seconds) until it is.
+    """
+    task_run_id = _barrier()
+    deadline = time.monotonic() + timeout
+    with client() as c:
+        while not any(r.state is not None and r.state.is_final() for r in _recorded(c, task_run_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Prefect server did not record task run events within {timeout:g}s")
+            time.sleep(0.05)  # polling the API: the server cannot be asked to tell when it has recorded them
+
+
 def task_runs(flow_run_id: Any) -> list[Any]:
+    """The task runs of a flow run (with the states the server has recorded for them, see settle())."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    settle()
     with client() as c:
         return c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
