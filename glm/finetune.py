@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import re
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from glm.evaluate import classification_metrics, majority_baseline
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import SPECIAL
-from glm.train import autocast_dtype, lr_at
+from glm.train import autocast_factory, lr_at
 
 
 class TokenizerLike(Protocol):
@@ -542,11 +541,6 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attn_dropout = p
 
 
-def autocast_for(cfg: FinetuneConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    dtype = autocast_dtype(cfg.precision, device)
-    return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def train_loop(
     model: torch.nn.Module,
     train_items: Sequence[Any],
@@ -567,7 +561,7 @@ def train_loop(
     (accuracy on a small dev split ties often; the loss then decides). `length_of` (item -> tokens)
     enables cfg.group_by_length; training steps and dev evaluations run under cfg.precision."""
     device = next(model.parameters()).device
-    autocast = autocast_for(cfg, device)
+    autocast = autocast_factory(cfg.precision, device)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     lengths = [length_of(item) for item in train_items] if cfg.group_by_length and length_of else None

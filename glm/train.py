@@ -145,6 +145,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of the autocast context for `precision` on `device` (a no-op for fp32)."""
+    dtype = autocast_dtype(precision, device)
+    return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 # dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; more specific names first
 PEAK_BF16_FLOPS: dict[str, float] = {
     "H100 PCIe": 756e12,
@@ -422,10 +428,7 @@ def pretrain(
     try:
         device = info.device
         accum = _grad_accum(cfg, info.world_size)
-        dtype = autocast_dtype(cfg.precision, device)
-
-        def autocast() -> contextlib.AbstractContextManager:
-            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        autocast = autocast_factory(cfg.precision, device)
 
         # ---- model: same init on every rank, resumed weights, then compile and wrap from outside
         resume = _find_resume(out_dir, cfg, model_cfg)
