@@ -2,6 +2,7 @@
 
 Importing this package routes the `glm` loggers into Prefect's run logs; it must happen before
 Prefect configures logging, so the environment is set here, before the first Prefect import.
+It also makes flow run heartbeats stop promptly when a flow run ends (tasks.heartbeats).
 """
 
 from __future__ import annotations
@@ -37,3 +38,7 @@ def _attach_glm_logger() -> None:
 
 
 _attach_glm_logger()
+
+from tasks import heartbeats  # noqa: E402
+
+heartbeats.install()
