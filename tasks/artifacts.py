@@ -3,21 +3,120 @@
 Keys are `CONFIG-NAME-WHAT` (lowercase, dashes), so each config's artifacts form their own
 history in the UI's Artifacts page. Everything here reads the files a stage wrote; nothing
 here computes science.
+
+Each artifact is one HTTP request to the Prefect API. The task builds the artifact's content
+(from its files, now) and a background thread sends it, in order, while the pipeline goes on;
+every flow waits for them before it returns (`sent()`), so a finished flow run has all its
+artifacts. A failed request is retried by Prefect's client and then reported as a warning in
+the run log: a report that did not reach the UI does not fail the stage it describes.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import json
+import logging
 import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from glm.config import PipelineConfig
 from glm.shards import MANIFEST, read_manifest
 from tasks.options import artifact_key
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- sending
+
+
+_sender: ThreadPoolExecutor | None = None
+_pending: list[tuple[str, Future]] = []
+_lock = threading.Lock()
+
+
+def publish(what: str, send: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """Call `send(*args, **kwargs)` (a prefect.artifacts function) on the sender thread, in the
+    caller's context: the artifact belongs to the caller's task and flow run."""
+    global _sender
+    context = contextvars.copy_context()
+    with _lock:
+        if _sender is None:  # one thread: artifacts arrive in the order they were made
+            _sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="artifacts")
+        future = _sender.submit(context.run, send, *args, **kwargs)
+        _pending.append((what, future))
+    return future
+
+
+def wait_sent() -> list[str]:
+    """Wait until every published artifact was sent; returns (and logs) the ones that failed."""
+    with _lock:
+        pending = list(_pending)
+        _pending.clear()
+    failed = []
+    for what, future in pending:
+        error = future.exception()
+        if error is not None:
+            failed.append(what)
+            _run_logger().warning("artifact %s was not sent to the Prefect API: %s", what, error)
+    return failed
+
+
+@contextlib.contextmanager
+def sent() -> Iterator[None]:
+    """The body of a flow: on the way out, whatever happened, its artifacts are sent."""
+    try:
+        yield
+    finally:
+        wait_sent()
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+class TrainingProgress:
+    """The live pretraining progress artifact: the share of pretrain.steps done.
+
+    Updates come from every metrics record (in-process training) or every poll of the metrics
+    file (subprocess); at most one per `min_interval` seconds is sent, the last one always.
+    """
+
+    def __init__(self, cfg: PipelineConfig, total: int, done: int = 0, min_interval: float = 1.0):
+        self.total, self.min_interval, self.shown, self.sent_at = total, min_interval, done, time.monotonic()
+        self.artifact_id = publish("pretrain-progress", create_progress_artifact, self.percent(done),
+                                   key=artifact_key(cfg, "pretrain-progress"), description=f"Pretraining steps done of {total}")
+
+    def percent(self, step: int) -> float:
+        return 100.0 * min(step, self.total) / self.total
+
+    def update(self, step: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if step == self.shown or not final and now - self.sent_at < self.min_interval:
+            return
+        self.shown, self.sent_at = step, now
+        publish("pretrain-progress", lambda value: update_progress_artifact(self.artifact_id.result(), value), self.percent(step))
+
+
+# --------------------------------------------------------------------------- what each stage shows
 
 
 def _rounded(x: Any, digits: int = 4) -> Any:
@@ -29,11 +128,11 @@ def corpus_statistics(cfg: PipelineConfig, docs_dir: Path) -> None:
     st = read_manifest(docs_dir / MANIFEST)["stats"]
     splits = [{"split": s, "documents": st["docs"][s], "characters": st["chars"][s], "text bytes": st["text_bytes"][s]}
               for s in ("train", "valid")]
-    create_table_artifact(splits, key=artifact_key(cfg, "corpus-statistics"),
+    publish("corpus-statistics", create_table_artifact, splits, key=artifact_key(cfg, "corpus-statistics"),
                           description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s))")
     cleaning = [{"reason": r, "dropped": n, "example": (st["quarantine"].get(r) or [{}])[0].get("text", "")[:120]}
                 for r, n in st["dropped"].items()]
-    create_table_artifact(cleaning, key=artifact_key(cfg, "cleaning-statistics"),
+    publish("cleaning-statistics", create_table_artifact, cleaning, key=artifact_key(cfg, "cleaning-statistics"),
                           description="Records dropped by cleaning, de-duplication and length limits")
 
 
@@ -46,8 +145,8 @@ def validation_results(cfg: PipelineConfig, validation_json: Path, what: str) ->
              "examples": ", ".join(map(str, r.get("examples") or []))[:200]} for r in report.get("rows", [])]
     status = "skipped" if report.get("skipped") else "passed" if report.get("success") else "FAILED"
     sampled = f"{report.get('sampled_rows')} of {report.get('total_rows')} rows checked" if "sampled_rows" in report else ""
-    create_table_artifact(rows or [{"expectation": "(gate skipped: quality.enabled is false)"}],
-                          key=artifact_key(cfg, f"{what}-validation"), description=f"{what} quality gate: {status}. {sampled}")
+    publish(f"{what}-validation", create_table_artifact, rows or [{"expectation": "(gate skipped: quality.enabled is false)"}],
+            key=artifact_key(cfg, f"{what}-validation"), description=f"{what} quality gate: {status}. {sampled}")
 
 
 def tokenizer_summary(cfg: PipelineConfig, tokenizer_dir: Path) -> None:
@@ -61,17 +160,17 @@ def tokenizer_summary(cfg: PipelineConfig, tokenizer_dir: Path) -> None:
                      ("training seconds", "train_seconds"), ("threads", "num_threads"), ("model sha256", "model_sha256")):
         value = f"{st.get('sample_docs')} / {st.get('train_docs')}" if k is None else st.get(k)
         lines.append(f"| {label} | {value} |")
-    create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key(cfg, "tokenizer-summary"),
-                             description=f"Tokenizer trained into {tokenizer_dir}")
+    publish("tokenizer-summary", create_markdown_artifact, "\n".join(lines) + "\n", key=artifact_key(cfg, "tokenizer-summary"),
+            description=f"Tokenizer trained into {tokenizer_dir}")
 
 
 def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
     st = read_manifest(tokens_dir / MANIFEST)["stats"]
     rows = [{"split": s, **v} for s, v in st["splits"].items()]
     rows.append({"split": "all", "docs": st["docs"], "tokens": st["tokens"], "shards": st["shards"]})
-    create_table_artifact(rows, key=artifact_key(cfg, "token-statistics"),
-                          description=f"unk rate {st['unk_rate']:.5f}, {st['bytes_per_token']:.2f} bytes/token, "
-                                      f"{st['tokens_per_doc']:.1f} tokens/document")
+    publish("token-statistics", create_table_artifact, rows, key=artifact_key(cfg, "token-statistics"),
+            description=f"unk rate {st['unk_rate']:.5f}, {st['bytes_per_token']:.2f} bytes/token, "
+                        f"{st['tokens_per_doc']:.1f} tokens/document")
 
 
 def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
@@ -88,7 +187,8 @@ def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> 
     rows = [by_step[s] for s in sorted(by_step)]
     stride = max(1, -(-len(rows) // max_rows))
     thinned = rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else [])
-    create_table_artifact(thinned, key=artifact_key(cfg, "pretrain-loss"), description=f"Pretraining losses ({metrics_path})")
+    publish("pretrain-loss", create_table_artifact, thinned, key=artifact_key(cfg, "pretrain-loss"),
+            description=f"Pretraining losses ({metrics_path})")
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
@@ -107,27 +207,27 @@ def inline_images(markdown: str, directory: Path) -> str:
 
 def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
-    create_markdown_artifact(inline_images(report, eval_dir), key=artifact_key(cfg, "evaluation-report"),
-                             description=f"Evaluation report (files in {eval_dir})")
+    publish("evaluation-report", create_markdown_artifact, inline_images(report, eval_dir),
+            key=artifact_key(cfg, "evaluation-report"), description=f"Evaluation report (files in {eval_dir})")
 
 
 def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> None:
     rows = [{"model": name, **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))},
              "steps": r.get("steps")} for name, r in results.items()]
-    create_table_artifact(rows, key=artifact_key(cfg, "finetune-results"),
-                          description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}")
+    publish("finetune-results", create_table_artifact, rows, key=artifact_key(cfg, "finetune-results"),
+            description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}")
 
 
 def export_bundle(cfg: PipelineConfig, bundle_dir: Path) -> None:
     """A link to the verified bundle and a table of what verification checked."""
     report = json.loads((bundle_dir / "verification.json").read_text(encoding="utf-8"))
-    create_link_artifact(bundle_dir.resolve().as_uri(), link_text=f"ONNX bundle: {bundle_dir}",
-                         key=artifact_key(cfg, "onnx-bundle"),
-                         description=f"verified: {report.get('passed')}; files: {', '.join(report.get('files', {}))}")
+    publish("onnx-bundle", create_link_artifact, bundle_dir.resolve().as_uri(), link_text=f"ONNX bundle: {bundle_dir}",
+            key=artifact_key(cfg, "onnx-bundle"),
+            description=f"verified: {report.get('passed')}; files: {', '.join(report.get('files', {}))}")
     rows = list(_verification_rows(report))
     if rows:
-        create_table_artifact(rows, key=artifact_key(cfg, "export-verification"),
-                              description="ONNX against PyTorch (atol %s)" % report.get("atol"))
+        publish("export-verification", create_table_artifact, rows, key=artifact_key(cfg, "export-verification"),
+                description="ONNX against PyTorch (atol %s)" % report.get("atol"))
 
 
 def _verification_rows(report: dict[str, Any]) -> Iterable[dict[str, Any]]:

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from glm import stages
 from glm.config import PipelineConfig
 from tasks import artifacts
-from tasks.options import artifact_key, stage_key_fn
+from tasks.options import stage_key_fn
 
 POLL_SECONDS = 1.0
 KILL_GRACE_SECONDS = 10.0
@@ -172,26 +171,19 @@ def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
     total = run_cfg.pretrain.steps
     tail = MetricsTail(paths.pretrain / "metrics.jsonl")
     start = tail.poll() if (paths.pretrain / "checkpoints").is_dir() else 0
-    progress_id = create_progress_artifact(100.0 * min(start, total) / total, key=artifact_key(cfg, "pretrain-progress"),
-                                           description=f"Pretraining steps done of {total}")
-    shown = [start]
-
-    def update() -> None:
-        step = tail.poll()
-        if step != shown[0]:
-            shown[0] = step
-            update_progress_artifact(progress_id, 100.0 * min(step, total) / total)
+    progress = artifacts.TrainingProgress(cfg, total, start, min_interval=POLL_SECONDS)
 
     if cfg.orchestration.train_in_process and run_cfg.pretrain.nproc == 1:
         logger.info("training in this process (orchestration.train_in_process)")
-        result = _train_in_process(run_cfg, paths, on_metrics=lambda record: update())
+        result = _train_in_process(run_cfg, paths, on_metrics=lambda record: progress.update(int(record["step"])))
     else:
         logger.info("launching: %s", " ".join(cmd))
-        finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds, on_poll=update)
+        finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds,
+                              on_poll=lambda: progress.update(tail.poll()))
         if finished.returncode != 0:
             raise _exit_error(finished, cmd)
         result = stages.parse_train_result("\n".join(finished.lines))
     manifest = stages.close_pretrain(cfg, paths, result, continue_steps)
-    update_progress_artifact(progress_id, 100.0 * min(int(result["step"]), total) / total)
+    progress.update(int(result["step"]), final=True)
     artifacts.loss_table(cfg, paths.pretrain / "metrics.jsonl")
     return str(manifest)
