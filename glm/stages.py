@@ -131,20 +131,52 @@ _IMPORT_PATTERNS = (
 )
 
 
-def _imports(module: str) -> set[str]:
-    """glm modules imported anywhere in glm/MODULE.py (function-level imports included).
+def _source_identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+
+
+# module -> (identity of its file, its source, the glm modules it imports)
+_SOURCES: dict[str, tuple[tuple[int, int, int, int], bytes, frozenset[str]]] = {}
+
+
+def _module_source(module: str) -> tuple[bytes, frozenset[str]]:
+    """(the source of glm/MODULE.py, the glm modules it imports), re-read only when the file changed.
+
+    Stage keys are computed several times per stage run (the orchestrator's refresh check, its cache
+    key, the stage's own stamp check); a long-lived process (`glm-pipeline serve`) must still see an
+    edit, so the memo is keyed on the file's mtime, ctime, size and inode rather than kept forever.
+    """
+    path = os.path.join(_PACKAGE_DIR, f"{module}.py")
+    identity = _source_identity(path)
+    known = _SOURCES.get(module)
+    if known is not None and known[0] == identity:
+        return known[1], known[2]
+    with open(path, "rb") as f:
+        source = f.read()
+    info = (source, frozenset(_scan_imports(source.decode("utf-8"))))
+    _SOURCES[module] = (identity, *info)
+    return info
+
+
+def _scan_imports(source: str) -> set[str]:
+    """glm modules imported anywhere in `source` (function-level imports included).
 
     A text scan, not ast.parse: CPython 3.11's AST constructor fails ("recursion depth
     mismatch") when threads parse concurrently, and cache keys are computed in task-runner
     threads next to Prefect's own. A mention in a docstring can only add a module (a key that
     changes a little too often), never miss one.
     """
-    source = (_PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8")
     found: set[str] = set()
     for pattern in _IMPORT_PATTERNS:
         for match in pattern.finditer(source):
             found.update(name.strip() for name in match.group(1).split(","))
     return {m for m in found if m and (_PACKAGE_DIR / f"{m}.py").is_file()}
+
+
+def _imports(module: str) -> set[str]:
+    """glm modules imported anywhere in glm/MODULE.py."""
+    return set(_module_source(module)[1])
 
 
 def stage_modules(stage: str) -> list[str]:
@@ -160,14 +192,22 @@ def stage_modules(stage: str) -> list[str]:
     return sorted(seen)
 
 
-@functools.lru_cache(maxsize=None)
+_VERSIONS: dict[str, tuple[tuple[Any, ...], str]] = {}  # stage -> (identities of its module files, version)
+
+
 def stage_code_version(stage: str) -> str:
     """Hash of the sources of stage_modules(stage): editing glm/model.py changes pretraining's, not ingestion's."""
-    modules = stage_modules(stage)
+    sources = {m: _SOURCES[m] for m in stage_modules(stage)}  # stage_modules refreshed each entry
+    identities = tuple((m, identity) for m, (identity, _, _) in sources.items())
+    known = _VERSIONS.get(stage)
+    if known is not None and known[0] == identities:
+        return known[1]
     h = hashlib.sha256()
-    for module in modules:
-        h.update(module.encode() + b"\0" + (_PACKAGE_DIR / f"{module}.py").read_bytes())
-    return h.hexdigest()[:16]
+    for module, (_, source, _) in sources.items():
+        h.update(module.encode() + b"\0" + source)
+    version = h.hexdigest()[:16]
+    _VERSIONS[stage] = (identities, version)
+    return version
 
 
 def _section_fingerprint(cfg_section: Section | Mapping[str, Section] | None) -> str:

@@ -178,3 +178,32 @@ def test_the_stage_keys_a_flow_run_would_use_match_the_stamps(text_config):
     stages.run_pipeline(cfg, stage="data")
     for stage in ("ingest", "validate-corpus", "tokenizer", "tokenize", "validate-tokens", "infill"):
         assert stages.is_current(stage, stages.stage_key(stage, cfg, paths), paths.output(stage, cfg), paths), stage
+
+
+def test_a_changed_glm_module_changes_the_code_version_within_one_process(tmp_path, monkeypatch):
+    """Code versions are memoized per process, but an edit (or a new import) is seen at once."""
+    package = tmp_path / "glm"
+    package.mkdir()
+    (package / "model.py").write_text("WIDTH = 32\n")
+    (package / "train.py").write_text("from glm.model import WIDTH\n")
+    (package / "extra.py").write_text("X = 1\n")
+    monkeypatch.setattr(stages, "_PACKAGE_DIR", package)
+    monkeypatch.setattr(stages, "STAGE_MODULES", {"pretrain": ("train",)})
+    monkeypatch.setattr(stages, "_SOURCES", {})
+    monkeypatch.setattr(stages, "_VERSIONS", {})
+
+    first = stages.stage_code_version("pretrain")
+    assert stages.stage_modules("pretrain") == ["model", "train"]
+    assert stages.stage_code_version("pretrain") == first
+    memo = stages._SOURCES["model"]
+    stages.stage_code_version("pretrain")
+    assert stages._SOURCES["model"] is memo  # unchanged file: not read again
+
+    (package / "model.py").write_text("WIDTH = 64\n")  # same size: the file's identity still changes
+    os.utime(package / "model.py", ns=(1, 1))
+    edited = stages.stage_code_version("pretrain")
+    assert edited != first
+
+    (package / "train.py").write_text("from glm.model import WIDTH\nfrom glm import extra\n")
+    assert stages.stage_modules("pretrain") == ["extra", "model", "train"]
+    assert stages.stage_code_version("pretrain") not in (first, edited)
