@@ -15,7 +15,9 @@ on both sides); "warm" runs are later runs in the same processes, the steady sta
 `glm-pipeline serve`. Single runs on this shared 2-core machine swing by 20%, so the warm rows come
 from WARM_ROUNDS rounds in which the sides alternate (who goes first alternates too); the round
 with the median ratio is reported, with every round's ratio in `rounds`. Beside wall time, CPU
-seconds (the process, its training subprocess and the Prefect server).
+seconds (the process, its training subprocess and the Prefect server, including the server's work
+recording the run's events after the flow returned: each run waits for an idle server, so a run
+never starts while the server still writes the previous one to SQLite).
 Then a re-run of each flow's cold config, where every task is Cached; ratio = cached seconds /
 cold flow seconds (goal: below 0.10).
 Also reported: the start-up of the training subprocess (a Python process importing glm.train and
@@ -57,6 +59,20 @@ def cpu(server_pid=None):
         f = open(f"/proc/{{server_pid}}/stat").read().rsplit(")", 1)[1].split()
         total += sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
+
+def server_idle(server_pid, quiet=0.5, cap=30.0):
+    # Wait until the server has used < 2% CPU for `quiet` seconds. Back to back, a run would
+    # otherwise start while the server still writes the last run's events to SQLite, and its
+    # first request can be refused (503, database locked) and retried 2 s later by the client.
+    if not server_pid:
+        return
+    deadline, last = time.monotonic() + cap, cpu(server_pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = cpu(server_pid)
+        if now - last < 0.02 * quiet:
+            return
+        last = now
 """
 
 _WORKER = _COMMON + """
@@ -89,7 +105,9 @@ with harness:
             run_stage(run_cfg, {stage!r})
         else:
             stages.run_pipeline(run_cfg, stage={stage!r})
-        print("@result", json.dumps([time.perf_counter() - t0, cpu(server_pid) - c0]), flush=True)
+        wall = time.perf_counter() - t0
+        server_idle(server_pid)  # the server records a run's events after it returns: its CPU, not its wall time
+        print("@result", json.dumps([wall, cpu(server_pid) - c0]), flush=True)
 """
 
 _TRAIN_IMPORT = """
