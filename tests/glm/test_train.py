@@ -1,4 +1,5 @@
 import itertools
+import logging
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import glm.train as train
 from glm.checkpoint import MODEL_FILE, latest_checkpoint, load_model
 from glm.config import ModelConfig, OptimConfig, TrainConfig
-from glm.train import NonFiniteLossError, SyntheticBatches, lr_at, pretrain, read_metrics
+from glm.train import NonFiniteLossError, SyntheticBatches, autocast_dtype, lr_at, pretrain, read_metrics
 
 V, T = 64, 32
 
@@ -209,6 +210,19 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     assert math.isfinite(result.loss) and math.isfinite(result.val_loss)
     first, last = _losses(tmp_path)[0][1], result.loss
     assert last < first  # lr 3e-3 on a 64-token vocabulary learns in 3 steps
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, caplog):
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: honoured, with a warning
+        assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert [r.getMessage() for r in caplog.records if "emulates bf16" in r.getMessage()], caplog.text
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert "emulates bf16" not in caplog.text
 
 
 def test_bad_inputs_have_clear_errors(tmp_path):
