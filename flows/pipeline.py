@@ -2,7 +2,7 @@
 
     glm_pipeline(config)   data -> pretrain -> finetune + evaluate -> export (one flow run)
     data_flow(config)      ingest, validate, tokenizer, token shards, validate, span-corruption shards
-    pretrain_flow(config)  pretraining (a subprocess, or in-process with orchestration.train_in_process; resumes from its checkpoint)
+    pretrain_flow(config)  pretraining (in-process for one device, a subprocess for torchrun or a timeout; resumes from its checkpoint)
     finetune_flow(config)  fine-tuning (+ the from-scratch baseline) and the evaluation report
     export_flow(config)    ONNX bundle, verified against PyTorch
 

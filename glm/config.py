@@ -294,11 +294,12 @@ class OrchestrationConfig(Section):
     retries: int = Field(default=2, ge=0)
     retry_delay_seconds: float = Field(default=5.0, ge=0.0)
     train_timeout_seconds: float | None = Field(default=None, gt=0.0)
-    train_in_process: bool = Field(
-        default=False,
-        description="Run single-device pretraining inside the flow's process: no subprocess start-up cost "
-        "(interpreter and imports, a few seconds), but orchestration.train_timeout_seconds cannot be enforced "
-        "and a crash takes the flow run with it. Off by default (a subprocess: killable, crash-isolated); "
+    train_in_process: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Where single-device pretraining runs. true: in the flow's process, no subprocess start-up "
+        "(an interpreter, imports and torch's first-use costs: ~5 s), but no timeout can be enforced and a crash "
+        "takes the flow run with it. false: a subprocess, killable and crash-isolated, the only way "
+        "orchestration.train_timeout_seconds is enforced. auto: in-process unless a timeout is set. "
         "torchrun (pretrain.nproc > 1) is always a subprocess.",
     )
 
@@ -339,9 +340,16 @@ class PipelineConfig(Section):
             )
         return self
 
+    def trains_in_process(self) -> bool:
+        """Whether pretraining runs in the flow's process (orchestration.train_in_process resolved)."""
+        mode = self.orchestration.train_in_process
+        if mode == "auto":
+            return self.pretrain.nproc == 1 and self.orchestration.train_timeout_seconds is None
+        return mode
+
     @model_validator(mode="after")
     def _in_process_training_is_possible(self) -> "PipelineConfig":
-        if not self.orchestration.train_in_process:
+        if self.orchestration.train_in_process is not True:
             return self
         if self.pretrain.nproc > 1:
             raise ValueError(

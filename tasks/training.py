@@ -1,12 +1,14 @@
-"""The pretraining task: `python -m glm.train` in a subprocess, watched from the task.
+"""The pretraining task: glm.train in the task's thread (one device) or in a subprocess.
 
-A subprocess (not a call) so the task can time it out and kill it (with torchrun's workers:
-it runs in its own process group), and so a crash of the training process is a failed,
-retryable task run: glm.train resumes from its latest checkpoint, so a retry (or a re-run of
-the flow) continues where the killed run stopped. While it runs, its output goes to the run
-log line by line and pretrain/metrics.jsonl is tailed into a progress artifact.
-orchestration.train_in_process trains one device in the task's thread instead: no start-up cost
-(an interpreter and torch's imports), but no timeout, and a crash is the flow process's.
+One device trains in the task's thread by default (orchestration.train_in_process=auto): no
+start-up cost, the same glm call a script would make. A subprocess (`python -m glm.train`, or
+torchrun for pretrain.nproc > 1) when a timeout is set or asked for (train_in_process=false):
+the task can then time it out and kill it (with torchrun's workers: it runs in its own process
+group), and a crash of the training process is a failed, retryable task run. Either way
+glm.train resumes from its latest checkpoint, so a retry (or a re-run of the flow) continues
+where a killed run stopped. A subprocess's output goes to the run log line by line and
+pretrain/metrics.jsonl is tailed into a progress artifact; in-process, glm's own log records
+and metrics callback do the same.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
 
 @task(name="pretrain", task_run_name="pretrain-{cfg.name}", cache_key_fn=stage_key_fn("pretrain"))
 def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
-    """Pretrain in a subprocess (or in this process: orchestration.train_in_process); returns pretrain/manifest.json."""
+    """Pretrain in this process or a subprocess (orchestration.train_in_process); returns pretrain/manifest.json."""
     logger = get_run_logger()
     paths = stages.RunPaths(cfg.run_dir)
     key = stages.stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
@@ -173,8 +175,8 @@ def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
     start = tail.poll() if (paths.pretrain / "checkpoints").is_dir() else 0
     progress = artifacts.TrainingProgress(cfg, total, start, min_interval=POLL_SECONDS)
 
-    if cfg.orchestration.train_in_process and run_cfg.pretrain.nproc == 1:
-        logger.info("training in this process (orchestration.train_in_process)")
+    if cfg.trains_in_process():
+        logger.info("training in this process (orchestration.train_in_process=%s)", cfg.orchestration.train_in_process)
         result = _train_in_process(run_cfg, paths, on_metrics=lambda record: progress.update(int(record["step"])))
     else:
         logger.info("launching: %s", " ".join(cmd))

@@ -78,7 +78,7 @@ def test_a_failed_quality_gate_stops_the_flow_and_still_shows_its_results(prefec
 
 
 def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weights(prefect_api, make_config, monkeypatch):
-    cfg = make_config("quality.enabled=false", "orchestration.retries=0")
+    cfg = make_config("quality.enabled=false", "orchestration.retries=0", "orchestration.train_in_process=false")
     assert data_flow(cfg, return_state=True).is_completed()
     real_command = stages.pretrain_command
     def killing_command(run_cfg, paths, python=sys.executable):
