@@ -5,10 +5,11 @@ imports and, for the flow, the start of a temporary Prefect server are outside e
 taking turns on fresh run directories:
   - reference ("direct"): glm.stages.run_pipeline(cfg), every stage in order, no Prefect;
   - the flow: flows.pipeline.run_stage(cfg) against a temporary local Prefect server (SQLite):
-    task runs, cache keys, persisted results, artifacts, and pretraining in a subprocess
-    (the default; rows flow_*);
-  - the same flow with orchestration.train_in_process=true (rows flow_in_process_*): pretraining
-    in the flow's process, as the reference does: the same glm calls, Prefect's cost alone;
+    task runs, cache keys, persisted results, artifacts; one device pretrains in the flow's
+    process (the default, orchestration.train_in_process=auto), as the reference does: the same
+    glm calls, Prefect's cost alone (rows flow_*);
+  - the same flow with orchestration.train_in_process=false (rows flow_subprocess_*): pretraining
+    in a subprocess, as with a timeout or torchrun: adds that process's fixed start-up cost;
   ratio = flow seconds / direct seconds, lower is better (goal: below 1.15).
 "cold" is each process's first run (it also pays the lazy imports of Great Expectations, ONNX...:
 on both sides); "warm" runs are later runs in the same processes, the steady state of a worker or
@@ -21,10 +22,10 @@ never starts while the server still writes the previous one to SQLite).
 Then a re-run of each flow's cold config, where every task is Cached; ratio = cached seconds /
 cold flow seconds (goal: below 0.10).
 Also reported: the start-up of the training subprocess (a Python process importing glm.train and
-exiting), part of the fixed cost the default flow pays and the in-process runs do not. The Prefect
+exiting), part of the fixed cost the flow_subprocess runs pay and the default flow does not. The Prefect
 server shares the machine's cores with the pipeline, as it would on a laptop.
 quick=True: the data stages only, without the quality gates, one cold run per side (no
-in-process variant: no training).
+subprocess variant: no training).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _median_round(pairs: list[tuple[tuple[float, float], tuple[float, float]]], 
 def run(quick: bool = False) -> Iterator[dict]:
     stage, warm_rounds = ("data", 0) if quick else ("all", WARM_ROUNDS)
     overrides = OVERRIDES + (QUICK_OVERRIDES if quick else [])
-    sides = {"flow": []} if quick else {"flow": [], "flow_in_process": ["orchestration.train_in_process=true"]}
+    sides = {"flow": []} if quick else {"flow": [], "flow_subprocess": ["orchestration.train_in_process=false"]}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["direct", *sides]}
     cached: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-orchestration-") as tmp:
@@ -184,7 +185,7 @@ def run(quick: bool = False) -> Iterator[dict]:
             flow.close()
     common = {"name": f"orchestration_{'data' if quick else 'tiny'}", "stage": stage, "better": "lower"}
     for name in sides:
-        label = "" if name == "flow" else "orchestration.train_in_process=true; "
+        label = "" if name == "flow" else "orchestration.train_in_process=false; "
         # cold: each process's first run (only the first flow run of the flow process is one)
         rounds = {"cold": [(times[name][0], times["direct"][0])] if name == "flow" else [],
                   "warm": list(zip(times[name][1:], times["direct"][1:]))}
@@ -211,6 +212,6 @@ def run(quick: bool = False) -> Iterator[dict]:
     if not quick:
         startup = _run(_TRAIN_IMPORT)["seconds"]
         yield {**common, "metric": "training_subprocess_startup", "value": round(startup, 3), "unit": "s",
-               "note": "python -m glm.train --help: part of the fixed cost of training in a subprocess (the flow "
-                       "rows pay it, with torch's first-use imports and the interpreter's teardown; the "
-                       "flow_in_process rows and the reference do not)"}
+               "note": "python -m glm.train --help: part of the fixed cost of training in a subprocess (the "
+                       "flow_subprocess rows pay it, with torch's first-use imports and the interpreter's teardown; "
+                       "the default flow rows and the reference do not)"}
