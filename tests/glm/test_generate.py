@@ -98,8 +98,15 @@ def test_trained_model_fills_several_blanks_and_stops_at_eop(trained):
 
 
 def test_max_new_tokens_cuts_a_span_and_the_next_blank_still_fills(trained):
-    (res,) = fill_blanks(trained, [PROMPTS[0]], GenerationConfig(max_new_tokens=1))
-    assert res.spans == [[20], [22]]
+    prompt = PROMPTS[0]
+    (res,) = fill_blanks(trained, [prompt], GenerationConfig(max_new_tokens=1))
+    assert res.spans[0] == [20] and len(res.spans) == 2 and len(res.spans[1]) == 1  # cut, then the next blank
+    # the second blank is decoded after the cut span, as a full recompute of that context predicts
+    # (what it predicts after a span never seen cut is the model's business: it varies with CPU numerics)
+    x = infill_inputs(prompt, res.spans)  # Part A ++ [sop] 20 [sop] t
+    with torch.no_grad():
+        full = trained(x["input_ids"][None], x["position_ids"][None], x["block_position_ids"][None], x["sep"][None])
+    assert res.spans[1][0] == int(full[0, len(prompt) + 2].argmax())
 
 
 def test_greedy_is_deterministic():
