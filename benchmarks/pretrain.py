@@ -5,7 +5,7 @@ Two measurements:
     tokens, a realistic 15% span mask: benchmarks.train_step.infilling_batch), bf16 autocast
     against fp32, alternating in rounds in the same process; ratio = bf16 / fp32 seconds (lower
     is better). Tokens/s of both are reported too. On a CPU without AVX512/AMX bf16 kernels
-    (PyTorch then emulates bf16, ~30x slower) bf16 is timed for one step only.
+    (PyTorch then emulates bf16, ~40x slower) bf16 is timed for one step only.
   - time to reach the demo's validation loss: the demo's pretraining (configs/demo.yaml, its
     precision, on the span-corruption shards `make demo` built in runs/demo) from scratch in a
     temporary directory, validating every 100 steps, stopped at the first validation loss at or
@@ -56,7 +56,7 @@ def _seconds_per_step(preset: str, batch: int, seq_len: int, steps: int, rounds:
         loss.backward()
         opt.step()
 
-    # without AVX512/AMX bf16 kernels PyTorch emulates bf16 (~30x slower): time it once, not per round
+    # without AVX512/AMX bf16 kernels PyTorch emulates bf16 (~40x slower): time it once, not per round
     emulated = not cpu_has_fast_bf16()
     times: dict[str, list[float]] = {"bf16": [], "fp32": []}
     for precision in times:

@@ -147,9 +147,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
     if device.type == "cpu" and not cpu_has_fast_bf16():
-        # measured on an AVX2-only EPYC: 50 s per `small` step in bf16 against 1.6 s in fp32
+        # measured on an AVX2-only EPYC: 50 s per `small` step in bf16 against 1.3 s in fp32 (benchmarks/pretrain.py)
         log.warning("precision=bf16 on a CPU without AVX512/AMX bf16 kernels: PyTorch emulates bf16 and "
-                    "trains ~30x slower than fp32; set precision=auto (fp32 on CPU) or fp32")
+                    "trains ~40x slower than fp32; set precision=auto (fp32 on CPU) or fp32")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
             raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
