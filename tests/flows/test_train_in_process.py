@@ -1,5 +1,5 @@
-"""Where pretraining runs: in the flow's process (train_in_process=true, the default for one device) or
-in a subprocess (false); the same outputs and artifacts either way."""
+"""Where pretraining runs: in the flow's process (train_in_process=true; `auto`, the default, picks it for one
+device without a timeout) or in a subprocess (false); the same outputs and artifacts either way."""
 
 from __future__ import annotations
 
