@@ -7,9 +7,10 @@
     export_flow(config)    ONNX bundle, verified against PyTorch
 
 The parameter is the typed PipelineConfig (Prefect validates it before anything runs). Every
-task is cached on its stage key (tasks/options.py), so re-running an unchanged config is a
-series of "Cached" task runs, and a changed input, config section or glm module re-runs
-exactly the stages downstream of it. A stage whose output was deleted is refreshed.
+task first asks its stage's stamp (glm.stages, the pipeline's one cache) whether it is done, so
+re-running an unchanged config is a series of "Cached" task runs, and a changed input, config
+section or glm module re-runs exactly the stages downstream of it. A stage (or shard) whose
+output was deleted or changed on disk is rebuilt.
 
 Ways to run:
     glm-pipeline run configs/tiny.yaml [--stage data]       in-process (Prefect's ephemeral API)
@@ -56,37 +57,20 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers})
 
 
-def _stage_task(task: Task, cfg: PipelineConfig, stage: str, **options: Any) -> Task:
-    """The task with the run's options. Its cached result is trusted only while the stage's output on
-    disk is the one made for this key (glm.stages stamps): a deleted or since-overwritten output is rebuilt."""
-    paths = stages.RunPaths(cfg.run_dir)
-    try:
-        current = stages.is_current(stage, stages.stage_key(stage, cfg, paths, **options), paths.output(stage, cfg), paths)
-    except stages.StageInputMissing:
-        current = True  # nothing to refresh: the task itself fails and says which stage to run first
-    return configure(task, cfg, refresh_cache=not current)
-
-
-def _run(task: Task, cfg: PipelineConfig, stage: str, *args: Any, **options: Any) -> Any:
-    """Run a whole-stage task: task(cfg, *args) with the run's options.
+def _run(task: Task, cfg: PipelineConfig, *args: Any, **options: Any) -> Any:
+    """Run a whole-stage task: task(cfg, *args, **options) with the run's retry options.
 
     The arguments are plain data, never futures, so they are quoted: Prefect does not walk the
     config's every field looking for futures three times per task run (about 1 ms each).
     """
-    return _stage_task(task, cfg, stage, **options)(quote(cfg), *(quote(a) for a in args))
+    return configure(task, cfg)(quote(cfg), *(quote(a) for a in args), **{k: quote(v) for k, v in options.items()})
 
 
-def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[Any], done: Any, **static: Any) -> list[Any]:
-    """Map `task` over jobs on `runner`; a job whose output is missing (done(job) false) skips the cache.
+def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[Any]) -> list[Any]:
+    """Map `task` over shard jobs on `runner` (each task ends "Cached" when its shard is done).
 
     Jobs are plain data (quoted: Prefect does not walk each one looking for futures)."""
-    static = {k: unmapped(v) for k, v in static.items()}
-    finished = [bool(done(j)) for j in jobs]
-    groups = {False: [j for j, f in zip(jobs, finished) if f], True: [j for j, f in zip(jobs, finished) if not f]}
-    futures = []
-    for refresh, group in groups.items():
-        if group:
-            futures += runner.map(configure(task, cfg, refresh_cache=refresh), {"job": [quote(j) for j in group], **static})
+    futures = runner.map(configure(task, cfg), {"job": [quote(j) for j in jobs], "run_dir": unmapped(cfg.run_dir)})
     return [f.result() for f in futures]
 
 
@@ -95,33 +79,32 @@ def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[
 
 def data_stages(cfg: PipelineConfig) -> dict[str, str]:
     paths = stages.RunPaths(cfg.run_dir)
-    out = {"docs": _run(t.ingest, cfg, "ingest")}
-    out["docs_validation"] = _run(t.validate_corpus, cfg, "validate-corpus")
-    out["tokenizer"] = _run(t.train_tokenizer, cfg, "tokenizer")
+    out = {"docs": _run(t.ingest, cfg)}
+    out["docs_validation"] = _run(t.validate_corpus, cfg)
+    out["tokenizer"] = _run(t.train_tokenizer, cfg)
+    _run(t.check_finetune_task, cfg)  # a wrong verbalizer fails here, not after pretraining
     with task_runner(cfg) as runner:  # one pool for both per-shard stages
-        entries = _map_shards(runner, t.tokenize_shard, cfg, stages.tokenize_jobs(cfg, paths),
-                              lambda job: Path(job["out_path"]).is_file(), run_dir=cfg.run_dir)
-        out["tokens"] = _run(t.close_tokenize, cfg, "tokenize", entries)
-        out["tokens_validation"] = _run(t.validate_tokens, cfg, "validate-tokens")
-        results = _map_shards(runner, t.build_span_corruption_shard, cfg, stages.infill_jobs(cfg, paths),
-                              stages.infill_shard_done)
-    out["infill"] = _run(t.close_infill, cfg, "infill", results)
+        entries = _map_shards(runner, t.tokenize_shard, cfg, stages.tokenize_jobs(cfg, paths))
+        out["tokens"] = _run(t.close_tokenize, cfg, entries)
+        out["tokens_validation"] = _run(t.validate_tokens, cfg)
+        results = _map_shards(runner, t.build_span_corruption_shard, cfg, stages.infill_jobs(cfg, paths))
+    out["infill"] = _run(t.close_infill, cfg, results)
     return out
 
 
 def pretrain_stage(cfg: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
-    return {"pretrain": _run(pretrain_task, cfg, "pretrain", continue_steps, continue_steps=continue_steps)}
+    return {"pretrain": _run(pretrain_task, cfg, continue_steps)}
 
 
 def finetune_stages(cfg: PipelineConfig) -> dict[str, str]:
-    out = {"finetune": _run(t.finetune, cfg, "finetune")}
-    out["eval"] = _run(t.evaluate, cfg, "evaluate")
+    out = {"finetune": _run(t.finetune, cfg)}
+    out["eval"] = _run(t.evaluate, cfg)
     return out
 
 
 def export_stages(cfg: PipelineConfig) -> dict[str, str]:
-    _run(t.export_onnx, cfg, "export")
-    return {"export": _run(t.verify_export, cfg, "export")}
+    _run(t.export_onnx, cfg)
+    return {"export": _run(t.verify_export, cfg)}
 
 
 # --------------------------------------------------------------------------- flows

@@ -4,6 +4,7 @@
     glm-pipeline config CONFIG [--set ...]                          print the validated config
     glm-pipeline infer BUNDLE (--fill TEXT | --generate TEXT | --classify TEXT)
     glm-pipeline serve CONFIG [--cron "0 2 * * *"]                  one long-lived process with a schedule
+    glm-pipeline verify RUN_DIR                                     re-hash every output; mark what fails for rebuild
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` is instant.
 """
@@ -50,10 +51,40 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=None)
     infer.add_argument("--int8", action="store_true", help="use the int8-quantized model if the bundle has one")
 
+    verify = sub.add_parser("verify", help="re-hash every file of a run directory against its manifests")
+    verify.add_argument("run_dir", help="a run directory (runs/NAME)")
+    verify.add_argument("--no-mark", dest="mark", action="store_false",
+                        help="only report; by default whatever fails is marked so the next run rebuilds it")
+
     serve = sub.add_parser("serve", help="serve the pipeline as a long-lived process with a cron schedule")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
     return parser
+
+
+def _verify(run_dir: str, mark: bool) -> int:
+    """One line per manifest or checkpoint; exit 1 if anything fails (and, with `mark`, mark it)."""
+    from pathlib import Path
+
+    from glm.stages import verify_run
+
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run directory {run_dir!r} does not exist; pass a run directory such as runs/demo")
+    report = verify_run(run_dir, mark=mark)
+    if not report:
+        print(f"{run_dir}: no manifests found (nothing has run there yet)")
+        return 0
+    for name, problems in report.items():
+        print(f"{'ok    ' if not problems else 'FAILED'} {name}")
+        for problem in problems:
+            print(f"         {problem}")
+    bad = [name for name, problems in report.items() if problems]
+    if not bad:
+        print(f"{run_dir}: {len(report)} checked, all intact")
+        return 0
+    what = "marked for rebuild: the next run rebuilds them" if mark else "not marked (--no-mark)"
+    print(f"{run_dir}: {len(bad)} of {len(report)} failed; {what}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(cfg, cron=args.cron)
             return 0
+        if args.command == "verify":
+            return _verify(args.run_dir, args.mark)
         if args.command == "infer":
             from glm.runtime import infer_command
 

@@ -890,3 +890,32 @@ def finetune_from_checkpoint(
         torch.manual_seed(cfg.seed)
         results["from scratch"] = run(GLM(model_cfg).to(device), out_dir / "from_scratch")
     return results
+
+
+def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) -> dict[str, Any]:
+    """Everything about the fine-tuning task that the tokenizer alone can tell, checked before any training.
+
+    Raises the same ValueError fine-tuning would raise (pattern, verbalizers and their token counts,
+    the source's fields and labels, at least two labels in train), so a wrong verbalizer is reported
+    minutes, not hours, into a run. Returns a small summary (examples, labels, split sizes).
+    """
+    if cfg.kind == "seq2seq":
+        pairs = [(e.text, e.label) for e in read_labelled(cfg.task.source, cfg.task.label_field)]
+        if not pairs:
+            raise ValueError(f"seq2seq source {cfg.task.source.path or cfg.task.source.kind!r} yielded no (source, target) pairs")
+        return {"kind": "seq2seq", "examples": len(pairs)}
+    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
+    examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
+    if not examples:
+        raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    splits = split_examples(examples, cfg.task.split)
+    train_labels = set(task.label_ids(e.label for e in splits["train"]))
+    for name in ("dev", "test"):
+        task.label_ids(e.label for e in splits[name])
+    if len(train_labels) < 2:
+        raise ValueError(
+            f"the train split holds only label {splits['train'][0].label!r}; a classifier needs examples of at "
+            "least two labels: check task.label_field and the source"
+        )
+    return {"kind": "cloze", "examples": len(examples), "labels": task.labels,
+            "sizes": {name: len(items) for name, items in splits.items()}}

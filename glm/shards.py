@@ -141,9 +141,34 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
 
 
 def file_entry(path: str | Path, root: str | Path, **extra: Any) -> dict[str, Any]:
-    """Describe one output file: its path relative to the stage directory, size and content hash."""
+    """Describe one output file: its path relative to the stage directory, size, mtime and content hash.
+
+    The mtime lets a check notice any change made through the file system without re-hashing
+    (a byte flipped in place keeps the size but not the mtime); the hash decides when it moved.
+    """
     path, root = Path(path), Path(root)
-    return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path), **extra}
+    st = path.stat()
+    return {"path": path.relative_to(root).as_posix(), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(path), **extra}
+
+
+def check_file(path: Path, entry: dict[str, Any], deep: bool = False) -> str | None:
+    """What is wrong with `path` against its manifest entry (None when it checks out).
+
+    Size first; then the content hash whenever the mtime moved (or was never recorded), or always
+    with `deep`: a touched but unchanged file passes, a same-size edit does not.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path}: missing"
+    if not path.is_file():
+        return f"{path}: not a regular file"
+    if st.st_size != entry.get("bytes"):
+        return f"{path}: {st.st_size} bytes, manifest says {entry.get('bytes')}"
+    if (deep or st.st_mtime_ns != entry.get("mtime_ns")) and sha256_file(path) != entry.get("sha256"):
+        return f"{path}: content differs from its manifest (sha256)"
+    return None
 
 
 def write_manifest(
@@ -189,9 +214,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+_NOT_CONTENT = ("created",)  # manifest fields that say when, not what
+
+
 def manifest_digest(path: str | Path) -> str:
-    """Content hash of a manifest (which itself hashes every file): the input part of cache keys."""
-    return sha256_file(_manifest_path(path))
+    """Content hash of a manifest (which itself hashes every file): the input part of cache keys.
+
+    Only what the outputs ARE counts, not when they were written: a shard rebuilt byte for byte
+    (after corruption, say) gives the same digest, so the stages downstream stay cached.
+    """
+    mp = _manifest_path(path)
+    try:
+        manifest = json.loads(mp.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return sha256_file(mp)  # not ours to interpret: any change counts
+    if not isinstance(manifest, dict):
+        return sha256_file(mp)
+    content = {k: v for k, v in manifest.items() if k not in _NOT_CONTENT}
+    if isinstance(content.get("files"), list):
+        content["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} if isinstance(f, dict) else f
+                            for f in content["files"]]
+    return sha256_json(content)
 
 
 def verify_manifest(path: str | Path, deep: bool = False) -> list[str]:
@@ -201,16 +244,24 @@ def verify_manifest(path: str | Path, deep: bool = False) -> list[str]:
         manifest = read_manifest(mp)
     except ManifestError as e:
         return [str(e)]
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        return [f"manifest {mp} has no file list; delete it and re-run the stage"]
     problems = []
-    for f in manifest["files"]:
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+            problems.append(f"manifest {mp} has a malformed file entry {f!r}")
+            continue
         p = mp.parent / f["path"]
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != f["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {f['bytes']}")
-        elif deep and sha256_file(p) != f["sha256"]:
-            problems.append(f"{p}: content hash differs from the manifest")
+        if not _inside(p, mp.parent):
+            problems.append(f"manifest {mp} names {f['path']!r}, outside its directory")
+        elif (problem := check_file(p, f, deep=deep)) is not None:
+            problems.append(problem)
     return problems
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
 
 
 def stage_is_complete(directory: str | Path, deep: bool = False) -> bool:

@@ -35,6 +35,7 @@ from glm.config import PipelineConfig, Section, dump_config
 from glm.shards import (
     MANIFEST,
     atomic_write_json,
+    check_file,
     atomic_write_text,
     file_entry,
     manifest_digest,
@@ -97,7 +98,6 @@ class RunPaths:
     bundle = property(lambda self: self.root / "export" / "bundle")
     candidate = property(lambda self: self.root / "export" / ".candidate")  # exported, not yet verified
     stamps = property(lambda self: self.root / ".stages")
-    results = property(lambda self: self.root / ".prefect-results")  # Prefect's persisted task results
 
     def finetune(self, task: str) -> Path:
         return self.root / "finetune" / task
@@ -325,15 +325,62 @@ def is_current(stage: str, key: str, output: Path, paths: RunPaths) -> bool:
         return False
     try:
         record = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not a stamp we wrote
         return False
-    return record.get("key") == key and record.get("output_sha256") == manifest_digest(output)
+    return isinstance(record, dict) and record.get("key") == key and record.get("output_sha256") == manifest_digest(output)
 
 
 def record_stage(stage: str, key: str, output: Path, paths: RunPaths) -> Path:
     atomic_write_json(paths.stamps / f"{stage}.json",
                       {"stage": stage, "key": key, "output": str(output), "output_sha256": manifest_digest(output)})
     return output
+
+
+def current_output(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> Path | None:
+    """The stage's output if the stage is done for this config and the inputs on disk, else None.
+
+    This is the one cache of the pipeline: orchestrators ask it before running a stage (a Prefect
+    task then ends as "Cached"). A stage whose inputs do not exist yet is not done; running it
+    fails with a message naming the stage to run first.
+    """
+    try:
+        key = stage_key(stage, cfg, paths, **options)
+    except StageInputMissing:
+        return None
+    output = paths.output(stage, cfg)
+    return output if is_current(stage, key, output, paths) else None
+
+
+# --------------------------------------------------------------------------- shard stamps: is one shard done?
+
+
+def _shard_stamp(paths: RunPaths, stage: str, out_path: Path, stage_dir: Path) -> Path:
+    """.stages/STAGE/<the shard's path under its stage directory>.json"""
+    return paths.stamps / stage / f"{out_path.relative_to(stage_dir).as_posix()}.json"
+
+
+def cached_shard(paths: RunPaths, stage: str, key: str, out_path: Path, stage_dir: Path) -> dict[str, Any] | None:
+    """The recorded result of a shard made for exactly `key` whose file is unchanged since, else None.
+
+    Unchanged means the size and mtime recorded when it was written (the content hash when the mtime
+    moved): a truncated or edited shard is rebuilt, a shard that merely exists is not trusted.
+    """
+    try:
+        record = json.loads(_shard_stamp(paths, stage, out_path, stage_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("file"), dict):
+        return None
+    if check_file(out_path, record["file"]) is not None:
+        return None
+    return record.get("result")
+
+
+def record_shard(paths: RunPaths, stage: str, key: str, out_path: Path, stage_dir: Path, result: Any) -> Any:
+    entry = file_entry(out_path, stage_dir)
+    atomic_write_json(_shard_stamp(paths, stage, out_path, stage_dir),
+                      {"key": key, "file": {k: entry[k] for k in ("bytes", "mtime_ns", "sha256")}, "result": result})
+    return result
 
 
 def _run_once(stage: str, cfg: PipelineConfig, paths: RunPaths, build: Callable[[], Any], **options: Any) -> Path:
@@ -381,6 +428,21 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
     return _run_once("tokenizer", cfg, paths, lambda: _train(paths.docs, paths.tokenizer, cfg.tokenizer))
 
 
+def check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task).
+
+    Skipped (None) when the fine-tuning stage is already done for this config.
+    """
+    from glm.finetune import check_task
+    from glm.tokenizer import Tokenizer
+
+    if current_output("finetune", cfg, paths) is not None:
+        return None
+    summary = check_task(cfg.finetune, Tokenizer.load(paths.tokenizer_model), cfg.model.max_seq_len)
+    log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)
+    return summary
+
+
 def tokenize_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[dict[str, str]]:
     """One job per document shard (all of them: the orchestrator's per-shard cache skips unchanged ones)."""
     docs = read_manifest(paths.docs / MANIFEST)
@@ -400,12 +462,20 @@ def tokenize_shard_key(job: Mapping[str, str], paths: RunPaths) -> str:
     return cache_key("tokenize-shard", None, [paths.tokenizer / MANIFEST], {k: job[k] for k in ("input_sha256", "out_path")})
 
 
+def cached_tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any] | None:
+    """The manifest entry of a token shard already made for this job and unchanged since, else None."""
+    return cached_shard(paths, "tokenize-shard", tokenize_shard_key(job, paths), Path(job["out_path"]), paths.tokens)
+
+
 def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
-    """Tokenize one document shard; returns its token-manifest entry."""
+    """Tokenize one document shard (unless done); returns its token-manifest entry."""
     from glm.tokenize_shards import tokenize_shard as _tokenize
 
-    return _tokenize(job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens,
-                     input_sha256=job["input_sha256"])
+    if (entry := cached_tokenize_shard(job, paths)) is not None:
+        return entry
+    entry = _tokenize(job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens,
+                      input_sha256=job["input_sha256"])
+    return record_shard(paths, "tokenize-shard", tokenize_shard_key(job, paths), Path(job["out_path"]), paths.tokens, entry)
 
 
 def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mapping[str, Any]]) -> Path:
@@ -415,19 +485,21 @@ def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mappi
     key = stage_key("tokenize", cfg, paths)
     plan = plan_tokenize(paths.docs, paths.tokenizer, paths.tokens)
     fresh = {e["path"]: dict(e) for e in entries}
-    missing = [j.out_path for j in plan.jobs if j.out_path.relative_to(paths.tokens).as_posix() not in fresh]
+    expected = sorted([j.out_path.relative_to(paths.tokens).as_posix() for j in plan.jobs] + [e["path"] for e in plan.reused])
+    missing = [rel for rel in expected if rel not in fresh]
     if missing:
-        raise RuntimeError(f"token shards {[str(m) for m in missing[:3]]} were not produced; re-run the tokenize stage")
-    new = [fresh[j.out_path.relative_to(paths.tokens).as_posix()] for j in plan.jobs]
-    return record_stage("tokenize", key, finish_tokenize(plan, new), paths)
+        raise RuntimeError(f"token shards {missing[:3]} were not produced; re-run the tokenize stage")
+    plan.reused = []  # every entry comes from its shard's task, checked against its stamp
+    return record_stage("tokenize", key, finish_tokenize(plan, [fresh[rel] for rel in expected]), paths)
 
 
 def tokenize(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """Every document shard -> a token shard (in cfg.data.workers processes; only changed shards)."""
-    from glm.tokenize_shards import tokenize_corpus
+    """Every document shard -> a token shard (only shards not already done), one after another.
 
-    return _run_once("tokenize", cfg, paths,
-                     lambda: tokenize_corpus(paths.docs, paths.tokenizer, paths.tokens, workers=cfg.data.workers, progress=False))
+    The same per-shard functions and stamps as the orchestrated pipeline, which maps them over workers.
+    """
+    return _run_once("tokenize", cfg, paths, lambda: close_tokenize(
+        cfg, paths, [tokenize_shard(job, paths) for job in tokenize_jobs(cfg, paths)]))
 
 
 def _vocab_size(paths: RunPaths) -> int:
@@ -465,18 +537,21 @@ def infill_shard_key(job: Any) -> str:
     return cache_key("infill-shard", None, [], {"job": job.key, "out_path": job.out_path})
 
 
-def infill_shard_done(job: Any) -> bool:
-    """The shard file exists and was written for exactly this job's content key."""
-    from glm.datasets import _existing_shard  # reads the key the builder stores in the shard's metadata
-
-    return _existing_shard(Path(job.out_path), job.key) is not None
+def cached_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any] | None:
+    """The info of a span-corruption shard already written for this job and unchanged since, else None."""
+    return cached_shard(paths, "infill-shard", infill_shard_key(job), Path(job.out_path), paths.infill)
 
 
-def build_infill_shard(job: Any) -> dict[str, Any]:
-    """Pack, corrupt and write one span-corruption shard; returns its info."""
+def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
+    """Pack, corrupt and write one span-corruption shard (unless done); returns its info."""
     from glm.datasets import build_shard
 
-    return build_shard(job)
+    if (info := cached_infill_shard(job, paths)) is not None:
+        return {**info, "skipped": True}
+    # not provably intact: the builder must not trust the key stored inside the file either
+    Path(job.out_path).unlink(missing_ok=True)
+    info = build_shard(job)
+    return record_shard(paths, "infill-shard", infill_shard_key(job), Path(job.out_path), paths.infill, info)
 
 
 def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping[str, Any]]) -> Path:
@@ -498,7 +573,7 @@ def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping
 def build_infilling(cfg: PipelineConfig, paths: RunPaths) -> Path:
     """Token shards -> span-corruption shards (one set per epoch, plus validation)."""
     def build() -> None:
-        close_infill(cfg, paths, [build_infill_shard(job) for job in infill_jobs(cfg, paths)])
+        close_infill(cfg, paths, [build_infill_shard(job, paths) for job in infill_jobs(cfg, paths)])
 
     return _run_once("infill", cfg, paths, build)
 
@@ -526,8 +601,11 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
     plan_path = paths.pretrain / RUN_PLAN
-    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
-    if plan.get("key") != key:
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or not one we wrote
+        plan = {}
+    if not isinstance(plan, dict) or plan.get("key") != key:
         data_key = read_manifest(paths.infill / MANIFEST)["stats"]["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         init_from = cfg.pretrain.init_from
@@ -764,10 +842,10 @@ def export(cfg: PipelineConfig, paths: RunPaths) -> Path:
 # --------------------------------------------------------------------------- everything, directly
 
 
-DATA_STAGES = (ingest, validate_corpus, train_tokenizer, tokenize, validate_tokens, build_infilling)
+DATA_STAGES = (ingest, validate_corpus, train_tokenizer, check_finetune_task, tokenize, validate_tokens, build_infilling)
 
 
-def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, Path]:
+def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, Any]:
     """Every stage in order, in this process, without Prefect; returns each stage's output."""
     paths = RunPaths(cfg.run_dir)
     groups: dict[str, list[Callable[..., Path]]] = {
@@ -784,3 +862,60 @@ def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | 
             fn_name = getattr(fn, "__name__", None) or fn.func.__name__
             outputs[fn_name] = fn(cfg, paths)
     return outputs
+
+
+# --------------------------------------------------------------------------- verify a run directory
+
+
+# stage directory (relative to the run directory; * = one per fine-tuning task) -> the stage that writes it
+MANIFEST_STAGES = {"docs": "ingest", "tokenizer": "tokenizer", "tokens": "tokenize", "infill": "infill",
+                   "pretrain": "pretrain", "finetune/*": "finetune", "eval": "evaluate", "export": "export"}
+SHARD_STAGES = {"tokenize": "tokenize-shard", "infill": "infill-shard"}  # a stage -> its per-shard stamps
+VALIDATIONS = {"docs": "validate-corpus", "tokens": "validate-tokens"}
+
+
+def verify_run(run_dir: str | Path, mark: bool = True) -> dict[str, list[str]]:
+    """Re-hash every file every manifest of the run lists; {manifest: problems} for each manifest found.
+
+    With `mark`, whatever fails loses its stamps (the stage's, and the failing shards'), so the next
+    run rebuilds exactly that, even when the damage kept the files' sizes and mtimes.
+    Checkpoints are checked against their own meta.json; training resumes from the newest intact one.
+    """
+    from glm.checkpoint import list_checkpoints, verify_checkpoint
+
+    paths = RunPaths(run_dir)
+    report: dict[str, list[str]] = {}
+    for pattern, stage in MANIFEST_STAGES.items():
+        for manifest in sorted(paths.root.glob(f"{pattern}/{MANIFEST}")):
+            problems = verify_manifest(manifest, deep=True)
+            report[str(manifest.relative_to(paths.root))] = problems
+            if problems and mark:
+                (paths.stamps / f"{stage}.json").unlink(missing_ok=True)
+                _unstamp_shards(paths, stage, manifest.parent, problems)
+    for directory, stage in VALIDATIONS.items():
+        output = paths.root / directory / VALIDATION
+        stamp = paths.stamps / f"{stage}.json"
+        if output.is_file() and stamp.is_file():
+            try:
+                recorded = json.loads(stamp.read_text(encoding="utf-8")).get("output_sha256")
+            except (OSError, ValueError, AttributeError):
+                recorded = None
+            problems = [] if recorded == manifest_digest(output) else [f"{output}: differs from what its stage wrote"]
+            report[str(output.relative_to(paths.root))] = problems
+            if problems and mark:
+                stamp.unlink(missing_ok=True)
+    if (paths.pretrain / "checkpoints").is_dir():
+        for checkpoint in list_checkpoints(paths.pretrain / "checkpoints"):
+            report[str(checkpoint.relative_to(paths.root))] = verify_checkpoint(checkpoint)
+    return report
+
+
+def _unstamp_shards(paths: RunPaths, stage: str, stage_dir: Path, problems: list[str]) -> None:
+    """Remove the shard stamps of the files named in `problems` (each starts with the file's path)."""
+    shard_stage = SHARD_STAGES.get(stage)
+    if shard_stage is None:
+        return
+    for problem in problems:
+        named = Path(problem.split(": ", 1)[0])
+        if named.is_relative_to(stage_dir):
+            _shard_stamp(paths, shard_stage, named, stage_dir).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from glm.shards import (
     MANIFEST,
     ManifestError,
+    check_file,
     file_entry,
     manifest_digest,
     read_manifest,
@@ -192,7 +193,7 @@ def plan_tokenize(docs_dir: str | Path, tokenizer_dir: str | Path, out_dir: str 
         src = docs_dir / f["path"]
         rel = Path(f["path"]).with_suffix(".arrow").as_posix()
         old = previous.get(rel)
-        if old is not None and old["input"]["sha256"] == f["sha256"] and _exists_with_size(out_dir / rel, old["bytes"]):
+        if old is not None and old["input"]["sha256"] == f["sha256"] and check_file(out_dir / rel, old) is None:
             plan.reused.append(old)
         elif not src.is_file():
             raise FileNotFoundError(f"document shard {src} listed in {docs_manifest} is missing; re-run ingestion")
@@ -268,10 +269,6 @@ def _previous_entries(out_dir: Path, tokenizer_sha256: str) -> dict[str, dict[st
     if m.get("stage") != STAGE or m.get("config", {}).get("tokenizer_sha256") != tokenizer_sha256:
         return {}
     return {f["path"]: f for f in m["files"] if "input" in f}
-
-
-def _exists_with_size(path: Path, size: int) -> bool:
-    return path.is_file() and path.stat().st_size == size
 
 
 def _remove_unlisted_shards(out_dir: Path, keep: set[str]) -> None:

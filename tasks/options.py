@@ -1,20 +1,21 @@
-"""Orchestration options every task shares: cache keys, retries with backoff, result storage.
+"""Orchestration options every task shares: retries with backoff, and the one cache.
 
-Cache keys are glm.stages' stage keys (config section fingerprint + input manifest digests +
-the stage's code version), computed when the task is about to run, from its parameters. Results
-(manifest paths, shard entries: small JSON-able values) persist under RUN_DIR/.prefect-results,
-so a re-run of an unchanged stage is a cache hit ("Cached" state) and any change upstream
-changes the key of exactly the stages downstream of it.
+The pipeline has one cache: glm.stages' stage stamps (a stage is done iff its stamp matches the
+key of its config section, input manifests and code, and its outputs are unchanged on disk).
+A task asks it first and, when the stage is done, ends at once in a "Cached" state carrying the
+stage's output path. Prefect's own result store and cache keys are off: nothing is pickled into
+the run directory, and nothing is read back from it but JSON stamps and manifests.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import Task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError as PydanticValidationError
 
@@ -37,24 +38,20 @@ def artifact_key(cfg: PipelineConfig, what: str) -> str:
     return f"{slug(cfg.name)}-{what}"
 
 
-def stage_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """cache_key_fn of a whole-stage task whose parameters hold `cfg` (and maybe `continue_steps`)."""
-
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        cfg = parameters["cfg"]
-        options = {"continue_steps": parameters["continue_steps"]} if "continue_steps" in parameters else {}
-        return stages.stage_key(stage, cfg, stages.RunPaths(cfg.run_dir), **options)
-
-    key.__name__ = f"{stage.replace('-', '_')}_cache_key"
-    return key
+def cached(cfg: PipelineConfig, stage: str, **options: Any) -> State | None:
+    """A "Cached" state holding the stage's output path if the stage is done, else None."""
+    output = stages.current_output(stage, cfg, stages.RunPaths(cfg.run_dir), **options)
+    return None if output is None else _cached(str(output))
 
 
-def tokenize_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return stages.tokenize_shard_key(parameters["job"], stages.RunPaths(parameters["run_dir"]))
+def cached_result(result: Any) -> State | None:
+    """A "Cached" state holding `result` (a shard's recorded result), or None when there is none."""
+    return None if result is None else _cached(result)
 
 
-def infill_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return stages.infill_shard_key(parameters["job"])
+def _cached(data: Any) -> State:
+    # what Prefect's own cache hits look like: a COMPLETED state named "Cached"
+    return Completed(name="Cached", data=data, message="up to date: its stamp matches and its outputs are unchanged")
 
 
 def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
@@ -67,13 +64,15 @@ def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
 
 
 def configure(task: Task, cfg: PipelineConfig, **overrides: Any) -> Task:
-    """`task` with the run's retry policy, result storage and any per-call overrides (refresh_cache...)."""
+    """`task` with the run's retry policy (and any per-call overrides)."""
     orch = cfg.orchestration
     return task.with_options(
         retries=orch.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=orch.retry_delay_seconds)(orch.retries) if orch.retries else 0,
         retry_condition_fn=retry_transient,
-        persist_result=True,
-        result_storage=Path(stages.RunPaths(cfg.run_dir).results).resolve(),
         **overrides,
     )
+
+
+# every task: no Prefect cache or persisted result (the stage stamps are the cache, see above)
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}

@@ -29,7 +29,7 @@ from prefect import get_run_logger, task
 from glm import stages
 from glm.config import PipelineConfig
 from tasks import artifacts
-from tasks.options import stage_key_fn
+from tasks.options import TASK_OPTIONS, cached
 
 POLL_SECONDS = 1.0
 KILL_GRACE_SECONDS = 10.0
@@ -160,14 +160,13 @@ def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
 
 
-@task(name="pretrain", task_run_name="pretrain-{cfg.name}", cache_key_fn=stage_key_fn("pretrain"))
+@task(name="pretrain", task_run_name="pretrain-{cfg.name}", **TASK_OPTIONS)
 def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
     """Pretrain in this process or a subprocess (orchestration.train_in_process); returns pretrain/manifest.json."""
     logger = get_run_logger()
     paths = stages.RunPaths(cfg.run_dir)
-    key = stages.stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
-    if stages.is_current("pretrain", key, paths.output("pretrain", cfg), paths):
-        return str(paths.output("pretrain", cfg))
+    if (done := cached(cfg, "pretrain", continue_steps=continue_steps)) is not None:
+        return done
     run_cfg = stages.prepare_pretrain(cfg, paths, continue_steps)
     cmd = stages.pretrain_command(run_cfg, paths)
     total = run_cfg.pretrain.steps

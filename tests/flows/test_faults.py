@@ -172,3 +172,36 @@ def test_per_shard_tasks_run_on_the_configured_task_runner(prefect_api, make_con
     shards = _state_of(state, "span-corruption-")
     assert shards and set(shards.values()) == {"Completed"}
     assert stages.output_ok(stages.RunPaths(cfg.run_dir).infill / "manifest.json")
+
+
+def test_a_shard_edited_in_place_is_rebuilt_by_its_task_and_nothing_is_pickled(prefect_api, make_config):
+    cfg = make_config("quality.enabled=false")
+    assert data_flow(cfg, return_state=True).is_completed()
+    paths = stages.RunPaths(cfg.run_dir)
+    shard = paths.tokens / "train" / "part-00000.arrow"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-8] + bytes(8))  # same size, other bytes: a re-run used to report it Cached
+
+    again = data_flow(cfg, return_state=True)
+    assert again.is_completed(), again.message
+    ran = states(task_runs(again.state_details.flow_run_id))
+    assert ran["tokenize-train/part-00000"] == "Completed" and ran["tokenize-valid/part-00000"] == "Cached"
+    assert shard.read_bytes() == original
+    # the repaired shard is what the manifest digest describes: nothing below it runs again
+    assert {s for n, s in ran.items() if n.startswith(("span-corruption-", "close-span-corruption-"))} == {"Cached"}
+    assert not (Path(cfg.run_dir) / ".prefect-results").exists()
+
+
+def test_a_wrong_verbalizer_fails_right_after_the_tokenizer_before_any_shard_or_training(prefect_api, make_config):
+    # these words are several pieces of a 400-piece vocabulary: single-token scoring cannot score them
+    cfg = make_config("quality.enabled=false", "finetune.task.multi_token=false",
+                      "finetune.task.verbalizers={'0': terrible, '1': magnificent}")
+    state = data_flow(cfg, return_state=True)
+    assert state.is_failed()
+    ran = states(task_runs(state.state_details.flow_run_id))
+    assert ran["check-finetune-task-sentiment"] == "Failed"
+    assert not any(n.startswith(("span-corruption-", "close-span-corruption-")) for n in ran)
+    paths = stages.RunPaths(cfg.run_dir)
+    assert (paths.tokenizer / "manifest.json").is_file() and not (paths.infill / "manifest.json").exists()
+    with pytest.raises(ValueError, match=r"verbalizer '\w+' of label '\d' is \d+ tokens .* single-token scoring was requested"):
+        state.result()

@@ -10,7 +10,7 @@ from glm.config import load_config
 from tests.flows.api import artifacts, client, logs, states, task_runs
 from tests.flows.conftest import SMALL
 
-HEAVY = ("ingest-", "validate-corpus-", "train-tokenizer-", "tokenize-", "close-tokenize-", "validate-tokens-",
+HEAVY = ("ingest-", "validate-corpus-", "train-tokenizer-", "check-finetune-task-", "tokenize-", "close-tokenize-", "validate-tokens-",
          "span-corruption-", "close-span-corruption-", "pretrain-", "finetune-", "evaluate-", "export-onnx-", "verify-export-")
 
 

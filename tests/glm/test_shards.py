@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow as pa
 import pytest
@@ -27,11 +28,38 @@ def test_manifest_round_trip_and_verification(tmp_path):
     assert shards.verify_manifest(tmp_path, deep=True) == []
     assert shards.read_arrow(shard).column("x").to_pylist() == [1, 2, 3]
 
-    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")  # same size, other content
+    os.utime(shard, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))  # touched, unchanged: still fine
     assert shards.verify_manifest(tmp_path) == []
-    assert "content hash" in shards.verify_manifest(tmp_path, deep=True)[0]
+
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # same size, other content
+    assert "content differs" in shards.verify_manifest(tmp_path)[0]  # its mtime moved: re-hashed
+    os.utime(shard, ns=(entry["mtime_ns"], entry["mtime_ns"]))  # the mtime put back too: only a deep check sees it
+    assert shards.verify_manifest(tmp_path) == []
+    assert "content differs" in shards.verify_manifest(tmp_path, deep=True)[0]
     shard.unlink()
     assert "missing" in shards.verify_manifest(tmp_path)[0]
+
+
+def test_a_manifest_cannot_name_files_outside_its_directory(tmp_path):
+    (tmp_path / "outside.txt").write_text("x")
+    stage = tmp_path / "stage"
+    entry = shards.file_entry(tmp_path / "outside.txt", tmp_path)
+    shards.write_manifest(stage, "demo", [{**entry, "path": "../outside.txt"}])
+    assert "outside its directory" in shards.verify_manifest(stage)[0]
+
+
+def test_the_manifest_digest_ignores_when_files_were_written_not_what_they_are(tmp_path):
+    table = pa.table({"x": pa.array([1, 2, 3], pa.int32())})
+    shard = shards.write_arrow(tmp_path / "part-00000.arrow", table)
+    shards.write_manifest(tmp_path, "demo", [shards.file_entry(shard, tmp_path)])
+    digest = shards.manifest_digest(tmp_path)
+    os.utime(shard, ns=(1, 1))  # rewritten byte for byte later (a repaired shard): same digest
+    shards.write_manifest(tmp_path, "demo", [shards.file_entry(shard, tmp_path)])
+    assert shards.manifest_digest(tmp_path) == digest
+    shards.write_arrow(shard, pa.table({"x": pa.array([1, 2, 4], pa.int32())}))
+    shards.write_manifest(tmp_path, "demo", [shards.file_entry(shard, tmp_path)])
+    assert shards.manifest_digest(tmp_path) != digest
 
 
 def test_manifest_digest_changes_with_inputs(tmp_path):

@@ -36,14 +36,16 @@ def test_artifact_keys_are_lowercase_dashes():
     assert artifact_key(PipelineConfig(name="Nightly EN"), "corpus-statistics") == "nightly-en-corpus-statistics"
 
 
-def test_configure_applies_the_runs_retry_policy_and_result_storage(tmp_path):
+def test_configure_applies_the_runs_retry_policy_and_no_prefect_cache_or_result_store(tmp_path):
+    from prefect.cache_policies import NO_CACHE
+
     cfg = PipelineConfig(run_dir=str(tmp_path / "run"))
     cfg.orchestration.retries = 3
     cfg.orchestration.retry_delay_seconds = 2.0
-    task = configure(ingest, cfg, refresh_cache=True)
+    task = configure(ingest, cfg)
     assert task.retries == 3 and task.retry_delay_seconds == [2.0, 4.0, 8.0]  # exponential backoff
-    assert task.persist_result is True and task.refresh_cache is True
-    assert Path(task.result_storage) == (tmp_path / "run" / ".prefect-results").resolve()
-    assert task.cache_key_fn is ingest.cache_key_fn and task.retry_condition_fn is retry_transient
+    assert task.retry_condition_fn is retry_transient
+    # the stage stamps are the one cache: nothing is pickled into (or loaded from) the run directory
+    assert task.persist_result is False and task.cache_policy in (None, NO_CACHE) and task.cache_key_fn is None
     cfg.orchestration.retries = 0
     assert configure(ingest, cfg).retries == 0
