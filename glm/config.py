@@ -291,6 +291,11 @@ class ExportConfig(Section):
 
 class OrchestrationConfig(Section):
     task_runner: Literal["threads", "processes", "dask"] = "threads"
+    ignore_code_version: bool = Field(
+        default=False,
+        description="Leave code out of the stage cache keys: a code change then re-runs nothing (comments, "
+        "docstrings and layout never count anyway). For a hotfix you know does not change outputs.",
+    )
     retries: int = Field(default=2, ge=0)
     retry_delay_seconds: float = Field(default=5.0, ge=0.0)
     train_timeout_seconds: float | None = Field(default=None, gt=0.0)

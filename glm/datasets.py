@@ -38,6 +38,7 @@ from glm import infilling, special_tokens
 from glm.config import InfillingConfig
 from glm.shards import (
     ManifestError,
+    code_of,
     file_entry,
     manifest_digest,
     read_arrow,
@@ -291,8 +292,8 @@ def _code_version() -> str:
     """Hash of the code that determines shard content (a model.py edit must not rebuild data)."""
     h = hashlib.sha256()
     for module in (infilling, special_tokens):
-        h.update(Path(module.__file__).read_bytes())
-    h.update(Path(__file__).read_bytes())
+        h.update(code_of(Path(module.__file__).read_bytes()))
+    h.update(code_of(Path(__file__).read_bytes()))
     return h.hexdigest()[:16]
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import tempfile
+import tokenize
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -93,12 +95,36 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_SKIPPED_TOKENS = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.TYPE_COMMENT}
+_LINE_STARTS = {tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING}
+
+
+def code_of(source: bytes) -> bytes:
+    """The tokens of a module that can change what it does: no comments, docstrings or layout.
+
+    Editing a comment or a docstring, or reformatting, keeps every stage cached; any change to
+    a name, literal or operator re-runs the stages that use the module. A token scan, not
+    ast.parse, because CPython 3.11's AST constructor fails when threads
+    parse concurrently (cache keys are computed in task-runner threads).
+    """
+    kept: list[str] = []
+    tokens = list(tokenize.tokenize(io.BytesIO(source).readline))
+    for i, tok in enumerate(tokens):
+        if tok.type in _SKIPPED_TOKENS:
+            continue
+        if (tok.type == tokenize.STRING and (i == 0 or tokens[i - 1].type in _LINE_STARTS)
+                and i + 1 < len(tokens) and tokens[i + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER)):
+            continue  # a string that is a whole statement: a docstring (it does nothing)
+        kept.append(tok.string if tok.type not in (tokenize.INDENT, tokenize.DEDENT) else f"<{tok.type}>")
+    return "\x00".join(kept).encode()
+
+
 def code_version() -> str:
     """Hash of the `glm` package sources: part of every cache key, so a code change re-runs stages."""
     h = hashlib.sha256()
     for p in sorted(_PACKAGE_DIR.rglob("*.py")):
         h.update(p.relative_to(_PACKAGE_DIR).as_posix().encode())
-        h.update(p.read_bytes())
+        h.update(code_of(p.read_bytes()))
     return h.hexdigest()[:16]
 
 

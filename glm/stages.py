@@ -23,10 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -35,8 +35,9 @@ from glm.config import PipelineConfig, Section, dump_config
 from glm.shards import (
     MANIFEST,
     atomic_write_json,
-    check_file,
     atomic_write_text,
+    check_file,
+    code_of,
     file_entry,
     manifest_digest,
     read_manifest,
@@ -154,7 +155,7 @@ def _module_source(module: str) -> tuple[bytes, frozenset[str]]:
         return known[1], known[2]
     with open(path, "rb") as f:
         source = f.read()
-    info = (source, frozenset(_scan_imports(source.decode("utf-8"))))
+    info = (code_of(source), frozenset(_scan_imports(source.decode("utf-8"))))
     _SOURCES[module] = (identity, *info)
     return info
 
@@ -223,10 +224,12 @@ def cache_key(
     cfg_section: Section | Mapping[str, Section] | None,
     input_manifests: Iterable[str | Path] = (),
     extra: Any = None,
+    code: bool = True,
 ) -> str:
     """sha256(stage + config section fingerprint + input manifest digests + the stage's code version).
 
-    `extra` adds anything else the output depends on (source file stats, a shard's content key).
+    `extra` adds anything else the output depends on (source file stats, a shard's content key);
+    `code=False` leaves the code version out (orchestration.ignore_code_version).
     """
     h = hashlib.sha256(stage.encode())
     h.update(_section_fingerprint(cfg_section).encode())
@@ -234,7 +237,8 @@ def cache_key(
         if not Path(m).is_file():
             raise StageInputMissing(f"stage {stage!r} needs {m}, which does not exist yet; {_who_writes(Path(m))}")
         h.update(manifest_digest(m).encode())
-    h.update(stage_code_version(stage).encode())
+    if code:
+        h.update(stage_code_version(stage).encode())
     if extra is not None:
         h.update(sha256_json(extra).encode())
     return h.hexdigest()
@@ -306,7 +310,7 @@ def stage_dependencies(
 def stage_key(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> str:
     """The cache key of a whole stage for this config and the inputs currently on disk."""
     sections, inputs, extra = stage_dependencies(stage, cfg, paths, **options)
-    return cache_key(stage, sections, inputs, extra)
+    return cache_key(stage, sections, inputs, extra, code=not cfg.orchestration.ignore_code_version)
 
 
 # --------------------------------------------------------------------------- stamps: is a stage done?

@@ -132,7 +132,9 @@ def test_data_stages_are_idempotent_incremental_and_pretraining_continues_on_new
     cfg, corpus = text_config
     paths = stages.RunPaths(cfg.run_dir)
     out = stages.run_pipeline(cfg, stage="data")
-    assert set(out) == {"ingest", "validate_corpus", "train_tokenizer", "tokenize", "validate_tokens", "build_infilling"}
+    assert set(out) == {"ingest", "validate_corpus", "train_tokenizer", "check_finetune_task", "tokenize",
+                        "validate_tokens", "build_infilling"}
+    assert out.pop("check_finetune_task")["kind"] == cfg.finetune.kind  # checked before any pretraining
     assert all(Path(p).is_file() for p in out.values())
     first = _digests(paths)
 
@@ -207,3 +209,56 @@ def test_a_changed_glm_module_changes_the_code_version_within_one_process(tmp_pa
     (package / "train.py").write_text("from glm.model import WIDTH\nfrom glm import extra\n")
     assert stages.stage_modules("pretrain") == ["extra", "model", "train"]
     assert stages.stage_code_version("pretrain") not in (first, edited)
+
+
+def _package_copy(tmp_path, monkeypatch):
+    """A copy of the glm sources that stage code versions are read from (edits stay in tmp_path)."""
+    import shutil
+
+    copy = tmp_path / "glm"
+    shutil.copytree(Path(stages.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(stages, "_PACKAGE_DIR", copy)
+    monkeypatch.setattr(stages, "_SOURCES", {})
+    monkeypatch.setattr(stages, "_VERSIONS", {})
+    return copy
+
+
+def _versions():
+    return {stage: stages.stage_code_version(stage) for stage in stages.STAGE_MODULES}
+
+
+def test_comments_docstrings_and_layout_keep_every_stage_cached(tmp_path, monkeypatch):
+    copy = _package_copy(tmp_path, monkeypatch)
+    before = _versions()
+    model = copy / "model.py"
+    source = model.read_text()
+    edited = source.replace('"""', '"""Edited docstring. ', 1).replace("\n\n\n", "\n\n\n# a new comment\n\n", 1)
+    model.write_text(edited + "\n\n# trailing remark\n")
+    assert model.read_text() != source
+    assert _versions() == before
+
+
+def test_a_code_change_reruns_the_stages_that_use_the_module_and_only_them(tmp_path, monkeypatch):
+    copy = _package_copy(tmp_path, monkeypatch)
+    before = _versions()
+    model = copy / "model.py"
+    model.write_text(model.read_text() + "\n\ndef _added(x):\n    return x + 1\n")
+    after = _versions()
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    assert {"pretrain", "finetune", "evaluate", "export"} <= changed
+    assert not changed & {"ingest", "validate-corpus", "tokenizer", "tokenize", "validate-tokens", "infill"}
+
+
+def test_ignore_code_version_leaves_code_out_of_the_stage_key(tmp_path, monkeypatch):
+    from glm.shards import write_manifest
+
+    copy = _package_copy(tmp_path, monkeypatch)
+    cfg = PipelineConfig(run_dir=str(tmp_path / "run"))
+    paths = stages.RunPaths(cfg.run_dir)
+    write_manifest(paths.docs, "docs", [])
+    cfg.orchestration.ignore_code_version = True
+    key = stages.stage_key("tokenizer", cfg, paths)
+    (copy / "tokenizer.py").write_text((copy / "tokenizer.py").read_text() + "\nX = 1\n")
+    assert stages.stage_key("tokenizer", cfg, paths) == key
+    cfg.orchestration.ignore_code_version = False
+    assert stages.stage_key("tokenizer", cfg, paths) != key
