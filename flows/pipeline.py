@@ -15,14 +15,16 @@ Ways to run:
     glm-pipeline run configs/tiny.yaml [--stage data]       in-process (Prefect's ephemeral API)
     glm-pipeline serve configs/demo.yaml --cron "0 2 * * *"  one long-lived process that creates the
         deployment `glm-pipeline/NAME-nightly` on the Prefect server at PREFECT_API_URL and runs it on
-        the schedule (each night: new files are ingested, and pretraining continues from its last
-        checkpoint for pretrain.steps more steps when the data changed); Ctrl-C pauses the schedule.
+        the schedule, one run at a time (each night: new files are ingested, and pretraining continues
+        from its last checkpoint for pretrain.steps more steps when the data changed); Ctrl-C pauses
+        the schedule.
     prefect deploy --all                                       the deployments of prefect.yaml, run by a
         worker of the `glm-process` pool (docker compose up, see docker-compose.yml)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here (tests/flows/test_deployment.py checks): a served or
+# deployed run unpickles these flows by value, and a string annotation such as "PipelineConfig" then
+# names nothing, so Prefect cannot validate the parameters and every run fails before it starts.
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,9 @@ def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | No
 
     Needs a Prefect server (PREFECT_API_URL). Each scheduled run ingests new files; when the
     data changed, pretraining continues from its latest checkpoint for `continue_steps` more
-    steps (default: pretrain.steps).
+    steps (default: pretrain.steps). Runs go one at a time: every run writes the same run_dir, so
+    a run started by hand while the scheduled one trains waits for it. Ctrl-C (or SIGTERM)
+    pauses the deployment's schedule and exits.
     """
     glm_pipeline.serve(
         name=f"{slug(cfg.name)}-nightly",
@@ -190,4 +194,5 @@ def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | No
         parameters={"config": cfg.model_dump(mode="json"), "continue_steps": continue_steps or cfg.pretrain.steps},
         description=f"GLM pipeline for config {cfg.name!r}: nightly ingestion and continued pretraining",
         tags=["glm", slug(cfg.name)],
+        limit=1,
     )
