@@ -4,6 +4,7 @@
     glm-pipeline config CONFIG [--set ...]                          print the validated config
     glm-pipeline infer BUNDLE (--fill TEXT | --generate TEXT | --classify TEXT)
     glm-pipeline serve CONFIG [--cron "0 2 * * *"]                  one long-lived process with a schedule
+    glm-pipeline deploy                                             register prefect.yaml's deployments (+ work pool)
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` is instant.
 """
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline as a long-lived process with a cron schedule")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
+
+    sub.add_parser("deploy", help="register the deployments of prefect.yaml (in the current directory) on the "
+                                  "Prefect server at PREFECT_API_URL, creating their work pool if missing")
     return parser
 
 
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(cfg, cron=args.cron)
             return 0
+        if args.command == "deploy":
+            from pathlib import Path
+
+            from flows.deploy import deploy
+
+            return deploy(Path.cwd())
         if args.command == "infer":
             from glm.runtime import infer_command
 
