@@ -4,6 +4,7 @@ registers the deployments of prefect.yaml from the checkout and a real process w
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
 def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smoke(server, tmp_path):
     """The README's way on a fresh server: `glm-pipeline deploy` (work pool + `prefect deploy --all`),
     then `prefect worker start --pool glm-process` runs tiny-smoke, reading configs/tiny.yaml."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
 
     from flows.deploy import ensure_process_pool
 
@@ -72,10 +73,11 @@ def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smok
         assert deployments["tiny-smoke"].parameters == {"config": {"file": "configs/tiny.yaml"}}
 
         run_dir = tmp_path / "run"
-        run = client.create_flow_run_from_deployment(
-            deployments["tiny-smoke"].id,
-            parameters={"config": {"file": "configs/tiny.yaml", "set": [*SMALL, f"run_dir={run_dir}"]}},
-        )
+        config = json.dumps({"file": "configs/tiny.yaml", "set": [*SMALL, f"run_dir={run_dir}"]})
+        done = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "glm-pipeline/tiny-smoke",
+                               "--param", f"config={config}"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        [run] = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments["tiny-smoke"].id])))
         # started elsewhere: the deployment's pull step, not the worker's directory, finds the code
         worker = subprocess.run(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "glm-process", "--type", "process", "--run-once"],
