@@ -34,7 +34,7 @@ COPY flows/ flows/
 COPY configs/ configs/
 COPY benchmarks/ benchmarks/
 RUN pip install --no-deps . \
-    && mkdir -p /app/runs /data \
+    && mkdir -p /app/runs /app/data \
     && chown -R glm:glm /app/runs
 
 USER glm

@@ -6,38 +6,63 @@
     finetune_flow(config)  fine-tuning (+ the from-scratch baseline) and the evaluation report
     export_flow(config)    ONNX bundle, verified against PyTorch
 
-The parameter is the typed PipelineConfig (Prefect validates it before anything runs). Every
-task first asks its stage's stamp (glm.stages, the pipeline's one cache) whether it is done, so
-re-running an unchanged config is a series of "Cached" task runs, and a changed input, config
-section or glm module re-runs exactly the stages downstream of it. A stage (or shard) whose
-output was deleted or changed on disk is rebuilt.
+The parameter is the typed PipelineConfig (Prefect validates it before anything runs), given
+inline or as {file: configs/tiny.yaml, set: [key=value, ...]}: a YAML config read when the run
+starts, with overrides as `glm-pipeline --set` takes them. Every task first asks its stage's
+stamp (glm.stages, the pipeline's one cache) whether it is done, so re-running an unchanged
+config is a series of "Cached" task runs, and a changed input, config section or glm module
+re-runs exactly the stages downstream of it. A stage (or shard) whose output was deleted or
+changed on disk is rebuilt.
 
 Ways to run:
     glm-pipeline run configs/tiny.yaml [--stage data]       in-process (Prefect's ephemeral API)
     glm-pipeline serve configs/demo.yaml --cron "0 2 * * *"  one long-lived process that creates the
         deployment `glm-pipeline/NAME-nightly` on the Prefect server at PREFECT_API_URL and runs it on
-        the schedule (each night: new files are ingested, and pretraining continues from its last
-        checkpoint for pretrain.steps more steps when the data changed); Ctrl-C pauses the schedule.
-    prefect deploy --all                                       the deployments of prefect.yaml, run by a
-        worker of the `glm-process` pool (docker compose up, see docker-compose.yml)
+        the schedule, one run at a time (each night: new files are ingested, and pretraining continues
+        from its last checkpoint for pretrain.steps more steps when the data changed); Ctrl-C pauses
+        the schedule.
+    glm-pipeline deploy                                        the deployments of prefect.yaml (flows/deploy.py),
+        run by a worker of the `glm-process` pool: `prefect worker start --pool glm-process`
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here (tests/flows/test_deployment.py checks): a served or
+# deployed run unpickles these flows by value, and a string annotation such as "PipelineConfig" then
+# names nothing, so Prefect cannot validate the parameters and every run fails before it starts.
+from typing import Annotated, Any
 
-from pathlib import Path
-from typing import Any
-
-import tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 from prefect import Task, flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+import tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 from glm import stages
-from glm.config import PipelineConfig
+from glm.config import PipelineConfig, load_config
 from tasks import artifacts
 from tasks import stages as t
 from tasks.options import configure, slug
 from tasks.training import pretrain as pretrain_task
+
+
+class ConfigFile(BaseModel):
+    """A flow's config by reference: a YAML file (or a name under configs/, read from the run's
+    working directory) and `key=value` overrides, as `glm-pipeline run FILE --set ...` takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    set: list[str] = Field(default_factory=list)
+
+
+def _read_config_file(value: Any) -> Any:
+    if isinstance(value, dict) and "file" in value:
+        ref = ConfigFile.model_validate(value)
+        return load_config(ref.file, ref.set)  # a ConfigError (a ValueError) names the file and the fix
+    return value
+
+
+# The flows' `config` parameter: a PipelineConfig (inline), or a ConfigFile that becomes one when the
+# run's parameters are validated, so a deployment can reference configs/tiny.yaml instead of copying it.
+ConfigParameter = Annotated[PipelineConfig, BeforeValidator(_read_config_file, json_schema_input_type=PipelineConfig | ConfigFile)]
 
 
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
@@ -111,7 +136,7 @@ def export_stages(cfg: PipelineConfig) -> dict[str, str]:
 
 
 @flow(name="glm-pipeline", flow_run_name="{config.name}")
-def glm_pipeline(config: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Every stage: data, pretraining, fine-tuning and evaluation, export. Returns each stage's output.
 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
@@ -121,28 +146,28 @@ def glm_pipeline(config: PipelineConfig, continue_steps: int | None = None) -> d
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
-def data_flow(config: PipelineConfig) -> dict[str, str]:
+def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
     with artifacts.sent():
         return data_stages(config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
-def pretrain_flow(config: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the span-corruption shards the data flow built."""
     with artifacts.sent():
         return pretrain_stage(config, continue_steps)
 
 
 @flow(name="glm-finetune", flow_run_name="{config.name}")
-def finetune_flow(config: PipelineConfig) -> dict[str, str]:
+def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
     with artifacts.sent():
         return finetune_stages(config)
 
 
 @flow(name="glm-export", flow_run_name="{config.name}")
-def export_flow(config: PipelineConfig) -> dict[str, str]:
+def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
     with artifacts.sent():
         return export_stages(config)
@@ -165,7 +190,9 @@ def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | No
 
     Needs a Prefect server (PREFECT_API_URL). Each scheduled run ingests new files; when the
     data changed, pretraining continues from its latest checkpoint for `continue_steps` more
-    steps (default: pretrain.steps).
+    steps (default: pretrain.steps). Runs go one at a time: every run writes the same run_dir, so
+    a run started by hand while the scheduled one trains waits for it. Ctrl-C (or SIGTERM)
+    pauses the deployment's schedule and exits.
     """
     glm_pipeline.serve(
         name=f"{slug(cfg.name)}-nightly",
@@ -173,4 +200,5 @@ def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | No
         parameters={"config": cfg.model_dump(mode="json"), "continue_steps": continue_steps or cfg.pretrain.steps},
         description=f"GLM pipeline for config {cfg.name!r}: nightly ingestion and continued pretraining",
         tags=["glm", slug(cfg.name)],
+        limit=1,
     )

@@ -5,6 +5,7 @@
     glm-pipeline infer BUNDLE (--fill TEXT | --generate TEXT | --classify TEXT)
     glm-pipeline serve CONFIG [--cron "0 2 * * *"]                  one long-lived process with a schedule
     glm-pipeline verify RUN_DIR                                     re-hash every output; mark what fails for rebuild
+    glm-pipeline deploy                                             register prefect.yaml's deployments (+ work pool)
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` is instant.
 """
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the pipeline as a long-lived process with a cron schedule")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
+
+    sub.add_parser("deploy", help="register the deployments of prefect.yaml (in the current directory) on the "
+                                  "Prefect server at PREFECT_API_URL, creating their work pool if missing")
     return parser
 
 
@@ -110,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "verify":
             return _verify(args.run_dir, args.mark)
+        if args.command == "deploy":
+            from pathlib import Path
+
+            from flows.deploy import deploy
+
+            return deploy(Path.cwd())
         if args.command == "infer":
             from glm.runtime import infer_command
 

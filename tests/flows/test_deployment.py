@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ def _prefect_yaml() -> dict:
 
 
 @pytest.mark.parametrize("deployment", [d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]])
-def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment):
+def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment, monkeypatch):
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.callables import parameter_schema
@@ -27,6 +29,7 @@ def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment):
 
     from glm.config import PipelineConfig
 
+    monkeypatch.chdir(ROOT)  # a run's working directory: where the deployment was made
     spec = next(d for d in PrefectYamlModel.model_validate(_prefect_yaml()).deployments if d.name == deployment)
     flow = load_flow_from_entrypoint(str(ROOT / spec.entrypoint), use_placeholder_flow=False)
     schema = parameter_schema(flow).model_dump_for_openapi()
@@ -34,6 +37,29 @@ def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment):
     params = flow.validate_parameters(spec.parameters)  # as each run does
     assert isinstance(params["config"], PipelineConfig)
     assert spec.work_pool.name == "glm-process"
+
+
+def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from flows.pipeline import glm_pipeline
+    from glm.config import load_config
+
+    smoke = next(d for d in _prefect_yaml()["deployments"] if d["name"] == "tiny-smoke")
+    assert smoke["parameters"] == {"config": {"file": "configs/tiny.yaml"}}  # a reference, not a copy
+    assert glm_pipeline.validate_parameters(smoke["parameters"])["config"] == load_config("configs/tiny.yaml")
+    custom = {"config": {"file": "configs/tiny.yaml", "set": ["pretrain.steps=3", "run_dir=/tmp/x"]}}
+    assert glm_pipeline.validate_parameters(custom)["config"] == load_config("configs/tiny.yaml", ["pretrain.steps=3", "run_dir=/tmp/x"])
+
+
+def test_a_config_file_parameter_that_does_not_load_names_the_file():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import glm_pipeline
+
+    with pytest.raises(ParameterTypeError, match="config file 'configs/nope.yaml' not found"):
+        glm_pipeline.validate_parameters({"config": {"file": "configs/nope.yaml"}})
+    with pytest.raises(ParameterTypeError, match="pretrain.steps"):
+        glm_pipeline.validate_parameters({"config": {"file": "configs/tiny.yaml", "set": ["pretrain.steps=many"]}})
 
 
 def test_the_nightly_deployment_runs_the_whole_pipeline_on_a_cron_and_continues_pretraining():
@@ -45,9 +71,49 @@ def test_the_nightly_deployment_runs_the_whole_pipeline_on_a_cron_and_continues_
     [schedule] = nightly["schedules"]
     assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
     assert nightly["parameters"]["continue_steps"] > 0
-    assert nightly["parameters"]["config"]["data"]["sources"][0]["path"] == "/data/incoming"  # the compose data volume
-    assert doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"  # the image's WORKDIR
+    config = nightly["parameters"]["config"]
+    assert config["data"]["sources"][0]["path"] == "data/incoming" and config["run_dir"] == "runs/nightly"
+
+
+def test_runs_start_where_the_deployments_were_made_the_checkout_or_the_image_workdir():
+    """The build step records `pwd` when deploying and the pull step moves there, so the relative
+    paths of the deployments are the checkout's, or /app's where the compose `deploy` service runs."""
+    doc = _prefect_yaml()
+    [build] = doc["build"]
+    step = build["prefect.deployments.steps.run_shell_script"]
+    assert step["script"] == "pwd"
+    [pull] = doc["pull"]
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ %s.stdout }}" % step["id"]
     assert re.search(r"^WORKDIR /app$", (ROOT / "Dockerfile").read_text(), re.M)
+    services = _compose()["services"]
+    assert services["deploy"]["command"] == ["glm-pipeline", "deploy"] and services["deploy"]["image"] == services["worker"]["image"]
+    mounts = {v.rsplit("}:", 1)[-1].split(":")[0] for v in services["worker"]["volumes"]}  # ${HOST:-default}:TARGET[:ro]
+    assert mounts == {"/app/data", "/app/runs"}  # data/incoming and runs/ below the image's WORKDIR
+
+
+def test_no_flow_module_postpones_its_annotations():
+    """A served or deployed run unpickles the flows by value; a string annotation such as
+    "PipelineConfig" then names nothing and every run fails its parameter validation."""
+    offenders = [p.name for p in (ROOT / "flows").glob("*.py") if re.search(r"^from __future__ import annotations", p.read_text(), re.M)]
+    assert not offenders, f"flows/{offenders[0]}: remove `from __future__ import annotations` (see flows/pipeline.py)"
+
+
+def _deploy(cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run([sys.executable, "-m", "glm.cli", "deploy"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**environ, "PREFECT_HOME": str(cwd / "prefect-home"), **env})
+
+
+def test_deploy_outside_the_project_or_without_a_server_says_what_to_do(tmp_path):
+    done = _deploy(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: no prefect.yaml in {tmp_path}: run `glm-pipeline deploy` in "
+                                                "the glm-pipeline checkout (or /app in the image)"]
+    shutil.copy(ROOT / "prefect.yaml", tmp_path / "prefect.yaml")
+    done = _deploy(tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: PREFECT_API_URL is not set: start a server (`prefect server start`) "
+                                                "and export PREFECT_API_URL=http://127.0.0.1:4200/api, then deploy again"]
 
 
 def _compose() -> dict:
@@ -94,8 +160,6 @@ def test_the_worker_is_our_image_with_a_gpu_and_the_data_and_run_volumes():
     assert "--pool glm-process" in worker["command"] and "--with-healthcheck" in worker["command"]
     [gpu] = worker["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    mounts = {v.rsplit("}:", 1)[-1].split(":")[0] for v in worker["volumes"]}  # ${HOST:-default}:TARGET[:ro]
-    assert {"/data", "/app/runs"} <= mounts
     assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
 
 
@@ -118,20 +182,3 @@ def test_the_dockerfile_installs_the_pinned_project_and_runs_unprivileged():
     for package in ("glm", "tasks", "flows"):
         assert f"COPY {package}/ {package}/" in text
     assert re.search(r"^USER (?!root)\w+", text, re.M)
-
-
-def test_serve_creates_a_nightly_deployment_of_the_whole_pipeline(monkeypatch):
-    import json
-
-    from flows import pipeline
-    from glm.config import load_config
-
-    captured = {}
-    monkeypatch.setattr(type(pipeline.glm_pipeline), "serve", lambda self, **kw: captured.update(kw, flow=self))
-    cfg = load_config("configs/tiny.yaml", ["name=My Corpus"])
-    pipeline.serve(cfg, cron="30 1 * * *")
-    assert captured["flow"] is pipeline.glm_pipeline
-    assert captured["name"] == "my-corpus-nightly" and captured["cron"] == "30 1 * * *"
-    params = json.loads(json.dumps(captured["parameters"]))  # stored by the server as JSON
-    assert params["continue_steps"] == cfg.pretrain.steps
-    assert pipeline.glm_pipeline.validate_parameters(params)["config"] == cfg
