@@ -35,7 +35,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-import tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
+import tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
 from glm import stages
 from glm.config import PipelineConfig, load_config
 from tasks import artifacts
