@@ -14,10 +14,12 @@ previous presents back as the past. key_start hides left padding (0 = no padding
 
 Decoding follows glm.generate (GLM.md section 4): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
-the next blank. Greedy decoding is token-identical to glm.generate.fill_blanks (checked at
-export time). Sampling uses numpy's generator, so seeded draws are reproducible here but
-differ from torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks,
-generate); classifier inputs are truncated from the end of the text, as in fine-tuning.
+the next blank. Greedy decoding follows glm.generate.fill_blanks: export verification feeds both
+the same tokens (teacher_forced_logits) and requires the same choice at every step, except where
+the two best logits are within float noise (a CPU's kernels can flip such near-ties).
+Sampling uses numpy's generator, so seeded draws are reproducible here but differ from
+torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks, generate);
+classifier inputs are truncated from the end of the text, as in fine-tuning.
 """
 
 from __future__ import annotations
@@ -300,6 +302,54 @@ class Bundle:
         self._check_prompts(prompts, max_new_tokens)
         if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        eop = self.special["eop"]
+        rng = np.random.default_rng(seed)
+
+        def choose(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+            scores = logits.astype(np.float32)  # (B, V) a copy: the caller's logits stay raw
+            scores[force] = -np.inf  # the blank is full: only <eop> may follow
+            scores[force, eop] = 0.0
+            return scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
+
+        rows = self._decode(prompts, max_new_tokens, choose)
+        return [_split_spans(row, eop, sum(t in self.mask_ids for t in p)) for row, p in zip(rows, prompts)]
+
+    def teacher_forced_logits(
+        self, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]], max_new_tokens: int = 32
+    ) -> list[np.ndarray]:
+        """Raw logits (steps, V) of every decoding step when row r is fed `tokens[r]` instead of its own choices.
+
+        tokens[r]: what a decoder chose for prompt r, span after span, each closed by <eop> (as
+        glm.generate's greedy history). Step s of row r is the distribution that chose tokens[r][s],
+        from the same loop fill_ids runs: comparing two decoders step by step on one token history
+        tells a near-tie (both almost equally likely) from a real divergence.
+        """
+        self._check_prompts(prompts, max_new_tokens)
+        eop = self.special["eop"]
+        if len(tokens) != len(prompts):
+            raise ValueError(f"{len(tokens)} token histories given for {len(prompts)} prompts")
+        for r, (p, t) in enumerate(zip(prompts, tokens)):
+            spans = _split_spans(list(t), eop, sum(x in self.mask_ids for x in p))
+            if list(t) != [x for span in spans for x in [*span, eop]] or any(len(span) > max_new_tokens for span in spans):
+                raise ValueError(f"tokens[{r}] is not a complete decoding of prompt {r}: one span per blank, each at most "
+                                 f"max_new_tokens={max_new_tokens} tokens and closed by <eop> ({eop})")
+        history: list[np.ndarray] = []  # (B, V) per step
+
+        def feed(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+            step = len(history)
+            history.append(logits.copy())
+            return np.array([t[step] if step < len(t) else eop for t in tokens], np.int64)  # (B,)
+
+        self._decode(prompts, max_new_tokens, feed)
+        steps = np.stack(history, axis=1)  # (B, steps, V)
+        return [steps[r, : len(t)] for r, t in enumerate(tokens)]
+
+    def _decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, choose: Any) -> list[list[int]]:
+        """The blank-filling loop; `choose(logits (B, V), force (B,))` picks each step's tokens.
+
+        logits are the raw last-position logits; force marks rows whose blank is full (they must
+        choose <eop>). Returns each row's chosen tokens in order, every span closed by <eop>.
+        """
         sp = self.special
         B, L = len(prompts), max(map(len, prompts))
         ids = np.full((B, L), sp["pad"], np.int64)  # (B, L)
@@ -315,7 +365,6 @@ class Bundle:
         key_start = np.array([L - len(p) for p in prompts], np.int64)  # (B,)
         _, cache = self._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
 
-        rng = np.random.default_rng(seed)
         rows = np.arange(B)
         blank = np.zeros(B, np.int64)  # (B,) blank being filled
         n_gen = np.zeros(B, np.int64)  # (B,) tokens generated in it
@@ -325,11 +374,7 @@ class Bundle:
         history = []
         for _ in range(int(n_blanks.max()) * (max_new_tokens + 1)):
             logits, cache = self._run_bound((token[:, None], cur_pos[:, None], bpos[:, None], sep, key_start), cache)
-            scores = logits[:, -1].astype(np.float32)  # (B, V)
-            force = n_gen >= max_new_tokens  # (B,) the blank is full: only <eop> may follow
-            scores[force] = -np.inf
-            scores[force, sp["eop"]] = 0.0
-            chosen = scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
+            chosen = np.asarray(choose(logits[:, -1], n_gen >= max_new_tokens), np.int64)  # (B,)
             chosen = np.where(active, chosen, -1)  # (B,) -1: row already finished
             history.append(chosen)
             is_eop = chosen == sp["eop"]  # (B,)
@@ -344,7 +389,7 @@ class Bundle:
             bpos = np.where(active, np.where(is_eop, 1, bpos + 1), bpos)
             n_gen = np.where(active, np.where(is_eop, 0, n_gen + 1), n_gen)
         steps = np.stack(history, axis=1)  # (B, steps)
-        return [_split_spans([int(t) for t in steps[r] if t >= 0], sp["eop"], int(n_blanks[r])) for r in range(B)]
+        return [[int(t) for t in steps[r] if t >= 0] for r in range(B)]
 
     def fill_blanks(
         self,

@@ -153,6 +153,24 @@ def test_io_bound_cache_steps_equal_plain_host_runs(lm):
     assert presents[0].shape() == [B, 2, L + 1, 16]
 
 
+def test_teacher_forcing_the_bundles_own_choices_replays_its_greedy_decoding(lm):
+    prompts = [lm.encode("the movie was [MASK] and the acting [sMASK]."), [40, 41, 4, 42]]
+    spans = lm.fill_ids(prompts, max_new_tokens=3)
+    eop = lm.special["eop"]
+    tokens = [[t for span in row for t in [*span, eop]] for row in spans]
+    logits = lm.teacher_forced_logits(prompts, tokens, max_new_tokens=3)
+    for row, steps in zip(tokens, logits):
+        assert steps.shape == (len(row), 448)
+        n = 0
+        for tok, step in zip(row, steps):
+            assert tok == (eop if n >= 3 else int(step.argmax()))  # a full blank's <eop> is forced, not chosen
+            n = 0 if tok == eop else n + 1
+    with pytest.raises(ValueError, match=r"tokens\[1\] is not a complete decoding of prompt 1"):
+        lm.teacher_forced_logits(prompts, [tokens[0], tokens[1][:-1]], max_new_tokens=3)  # the last <eop> missing
+    with pytest.raises(ValueError, match="at most max_new_tokens=2"):
+        lm.teacher_forced_logits(prompts[1:], [[20, 21, 22, eop]], max_new_tokens=2)
+
+
 def test_fill_blanks_returns_the_text_with_every_blank_filled(lm):
     result = lm.fill_blanks("the movie was [MASK] and the acting [sMASK].", max_new_tokens=5)
     assert len(result.spans) == len(result.span_ids) == 2 and all(len(s) <= 5 for s in result.span_ids)
