@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from glm import runtime
-from glm.checkpoint import load_model, read_meta, resolve_checkpoint
+from glm.checkpoint import load_model, read_meta, resolve_checkpoint, write_json_in_order
 from glm.config import ClozeTaskConfig, ExportConfig
 from glm.generate import GenerationConfig, fill_blanks
 from glm.model import GLM
@@ -363,9 +363,23 @@ def _default_verify_data(checkpoint: Path | None) -> list[tuple[str, str | None,
     return None
 
 
+def _verbalizers_in_label_order(spec: dict[str, Any]) -> dict[str, str]:
+    """spec["verbalizers"] in the order of spec["labels"], the list that fixes the label order.
+
+    A JSON object's key order is not reliable: meta.json and config.json files written before
+    this fix sorted their keys, which reordered the verbalizers but not the labels list.
+    """
+    verbalizers = spec["verbalizers"]
+    labels = [str(x) for x in spec.get("labels") or verbalizers]
+    if sorted(labels) != sorted(verbalizers):
+        raise ValueError(f"classifier labels {labels} and verbalizer keys {list(verbalizers)} differ; the cloze spec "
+                         "is corrupt: re-run fine-tuning or pass classifier= with matching labels and verbalizers")
+    return {label: verbalizers[label] for label in labels}
+
+
 def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
     return ClozeTaskConfig(
-        name=spec.get("name", "classifier"), pattern=spec["pattern"], verbalizers=spec["verbalizers"],
+        name=spec.get("name", "classifier"), pattern=spec["pattern"], verbalizers=_verbalizers_in_label_order(spec),
         multi_token=spec.get("multi_token", False), length_normalise=spec.get("length_normalise", False),
         text_pair_field=spec.get("text_pair_field"),
     )
@@ -499,14 +513,13 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
     if missing:
         raise ValueError(f"classifier spec lacks {sorted(missing)}; pass the dict saved under meta.json's 'finetune' key")
     task = ClozeTask(tokenizer, _cloze_task_config(spec), spec.get("max_seq_len") or max_seq_len)
-    if task.labels != list(spec["labels"]):
-        raise ValueError(f"classifier labels {spec['labels']} do not follow its verbalizers' order {task.labels}")
     if "answer_ids" in spec and [list(a) for a in spec["answer_ids"]] != task.answers:
         raise ValueError("the classifier's verbalizers tokenize differently with this tokenizer than at fine-tuning; "
                          "export with the tokenizer the model was fine-tuned with")
     return {
         **{k: v for k, v in spec.items() if k not in ("answer_ids", "scores")},
         "labels": task.labels,
+        "verbalizers": dict(task.task.verbalizers),  # in label order
         "answer_ids": task.answers,
         "max_seq_len": task.max_seq_len,
         "multi_token": task.task.multi_token,
@@ -628,7 +641,7 @@ def export_bundle(
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
         atomic_write_bytes(tmp / TOKENIZER_FILE, tokenizer.model_proto)
         config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8)
-        atomic_write_json(tmp / runtime.CONFIG_FILE, config)
+        write_json_in_order(tmp / runtime.CONFIG_FILE, config)  # the classifier's verbalizers stay in label order
         write_sha256sums(tmp)  # the runtime refuses a bundle without checksums, verification included
         if cfg.verify:
             report = verify_bundle(tmp, checkpoint, cfg, model=model, verify_data=verify_data)

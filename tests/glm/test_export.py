@@ -357,6 +357,46 @@ def test_text_pair_patterns_and_their_truncation_match_pytorch(built):
                                atol=1e-4)
 
 
+def test_labels_keep_the_configs_order_from_fine_tuning_to_the_runtime(built, tmp_path, monkeypatch):
+    """Verbalizer keys in reverse alphabetical order survive config -> meta.json -> config.json -> Bundle (issue 12.9)."""
+    tok = Tokenizer.load(built.tokenizer)
+    task = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"positive": "good", "negative": "bad"})
+    examples = [ft.LabelledExample(e.text, "positive" if e.label == "1" else "negative") for e in sentiment_examples(240)]
+    cfg = FinetuneConfig(task=task, epochs=4, batch_size=16, patience=3, from_scratch_baseline=False,
+                         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+    result = ft.finetune_cloze(tiny_model(448, max_seq_len=64), tok, cfg, tmp_path / "ft", examples=examples)
+    meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
+    assert meta["finetune"]["labels"] == list(meta["finetune"]["verbalizers"]) == ["positive", "negative"]
+
+    out = export.export_bundle(tmp_path / "ft" / "checkpoints", built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False))
+    classifier = json.loads((out / "config.json").read_text())["classifier"]
+    assert classifier["labels"] == list(classifier["verbalizers"]) == ["positive", "negative"]
+    report = json.loads((out / "verification.json").read_text())["fp32"]["classifier"]
+    assert report["accuracy"] == report["accuracy_pytorch"] > 0.9
+
+    bundle = runtime.Bundle.load(out, threads=1)
+    assert bundle.labels == ["positive", "negative"]
+    model, _ = load_model(result["checkpoint"])
+    texts = ["the movie was good", "a bad film", "the acting was really very good", "bad plot"]
+    ref = ft.score_cloze(model, tok, texts, task)  # (N, L) columns in the config's label order
+    got = bundle.classify_batch(texts)
+    assert [c.label for c in got] == [list(task.verbalizers)[i] for i in ref.argmax(1)]
+    assert [c.label for c in got] == ["positive", "negative", "positive", "negative"]
+    assert list(got[0].probabilities) == ["positive", "negative"] and got[0].probabilities["positive"] > 0.5
+
+    # files written before the fix sorted their keys: the labels list still fixes the order
+    step = Path(result["checkpoint"])
+    (step / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+    assert list(json.loads((step / "meta.json").read_text())["finetune"]["verbalizers"]) == ["negative", "positive"]
+    monkeypatch.setattr(export, "export_onnx", _reuse_graph(out / "model.onnx"))
+    again = export.export_bundle(step, built.tokenizer, tmp_path / "again", ExportConfig(quantize_int8=False))
+    assert runtime.Bundle.load(again).classify("the movie was good").label == "positive"
+    old = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(old, sort_keys=True))
+    export.write_sha256sums(out)
+    assert export.verify_bundle(out, step)["fp32"]["classifier"]["accuracy"] > 0.9
+
+
 # --------------------------------------------------------------------------- failures
 
 
