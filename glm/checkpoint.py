@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glm.config import ModelConfig
-from glm.shards import atomic_write_json, atomic_write_text, code_version, sha256_file
+from glm.shards import atomic_write_text, code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def write_json_in_order(path: str | Path, obj: Any) -> Path:
+    """Atomic JSON that keeps every dict's key order (shards.atomic_write_json sorts keys): a cloze
+    spec's verbalizers are in label order, and readers shown the file expect the config's order."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -173,7 +179,7 @@ def save_checkpoint(
         "files": files,
         **(extra_meta or {}),
     }
-    atomic_write_json(tmp / META_FILE, meta)
+    write_json_in_order(tmp / META_FILE, meta)
     final = root / name
     if final.exists():  # the same step saved again after a resume: replace it
         shutil.rmtree(final)

@@ -14,10 +14,12 @@ previous presents back as the past. key_start hides left padding (0 = no padding
 
 Decoding follows glm.generate (GLM.md section 4): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
-the next blank. Greedy decoding is token-identical to glm.generate.fill_blanks (checked at
-export time). Sampling uses numpy's generator, so seeded draws are reproducible here but
-differ from torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks,
-generate); classifier inputs are truncated from the end of the text, as in fine-tuning.
+the next blank. Greedy decoding follows glm.generate.fill_blanks: export verification feeds both
+the same tokens (teacher_forced_logits) and requires the same choice at every step, except where
+the two best logits are within float noise (a CPU's kernels can flip such near-ties).
+Sampling uses numpy's generator, so seeded draws are reproducible here but differ from
+torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks, generate);
+classifier inputs are truncated from the end of the text, as in fine-tuning.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 FORMAT = "glm-onnx-bundle"
 FORMAT_VERSION = 1
@@ -68,13 +71,35 @@ def read_sha256sums(path: str | Path) -> dict[str, str]:
     return sums
 
 
+def bundle_file(path: str | Path, name: Any, where: str) -> Path:
+    """`path / name` if `name` is a relative file name that stays inside the bundle directory.
+
+    Checked before anything is opened: a config.json or SHA256SUMS naming "../x", "/etc/passwd"
+    or a symlink out of the bundle would otherwise make the loader read files outside it.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise BundleError(f"{where} must be a file name inside the bundle, got {name!r}; re-export the bundle")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or re.match(r"^[A-Za-z]:", name):
+        raise BundleError(f"{where} is {name!r}, outside the bundle (absolute or '..'); bundle files must be relative "
+                          "names inside the bundle directory: re-export the bundle")
+    root = Path(path).resolve()
+    target = (root / name).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise BundleError(f"{where} is {name!r}, which resolves to {target}, outside the bundle {root} (a symlink?); "
+                          "copy the real files into the bundle directory or re-export it")
+    return Path(path) / name
+
+
 def check_bundle_files(path: str | Path, required: Sequence[str] = ()) -> None:
     """Raise BundleError unless every file SHA256SUMS lists (and every `required` one) is present and intact."""
     path = Path(path)
-    sums_path = path / SUMS_FILE
+    sums_path = bundle_file(path, SUMS_FILE, f"bundle {path}: {SUMS_FILE}")
     if not sums_path.is_file():
         raise BundleError(f"bundle {path} has no {SUMS_FILE}; it is incomplete: re-export it")
     sums = read_sha256sums(sums_path)
+    for n, name in enumerate(sums, 1):
+        bundle_file(path, name, f"{sums_path} entry {n}")
     for name in required:
         if name not in sums:
             raise BundleError(f"bundle {path}: {name} is not listed in {SUMS_FILE}; the bundle is corrupt, re-export it")
@@ -86,6 +111,117 @@ def check_bundle_files(path: str | Path, required: Sequence[str] = ()) -> None:
             )
         if sha256_file(f) != want:
             raise BundleError(f"bundle {path}: {name} does not match its checksum in {SUMS_FILE} (corrupt or modified); re-export it")
+
+
+# --------------------------------------------------------------------------- config.json schema
+
+# What the runtime reads from config.json: {field: type or nested schema}; "?" after a type: may be null.
+_POS_INT, _INT, _BOOL, _STR, _LIST, _DICT = "positive integer", "integer", "boolean", "string", "list", "object"
+CONFIG_SCHEMA: dict[str, Any] = {
+    "format": _STR,
+    "format_version": _POS_INT,
+    "files": {"model": _STR, "model_int8": _STR + "?", "tokenizer": _STR},
+    "model": {"n_layer": _POS_INT, "n_head": _POS_INT, "head_dim": _POS_INT, "vocab_size": _POS_INT, "max_seq_len": _POS_INT},
+    "special_tokens": {k: _INT for k in ("pad", "mask", "smask", "gmask", "sop", "eop")},
+    "tokenizer": {"literal_ids": _DICT},
+    "classifier": _DICT + "?",
+}
+CLASSIFIER_SCHEMA: dict[str, Any] = {
+    "labels": _LIST, "answer_ids": _LIST, "segments": _LIST, "text_budget": _POS_INT,
+    "multi_token": _BOOL, "length_normalise": _BOOL, "has_pair": _BOOL,
+}
+_KINDS = {
+    _POS_INT: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    _INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    _BOOL: lambda v: isinstance(v, bool),
+    _STR: lambda v: isinstance(v, str),
+    _LIST: lambda v: isinstance(v, list),
+    _DICT: lambda v: isinstance(v, dict),
+}
+
+
+def _check_fields(node: Any, schema: dict[str, Any], where: str, prefix: str = "") -> None:
+    """BundleError naming the first field of `node` that is missing or of the wrong type."""
+    if not isinstance(node, dict):
+        what = f"field {prefix[:-1]!r}" if prefix else "the top level"
+        raise BundleError(f"{where}: {what} must be a JSON object, got {type(node).__name__}; "
+                          "the bundle config is corrupt: re-export the bundle")
+    for key, kind in schema.items():
+        name = prefix + key
+        if key not in node:
+            raise BundleError(f"{where} lacks field {name!r}; the bundle config is incomplete: re-export the bundle")
+        value = node[key]
+        if isinstance(kind, dict):
+            _check_fields(value, kind, where, name + ".")
+        elif not (kind.endswith("?") and value is None or _KINDS[kind.rstrip("?")](value)):
+            raise BundleError(f"{where}: field {name!r} must be a {kind.rstrip('?')}{' or null' if kind.endswith('?') else ''}, "
+                              f"got {value!r}; the bundle config is corrupt: re-export the bundle")
+
+
+def _is_ids(x: Any, limit: int) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < limit for t in x)
+
+
+def check_config(config: Any, where: str) -> None:
+    """Validate config.json's fields that the runtime uses (types, ranges, cross-references)."""
+    _check_fields(config, CONFIG_SCHEMA, where)
+    vocab = config["model"]["vocab_size"]
+    for key, value in config["special_tokens"].items():
+        if key in CONFIG_SCHEMA["special_tokens"] and not 0 <= value < vocab:
+            raise BundleError(f"{where}: field 'special_tokens.{key}' is {value}, outside the vocabulary [0, {vocab}); "
+                              "re-export the bundle")
+    for key, ids in config["tokenizer"]["literal_ids"].items():
+        if not key.isdigit() or not _is_ids(ids, vocab):
+            raise BundleError(f"{where}: field 'tokenizer.literal_ids' maps {key!r} to {ids!r}, not token ids; re-export the bundle")
+    c = config["classifier"]
+    if c is None:
+        return
+    _check_fields(c, CLASSIFIER_SCHEMA, where, "classifier.")
+    if not c["labels"] or len(c["labels"]) != len(c["answer_ids"]) or not all(isinstance(x, str) for x in c["labels"]):
+        raise BundleError(f"{where}: 'classifier.labels' ({c['labels']!r}) needs one string per 'classifier.answer_ids' entry "
+                          f"({len(c['answer_ids'])}); re-export the bundle")
+    if not all(_is_ids(a, vocab) and a for a in c["answer_ids"]) or not c["multi_token"] and any(len(a) != 1 for a in c["answer_ids"]):
+        raise BundleError(f"{where}: 'classifier.answer_ids' must hold non-empty token-id lists within the vocabulary "
+                          "(one id each unless multi_token); re-export the bundle")
+    segments = c["segments"]
+    if segments.count("mask") != 1 or not all(s in ("text", "text_pair", "mask") or _is_ids(s, vocab) for s in segments):
+        raise BundleError(f"{where}: 'classifier.segments' must be token-id lists and 'text'/'text_pair' slots around "
+                          "exactly one 'mask'; re-export the bundle")
+
+
+def _graph_io(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> tuple[list[tuple], list[tuple]]:
+    """(name, onnx type, shape with None for dynamic axes) of the graph's inputs and outputs."""
+    cache = ("tensor(float)", [None, n_head, None, head_dim])
+    inputs = [(n, "tensor(int64)", [None] * (2 if n.endswith("ids") else 1)) for n in INPUTS]
+    inputs += [(f"past_key_values.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
+    outputs = [("logits", "tensor(float)", [None, None, vocab_size])]
+    outputs += [(f"present.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+def check_graph(session: Any, config: dict[str, Any], model_path: Path) -> None:
+    """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json."""
+    m = config["model"]
+    want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"])
+    for kind, want, got in (("inputs", want_in, session.get_inputs()), ("outputs", want_out, session.get_outputs())):
+        have = {a.name: a for a in got}
+        missing = [n for n, _, _ in want if n not in have]
+        extra = sorted(set(have) - {n for n, _, _ in want})
+        if missing or extra:
+            n_past = sum(n.startswith(("past_key_values.", "present.")) for n in have) // 2
+            raise BundleError(
+                f"{model_path}: the graph's {kind} do not match config.json (model.n_layer={m['n_layer']}); missing "
+                f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{'...' if len(extra) > 4 else ''} "
+                f"(the graph has {n_past} cache layers); config.json and the model come from different exports: re-export the bundle"
+            )
+        for name, dtype, shape in want:
+            a = have[name]
+            fixed = [d if isinstance(d, int) else None for d in a.shape]
+            if a.type != dtype or len(a.shape) != len(shape) or any(w is not None and f not in (w, None) for w, f in zip(shape, fixed)):
+                raise BundleError(
+                    f"{model_path}: graph {kind[:-1]} {name!r} is {a.type} {a.shape}, but config.json implies {dtype} of rank "
+                    f"{len(shape)} with sizes {['*' if w is None else w for w in shape]}; re-export the bundle"
+                )
 
 
 # --------------------------------------------------------------------------- results
@@ -169,23 +305,30 @@ class Bundle:
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle directory {path} does not exist; export one with glm.export.export_bundle")
-        config_path = path / CONFIG_FILE
+        config_path = bundle_file(path, CONFIG_FILE, f"bundle {path}: {CONFIG_FILE}")
         if not config_path.is_file():
             raise BundleError(f"bundle {path} is missing {CONFIG_FILE}; copy the whole bundle directory or re-export it")
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{config_path} is not valid JSON ({e}); the bundle is corrupt, re-export it") from None
+        if not isinstance(config, dict):
+            raise BundleError(f"{config_path} holds a JSON {type(config).__name__}, not a GLM bundle config (an object with "
+                              f"format {FORMAT!r}); the bundle is corrupt, re-export it")
         if config.get("format") != FORMAT:
             raise BundleError(f"{config_path} is not a GLM bundle config (format {config.get('format')!r}, expected {FORMAT!r})")
         version = config.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise BundleError(
                 f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}); "
                 "update runtime.py (glm-pipeline) to read it"
             )
+        check_config(config, str(config_path))
         files = config["files"]
-        model_file = files.get("model_int8") if int8 else files["model"]
+        for key in ("model", "model_int8", "tokenizer"):
+            if files[key] is not None:
+                bundle_file(path, files[key], f"{config_path} field 'files.{key}'")
+        model_file = files["model_int8"] if int8 else files["model"]
         if model_file is None:
             raise BundleError(f"bundle {path} has no int8 model; re-export with export.quantize_int8=true, or load without int8")
         if verify_checksums:
@@ -198,7 +341,13 @@ class Bundle:
             tokenizer.LoadFromSerializedProto((path / files["tokenizer"]).read_bytes())
         except (RuntimeError, OSError) as e:
             raise BundleError(f"{path / files['tokenizer']} is not a sentencepiece model ({e}); re-export the bundle") from None
-        return cls(path, config, _session(path / model_file, providers, threads), tokenizer, path / model_file)
+        try:
+            session = _session(path / model_file, providers, threads)
+        except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
+            raise BundleError(f"{path / model_file} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
+                              "re-export the bundle") from None
+        check_graph(session, config, path / model_file)
+        return cls(path, config, session, tokenizer, path / model_file)
 
     # ----------------------------------------------------------------- tokens
 
@@ -300,6 +449,54 @@ class Bundle:
         self._check_prompts(prompts, max_new_tokens)
         if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        eop = self.special["eop"]
+        rng = np.random.default_rng(seed)
+
+        def choose(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+            scores = logits.astype(np.float32)  # (B, V) a copy: the caller's logits stay raw
+            scores[force] = -np.inf  # the blank is full: only <eop> may follow
+            scores[force, eop] = 0.0
+            return scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
+
+        rows = self._decode(prompts, max_new_tokens, choose)
+        return [_split_spans(row, eop, sum(t in self.mask_ids for t in p)) for row, p in zip(rows, prompts)]
+
+    def teacher_forced_logits(
+        self, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]], max_new_tokens: int = 32
+    ) -> list[np.ndarray]:
+        """Raw logits (steps, V) of every decoding step when row r is fed `tokens[r]` instead of its own choices.
+
+        tokens[r]: what a decoder chose for prompt r, span after span, each closed by <eop> (as
+        glm.generate's greedy history). Step s of row r is the distribution that chose tokens[r][s],
+        from the same loop fill_ids runs: comparing two decoders step by step on one token history
+        tells a near-tie (both almost equally likely) from a real divergence.
+        """
+        self._check_prompts(prompts, max_new_tokens)
+        eop = self.special["eop"]
+        if len(tokens) != len(prompts):
+            raise ValueError(f"{len(tokens)} token histories given for {len(prompts)} prompts")
+        for r, (p, t) in enumerate(zip(prompts, tokens)):
+            spans = _split_spans(list(t), eop, sum(x in self.mask_ids for x in p))
+            if list(t) != [x for span in spans for x in [*span, eop]] or any(len(span) > max_new_tokens for span in spans):
+                raise ValueError(f"tokens[{r}] is not a complete decoding of prompt {r}: one span per blank, each at most "
+                                 f"max_new_tokens={max_new_tokens} tokens and closed by <eop> ({eop})")
+        history: list[np.ndarray] = []  # (B, V) per step
+
+        def feed(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+            step = len(history)
+            history.append(logits.copy())
+            return np.array([t[step] if step < len(t) else eop for t in tokens], np.int64)  # (B,)
+
+        self._decode(prompts, max_new_tokens, feed)
+        steps = np.stack(history, axis=1)  # (B, steps, V)
+        return [steps[r, : len(t)] for r, t in enumerate(tokens)]
+
+    def _decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, choose: Any) -> list[list[int]]:
+        """The blank-filling loop; `choose(logits (B, V), force (B,))` picks each step's tokens.
+
+        logits are the raw last-position logits; force marks rows whose blank is full (they must
+        choose <eop>). Returns each row's chosen tokens in order, every span closed by <eop>.
+        """
         sp = self.special
         B, L = len(prompts), max(map(len, prompts))
         ids = np.full((B, L), sp["pad"], np.int64)  # (B, L)
@@ -315,7 +512,6 @@ class Bundle:
         key_start = np.array([L - len(p) for p in prompts], np.int64)  # (B,)
         _, cache = self._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
 
-        rng = np.random.default_rng(seed)
         rows = np.arange(B)
         blank = np.zeros(B, np.int64)  # (B,) blank being filled
         n_gen = np.zeros(B, np.int64)  # (B,) tokens generated in it
@@ -325,11 +521,7 @@ class Bundle:
         history = []
         for _ in range(int(n_blanks.max()) * (max_new_tokens + 1)):
             logits, cache = self._run_bound((token[:, None], cur_pos[:, None], bpos[:, None], sep, key_start), cache)
-            scores = logits[:, -1].astype(np.float32)  # (B, V)
-            force = n_gen >= max_new_tokens  # (B,) the blank is full: only <eop> may follow
-            scores[force] = -np.inf
-            scores[force, sp["eop"]] = 0.0
-            chosen = scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
+            chosen = np.asarray(choose(logits[:, -1], n_gen >= max_new_tokens), np.int64)  # (B,)
             chosen = np.where(active, chosen, -1)  # (B,) -1: row already finished
             history.append(chosen)
             is_eop = chosen == sp["eop"]  # (B,)
@@ -344,7 +536,7 @@ class Bundle:
             bpos = np.where(active, np.where(is_eop, 1, bpos + 1), bpos)
             n_gen = np.where(active, np.where(is_eop, 0, n_gen + 1), n_gen)
         steps = np.stack(history, axis=1)  # (B, steps)
-        return [_split_spans([int(t) for t in steps[r] if t >= 0], sp["eop"], int(n_blanks[r])) for r in range(B)]
+        return [[int(t) for t in steps[r] if t >= 0] for r in range(B)]
 
     def fill_blanks(
         self,

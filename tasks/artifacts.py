@@ -1,4 +1,4 @@
-"""What the Prefect UI shows of a run: tables, Markdown, progress and links built from stage outputs.
+"""What the Prefect UI shows of a run: tables, Markdown and progress built from stage outputs.
 
 Keys are `CONFIG-NAME-WHAT` (lowercase, dashes), so each config's artifacts form their own
 history in the UI's Artifacts page. Everything here reads the files a stage wrote; nothing
@@ -19,8 +19,10 @@ import contextvars
 import json
 import logging
 import re
+import shlex
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -218,16 +220,83 @@ def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) ->
             description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}")
 
 
-def export_bundle(cfg: PipelineConfig, bundle_dir: Path) -> None:
-    """A link to the verified bundle and a table of what verification checked."""
+def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None) -> None:
+    """The bundle as Markdown (where it is, its checksums, what verification found, how to load it)
+    and a table of every verification number.
+
+    Browsers refuse file:// links from the UI, so a link artifact is made only for an http(s) `url`
+    where the bundle is served; a run directory on local disk has none.
+    """
     report = json.loads((bundle_dir / "verification.json").read_text(encoding="utf-8"))
-    publish("onnx-bundle", create_link_artifact, bundle_dir.resolve().as_uri(), link_text=f"ONNX bundle: {bundle_dir}",
+    publish("onnx-bundle", create_markdown_artifact, bundle_markdown(cfg, bundle_dir, report),
             key=artifact_key(cfg, "onnx-bundle"),
-            description=f"verified: {report.get('passed')}; files: {', '.join(report.get('files', {}))}")
+            description=f"ONNX bundle at {bundle_dir.resolve()} (verified: {report.get('passed')})")
+    if url is not None and urllib.parse.urlsplit(url).scheme in ("http", "https"):
+        publish("onnx-bundle-link", create_link_artifact, url, link_text=f"ONNX bundle: {bundle_dir.name}",
+                key=artifact_key(cfg, "onnx-bundle-link"), description=f"the bundle at {bundle_dir.resolve()}, served")
     rows = list(_verification_rows(report))
     if rows:
         publish("export-verification", create_table_artifact, rows, key=artifact_key(cfg, "export-verification"),
                 description="ONNX against PyTorch (atol %s)" % report.get("atol"))
+
+
+def bundle_markdown(cfg: PipelineConfig, bundle_dir: Path, report: dict[str, Any]) -> str:
+    """Everything a user copies to use the bundle, as text: path, checksums, verification, code."""
+    where = bundle_dir.resolve()
+    config = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
+    sums = (bundle_dir / "SHA256SUMS").read_text(encoding="utf-8").strip()
+    status = {True: "passed", False: "**FAILED**", None: "not run"}[report.get("passed")]
+    lines = [f"# ONNX bundle: {cfg.name}", "", f"Verification {status}. The bundle directory (copy the path: the UI "
+             "cannot open local files):", "", "```text", str(where), "```", "",
+             "## Files (SHA256SUMS)", "", "```text", sums, "```", "",
+             f"A copy checks itself with `cd {shlex.quote(str(where))} && sha256sum -c SHA256SUMS`; "
+             "`Bundle.load` checks the same sums.", "", "## Verification", ""]
+    lines += _verification_summary(report)
+    classifier = config.get("classifier")
+    python = ["from glm.runtime import Bundle  # or runtime.py copied into your app (numpy, onnxruntime, sentencepiece)", "",
+              f"bundle = Bundle.load({str(where)!r})", 'print(bundle.fill_blanks("The film was [MASK].").text)']
+    shell = [f'glm-pipeline infer {shlex.quote(str(where))} --fill "The film was [MASK]."']
+    if classifier:
+        python.append(f'print(bundle.classify("a wonderful film").label)  # labels: {", ".join(classifier["labels"])}')
+        shell.append(f'glm-pipeline infer {shlex.quote(str(where))} --classify "a wonderful film"')
+    lines += ["", "## Load it", "", "```python", *python, "```", "", "```bash", *shell, "```", ""]
+    return "\n".join(lines)
+
+
+def _verification_summary(report: dict[str, Any]) -> list[str]:
+    if report.get("passed") is None:
+        return [f"Not verified: {report.get('skipped', 'no report')}."]
+    fp32 = report.get("fp32") or {}
+    out = [f"- fp32 against PyTorch: max |logit diff| {fp32.get('logits_max_abs_diff', float('nan')):.3g}, "
+           f"max |cache diff| {fp32.get('presents_max_abs_diff', float('nan')):.3g} (atol {report.get('atol')})"]
+    g = fp32.get("greedy") or {}
+    if "near_tie_count" in g:
+        out.append(f"- greedy decoding, teacher-forced over {g['steps']} steps: {g['divergent_count']} divergent, "
+                   f"{g['near_tie_count']} near-tie(s) accepted (reference margin <= {g['tie_tolerance']:.3g}), "
+                   f"token agreement {g['token_agreement']:.4f}")
+    elif g:
+        out.append(f"- greedy decoding identical to glm.generate: {g.get('identical')}")
+    c = fp32.get("classifier") or {}
+    if "accuracy" in c:
+        out.append(f"- classifier test accuracy {c['accuracy']:.4f} (PyTorch {c['accuracy_pytorch']:.4f}, {c['examples']} examples)")
+    elif "skipped" in c:
+        out.append(f"- classifier accuracy not checked: {c['skipped']}")
+    q = report.get("int8") or {}
+    if "size_ratio" in q:
+        change = (q.get("classifier") or {}).get("accuracy_change")
+        out.append(f"- int8: {q['size_ratio']:.2f} of the fp32 size, max |logit diff| {q['logits_max_abs_diff']:.3g}"
+                   + (f", accuracy change {change:+.4f}" if change is not None else ""))
+    for failure in report.get("failures") or []:
+        out.append(f"- failure: {failure}")
+    ties = g.get("near_ties") or []
+    if ties:
+        out += ["", "Near-ties (the two best logits within float noise; CPUs may break them either way):", "",
+                "| prompt | step | reference token | bundle token | margin | logit diff |", "|---|---|---|---|---|---|"]
+        out += [f"| {'0 (decoded alone)' if t.get('alone') else t['prompt']} | {t['step']} | {t['reference_token']} | "
+                f"{t['bundle_token']} | {t['margin']:.3g} | {t['logit_diff']:.3g} |" for t in ties]
+        if g["near_tie_count"] > len(ties):
+            out.append(f"\n({g['near_tie_count'] - len(ties)} more in verification.json's count, not listed)")
+    return out
 
 
 def _verification_rows(report: dict[str, Any]) -> Iterable[dict[str, Any]]:

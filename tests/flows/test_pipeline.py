@@ -38,13 +38,13 @@ def test_the_pipeline_completes_and_writes_every_stage(two_runs):
 
 
 def test_every_artifact_is_visible_through_the_api(two_runs):
-    _, first, _ = two_runs
+    cfg, first, _ = two_runs
     found = artifacts(first.state_details.flow_run_id)
     expected = {
         "corpus-statistics": "table", "cleaning-statistics": "table", "corpus-validation": "table",
         "tokenizer-summary": "markdown", "token-statistics": "table", "token-validation": "table",
         "pretrain-progress": "progress", "pretrain-loss": "table", "finetune-results": "table",
-        "evaluation-report": "markdown", "onnx-bundle": "markdown", "export-verification": "table",  # a link is Markdown
+        "evaluation-report": "markdown", "onnx-bundle": "markdown", "export-verification": "table",
     }
     assert {f"tiny-e2e-{k}" for k in expected} <= set(found), sorted(found)
     for key, kind in expected.items():
@@ -52,7 +52,9 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
     assert float(found["tiny-e2e-pretrain-progress"].data) == pytest.approx(100.0)
     report = found["tiny-e2e-evaluation-report"].data
     assert "data:image/png;base64," in report and "](accuracy.png)" not in report  # plots render in the UI
-    assert "](file:///" in found["tiny-e2e-onnx-bundle"].data and "export/bundle)" in found["tiny-e2e-onnx-bundle"].data
+    bundle = found["tiny-e2e-onnx-bundle"].data  # no file:// link (browsers refuse it): text to copy
+    assert "file://" not in bundle and str(stages.RunPaths(cfg.run_dir).bundle.resolve()) in bundle
+    assert "SHA256SUMS" in bundle and "Bundle.load(" in bundle and "glm-pipeline infer" in bundle
     loss_rows = found["tiny-e2e-pretrain-loss"].data
     assert '"step": 6' in loss_rows and '"loss"' in loss_rows
 

@@ -15,6 +15,7 @@ from glm.checkpoint import (
     list_checkpoints,
     load_model,
     load_trainer_state,
+    read_meta,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
@@ -137,3 +138,12 @@ def test_run_directory_and_missing_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
         load_model(tmp_path / "empty")
+
+
+def test_meta_json_keeps_the_key_order_it_was_given(tmp_path):
+    """A cloze spec's verbalizers are in label order; meta.json must not sort them (issue 12.9)."""
+    spec = {"kind": "cloze", "labels": ["positive", "negative"], "verbalizers": {"positive": "good", "negative": "bad"}}
+    path = save_checkpoint(tmp_path, 1, GLM(CFG).state_dict(), {}, model_config=CFG, extra_meta={"finetune": spec})
+    meta = read_meta(path)
+    assert list(meta["finetune"]["verbalizers"]) == ["positive", "negative"] and meta["finetune"] == spec
+    assert verify_checkpoint(path) == []

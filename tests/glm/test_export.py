@@ -4,6 +4,7 @@ int8, classifier agreement with score_cloze, verification failures and atomic re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -156,7 +157,10 @@ def test_verification_report_covers_the_shape_grid_and_passed(built):
     assert {b for b, _, _ in shapes} == {1, 2, 3, 4}
     assert min(t for _, t, _ in shapes) == 1 and max(t for _, t, _ in shapes) == 128
     assert min(p for _, _, p in shapes) == 0 and max(p for _, _, p in shapes) == 128
-    assert fp32["greedy"]["identical"] and fp32["greedy"]["generated_tokens"] > 50
+    g = fp32["greedy"]
+    assert g["passed"] and g["method"] == "teacher-forced" and g["generated_tokens"] > 50 and g["steps"] > 50
+    assert g["divergent_count"] == 0 and g["near_tie_count"] == len(g["near_ties"])  # ties are allowed, never required
+    assert g["logits_max_abs_diff"] <= 1e-4 and export.TIE_FLOOR <= g["tie_tolerance"] <= export.TIE_FACTOR * 1e-4
     int8 = report["int8"]
     assert int8["size_ratio"] < 0.5 and "logits_max_abs_diff" in int8 and 0.0 <= int8["greedy"]["token_agreement"] <= 1.0
 
@@ -189,7 +193,7 @@ def test_logits_and_presents_match_pytorch_at_batch_seq_past(lm, lm_bundle, B, T
         np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_is_token_identical_to_glm_generate(built, lm, lm_bundle):
+def test_greedy_generation_follows_glm_generate_step_by_step(built, lm, lm_bundle):
     tok = Tokenizer.load(built.tokenizer)
     prompts = [
         tok.encode("the movie was [MASK] and the acting [sMASK] 我们很[MASK]。"),
@@ -197,12 +201,95 @@ def test_greedy_generation_is_token_identical_to_glm_generate(built, lm, lm_bund
         tok.encode("a story") + [G],
         list(range(100, 150)) + [S] + list(range(200, 230)),
     ]
+    untied = 0
     for max_new in (1, 6, 20):
+        check = export.check_greedy(lm, lm_bundle, prompts, max_new, cap=1e-4)
+        assert check["passed"] and check["logits_max_abs_diff"] <= 1e-4, check
         ref = [r.spans for r in fill_blanks(lm, prompts, GenerationConfig(max_new_tokens=max_new))]
         got = lm_bundle.fill_ids(prompts, max_new_tokens=max_new)
-        assert got == ref
         assert all(len(span) <= max_new for spans in got for span in spans)
+        # where every teacher-forced step agreed, the bundle's own decoding is glm.generate's, token for token
+        tied = {t["prompt"] for t in check["near_ties"]}
+        for i in set(range(len(prompts))) - tied:
+            assert got[i] == ref[i], (max_new, i)
+            untied += 1
+    assert untied >= 6  # near-ties are rare: most prompts are compared whole
     assert len({t for spans in got for s in spans for t in s}) > 5  # the model really varies its choices
+
+
+def test_a_greedy_step_within_float_noise_of_a_tie_is_accepted_and_reported():
+    V, eop = 10, SPECIAL.eop
+    ref = np.zeros((3, V), np.float32)  # (S, V) three steps
+    ref[0, 5], ref[0, 6] = 1.0, 1.0 - 1e-6  # a near-tie: 5 wins by 1e-6
+    ref[1, 7], ref[1, 8] = 1.0, 0.5  # a clear choice
+    ref[2, eop] = 1.0
+    got = ref.copy()
+    got[0, 6] += 2e-6  # float noise of 1e-6 flips the tie
+    tol = export.tie_tolerance(float(np.abs(ref - got).max()))
+    steps = export.compare_greedy_steps(ref, got, [5, 7, eop], [False] * 3, tol)
+    assert steps == [{"step": 0, "reference_token": 5, "bundle_token": 6, "margin": pytest.approx(1e-6, rel=0.1),
+                      "bundle_margin": pytest.approx(1e-6, rel=0.1), "logit_diff": pytest.approx(2e-6, rel=0.1),
+                      "near_tie": True}]
+    got[1, 8] = 1.1  # the same size of error cannot flip a clear choice: a real divergence
+    steps = export.compare_greedy_steps(ref, got, [5, 7, eop], [False] * 3, export.tie_tolerance(0.6, cap=1e-4))
+    assert [(d["step"], d["near_tie"]) for d in steps] == [(0, True), (1, False)]
+    assert export.compare_greedy_steps(ref, got, [5, 7, eop], [False, True, False], tol)[1:] == []  # forced steps are skipped
+    assert export.tie_tolerance(0.0) == export.TIE_FLOOR and export.tie_tolerance(1.0, cap=1e-4) == pytest.approx(4e-4)
+
+
+def _edit_onnx(bundle: Path, name: str, edit) -> None:
+    """Change one weight of a bundle's model.onnx in place (and its checksum): a bundle that is genuinely different."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bundle / "model.onnx"))
+    (init,) = [t for t in graph.graph.initializer if t.name == name]
+    init.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), name))
+    onnx.save(graph, str(bundle / "model.onnx"))
+    export.write_sha256sums(bundle)
+
+
+def _most_chosen_token(model, tok) -> int:
+    """The token glm.generate chooses most often on the verification prompts."""
+    prompts = export._generation_prompts(model, tok)
+    chosen = [t for r in fill_blanks(model, prompts, GenerationConfig(max_new_tokens=16)) for s in r.spans for t in s]
+    return max(set(chosen), key=chosen.count)
+
+
+def test_near_ties_in_a_real_bundle_pass_verification_and_are_listed(built, lm, tmp_path):
+    """Token b made a twin of token a: the reference puts b just below a, the bundle just above, so
+    wherever a is the greedy choice the two runs flip by a margin far below the tie tolerance."""
+    a, b, delta = _most_chosen_token(lm, Tokenizer.load(built.tokenizer)), 447, 1e-5  # b: a row past the tokenizer
+    reference = copy.deepcopy(lm)
+    with torch.no_grad():
+        reference.wte.weight[b] = reference.wte.weight[a] * (1 - delta)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(built.lm_bundle, bundle)
+
+    def twin(w):
+        w[b] = w[a] * (1 + delta)
+        return w
+
+    _edit_onnx(bundle, "model.wte.weight", twin)
+    report = export.verify_bundle(bundle, model=reference)  # does not raise
+    g = report["fp32"]["greedy"]
+    assert report["passed"] and g["passed"] and not g["identical"] and g["divergent_count"] == 0
+    assert g["near_tie_count"] >= 1 and len(g["near_ties"]) == min(g["near_tie_count"], export.MAX_LISTED_STEPS)
+    for t in g["near_ties"]:
+        assert (t["reference_token"], t["bundle_token"]) == (a, b) and 0 < t["margin"] <= g["tie_tolerance"]
+    assert g["tie_tolerance"] == export.tie_tolerance(max(report["fp32"]["logits_max_abs_diff"], g["logits_max_abs_diff"]), 1e-4)
+
+
+def test_a_bundle_with_a_broken_layer_fails_greedy_verification(built, lm, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(built.lm_bundle, bundle)
+    rng = np.random.default_rng(0)
+    _edit_onnx(bundle, "model.blocks.0.mlp.fc.bias", lambda w: w + rng.normal(0, 0.5, w.shape).astype(w.dtype))
+    with pytest.raises(export.ExportVerificationError, match="greedy generations differ from glm.generate on prompts .* "
+                                                             "beyond near-ties") as info:
+        export.verify_bundle(bundle, model=lm)
+    g = info.value.report["fp32"]["greedy"]
+    assert not g["passed"] and g["divergent_count"] >= 1 and g["mismatched_prompts"]
+    assert all(d["margin"] > g["tie_tolerance"] for d in g["divergent_steps"])
 
 
 def test_int8_bundle_loads_decodes_and_reports_its_size_and_accuracy_change(built):
@@ -270,6 +357,46 @@ def test_text_pair_patterns_and_their_truncation_match_pytorch(built):
                                atol=1e-4)
 
 
+def test_labels_keep_the_configs_order_from_fine_tuning_to_the_runtime(built, tmp_path, monkeypatch):
+    """Verbalizer keys in reverse alphabetical order survive config -> meta.json -> config.json -> Bundle (issue 12.9)."""
+    tok = Tokenizer.load(built.tokenizer)
+    task = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"positive": "good", "negative": "bad"})
+    examples = [ft.LabelledExample(e.text, "positive" if e.label == "1" else "negative") for e in sentiment_examples(240)]
+    cfg = FinetuneConfig(task=task, epochs=4, batch_size=16, patience=3, from_scratch_baseline=False,
+                         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+    result = ft.finetune_cloze(tiny_model(448, max_seq_len=64), tok, cfg, tmp_path / "ft", examples=examples)
+    meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
+    assert meta["finetune"]["labels"] == list(meta["finetune"]["verbalizers"]) == ["positive", "negative"]
+
+    out = export.export_bundle(tmp_path / "ft" / "checkpoints", built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False))
+    classifier = json.loads((out / "config.json").read_text())["classifier"]
+    assert classifier["labels"] == list(classifier["verbalizers"]) == ["positive", "negative"]
+    report = json.loads((out / "verification.json").read_text())["fp32"]["classifier"]
+    assert report["accuracy"] == report["accuracy_pytorch"] > 0.9
+
+    bundle = runtime.Bundle.load(out, threads=1)
+    assert bundle.labels == ["positive", "negative"]
+    model, _ = load_model(result["checkpoint"])
+    texts = ["the movie was good", "a bad film", "the acting was really very good", "bad plot"]
+    ref = ft.score_cloze(model, tok, texts, task)  # (N, L) columns in the config's label order
+    got = bundle.classify_batch(texts)
+    assert [c.label for c in got] == [list(task.verbalizers)[i] for i in ref.argmax(1)]
+    assert [c.label for c in got] == ["positive", "negative", "positive", "negative"]
+    assert list(got[0].probabilities) == ["positive", "negative"] and got[0].probabilities["positive"] > 0.5
+
+    # files written before the fix sorted their keys: the labels list still fixes the order
+    step = Path(result["checkpoint"])
+    (step / "meta.json").write_text(json.dumps(meta, sort_keys=True))
+    assert list(json.loads((step / "meta.json").read_text())["finetune"]["verbalizers"]) == ["negative", "positive"]
+    monkeypatch.setattr(export, "export_onnx", _reuse_graph(out / "model.onnx"))
+    again = export.export_bundle(step, built.tokenizer, tmp_path / "again", ExportConfig(quantize_int8=False))
+    assert runtime.Bundle.load(again).classify("the movie was good").label == "positive"
+    old = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(old, sort_keys=True))
+    export.write_sha256sums(out)
+    assert export.verify_bundle(out, step)["fp32"]["classifier"]["accuracy"] > 0.9
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -335,7 +462,8 @@ def test_rotary_model_exports_and_verifies(built, tmp_path):
     ckpt = save_checkpoint(tmp_path / "rot", 1, model.state_dict(), {}, model_config=model.cfg)
     out = export.export_bundle(ckpt, built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False))
     report = json.loads((out / "verification.json").read_text())
-    assert report["passed"] and report["fp32"]["logits_max_abs_diff"] <= 1e-4 and report["fp32"]["greedy"]["identical"]
+    # this random model's greedy decode holds an exact top-2 tie (issue 12.1): which side wins depends on the CPU
+    assert report["passed"] and report["fp32"]["logits_max_abs_diff"] <= 1e-4 and report["fp32"]["greedy"]["passed"]
 
 
 def test_verify_bundle_alone_finds_the_checkpoint_and_the_test_split(built):

@@ -110,6 +110,101 @@ def test_bad_bundles_are_clear_errors(built, tmp_path, damage, message):
         runtime.Bundle.load(bundle)
 
 
+def _list_in_sums(bundle: Path, name: str) -> None:
+    """Add `name` (relative to the bundle, wherever it points) to SHA256SUMS with its true checksum."""
+    digest = runtime.sha256_file(bundle / name)
+    (bundle / "SHA256SUMS").write_text((bundle / "SHA256SUMS").read_text() + f"{digest}  {name}\n")
+
+
+def _outside_model(b: Path) -> None:
+    (b.parent / "outside").mkdir()
+    shutil.copy(b / "model.onnx", b.parent / "outside" / "evil.onnx")
+    _edit_config(b, files__model="../outside/evil.onnx")
+    _list_in_sums(b, "../outside/evil.onnx")  # checksums cannot vouch for a file outside the bundle
+
+
+def _absolute_tokenizer(b: Path) -> None:
+    shutil.copy(b / "tokenizer.model", b.parent / "evil.model")
+    _edit_config(b, files__tokenizer=str(b.parent / "evil.model"))
+    _list_in_sums(b, str(b.parent / "evil.model"))
+
+
+def _symlinked_model(b: Path) -> None:
+    shutil.move(b / "model.onnx", b.parent / "elsewhere.onnx")
+    (b / "model.onnx").symlink_to(b.parent / "elsewhere.onnx")  # same bytes: the checksum still matches
+
+
+def _without(*keys: str):
+    def damage(b: Path) -> None:
+        config = json.loads((b / "config.json").read_text())
+        node = config
+        for k in keys[:-1]:
+            node = node[k]
+        del node[keys[-1]]
+        (b / "config.json").write_text(json.dumps(config))
+        write_sha256sums(b)
+    return damage
+
+
+def _json_list(b: Path) -> None:
+    (b / "config.json").write_text("[]")
+    write_sha256sums(b)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_outside_model, r"field 'files.model' is '../outside/evil.onnx', outside the bundle"),
+        (_absolute_tokenizer, r"field 'files.tokenizer' is '/.*evil.model', outside the bundle"),
+        (_symlinked_model, r"field 'files.model' is 'model.onnx', which resolves to .*elsewhere.onnx, outside the bundle"),
+        (lambda b: (b / "SHA256SUMS").open("a").write("0" * 64 + "  /etc/passwd\n"),
+         r"SHA256SUMS entry 6 is '/etc/passwd', outside the bundle"),
+        (lambda b: (b / "SHA256SUMS").open("a").write("0" * 64 + "  sub/../../x\n"), r"entry 6 is 'sub/../../x', outside"),
+        (_without("files"), r"config.json lacks field 'files'; the bundle config is incomplete: re-export"),
+        (_without("model", "head_dim"), r"config.json lacks field 'model.head_dim'"),
+        (_json_list, r"config.json holds a JSON list, not a GLM bundle config"),
+        (lambda b: _edit_config(b, model__n_layer="two"), r"field 'model.n_layer' must be a positive integer, got 'two'"),
+        (lambda b: _edit_config(b, special_tokens__eop=10_000), r"'special_tokens.eop' is 10000, outside the vocabulary"),
+        (lambda b: _edit_config(b, files="model.onnx"), r"field 'files' must be a JSON object, got str"),
+        (lambda b: _edit_config(b, model__n_layer=3), r"model.onnx: the graph's inputs do not match config.json "
+                                                      r"\(model.n_layer=3\); missing \['past_key_values.2.key'"),
+        (lambda b: _edit_config(b, model__n_layer=1), r"unexpected \['past_key_values.1.key'.*the graph has 2 cache layers"),
+        (lambda b: _edit_config(b, model__n_head=4), r"graph input 'past_key_values.0.key' is tensor\(float\) "
+                                                     r"\['batch', 2, 'past', 16\], but config.json implies .* \['\*', 4, '\*', 16\]"),
+        (lambda b: _edit_config(b, model__vocab_size=500), r"graph output 'logits' .* sizes \['\*', '\*', 500\]"),
+    ],
+    ids=["dotdot-model", "absolute-tokenizer", "symlink-out", "sums-absolute", "sums-dotdot", "no-files", "no-head-dim",
+         "json-list", "n-layer-type", "special-range", "files-type", "n-layer-more", "n-layer-fewer", "n-head", "vocab"],
+)
+def test_tampered_bundles_are_refused_at_load_with_the_file_and_field(built, tmp_path, damage, message):
+    bundle = _copy(built, tmp_path)
+    damage(bundle)
+    with pytest.raises(runtime.BundleError, match=message) as info:
+        runtime.Bundle.load(bundle)
+    assert "\n" not in str(info.value)
+
+
+def test_classifier_fields_are_checked_at_load(built, tmp_path):
+    bundle = tmp_path / "clf"
+    shutil.copytree(built.clf_bundle, bundle)
+    _without("classifier", "answer_ids")(bundle)
+    with pytest.raises(runtime.BundleError, match=r"config.json lacks field 'classifier.answer_ids'"):
+        runtime.Bundle.load(bundle)
+    shutil.rmtree(bundle)
+    shutil.copytree(built.clf_bundle, bundle)
+    _edit_config(bundle, classifier__labels=["0"])
+    with pytest.raises(runtime.BundleError, match=r"'classifier.labels' \(\['0'\]\) needs one string per"):
+        runtime.Bundle.load(bundle)
+
+
+def test_good_bundles_still_load_also_through_a_symlinked_directory(built, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(built.clf_bundle, target_is_directory=True)  # the whole bundle elsewhere: every file stays inside it
+    bundle = runtime.Bundle.load(link, threads=1)
+    assert bundle.labels == ["0", "1"] and bundle.classify("a good film").label == "1"
+    assert runtime.Bundle.load(built.lm_bundle, int8=True, threads=1).fill_ids([[20, 4]], 2)
+
+
 def test_a_missing_directory_and_a_missing_int8_model_are_clear_errors(built, tmp_path):
     with pytest.raises(runtime.BundleError, match="does not exist"):
         runtime.Bundle.load(tmp_path / "nowhere")
@@ -151,6 +246,24 @@ def test_io_bound_cache_steps_equal_plain_host_runs(lm):
     got, presents = lm._run_bound(step, past_dev)
     np.testing.assert_array_equal(got, ref)
     assert presents[0].shape() == [B, 2, L + 1, 16]
+
+
+def test_teacher_forcing_the_bundles_own_choices_replays_its_greedy_decoding(lm):
+    prompts = [lm.encode("the movie was [MASK] and the acting [sMASK]."), [40, 41, 4, 42]]
+    spans = lm.fill_ids(prompts, max_new_tokens=3)
+    eop = lm.special["eop"]
+    tokens = [[t for span in row for t in [*span, eop]] for row in spans]
+    logits = lm.teacher_forced_logits(prompts, tokens, max_new_tokens=3)
+    for row, steps in zip(tokens, logits):
+        assert steps.shape == (len(row), 448)
+        n = 0
+        for tok, step in zip(row, steps):
+            assert tok == (eop if n >= 3 else int(step.argmax()))  # a full blank's <eop> is forced, not chosen
+            n = 0 if tok == eop else n + 1
+    with pytest.raises(ValueError, match=r"tokens\[1\] is not a complete decoding of prompt 1"):
+        lm.teacher_forced_logits(prompts, [tokens[0], tokens[1][:-1]], max_new_tokens=3)  # the last <eop> missing
+    with pytest.raises(ValueError, match="at most max_new_tokens=2"):
+        lm.teacher_forced_logits(prompts[1:], [[20, 21, 22, eop]], max_new_tokens=2)
 
 
 def test_fill_blanks_returns_the_text_with_every_blank_filled(lm):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import re
+import shlex
+
+import pytest
 
 from tasks.artifacts import inline_images
 
@@ -61,3 +65,81 @@ def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_
         every.update(step)
     artifacts.wait_sent()
     assert sent == [("create", 25.0, "demo-pretrain-progress"), ("id-1", 50.0), ("id-1", 75.0)]
+
+
+# --------------------------------------------------------------------------- the ONNX bundle
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from tests.glm.test_export import build_bundles
+
+    return build_bundles(tmp_path_factory)
+
+
+def _blocks(markdown: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)\n```", markdown, flags=re.S)
+
+
+def test_bundle_markdown_gives_the_path_checksums_verification_and_code_that_runs(built, capsys):
+    import json
+
+    from glm.cli import main as cli_main
+    from glm.config import PipelineConfig
+    from tasks.artifacts import bundle_markdown
+
+    bundle = built.clf_bundle
+    report = json.loads((bundle / "verification.json").read_text())
+    md = bundle_markdown(PipelineConfig(name="Demo"), bundle, report)
+    assert "file://" not in md and "Verification passed" in md
+    assert str(bundle.resolve()) in _blocks(md, "text")[0]
+    assert _blocks(md, "text")[1] == (bundle / "SHA256SUMS").read_text().strip()
+    assert "near-tie(s) accepted" in md and "classifier test accuracy" in md and "int8:" in md
+
+    (python,) = _blocks(md, "python")
+    exec(compile(python, "artifact", "exec"), {})  # copied from the UI, it runs as is
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[1] in ("0", "1")
+    commands = _blocks(md, "bash")[0].splitlines()
+    assert [c.split()[:2] for c in commands] == [["glm-pipeline", "infer"]] * 2
+    for command in commands:
+        assert cli_main(shlex.split(command)[1:]) == 0
+    assert capsys.readouterr().out.splitlines()[-3].startswith("label: ")
+
+
+def test_bundle_markdown_lists_near_ties_and_failures(built):
+    import json
+
+    from glm.config import PipelineConfig
+    from tasks.artifacts import bundle_markdown
+
+    report = json.loads((built.lm_bundle / "verification.json").read_text())
+    tie = {"prompt": 6, "alone": True, "step": 6, "reference_token": 182, "bundle_token": 218, "margin": 0.0,
+           "bundle_margin": 2.4e-7, "logit_diff": 3e-7, "near_tie": True}
+    report["fp32"]["greedy"].update(near_ties=[tie], near_tie_count=3, identical=False)
+    report.update(passed=False, failures=["fp32 outputs differ from PyTorch by up to 0.02 (logits)"])
+    md = bundle_markdown(PipelineConfig(name="Demo"), built.lm_bundle, report)
+    assert "Verification **FAILED**" in md and "- failure: fp32 outputs differ from PyTorch by up to 0.02" in md
+    assert "3 near-tie(s) accepted" in md and "| 0 (decoded alone) | 6 | 182 | 218 | 0 | 3e-07 |" in md
+    assert "(2 more in verification.json's count, not listed)" in md
+    assert "--classify" not in md  # not a classifier
+    skipped = bundle_markdown(PipelineConfig(name="Demo"), built.lm_bundle, {"passed": None, "skipped": "export.verify is false"})
+    assert "Verification not run" in skipped and "Not verified: export.verify is false." in skipped
+
+
+def test_the_bundle_is_a_markdown_artifact_and_a_link_only_for_an_http_url(built, monkeypatch):
+    from glm.config import PipelineConfig
+    from tasks import artifacts
+
+    sent = []
+    for name in ("create_markdown_artifact", "create_link_artifact", "create_table_artifact"):
+        monkeypatch.setattr(artifacts, name, lambda *a, _name=name, **kw: sent.append((_name, a[0], kw["key"])))
+    cfg = PipelineConfig(name="Demo")
+    for url in (None, built.lm_bundle.resolve().as_uri(), "https://models.example.org/demo/bundle"):
+        artifacts.export_bundle(cfg, built.lm_bundle, url=url)
+    artifacts.wait_sent()
+    kinds = [(name, key) for name, _, key in sent]
+    markdown_and_table = [("create_markdown_artifact", "demo-onnx-bundle"), ("create_table_artifact", "demo-export-verification")]
+    assert kinds == markdown_and_table * 2 + [markdown_and_table[0], ("create_link_artifact", "demo-onnx-bundle-link"),
+                                              markdown_and_table[1]]
+    assert sent[-2][1] == "https://models.example.org/demo/bundle"
