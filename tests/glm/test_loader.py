@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def copy_of(data_dir: Path, where: Path) -> Path:
-    for p in data_dir.rglob("*"):
-        if p.is_file():
-            (where / p.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
-            (where / p.relative_to(data_dir)).write_bytes(p.read_bytes())
-    return where
+    """A copy with the files' mtimes, so the manifests still describe it."""
+    return Path(shutil.copytree(data_dir, where))
 
 
 def epoch_rows(data_dir: Path, epoch: int) -> dict[bytes, int]:
