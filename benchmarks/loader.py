@@ -7,7 +7,9 @@ seq_len 512, this process:
 - reports the shards' disk cost per token against the raw token shards (lower is better);
 - reads batches of 32 with `TrainLoader` (memory-mapped, one fancy-index gather per shard
   and column) against the conventional map-style Dataset + DataLoader over the same shards
-  (one __getitem__ per sample, then default_collate), both in the main process.
+  (one __getitem__ per sample, then default_collate), both in the main process;
+- reports what the content check of a shard open costs (`glm.datasets.check_samples`: id,
+  sep/length and position ranges, once per shard per process), per full shard and in batches.
 Peak RSS is the VmHWM of this process, reset before each phase where Linux allows it (so it
 includes the ~300 MB of imported libraries, reported as rss_before_mb, and the touched pages
 of the memory-mapped shards).
@@ -27,7 +29,7 @@ import torch
 
 from glm import shards
 from glm.config import InfillingConfig
-from glm.datasets import build_infilling_dataset
+from glm.datasets import build_infilling_dataset, check_samples
 from glm.loader import TrainLoader, _to_torch
 from glm.special_tokens import NUM_SPECIAL
 
@@ -79,7 +81,7 @@ def synthetic_token_shards(root: Path, tokens: int, docs_per_shard: int = 20_000
             files.append(shards.file_entry(path, root, docs=len(lengths), tokens=int(offsets[-1])))
             budget -= int(offsets[-1])
             shard += 1
-    shards.write_manifest(root, "tokens", files)
+    shards.write_manifest(root, "tokens", files, stats={"vocab_size": VOCAB})  # as the token stage records it
     return root
 
 
@@ -141,5 +143,18 @@ def run(quick: bool = False) -> Iterator[dict]:
                "reference_is": "map-style Dataset + DataLoader(default_collate), main process", **common}
         yield {"name": "train_loader", "metric": "peak_rss", "value": peak, "unit": "MB", "peak_reset": reset,
                "rss_before_mb": baseline, **common}
+
+        shard_set = loader.data.epochs[0]
+        views = shard_set._open()  # memory-mapped and checked; the pages are warm from the batches above
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for f, view in zip(shard_set.files, views):
+                check_samples(f["path"], view, shard_set.seq_len, shard_set.vocab_size)
+            best = min(best, time.perf_counter() - start)
+        per_shard = best / len(shard_set) * cfg.samples_per_shard
+        yield {"name": "shard_check", "metric": "seconds_per_shard", "value": per_shard, "unit": "s", "better": "lower",
+               "samples_per_shard": cfg.samples_per_shard, "in_batches": per_shard * ours,
+               "note": "once per shard per process, when its shard set is first opened; warm page cache", **common}
     finally:
         shutil.rmtree(work, ignore_errors=True)

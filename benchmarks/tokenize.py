@@ -7,7 +7,9 @@ reported), writes document shards, then measures in the same run
   - the whole token-shard stage (Parquet read, encode, Arrow write, manifest) with 1 worker
     (ratio vs raw; goal >= 0.8),
   - the same stage with 2 workers (speed-up vs 1 worker), next to the speed-up two processes of
-    a plain Python loop get on this machine at the same moment (a shared machine may give ~1).
+    a plain Python loop get on this machine at the same moment (a shared machine may give ~1),
+  - cutting one huge document (50 MB; 8 MB with --quick) into the tokenizer trainer's chunks
+    (quadratic before: 8 MB took seconds, 50 MB minutes).
 Run it as `python -m benchmarks tokenize` or `python -m benchmarks.tokenize` (not as a file path:
 this module's name would shadow the standard library's `tokenize`).
 """
@@ -30,7 +32,7 @@ import sentencepiece as spm
 from glm.config import TokenizerConfig
 from glm.shards import file_entry, write_manifest, write_parquet
 from glm.tokenize_shards import BATCH_DOCS, tokenize_corpus
-from glm.tokenizer import MODEL_FILE, train_tokenizer
+from glm.tokenizer import MODEL_FILE, _chunks, train_tokenizer
 
 
 def imdb_reviews(limit: int) -> list[str]:
@@ -181,6 +183,27 @@ def run(quick: bool = False) -> Iterator[dict]:
             "better": "lower",
             "note": "the whole benchmark process: an upper bound that includes every text held in memory for the raw-sentencepiece reference",
         }
+    # after the RSS row, so the huge document does not count in it
+    yield chunk_large_document(texts, 8 if quick else 50)
+
+
+def chunk_large_document(texts: list[str], megabytes: int) -> dict:
+    """Characters per second cutting one document of about `megabytes` MB of reviews into training chunks."""
+    joined = " ".join(texts)
+    doc = (joined + " ") * (megabytes * 1_000_000 // (len(joined) + 1) + 1)
+    t0 = time.perf_counter()
+    n_chunks = sum(1 for _ in _chunks(doc))
+    seconds = time.perf_counter() - t0
+    return {
+        "name": "chunk_large_document",
+        "metric": "throughput",
+        "value": len(doc) / 1e6 / max(seconds, 1e-9),
+        "unit": "Mchar/s",
+        "better": "higher",
+        "chars": len(doc),
+        "chunks": n_chunks,
+        "seconds": round(seconds, 3),
+    }
 
 if __name__ == "__main__":
     for row in run(quick="--quick" in sys.argv):

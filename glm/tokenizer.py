@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -364,48 +365,114 @@ def _sample_texts(files: list[Path], sample_docs: int, seed: int, stats: dict[st
         start += n
 
 
+_NOT_SPACE = re.compile(r"[^ ]")
+
+
 def _chunks(text: str, limit: int = _CHUNK_CHARS) -> Iterator[str]:
-    """Cut text into pieces of at most `limit` characters, at a space where there is one."""
-    while len(text) > limit:
-        cut = text.rfind(" ", limit // 2, limit)
-        cut = cut if cut > 0 else limit  # no space (CJK, URLs): a hard cut
-        yield text[:cut]
-        text = text[cut:].lstrip(" ")
-    if text:
-        yield text
+    """Cut text into pieces of at most `limit` characters, at the last space in the second half
+    of the window where there is one, dropping the spaces after each cut.
+
+    Linear in len(text): a position walks the string and each step only reads its window
+    (slicing off the remainder per chunk made a 50 MB document take minutes). Each step is a
+    bounded amount of C-level work, so a signal handler runs between chunks.
+    """
+    pos, end = 0, len(text)
+    while end - pos > limit:
+        space = text.rfind(" ", pos + limit // 2, pos + limit)
+        cut = space if space > pos else pos + limit  # no space (CJK, URLs): a hard cut
+        yield text[pos:cut]
+        more = _NOT_SPACE.search(text, cut)
+        pos = more.start() if more else end
+    if pos < end:
+        yield text[pos:]
+
+
+class _Feed:
+    """The training sample as sentencepiece reads it, keeping whatever the sample raised.
+
+    sentencepiece turns an exception from its sentence iterator into a RuntimeError; without
+    this, a KeyboardInterrupt or a termination signal (or an unreadable shard) would surface as
+    "sentencepiece training failed", a ValueError an orchestrator may retry. Setting
+    `cancelled` makes the next read fail, which stops sentencepiece while it loads the sample.
+    """
+
+    def __init__(self, texts: Iterator[str]):
+        self.texts, self.error, self.cancelled = texts, None, False
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def __next__(self) -> str:
+        if self.cancelled:
+            raise RuntimeError("tokenizer training was interrupted")
+        try:
+            return next(self.texts)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
 
 
 def _train_sentencepiece(texts: Iterator[str], cfg: TokenizerConfig, threads: int, sample: dict[str, int]) -> bytes:
+    """Train in a helper thread while this one waits in short joins: sentencepiece trains for
+    minutes on a large sample without returning to Python, and only the main thread runs signal
+    handlers, so a SIGTERM/Ctrl-C would otherwise wait for the whole training. On an interrupt
+    the helper is told to stop reading and abandoned (a daemon; it ends with the process)."""
+    feed = _Feed(texts)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["model"] = _run_trainer(feed, cfg, threads)
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="sentencepiece-trainer", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        feed.cancelled = True
+        raise
+    if feed.error is not None:
+        raise feed.error
+    if isinstance(outcome.get("error"), RuntimeError):
+        raise _training_error(str(outcome["error"]), cfg, sample) from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["model"]
+
+
+def _run_trainer(feed: _Feed, cfg: TokenizerConfig, threads: int) -> bytes:
     model = io.BytesIO()
     spm.set_random_generator_seed(cfg.seed)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=texts,
-            model_writer=model,
-            model_type=cfg.model_type,
-            vocab_size=cfg.vocab_size,
-            character_coverage=cfg.character_coverage,
-            num_threads=threads,
-            # the sample is drawn (seeded) above, so sentencepiece keeps all of it, in order
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            max_sentence_length=_MAX_SENTENCE_BYTES,
-            normalization_rule_name=normalization_rule(cfg),
-            byte_fallback=True,
-            split_digits=True,
-            pad_id=SPECIAL.pad,
-            unk_id=SPECIAL.unk,
-            bos_id=SPECIAL.cls,
-            eos_id=SPECIAL.eos,
-            pad_piece=PIECES["pad"],
-            unk_piece=PIECES["unk"],
-            bos_piece=PIECES["cls"],
-            eos_piece=PIECES["eos"],
-            user_defined_symbols=[PIECES[n] for n in _USER_DEFINED],
-            minloglevel=1,
-        )
-    except RuntimeError as e:
-        raise _training_error(str(e), cfg, sample) from None
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=feed,
+        model_writer=model,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        num_threads=threads,
+        # the sample is drawn (seeded) above, so sentencepiece keeps all of it, in order
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        normalization_rule_name=normalization_rule(cfg),
+        byte_fallback=True,
+        split_digits=True,
+        pad_id=SPECIAL.pad,
+        unk_id=SPECIAL.unk,
+        bos_id=SPECIAL.cls,
+        eos_id=SPECIAL.eos,
+        pad_piece=PIECES["pad"],
+        unk_piece=PIECES["unk"],
+        bos_piece=PIECES["cls"],
+        eos_piece=PIECES["eos"],
+        user_defined_symbols=[PIECES[n] for n in _USER_DEFINED],
+        minloglevel=1,
+    )
     return model.getvalue()
 
 

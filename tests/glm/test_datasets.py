@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +20,31 @@ CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=16)
 
 
 def write_token_shards(
-    root: Path, docs_per_split: dict[str, list[list[np.ndarray]]], id_type: pa.DataType = pa.uint16()
+    root: Path, docs_per_split: dict[str, list[list[np.ndarray]]], id_type: pa.DataType = pa.uint16(),
+    vocab_size: int | None = None,
 ) -> Path:
-    """A token stage directory: root/{split}/part-NNNNN.arrow (`tokens` column) and its manifest."""
+    """A token stage directory: root/{split}/part-NNNNN.arrow (`tokens` column) and its manifest
+    (which records vocab_size, as the token stage does, when given)."""
     files = []
     for split, parts in docs_per_split.items():
         for i, docs in enumerate(parts):
             table = pa.table({"tokens": pa.array([d.tolist() for d in docs], pa.list_(id_type))})
             path = shards.write_arrow(root / split / f"part-{i:05d}.arrow", table)
             files.append(shards.file_entry(path, root, docs=len(docs), tokens=int(sum(len(d) for d in docs))))
-    shards.write_manifest(root, "tokens", files)
+    shards.write_manifest(root, "tokens", files, stats={"vocab_size": vocab_size} if vocab_size else None)
     return root
+
+
+def flip_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Overwrite the only occurrence of `old` in the file with `new` (same size), keeping its size and
+    mtime: damage only a content check can see, as from a failing disk."""
+    st = path.stat()
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(new) == len(old)
+    with open(path, "r+b") as f:
+        f.seek(data.index(old))
+        f.write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def random_docs(rng: np.random.Generator, n: int, max_len: int = 150) -> list[np.ndarray]:
@@ -41,7 +57,7 @@ def random_docs(rng: np.random.Generator, n: int, max_len: int = 150) -> list[np
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, list[list[np.ndarray]]]]:
     rng = np.random.default_rng(0)
     docs = {"train": [random_docs(rng, 40) for _ in range(3)], "valid": [random_docs(rng, 30)]}
-    return write_token_shards(tmp_path_factory.mktemp("tokens"), docs), docs
+    return write_token_shards(tmp_path_factory.mktemp("tokens"), docs, vocab_size=3000), docs
 
 
 def stream(docs: list[np.ndarray]) -> np.ndarray:
@@ -251,3 +267,39 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     shards.write_manifest(wrong, "tokens", [shards.file_entry(path, wrong)])
     with pytest.raises(ValueError, match="no `tokens` column"):
         build_infilling_dataset(wrong, tmp_path / "out", CFG, progress=False)
+
+
+# --------------------------------------------------------------------------- corrupt token shards
+
+
+def test_a_token_id_beyond_the_vocabulary_fails_the_build_naming_file_and_row(tmp_path):
+    rng = np.random.default_rng(4)
+    docs = [rng.integers(NUM_SPECIAL, 3000, 40).astype(np.uint16) for _ in range(30)]
+    marker = np.array([2999, 2998, 2997, 2996, 2995], np.uint16)  # a byte pattern found once in the file
+    docs[17][10:15] = marker
+    tokens_dir = write_token_shards(tmp_path / "tokens", {"train": [docs]}, vocab_size=3000)
+    shard = tokens_dir / "train" / "part-00000.arrow"
+    flip_in_place(shard, marker.tobytes(), np.array([2999, 65535, 2997, 2996, 2995], np.uint16).tobytes())
+    assert not shards.verify_manifest(tokens_dir)  # same size and mtime: the manifest check cannot see it
+    with pytest.raises(shards.CorruptShardError, match=rf"{shard} is corrupt: token id 65535 >= vocab size 3000 in row 17; "
+                                                       r"delete it and re-run, or run `glm-pipeline verify RUN_DIR`"):
+        build_infilling_dataset(tokens_dir, tmp_path / "infill", CFG.model_copy(update={"epochs": 1}), progress=False)
+
+
+def test_corrupt_document_offsets_fail_at_open(tmp_path):
+    docs = [np.arange(NUM_SPECIAL + 10 * i, NUM_SPECIAL + 10 * (i + 1), dtype=np.uint16) for i in range(3)]
+    offsets = np.array([0, 10, 20, 30], np.int32).tobytes()
+    for bad, problem in (([0, 10, 5, 30], "row 1 has a negative length"), ([0, 10, 20, 31], "its Arrow buffers do not match")):
+        root = write_token_shards(tmp_path / str(bad[2] + bad[3]), {"train": [docs]}, vocab_size=1000)
+        path = root / "train" / "part-00000.arrow"
+        flip_in_place(path, offsets, np.array(bad, np.int32).tobytes())
+        with pytest.raises(shards.CorruptShardError, match=f"{path} is corrupt: {problem}"):
+            packing_plan(root, "train", 31, seed=0, epoch=0, shuffle=False)
+
+
+def test_corrupt_shard_errors_are_manifest_errors_and_pickle_whole():
+    err = shards.CorruptShardError("/r/tokens/train/part-00000.arrow", "token id 9 >= vocab size 8 in row 2")
+    assert isinstance(err, shards.ManifestError)  # callers that catch ManifestError still do
+    again = pickle.loads(pickle.dumps(err))  # crosses process pools and task runners unchanged
+    assert str(again) == str(err) and again.path == err.path and again.problem == err.problem
+    assert str(err).count("\n") == 0 and "part-00000.arrow is corrupt: token id 9" in str(err)

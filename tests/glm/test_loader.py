@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from glm.datasets import build_infilling_dataset, packing_plan, read_rows
 from glm.loader import BATCH_KEYS, InfillingData, TrainLoader, ValidLoader
 from glm.model import GLM, infilling_loss
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from tests.glm.test_datasets import write_token_shards
+from tests.glm.test_datasets import flip_in_place, write_token_shards
 
 CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=24)
 ROW = infilling.input_length(CFG)
@@ -28,8 +30,13 @@ def data_dir(tmp_path_factory) -> Path:
     one_row = lambda n: [rng.integers(NUM_SPECIAL, 2000, ROW - 1).astype(np.uint16) for _ in range(n)]  # noqa: E731
     docs = {"train": [one_row(70), one_row(90)], "valid": [one_row(37)]}
     root = tmp_path_factory.mktemp("run")
-    build_infilling_dataset(write_token_shards(root / "tokens", docs), root / "infill", CFG, progress=False)
+    build_infilling_dataset(write_token_shards(root / "tokens", docs, vocab_size=2000), root / "infill", CFG, progress=False)
     return root / "infill"
+
+
+def copy_of(data_dir: Path, where: Path) -> Path:
+    """A copy with the files' mtimes, so the manifests still describe it."""
+    return Path(shutil.copytree(data_dir, where))
 
 
 def epoch_rows(data_dir: Path, epoch: int) -> dict[bytes, int]:
@@ -175,11 +182,47 @@ def test_clear_errors(data_dir, tmp_path):
     other.load_state_dict({"position": 8, "seed": 0, "data": "elsewhere"}, strict=False)
     assert other.position == 8
 
-    broken = tmp_path / "broken"
-    for p in data_dir.rglob("*"):
-        if p.is_file():
-            (broken / p.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
-            (broken / p.relative_to(data_dir)).write_bytes(p.read_bytes())
+    broken = copy_of(data_dir, tmp_path / "broken")
     (broken / "epoch-001" / "part-00002.arrow").unlink()
     with pytest.raises(shards.ManifestError, match="incomplete.*missing"):
         TrainLoader(broken, 4)
+
+
+def damage(path: Path, column: str, row: int, change) -> None:
+    """Rewrite `row` of `column` in place with change(values): the bytes of that row's values
+    (with the next row's, so the pattern is unique in the file) found and overwritten."""
+    table = shards.read_arrow(path)
+    values = table.column(column).combine_chunks()
+    if isinstance(values, pa.FixedSizeListArray):
+        rows = values.flatten().to_numpy().reshape(len(values), -1)
+        old = rows[row : row + 2].copy()
+    else:
+        rows = values.to_numpy()
+        old = rows[row : row + 8].copy()  # scalars: a longer run of rows to be unique
+    new = old.copy()
+    new[0] = change(old[0])
+    flip_in_place(path, old.tobytes(), new.tobytes())
+
+
+@pytest.mark.parametrize("column,change,problem", [
+    ("input_ids", lambda ids: np.where(np.arange(len(ids)) == 3, 65535, ids), r"token id 65535 >= vocab size 2000 in row 5"),
+    ("sep", lambda sep: sep + 200, r"sep \d+ and length \d+ in row 5 break 1 <= sep <= length <= seq_len=64"),
+    ("position_ids", lambda pos: np.where(np.arange(len(pos)) == 0, 7, pos), r"position ids of row 5 do not fit its sep \d+ and length \d+"),
+])
+def test_a_corrupt_shard_fails_at_open_naming_the_file_before_a_batch_uses_it(data_dir, tmp_path, column, change, problem):
+    broken = copy_of(data_dir, tmp_path / "broken")
+    shard = broken / "epoch-000" / "part-00001.arrow"
+    damage(shard, column, 5, change)
+    assert not shards.verify_manifest(broken)  # same size and mtime: only the content check sees it
+    loader = TrainLoader(broken, 4)
+    with pytest.raises(shards.CorruptShardError, match=rf"{shard} is corrupt: {problem}; delete it and re-run"):
+        next(iter(loader))  # the first batch opens epoch 0, whichever samples it needs
+    assert loader.position == 0
+
+
+def test_a_corrupt_validation_shard_fails_the_same_way(data_dir, tmp_path):
+    broken = copy_of(data_dir, tmp_path / "broken")
+    shard = broken / "valid" / "part-00000.arrow"
+    damage(shard, "input_ids", 2, lambda ids: np.where(np.arange(len(ids)) == 0, 4000, ids))
+    with pytest.raises(shards.CorruptShardError, match=rf"{shard} is corrupt: token id 4000 >= vocab size 2000 in row 2"):
+        next(iter(ValidLoader(broken, 4)))

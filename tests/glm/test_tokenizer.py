@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import signal
+import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import sentencepiece as spm
 from glm.config import TokenizerConfig
 from glm.shards import read_manifest, verify_manifest
 from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
-from glm.tokenizer import MODEL_FILE, SPECIAL_FILE, Tokenizer, _chunks, train_tokenizer
+from glm.tokenizer import MODEL_FILE, SPECIAL_FILE, Tokenizer, _chunks, _train_sentencepiece, train_tokenizer
 from tests.glm.factories import write_docs
 
 ENGLISH = [
@@ -293,3 +296,75 @@ def test_long_documents_are_chunked_not_dropped():
     chunks = list(_chunks(text, limit=4000))
     assert all(0 < len(c) <= 4000 for c in chunks)
     assert "".join(c.replace(" ", "") for c in chunks) == text.replace(" ", "")
+
+
+def old_chunks(text: str, limit: int):
+    """The quadratic original (it slices off the remainder per chunk), kept as the reference."""
+    while len(text) > limit:
+        cut = text.rfind(" ", limit // 2, limit)
+        cut = cut if cut > 0 else limit
+        yield text[:cut]
+        text = text[cut:].lstrip(" ")
+    if text:
+        yield text
+
+
+def chunk_test_text(rng: random.Random) -> str:
+    """Words, CJK runs, newlines and runs of spaces, some longer than the window."""
+    parts = []
+    for _ in range(rng.randint(0, 60)):
+        kind = rng.random()
+        if kind < 0.5:
+            parts.append("".join(rng.choices("abcdeé", k=rng.randint(1, 12))))
+        elif kind < 0.65:
+            parts.append("字" * rng.randint(1, 40))
+        elif kind < 0.75:
+            parts.append("\n" * rng.randint(1, 3))
+        parts.append(" " * (rng.randint(1, 3) if rng.random() < 0.8 else rng.randint(4, 90)))
+    text = "".join(parts)
+    return " " * rng.randint(0, 3) + text if rng.random() < 0.3 else text
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_chunk_boundaries_match_the_old_implementation(seed):
+    rng = random.Random(seed)
+    texts = ["", " ", "     ", "x" * 9, "ab cd", " " * 9 + "x"] + [chunk_test_text(rng) for _ in range(200)]
+    for text in texts:
+        for limit in (1, 2, 3, 5, 8, 13, 64, 4000):
+            assert list(_chunks(text, limit)) == list(old_chunks(text, limit)), (text, limit)
+
+
+def test_chunking_a_20_mb_document_never_copies_the_rest_of_it():
+    text = "lorem ipsum dolor sit amet, " * (20_000_000 // 28)  # (20 MB)
+    tracemalloc.start()
+    try:
+        n_chunks = sum(1 for _ in _chunks(text, limit=4000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the quadratic version allocated a copy of the remainder (up to 20 MB) for every chunk
+    assert peak < 1 << 20, f"chunking held {peak} bytes at once"
+    assert len(text) / 4000 <= n_chunks <= len(text) / 2000 + 1  # cuts in the window's second half
+
+
+def interrupted_sample(how: str):
+    yield from random_docs(50)
+    if how == "signal":  # the default SIGINT handler runs in the main thread and raises there
+        signal.raise_signal(signal.SIGINT)
+        yield from random_docs(50, seed=1)
+    elif how == "interrupt":
+        raise KeyboardInterrupt
+    else:
+        raise OSError("disk went away")
+
+
+@pytest.mark.parametrize("how,error", [("signal", KeyboardInterrupt), ("interrupt", KeyboardInterrupt), ("oserror", OSError)])
+def test_an_interrupted_sample_stops_training_with_that_interrupt(how, error):
+    # sentencepiece turns an iterator's exception into a RuntimeError, which became a
+    # "sentencepiece training failed" ValueError
+    with pytest.raises(error):
+        _train_sentencepiece(interrupted_sample(how), CFG, 1, {})
+    for t in threading.enumerate():
+        if t.name == "sentencepiece-trainer":
+            t.join(30)  # told to stop reading: it ends while loading the sample
+            assert not t.is_alive()
