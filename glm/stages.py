@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from glm.config import PipelineConfig, Section, dump_config
+from glm.safety import remove_tree
 from glm.shards import (
     MANIFEST,
     atomic_write_json,
@@ -632,7 +632,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
     task_dir = paths.finetune(cfg.finetune.task.name)
 
     def build() -> None:
-        shutil.rmtree(task_dir, ignore_errors=True)  # every file is regenerated
+        remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
         results = finetune_from_checkpoint(pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model),
                                            cfg.finetune, task_dir, device=_device(cfg))
         files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
@@ -742,7 +742,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     report.update({k: previous[k] for k in ("export_seconds", "files") if k in previous})
     atomic_write_json(paths.candidate / REPORT_FILE, report)
     write_sha256sums(paths.candidate)
-    shutil.rmtree(paths.bundle, ignore_errors=True)
+    remove_tree(paths.bundle, inside=paths.export, ignore_errors=True)
     os.rename(paths.candidate, paths.bundle)
     files = [file_entry(p, paths.export) for p in sorted(paths.bundle.iterdir()) if p.is_file()]
     stats = {"verified": report.get("passed"), "checkpoint": str(checkpoint),
