@@ -33,6 +33,7 @@ from prefect.utilities.annotations import quote
 
 from glm import stages
 from glm.config import PipelineConfig
+from glm.runlock import run_lock
 from tasks import artifacts
 from tasks import stages as t
 from tasks.options import configure, slug
@@ -133,35 +134,35 @@ def glm_pipeline(config: PipelineConfig, continue_steps: int | None = None) -> d
 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
         return {**data_stages(config), **pretrain_stage(config, continue_steps), **finetune_stages(config), **export_stages(config)}
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: PipelineConfig) -> dict[str, str]:
     """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return data_stages(config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the span-corruption shards the data flow built."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return pretrain_stage(config, continue_steps)
 
 
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: PipelineConfig) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return finetune_stages(config)
 
 
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: PipelineConfig) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return export_stages(config)
 
 

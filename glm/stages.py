@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from glm.config import PipelineConfig, Section, dump_config
+from glm.runlock import run_lock
 from glm.safety import remove_tree
 from glm.shards import (
     MANIFEST,
@@ -779,8 +780,9 @@ def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | 
     if stage != "all" and stage not in groups:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join([*groups, 'all'])}")
     outputs = {}
-    for name in groups if stage == "all" else [stage]:
-        for fn in groups[name]:
-            fn_name = getattr(fn, "__name__", None) or fn.func.__name__
-            outputs[fn_name] = fn(cfg, paths)
+    with run_lock(cfg.run_dir):
+        for name in groups if stage == "all" else [stage]:
+            for fn in groups[name]:
+                fn_name = getattr(fn, "__name__", None) or fn.func.__name__
+                outputs[fn_name] = fn(cfg, paths)
     return outputs
