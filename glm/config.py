@@ -423,11 +423,11 @@ class PipelineConfig(Section):
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # checks across sections name their keys
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,3 +21,12 @@ def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Prefect server on loopback (tests/integration/server.py), shared by this folder's modules."""
+    from tests.integration.server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("server")) as s:
+        yield s
