@@ -38,6 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 import tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
 from glm import stages
 from glm.config import PipelineConfig, load_config
+from glm.runlock import run_lock
 from tasks import artifacts
 from tasks import stages as t
 from tasks.options import configure, slug
@@ -141,35 +142,35 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
         return {**data_stages(config), **pretrain_stage(config, continue_steps), **finetune_stages(config), **export_stages(config)}
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return data_stages(config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the span-corruption shards the data flow built."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return pretrain_stage(config, continue_steps)
 
 
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return finetune_stages(config)
 
 
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent():
         return export_stages(config)
 
 

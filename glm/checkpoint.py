@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glm.config import ModelConfig
+from glm.safety import remove_tree
 from glm.shards import atomic_write_text, code_version, sha256_file
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp, inside=root, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
@@ -182,7 +182,7 @@ def save_checkpoint(
     write_json_in_order(tmp / META_FILE, meta)
     final = root / name
     if final.exists():  # the same step saved again after a resume: replace it
-        shutil.rmtree(final)
+        remove_tree(final, inside=root)
     os.rename(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / LATEST, name + "\n")
@@ -192,12 +192,12 @@ def save_checkpoint(
 
 def _prune(root: Path, current: int, keep: int) -> None:
     for stale in root.glob(".tmp-step-*"):  # a crashed writer's leftovers
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale, inside=root, ignore_errors=True)
     ckpts = list_checkpoints(root)
     older = [p for p in ckpts if _step_of(p) <= current]  # type: ignore[operator]
     newer = [p for p in ckpts if _step_of(p) > current]  # type: ignore[operator]
     for p in newer + older[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_tree(p, inside=root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- verify / find

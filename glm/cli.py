@@ -8,15 +8,27 @@
     glm-pipeline deploy                                             register prefect.yaml's deployments (+ work pool)
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` is instant.
+
+A failure prints one `error:` line (what failed, and where the run's full log is) and exits 1, or 2
+for a bad config or a busy run directory; tracebacks go to RUN_DIR/logs/run-*.log, and to the
+terminal with --debug.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator
 
 from glm.config import ConfigError, dump_config, load_config
+from glm.runlock import RunDirBusy, run_lock
+
+log = logging.getLogger(__name__)
 
 STAGES = ("data", "pretrain", "finetune", "export", "all")
 
@@ -31,6 +43,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-pipeline", description="GLM data-to-model pipeline")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks on the terminal (they always go to the run's log file)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline (or one stage flow) in Prefect's embedded mode")
@@ -91,20 +104,123 @@ def _verify(run_dir: str, mark: bool) -> int:
     return 1
 
 
+class ConsoleFormatter(logging.Formatter):
+    """The terminal's format: one line per record, tracebacks left to the log file (unless --debug).
+
+    The record is shared with the other handlers (the run's log file, Prefect's API handler), so it
+    is formatted without its exception rather than stripped of it.
+    """
+
+    def __init__(self, debug: bool = False):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.debug or not (record.exc_info or record.exc_text or record.stack_info):
+            return super().format(record)
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextlib.contextmanager
+def _handler(handler: logging.Handler, keep: bool = False) -> Iterator[logging.Handler]:
+    """`handler` on the root logger for the block, or (keep) for the rest of the process."""
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        if not keep:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _not_draining(record: logging.LogRecord) -> bool:
+    # Prefect's API log and event workers drain their queues at exit, announcing it at WARNING
+    # ("Still processing items: 4 items remaining...") after the run's last line, the error line included
+    return not (record.levelno == logging.WARNING and str(record.msg).startswith("Still processing items"))
+
+
+def _console(debug: bool) -> logging.Handler:
+    # installed before Prefect is imported: Prefect then leaves the root logger's handlers to us, so
+    # its flow and task run records (their tracebacks included) reach the terminal only through this
+    # handler (and still reach the API through Prefect's own handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ConsoleFormatter(debug))
+    if not debug:
+        handler.addFilter(_not_draining)
+    return handler
+
+
+def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
+    """RUN_DIR/logs/run-TIMESTAMP.log on the root logger: what the terminal shows, with full tracebacks."""
+    path = Path(run_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return path, handler
+
+
+def _one_line(e: BaseException) -> str:
+    """What failed, as the exception says it; its type too unless the message was written for the user."""
+    message = str(e).strip() or type(e).__name__
+    return message if isinstance(e, (ConfigError, RunDirBusy)) else f"{type(e).__name__}: {message}"
+
+
+def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] | None) -> None:
+    message = _one_line(e)
+    if log_file is not None:
+        path, handler = log_file
+        # the traceback into the file only (the terminal already has Prefect's one-line account)
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (message,), sys.exc_info()))
+        message += f"\n  full log: {path}" if "\n" in message else f" (full log: {path})"
+    if debug:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The program (argv None: sys.argv), or one command run in-process (tests), which leaves logging as it was.
+
+    As the program, the terminal's handler stays until the process ends: Prefect drains its API queues
+    after main returns and reports that through logging, which would otherwise reach the terminal raw.
+    """
     args = _parser().parse_args(argv)
-    # our own progress at INFO; libraries (GX, onnx, quantization) only when they warn
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("glm").setLevel(logging.INFO)
+    program = argv is None
+    root, glm_logger = logging.getLogger(), logging.getLogger("glm")
+    levels = root.level, glm_logger.level
+    root.setLevel(logging.WARNING)  # libraries (GX, onnx, quantization) only when they warn
+    glm_logger.setLevel(logging.INFO)  # our own progress at INFO
+    try:
+        with _handler(_console(args.debug), keep=program) as console:
+            code = _command(args)
+            if code:  # the error line stays the last line: no shutdown chatter (Prefect stopping its server) after it
+                console.setLevel(logging.ERROR)
+            return code
+    finally:
+        if not program:
+            root.setLevel(levels[0])
+            glm_logger.setLevel(levels[1])
+
+
+def _command(args: argparse.Namespace) -> int:
+    log_file: tuple[Path, logging.Handler] | None = None
     try:
         if args.command == "config":
             print(dump_config(load_config(args.config, args.overrides)), end="")
             return 0
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)  # validated before anything runs
-            from flows.pipeline import run_stage
+            with run_lock(cfg.run_dir):  # before Prefect (and its ephemeral server) starts
+                log_file = _log_file(cfg.run_dir)
+                from flows.pipeline import run_stage
 
-            run_stage(cfg, args.stage)
+                run_stage(cfg, args.stage)
             return 0
         if args.command == "serve":
             cfg = load_config(args.config, args.overrides)
@@ -124,9 +240,19 @@ def main(argv: list[str] | None = None) -> int:
             from glm.runtime import infer_command
 
             return infer_command(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, RunDirBusy) as e:
+        _fail(e, args.debug, log_file)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        _fail(e, args.debug, log_file)
+        return 1
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file[1])
+            log_file[1].close()
     return 1
 
 

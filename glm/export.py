@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -48,6 +47,7 @@ from glm.checkpoint import load_model, read_meta, resolve_checkpoint, write_json
 from glm.config import ClozeTaskConfig, ExportConfig
 from glm.generate import GenerationConfig, fill_blanks
 from glm.model import GLM
+from glm.safety import remove_tree
 from glm.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, code_version, sha256_file
 from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
 from glm.tokenizer import Tokenizer
@@ -588,11 +588,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old, inside=final.parent, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old, inside=final.parent, ignore_errors=True)
 
 
 def export_bundle(
@@ -653,6 +653,6 @@ def export_bundle(
         write_sha256sums(tmp)
         _replace_dir(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, inside=out_dir.parent, ignore_errors=True)
     log.info("exported %s -> %s (%s)", checkpoint, out_dir, "verified" if cfg.verify else "not verified")
     return out_dir

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from glm.config import PipelineConfig, Section, dump_config
+from glm.runlock import run_lock
+from glm.safety import remove_tree
 from glm.shards import (
     MANIFEST,
     atomic_write_json,
@@ -714,7 +715,7 @@ def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
     task_dir = paths.finetune(cfg.finetune.task.name)
 
     def build() -> None:
-        shutil.rmtree(task_dir, ignore_errors=True)  # every file is regenerated
+        remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
         results = finetune_from_checkpoint(pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model),
                                            cfg.finetune, task_dir, device=_device(cfg))
         files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
@@ -824,7 +825,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     report.update({k: previous[k] for k in ("export_seconds", "files") if k in previous})
     atomic_write_json(paths.candidate / REPORT_FILE, report)
     write_sha256sums(paths.candidate)
-    shutil.rmtree(paths.bundle, ignore_errors=True)
+    remove_tree(paths.bundle, inside=paths.export, ignore_errors=True)
     os.rename(paths.candidate, paths.bundle)
     files = [file_entry(p, paths.export) for p in sorted(paths.bundle.iterdir()) if p.is_file()]
     stats = {"verified": report.get("passed"), "checkpoint": str(checkpoint),
@@ -861,10 +862,11 @@ def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | 
     if stage != "all" and stage not in groups:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join([*groups, 'all'])}")
     outputs = {}
-    for name in groups if stage == "all" else [stage]:
-        for fn in groups[name]:
-            fn_name = getattr(fn, "__name__", None) or fn.func.__name__
-            outputs[fn_name] = fn(cfg, paths)
+    with run_lock(cfg.run_dir):
+        for name in groups if stage == "all" else [stage]:
+            for fn in groups[name]:
+                fn_name = getattr(fn, "__name__", None) or fn.func.__name__
+                outputs[fn_name] = fn(cfg, paths)
     return outputs
 
 

@@ -1,4 +1,4 @@
-"""PipelineConfig validation across sections: orchestration.train_in_process."""
+"""PipelineConfig validation: across sections, names that become paths, vocabularies, the config file itself."""
 
 from __future__ import annotations
 
@@ -29,3 +29,67 @@ def test_in_process_training_cannot_enforce_a_timeout():
     message = str(err.value)
     assert "orchestration.train_in_process" in message and "unset orchestration.train_timeout_seconds" in message
     load_config("configs/tiny.yaml", ["orchestration.train_timeout_seconds=60"])  # the subprocess enforces it
+
+
+# --------------------------------------------------------------------------- values that become paths
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/abs/dir", "a/b", "", "a\\b", ".hidden", " padded", "x" * 101, "tab\there"])
+def test_a_task_name_must_be_one_plain_folder_name(name):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [f"finetune.task.name={name!r}"])  # quoted: YAML keeps it a string
+    message = str(err.value)
+    assert "finetune.task.name" in message and "one plain" in message and "e.g. sentiment" in message
+
+
+@pytest.mark.parametrize("name", ["sentiment", "rt-polarity_v2", "情感", "a.b"])
+def test_ordinary_task_names_are_accepted(name):
+    assert load_config("configs/tiny.yaml", [f"finetune.task.name={name}"]).finetune.task.name == name
+
+
+def test_an_unsafe_task_name_is_refused_on_assignment_too():
+    cfg = load_config("configs/tiny.yaml")
+    with pytest.raises(ValueError, match="name"):
+        cfg.finetune.task.name = ".."
+
+
+def test_run_dir_cannot_be_empty():
+    with pytest.raises(ConfigError, match="run_dir: is empty"):
+        load_config("configs/tiny.yaml", ["run_dir="])
+
+
+# --------------------------------------------------------------------------- checks that need only the config
+
+
+def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused():
+    with pytest.raises(ConfigError, match=r"model.vocab_size=64 is smaller than tokenizer.vocab_size=600") as err:
+        load_config("configs/tiny.yaml", ["model.vocab_size=64"])
+    assert "raise model.vocab_size to at least 600 or unset it" in str(err.value)
+    assert load_config("configs/tiny.yaml", ["model.vocab_size=640"]).model.vocab_size == 640
+    # an existing tokenizer's size is only known from its file: checked when it is loaded, not here
+    load_config("configs/tiny.yaml", ["model.vocab_size=64", "tokenizer.existing=/some/tokenizer.model"])
+
+
+@pytest.mark.parametrize("override, key", [("tokenizer.vocab_size=5", "tokenizer.vocab_size"), ("model.vocab_size=8", "model.vocab_size")])
+def test_a_vocabulary_without_room_beyond_the_special_tokens_is_refused(override, key):
+    from glm.special_tokens import NUM_SPECIAL
+
+    assert int(override.split("=")[1]) <= NUM_SPECIAL
+    with pytest.raises(ConfigError, match=f"{key}: Input should be greater than or equal to"):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 9\); save it as UTF-8"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text, problem", [("a: [unclosed\n", "is not valid YAML"), ("- just\n- a list\n", "mapping of sections")])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_a_config_error(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path)
+
