@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import errno
 
-from glm.errors import ERROR_FILE, EXIT_CODES, KINDS_BY_CODE, PermanentError, disk_error, read_error_file, write_error_file
+from glm.errors import (
+    ERROR_FILE,
+    EXIT_CODES,
+    KINDS_BY_CODE,
+    PermanentError,
+    disk_error,
+    read_error_file,
+    write_error_file,
+)
 
 
 def test_a_full_or_read_only_disk_is_recognised_through_wrappers():

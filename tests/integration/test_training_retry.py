@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -24,7 +23,7 @@ def test_a_crashed_training_subprocess_is_retried_and_resumes_from_its_checkpoin
     cmd = cli_run(run_dir, "crash-once", "orchestration.train_in_process=false", "orchestration.retries=1",
                   "orchestration.retry_delay_seconds=0")
     env = {**server.env, "OMP_NUM_THREADS": "1", "GLM_TRAIN_CRASH_AFTER_STEP": "4"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
 
     paths = stages.RunPaths(run_dir)
@@ -32,7 +31,12 @@ def test_a_crashed_training_subprocess_is_retried_and_resumes_from_its_checkpoin
     assert stats["resumed_from"] == 4 and stats["step"] == 6 and stats["checkpoint"] == "checkpoints/step-000006"
     assert (paths.pretrain / ".crash-injected-4").is_file()  # the hook fired (once)
 
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     with client_of(server) as client:
         [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["crash-once"])))

@@ -9,7 +9,6 @@ import select
 import sys
 
 import pytest
-
 from prefect.states import Failed
 
 from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
@@ -118,3 +117,23 @@ def test_in_process_training_classifies_failures_like_the_subprocess(tmp_path, m
     assert _retried(crash.value)
     result = _train_in_process(cfg, paths, on_metrics=lambda record: None)  # what the retry runs
     assert result["resumed_from"] == 2 and result["step"] == 4
+
+
+def test_the_metrics_tail_follows_appends_torn_lines_and_rewrites(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.poll() == 0  # no file yet
+    path.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" + '{"step": 2, "lo')  # a line being written
+    assert tail.poll() == 1
+    with open(path, "a") as f:
+        f.write('ss": 2.5}\n' + json.dumps({"step": 2, "val_loss": 2.6}) + "\n")
+    assert tail.poll() == 2
+    path.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")  # a resumed run truncates past its checkpoint
+    assert tail.poll() == 1 and tail.offset == os.path.getsize(path)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 2.0}) + "\n")
+    assert tail.poll() == 3
+    replacement = tmp_path / "metrics.tmp"  # glm.train rewrites the file atomically (a new inode, maybe longer)
+    replacement.write_text("".join(json.dumps({"step": s, "loss": 1.0, "pad": "x" * 50}) + "\n" for s in (1, 2)))
+    os.replace(replacement, path)
+    assert tail.poll() == 2
