@@ -51,6 +51,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from glm.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_model_state,
     load_trainer_state,
@@ -61,7 +62,6 @@ from glm.checkpoint import (
     set_rng_state,
     to_plain,
 )
-from glm.checkpoint import CheckpointError
 from glm.config import ConfigError, ModelConfig, OptimConfig, PipelineConfig, TrainConfig, load_config
 from glm.distributed import (
     DistInfo,

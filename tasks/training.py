@@ -8,12 +8,13 @@ group), and a crash of the training process is a failed, retryable task run. Eit
 glm.train resumes from its latest checkpoint, so a retry (or a re-run of the flow) continues
 where a killed run stopped.
 
+A subprocess's output goes to the run log line by line and pretrain/metrics.jsonl is tailed
+into a progress artifact; in-process, glm's own log records and metrics callback do the same.
+
 Both ways classify a failure alike (glm.train.failure_kind): a config, data, divergence or disk
 problem is TrainingFailed, permanent, never retried; anything else (an uncaught exception, a
 signal, out of memory) is TrainingCrashed, retried. A subprocess reports the first by its exit
-code and pretrain/last-error.json (glm.errors), which also outlives torchrun's exit code 1. A subprocess's output goes to the run log line by line and
-pretrain/metrics.jsonl is tailed into a progress artifact; in-process, glm's own log records
-and metrics callback do the same.
+code and pretrain/last-error.json (glm.errors), which also outlives torchrun's exit code 1.
 """
 
 from __future__ import annotations
