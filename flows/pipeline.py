@@ -177,13 +177,30 @@ def export_flow(config: ConfigParameter) -> dict[str, str]:
 FLOWS = {"data": data_flow, "pretrain": pretrain_flow, "finetune": finetune_flow, "export": export_flow, "all": glm_pipeline}
 
 
+class RunTimedOut(TimeoutError):
+    """The run took longer than orchestration.timeout_minutes and was stopped."""
+
+
 def run_stage(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, str]:
-    """Run one stage flow (or the whole pipeline) now, in this process; raises if it fails."""
+    """Run one stage flow (or the whole pipeline) now, in this process; raises if it fails.
+
+    orchestration.timeout_minutes is the flow's timeout: in this (main) thread Prefect enforces it
+    with SIGALRM, which interrupts in-process training between two steps and a training
+    subprocess's wait (that subprocess is then killed); the flow run ends TimedOut.
+    """
+    from prefect.flow_engine import FlowRunTimeoutError
+
     if stage not in FLOWS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(FLOWS)}")
-    if stage in ("pretrain", "all"):
-        return FLOWS[stage](cfg, continue_steps=continue_steps)
-    return FLOWS[stage](cfg)
+    minutes = cfg.orchestration.timeout_minutes
+    run = FLOWS[stage] if minutes is None else FLOWS[stage].with_options(timeout_seconds=minutes * 60)
+    try:
+        return run(cfg, continue_steps=continue_steps) if stage in ("pretrain", "all") else run(cfg)
+    except FlowRunTimeoutError:
+        raise RunTimedOut(
+            f"the run exceeded orchestration.timeout_minutes={minutes:g} and was stopped; raise or unset "
+            "orchestration.timeout_minutes, then re-run the same command to resume from the last checkpoint"
+        ) from None
 
 
 def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | None = None) -> None:

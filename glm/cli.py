@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from glm.config import ConfigError, dump_config, load_config
 from glm.runlock import RunDirBusy, run_lock
@@ -31,6 +32,36 @@ from glm.runlock import RunDirBusy, run_lock
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "pretrain", "finetune", "export", "all")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived during `glm-pipeline run`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Stopped in the main thread, so that finally blocks (which kill a training
+    subprocess), Prefect's crash report of the flow run and atexit (which stops Prefect's ephemeral
+    server) all run. Python's default SIGTERM ends the process on the spot and leaves them undone.
+    While a flow runs, Prefect's own SIGTERM handler reports the run Crashed first, then re-sends
+    the signal to this one."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job (nohup, `cmd &`) keeps ignoring SIGINT
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -184,6 +215,19 @@ def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] 
     print(f"error: {message}", file=sys.stderr)
 
 
+def _run(cfg: Any, stage: str, log_path: Path) -> int:
+    from flows.ephemeral import detach_ephemeral_server
+    from flows.pipeline import RunTimedOut, run_stage
+
+    detach_ephemeral_server()
+    try:
+        run_stage(cfg, stage)
+    except RunTimedOut as e:
+        print(f"error: {e} (full log: {log_path})", file=sys.stderr)
+        return 124  # timeout(1)'s code
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The program (argv None: sys.argv), or one command run in-process (tests), which leaves logging as it was.
 
@@ -218,10 +262,13 @@ def _command(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, args.overrides)  # validated before anything runs
             with run_lock(cfg.run_dir):  # before Prefect (and its ephemeral server) starts
                 log_file = _log_file(cfg.run_dir)
-                from flows.pipeline import run_stage
-
-                run_stage(cfg, args.stage)
-            return 0
+                try:
+                    with _stop_on_signals():
+                        return _run(cfg, args.stage, log_file[0])
+                except Stopped as e:
+                    print(f"glm-pipeline: stopped by {signal.Signals(e.signum).name}; re-run the same command to "
+                          "resume from the last checkpoint", file=sys.stderr)
+                    return 128 + e.signum  # the shell's code for a process ended by that signal
         if args.command == "serve":
             cfg = load_config(args.config, args.overrides)
             from flows.pipeline import serve

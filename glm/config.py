@@ -341,6 +341,11 @@ class OrchestrationConfig(Section):
     retries: int = Field(default=2, ge=0)
     retry_delay_seconds: float = Field(default=5.0, ge=0.0)
     train_timeout_seconds: float | None = Field(default=None, gt=0.0)
+    timeout_minutes: float | None = Field(
+        default=None, gt=0.0,
+        description="Wall-time limit of a whole `glm-pipeline run` (None: none). Past it the run stops, in-process "
+        "training included, its flow run ends TimedOut, and a re-run resumes from the last checkpoint.",
+    )
     train_in_process: Literal["auto"] | bool = Field(
         default="auto",
         description="Where single-device pretraining runs. true: in the flow's process, no subprocess start-up "

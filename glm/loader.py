@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from glm.config import ConfigError
 from glm.datasets import DERIVED, LAYOUT_VERSION, STAGE, STORED, VALID, check_samples, epoch_dir, expand_samples
 from glm.shards import MANIFEST, CorruptShardError, ManifestError, read_arrow, read_manifest, verify_manifest
 
@@ -156,12 +157,12 @@ class InfillingData:
     def check_lengths(self, seq_len: int | None = None, max_seq_len: int | None = None) -> None:
         """The samples must have the config's seq_len and fit the model's position tables."""
         if seq_len is not None and seq_len != self.seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"shards in {self.root} hold samples of seq_len={self.seq_len} but the config asks for "
                 f"infilling.seq_len={seq_len}; rebuild the dataset or match the config"
             )
         if max_seq_len is not None and self.seq_len > max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"shards in {self.root} hold samples of seq_len={self.seq_len}, longer than model.max_seq_len="
                 f"{max_seq_len}; raise model.max_seq_len or rebuild with a smaller infilling.seq_len"
             )

@@ -24,6 +24,10 @@ stretches the cosine from there. A non-finite loss or gradient norm skips the up
 
     python -m glm.train --config RUN.yaml --data INFILL_DIR --out OUT_DIR
     python -m torch.distributed.run --nproc_per_node 4 -m glm.train --config ... (train.distributed=ddp|fsdp)
+
+Exit codes: 0 done; 2 usage, 3 config, 4 data, 5 diverged, 6 read-only/full disk: permanent, also
+recorded in OUT/last-error.json (glm.errors); 1 (an uncaught exception) or a signal: a crash, which
+a retry resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from glm.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_model_state,
     load_trainer_state,
@@ -72,6 +77,7 @@ from glm.distributed import (
     unwrap,
     wrap_model,
 )
+from glm.errors import ERROR_FILE, EXIT_CODES, PermanentError, disk_error, write_error_file
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.shards import ManifestError, atomic_write_text
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
@@ -97,8 +103,26 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PermanentError, RuntimeError):
     """The loss or gradient norm became NaN/inf more often than train.max_bad_steps allows."""
+
+    kind = "diverged"
+
+
+def failure_kind(exc: BaseException) -> str | None:
+    """The permanent kind of a training failure (a key of glm.errors.EXIT_CODES), or None for a
+    crash that a retry, resuming from the last checkpoint, may get past."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, PermanentError):
+        return exc.kind
+    if isinstance(exc, (ConfigError, ValidationError)):
+        return "config"
+    if isinstance(exc, (ManifestError, CheckpointError)):
+        return "data"
+    if disk_error(exc):
+        return "disk"
+    return None
 
 
 @dataclasses.dataclass
@@ -152,7 +176,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
                     "trains ~40x slower than fp32; set precision=auto (fp32 on CPU) or fp32")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
-            raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
+            raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
         log.warning("this GPU has no bf16 support; training in fp32")
         return None
     return torch.bfloat16
@@ -241,7 +265,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def _grad_accum(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={cfg.batch_size} is not divisible by micro_batch_size x world size = "
             f"{cfg.micro_batch_size} x {world_size}; make it a multiple of {per_step}"
         )
@@ -274,7 +298,7 @@ def _next_batch(it: Iterator[Batch], step: int) -> Any:
     try:
         return next(it)
     except StopIteration:
-        raise ValueError(
+        raise ConfigError(
             f"training data ran out at step {step + 1}; build more infilling epochs or lower train.steps"
         ) from None
 
@@ -372,7 +396,7 @@ def _find_resume(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> Pat
         wanted = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in free}
         if saved != wanted:
             diff = {k: (saved.get(k), wanted.get(k)) for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)}
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {path} has another model architecture (checkpoint vs config: {diff}); "
                 "use a fresh output directory or the matching model config"
             )
@@ -402,8 +426,9 @@ def _restore(
     try:
         data.load_state_dict(mine["loader"])
     except ValueError as e:
-        if resume.resolve().is_relative_to((out_dir / "checkpoints").resolve()):
-            raise  # a run's own checkpoint must fit its data
+        if resume.resolve().is_relative_to((out_dir / "checkpoints").resolve()):  # a run's own checkpoint must fit its data
+            raise ConfigError(f"checkpoint {resume} does not fit the training data ({e}); use a fresh output "
+                              "directory or the data it was trained on") from e
         # init_from a run on other data (continued pretraining): start this data at its beginning
         log.warning("data position of %s not restored (%s); reading the data from its start", resume, e)
     if info.is_main:
@@ -412,6 +437,24 @@ def _restore(
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+CRASH_AFTER_STEP = "GLM_TRAIN_CRASH_AFTER_STEP"
+
+
+def _injected_crash(step: int, out_dir: Path) -> None:
+    """Fault injection for tests of the orchestrator's retries: with GLM_TRAIN_CRASH_AFTER_STEP=N
+    in the environment, the first run to finish step N (and its checkpoint, if one falls due)
+    raises an uncaught RuntimeError, as a CUDA or NCCL error would. A marker file in out_dir
+    (.crash-injected-N) makes it fire once, so the retry resumes and finishes."""
+    at = os.environ.get(CRASH_AFTER_STEP)
+    if not at or step != int(at):
+        return
+    marker = out_dir / f".crash-injected-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    raise RuntimeError(f"injected crash after step {step} ({CRASH_AFTER_STEP}={at})")
 
 
 def pretrain(
@@ -431,7 +474,7 @@ def pretrain(
     Under torchrun every rank calls this; only rank 0 writes files and calls `on_metrics`.
     """
     if model_cfg.vocab_size is None:
-        raise ValueError("model.vocab_size is None; set it from the tokenizer before pretraining")
+        raise ConfigError("model.vocab_size is None; set it from the tokenizer before pretraining")
     if not isinstance(data, BatchSource):
         raise TypeError("data must be iterable and have state_dict()/load_state_dict() (see glm.train.BatchSource)")
     out_dir = Path(out_dir)
@@ -541,6 +584,7 @@ def pretrain(
             counters["elapsed"] = elapsed_before + time.perf_counter() - run_start
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 last_ckpt = _save(out_dir, step, model, optimizer, data, counters, cfg, model_cfg, info)
+            _injected_crash(step, out_dir)
         return TrainResult(
             step=step, loss=counters["loss"], val_loss=counters["val_loss"], checkpoint=last_ckpt,
             metrics_path=out_dir / "metrics.jsonl", bad_steps=counters["bad_steps"], resumed_from=resumed_from,
@@ -640,7 +684,7 @@ def pretrain_on_shards(
     if model_cfg.vocab_size is None:
         vocab = vocab_size_from_data(data_dir)
         if vocab is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model.vocab_size is not set and the token manifest behind {data_dir} does not record it; "
                 "pass --set model.vocab_size=N (the tokenizer's size)"
             )
@@ -671,16 +715,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; prints the TrainResult as one JSON line (rank 0) for the orchestrator."""
+    """CLI entry point; prints the TrainResult as one JSON line (rank 0) for the orchestrator.
+
+    A permanent failure (glm.errors: config 3, data 4, diverged 5, disk 6) prints one line, is
+    recorded in OUT/last-error.json and exits with its code; anything else propagates (a traceback,
+    exit code 1): a crash, which an orchestrator retries and which resumes from the last checkpoint.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         pipeline = load_config(args.config, args.overrides)
         result = pretrain_on_shards(pipeline, args.data, args.out)
-    except (ConfigError, ValueError, FileNotFoundError, ManifestError, NonFiniteLossError) as e:
-        print(f"glm.train: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:
+        kind = failure_kind(e)
+        if kind is None:
+            raise
+        print(f"glm.train: {kind} error: {e}", file=sys.stderr)
+        write_error_file(args.out, kind, str(e), rank=int(os.environ.get("RANK", "0")))
+        return EXIT_CODES[kind]
     if int(os.environ.get("RANK", "0")) == 0:
+        (Path(args.out) / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's failure is history now
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}))
     return 0
 

@@ -21,12 +21,24 @@ from pydantic import ValidationError as PydanticValidationError
 
 from glm import stages
 from glm.config import ConfigError, PipelineConfig
+from glm.errors import PermanentError, disk_error
 from glm.quality import ValidationFailed
+from glm.shards import ManifestError
 
-# failures that a retry cannot fix: bad data, bad config, a missing upstream stage
+# Failures that a retry cannot fix: a failed quality gate, bad config, corrupt data, a missing
+# upstream stage, a diverged or otherwise permanently failed training (glm.errors). ValueError
+# stays: glm raises it only for an input it names with its fix (a source's path, a verbalizer...),
+# never for something that passes. A TypeError, AttributeError... is a bug and a bare
+# FileNotFoundError may be a share that went away: those are retried, and show their traceback.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    ValidationFailed, ConfigError, PydanticValidationError, ValueError, FileNotFoundError, TypeError,
+    PermanentError, ValidationFailed, ConfigError, PydanticValidationError, ManifestError, stages.StageInputMissing,
+    ValueError,
 )
+
+
+def is_permanent(error: BaseException) -> bool:
+    """PERMANENT_ERRORS, or a read-only, full or over-quota disk (the retry would write to the same one)."""
+    return isinstance(error, PERMANENT_ERRORS) or disk_error(error)
 
 
 def slug(name: str) -> str:
@@ -55,12 +67,12 @@ def _cached(data: Any) -> State:
 
 
 def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is permanent (see PERMANENT_ERRORS)."""
+    """Retry unless the failure is permanent (see is_permanent)."""
     try:
         error = state.result(raise_on_failure=False)
     except Exception:  # the exception itself could not be loaded: let the retry decide
         return True
-    return not isinstance(error, PERMANENT_ERRORS)
+    return not (isinstance(error, BaseException) and is_permanent(error))
 
 
 def configure(task: Task, cfg: PipelineConfig, **overrides: Any) -> Task:

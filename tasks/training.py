@@ -6,9 +6,15 @@ torchrun for pretrain.nproc > 1) when a timeout is set or asked for (train_in_pr
 the task can then time it out and kill it (with torchrun's workers: it runs in its own process
 group), and a crash of the training process is a failed, retryable task run. Either way
 glm.train resumes from its latest checkpoint, so a retry (or a re-run of the flow) continues
-where a killed run stopped. A subprocess's output goes to the run log line by line and
-pretrain/metrics.jsonl is tailed into a progress artifact; in-process, glm's own log records
-and metrics callback do the same.
+where a killed run stopped.
+
+A subprocess's output goes to the run log line by line and pretrain/metrics.jsonl is tailed
+into a progress artifact; in-process, glm's own log records and metrics callback do the same.
+
+Both ways classify a failure alike (glm.train.failure_kind): a config, data, divergence or disk
+problem is TrainingFailed, permanent, never retried; anything else (an uncaught exception, a
+signal, out of memory) is TrainingCrashed, retried. A subprocess reports the first by its exit
+code and pretrain/last-error.json (glm.errors), which also outlives torchrun's exit code 1.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from prefect import get_run_logger, task
 
 from glm import stages
 from glm.config import PipelineConfig
+from glm.errors import ERROR_FILE, KINDS_BY_CODE, PermanentError, read_error_file
 from tasks import artifacts
 from tasks.options import TASK_OPTIONS, cached
 
@@ -40,7 +47,11 @@ class TrainingTimeout(TimeoutError):
 
 
 class TrainingCrashed(RuntimeError):
-    """The training process died (signal, out of memory...): a retry resumes from its checkpoint."""
+    """Training crashed (an uncaught exception, a signal, out of memory...): a retry resumes from its checkpoint."""
+
+
+class TrainingFailed(PermanentError):
+    """Training stopped on a problem a retry cannot fix; `kind` is config, data, diverged, disk or usage."""
 
 
 @dataclass
@@ -138,25 +149,40 @@ class MetricsTail:
         return self.step
 
 
-def _exit_error(finished: Finished, cmd: list[str]) -> Exception:
+def _exit_error(finished: Finished, cmd: list[str], out_dir: Path | None = None) -> Exception:
+    """The error of a training process that exited with a non-zero code.
+
+    out_dir/last-error.json, written by this attempt (the task deletes any older one before it
+    starts the process), wins over the exit code: torchrun exits 1 whatever its workers' codes were.
+    """
     last = "\n".join(finished.lines[-15:])
-    if finished.returncode in (1, 2):  # glm.train explained a permanent problem (config, data, NaN loss)
-        return ValueError(f"training failed (exit code {finished.returncode}):\n{last}")
-    return TrainingCrashed(f"training process died (exit code {finished.returncode}, command {' '.join(cmd)}); "
+    record = read_error_file(out_dir) if out_dir is not None else None
+    if record is not None:
+        return TrainingFailed(f"training failed ({record['kind']}): {record.get('message', '')}", kind=record["kind"])
+    kind = KINDS_BY_CODE.get(finished.returncode)
+    if kind is not None:
+        return TrainingFailed(f"training failed ({kind}, exit code {finished.returncode}):\n{last}", kind=kind)
+    return TrainingCrashed(f"training process crashed (exit code {finished.returncode}, command {' '.join(cmd)}); "
                            f"a retry resumes from the last checkpoint. Last output:\n{last}")
 
 
 def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
                       on_metrics: Callable[[dict], None]) -> dict:
-    """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints."""
+    """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints.
+
+    Failures are classified as the subprocess's exit code would classify them."""
     import dataclasses
 
-    from glm.train import NonFiniteLossError, pretrain_on_shards
+    from glm.train import failure_kind, pretrain_on_shards
 
     try:
         result = pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics)
-    except NonFiniteLossError as e:  # permanent, as the subprocess's exit code 1 says: a retry would diverge again
-        raise ValueError(f"training failed: {e}") from e
+    except Exception as e:
+        kind = failure_kind(e)
+        if kind is not None:
+            raise TrainingFailed(f"training failed ({kind}): {e}", kind=kind) from e
+        raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last "
+                              "checkpoint") from e
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
 
 
@@ -179,10 +205,11 @@ def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
         result = _train_in_process(run_cfg, paths, on_metrics=lambda record: progress.update(int(record["step"])))
     else:
         logger.info("launching: %s", " ".join(cmd))
+        (paths.pretrain / ERROR_FILE).unlink(missing_ok=True)  # what an earlier attempt recorded
         finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds,
                               on_poll=lambda: progress.update(tail.poll()))
         if finished.returncode != 0:
-            raise _exit_error(finished, cmd)
+            raise _exit_error(finished, cmd, paths.pretrain)
         result = stages.parse_train_result("\n".join(finished.lines))
     manifest = stages.close_pretrain(cfg, paths, result, continue_steps)
     progress.update(int(result["step"]), final=True)

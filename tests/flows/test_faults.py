@@ -87,7 +87,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
     monkeypatch.setattr(stages, "pretrain_command", killing_command)
     killed = pretrain_flow(cfg, return_state=True)
     assert killed.is_failed()
-    assert "died" in str(killed.result(raise_on_failure=False))
+    assert "training process crashed (exit code -9" in str(killed.result(raise_on_failure=False))
     paths = stages.RunPaths(cfg.run_dir)
     checkpoints = paths.pretrain / "checkpoints"
     assert (checkpoints / "step-000002").is_dir() and not (checkpoints / "step-000006").exists()

@@ -240,9 +240,13 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 # --------------------------------------------------------------------------- the real loader, through the CLI
 
 
-def test_cli_on_real_shards_resumes_exactly(tmp_path, capsys):
-    import json
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory):
+    return build_real_shards(tmp_path_factory.mktemp("real-shards"))
 
+
+def build_real_shards(root):
+    """root/infill, a span-corruption dataset, and root/run.yaml for it: `python -m glm.train`'s inputs."""
     import numpy as np
     import yaml
 
@@ -252,19 +256,25 @@ def test_cli_on_real_shards_resumes_exactly(tmp_path, capsys):
     from tests.glm.test_datasets import random_docs, write_token_shards
 
     rng = np.random.default_rng(0)
-    tokens = write_token_shards(tmp_path / "tokens", {"train": [random_docs(rng, 60)], "valid": [random_docs(rng, 20)]})
+    tokens = write_token_shards(root / "tokens", {"train": [random_docs(rng, 60)], "valid": [random_docs(rng, 20)]})
     manifest = shards.read_manifest(tokens)  # record the tokenizer size, as the token stage does
     shards.write_manifest(tokens, "tokens", manifest["files"], stats={"vocab_size": 3000})
     infill_cfg = dict(seq_len=32, epochs=1, samples_per_shard=64)
-    build_infilling_dataset(tokens, tmp_path / "infill", InfillingConfig(**infill_cfg), progress=False)
+    build_infilling_dataset(tokens, root / "infill", InfillingConfig(**infill_cfg), progress=False)
     config = {
         "infilling": infill_cfg,
         "model": {"preset": "tiny", "max_seq_len": 32},
         "pretrain": {"steps": 4, "batch_size": 8, "micro_batch_size": 4, "eval_every": 2, "eval_batches": 2,
                      "checkpoint_every": 2, "optim": {"lr": 3e-3, "warmup_steps": 1}},
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    argv = ["--config", str(tmp_path / "run.yaml"), "--data", str(tmp_path / "infill")]
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
+    import json
+
+    argv = ["--config", str(real_shards / "run.yaml"), "--data", str(real_shards / "infill")]
 
     assert train.main([*argv, "--out", str(tmp_path / "full")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -275,11 +285,90 @@ def test_cli_on_real_shards_resumes_exactly(tmp_path, capsys):
     from glm.config import load_config
 
     with pytest.raises(_Killed):
-        train.pretrain_on_shards(load_config(tmp_path / "run.yaml"), tmp_path / "infill", tmp_path / "cut",
+        train.pretrain_on_shards(load_config(real_shards / "run.yaml"), real_shards / "infill", tmp_path / "cut",
                                  on_metrics=_kill_at(3))
     assert train.main([*argv, "--out", str(tmp_path / "cut")]) == 0
     assert _untimed(tmp_path / "cut") == _untimed(tmp_path / "full")
     w_full, w_cut = model.state_dict(), _weights(tmp_path / "cut")
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
-    assert train.main([*argv, "--out", str(tmp_path / "x"), "--set", "pretrain.nosuch=1"]) == 2
-    assert "pretrain.nosuch" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- exit codes: permanent or a crash
+
+
+def _main_failing(argv: list[str], out) -> tuple[int, dict | None]:
+    from glm.errors import read_error_file
+
+    return train.main([*argv, "--out", str(out)]), read_error_file(out)
+
+
+def test_cli_exit_codes_name_permanent_failures_and_record_them(real_shards, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from glm.errors import EXIT_CODES
+
+    argv = ["--config", str(real_shards / "run.yaml"), "--data", str(real_shards / "infill")]
+    code, record = _main_failing([*argv, "--set", "pretrain.nosuch=1"], tmp_path / "config")
+    assert code == EXIT_CODES["config"] == 3 and record["kind"] == "config" and "pretrain.nosuch" in record["message"]
+    assert "glm.train: config error:" in capsys.readouterr().err
+
+    code, record = _main_failing([*argv, "--set", "infilling.seq_len=16", "--set", "model.max_seq_len=16"], tmp_path / "fit")
+    assert code == 3 and "infilling.seq_len=16" in record["message"]  # the shards hold another seq_len
+
+    corrupt = tmp_path / "infill"
+    shutil.copytree(real_shards / "infill", corrupt)
+    shard = next(corrupt.rglob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a torn copy
+    code, record = _main_failing(["--config", str(real_shards / "run.yaml"), "--data", str(corrupt)], tmp_path / "data")
+    assert code == EXIT_CODES["data"] == 4 and record["kind"] == "data" and shard.name in record["message"]
+
+    _nan_at(monkeypatch, {2}, accum=2)  # run.yaml: 2 micro-batches a step
+    code, record = _main_failing(argv, tmp_path / "diverged")
+    assert code == EXIT_CODES["diverged"] == 5 and "non-finite loss at step 2" in record["message"]
+    capsys.readouterr()
+
+
+def test_an_uncaught_exception_is_a_crash_that_resumes(real_shards, tmp_path):
+    """A real `python -m glm.train` that raises after step 3 (GLM_TRAIN_CRASH_AFTER_STEP): exit code 1,
+    a traceback and no error file; run again, it resumes from checkpoint 2 and finishes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from glm.errors import ERROR_FILE
+
+    cmd = [sys.executable, "-m", "glm.train", "--config", str(real_shards / "run.yaml"), "--data",
+           str(real_shards / "infill"), "--out", str(tmp_path)]
+    env = {**os.environ, "GLM_TRAIN_CRASH_AFTER_STEP": "3", "OMP_NUM_THREADS": "1"}
+    crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    assert "Traceback" in crashed.stderr and "injected crash after step 3" in crashed.stderr
+    assert not (tmp_path / ERROR_FILE).exists() and latest_checkpoint(tmp_path / "checkpoints").name == "step-000002"
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"] == 2 and result["step"] == 4
+
+
+def test_failures_are_classified_permanent_or_crash():
+    import errno
+
+    from pydantic import ValidationError
+
+    from glm.checkpoint import CheckpointError
+    from glm.config import ConfigError, PipelineConfig
+    from glm.shards import ManifestError
+
+    with pytest.raises(ValidationError) as invalid:
+        PipelineConfig.model_validate({"pretrain": {"steps": 0}})
+    assert train.failure_kind(ConfigError("pretrain.steps: bad")) == "config"
+    assert train.failure_kind(invalid.value) == "config"
+    assert train.failure_kind(ManifestError("shard unreadable")) == "data"
+    assert train.failure_kind(CheckpointError("corrupt")) == "data"
+    assert train.failure_kind(NonFiniteLossError("nan")) == "diverged"
+    assert train.failure_kind(OSError(errno.ENOSPC, "No space left on device")) == "disk"
+    for crash in (RuntimeError("CUDA out of memory"), RuntimeError("NCCL error"), TypeError("a bug"),
+                  ValueError("a bug's ValueError"), OSError(errno.EIO, "I/O error")):
+        assert train.failure_kind(crash) is None, crash

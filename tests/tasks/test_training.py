@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
 import sys
 
 import pytest
+from prefect.states import Failed
 
-from tasks.training import Finished, MetricsTail, TrainingCrashed, TrainingTimeout, _exit_error, run_logged
+from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
+from tasks.options import retry_transient
+from tasks.stages import ingest
+from tasks.training import (
+    Finished,
+    MetricsTail,
+    TrainingCrashed,
+    TrainingFailed,
+    TrainingTimeout,
+    _exit_error,
+    _train_in_process,
+    run_logged,
+)
 
 
 def test_output_is_streamed_line_by_line_and_the_tail_is_kept():
@@ -43,11 +57,66 @@ def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path):
         os.close(fd)
 
 
-def test_exit_codes_separate_explained_failures_from_crashes():
-    assert isinstance(_exit_error(Finished(2, ["glm.train: invalid configuration"]), ["python"]), ValueError)
-    assert isinstance(_exit_error(Finished(1, ["glm.train: non-finite loss"]), ["python"]), ValueError)
-    crash = _exit_error(Finished(-9, ["step 3"]), ["python", "-m", "glm.train"])
-    assert isinstance(crash, TrainingCrashed) and "resumes from the last checkpoint" in str(crash)
+def _retried(error: BaseException) -> bool:
+    return retry_transient(ingest, None, Failed(data=error))
+
+
+@pytest.mark.parametrize(
+    "code, kind",
+    [(1, None), (-9, None), (-15, None), (-6, None), (137, None),  # uncaught exception, signals, torchrun: crashes
+     (2, "usage"), (3, "config"), (4, "data"), (5, "diverged"), (6, "disk")],
+)
+def test_each_exit_code_is_retried_or_not(code, kind, tmp_path):
+    error = _exit_error(Finished(code, ["glm.train: something"]), ["python", "-m", "glm.train"], tmp_path)
+    if kind is None:
+        assert isinstance(error, TrainingCrashed) and "resumes from the last checkpoint" in str(error)
+        assert _retried(error)
+    else:
+        assert isinstance(error, TrainingFailed) and error.kind == kind and EXIT_CODES[kind] == code
+        assert not _retried(error)
+
+
+def test_the_error_file_wins_over_torchruns_exit_code(tmp_path):
+    # torchrun exits 1 when a worker fails, whatever the worker's own code was
+    write_error_file(tmp_path, "data", "Arrow shard part-00003.arrow is unreadable")
+    error = _exit_error(Finished(1, ["torch.distributed.elastic.multiprocessing.errors.ChildFailedError"]), ["torchrun"], tmp_path)
+    assert isinstance(error, TrainingFailed) and error.kind == "data" and "part-00003.arrow" in str(error)
+    assert not _retried(error)
+    (tmp_path / ERROR_FILE).write_text("{torn")  # unreadable: the exit code decides
+    assert isinstance(_exit_error(Finished(1, []), ["torchrun"], tmp_path), TrainingCrashed)
+
+
+@pytest.mark.parametrize(
+    "error, retried",
+    [(OSError(errno.ENOSPC, "No space left on device"), False), (OSError(errno.EROFS, "Read-only file system"), False),
+     (OSError(errno.EDQUOT, "Disk quota exceeded"), False), (OSError(errno.EIO, "Input/output error"), True),
+     (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"), False),
+     (TypeError("unsupported operand"), True), (FileNotFoundError("/mnt/share/x"), True)],
+)
+def test_a_full_or_read_only_disk_is_permanent_a_bug_is_not(error, retried):
+    assert _retried(error) is retried
+
+
+def test_in_process_training_classifies_failures_like_the_subprocess(tmp_path, monkeypatch):
+    from glm import stages
+    from glm.config import load_config
+    from tests.glm.test_train import build_real_shards
+
+    shards = build_real_shards(tmp_path / "shards")
+    cfg = load_config(shards / "run.yaml", [f"run_dir={tmp_path / 'run'}"])
+    paths = stages.RunPaths(cfg.run_dir)
+    with pytest.raises(TrainingFailed) as missing:  # no shards in the run directory yet: a data problem
+        _train_in_process(cfg, paths, on_metrics=lambda record: None)
+    assert missing.value.kind == "data" and not _retried(missing.value)
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "infill").symlink_to(shards / "infill")
+    monkeypatch.setenv("GLM_TRAIN_CRASH_AFTER_STEP", "3")  # an uncaught RuntimeError, once
+    with pytest.raises(TrainingCrashed, match="injected crash after step 3") as crash:
+        _train_in_process(cfg, paths, on_metrics=lambda record: None)
+    assert _retried(crash.value)
+    result = _train_in_process(cfg, paths, on_metrics=lambda record: None)  # what the retry runs
+    assert result["resumed_from"] == 2 and result["step"] == 4
 
 
 def test_the_metrics_tail_follows_appends_torn_lines_and_rewrites(tmp_path):

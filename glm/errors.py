@@ -1,0 +1,83 @@
+"""Failures that running again cannot fix, and how a glm process tells its orchestrator about them.
+
+A retry helps when a run was killed, ran out of GPU memory, lost a collective or a network share
+for a moment: training resumes from its checkpoint. It cannot help when the config is wrong, the
+data is corrupt, the loss diverged, or the disk is read-only or full: the same run fails again the
+same way. Those raise (or are classified as) a PermanentError `kind`; an orchestrator retries
+everything else.
+
+A training process (python -m glm.train) reports a permanent failure twice: its exit code
+(EXIT_CODES) and a small JSON file (ERROR_FILE in its output directory: kind, message), the one
+that survives torchrun, which exits 1 whatever its workers' codes were. Any other exit code (1: an
+uncaught exception, negative: a signal) is a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# python -m glm.train's exit codes; 1 (an uncaught exception) and signals are crashes, retried
+EXIT_CODES: dict[str, int] = {
+    "usage": 2,  # bad command line (argparse's own code)
+    "config": 3,  # invalid configuration, or a config that does not fit the data/checkpoint
+    "data": 4,  # missing, incomplete or corrupt shards, manifests or checkpoints
+    "diverged": 5,  # non-finite loss/gradients past train.max_bad_steps
+    "disk": 6,  # the output's file system is read-only, full or over quota
+}
+KINDS_BY_CODE = {code: kind for kind, code in EXIT_CODES.items()}
+ERROR_FILE = "last-error.json"
+
+# a retry writes to the same file system: it fails the same way
+PERMANENT_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+class PermanentError(Exception):
+    """A failure that a retry cannot fix; `kind` says which (a key of EXIT_CODES)."""
+
+    kind = "permanent"
+
+    def __init__(self, message: str = "", kind: str | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+def disk_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a read-only, full or over-quota file system.
+
+    Libraries that write from native code (safetensors, torch.save) wrap the OS error in their own
+    exception but keep its text, so the strerror of those errnos in the message counts too.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(exc) for code in PERMANENT_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def write_error_file(directory: str | Path, kind: str, message: str, **extra: Any) -> Path | None:
+    """Record a permanent failure for the orchestrator; returns the file, or None if it could not be
+    written (a read-only or full disk: the exit code still says it)."""
+    from glm.shards import atomic_write_json
+
+    try:
+        return atomic_write_json(Path(directory) / ERROR_FILE, {"kind": kind, "message": message, **extra})
+    except OSError:
+        return None
+
+
+def read_error_file(directory: str | Path) -> dict[str, Any] | None:
+    """The failure a training process recorded in `directory`, if any (and readable)."""
+    try:
+        record = json.loads((Path(directory) / ERROR_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "kind" in record else None
