@@ -43,12 +43,23 @@ import torch
 import torch.nn as nn
 
 from glm import runtime
-from glm.checkpoint import load_model, read_meta, resolve_checkpoint, write_json_in_order
+from glm.checkpoint import (
+    load_model,
+    read_meta,
+    resolve_checkpoint,
+    write_json_in_order,
+)
 from glm.config import ClozeTaskConfig, ExportConfig
 from glm.generate import GenerationConfig, fill_blanks
 from glm.model import GLM
 from glm.safety import remove_tree
-from glm.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, code_version, sha256_file
+from glm.shards import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    code_version,
+    sha256_file,
+)
 from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
 from glm.tokenizer import Tokenizer
 

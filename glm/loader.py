@@ -27,8 +27,24 @@ import pyarrow as pa
 import torch
 
 from glm.config import ConfigError
-from glm.datasets import DERIVED, LAYOUT_VERSION, STAGE, STORED, VALID, check_samples, epoch_dir, expand_samples
-from glm.shards import MANIFEST, CorruptShardError, ManifestError, read_arrow, read_manifest, verify_manifest
+from glm.datasets import (
+    DERIVED,
+    LAYOUT_VERSION,
+    STAGE,
+    STORED,
+    VALID,
+    check_samples,
+    epoch_dir,
+    expand_samples,
+)
+from glm.shards import (
+    MANIFEST,
+    CorruptShardError,
+    ManifestError,
+    read_arrow,
+    read_manifest,
+    verify_manifest,
+)
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep")
 _ROWS = ("input_ids", "position_ids")  # (N, L) columns

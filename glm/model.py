@@ -19,7 +19,11 @@ import torch.nn.functional as F
 from glm.config import ModelConfig, OptimConfig
 
 try:  # FlexAttention: a block-sparse prefix-LM kernel on CUDA (torch >= 2.5)
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import (
+        BlockMask,
+        create_block_mask,
+        flex_attention,
+    )
 except ImportError:  # pragma: no cover - older torch
     BlockMask = create_block_mask = flex_attention = None
 

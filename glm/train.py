@@ -62,7 +62,14 @@ from glm.checkpoint import (
     set_rng_state,
     to_plain,
 )
-from glm.config import ConfigError, ModelConfig, OptimConfig, PipelineConfig, TrainConfig, load_config
+from glm.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    PipelineConfig,
+    TrainConfig,
+    load_config,
+)
 from glm.distributed import (
     DistInfo,
     all_gather_objects,
@@ -77,7 +84,13 @@ from glm.distributed import (
     unwrap,
     wrap_model,
 )
-from glm.errors import ERROR_FILE, EXIT_CODES, PermanentError, disk_error, write_error_file
+from glm.errors import (
+    ERROR_FILE,
+    EXIT_CODES,
+    PermanentError,
+    disk_error,
+    write_error_file,
+)
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.shards import ManifestError, atomic_write_text
 from glm.special_tokens import NUM_SPECIAL, SPECIAL

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from glm.checkpoint import (
-    CheckpointError,
     LATEST,
     META_FILE,
     MODEL_FILE,
     STATE_FILE,
+    CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_model,

@@ -8,7 +8,14 @@ import pytest
 
 from glm import corpus
 from glm.config import CleaningConfig, DataConfig, SourceConfig, load_config
-from glm.corpus import CorpusError, clean_text, ingest, iter_document_batches, iter_documents, read_labelled_source
+from glm.corpus import (
+    CorpusError,
+    clean_text,
+    ingest,
+    iter_document_batches,
+    iter_documents,
+    read_labelled_source,
+)
 
 
 def cfg_for(*sources: SourceConfig, **overrides) -> DataConfig:

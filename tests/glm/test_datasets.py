@@ -13,7 +13,12 @@ import pytest
 
 from glm import datasets, infilling, shards
 from glm.config import InfillingConfig
-from glm.datasets import build_infilling_dataset, expand_samples, packing_plan, read_rows
+from glm.datasets import (
+    build_infilling_dataset,
+    expand_samples,
+    packing_plan,
+    read_rows,
+)
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
 
 CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=16)

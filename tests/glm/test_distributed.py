@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from glm.checkpoint import load_model, load_trainer_state, latest_checkpoint
+from glm.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from glm.config import ModelConfig, OptimConfig, TrainConfig
 from glm.distributed import DistInfo, init_distributed, resolve_device, wrap_model
 from glm.train import SyntheticBatches, pretrain, read_metrics

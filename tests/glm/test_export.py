@@ -20,12 +20,24 @@ import torch
 from glm import export, runtime
 from glm import finetune as ft
 from glm.checkpoint import load_model, save_checkpoint
-from glm.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig, model_config
+from glm.config import (
+    ClozeTaskConfig,
+    ExportConfig,
+    FinetuneConfig,
+    OptimConfig,
+    model_config,
+)
 from glm.generate import GenerationConfig, fill_blanks
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
-from tests.glm.factories import SENTIMENT_WORDS, lively_model, sentiment_examples, tiny_model, train_tiny_sentencepiece
+from tests.glm.factories import (
+    SENTIMENT_WORDS,
+    lively_model,
+    sentiment_examples,
+    tiny_model,
+    train_tiny_sentencepiece,
+)
 
 ZH = list("我们喜欢这部电影很好看不故事演员音乐")
 SINGLE = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "bad", "1": "good"})

@@ -16,7 +16,12 @@ from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfi
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
-from tests.glm.factories import FILLER, sentiment_examples, sentiment_tokenizer, tiny_model
+from tests.glm.factories import (
+    FILLER,
+    sentiment_examples,
+    sentiment_tokenizer,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")

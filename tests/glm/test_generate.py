@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from glm.config import OptimConfig
-from glm.generate import GenerationConfig, fill_blanks, filter_logits, infill_inputs, splice
+from glm.generate import (
+    GenerationConfig,
+    fill_blanks,
+    filter_logits,
+    infill_inputs,
+    splice,
+)
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.special_tokens import SPECIAL
 from tests.glm.factories import lively_model, tiny_model

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from glm.config import OptimConfig, model_config
-from glm.model import GLM, _flex_block_mask, configure_optimizer, infilling_loss, prefix_lm_mask
+from glm.model import (
+    GLM,
+    _flex_block_mask,
+    configure_optimizer,
+    infilling_loss,
+    prefix_lm_mask,
+)
 from tests.glm.factories import tiny_model
 
 VOCAB = 64

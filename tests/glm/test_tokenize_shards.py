@@ -12,9 +12,25 @@ import pytest
 import sentencepiece as spm
 
 from glm.config import TokenizerConfig
-from glm.shards import file_entry, manifest_digest, read_arrow, read_manifest, sha256_file, verify_manifest, write_manifest, write_parquet
+from glm.shards import (
+    file_entry,
+    manifest_digest,
+    read_arrow,
+    read_manifest,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+    write_parquet,
+)
 from glm.special_tokens import SPECIAL
-from glm.tokenize_shards import _token_table, finish_tokenize, plan_tokenize, token_type, tokenize_corpus, tokenize_shard
+from glm.tokenize_shards import (
+    _token_table,
+    finish_tokenize,
+    plan_tokenize,
+    token_type,
+    tokenize_corpus,
+    tokenize_shard,
+)
 from glm.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 from tests.glm.factories import write_docs
 

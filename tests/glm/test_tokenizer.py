@@ -17,7 +17,14 @@ import sentencepiece as spm
 from glm.config import TokenizerConfig
 from glm.shards import read_manifest, verify_manifest
 from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
-from glm.tokenizer import MODEL_FILE, SPECIAL_FILE, Tokenizer, _chunks, _train_sentencepiece, train_tokenizer
+from glm.tokenizer import (
+    MODEL_FILE,
+    SPECIAL_FILE,
+    Tokenizer,
+    _chunks,
+    _train_sentencepiece,
+    train_tokenizer,
+)
 from tests.glm.factories import write_docs
 
 ENGLISH = [

@@ -55,7 +55,13 @@ def _wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log) -> 
 
 
 def test_serve_runs_on_its_cron_schedule_and_on_demand_then_pauses_on_ctrl_c(server, tmp_path):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.exceptions import ObjectNotFound
 
     run_dir = tmp_path / "run"

@@ -46,7 +46,12 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
 def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smoke(server, tmp_path):
     """The README's way on a fresh server: `glm-pipeline deploy` (work pool + `prefect deploy --all`),
     then `prefect worker start --pool glm-process` runs tiny-smoke, reading configs/tiny.yaml."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     from flows.deploy import ensure_process_pool
 
