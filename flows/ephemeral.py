@@ -8,8 +8,6 @@ run's log fills with "Error logging to API" retries for a minute. In its own ses
 only this process, which reports the flow run Crashed and then stops it.
 """
 
-from __future__ import annotations
-
 import os
 import subprocess
 import sys

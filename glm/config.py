@@ -87,7 +87,7 @@ def _run_dir(value: str) -> str:
 
 
 class ModelConfig(Section):
-    """GLM transformer dimensions (GLM.md section 3)."""
+    """GLM transformer dimensions (docs/method.md section 4)."""
 
     preset: Literal["custom", "tiny", "small", "base", "large"] = "custom"
     vocab_size: int | None = Field(
@@ -209,7 +209,7 @@ class TokenizerConfig(Section):
 
 
 class InfillingConfig(Section):
-    """The blank-infilling objective (GLM.md sections 1-2)."""
+    """The blank-infilling objective (docs/method.md sections 2-3)."""
 
     seq_len: int = Field(default=128, ge=16, description="Fixed length of every built sample (Part A + Part B + padding).")
     mask_ratio: float = Field(default=0.15, gt=0.0, lt=1.0)

@@ -1,4 +1,4 @@
-"""Fine-tuning GLM: cloze classification and seq2seq (GLM.md section 4).
+"""Fine-tuning GLM: cloze classification and seq2seq (docs/method.md section 6).
 
 Cloze classification, the GLM/PET way: the input is wrapped in a pattern with one
 [MASK] ("{text} It was [MASK]."), Part B is `<sop>` at the mask's position, and each

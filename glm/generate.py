@@ -1,7 +1,7 @@
 """Blank filling with a KV cache: greedy, sampling (temperature / top-k / top-p) and beam search.
 
 A prompt is Part A: token ids holding one or more blanks ([MASK], [sMASK], [gMASK]). It is run
-once; then Part B is decoded from <sop> (GLM.md section 4): every token of a span keeps its
+once; then Part B is decoded from <sop> (docs/method.md section 6): every token of a span keeps its
 blank's position id and counts its block position up 1, 2, 3...; a span ends at <eop> (never
 fed back: the next blank's <sop> follows the span's last token, as in training) or after
 max_new_tokens. Blanks are filled in order of appearance, each seeing the spans before it.

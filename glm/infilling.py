@@ -1,4 +1,4 @@
-"""Blank-infilling sample builder (GLM.md sections 1-2), pure vectorised numpy.
+"""Blank-infilling sample builder (docs/method.md sections 2-3), pure vectorised numpy.
 
 A packed row of documents becomes one fixed-length GLM sample in two steps:
 
@@ -495,7 +495,7 @@ def assemble(
     mask_ids: np.ndarray | int,
     seq_len: int,
 ) -> SampleBatch:
-    """Part A ++ Part B with 2D positions, for given spans (GLM.md section 1).
+    """Part A ++ Part B with 2D positions, for given spans (docs/method.md section 2.3).
 
     span_starts/span_lengths (N, K): real spans (length > 0) first, sorted by start and not
     overlapping; length-0 slots are padding. span_order (N, K): a permutation of 0..K-1 per row,

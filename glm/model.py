@@ -1,4 +1,4 @@
-"""The GLM transformer (GLM.md section 3) with its prefix-LM attention and KV cache.
+"""The GLM transformer (docs/method.md section 4) with its prefix-LM attention and KV cache.
 
 One sample is Part A (corrupted text, bidirectional) ++ Part B (spans, causal). The
 whole attention pattern is one integer per row, `sep`: key j is visible to query i iff

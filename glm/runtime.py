@@ -12,7 +12,7 @@ and past_key_values.{i}.key/value (B, H, P, D); it returns logits (B, T, V) and
 present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step feeds the
 previous presents back as the past. key_start hides left padding (0 = no padding).
 
-Decoding follows glm.generate (GLM.md section 4): Part A runs once, each blank's span is
+Decoding follows glm.generate (docs/method.md section 6): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
 the next blank. Greedy decoding follows glm.generate.fill_blanks: export verification feeds both
 the same tokens (teacher_forced_logits) and requires the same choice at every step, except where

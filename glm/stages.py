@@ -1,6 +1,6 @@
 """The pipeline's stages over one run directory, without Prefect.
 
-One function per arrow of ARCHITECTURE.md, each `(cfg, paths, ...) -> Path` (the stage's
+One function per stage of docs/architecture.md, each `(cfg, paths, ...) -> Path` (the stage's
 manifest or output), each idempotent: a stage is skipped when its output checks out and was
 made from the same inputs, config and code. That test is the stage's cache key,
 
@@ -60,6 +60,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "ingest": ("corpus",),
     "validate-corpus": ("quality",),
     "tokenizer": ("tokenizer",),
+    "check-finetune-task": ("finetune", "tokenizer"),
     "tokenize": ("tokenize_shards",),
     "tokenize-shard": ("tokenize_shards",),
     "validate-tokens": ("quality",),
@@ -70,7 +71,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus"),
     "export": ("export", "runtime"),
 }
-STAGES = tuple(s for s in STAGE_MODULES if not s.endswith("-shard"))
+STAGES = tuple(s for s in STAGE_MODULES if not s.endswith("-shard") and s != "check-finetune-task")  # those with an output
 
 
 class StageInputMissing(FileNotFoundError):
@@ -81,7 +82,7 @@ class StageInputMissing(FileNotFoundError):
 
 
 class RunPaths:
-    """The layout of runs/NAME (ARCHITECTURE.md): one place for everything a run makes."""
+    """The layout of runs/NAME (docs/architecture.md): one place for everything a run makes."""
 
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
@@ -433,18 +434,40 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
     return _run_once("tokenizer", cfg, paths, lambda: _train(paths.docs, paths.tokenizer, cfg.tokenizer))
 
 
-def check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any] | None:
+def _finetune_check_key(cfg: PipelineConfig, paths: RunPaths) -> str:
+    source = cfg.finetune.task.source
+    return cache_key("check-finetune-task", {"finetune": cfg.finetune, "model": cfg.model}, [paths.tokenizer / MANIFEST],
+                     source_fingerprint(cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [source]})})),
+                     code=not cfg.orchestration.ignore_code_version)
+
+
+def cached_finetune_check(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any] | None:
+    """The summary of a check already passed for this task, tokenizer, source and code, else None."""
+    if current_output("finetune", cfg, paths) is not None:
+        return {"skipped": "fine-tuning is done for this config"}
+    try:
+        record = json.loads((paths.stamps / "check-finetune-task.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != _finetune_check_key(cfg, paths):
+        return None
+    return record.get("summary")
+
+
+def check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task).
 
-    Skipped (None) when the fine-tuning stage is already done for this config.
+    Cached like a stage: a check passed for the same task, tokenizer, labelled source and code is
+    not repeated (nor is one whose fine-tuning is already done).
     """
     from glm.finetune import check_task
     from glm.tokenizer import Tokenizer
 
-    if current_output("finetune", cfg, paths) is not None:
-        return None
+    if (summary := cached_finetune_check(cfg, paths)) is not None:
+        return summary
     summary = check_task(cfg.finetune, Tokenizer.load(paths.tokenizer_model), cfg.model.max_seq_len)
     log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)
+    atomic_write_json(paths.stamps / "check-finetune-task.json", {"key": _finetune_check_key(cfg, paths), "summary": summary})
     return summary
 
 

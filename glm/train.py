@@ -1,7 +1,7 @@
 """GLM pretraining: the training loop, in one function (`pretrain`).
 
 The loop is plain PyTorch; device, mixed precision, torch.compile and data parallelism
-(glm/distributed.py) are applied to the model from outside. The recipe (GLM.md section 3):
+(glm/distributed.py) are applied to the model from outside. The recipe (docs/method.md section 5):
 AdamW with decoupled weight decay, linear warmup then cosine decay to min_lr_ratio x lr,
 gradient clipping, gradient accumulation.
 

@@ -61,9 +61,10 @@ def train_tokenizer(cfg: PipelineConfig) -> str:
 @task(name="check-finetune-task", task_run_name="check-finetune-task-{cfg.finetune.task.name}", **TASK_OPTIONS)
 def check_finetune_task(cfg: PipelineConfig) -> dict[str, Any] | None:
     """The fine-tuning task's pattern, verbalizers, fields and labels against the tokenizer, before pretraining."""
-    if (done := cached(cfg, "finetune")) is not None:  # fine-tuning itself is done for this config
+    paths = _paths(cfg)
+    if (done := cached_result(stages.cached_finetune_check(cfg, paths))) is not None:
         return done
-    return stages.check_finetune_task(cfg, _paths(cfg))
+    return stages.check_finetune_task(cfg, paths)
 
 
 @task(name="tokenize-shard", task_run_name="tokenize-{job[shard]}", **TASK_OPTIONS)

@@ -1,4 +1,4 @@
-"""Tests of the vectorised blank-infilling builder (GLM.md sections 1-2)."""
+"""Tests of the vectorised blank-infilling builder (docs/method.md sections 2-3)."""
 
 from __future__ import annotations
 

@@ -178,8 +178,9 @@ def test_the_run_timeout_stops_in_process_training_naming_the_key(data_run, tmp_
         finally:
             stderr = finish(proc, log, timeout=300)
         assert proc.returncode == 124, stderr[-3000:]
-        assert ("error: the run exceeded orchestration.timeout_minutes=0.2 and was stopped; raise or unset "
-                f"orchestration.timeout_minutes, then {RESUME_LINE}") in stderr.splitlines()
+        expected = ("error: the run exceeded orchestration.timeout_minutes=0.2 and was stopped; raise or unset "
+                    f"orchestration.timeout_minutes, then {RESUME_LINE} (full log: {run_dir}/logs/run-")
+        assert [line for line in stderr.splitlines() if line.startswith(expected)], stderr[-3000:]
         assert not {p: c for p, c in running.items() if alive(p, c)}
         assert 0 < trained_steps(run_dir) < 1000000
 
