@@ -25,3 +25,29 @@ def _seed_torch():
 
     torch.manual_seed(0)
     yield
+
+
+# another process holding a run directory's lock (glm.runlock), for the lock's tests
+HOLDER = """
+import sys, time
+from glm.runlock import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding tmp_path/run's lock (killed at the end if still alive)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield run, proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -8,32 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from glm.runlock import LOCK_FILE, RunDirBusy, held, run_lock
-
-HOLDER = textwrap.dedent("""
-    import sys, time
-    from glm.runlock import run_lock
-    with run_lock(sys.argv[1]):
-        print("held", flush=True)
-        time.sleep(600)
-""")
-
-
-@pytest.fixture
-def holder(tmp_path):
-    """Another process holding tmp_path/run's lock (SIGKILLed at the end if still alive)."""
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield run, proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_second_process_is_refused_at_once_and_told_who_holds_it(holder):

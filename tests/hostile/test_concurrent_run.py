@@ -10,20 +10,7 @@ import sys
 import pytest
 
 from glm.runlock import run_lock
-from tests.glm.test_runlock import HOLDER
 from tests.hostile.conftest import cli, error_lines
-
-
-@pytest.fixture
-def holder(tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield run, proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_second_cli_run_fails_at_once_with_one_line_and_exit_2(holder):
