@@ -35,14 +35,14 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-import tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
+import glm_pipeline.tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
 from glm import stages
 from glm.config import PipelineConfig, load_config
 from glm.runlock import run_lock
-from tasks import artifacts
-from tasks import stages as t
-from tasks.options import configure, slug
-from tasks.training import pretrain as pretrain_task
+from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks import stages as t
+from glm_pipeline.tasks.options import configure, slug
+from glm_pipeline.tasks.training import pretrain as pretrain_task
 
 
 class ConfigFile(BaseModel):

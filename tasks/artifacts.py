@@ -37,7 +37,7 @@ from prefect.artifacts import (
 
 from glm.config import PipelineConfig
 from glm.shards import MANIFEST, read_manifest
-from tasks.options import artifact_key
+from glm_pipeline.tasks.options import artifact_key
 
 log = logging.getLogger(__name__)
 

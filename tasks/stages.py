@@ -14,8 +14,8 @@ from prefect import task
 
 from glm import stages
 from glm.config import PipelineConfig
-from tasks import artifacts
-from tasks.options import TASK_OPTIONS, cached, cached_result
+from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks.options import TASK_OPTIONS, cached, cached_result
 
 
 def _paths(cfg: PipelineConfig) -> stages.RunPaths:

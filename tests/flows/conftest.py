@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-import flows  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
+import glm_pipeline.flows  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 from glm.config import PipelineConfig, load_config
 
 # configs/tiny.yaml made smaller still: a few hundred documents, a few training steps

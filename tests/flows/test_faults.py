@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.pipeline import data_flow, pretrain_flow, task_runner
+from glm_pipeline.flows.pipeline import data_flow, pretrain_flow, task_runner
 from glm import stages
 from tests.flows.api import artifacts, states, task_runs
 

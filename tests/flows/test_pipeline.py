@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import glm_pipeline, run_stage
+from glm_pipeline.flows.pipeline import glm_pipeline, run_stage
 from glm import stages
 from glm.config import load_config
 from tests.flows.api import artifacts, client, logs, states, task_runs

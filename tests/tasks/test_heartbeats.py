@@ -7,9 +7,9 @@ import threading
 
 import prefect.flow_engine as flow_engine
 
-import tasks  # noqa: F401  (installs the heartbeats)
-from tasks import heartbeats
-from tasks.heartbeats import send_heartbeats
+import glm_pipeline.tasks  # noqa: F401  (installs the heartbeats)
+from glm_pipeline.tasks import heartbeats
+from glm_pipeline.tasks.heartbeats import send_heartbeats
 
 
 class FakeState:

@@ -12,9 +12,9 @@ import pytest
 from prefect.states import Failed
 
 from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
-from tasks.options import retry_transient
-from tasks.stages import ingest
-from tasks.training import (
+from glm_pipeline.tasks.options import retry_transient
+from glm_pipeline.tasks.stages import ingest
+from glm_pipeline.tasks.training import (
     Finished,
     MetricsTail,
     TrainingCrashed,
