@@ -276,8 +276,6 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "verify":
             return _verify(args.run_dir, args.mark)
         if args.command == "deploy":
-            from pathlib import Path
-
             from glm_pipeline.flows.deploy import deploy
 
             return deploy(Path.cwd())

@@ -9,8 +9,8 @@ import logging
 import sys
 
 import pytest
-
 from glm_pipeline.flows import cli
+
 from glm.config import ConfigError
 from glm.runlock import RunDirBusy
 

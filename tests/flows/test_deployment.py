@@ -42,6 +42,7 @@ def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment, 
 def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
     monkeypatch.chdir(ROOT)
     from glm_pipeline.flows.pipeline import glm_pipeline
+
     from glm.config import load_config
 
     smoke = next(d for d in _prefect_yaml()["deployments"] if d["name"] == "tiny-smoke")
@@ -52,9 +53,8 @@ def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
 
 
 def test_a_config_file_parameter_that_does_not_load_names_the_file():
-    from prefect.exceptions import ParameterTypeError
-
     from glm_pipeline.flows.pipeline import glm_pipeline
+    from prefect.exceptions import ParameterTypeError
 
     with pytest.raises(ParameterTypeError, match="config file 'configs/nope.yaml' not found"):
         glm_pipeline.validate_parameters({"config": {"file": "configs/nope.yaml"}})

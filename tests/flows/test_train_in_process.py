@@ -4,9 +4,9 @@ device without a timeout) or in a subprocess (false); the same outputs and artif
 from __future__ import annotations
 
 import pytest
-
-from glm_pipeline.tasks import training
 from glm_pipeline.flows.pipeline import data_flow, pretrain_flow
+from glm_pipeline.tasks import training
+
 from glm import stages
 from tests.flows.api import artifacts, logs
 

@@ -46,14 +46,13 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
 def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smoke(server, tmp_path):
     """The README's way on a fresh server: `glm-pipeline deploy` (work pool + `prefect deploy --all`),
     then `prefect worker start --pool glm-process` runs tiny-smoke, reading configs/tiny.yaml."""
+    from glm_pipeline.flows.deploy import ensure_process_pool
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
         LogFilter,
         LogFilterFlowRunId,
     )
-
-    from glm_pipeline.flows.deploy import ensure_process_pool
 
     env = server.env
     done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
-import prefect.flow_engine as flow_engine
-
 import glm_pipeline.tasks  # noqa: F401  (installs the heartbeats)
+import prefect.flow_engine as flow_engine
 from glm_pipeline.tasks import heartbeats
 from glm_pipeline.tasks.heartbeats import send_heartbeats
 
