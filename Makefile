@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(BIN)/glm-pipeline run $(CONFIG) $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)

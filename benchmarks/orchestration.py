@@ -81,7 +81,7 @@ import contextlib
 mode = {mode!r}
 if mode == "flow":
     import logging
-    from flows.pipeline import run_stage
+    from glm_pipeline.flows.pipeline import run_stage
     from prefect.testing.utilities import prefect_test_harness
     logging.getLogger("prefect").setLevel(logging.WARNING)
     harness = prefect_test_harness(server_startup_timeout=120)

@@ -4,4 +4,4 @@
 logging, so glm's log lines appear in the flow and task run logs.
 """
 
-import tasks  # noqa: F401  (must precede every Prefect import)
+import glm_pipeline.tasks  # noqa: F401  (must precede every Prefect import)

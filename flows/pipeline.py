@@ -30,19 +30,19 @@ Ways to run:
 # names nothing, so Prefect cannot validate the parameters and every run fails before it starts.
 from typing import Annotated, Any
 
+import glm_pipeline.tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
+from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks import stages as t
+from glm_pipeline.tasks.options import configure, slug
+from glm_pipeline.tasks.training import pretrain as pretrain_task
 from prefect import Task, flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-import tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
 from glm import stages
 from glm.config import PipelineConfig, load_config
 from glm.runlock import run_lock
-from tasks import artifacts
-from tasks import stages as t
-from tasks.options import configure, slug
-from tasks.training import pretrain as pretrain_task
 
 
 class ConfigFile(BaseModel):

@@ -471,18 +471,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that come with the project, by name: configs/ of the checkout or of the installed package."""
+    import importlib
+
+    try:  # a namespace package (configs/ holds only YAML): its __path__ lists the folders
+        folders = list(importlib.import_module("glm_pipeline.configs").__path__)
+    except ModuleNotFoundError:  # glm alone, without the orchestration package
+        return {}
+    return {f.stem: f for folder in folders for f in sorted(Path(folder).glob("*.yaml"))}
+
+
+def _config_file(path: str) -> Path:
+    """A YAML path; else a name (`demo`) or `configs/NAME.yaml` of the working directory or of the shipped configs."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.stem if p.parent == Path("configs") and p.suffix == ".yaml" else path
+    local = Path("configs") / f"{name}.yaml"
+    if local.is_file():
+        return local
+    shipped = shipped_configs()
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {path!r} not found; pass a YAML path or one of the shipped configs: "
+                      f"{', '.join(sorted(shipped)) or 'none found'}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML config (or start from defaults), apply `a.b=c` overrides, validate."""
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            named = Path("configs") / f"{path}.yaml"
-            if named.is_file():
-                p = named
-            else:
-                raise ConfigError(f"config file {str(path)!r} not found; pass a YAML path or a name under configs/")
+        p = _config_file(str(path))
         origin = str(p)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))

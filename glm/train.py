@@ -91,8 +91,9 @@ from glm.errors import (
     disk_error,
     write_error_file,
 )
+from glm.metrics import MetricsLog
 from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.shards import ManifestError, atomic_write_text
+from glm.shards import ManifestError
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
 
 log = logging.getLogger("glm.train")  # also when run as __main__
@@ -230,46 +231,6 @@ def peak_flops(device: torch.device) -> float | None:
 
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self._f = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run rewrites them) and any torn last line."""
-        if not self.enabled:
-            return
-        kept = []
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").split("\n"):
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self._f is None:
-            self._f = open(self.path, "a", encoding="utf-8")
-        self._f.write(json.dumps(record, allow_nan=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 # --------------------------------------------------------------------------- helpers of the loop

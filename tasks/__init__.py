@@ -39,6 +39,6 @@ def _attach_glm_logger() -> None:
 
 _attach_glm_logger()
 
-from tasks import heartbeats  # noqa: E402
+from glm_pipeline.tasks import heartbeats  # noqa: E402
 
 heartbeats.install()

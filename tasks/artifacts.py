@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from glm_pipeline.tasks.options import artifact_key
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -37,7 +38,6 @@ from prefect.artifacts import (
 
 from glm.config import PipelineConfig
 from glm.shards import MANIFEST, read_manifest
-from tasks.options import artifact_key
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
 
 def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
     """Training and validation loss by step (thinned to at most max_rows rows)."""
-    from glm.evaluate import read_metrics
+    from glm.metrics import read_metrics
 
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     by_step: dict[int, dict[str, Any]] = {}

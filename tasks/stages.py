@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks.options import TASK_OPTIONS, cached, cached_result
 from prefect import task
 
 from glm import stages
 from glm.config import PipelineConfig
-from tasks import artifacts
-from tasks.options import TASK_OPTIONS, cached, cached_result
 
 
 def _paths(cfg: PipelineConfig) -> stages.RunPaths:

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks.options import TASK_OPTIONS, cached
 from prefect import get_run_logger, task
 
 from glm import stages
 from glm.config import PipelineConfig
 from glm.errors import ERROR_FILE, KINDS_BY_CODE, PermanentError, read_error_file
-from tasks import artifacts
-from tasks.options import TASK_OPTIONS, cached
 
 POLL_SECONDS = 1.0
 KILL_GRACE_SECONDS = 10.0

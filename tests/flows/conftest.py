@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+import glm_pipeline.flows  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 import pytest
 
-import flows  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 from glm.config import PipelineConfig, load_config
 
 # configs/tiny.yaml made smaller still: a few hundred documents, a few training steps

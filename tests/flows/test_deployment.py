@@ -41,7 +41,8 @@ def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment, 
 
 def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
     monkeypatch.chdir(ROOT)
-    from flows.pipeline import glm_pipeline
+    from glm_pipeline.flows.pipeline import glm_pipeline
+
     from glm.config import load_config
 
     smoke = next(d for d in _prefect_yaml()["deployments"] if d["name"] == "tiny-smoke")
@@ -52,9 +53,8 @@ def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
 
 
 def test_a_config_file_parameter_that_does_not_load_names_the_file():
+    from glm_pipeline.flows.pipeline import glm_pipeline
     from prefect.exceptions import ParameterTypeError
-
-    from flows.pipeline import glm_pipeline
 
     with pytest.raises(ParameterTypeError, match="config file 'configs/nope.yaml' not found"):
         glm_pipeline.validate_parameters({"config": {"file": "configs/nope.yaml"}})
@@ -100,7 +100,7 @@ def test_no_flow_module_postpones_its_annotations():
 
 def _deploy(cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return subprocess.run([sys.executable, "-m", "glm.cli", "deploy"], cwd=cwd, capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**environ, "PREFECT_HOME": str(cwd / "prefect-home"), **env})
 
 

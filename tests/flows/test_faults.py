@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from glm_pipeline.flows.pipeline import data_flow, pretrain_flow, task_runner
 from safetensors.torch import load_file
 
-from flows.pipeline import data_flow, pretrain_flow, task_runner
 from glm import stages
 from tests.flows.api import artifacts, states, task_runs
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from glm_pipeline.flows.pipeline import glm_pipeline, run_stage
 
-from flows.pipeline import glm_pipeline, run_stage
 from glm import stages
 from glm.config import load_config
 from tests.flows.api import artifacts, client, logs, states, task_runs

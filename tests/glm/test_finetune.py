@@ -277,7 +277,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
     items = [task.encode(e.text) for e in sentiment_examples(16)]
     cfg = FinetuneConfig(task=SINGLE, epochs=10, batch_size=4, eval_every=1, patience=2,
                          optim=OptimConfig(lr=1e-2, warmup_steps=0))
-    with ft.MetricsLog(tmp_path / "metrics.jsonl") as log:
+    with ft.MetricsLog(tmp_path / "metrics.jsonl", fresh=True) as log:
         loop = ft.train_loop(model, items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True)
     assert loop.stopped_early and loop.steps == 3 and loop.best_step == 1 and loop.best_score == 0.9
     assert len(snapshots) == 4  # before training, then after steps 1, 2 and 3
@@ -298,7 +298,7 @@ def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
         return ft.cloze_scores(m, task, batch).logsumexp(-1).mean()
 
     def evals(**kw):
-        with ft.MetricsLog(tmp_path / "m.jsonl") as log:
+        with ft.MetricsLog(tmp_path / "m.jsonl", fresh=True) as log:
             ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, loss_fn, evaluate_fn,
                           FinetuneConfig(task=SINGLE, **kw), log, score_key="val_accuracy", higher_is_better=True)
         return [r["step"] for r in map(json.loads, open(tmp_path / "m.jsonl")) if r["kind"] == "eval"]
@@ -306,7 +306,7 @@ def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
     assert evals(epochs=2, batch_size=4) == [0, 3, 6]  # each epoch's end (3 batches of 4, 4, 2)
     assert evals(epochs=2, batch_size=4, eval_every=4) == [0, 4, 6]  # every 4 steps and the last
     with pytest.raises(FloatingPointError, match="non-finite fine-tuning loss .* at step 1; lower finetune.optim.lr"):
-        with ft.MetricsLog(tmp_path / "n.jsonl") as log:
+        with ft.MetricsLog(tmp_path / "n.jsonl", fresh=True) as log:
             ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, lambda m, b: loss_fn(m, b) * float("nan"),
                           evaluate_fn, FinetuneConfig(task=SINGLE), log, score_key="val_accuracy", higher_is_better=True)
     with pytest.raises(ValueError, match=r"max_seq_len=100 must lie in \[8, model.max_seq_len=64\]"):
@@ -349,7 +349,7 @@ def test_finetune_dropout_and_bf16_options(tok, tmp_path):
 
     cfg = FinetuneConfig(task=SINGLE, epochs=1, batch_size=4, precision="bf16", dropout=0.2, group_by_length=True)
     fresh = tiny_model(tok.vocab_size, max_seq_len=64)
-    with ft.MetricsLog(tmp_path / "m.jsonl") as log:
+    with ft.MetricsLog(tmp_path / "m.jsonl", fresh=True) as log:
         ft.train_loop(fresh, items, loss_fn, lambda m: {"val_accuracy": 0.5}, cfg, log, score_key="val_accuracy",
                       higher_is_better=True, length_of=lambda e: len(e.part_a))
     assert seen == [True, True]

@@ -1,9 +1,9 @@
-"""Package-level rules: `glm` never imports Prefect, and the CLI reports config errors by key path."""
+"""Package-level rules: `glm` never imports Prefect, the wheel installs no generic names, the CLI reports config errors by key path."""
 
 import subprocess
 import sys
 
-from glm import cli
+from glm_pipeline.flows import cli
 
 
 def test_glm_modules_never_import_prefect():
@@ -45,3 +45,29 @@ def test_every_shipped_config_validates():
     assert {"tiny", "demo", "base", "large"} <= set(names)
     for name in names:
         assert load_config(f"configs/{name}.yaml").name == name
+
+
+def test_the_wheel_installs_no_generic_top_level_names(tmp_path):
+    """tasks/, flows/ and configs/ install as glm_pipeline.*; benchmarks/ stays in the checkout."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"glm", "glm_pipeline"}, top
+    assert {"glm_pipeline/flows/cli.py", "glm_pipeline/tasks/stages.py", "glm_pipeline/configs/demo.yaml"} <= set(names)
+
+
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "config", "demo"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("name: demo\n")
+    same = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "config", "configs/tiny.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0 and same.stdout.startswith("name: tiny\n"), same.stderr

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from glm_pipeline.flows.cli import main as cli_main
 
 from glm import finetune as ft
 from glm import runtime
 from glm.checkpoint import load_model
-from glm.cli import main as cli_main
 from glm.export import write_sha256sums
 from glm.tokenizer import Tokenizer
 from tests.glm.test_export import SINGLE, build_bundles

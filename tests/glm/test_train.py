@@ -8,13 +8,13 @@ import torch
 import glm.train as train
 from glm.checkpoint import MODEL_FILE, latest_checkpoint, load_model
 from glm.config import ModelConfig, OptimConfig, TrainConfig
+from glm.metrics import read_metrics
 from glm.train import (
     NonFiniteLossError,
     SyntheticBatches,
     autocast_dtype,
     lr_at,
     pretrain,
-    read_metrics,
 )
 
 V, T = 64, 32

@@ -41,7 +41,7 @@ def test_the_plain_runner_takes_the_lock_too(holder):
 
 FLOW_ALONE = """
 import sys
-from flows.pipeline import data_flow
+from glm_pipeline.flows.pipeline import data_flow
 from glm.config import load_config
 data_flow(load_config("configs/tiny.yaml", ["name=second", "run_dir=" + sys.argv[1]]))
 """

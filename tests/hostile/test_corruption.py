@@ -90,7 +90,7 @@ def test_verify_finds_damage_that_kept_size_and_mtime_and_marks_it_for_rebuild(d
     _flip_byte_in_place(paths.tokens / "train" / "part-00000.arrow", keep_mtime=True)
     assert not verify_manifest(paths.tokens)  # invisible to the quick check, by construction
 
-    cmd = [sys.executable, "-m", "glm.cli", "verify", str(paths.root)]
+    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(paths.root)]
     found = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert found.returncode == 1, found.stdout + found.stderr
     assert "FAILED tokens/manifest.json" in found.stdout and "train/part-00000.arrow" in found.stdout
@@ -103,7 +103,7 @@ def test_verify_finds_damage_that_kept_size_and_mtime_and_marks_it_for_rebuild(d
 
 
 def test_verify_names_a_missing_run_directory_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "glm.cli", "verify", str(tmp_path / "nope")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
 

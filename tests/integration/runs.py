@@ -25,8 +25,8 @@ def copy_run(data_run: Path, run_dir: Path) -> Path:
 
 
 def cli_run(run_dir: Path, name: str, *overrides: str, stage: str = "pretrain") -> list[str]:
-    """`python -m glm.cli run configs/tiny.yaml --stage STAGE` with the small test config (run it with cwd=ROOT)."""
-    cmd = [sys.executable, "-m", "glm.cli", "run", "configs/tiny.yaml", "--stage", stage]
+    """`python -m glm_pipeline.flows.cli run configs/tiny.yaml --stage STAGE` with the small test config (run it with cwd=ROOT)."""
+    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "run", "configs/tiny.yaml", "--stage", stage]
     for o in [*SMALL, "quality.enabled=false", f"name={name}", f"run_dir={run_dir}", *overrides]:
         cmd += ["--set", o]
     return cmd

@@ -65,7 +65,7 @@ def test_serve_runs_on_its_cron_schedule_and_on_demand_then_pauses_on_ctrl_c(ser
     from prefect.exceptions import ObjectNotFound
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "glm.cli", "serve", "configs/tiny.yaml", "--cron", "* * * * *"]
+    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "serve", "configs/tiny.yaml", "--cron", "* * * * *"]
     for override in [*SMALL, f"run_dir={run_dir}"]:
         cmd += ["--set", override]
     log_path = tmp_path / "serve.log"

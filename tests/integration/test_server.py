@@ -16,7 +16,7 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
     env = server.env
     run_dir = tmp_path / "run"
     overrides = [*SMALL, "quality.enabled=false", "name=served", f"run_dir={run_dir}"]
-    cmd = [sys.executable, "-m", "glm.cli", "run", "configs/tiny.yaml", "--stage", "data"]
+    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "run", "configs/tiny.yaml", "--stage", "data"]
     for o in overrides:
         cmd += ["--set", o]
     done = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -46,6 +46,7 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
 def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smoke(server, tmp_path):
     """The README's way on a fresh server: `glm-pipeline deploy` (work pool + `prefect deploy --all`),
     then `prefect worker start --pool glm-process` runs tiny-smoke, reading configs/tiny.yaml."""
+    from glm_pipeline.flows.deploy import ensure_process_pool
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
@@ -53,10 +54,8 @@ def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smok
         LogFilterFlowRunId,
     )
 
-    from flows.deploy import ensure_process_pool
-
     env = server.env
-    done = subprocess.run([sys.executable, "-m", "glm.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "created the process work pool 'glm-process'" in done.stdout

@@ -7,8 +7,7 @@ import re
 import shlex
 
 import pytest
-
-from tasks.artifacts import inline_images
+from glm_pipeline.tasks.artifacts import inline_images
 
 
 def test_plots_are_inlined_as_data_uris_so_the_ui_can_render_them(tmp_path):
@@ -24,7 +23,7 @@ def test_plots_are_inlined_as_data_uris_so_the_ui_can_render_them(tmp_path):
 def test_artifacts_are_sent_in_order_in_the_callers_context_and_failures_only_warn(caplog):
     import contextvars
 
-    from tasks import artifacts
+    from glm_pipeline.tasks import artifacts
 
     run = contextvars.ContextVar("run", default=None)
     received = []
@@ -45,8 +44,9 @@ def test_artifacts_are_sent_in_order_in_the_callers_context_and_failures_only_wa
 
 
 def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_last(monkeypatch):
+    from glm_pipeline.tasks import artifacts
+
     from glm.config import PipelineConfig
-    from tasks import artifacts
 
     sent = []
     monkeypatch.setattr(artifacts, "create_progress_artifact", lambda value, **kw: sent.append(("create", value, kw["key"])) or "id-1")
@@ -84,9 +84,10 @@ def _blocks(markdown: str, lang: str) -> list[str]:
 def test_bundle_markdown_gives_the_path_checksums_verification_and_code_that_runs(built, capsys):
     import json
 
-    from glm.cli import main as cli_main
+    from glm_pipeline.flows.cli import main as cli_main
+    from glm_pipeline.tasks.artifacts import bundle_markdown
+
     from glm.config import PipelineConfig
-    from tasks.artifacts import bundle_markdown
 
     bundle = built.clf_bundle
     report = json.loads((bundle / "verification.json").read_text())
@@ -110,8 +111,9 @@ def test_bundle_markdown_gives_the_path_checksums_verification_and_code_that_run
 def test_bundle_markdown_lists_near_ties_and_failures(built):
     import json
 
+    from glm_pipeline.tasks.artifacts import bundle_markdown
+
     from glm.config import PipelineConfig
-    from tasks.artifacts import bundle_markdown
 
     report = json.loads((built.lm_bundle / "verification.json").read_text())
     tie = {"prompt": 6, "alone": True, "step": 6, "reference_token": 182, "bundle_token": 218, "margin": 0.0,
@@ -128,8 +130,9 @@ def test_bundle_markdown_lists_near_ties_and_failures(built):
 
 
 def test_the_bundle_is_a_markdown_artifact_and_a_link_only_for_an_http_url(built, monkeypatch):
+    from glm_pipeline.tasks import artifacts
+
     from glm.config import PipelineConfig
-    from tasks import artifacts
 
     sent = []
     for name in ("create_markdown_artifact", "create_link_artifact", "create_table_artifact"):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 
+import glm_pipeline.tasks  # noqa: F401  (installs the heartbeats)
 import prefect.flow_engine as flow_engine
-
-import tasks  # noqa: F401  (installs the heartbeats)
-from tasks import heartbeats
-from tasks.heartbeats import send_heartbeats
+from glm_pipeline.tasks import heartbeats
+from glm_pipeline.tasks.heartbeats import send_heartbeats
 
 
 class FakeState:

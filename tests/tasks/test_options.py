@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from glm_pipeline.tasks.options import artifact_key, configure, retry_transient, slug
+from glm_pipeline.tasks.stages import ingest
 from prefect.states import Failed
 
 from glm.config import ConfigError, PipelineConfig
 from glm.quality import ValidationFailed
 from glm.stages import StageInputMissing
-from tasks.options import artifact_key, configure, retry_transient, slug
-from tasks.stages import ingest
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,9 @@ import select
 import sys
 
 import pytest
-from prefect.states import Failed
-
-from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
-from tasks.options import retry_transient
-from tasks.stages import ingest
-from tasks.training import (
+from glm_pipeline.tasks.options import retry_transient
+from glm_pipeline.tasks.stages import ingest
+from glm_pipeline.tasks.training import (
     Finished,
     MetricsTail,
     TrainingCrashed,
@@ -24,6 +21,9 @@ from tasks.training import (
     _train_in_process,
     run_logged,
 )
+from prefect.states import Failed
+
+from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
 
 
 def test_output_is_streamed_line_by_line_and_the_tail_is_kept():

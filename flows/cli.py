@@ -14,8 +14,6 @@ for a bad config or a busy run directory; tracebacks go to RUN_DIR/logs/run-*.lo
 terminal with --debug.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import logging
@@ -216,8 +214,8 @@ def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] 
 
 
 def _run(cfg: Any, stage: str, log_path: Path) -> int:
-    from flows.ephemeral import detach_ephemeral_server
-    from flows.pipeline import RunTimedOut, run_stage
+    from glm_pipeline.flows.ephemeral import detach_ephemeral_server
+    from glm_pipeline.flows.pipeline import RunTimedOut, run_stage
 
     detach_ephemeral_server()
     try:
@@ -271,16 +269,14 @@ def _command(args: argparse.Namespace) -> int:
                     return 128 + e.signum  # the shell's code for a process ended by that signal
         if args.command == "serve":
             cfg = load_config(args.config, args.overrides)
-            from flows.pipeline import serve
+            from glm_pipeline.flows.pipeline import serve
 
             serve(cfg, cron=args.cron)
             return 0
         if args.command == "verify":
             return _verify(args.run_dir, args.mark)
         if args.command == "deploy":
-            from pathlib import Path
-
-            from flows.deploy import deploy
+            from glm_pipeline.flows.deploy import deploy
 
             return deploy(Path.cwd())
         if args.command == "infer":

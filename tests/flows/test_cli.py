@@ -1,4 +1,4 @@
-"""glm.cli's error reporting: one line on the terminal, tracebacks only in the log file or with --debug.
+"""the CLI's error reporting: one line on the terminal, tracebacks only in the log file or with --debug.
 
 The CLI as a user runs it (real subprocesses, Prefect included) is tested in tests/hostile/.
 """
@@ -9,8 +9,8 @@ import logging
 import sys
 
 import pytest
+from glm_pipeline.flows import cli
 
-from glm import cli
 from glm.config import ConfigError
 from glm.runlock import RunDirBusy
 
