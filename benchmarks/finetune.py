@@ -68,8 +68,9 @@ def _rate(fn, n_examples: int, repeats: int) -> float:
     return n_examples * repeats / (time.perf_counter() - t0)
 
 
-def _group_by_length_row(model: GLM, tok: WordTokenizer, task_cfg: ClozeTaskConfig, max_seq_len: int, preset: str,
-                         batch: int, n: int) -> dict:
+def _group_by_length_row(
+    model: GLM, tok: WordTokenizer, task_cfg: ClozeTaskConfig, max_seq_len: int, preset: str, batch: int, n: int
+) -> dict:
     """One epoch of train steps over sentences of 4-60 words: batches grouped by length vs random batches."""
     rng = np.random.default_rng(1)
     task = ft.ClozeTask(tok, task_cfg, max_seq_len)
@@ -87,10 +88,19 @@ def _group_by_length_row(model: GLM, tok: WordTokenizer, task_cfg: ClozeTaskConf
 
     grouped = _rate(lambda: epoch([len(e.part_a) for e in items]), n, 1)
     plain = _rate(lambda: epoch(None), n, 1)
-    return {"name": f"finetune_cloze_{preset}_group_by_length", "metric": "train throughput over one epoch of 4-60 word sentences",
-            "unit": "examples/s", "value": grouped, "reference": plain, "ratio": grouped / plain, "better": "higher",
-            "reference_name": "random batches (finetune.group_by_length=false)", "preset": preset, "batch_size": batch,
-            "examples": n}
+    return {
+        "name": f"finetune_cloze_{preset}_group_by_length",
+        "metric": "train throughput over one epoch of 4-60 word sentences",
+        "unit": "examples/s",
+        "value": grouped,
+        "reference": plain,
+        "ratio": grouped / plain,
+        "better": "higher",
+        "reference_name": "random batches (finetune.group_by_length=false)",
+        "preset": preset,
+        "batch_size": batch,
+        "examples": n,
+    }
 
 
 def run(quick: bool = False) -> Iterator[dict]:
@@ -105,8 +115,9 @@ def run(quick: bool = False) -> Iterator[dict]:
         repeats = 2 if quick else (10 if preset == "tiny" else 3)
         texts = _texts(batch)
         single = ClozeTaskConfig(verbalizers={"0": "terrible", "1": "great"})
-        multi = ClozeTaskConfig(multi_token=True, verbalizers={
-            "0": "very bad indeed", "1": "rather bad", "2": "quite good", "3": "very good indeed"})
+        multi = ClozeTaskConfig(
+            multi_token=True, verbalizers={"0": "very bad indeed", "1": "rather bad", "2": "quite good", "3": "very good indeed"}
+        )
 
         # fine-tuning: forward + backward + AdamW step on single-token cloze batches
         task = ft.ClozeTask(tok, single, cfg.max_seq_len)
@@ -129,21 +140,43 @@ def run(quick: bool = False) -> Iterator[dict]:
         fp32 = _rate(train_step, batch, repeats)
         yield {"name": f"finetune_cloze_{preset}", "metric": "train throughput", "unit": "examples/s", "value": fp32, **common}
         bf16 = _rate(train_step_bf16, batch, repeats)
-        yield {"name": f"finetune_cloze_{preset}_bf16", "metric": "train throughput, bf16 autocast (finetune.precision=bf16)",
-               "unit": "examples/s", "value": bf16, "reference": fp32, "ratio": bf16 / fp32, "better": "higher",
-               "reference_name": "fp32", **common}
+        yield {
+            "name": f"finetune_cloze_{preset}_bf16",
+            "metric": "train throughput, bf16 autocast (finetune.precision=bf16)",
+            "unit": "examples/s",
+            "value": bf16,
+            "reference": fp32,
+            "ratio": bf16 / fp32,
+            "better": "higher",
+            "reference_name": "fp32",
+            **common,
+        }
         yield _group_by_length_row(model, tok, single, cfg.max_seq_len, preset, batch, n=4 * batch if quick else 16 * batch)
 
         model.eval()
         with torch.no_grad():
-            yield {"name": f"score_cloze_{preset}", "metric": "single-token scoring throughput", "unit": "examples/s",
-                   "value": _rate(lambda: ft.cloze_scores(model, task, items), batch, repeats), **common}
+            yield {
+                "name": f"score_cloze_{preset}",
+                "metric": "single-token scoring throughput",
+                "unit": "examples/s",
+                "value": _rate(lambda: ft.cloze_scores(model, task, items), batch, repeats),
+                **common,
+            }
             mtask = ft.ClozeTask(tok, multi, cfg.max_seq_len)
             mitems = [mtask.encode(t) for t in texts]
-            torch.testing.assert_close(ft.cloze_scores(model, mtask, mitems), _naive_multi_token_scores(model, mtask, mitems),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                ft.cloze_scores(model, mtask, mitems), _naive_multi_token_scores(model, mtask, mitems), atol=1e-4, rtol=1e-4
+            )
             cached = _rate(lambda: ft.cloze_scores(model, mtask, mitems), batch, repeats)
             naive = _rate(lambda: _naive_multi_token_scores(model, mtask, mitems), batch, repeats)
-        yield {"name": f"score_cloze_multi_token_{preset}", "metric": "4-label multi-token scoring throughput",
-               "unit": "examples/s", "value": cached, "reference": naive, "ratio": cached / naive, "better": "higher",
-               "reference_name": "Part A repeated per candidate", **common}
+        yield {
+            "name": f"score_cloze_multi_token_{preset}",
+            "metric": "4-label multi-token scoring throughput",
+            "unit": "examples/s",
+            "value": cached,
+            "reference": naive,
+            "ratio": cached / naive,
+            "better": "higher",
+            "reference_name": "Part A repeated per candidate",
+            **common,
+        }

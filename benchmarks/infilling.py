@@ -145,8 +145,15 @@ class ReferenceBuilder:
             else:
                 spans, mask_id = [(0, len(tokens))], SPECIAL.gmask
             samples.append(self.make_block_data(tokens, spans, mask_id, rng))
-        batch = {name: np.full((len(samples), self.cfg.seq_len), fill, np.int32) for name, fill in
-                 (("input_ids", SPECIAL.pad), ("targets", SPECIAL.pad), ("position_ids", 0), ("block_position_ids", 0))}
+        batch = {
+            name: np.full((len(samples), self.cfg.seq_len), fill, np.int32)
+            for name, fill in (
+                ("input_ids", SPECIAL.pad),
+                ("targets", SPECIAL.pad),
+                ("position_ids", 0),
+                ("block_position_ids", 0),
+            )
+        }
         batch["sep"] = np.array([s[4] for s in samples], np.int32)
         batch["length"] = np.array([len(s[0]) for s in samples], np.int32)
         for i, (input_ids, target_ids, position_ids, block_ids, _) in enumerate(samples):

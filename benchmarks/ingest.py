@@ -113,25 +113,63 @@ def run(quick: bool = False) -> Iterator[dict]:
     parse_rate, ingest_rate = mb / parse["seconds"], mb / ingest["seconds"]
     common = {"docs": ingest["docs"], "input_mb": round(mb, 2), "quick": quick}
     yield {
-        "name": "ingest_imdb", "metric": "throughput", "value": round(ingest_rate, 2), "unit": "MB/s",
-        "reference": round(parse_rate, 2), "ratio": round(ingest_rate / parse_rate, 3), "better": "higher",
-        "reference_is": "csv module parse of the same rows, nothing else", **common,
+        "name": "ingest_imdb",
+        "metric": "throughput",
+        "value": round(ingest_rate, 2),
+        "unit": "MB/s",
+        "reference": round(parse_rate, 2),
+        "ratio": round(ingest_rate / parse_rate, 3),
+        "better": "higher",
+        "reference_is": "csv module parse of the same rows, nothing else",
+        **common,
     }
     cpu_parse, cpu_ingest = mb / parse["cpu_seconds"], mb / ingest["cpu_seconds"]
     yield {
-        "name": "ingest_imdb", "metric": "throughput_per_cpu_second", "value": round(cpu_ingest, 2), "unit": "MB/cpu-s",
-        "reference": round(cpu_parse, 2), "ratio": round(cpu_ingest / cpu_parse, 3), "better": "higher",
+        "name": "ingest_imdb",
+        "metric": "throughput_per_cpu_second",
+        "value": round(cpu_ingest, 2),
+        "unit": "MB/cpu-s",
+        "reference": round(cpu_parse, 2),
+        "ratio": round(cpu_ingest / cpu_parse, 3),
+        "better": "higher",
         "reference_is": "csv module parse of the same rows, nothing else",
-        "note": "CPU time: robust to other processes on the machine", **common,
+        "note": "CPU time: robust to other processes on the machine",
+        **common,
     }
     yield {
-        "name": "ingest_imdb", "metric": "peak_rss", "value": round(ingest["rss_kb"] / 1024, 1), "unit": "MiB",
-        "reference": round(parse["rss_kb"] / 1024, 1), "ratio": round(ingest["rss_kb"] / parse["rss_kb"], 3), "better": "lower",
+        "name": "ingest_imdb",
+        "metric": "peak_rss",
+        "value": round(ingest["rss_kb"] / 1024, 1),
+        "unit": "MiB",
+        "reference": round(parse["rss_kb"] / 1024, 1),
+        "ratio": round(ingest["rss_kb"] / parse["rss_kb"], 3),
+        "better": "lower",
         "reference_is": "peak RSS of the parse-only subprocess",
-        "after_imports": round(ingest["imports_kb"] / 1024, 1), **common,
+        "after_imports": round(ingest["imports_kb"] / 1024, 1),
+        **common,
     }
-    yield {"name": "ingest_imdb", "metric": "noop_rerun", "value": round(ingest["noop_seconds"], 3), "unit": "s", "better": "lower", **common}
-    yield {"name": "validate_documents", "metric": "seconds_first_call", "value": round(gate["cold"], 2), "unit": "s",
-           "better": "lower", "note": "includes importing Great Expectations", "rows": gate["rows"]}
-    yield {"name": "validate_documents", "metric": "seconds_warm", "value": round(gate["warm"], 2), "unit": "s",
-           "better": "lower", "rows": gate["rows"]}
+    yield {
+        "name": "ingest_imdb",
+        "metric": "noop_rerun",
+        "value": round(ingest["noop_seconds"], 3),
+        "unit": "s",
+        "better": "lower",
+        **common,
+    }
+    yield {
+        "name": "validate_documents",
+        "metric": "seconds_first_call",
+        "value": round(gate["cold"], 2),
+        "unit": "s",
+        "better": "lower",
+        "note": "includes importing Great Expectations",
+        "rows": gate["rows"],
+    }
+    yield {
+        "name": "validate_documents",
+        "metric": "seconds_warm",
+        "value": round(gate["warm"], 2),
+        "unit": "s",
+        "better": "lower",
+        "rows": gate["rows"],
+    }

@@ -120,29 +120,74 @@ def run(quick: bool = False) -> Iterator[dict]:
         stats = manifest["stats"]
         packed = sum(e["tokens"] for e in stats["epochs"]) + stats["valid"]["tokens"]
         common = {"seq_len": SEQ_LEN, "tokens": packed, "quick": quick}
-        yield {"name": "infill_shards", "metric": "throughput", "value": packed / seconds, "unit": "tokens/s",
-               "seconds": seconds, "samples": stats["builder"]["train"]["samples"] + stats["valid"]["samples"], **common}
-        yield {"name": "infill_shards", "metric": "peak_rss", "value": _peak_rss_mb(), "unit": "MB",
-               "peak_reset": reset, "rss_before_mb": baseline, **common}
-        yield {"name": "infill_shards", "metric": "disk_bytes_per_token", "value": stats["bytes_per_token"],
-               "unit": "bytes/token", "reference": stats["raw_bytes_per_token"],
-               "ratio": stats["bytes_per_token"] / stats["raw_bytes_per_token"], "better": "lower",
-               "reference_is": "the raw token shards (uint16 ids + offsets)", **common}
+        yield {
+            "name": "infill_shards",
+            "metric": "throughput",
+            "value": packed / seconds,
+            "unit": "tokens/s",
+            "seconds": seconds,
+            "samples": stats["builder"]["train"]["samples"] + stats["valid"]["samples"],
+            **common,
+        }
+        yield {
+            "name": "infill_shards",
+            "metric": "peak_rss",
+            "value": _peak_rss_mb(),
+            "unit": "MB",
+            "peak_reset": reset,
+            "rss_before_mb": baseline,
+            **common,
+        }
+        yield {
+            "name": "infill_shards",
+            "metric": "disk_bytes_per_token",
+            "value": stats["bytes_per_token"],
+            "unit": "bytes/token",
+            "reference": stats["raw_bytes_per_token"],
+            "ratio": stats["bytes_per_token"] / stats["raw_bytes_per_token"],
+            "better": "lower",
+            "reference_is": "the raw token shards (uint16 ids + offsets)",
+            **common,
+        }
 
         loader = TrainLoader(work / "infill", BATCH, seed=0)
         reset, baseline = _reset_peak_rss(), _status_mb("VmRSS")
         ours = _rate(iter(loader), n_batches)
         peak = _peak_rss_mb()
         generator = torch.Generator().manual_seed(0)
-        reference = _rate(iter(torch.utils.data.DataLoader(
-            PerSample(loader), batch_size=BATCH, shuffle=True, generator=generator, num_workers=0,
-        )), min(n_batches, len(loader.data.epochs[0]) // BATCH - 1))
+        reference = _rate(
+            iter(
+                torch.utils.data.DataLoader(
+                    PerSample(loader),
+                    batch_size=BATCH,
+                    shuffle=True,
+                    generator=generator,
+                    num_workers=0,
+                )
+            ),
+            min(n_batches, len(loader.data.epochs[0]) // BATCH - 1),
+        )
         common = {"seq_len": SEQ_LEN, "batch_size": BATCH, "batches": n_batches, "quick": quick}
-        yield {"name": "train_loader", "metric": "throughput", "value": ours, "unit": "batches/s",
-               "reference": reference, "ratio": ours / reference, "better": "higher",
-               "reference_is": "map-style Dataset + DataLoader(default_collate), main process", **common}
-        yield {"name": "train_loader", "metric": "peak_rss", "value": peak, "unit": "MB", "peak_reset": reset,
-               "rss_before_mb": baseline, **common}
+        yield {
+            "name": "train_loader",
+            "metric": "throughput",
+            "value": ours,
+            "unit": "batches/s",
+            "reference": reference,
+            "ratio": ours / reference,
+            "better": "higher",
+            "reference_is": "map-style Dataset + DataLoader(default_collate), main process",
+            **common,
+        }
+        yield {
+            "name": "train_loader",
+            "metric": "peak_rss",
+            "value": peak,
+            "unit": "MB",
+            "peak_reset": reset,
+            "rss_before_mb": baseline,
+            **common,
+        }
 
         shard_set = loader.data.epochs[0]
         views = shard_set._open()  # memory-mapped and checked; the pages are warm from the batches above
@@ -153,8 +198,16 @@ def run(quick: bool = False) -> Iterator[dict]:
                 check_samples(f["path"], view, shard_set.seq_len, shard_set.vocab_size)
             best = min(best, time.perf_counter() - start)
         per_shard = best / len(shard_set) * cfg.samples_per_shard
-        yield {"name": "shard_check", "metric": "seconds_per_shard", "value": per_shard, "unit": "s", "better": "lower",
-               "samples_per_shard": cfg.samples_per_shard, "in_batches": per_shard * ours,
-               "note": "once per shard per process, when its shard set is first opened; warm page cache", **common}
+        yield {
+            "name": "shard_check",
+            "metric": "seconds_per_shard",
+            "value": per_shard,
+            "unit": "s",
+            "better": "lower",
+            "samples_per_shard": cfg.samples_per_shard,
+            "in_batches": per_shard * ours,
+            "note": "once per shard per process, when its shard set is first opened; warm page cache",
+            **common,
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)

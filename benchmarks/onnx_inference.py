@@ -43,8 +43,10 @@ from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.tokenizer import Tokenizer
 
 VOCAB = 16000
-WORDS = ("the movie film was plot acting story really very quite an a good bad great terrible fun boring not "
-         "music actor scene end long short funny sad").split()
+WORDS = (
+    "the movie film was plot acting story really very quite an a good bad great terrible fun boring not "
+    "music actor scene end long short funny sad"
+).split()
 TASK = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "bad", "1": "good"})
 CASES = {  # preset: prompt length, cache length for one decoding step, new tokens, texts scored, rounds, iterations
     "tiny": dict(prompt=32, past=32, new_tokens=8, texts=32, rounds=2, iters=3),
@@ -58,10 +60,23 @@ def _tokenizer(path: Path) -> Path:
     sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) + "." for _ in range(500)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=400, model_type="unigram",
-        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
-        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
-        hard_vocab_limit=False, minloglevel=2, num_threads=1,
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="unigram",
+        pad_id=0,
+        pad_piece="[PAD]",
+        unk_id=1,
+        unk_piece="[UNK]",
+        bos_id=2,
+        bos_piece="[CLS]",
+        eos_id=3,
+        eos_piece="<eos>",
+        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"],
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
     )
     path.write_bytes(buf.getvalue())
     return path
@@ -90,9 +105,18 @@ def _rows(metric: str, unit: str, better: str, results: dict[str, float], common
     reference = _sig(results["pytorch"])
     for backend in ("onnxruntime-fp32", "onnxruntime-int8"):
         value = _sig(results[backend])
-        yield {"name": f"onnx_inference/{common['preset']}", "metric": f"{metric}_{backend.split('-')[1]}",
-               "value": value, "unit": unit, "reference": reference, "ratio": _sig(value / reference),
-               "better": better, "backend": backend, "reference_backend": "pytorch-eager", **common}
+        yield {
+            "name": f"onnx_inference/{common['preset']}",
+            "metric": f"{metric}_{backend.split('-')[1]}",
+            "value": value,
+            "unit": unit,
+            "reference": reference,
+            "ratio": _sig(value / reference),
+            "better": better,
+            "backend": backend,
+            "reference_backend": "pytorch-eager",
+            **common,
+        }
 
 
 def _sig(x: float) -> float:
@@ -127,8 +151,14 @@ def _bench(tmp: Path, preset: str, case: dict, threads: int, quick: bool) -> Ite
     fp32 = runtime.Bundle.load(bundle_dir, providers=["CPUExecutionProvider"], threads=threads)
     int8 = runtime.Bundle.load(bundle_dir, providers=["CPUExecutionProvider"], threads=threads, int8=True)
     bundles = {"onnxruntime-fp32": fp32, "onnxruntime-int8": int8}
-    common = {"preset": preset, "threads": threads, "vocab": VOCAB, "params": model.num_params(),
-              "dims": f"{cfg.n_layer} layers x {cfg.hidden_size} wide x {cfg.n_head} heads", "device": "cpu"}
+    common = {
+        "preset": preset,
+        "threads": threads,
+        "vocab": VOCAB,
+        "params": model.num_params(),
+        "dims": f"{cfg.n_layer} layers x {cfg.hidden_size} wide x {cfg.n_head} heads",
+        "device": "cpu",
+    }
     rounds, iters = case["rounds"], case["iters"]
     rng = np.random.default_rng(0)
 
@@ -182,8 +212,13 @@ def _bench(tmp: Path, preset: str, case: dict, threads: int, quick: bool) -> Ite
 
     sides = {"pytorch": lambda: per_s(lambda: fill_blanks(model, [prompt], gen)[0].spans[0])}
     sides.update({k: (lambda b=b: per_s(lambda: b.fill_ids([prompt], n_new)[0][0])) for k, b in bundles.items()})
-    yield from _rows("generate_tokens_per_s", "tokens/s", "higher", _rounds(sides, rounds),
-                     {**common, "batch": 1, "prompt_tokens": T, "max_new_tokens": n_new, "decoding": "greedy, prompt pass included"})
+    yield from _rows(
+        "generate_tokens_per_s",
+        "tokens/s",
+        "higher",
+        _rounds(sides, rounds),
+        {**common, "batch": 1, "prompt_tokens": T, "max_new_tokens": n_new, "decoding": "greedy, prompt pass included"},
+    )
 
     # ---- cloze scoring throughput: texts per second, batches of 32
     wrng = random.Random(1)
@@ -201,16 +236,36 @@ def _bench(tmp: Path, preset: str, case: dict, threads: int, quick: bool) -> Ite
 
     sides = {"pytorch": torch_scores}
     sides.update({k: (lambda b=b: rate(lambda: b.label_scores(texts, batch_size=32))) for k, b in bundles.items()})
-    yield from _rows("cloze_scoring_throughput", "texts/s", "higher", _rounds(sides, rounds),
-                     {**common, "batch": 32, "texts": len(texts), "text_words": "20-60"})
+    yield from _rows(
+        "cloze_scoring_throughput",
+        "texts/s",
+        "higher",
+        _rounds(sides, rounds),
+        {**common, "batch": 32, "texts": len(texts), "text_words": "20-60"},
+    )
 
     # ---- size and what the int8 model costs in agreement
     sizes = {k: b.model_path.stat().st_size / 1e6 for k, b in bundles.items()}
     value, reference = _sig(sizes["onnxruntime-int8"]), _sig(sizes["onnxruntime-fp32"])
-    yield {"name": f"onnx_inference/{preset}", "metric": "model_size_int8", "value": value,
-           "unit": "MB", "reference": reference, "ratio": _sig(value / reference), "better": "lower",
-           "reference_backend": "onnxruntime-fp32", **common,
-           "int8_logits_max_abs_diff": report.get("int8", {}).get("logits_max_abs_diff"),
-           "int8_greedy_token_agreement": report.get("int8", {}).get("greedy", {}).get("token_agreement")}
-    yield {"name": f"onnx_inference/{preset}", "metric": "export_seconds", "value": round(export_seconds, 2), "unit": "s",
-           "verified": report.get("passed"), "fp32_logits_max_abs_diff": report.get("fp32", {}).get("logits_max_abs_diff"), **common}
+    yield {
+        "name": f"onnx_inference/{preset}",
+        "metric": "model_size_int8",
+        "value": value,
+        "unit": "MB",
+        "reference": reference,
+        "ratio": _sig(value / reference),
+        "better": "lower",
+        "reference_backend": "onnxruntime-fp32",
+        **common,
+        "int8_logits_max_abs_diff": report.get("int8", {}).get("logits_max_abs_diff"),
+        "int8_greedy_token_agreement": report.get("int8", {}).get("greedy", {}).get("token_agreement"),
+    }
+    yield {
+        "name": f"onnx_inference/{preset}",
+        "metric": "export_seconds",
+        "value": round(export_seconds, 2),
+        "unit": "s",
+        "verified": report.get("passed"),
+        "fp32_logits_max_abs_diff": report.get("fp32", {}).get("logits_max_abs_diff"),
+        **common,
+    }

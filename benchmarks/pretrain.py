@@ -71,15 +71,37 @@ def _seconds_per_step(preset: str, batch: int, seq_len: int, steps: int, rounds:
                 step(precision)
             times[precision].append((time.perf_counter() - t0) / n)
     bf16, fp32 = statistics.median(times["bf16"]), statistics.median(times["fp32"])
-    common = {"name": f"pretrain/{preset}", "batch": batch, "seq_len": seq_len, "vocab": VOCAB,
-              "params": models["fp32"][0].num_params(), "threads": torch.get_num_threads(), "rounds": rounds,
-              "bf16_kernels": "emulated (no AVX512/AMX)" if emulated else "oneDNN native"}
-    yield {**common, "metric": "seconds_per_step_bf16", "value": round(bf16, 4), "unit": "s", "reference": round(fp32, 4),
-           "ratio": round(bf16 / fp32, 4), "better": "lower", "note": "reference: the same steps in fp32"}
+    common = {
+        "name": f"pretrain/{preset}",
+        "batch": batch,
+        "seq_len": seq_len,
+        "vocab": VOCAB,
+        "params": models["fp32"][0].num_params(),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "bf16_kernels": "emulated (no AVX512/AMX)" if emulated else "oneDNN native",
+    }
+    yield {
+        **common,
+        "metric": "seconds_per_step_bf16",
+        "value": round(bf16, 4),
+        "unit": "s",
+        "reference": round(fp32, 4),
+        "ratio": round(bf16 / fp32, 4),
+        "better": "lower",
+        "note": "reference: the same steps in fp32",
+    }
     tokens = batch * seq_len
-    yield {**common, "metric": "train_tokens_per_s_bf16", "value": round(tokens / bf16, 1), "unit": "tokens/s",
-           "reference": round(tokens / fp32, 1), "ratio": round(fp32 / bf16, 4), "better": "higher",
-           "note": "reference: fp32"}
+    yield {
+        **common,
+        "metric": "train_tokens_per_s_bf16",
+        "value": round(tokens / bf16, 1),
+        "unit": "tokens/s",
+        "reference": round(tokens / fp32, 1),
+        "ratio": round(fp32 / bf16, 4),
+        "better": "higher",
+        "note": "reference: fp32",
+    }
 
 
 class _Reached(Exception):
@@ -134,27 +156,60 @@ def _demo_time_to_loss() -> dict:
         ours = read_metrics(Path(tmp) / "metrics.jsonl")
     seconds = _step_seconds(ours, out["step"] or 0)
     demo_seconds = _step_seconds(demo, demo_step)
-    return {**common, "value": round(seconds, 1), "reference": round(demo_seconds, 1),
-            "ratio": round(seconds / demo_seconds, 4), "reached": out["reached"], "step": out["step"],
-            "target_val_loss": round(target, 4), "val_loss": out["val_loss"], "wall_seconds_with_validation": round(out["wall_seconds"], 1),
-            "precision": cfg.pretrain.precision, "note": "training-step seconds until the first validation (every 100 steps) "
-            "at or below the demo's final validation loss; reference: the demo's own step seconds to its last validation"}
+    return {
+        **common,
+        "value": round(seconds, 1),
+        "reference": round(demo_seconds, 1),
+        "ratio": round(seconds / demo_seconds, 4),
+        "reached": out["reached"],
+        "step": out["step"],
+        "target_val_loss": round(target, 4),
+        "val_loss": out["val_loss"],
+        "wall_seconds_with_validation": round(out["wall_seconds"], 1),
+        "precision": cfg.pretrain.precision,
+        "note": "training-step seconds until the first validation (every 100 steps) "
+        "at or below the demo's final validation loss; reference: the demo's own step seconds to its last validation",
+    }
 
 
 def _quick_time_to_loss() -> dict:
     from glm.train import SyntheticBatches, pretrain, read_metrics
 
-    cfg = load_config(None, ["pretrain.steps=10", "pretrain.eval_every=5", "pretrain.eval_batches=1",
-                             "pretrain.batch_size=4", "pretrain.micro_batch_size=4", "pretrain.log_every=5"])
+    cfg = load_config(
+        None,
+        [
+            "pretrain.steps=10",
+            "pretrain.eval_every=5",
+            "pretrain.eval_batches=1",
+            "pretrain.batch_size=4",
+            "pretrain.micro_batch_size=4",
+            "pretrain.log_every=5",
+        ],
+    )
     mcfg = model_config("tiny", vocab_size=64)
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
-        out = _time_to_loss(lambda cb: pretrain(cfg.pretrain, mcfg, SyntheticBatches(64, 32, 4), tmp,
-                                                valid_data=SyntheticBatches(64, 32, 4, seed=1, limit=1), on_metrics=cb),
-                            target=100.0)
+        out = _time_to_loss(
+            lambda cb: pretrain(
+                cfg.pretrain,
+                mcfg,
+                SyntheticBatches(64, 32, 4),
+                tmp,
+                valid_data=SyntheticBatches(64, 32, 4, seed=1, limit=1),
+                on_metrics=cb,
+            ),
+            target=100.0,
+        )
         seconds = _step_seconds(read_metrics(Path(tmp) / "metrics.jsonl"), out["step"] or 0)
-    return {"name": "pretrain/tiny-synthetic", "metric": "seconds_to_val_loss", "value": round(seconds, 4), "unit": "s",
-            "reached": out["reached"], "step": out["step"], "target_val_loss": 100.0,
-            "note": "mechanics only: a target the first validation reaches"}
+    return {
+        "name": "pretrain/tiny-synthetic",
+        "metric": "seconds_to_val_loss",
+        "value": round(seconds, 4),
+        "unit": "s",
+        "reached": out["reached"],
+        "step": out["step"],
+        "target_val_loss": 100.0,
+        "note": "mechanics only: a target the first validation reaches",
+    }
 
 
 def run(quick: bool = False) -> Iterator[dict]:

@@ -30,14 +30,28 @@ def _rows(name: str, accuracies: dict[str, list[float]], seeds: list[int], extra
     pre, scratch = accuracies["pretrained"], accuracies["from scratch"]
     gains = [100.0 * (p - s) for p, s in zip(pre, scratch)]
     common = {"name": name, "seeds": seeds, **extra}
-    yield {**common, "metric": "test_accuracy_mean", "value": round(statistics.mean(pre), 4), "unit": "accuracy",
-           "reference": round(statistics.mean(scratch), 4), "ratio": round(statistics.mean(pre) / statistics.mean(scratch), 4),
-           "better": "higher", "pretrained": [round(a, 4) for a in pre], "from_scratch": [round(a, 4) for a in scratch],
-           "note": "reference: the same fine-tuning from random initialisation"}
+    yield {
+        **common,
+        "metric": "test_accuracy_mean",
+        "value": round(statistics.mean(pre), 4),
+        "unit": "accuracy",
+        "reference": round(statistics.mean(scratch), 4),
+        "ratio": round(statistics.mean(pre) / statistics.mean(scratch), 4),
+        "better": "higher",
+        "pretrained": [round(a, 4) for a in pre],
+        "from_scratch": [round(a, 4) for a in scratch],
+        "note": "reference: the same fine-tuning from random initialisation",
+    }
     sem = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
-    yield {**common, "metric": "pretraining_gain_points", "value": round(statistics.mean(gains), 2), "unit": "points",
-           "per_seed": [round(g, 2) for g in gains], "standard_error": round(sem, 2),
-           "note": "test accuracy, pretrained minus from scratch, per seed; standard error of the mean over seeds"}
+    yield {
+        **common,
+        "metric": "pretraining_gain_points",
+        "value": round(statistics.mean(gains), 2),
+        "unit": "points",
+        "per_seed": [round(g, 2) for g in gains],
+        "standard_error": round(sem, 2),
+        "note": "test accuracy, pretrained minus from scratch, per seed; standard error of the mean over seeds",
+    }
 
 
 def _demo() -> Iterator[dict]:
@@ -50,8 +64,13 @@ def _demo() -> Iterator[dict]:
     try:
         checkpoint = pretrained_checkpoint(paths)
     except Exception as err:  # no demo run yet
-        yield {"name": "pretraining_gain/demo", "metric": "test_accuracy_mean", "value": None, "unit": "accuracy",
-               "note": f"no pretrained demo checkpoint in {paths.root} ({err}): run `make demo` first"}
+        yield {
+            "name": "pretraining_gain/demo",
+            "metric": "test_accuracy_mean",
+            "value": None,
+            "unit": "accuracy",
+            "note": f"no pretrained demo checkpoint in {paths.root} ({err}): run `make demo` first",
+        }
         return
     tokenizer = Tokenizer.load(paths.tokenizer_model)
     accuracies: dict[str, list[float]] = {"pretrained": [], "from scratch": []}
@@ -62,8 +81,12 @@ def _demo() -> Iterator[dict]:
             results = finetune_from_checkpoint(checkpoint, tokenizer, ft, Path(tmp) / f"seed-{seed}")
             for name in accuracies:
                 accuracies[name].append(results[name]["test"]["accuracy"])
-    yield from _rows("pretraining_gain/demo", accuracies, list(SEEDS),
-                     {"checkpoint": str(checkpoint), "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    yield from _rows(
+        "pretraining_gain/demo",
+        accuracies,
+        list(SEEDS),
+        {"checkpoint": str(checkpoint), "minutes": round((time.perf_counter() - t0) / 60, 1)},
+    )
 
 
 def _quick() -> Iterator[dict]:
@@ -79,21 +102,30 @@ def _quick() -> Iterator[dict]:
 
     tokenizer = WordTokenizer(64)
     rng = random.Random(0)
-    examples = [LabelledExample(" ".join(rng.choice("the plot acting was it film".split()) for _ in range(5))
-                                + (" good" if i % 2 else " bad"), str(i % 2)) for i in range(64)]
-    cfg = load_config(None, ["finetune.epochs=1", "finetune.batch_size=16",
-                             "finetune.task.verbalizers={'0': 'bad', '1': 'good'}"]).finetune
+    examples = [
+        LabelledExample(
+            " ".join(rng.choice("the plot acting was it film".split()) for _ in range(5)) + (" good" if i % 2 else " bad"),
+            str(i % 2),
+        )
+        for i in range(64)
+    ]
+    cfg = load_config(
+        None, ["finetune.epochs=1", "finetune.batch_size=16", "finetune.task.verbalizers={'0': 'bad', '1': 'good'}"]
+    ).finetune
     accuracies: dict[str, list[float]] = {"pretrained": [], "from scratch": []}
     with tempfile.TemporaryDirectory(prefix="bench-gain-") as tmp:
         torch.manual_seed(0)
         model = GLM(model_config("tiny", vocab_size=tokenizer.vocab_size))
         checkpoint = save_checkpoint(Path(tmp) / "pretrained", 1, model.state_dict(), {}, model_config=model.cfg)
         for seed in (0, 1):
-            results = finetune_from_checkpoint(checkpoint, tokenizer, cfg.model_copy(update={"seed": seed}),
-                                               Path(tmp) / f"seed-{seed}", examples=examples)
+            results = finetune_from_checkpoint(
+                checkpoint, tokenizer, cfg.model_copy(update={"seed": seed}), Path(tmp) / f"seed-{seed}", examples=examples
+            )
             for name in accuracies:
                 accuracies[name].append(results[name]["test"]["accuracy"])
-    yield from _rows("pretraining_gain/tiny-synthetic", accuracies, [0, 1], {"quick": "mechanics only: an untrained 'pretrained' model"})
+    yield from _rows(
+        "pretraining_gain/tiny-synthetic", accuracies, [0, 1], {"quick": "mechanics only: an untrained 'pretrained' model"}
+    )
 
 
 def run(quick: bool = False) -> Iterator[dict]:

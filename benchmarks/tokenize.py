@@ -57,7 +57,9 @@ def write_doc_shards(texts: list[str], docs_dir: Path, shards: int) -> Path:
     files = []
     for i in range(shards):
         chunk = texts[i * per : (i + 1) * per]
-        table = pa.table({"text": chunk, "doc_id": [f"imdb-{i * per + j}" for j in range(len(chunk))], "source": ["imdb"] * len(chunk)})
+        table = pa.table(
+            {"text": chunk, "doc_id": [f"imdb-{i * per + j}" for j in range(len(chunk))], "source": ["imdb"] * len(chunk)}
+        )
         files.append(file_entry(write_parquet(docs_dir / "train" / f"part-{i:05d}.parquet", table), docs_dir))
     return write_manifest(docs_dir, "docs", files, stats={"docs": len(texts)})
 
@@ -147,12 +149,27 @@ def run(quick: bool = False) -> Iterator[dict]:
 
         best = _best_seconds({"raw": raw, "raw_numpy": raw_numpy, "one": stage(1), "two": stage(2)}, repeats)
         (raw_wall, raw_cpu), (raw_np_wall, raw_np_cpu), (one_wall, one_cpu), (two_wall, _) = best.values()
-        common = {"metric": "throughput", "unit": "tokens/s", "better": "higher", "docs": len(texts), "tokens": n_tokens, "shards": shards}
+        common = {
+            "metric": "throughput",
+            "unit": "tokens/s",
+            "better": "higher",
+            "docs": len(texts),
+            "tokens": n_tokens,
+            "shards": shards,
+        }
         yield {"name": "raw_sentencepiece_1_core", "value": n_tokens / raw_wall, "cpu_value": n_tokens / raw_cpu, **common}
         # the stage encodes to numpy buffers, which skips the Python int lists of out_type=int: the
         # second reference is that same call alone, with nothing read or written
-        yield {"name": "raw_sentencepiece_numpy_1_core", "value": n_tokens / raw_np_wall, "cpu_value": n_tokens / raw_np_cpu, **common}
-        for name, ref_wall, ref_cpu in (("tokenize_stage_1_worker", raw_wall, raw_cpu), ("tokenize_stage_1_worker_vs_numpy_encode", raw_np_wall, raw_np_cpu)):
+        yield {
+            "name": "raw_sentencepiece_numpy_1_core",
+            "value": n_tokens / raw_np_wall,
+            "cpu_value": n_tokens / raw_np_cpu,
+            **common,
+        }
+        for name, ref_wall, ref_cpu in (
+            ("tokenize_stage_1_worker", raw_wall, raw_cpu),
+            ("tokenize_stage_1_worker_vs_numpy_encode", raw_np_wall, raw_np_cpu),
+        ):
             yield {
                 "name": name,
                 "value": n_tokens / one_wall,
@@ -165,7 +182,13 @@ def run(quick: bool = False) -> Iterator[dict]:
             }
         # a wall-clock speed-up: it needs two idle cores (workers are the fork server's children, so
         # their CPU time is not visible here)
-        yield {"name": "tokenize_stage_2_workers", "value": n_tokens / two_wall, "reference": n_tokens / one_wall, "ratio": one_wall / two_wall, **common}
+        yield {
+            "name": "tokenize_stage_2_workers",
+            "value": n_tokens / two_wall,
+            "reference": n_tokens / one_wall,
+            "ratio": one_wall / two_wall,
+            **common,
+        }
         yield {
             "name": "machine_2_process_control",
             "metric": "speedup",
@@ -204,6 +227,7 @@ def chunk_large_document(texts: list[str], megabytes: int) -> dict:
         "chunks": n_chunks,
         "seconds": round(seconds, 3),
     }
+
 
 if __name__ == "__main__":
     for row in run(quick="--quick" in sys.argv):

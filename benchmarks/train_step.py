@@ -50,8 +50,8 @@ def infilling_batch(B: int, T: int, vocab: int, seed: int = 0, mask_ratio: float
         for i, s in enumerate(order):
             at = sep + 4 * i
             cols["input_ids"][r, at] = SPECIAL.sop
-            cols["position_ids"][r, at:at + 4] = where[s]
-            cols["block_position_ids"][r, at:at + 4] = np.arange(1, 5)
+            cols["position_ids"][r, at : at + 4] = where[s]
+            cols["block_position_ids"][r, at : at + 4] = np.arange(1, 5)
         loss_mask[r, sep:] = True
     batch = {k: torch.from_numpy(v) for k, v in cols.items()}
     batch["sep"] = torch.full((B,), sep, dtype=torch.long)
@@ -65,10 +65,19 @@ def _gpt2(cfg, seq_len: int):
 
     hf_logging.set_verbosity_error()
     gcfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=seq_len, n_embd=cfg.hidden_size, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=cfg.mlp_ratio * cfg.hidden_size, activation_function="gelu_new",
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attention_dropout,
-        layer_norm_epsilon=cfg.layernorm_eps, bos_token_id=SPECIAL.cls, eos_token_id=SPECIAL.eos,
+        vocab_size=cfg.vocab_size,
+        n_positions=seq_len,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.mlp_ratio * cfg.hidden_size,
+        activation_function="gelu_new",
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.layernorm_eps,
+        bos_token_id=SPECIAL.cls,
+        eos_token_id=SPECIAL.eos,
         tie_word_embeddings=True,
     )
     return GPT2LMHeadModel(gcfg)
@@ -87,8 +96,14 @@ def _bench_case(preset: str, steps: int, rounds: int, device: torch.device) -> d
     ref = _gpt2(cfg, seq_len).to(device).train()
     optim = OptimConfig()
     opt_ours = configure_optimizer(ours, optim, device.type)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                weight_decay=optim.weight_decay, fused=device.type == "cuda" or None)
+    opt_ref = torch.optim.AdamW(
+        ref.parameters(),
+        lr=optim.lr,
+        betas=optim.betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=device.type == "cuda" or None,
+    )
     batch = {k: v.to(device) for k, v in infilling_batch(micro_batch, seq_len, VOCAB).items()}
     ids = batch["input_ids"]
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -142,8 +157,10 @@ def _bench_case(preset: str, steps: int, rounds: int, device: torch.device) -> d
         "params_reference": sum(p.numel() for p in ref.parameters()),
         "steps_per_round": steps,
         "rounds": rounds,
-        "ours_computes": (f"GLM blank-infilling loss: prefix-LM attention from sep, vocab projection + CE on the "
-                          f"{loss_fraction:.0%} Part B loss positions only (15% span mask, spans of 3)"),
+        "ours_computes": (
+            f"GLM blank-infilling loss: prefix-LM attention from sep, vocab projection + CE on the "
+            f"{loss_fraction:.0%} Part B loss positions only (15% span mask, spans of 3)"
+        ),
         "reference_computes": "HF transformers GPT2LMHeadModel (SDPA), causal-LM loss: vocab projection + CE at every position",
     }
     if device.type == "cuda":

@@ -65,14 +65,20 @@ def _stop_on_signals() -> Iterator[None]:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file, or a name under configs/ (e.g. demo, tiny)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value by its dotted path, e.g. --set pretrain.steps=100 (repeatable)",
     )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-pipeline", description="GLM data-to-model pipeline")
-    parser.add_argument("--debug", action="store_true", help="print tracebacks on the terminal (they always go to the run's log file)")
+    parser.add_argument(
+        "--debug", action="store_true", help="print tracebacks on the terminal (they always go to the run's log file)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline (or one stage flow) in Prefect's embedded mode")
@@ -96,15 +102,22 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="re-hash every file of a run directory against its manifests")
     verify.add_argument("run_dir", help="a run directory (runs/NAME)")
-    verify.add_argument("--no-mark", dest="mark", action="store_false",
-                        help="only report; by default whatever fails is marked so the next run rebuilds it")
+    verify.add_argument(
+        "--no-mark",
+        dest="mark",
+        action="store_false",
+        help="only report; by default whatever fails is marked so the next run rebuilds it",
+    )
 
     serve = sub.add_parser("serve", help="serve the pipeline as a long-lived process with a cron schedule")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
 
-    sub.add_parser("deploy", help="register the deployments of prefect.yaml (in the current directory) on the "
-                                  "Prefect server at PREFECT_API_URL, creating their work pool if missing")
+    sub.add_parser(
+        "deploy",
+        help="register the deployments of prefect.yaml (in the current directory) on the "
+        "Prefect server at PREFECT_API_URL, creating their work pool if missing",
+    )
     return parser
 
 
@@ -264,8 +277,11 @@ def _command(args: argparse.Namespace) -> int:
                     with _stop_on_signals():
                         return _run(cfg, args.stage, log_file[0])
                 except Stopped as e:
-                    print(f"glm-pipeline: stopped by {signal.Signals(e.signum).name}; re-run the same command to "
-                          "resume from the last checkpoint", file=sys.stderr)
+                    print(
+                        f"glm-pipeline: stopped by {signal.Signals(e.signum).name}; re-run the same command to "
+                        "resume from the last checkpoint",
+                        file=sys.stderr,
+                    )
                     return 128 + e.signum  # the shell's code for a process ended by that signal
         if args.command == "serve":
             cfg = load_config(args.config, args.overrides)

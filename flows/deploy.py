@@ -35,8 +35,11 @@ def ensure_process_pool(name: str) -> bool:
         except ObjectNotFound:
             pass
         try:  # the template `prefect work-pool create --type process` would give it
-            client.create_work_pool(WorkPoolCreate(name=name, type=ProcessWorker.type,
-                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name, type=ProcessWorker.type, base_job_template=ProcessWorker.get_default_base_job_template()
+                )
+            )
         except ObjectAlreadyExists:  # another deploy made it meanwhile
             return False
     return True
@@ -48,10 +51,14 @@ def deploy(project: Path) -> int:
 
     prefect_yaml = project / "prefect.yaml"
     if not prefect_yaml.is_file():
-        raise ConfigError(f"no prefect.yaml in {project}: run `glm-pipeline deploy` in the glm-pipeline checkout (or /app in the image)")
+        raise ConfigError(
+            f"no prefect.yaml in {project}: run `glm-pipeline deploy` in the glm-pipeline checkout (or /app in the image)"
+        )
     if not PREFECT_API_URL.value():
-        raise ConfigError("PREFECT_API_URL is not set: start a server (`prefect server start`) and "
-                          "export PREFECT_API_URL=http://127.0.0.1:4200/api, then deploy again")
+        raise ConfigError(
+            "PREFECT_API_URL is not set: start a server (`prefect server start`) and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api, then deploy again"
+        )
     for pool in work_pools(prefect_yaml):
         if ensure_process_pool(pool):
             print(f"created the process work pool {pool!r}", flush=True)

@@ -63,7 +63,9 @@ def _read_config_file(value: Any) -> Any:
 
 # The flows' `config` parameter: a PipelineConfig (inline), or a ConfigFile that becomes one when the
 # run's parameters are validated, so a deployment can reference configs/tiny.yaml instead of copying it.
-ConfigParameter = Annotated[PipelineConfig, BeforeValidator(_read_config_file, json_schema_input_type=PipelineConfig | ConfigFile)]
+ConfigParameter = Annotated[
+    PipelineConfig, BeforeValidator(_read_config_file, json_schema_input_type=PipelineConfig | ConfigFile)
+]
 
 
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
@@ -143,7 +145,12 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
     with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
-        return {**data_stages(config), **pretrain_stage(config, continue_steps), **finetune_stages(config), **export_stages(config)}
+        return {
+            **data_stages(config),
+            **pretrain_stage(config, continue_steps),
+            **finetune_stages(config),
+            **export_stages(config),
+        }
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")

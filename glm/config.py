@@ -216,9 +216,7 @@ class InfillingConfig(Section):
     poisson_lambda: float = Field(default=3.0, gt=0.0)
     max_span_len: int = Field(default=39, ge=1)
     # per-sample objective mix; "causal" is [gMASK] with an empty Part A (plain LM ablation)
-    objective_mix: dict[Literal["token", "sentence", "document", "causal"], float] = Field(
-        default_factory=lambda: {"token": 1.0}
-    )
+    objective_mix: dict[Literal["token", "sentence", "document", "causal"], float] = Field(default_factory=lambda: {"token": 1.0})
     sentence_ratio: float = Field(default=0.15, gt=0.0, lt=1.0)
     document_min_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
     document_max_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -305,7 +303,9 @@ class FinetuneConfig(Section):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=50, weight_decay=0.01))
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     patience: int = Field(default=2, ge=1, description="Early stopping: dev evaluations without improvement.")
-    eval_every: int | None = Field(default=None, ge=1, description="Evaluate on dev every N steps (None: at the end of each epoch).")
+    eval_every: int | None = Field(
+        default=None, ge=1, description="Evaluate on dev every N steps (None: at the end of each epoch)."
+    )
     log_every: int = Field(default=10, ge=1, description="Steps per training record in metrics.jsonl (mean loss over them).")
     from_scratch_baseline: bool = True
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -314,7 +314,9 @@ class FinetuneConfig(Section):
         "(AVX512-BF16/AMX); test scores are always computed in fp32, as the exported model runs.",
     )
     dropout: float | None = Field(
-        default=None, ge=0.0, lt=1.0,
+        default=None,
+        ge=0.0,
+        lt=1.0,
         description="Dropout (residual, embedding and attention) while fine-tuning; None keeps the model's.",
     )
     group_by_length: bool = Field(
@@ -349,7 +351,8 @@ class OrchestrationConfig(Section):
     retry_delay_seconds: float = Field(default=5.0, ge=0.0)
     train_timeout_seconds: float | None = Field(default=None, gt=0.0)
     timeout_minutes: float | None = Field(
-        default=None, gt=0.0,
+        default=None,
+        gt=0.0,
         description="Wall-time limit of a whole `glm-pipeline run` (None: none). Past it the run stops, in-process "
         "training included, its flow run ends TimedOut, and a re-run resumes from the last checkpoint.",
     )
@@ -494,8 +497,10 @@ def _config_file(path: str) -> Path:
     shipped = shipped_configs()
     if name in shipped:
         return shipped[name]
-    raise ConfigError(f"config file {path!r} not found; pass a YAML path or one of the shipped configs: "
-                      f"{', '.join(sorted(shipped)) or 'none found'}")
+    raise ConfigError(
+        f"config file {path!r} not found; pass a YAML path or one of the shipped configs: "
+        f"{', '.join(sorted(shipped)) or 'none found'}"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -509,8 +514,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ConfigError(
-                f"config file {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                "save it as UTF-8 YAML"
+                f"config file {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 YAML"
             ) from None
         except OSError as e:
             raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None

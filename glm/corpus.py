@@ -231,7 +231,9 @@ def _expand(src: SourceConfig, index: int) -> list[Path]:
         paths = sorted(Path(p) for p in glob(pattern, recursive=True))
         paths = [p for p in paths if p.is_dir()] if src.kind == "hf_disk" else [p for p in paths if p.is_file()]
         if not paths:
-            raise CorpusError(f"{where}: glob {src.path!r} matched no {'directories' if src.kind == 'hf_disk' else 'files'}; check the pattern")
+            raise CorpusError(
+                f"{where}: glob {src.path!r} matched no {'directories' if src.kind == 'hf_disk' else 'files'}; check the pattern"
+            )
         return [p.resolve() for p in paths]
     path = Path(pattern)
     if not path.exists():
@@ -284,7 +286,9 @@ def _fingerprint(inp: _Input) -> dict[str, Any]:
                 h.update(f"{p.relative_to(inp.path).as_posix()}\0{sha256_file(p)}\n".encode())
             sha = h.hexdigest()
     except OSError as e:
-        raise CorpusError(f"cannot read {inp.path} (data.sources[{inp.index}]): {e.strerror or e}; check its permissions") from None
+        raise CorpusError(
+            f"cannot read {inp.path} (data.sources[{inp.index}]): {e.strerror or e}; check its permissions"
+        ) from None
     return {
         "bytes": sum(s.st_size for s in stats),
         "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
@@ -433,7 +437,9 @@ def _arrow_records(inp: _Input, batches: Iterator[pa.RecordBatch | pa.Table], fi
 
 def _check_text_type(inp: _Input, name: str, typ: pa.DataType) -> None:
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)):
-        raise CorpusError(f"{inp.path}: column {name!r} has type {typ}, not text; set data.sources[{inp.index}].text_field to a string column")
+        raise CorpusError(
+            f"{inp.path}: column {name!r} has type {typ}, not text; set data.sources[{inp.index}].text_field to a string column"
+        )
 
 
 def _read_parquet(inp: _Input, fields: tuple[str, ...]) -> Iterator[Record]:
@@ -648,14 +654,18 @@ class _ShardWriter:
         if not self.texts:
             return
         columns = [_string_array(self.texts), _string_array(self.ids), _string_array(self.sources)]
-        path = write_parquet(self.out_dir / self.split / f"part-{self.part:05d}.parquet", pa.Table.from_arrays(columns, schema=SCHEMA))
+        path = write_parquet(
+            self.out_dir / self.split / f"part-{self.part:05d}.parquet", pa.Table.from_arrays(columns, schema=SCHEMA)
+        )
         self.state.files.append(file_entry(path, self.out_dir, split=self.split, rows=len(self.texts), text_bytes=self.bytes))
         logger.debug("wrote %s (%d docs)", path, len(self.texts))
         self.part += 1
         self.texts, self.ids, self.sources, self.bytes = [], [], [], 0
 
 
-def _admit(values: tuple[Any, ...] | _Bad, inp: _Input, loc: int, state: _State, writers: dict[str, _ShardWriter], cfg: DataConfig) -> bool:
+def _admit(
+    values: tuple[Any, ...] | _Bad, inp: _Input, loc: int, state: _State, writers: dict[str, _ShardWriter], cfg: DataConfig
+) -> bool:
     """Clean one record and write it to its split, or count why it is dropped."""
     if isinstance(values, _Bad):
         state.drop(values.reason, inp, loc, values.excerpt)
@@ -672,7 +682,15 @@ def _admit(values: tuple[Any, ...] | _Bad, inp: _Input, loc: int, state: _State,
         return False
     text = clean_text(raw, cleaning)
     n_chars = len(text)
-    reason = "empty" if not n_chars else "too_short" if n_chars < cleaning.min_chars else "too_long" if n_chars > cleaning.max_chars else None
+    reason = (
+        "empty"
+        if not n_chars
+        else "too_short"
+        if n_chars < cleaning.min_chars
+        else "too_long"
+        if n_chars > cleaning.max_chars
+        else None
+    )
     if reason:
         state.drop(reason, inp, loc, text or raw)
         return False
@@ -741,16 +759,24 @@ def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
 
     total = state.docs["train"] + state.docs["valid"]
     if total == 0:
-        dropped = ", ".join(f"{r}={state.dropped[r]}" for r in DROP_REASONS if state.dropped[r]) or "nothing (the sources hold no records)"
+        dropped = (
+            ", ".join(f"{r}={state.dropped[r]}" for r in DROP_REASONS if state.dropped[r])
+            or "nothing (the sources hold no records)"
+        )
         raise CorpusError(
             f"the corpus is empty after cleaning: read {state.read} record(s) from {len(inputs)} input(s); "
             f"dropped {dropped} (min_chars={cfg.cleaning.min_chars}, max_chars={cfg.cleaning.max_chars}); "
             "check the sources' text_field and data.cleaning"
         )
     if not state.docs["valid"] or not state.docs["train"]:
-        logger.warning("split is one-sided: %d train / %d valid documents; add data or change data.valid_fraction",
-                       state.docs["train"], state.docs["valid"])
-    manifest = write_manifest(out_dir, "docs", state.files, config=cfg.model_dump(mode="json"), stats=state.stats(time.perf_counter() - t0))
+        logger.warning(
+            "split is one-sided: %d train / %d valid documents; add data or change data.valid_fraction",
+            state.docs["train"],
+            state.docs["valid"],
+        )
+    manifest = write_manifest(
+        out_dir, "docs", state.files, config=cfg.model_dump(mode="json"), stats=state.stats(time.perf_counter() - t0)
+    )
     logger.info("documents: %d train, %d valid; dropped %s", state.docs["train"], state.docs["valid"], dict(+state.dropped))
     return manifest
 
@@ -795,7 +821,13 @@ def read_labelled_source(
             if src.limit is not None and read >= src.limit:
                 break
             read += 1
-            if isinstance(values, _Bad) or values[0] is None or values[1] is None or not isinstance(values[0], str) or _undecodable(values[0]):
+            if (
+                isinstance(values, _Bad)
+                or values[0] is None
+                or values[1] is None
+                or not isinstance(values[0], str)
+                or _undecodable(values[0])
+            ):
                 skipped += 1
                 continue
             text, label = clean_text(values[0], cleaning), str(values[1]).strip()
@@ -804,4 +836,6 @@ def read_labelled_source(
                 continue
             yield text, label
     if skipped:
-        logger.warning("%s: skipped %d of %d labelled records (missing, undecodable or empty)", src.path or src.kind, skipped, read)
+        logger.warning(
+            "%s: skipped %d of %d labelled records (missing, undecodable or empty)", src.path or src.kind, skipped, read
+        )

@@ -109,7 +109,9 @@ def _document_lists(path: Path) -> pa.Array:
     docs = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     offsets = docs.offsets.to_numpy()  # (D+1,)
     if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(docs.values)):
-        raise CorruptShardError(path, f"its document offsets run from {offsets[0]} to {offsets[-1]}, outside its {len(docs.values)} token ids")
+        raise CorruptShardError(
+            path, f"its document offsets run from {offsets[0]} to {offsets[-1]}, outside its {len(docs.values)} token ids"
+        )
     if (negative := np.flatnonzero(offsets[1:] < offsets[:-1])).size:
         row = int(negative[0])
         raise CorruptShardError(path, f"row {row} has a negative length ({int(offsets[row + 1]) - int(offsets[row])} token ids)")
@@ -158,9 +160,7 @@ class PackingPlan:
         return rng.permutation(n_docs)
 
 
-def packing_plan(
-    tokens_dir: str | Path, split: str, row_len: int, *, seed: int, epoch: int, shuffle: bool
-) -> PackingPlan:
+def packing_plan(tokens_dir: str | Path, split: str, row_len: int, *, seed: int, epoch: int, shuffle: bool) -> PackingPlan:
     """Plan the packed stream of one split (opens each token shard's offsets, memory-mapped)."""
     tokens_dir = Path(tokens_dir)
     files = _token_files(tokens_dir, split)
@@ -182,10 +182,18 @@ def packing_plan(
         order = np.random.default_rng([seed, _PACK_STREAM, epoch]).permutation(len(paths))
     starts = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64)[order])]) if paths else np.zeros(1, np.int64)
     return PackingPlan(
-        split=split, epoch=epoch, shuffle=shuffle, seed=seed, row_len=row_len,
-        paths=tuple(paths[i] for i in order), shard_ids=tuple(int(i) for i in order),
-        starts=tuple(int(s) for s in starts), id_type=id_types.pop() if id_types else "uint16",
-        n_docs=n_docs, n_empty_docs=n_empty, vocab_size=_token_vocab_size(tokens_dir),
+        split=split,
+        epoch=epoch,
+        shuffle=shuffle,
+        seed=seed,
+        row_len=row_len,
+        paths=tuple(paths[i] for i in order),
+        shard_ids=tuple(int(i) for i in order),
+        starts=tuple(int(s) for s in starts),
+        id_type=id_types.pop() if id_types else "uint16",
+        n_docs=n_docs,
+        n_empty_docs=n_empty,
+        vocab_size=_token_vocab_size(tokens_dir),
     )
 
 
@@ -246,9 +254,7 @@ def _uint_for(max_value: int) -> pa.DataType:
     return pa.uint16() if max_value < 1 << 16 else pa.uint32()
 
 
-def expand_samples(
-    input_ids: np.ndarray, sep: np.ndarray, length: np.ndarray
-) -> dict[str, np.ndarray]:
+def expand_samples(input_ids: np.ndarray, sep: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
     """Derive targets (int64), loss_mask (bool) and block_position_ids (int64) from the inputs.
 
     Part B is [sop] s1..sk per span: target i is input i+1, or <eop> where the next input is a
@@ -286,7 +292,9 @@ def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int
     sep, length = columns["sep"].astype(np.int64), columns["length"].astype(np.int64)  # (N,), (N,)
     if (bad := (sep < 1) | (sep > length) | (length > seq_len)).any():
         row = _first_row(bad)
-        raise CorruptShardError(path, f"sep {sep[row]} and length {length[row]} in row {row} break 1 <= sep <= length <= seq_len={seq_len}")
+        raise CorruptShardError(
+            path, f"sep {sep[row]} and length {length[row]} in row {row} break 1 <= sep <= length <= seq_len={seq_len}"
+        )
     if vocab_size is not None:
         for name, what in (("input_ids", "token id"), ("targets", "target id")):
             ids = columns.get(name)
@@ -308,7 +316,9 @@ def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int
     objective = columns.get("objective")
     if objective is not None and (bad := (objective < 0) | (objective >= len(infilling.OBJECTIVES))).any():
         row = _first_row(bad)
-        raise CorruptShardError(path, f"objective {int(objective[row])} in row {row} is none of {len(infilling.OBJECTIVES)} objectives")
+        raise CorruptShardError(
+            path, f"objective {int(objective[row])} in row {row} is none of {len(infilling.OBJECTIVES)} objectives"
+        )
 
 
 def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, list[str]]:
@@ -317,7 +327,8 @@ def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, li
     small = _uint_for(seq_len + 1)
     derived = expand_samples(batch.input_ids.astype(np.int64), batch.sep.astype(np.int64), batch.length.astype(np.int64))
     explicit = [
-        name for name in DERIVED
+        name
+        for name in DERIVED
         if not np.array_equal(derived[name], np.asarray(getattr(batch, name)).astype(derived[name].dtype))
     ]
 
@@ -384,8 +395,11 @@ def shard_jobs(
     _check_tokens(tokens_dir)
     row_len = infilling.input_length(cfg)
     base = {
-        "config": _content_config(cfg), "tokens": manifest_digest(tokens_dir), "code": _code_version(),
-        "layout": LAYOUT_VERSION, "sentence_end_ids": sentence_end_ids,
+        "config": _content_config(cfg),
+        "tokens": manifest_digest(tokens_dir),
+        "code": _code_version(),
+        "layout": LAYOUT_VERSION,
+        "sentence_end_ids": sentence_end_ids,
     }
     plans = [
         (packing_plan(tokens_dir, "train", row_len, seed=cfg.seed, epoch=e, shuffle=True), out_dir / epoch_dir(e))
@@ -429,13 +443,22 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
     plan, cfg = job.plan, job.cfg
     rows, lengths = read_rows(plan, job.first_row, job.n_rows)  # (n, L_in), (n,)
     batch, stats = infilling.build_samples(
-        rows, lengths, cfg, seed=cfg.seed, epoch=plan.epoch, first_index=job.first_row,
+        rows,
+        lengths,
+        cfg,
+        seed=cfg.seed,
+        epoch=plan.epoch,
+        first_index=job.first_row,
         sentence_end_ids=job.sentence_end_ids,
     )
     table, explicit = encode_samples(batch, plan.id_type, cfg.seq_len)
     info = {
-        "split": plan.split, "epoch": plan.epoch if plan.split != VALID else None, "shard": job.shard_index,
-        "samples": int(len(lengths)), "tokens": int(lengths.sum()), "explicit_columns": explicit,
+        "split": plan.split,
+        "epoch": plan.epoch if plan.split != VALID else None,
+        "shard": job.shard_index,
+        "samples": int(len(lengths)),
+        "tokens": int(lengths.sum()),
+        "explicit_columns": explicit,
         "stats": stats.as_dict(),
     }
     metadata = {_META_KEY: job.key.encode(), _META_INFO: json.dumps(info).encode()}
@@ -460,10 +483,15 @@ def _check_tokens(tokens_dir: Path) -> None:
 
 
 def _dataset_key(tokens_dir: Path, cfg: InfillingConfig, sentence_end_ids: tuple[int, ...]) -> str:
-    return sha256_json({
-        "config": cfg.model_dump(mode="json"), "tokens": manifest_digest(tokens_dir), "code": _code_version(),
-        "layout": LAYOUT_VERSION, "sentence_end_ids": sentence_end_ids,
-    })
+    return sha256_json(
+        {
+            "config": cfg.model_dump(mode="json"),
+            "tokens": manifest_digest(tokens_dir),
+            "code": _code_version(),
+            "layout": LAYOUT_VERSION,
+            "sentence_end_ids": sentence_end_ids,
+        }
+    )
 
 
 def _remove_stale_shards(out_dir: Path, keep: set[Path]) -> int:
@@ -498,8 +526,12 @@ def _split_summary(files: list[dict[str, Any]], row_len: int) -> dict[str, int]:
 
 
 def write_infilling_manifest(
-    tokens_dir: str | Path, out_dir: str | Path, cfg: InfillingConfig, results: list[dict[str, Any]],
-    *, sentence_end_ids: Iterable[int] = (),
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    cfg: InfillingConfig,
+    results: list[dict[str, Any]],
+    *,
+    sentence_end_ids: Iterable[int] = (),
 ) -> Path:
     """Close the stage: per-shard counts, merged builder stats, disk cost per token. Written last."""
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
@@ -508,10 +540,18 @@ def write_infilling_manifest(
     for r in results:
         directory = VALID if r["split"] == VALID else epoch_dir(r["epoch"])
         path = out_dir / directory / part_name(r["shard"])
-        files.append(file_entry(
-            path, out_dir, split=r["split"], epoch=r["epoch"], shard=r["shard"], samples=r["samples"],
-            tokens=r["tokens"], explicit_columns=r["explicit_columns"],
-        ))
+        files.append(
+            file_entry(
+                path,
+                out_dir,
+                split=r["split"],
+                epoch=r["epoch"],
+                shard=r["shard"],
+                samples=r["samples"],
+                tokens=r["tokens"],
+                explicit_columns=r["explicit_columns"],
+            )
+        )
     train = [f for f in files if f["split"] != VALID]
     valid = [f for f in files if f["split"] == VALID]
     row_len = infilling.input_length(cfg)
@@ -549,8 +589,12 @@ def write_infilling_manifest(
 
 
 def build_infilling_dataset(
-    tokens_dir: str | Path, out_dir: str | Path, cfg: InfillingConfig, *,
-    sentence_end_ids: Iterable[int] = (), progress: bool = True,
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    cfg: InfillingConfig,
+    *,
+    sentence_end_ids: Iterable[int] = (),
+    progress: bool = True,
 ) -> Path:
     """Write out_dir/epoch-EEE/ (one shuffled, re-corrupted set per epoch) and out_dir/valid/; return the manifest.
 

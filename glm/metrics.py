@@ -30,8 +30,11 @@ class MetricsLog:
         """Drop records past `step` (a resumed run writes them again) and any torn last line."""
         if not self.enabled:
             return
-        kept = [r for r in read_metrics(self.path) if isinstance(r.get("step"), int) and r["step"] <= step] \
-            if self.path.is_file() else []
+        kept = (
+            [r for r in read_metrics(self.path) if isinstance(r.get("step"), int) and r["step"] <= step]
+            if self.path.is_file()
+            else []
+        )
         atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any] | None = None, **fields: Any) -> None:

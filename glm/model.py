@@ -41,9 +41,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) ->
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
-def prefix_lm_mask(
-    sep: torch.Tensor, q_len: int, past_len: int, key_start: torch.Tensor | None = None
-) -> torch.Tensor:
+def prefix_lm_mask(sep: torch.Tensor, q_len: int, past_len: int, key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, T, P+T) mask, True = may attend. Built with tensor ops only (compile/export safe)."""
     q_pos = past_len + torch.arange(q_len, device=sep.device)  # (T,)
     k_pos = torch.arange(past_len + q_len, device=sep.device)  # (S,)
@@ -285,8 +283,13 @@ class GLM(nn.Module):
         only, through the module's own __call__ (so DDP/FSDP/compile wrappers see one forward).
         """
         h, presents = self.hidden_states(
-            input_ids, position_ids, block_position_ids, sep,
-            past_key_values=past_key_values, key_start=key_start, use_cache=use_cache,
+            input_ids,
+            position_ids,
+            block_position_ids,
+            sep,
+            past_key_values=past_key_values,
+            key_start=key_start,
+            use_cache=use_cache,
         )
         if select is not None:
             h = h[select]  # (N, C)
@@ -333,9 +336,7 @@ def infilling_loss(
     if missing:
         raise ValueError(f"batch is missing {sorted(missing)}; expected the blank-infilling builder's fields")
     select = batch["loss_mask"].bool()  # (B, T)
-    logits = model(
-        batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"], select=select
-    )  # (N, V)
+    logits = model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"], select=select)  # (N, V)
     targets = batch["targets"][select]  # (N,)
     n_tokens = select.sum()
     # sum / max(N, 1) rather than a mean: a batch without loss positions gives 0, not NaN (no branch on N)

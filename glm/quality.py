@@ -108,7 +108,9 @@ def _describe(result: Any) -> dict[str, Any]:
     if "observed_value" in r:
         observed = r["observed_value"]
     elif "unexpected_count" in r:
-        observed = f"{r['unexpected_count']} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent') or 0:.2f}%)"
+        observed = (
+            f"{r['unexpected_count']} of {r.get('element_count')} rows unexpected ({r.get('unexpected_percent') or 0:.2f}%)"
+        )
     else:
         observed = None
     if isinstance(observed, (float, np.floating)):
@@ -123,7 +125,9 @@ def _describe(result: Any) -> dict[str, Any]:
     }
 
 
-def _finish(gate: str, directory: Path, result: Any, rows: list[dict[str, Any]], info: dict[str, Any], t0: float) -> dict[str, Any]:
+def _finish(
+    gate: str, directory: Path, result: Any, rows: list[dict[str, Any]], info: dict[str, Any], t0: float
+) -> dict[str, Any]:
     """Write validation.json; return the summary or raise ValidationFailed with a readable message."""
     summary = {
         "gate": gate,
@@ -164,7 +168,9 @@ def _document_sample(docs_dir: Path, max_rows: int, max_text_bytes: int) -> tupl
     total = sum(pf.metadata.num_rows for pf in files)
     for pf in files:
         if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"document shard in {docs_dir} has no 'text' column (columns: {pf.schema_arrow.names}); re-run ingestion")
+            raise ValueError(
+                f"document shard in {docs_dir} has no 'text' column (columns: {pf.schema_arrow.names}); re-run ingestion"
+            )
     text_bytes = sum(  # uncompressed size of the text column, from the Parquet footers
         pf.metadata.row_group(g).column(pf.schema_arrow.get_field_index("text")).total_uncompressed_size
         for pf in files
@@ -200,7 +206,9 @@ def validate_documents(
         [
             E.ExpectTableRowCountToBeBetween(min_value=min(cfg.min_docs, max_rows)),
             E.ExpectColumnValuesToNotBeNull(column="text"),
-            E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=cfg.min_chars, max_value=cfg.max_chars, mostly=cfg.length_mostly),
+            E.ExpectColumnValueLengthsToBeBetween(
+                column="text", min_value=cfg.min_chars, max_value=cfg.max_chars, mostly=cfg.length_mostly
+            ),
             E.ExpectColumnProportionOfUniqueValuesToBeBetween(column="text", min_value=1.0 - cfg.max_duplicate_ratio),
             E.ExpectColumnValuesToNotMatchRegex(column="text", regex=CONTROL_REGEX),
         ],
@@ -222,12 +230,19 @@ def _token_stats(batch: pa.RecordBatch, unk_id: int) -> dict[str, np.ndarray]:
     tokens = batch.column("tokens")
     lengths = pc.list_value_length(tokens).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)  # (D,)
     flat = pc.list_flatten(tokens)  # (N,)
-    per_doc = pa.table(
-        {"doc": pc.list_parent_indices(tokens), "id": flat, "unk": pc.cast(pc.equal(flat, unk_id), pa.int64())}
-    ).group_by("doc").aggregate([("id", "min"), ("id", "max"), ("unk", "sum")])
+    per_doc = (
+        pa.table({"doc": pc.list_parent_indices(tokens), "id": flat, "unk": pc.cast(pc.equal(flat, unk_id), pa.int64())})
+        .group_by("doc")
+        .aggregate([("id", "min"), ("id", "max"), ("unk", "sum")])
+    )
     n = len(batch)
     doc = per_doc.column("doc").to_numpy()  # (D',) documents with at least one token
-    out = {"length": lengths, "min_id": np.zeros(n, np.int64), "max_id": np.zeros(n, np.int64), "unk_count": np.zeros(n, np.int64)}
+    out = {
+        "length": lengths,
+        "min_id": np.zeros(n, np.int64),
+        "max_id": np.zeros(n, np.int64),
+        "unk_count": np.zeros(n, np.int64),
+    }
     out["min_id"][doc] = per_doc.column("id_min").to_numpy()
     out["max_id"][doc] = per_doc.column("id_max").to_numpy()
     out["unk_count"][doc] = per_doc.column("unk_sum").to_numpy()
@@ -250,7 +265,9 @@ def _token_sample(tokens_dir: Path, vocab_size: int, unk_id: int, max_rows: int)
         with pa.memory_map(str(path), "r") as source:
             reader = ipc.open_file(source)
             if "tokens" not in reader.schema.names:
-                raise ValueError(f"token shard {path} has no 'tokens' column (columns: {reader.schema.names}); re-run tokenization")
+                raise ValueError(
+                    f"token shard {path} has no 'tokens' column (columns: {reader.schema.names}); re-run tokenization"
+                )
             for b in range(reader.num_record_batches):
                 stats = _token_stats(reader.get_batch(b), unk_id)
                 n = len(stats["length"])
@@ -298,7 +315,9 @@ def validate_tokens(
             E.ExpectColumnValuesToBeBetween(column="max_id", min_value=0, max_value=vocab_size - 1),
             E.ExpectColumnValuesToBeBetween(column="length", min_value=cfg.min_tokens_per_doc, mostly=cfg.length_mostly),
             # a sum bound on the sample = a bound on the token-level (not per-document) rate
-            E.ExpectColumnSumToBeBetween(column="unk_count", min_value=0, max_value=math.floor(cfg.max_unk_rate * sampled_tokens)),
+            E.ExpectColumnSumToBeBetween(
+                column="unk_count", min_value=0, max_value=math.floor(cfg.max_unk_rate * sampled_tokens)
+            ),
         ],
     )
     rows = [_describe(r) for r in result.results]
@@ -306,7 +325,9 @@ def validate_tokens(
         column = r.expectation_config.kwargs.get("column")
         if column == "unk_count":
             rate = (row["observed"] or 0) / max(sampled_tokens, 1)
-            row["observed"] = f"{row['observed']} unknown of {sampled_tokens} tokens (rate {rate:.4%}, max {cfg.max_unk_rate:.4%})"
+            row["observed"] = (
+                f"{row['observed']} unknown of {sampled_tokens} tokens (rate {rate:.4%}, max {cfg.max_unk_rate:.4%})"
+            )
         elif column and not row["success"]:  # name the offending documents, not just their values
             at = (r.result or {}).get("partial_unexpected_index_list") or []
             row["examples"] = [f"document {int(sample['index'][i])}: {column} {int(frame[column][i])}" for i in at[:EXAMPLES]]

@@ -81,13 +81,17 @@ def bundle_file(path: str | Path, name: Any, where: str) -> Path:
         raise BundleError(f"{where} must be a file name inside the bundle, got {name!r}; re-export the bundle")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts or re.match(r"^[A-Za-z]:", name):
-        raise BundleError(f"{where} is {name!r}, outside the bundle (absolute or '..'); bundle files must be relative "
-                          "names inside the bundle directory: re-export the bundle")
+        raise BundleError(
+            f"{where} is {name!r}, outside the bundle (absolute or '..'); bundle files must be relative "
+            "names inside the bundle directory: re-export the bundle"
+        )
     root = Path(path).resolve()
     target = (root / name).resolve()
     if not target.is_relative_to(root) or target == root:
-        raise BundleError(f"{where} is {name!r}, which resolves to {target}, outside the bundle {root} (a symlink?); "
-                          "copy the real files into the bundle directory or re-export it")
+        raise BundleError(
+            f"{where} is {name!r}, which resolves to {target}, outside the bundle {root} (a symlink?); "
+            "copy the real files into the bundle directory or re-export it"
+        )
     return Path(path) / name
 
 
@@ -110,7 +114,9 @@ def check_bundle_files(path: str | Path, required: Sequence[str] = ()) -> None:
                 f"bundle {path} is missing {name} (listed in {SUMS_FILE}); copy the whole bundle directory or re-export it"
             )
         if sha256_file(f) != want:
-            raise BundleError(f"bundle {path}: {name} does not match its checksum in {SUMS_FILE} (corrupt or modified); re-export it")
+            raise BundleError(
+                f"bundle {path}: {name} does not match its checksum in {SUMS_FILE} (corrupt or modified); re-export it"
+            )
 
 
 # --------------------------------------------------------------------------- config.json schema
@@ -127,8 +133,13 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "classifier": _DICT + "?",
 }
 CLASSIFIER_SCHEMA: dict[str, Any] = {
-    "labels": _LIST, "answer_ids": _LIST, "segments": _LIST, "text_budget": _POS_INT,
-    "multi_token": _BOOL, "length_normalise": _BOOL, "has_pair": _BOOL,
+    "labels": _LIST,
+    "answer_ids": _LIST,
+    "segments": _LIST,
+    "text_budget": _POS_INT,
+    "multi_token": _BOOL,
+    "length_normalise": _BOOL,
+    "has_pair": _BOOL,
 }
 _KINDS = {
     _POS_INT: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -144,8 +155,10 @@ def _check_fields(node: Any, schema: dict[str, Any], where: str, prefix: str = "
     """BundleError naming the first field of `node` that is missing or of the wrong type."""
     if not isinstance(node, dict):
         what = f"field {prefix[:-1]!r}" if prefix else "the top level"
-        raise BundleError(f"{where}: {what} must be a JSON object, got {type(node).__name__}; "
-                          "the bundle config is corrupt: re-export the bundle")
+        raise BundleError(
+            f"{where}: {what} must be a JSON object, got {type(node).__name__}; "
+            "the bundle config is corrupt: re-export the bundle"
+        )
     for key, kind in schema.items():
         name = prefix + key
         if key not in node:
@@ -154,8 +167,10 @@ def _check_fields(node: Any, schema: dict[str, Any], where: str, prefix: str = "
         if isinstance(kind, dict):
             _check_fields(value, kind, where, name + ".")
         elif not (kind.endswith("?") and value is None or _KINDS[kind.rstrip("?")](value)):
-            raise BundleError(f"{where}: field {name!r} must be a {kind.rstrip('?')}{' or null' if kind.endswith('?') else ''}, "
-                              f"got {value!r}; the bundle config is corrupt: re-export the bundle")
+            raise BundleError(
+                f"{where}: field {name!r} must be a {kind.rstrip('?')}{' or null' if kind.endswith('?') else ''}, "
+                f"got {value!r}; the bundle config is corrupt: re-export the bundle"
+            )
 
 
 def _is_ids(x: Any, limit: int) -> bool:
@@ -168,25 +183,38 @@ def check_config(config: Any, where: str) -> None:
     vocab = config["model"]["vocab_size"]
     for key, value in config["special_tokens"].items():
         if key in CONFIG_SCHEMA["special_tokens"] and not 0 <= value < vocab:
-            raise BundleError(f"{where}: field 'special_tokens.{key}' is {value}, outside the vocabulary [0, {vocab}); "
-                              "re-export the bundle")
+            raise BundleError(
+                f"{where}: field 'special_tokens.{key}' is {value}, outside the vocabulary [0, {vocab}); re-export the bundle"
+            )
     for key, ids in config["tokenizer"]["literal_ids"].items():
         if not key.isdigit() or not _is_ids(ids, vocab):
-            raise BundleError(f"{where}: field 'tokenizer.literal_ids' maps {key!r} to {ids!r}, not token ids; re-export the bundle")
+            raise BundleError(
+                f"{where}: field 'tokenizer.literal_ids' maps {key!r} to {ids!r}, not token ids; re-export the bundle"
+            )
     c = config["classifier"]
     if c is None:
         return
     _check_fields(c, CLASSIFIER_SCHEMA, where, "classifier.")
     if not c["labels"] or len(c["labels"]) != len(c["answer_ids"]) or not all(isinstance(x, str) for x in c["labels"]):
-        raise BundleError(f"{where}: 'classifier.labels' ({c['labels']!r}) needs one string per 'classifier.answer_ids' entry "
-                          f"({len(c['answer_ids'])}); re-export the bundle")
-    if not all(_is_ids(a, vocab) and a for a in c["answer_ids"]) or not c["multi_token"] and any(len(a) != 1 for a in c["answer_ids"]):
-        raise BundleError(f"{where}: 'classifier.answer_ids' must hold non-empty token-id lists within the vocabulary "
-                          "(one id each unless multi_token); re-export the bundle")
+        raise BundleError(
+            f"{where}: 'classifier.labels' ({c['labels']!r}) needs one string per 'classifier.answer_ids' entry "
+            f"({len(c['answer_ids'])}); re-export the bundle"
+        )
+    if (
+        not all(_is_ids(a, vocab) and a for a in c["answer_ids"])
+        or not c["multi_token"]
+        and any(len(a) != 1 for a in c["answer_ids"])
+    ):
+        raise BundleError(
+            f"{where}: 'classifier.answer_ids' must hold non-empty token-id lists within the vocabulary "
+            "(one id each unless multi_token); re-export the bundle"
+        )
     segments = c["segments"]
     if segments.count("mask") != 1 or not all(s in ("text", "text_pair", "mask") or _is_ids(s, vocab) for s in segments):
-        raise BundleError(f"{where}: 'classifier.segments' must be token-id lists and 'text'/'text_pair' slots around "
-                          "exactly one 'mask'; re-export the bundle")
+        raise BundleError(
+            f"{where}: 'classifier.segments' must be token-id lists and 'text'/'text_pair' slots around "
+            "exactly one 'mask'; re-export the bundle"
+        )
 
 
 def _graph_io(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> tuple[list[tuple], list[tuple]]:
@@ -217,7 +245,11 @@ def check_graph(session: Any, config: dict[str, Any], model_path: Path) -> None:
         for name, dtype, shape in want:
             a = have[name]
             fixed = [d if isinstance(d, int) else None for d in a.shape]
-            if a.type != dtype or len(a.shape) != len(shape) or any(w is not None and f not in (w, None) for w, f in zip(shape, fixed)):
+            if (
+                a.type != dtype
+                or len(a.shape) != len(shape)
+                or any(w is not None and f not in (w, None) for w, f in zip(shape, fixed))
+            ):
                 raise BundleError(
                     f"{model_path}: graph {kind[:-1]} {name!r} is {a.type} {a.shape}, but config.json implies {dtype} of rank "
                     f"{len(shape)} with sizes {['*' if w is None else w for w in shape]}; re-export the bundle"
@@ -313,8 +345,10 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{config_path} is not valid JSON ({e}); the bundle is corrupt, re-export it") from None
         if not isinstance(config, dict):
-            raise BundleError(f"{config_path} holds a JSON {type(config).__name__}, not a GLM bundle config (an object with "
-                              f"format {FORMAT!r}); the bundle is corrupt, re-export it")
+            raise BundleError(
+                f"{config_path} holds a JSON {type(config).__name__}, not a GLM bundle config (an object with "
+                f"format {FORMAT!r}); the bundle is corrupt, re-export it"
+            )
         if config.get("format") != FORMAT:
             raise BundleError(f"{config_path} is not a GLM bundle config (format {config.get('format')!r}, expected {FORMAT!r})")
         version = config.get("format_version")
@@ -344,8 +378,9 @@ class Bundle:
         try:
             session = _session(path / model_file, providers, threads)
         except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
-            raise BundleError(f"{path / model_file} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); "
-                              "re-export the bundle") from None
+            raise BundleError(
+                f"{path / model_file} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export the bundle"
+            ) from None
         check_graph(session, config, path / model_file)
         return cls(path, config, session, tokenizer, path / model_file)
 
@@ -448,7 +483,9 @@ class Bundle:
         """
         self._check_prompts(prompts, max_new_tokens)
         if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+            raise ValueError(
+                f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+            )
         eop = self.special["eop"]
         rng = np.random.default_rng(seed)
 
@@ -478,8 +515,10 @@ class Bundle:
         for r, (p, t) in enumerate(zip(prompts, tokens)):
             spans = _split_spans(list(t), eop, sum(x in self.mask_ids for x in p))
             if list(t) != [x for span in spans for x in [*span, eop]] or any(len(span) > max_new_tokens for span in spans):
-                raise ValueError(f"tokens[{r}] is not a complete decoding of prompt {r}: one span per blank, each at most "
-                                 f"max_new_tokens={max_new_tokens} tokens and closed by <eop> ({eop})")
+                raise ValueError(
+                    f"tokens[{r}] is not a complete decoding of prompt {r}: one span per blank, each at most "
+                    f"max_new_tokens={max_new_tokens} tokens and closed by <eop> ({eop})"
+                )
         history: list[np.ndarray] = []  # (B, V) per step
 
         def feed(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
@@ -504,8 +543,8 @@ class Bundle:
         blank_lists = [[i for i, t in enumerate(p) if t in self.mask_ids] for p in prompts]
         blanks = np.zeros((B, max(map(len, blank_lists))), np.int64)  # (B, NB) blank positions, 0-padded
         for r, p in enumerate(prompts):
-            ids[r, L - len(p):] = p
-            pos[r, L - len(p):] = np.arange(len(p))
+            ids[r, L - len(p) :] = p
+            pos[r, L - len(p) :] = np.arange(len(p))
             blanks[r, : len(blank_lists[r])] = blank_lists[r]
         n_blanks = np.array([len(b) for b in blank_lists])  # (B,)
         sep = np.full(B, L, np.int64)  # (B,) the padded Part A length
@@ -576,7 +615,7 @@ class Bundle:
         span = self.fill_ids([ids + [self.special["gmask"]]], max_new_tokens, temperature, top_k, top_p, seed)[0][0]
         head, full = self.decode(ids), self.decode(ids + span)
         # decoding the span alone would drop its leading space (sentencepiece strips it at a text start)
-        return full[len(head):] if full.startswith(head) else self.decode(span)
+        return full[len(head) :] if full.startswith(head) else self.decode(span)
 
     # ----------------------------------------------------------------- cloze classification
 
@@ -601,7 +640,9 @@ class Bundle:
                 part_a.extend(fill[seg] if isinstance(seg, str) else seg)
         return part_a, mask_pos
 
-    def label_scores(self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32) -> np.ndarray:
+    def label_scores(
+        self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> np.ndarray:
         """(N, n_labels) log-probabilities of each label's verbalizer (glm.finetune.score_cloze's scores)."""
         if self.classifier is None:
             raise BundleError(
@@ -634,7 +675,7 @@ class Bundle:
         B, L, A = len(items), len(answers), max(len(a) for a, _ in items)
         ids, pos = np.full((B, A), self.special["pad"], np.int64), np.zeros((B, A), np.int64)  # (B, A)
         for r, (a, _) in enumerate(items):
-            ids[r, A - len(a):], pos[r, A - len(a):] = a, np.arange(len(a))
+            ids[r, A - len(a) :], pos[r, A - len(a) :] = a, np.arange(len(a))
         key_start = np.array([A - len(a) for a, _ in items], np.int64)  # (B,)
         sep = np.full(B, A, np.int64)  # (B,)
         _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)

@@ -43,8 +43,10 @@ class CorruptShardError(ManifestError):
         self.path, self.problem = str(path), problem
 
     def __str__(self) -> str:
-        return (f"{self.path} is corrupt: {self.problem}; delete it and re-run, "
-                "or run `glm-pipeline verify RUN_DIR` on the run directory that holds it")
+        return (
+            f"{self.path} is corrupt: {self.problem}; delete it and re-run, "
+            "or run `glm-pipeline verify RUN_DIR` on the run directory that holds it"
+        )
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -128,8 +130,12 @@ def code_of(source: bytes) -> bytes:
     for i, tok in enumerate(tokens):
         if tok.type in _SKIPPED_TOKENS:
             continue
-        if (tok.type == tokenize.STRING and (i == 0 or tokens[i - 1].type in _LINE_STARTS)
-                and i + 1 < len(tokens) and tokens[i + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER)):
+        if (
+            tok.type == tokenize.STRING
+            and (i == 0 or tokens[i - 1].type in _LINE_STARTS)
+            and i + 1 < len(tokens)
+            and tokens[i + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER)
+        ):
             continue  # a string that is a whole statement: a docstring (it does nothing)
         kept.append(tok.string if tok.type not in (tokenize.INDENT, tokenize.DEDENT) else f"<{tok.type}>")
     return "\x00".join(kept).encode()
@@ -190,8 +196,13 @@ def file_entry(path: str | Path, root: str | Path, **extra: Any) -> dict[str, An
     """
     path, root = Path(path), Path(root)
     st = path.stat()
-    return {"path": path.relative_to(root).as_posix(), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": sha256_file(path), **extra}
+    return {
+        "path": path.relative_to(root).as_posix(),
+        "bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": sha256_file(path),
+        **extra,
+    }
 
 
 def check_file(path: Path, entry: dict[str, Any], deep: bool = False) -> str | None:
@@ -252,7 +263,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ManifestError(f"manifest {mp} is not valid JSON ({e}); delete it and re-run the stage") from None
     if manifest.get("manifest_version", 0) > MANIFEST_VERSION:
-        raise ManifestError(f"manifest {mp} has version {manifest['manifest_version']}, newer than this code; upgrade glm-pipeline")
+        raise ManifestError(
+            f"manifest {mp} has version {manifest['manifest_version']}, newer than this code; upgrade glm-pipeline"
+        )
     return manifest
 
 
@@ -274,8 +287,9 @@ def manifest_digest(path: str | Path) -> str:
         return sha256_file(mp)
     content = {k: v for k, v in manifest.items() if k not in _NOT_CONTENT}
     if isinstance(content.get("files"), list):
-        content["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} if isinstance(f, dict) else f
-                            for f in content["files"]]
+        content["files"] = [
+            {k: v for k, v in f.items() if k != "mtime_ns"} if isinstance(f, dict) else f for f in content["files"]
+        ]
     return sha256_json(content)
 
 

@@ -297,9 +297,11 @@ def stage_dependencies(
         "tokenize": lambda: ({}, [docs, tokenizer], None),
         "validate-tokens": lambda: ({"quality": cfg.quality}, [tokens, tokenizer], None),
         "infill": lambda: ({"infilling": cfg.infilling}, [tokens, tokenizer], None),
-        "pretrain": lambda: ({"model": cfg.model, "pretrain": cfg.pretrain, "infilling": cfg.infilling}, [infill],
-                             {"init_from": _file_identity(cfg.pretrain.init_from),
-                              "continue_steps": options.get("continue_steps")}),
+        "pretrain": lambda: (
+            {"model": cfg.model, "pretrain": cfg.pretrain, "infilling": cfg.infilling},
+            [infill],
+            {"init_from": _file_identity(cfg.pretrain.init_from), "continue_steps": options.get("continue_steps")},
+        ),
         "finetune": lambda: ({"finetune": cfg.finetune}, [pretrained, tokenizer], None),
         "evaluate": lambda: ({"evaluate": cfg.evaluate}, [pretrained, finetuned, infill], None),
         "export": lambda: ({"export": cfg.export}, [finetuned, tokenizer], None),
@@ -337,8 +339,10 @@ def is_current(stage: str, key: str, output: Path, paths: RunPaths) -> bool:
 
 
 def record_stage(stage: str, key: str, output: Path, paths: RunPaths) -> Path:
-    atomic_write_json(paths.stamps / f"{stage}.json",
-                      {"stage": stage, "key": key, "output": str(output), "output_sha256": manifest_digest(output)})
+    atomic_write_json(
+        paths.stamps / f"{stage}.json",
+        {"stage": stage, "key": key, "output": str(output), "output_sha256": manifest_digest(output)},
+    )
     return output
 
 
@@ -384,8 +388,10 @@ def cached_shard(paths: RunPaths, stage: str, key: str, out_path: Path, stage_di
 
 def record_shard(paths: RunPaths, stage: str, key: str, out_path: Path, stage_dir: Path, result: Any) -> Any:
     entry = file_entry(out_path, stage_dir)
-    atomic_write_json(_shard_stamp(paths, stage, out_path, stage_dir),
-                      {"key": key, "file": {k: entry[k] for k in ("bytes", "mtime_ns", "sha256")}, "result": result})
+    atomic_write_json(
+        _shard_stamp(paths, stage, out_path, stage_dir),
+        {"key": key, "file": {k: entry[k] for k in ("bytes", "mtime_ns", "sha256")}, "result": result},
+    )
     return result
 
 
@@ -423,8 +429,9 @@ def validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> Path:
     """The Great Expectations document gate; raises glm.quality.ValidationFailed."""
     from glm.quality import validate_documents
 
-    return _run_once("validate-corpus", cfg, paths,
-                     lambda: _write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality)))
+    return _run_once(
+        "validate-corpus", cfg, paths, lambda: _write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality))
+    )
 
 
 def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
@@ -436,9 +443,13 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
 def _finetune_check_key(cfg: PipelineConfig, paths: RunPaths) -> str:
     source = cfg.finetune.task.source
-    return cache_key("check-finetune-task", {"finetune": cfg.finetune, "model": cfg.model}, [paths.tokenizer / MANIFEST],
-                     source_fingerprint(cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [source]})})),
-                     code=not cfg.orchestration.ignore_code_version)
+    return cache_key(
+        "check-finetune-task",
+        {"finetune": cfg.finetune, "model": cfg.model},
+        [paths.tokenizer / MANIFEST],
+        source_fingerprint(cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [source]})})),
+        code=not cfg.orchestration.ignore_code_version,
+    )
 
 
 def cached_finetune_check(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any] | None:
@@ -501,8 +512,9 @@ def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
 
     if (entry := cached_tokenize_shard(job, paths)) is not None:
         return entry
-    entry = _tokenize(job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens,
-                      input_sha256=job["input_sha256"])
+    entry = _tokenize(
+        job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens, input_sha256=job["input_sha256"]
+    )
     return record_shard(paths, "tokenize-shard", tokenize_shard_key(job, paths), Path(job["out_path"]), paths.tokens, entry)
 
 
@@ -526,8 +538,12 @@ def tokenize(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
     The same per-shard functions and stamps as the orchestrated pipeline, which maps them over workers.
     """
-    return _run_once("tokenize", cfg, paths, lambda: close_tokenize(
-        cfg, paths, [tokenize_shard(job, paths) for job in tokenize_jobs(cfg, paths)]))
+    return _run_once(
+        "tokenize",
+        cfg,
+        paths,
+        lambda: close_tokenize(cfg, paths, [tokenize_shard(job, paths) for job in tokenize_jobs(cfg, paths)]),
+    )
 
 
 def _vocab_size(paths: RunPaths) -> int:
@@ -539,8 +555,12 @@ def validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> Path:
     from glm.quality import validate_tokens as _validate
     from glm.special_tokens import SPECIAL
 
-    return _run_once("validate-tokens", cfg, paths, lambda: _write_skipped_validation(
-        paths.tokens, _validate(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality)))
+    return _run_once(
+        "validate-tokens",
+        cfg,
+        paths,
+        lambda: _write_skipped_validation(paths.tokens, _validate(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality)),
+    )
 
 
 def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
@@ -593,13 +613,15 @@ def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping
     for stale in [*paths.infill.glob("epoch-*/part-*.arrow"), *paths.infill.glob("valid/part-*.arrow")]:
         if stale not in keep:
             stale.unlink()
-    manifest = write_infilling_manifest(paths.tokens, paths.infill, cfg.infilling, list(results),
-                                        sentence_end_ids=_sentence_end_ids(paths))
+    manifest = write_infilling_manifest(
+        paths.tokens, paths.infill, cfg.infilling, list(results), sentence_end_ids=_sentence_end_ids(paths)
+    )
     return record_stage("infill", key, manifest, paths)
 
 
 def build_infilling(cfg: PipelineConfig, paths: RunPaths) -> Path:
     """Token shards -> span-corruption shards (one set per epoch, plus validation)."""
+
     def build() -> None:
         close_infill(cfg, paths, [build_infill_shard(job, paths) for job in infill_jobs(cfg, paths)])
 
@@ -660,8 +682,17 @@ def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys
     when pretrain.nproc > 1; `run_cfg` is what prepare_pretrain returned (and wrote)."""
     args = ["--config", str(paths.pretrain / RUN_CONFIG), "--data", str(paths.infill), "--out", str(paths.pretrain)]
     if run_cfg.pretrain.nproc > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(run_cfg.pretrain.nproc),
-                "-m", "glm.train", *args]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(run_cfg.pretrain.nproc),
+            "-m",
+            "glm.train",
+            *args,
+        ]
     return [python, "-m", "glm.train", *args]
 
 
@@ -685,8 +716,12 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
 
 
-def pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None,
-             on_metrics: Callable[[dict[str, Any]], None] | None = None) -> Path:
+def pretrain(
+    cfg: PipelineConfig,
+    paths: RunPaths,
+    continue_steps: int | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
     """Pretrain in this process (one device); torchrun in a subprocess when pretrain.nproc > 1."""
     from glm.train import pretrain_on_shards
 
@@ -739,18 +774,31 @@ def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
     def build() -> None:
         remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
-        results = finetune_from_checkpoint(pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model),
-                                           cfg.finetune, task_dir, device=_device(cfg))
+        results = finetune_from_checkpoint(
+            pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
+        )
         files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
         headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
         stats = {
             "kind": cfg.finetune.kind,
             "runs": {name: f"{RUN_DIRS[name]}/result.json" for name in results},
-            "summary": {name: {"test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
-                               headline: r.get(headline), "steps": r.get("steps")} for name, r in results.items()},
+            "summary": {
+                name: {
+                    "test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
+                    headline: r.get(headline),
+                    "steps": r.get("steps"),
+                }
+                for name, r in results.items()
+            },
         }
-        write_manifest(task_dir, "finetune", files, config=cfg.finetune.model_dump(mode="json"),
-                       inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST], stats=stats)
+        write_manifest(
+            task_dir,
+            "finetune",
+            files,
+            config=cfg.finetune.model_dump(mode="json"),
+            inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST],
+            stats=stats,
+        )
 
     return _run_once("finetune", cfg, paths, build)
 
@@ -793,15 +841,29 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> Path:
         if cfg.evaluate.fill_samples:
             texts = [t for _, t in zip(range(cfg.evaluate.fill_samples * 4), iter_documents(paths.docs, "valid"))]
             pretrain_results["fill_samples"] = fill_samples(model, tok, texts, n=cfg.evaluate.fill_samples)
-        results: dict[str, Any] = {"title": f"GLM evaluation: {cfg.name}", "pretrain": pretrain_results,
-                                   cfg.finetune.kind: finetune_results(cfg, paths)}
+        results: dict[str, Any] = {
+            "title": f"GLM evaluation: {cfg.name}",
+            "pretrain": pretrain_results,
+            cfg.finetune.kind: finetune_results(cfg, paths),
+        }
         written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
-        stats = {"pretrain": {k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
-                              for k, d in pretrain_results.items() if isinstance(d, dict)},
-                 "files": {name: p.name for name, p in written.items()}}
+        stats = {
+            "pretrain": {
+                k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
+                for k, d in pretrain_results.items()
+                if isinstance(d, dict)
+            },
+            "files": {name: p.name for name, p in written.items()},
+        }
         inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
-        write_manifest(paths.eval, "eval", [file_entry(p, paths.eval) for p in written.values()],
-                       config=cfg.evaluate.model_dump(mode="json"), inputs=inputs, stats=stats)
+        write_manifest(
+            paths.eval,
+            "eval",
+            [file_entry(p, paths.eval) for p in written.values()],
+            config=cfg.evaluate.model_dump(mode="json"),
+            inputs=inputs,
+            stats=stats,
+        )
 
     return _run_once("evaluate", cfg, paths, build)
 
@@ -851,10 +913,19 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     remove_tree(paths.bundle, inside=paths.export, ignore_errors=True)
     os.rename(paths.candidate, paths.bundle)
     files = [file_entry(p, paths.export) for p in sorted(paths.bundle.iterdir()) if p.is_file()]
-    stats = {"verified": report.get("passed"), "checkpoint": str(checkpoint),
-             "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))}}
-    manifest = write_manifest(paths.export, "export", files, config=cfg.export.model_dump(mode="json"),
-                              inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST], stats=stats)
+    stats = {
+        "verified": report.get("passed"),
+        "checkpoint": str(checkpoint),
+        "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
+    }
+    manifest = write_manifest(
+        paths.export,
+        "export",
+        files,
+        config=cfg.export.model_dump(mode="json"),
+        inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST],
+        stats=stats,
+    )
     return record_stage("export", key, manifest, paths)
 
 
@@ -897,8 +968,16 @@ def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | 
 
 
 # stage directory (relative to the run directory; * = one per fine-tuning task) -> the stage that writes it
-MANIFEST_STAGES = {"docs": "ingest", "tokenizer": "tokenizer", "tokens": "tokenize", "infill": "infill",
-                   "pretrain": "pretrain", "finetune/*": "finetune", "eval": "evaluate", "export": "export"}
+MANIFEST_STAGES = {
+    "docs": "ingest",
+    "tokenizer": "tokenizer",
+    "tokens": "tokenize",
+    "infill": "infill",
+    "pretrain": "pretrain",
+    "finetune/*": "finetune",
+    "eval": "evaluate",
+    "export": "export",
+}
 SHARD_STAGES = {"tokenize": "tokenize-shard", "infill": "infill-shard"}  # a stage -> its per-shard stamps
 VALIDATIONS = {"docs": "validate-corpus", "tokens": "validate-tokens"}
 

@@ -115,7 +115,10 @@ def tokenize_shard(
         unk_tokens=unk,
         text_bytes=text_bytes,
         # split/part name, as the document manifest lists it
-        input={"path": f"{doc_shard_path.parent.name}/{doc_shard_path.name}", "sha256": input_sha256 or sha256_file(doc_shard_path)},
+        input={
+            "path": f"{doc_shard_path.parent.name}/{doc_shard_path.name}",
+            "sha256": input_sha256 or sha256_file(doc_shard_path),
+        },
     )
 
 
@@ -234,7 +237,9 @@ def _run(plan: TokenizePlan, workers: int, progress: bool) -> list[dict[str, Any
         with ProcessPoolExecutor(
             max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=worker_tokenizer, initargs=(str(model_path),)
         ) as pool:
-            futures = [pool.submit(tokenize_shard, src, model_path, dst, root=out_dir, input_sha256=sha) for src, dst, sha in jobs]
+            futures = [
+                pool.submit(tokenize_shard, src, model_path, dst, root=out_dir, input_sha256=sha) for src, dst, sha in jobs
+            ]
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())
@@ -296,7 +301,14 @@ def _stats(files: list[dict[str, Any]], tok: Tokenizer, docs_manifest: Path) -> 
         "docs": total("docs"),
         "tokens": tokens,
         "shards": len(files),
-        "splits": {s: {"docs": total("docs", s), "tokens": total("tokens", s), "shards": sum(f["path"].startswith(f"{s}/") for f in files)} for s in splits},
+        "splits": {
+            s: {
+                "docs": total("docs", s),
+                "tokens": total("tokens", s),
+                "shards": sum(f["path"].startswith(f"{s}/") for f in files),
+            }
+            for s in splits
+        },
         "unk_tokens": total("unk_tokens"),
         "unk_rate": total("unk_tokens") / tokens if tokens else 0.0,
         "bytes_per_token": total("text_bytes") / tokens if tokens else 0.0,

@@ -63,6 +63,7 @@ def normalization_rule(cfg: TokenizerConfig) -> str:
     """sentencepiece's rule name; user-defined symbols such as [MASK] are matched before it, so never folded."""
     return "nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc"
 
+
 _CONTROL = ("pad", "cls", "eos")
 _USER_DEFINED = tuple(sorted(("mask", "smask", "gmask", "sop", "eop"), key=lambda n: getattr(SPECIAL, n)))
 _LITERAL_LO, _LITERAL_HI = SPECIAL.mask, SPECIAL.eop
@@ -129,9 +130,7 @@ class Tokenizer:
             raise ValueError(f"{origin} is not a sentencepiece model ({e}); point to a tokenizer.model file") from None
         check_special_tokens(self._sp, origin)
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
-        self._normalizer = spm.SentencePieceNormalizer(
-            model_proto=model_proto, add_dummy_prefix=False, escape_whitespaces=False
-        )
+        self._normalizer = spm.SentencePieceNormalizer(model_proto=model_proto, add_dummy_prefix=False, escape_whitespaces=False)
         # each text literal "[MASK]" etc. spelled as ordinary pieces, indexed by the special id
         self._literal_ids = {getattr(SPECIAL, n): self._spell_out(PIECES[n]) for n in _USER_DEFINED}
         self._literal_extra = np.zeros(NUM_SPECIAL, np.int64)

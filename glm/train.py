@@ -186,8 +186,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cpu" and not cpu_has_fast_bf16():
         # measured on an AVX2-only EPYC: 50 s per `small` step in bf16 against 1.3 s in fp32 (benchmarks/pretrain.py)
-        log.warning("precision=bf16 on a CPU without AVX512/AMX bf16 kernels: PyTorch emulates bf16 and "
-                    "trains ~40x slower than fp32; set precision=auto (fp32 on CPU) or fp32")
+        log.warning(
+            "precision=bf16 on a CPU without AVX512/AMX bf16 kernels: PyTorch emulates bf16 and "
+            "trains ~40x slower than fp32; set precision=auto (fp32 on CPU) or fp32"
+        )
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         if precision == "bf16":
             raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
@@ -272,9 +274,7 @@ def _next_batch(it: Iterator[Batch], step: int) -> Any:
     try:
         return next(it)
     except StopIteration:
-        raise ConfigError(
-            f"training data ran out at step {step + 1}; build more infilling epochs or lower train.steps"
-        ) from None
+        raise ConfigError(f"training data ran out at step {step + 1}; build more infilling epochs or lower train.steps") from None
 
 
 def _grad_norm(norm: torch.Tensor) -> float:
@@ -283,8 +283,13 @@ def _grad_norm(norm: torch.Tensor) -> float:
 
 
 def _accumulate_gradients(
-    model: torch.nn.Module, it: Iterator[Any], accum: int, step: int, cfg: TrainConfig,
-    autocast: Callable[[], contextlib.AbstractContextManager], info: DistInfo,
+    model: torch.nn.Module,
+    it: Iterator[Any],
+    accum: int,
+    step: int,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    info: DistInfo,
 ) -> tuple[torch.Tensor, int, int]:
     """Backpropagate the summed token losses of `accum` micro-batches (gradients sync on the last).
 
@@ -308,8 +313,12 @@ def _accumulate_gradients(
 
 
 def evaluate(
-    model: torch.nn.Module, valid_data: Iterable[Any], n_batches: int, device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager], info: DistInfo,
+    model: torch.nn.Module,
+    valid_data: Iterable[Any],
+    n_batches: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    info: DistInfo,
 ) -> dict[str, float] | None:
     """Token-weighted validation loss over up to n_batches per rank (ranks stop together)."""
     was_training = model.training
@@ -338,8 +347,15 @@ def evaluate(
 
 
 def _save(
-    out_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: BatchSource,
-    counters: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig, info: DistInfo,
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: BatchSource,
+    counters: dict[str, Any],
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    info: DistInfo,
 ) -> Path | None:
     """Gather full state to rank 0 (collective under FSDP) and write one checkpoint there."""
     model_state = full_model_state(model)
@@ -349,9 +365,16 @@ def _save(
     if info.is_main:
         trainer_state = {"step": step, "optimizer": optim_state, "ranks": per_rank, **counters}
         path = save_checkpoint(
-            out_dir / "checkpoints", step, model_state, trainer_state, model_config=model_cfg,
-            extra_meta={"train_config": cfg.model_dump(mode="json"), "world_size": info.world_size,
-                        "loss": _finite_or_none(counters.get("loss"))},
+            out_dir / "checkpoints",
+            step,
+            model_state,
+            trainer_state,
+            model_config=model_cfg,
+            extra_meta={
+                "train_config": cfg.model_dump(mode="json"),
+                "world_size": info.world_size,
+                "loss": _finite_or_none(counters.get("loss")),
+            },
             keep=cfg.keep_checkpoints,
         )
     barrier()
@@ -378,8 +401,14 @@ def _find_resume(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> Pat
 
 
 def _restore(
-    resume: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: BatchSource,
-    counters: dict[str, Any], cfg: TrainConfig, info: DistInfo, out_dir: Path,
+    resume: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: BatchSource,
+    counters: dict[str, Any],
+    cfg: TrainConfig,
+    info: DistInfo,
+    out_dir: Path,
 ) -> int:
     """Load optimizer, counters, this rank's RNG streams and data position; return the step."""
     state = load_trainer_state(resume)
@@ -393,7 +422,10 @@ def _restore(
         log.warning(
             "checkpoint %s was written by %d ranks, this run has %d: RNG streams are reseeded and the data "
             "position is rank 0's (exact for TrainLoader, whose position is global), so the run is not "
-            "bit-identical to an uninterrupted one", resume, len(state["ranks"]), info.world_size,
+            "bit-identical to an uninterrupted one",
+            resume,
+            len(state["ranks"]),
+            info.world_size,
         )
         mine = state["ranks"][0]
         _seed_rank_streams(cfg.seed + step, info.rank)
@@ -401,8 +433,10 @@ def _restore(
         data.load_state_dict(mine["loader"])
     except ValueError as e:
         if resume.resolve().is_relative_to((out_dir / "checkpoints").resolve()):  # a run's own checkpoint must fit its data
-            raise ConfigError(f"checkpoint {resume} does not fit the training data ({e}); use a fresh output "
-                              "directory or the data it was trained on") from e
+            raise ConfigError(
+                f"checkpoint {resume} does not fit the training data ({e}); use a fresh output "
+                "directory or the data it was trained on"
+            ) from e
         # init_from a run on other data (continued pretraining): start this data at its beginning
         log.warning("data position of %s not restored (%s); reading the data from its start", resume, e)
     if info.is_main:
@@ -526,12 +560,21 @@ def pretrain(
             if peak is not None:
                 achieved = flops_per_token(seq_len, float(totals[1]) / step_tokens) * tokens_per_s
                 mfu = achieved / (peak * info.world_size)
-            emit({
-                "step": step, "loss": _finite_or_none(loss_value), "lr": lr, "grad_norm": _finite_or_none(grad_norm),
-                "tokens_per_s": tokens_per_s, "loss_tokens": int(totals[1]), "tokens": counters["tokens"],
-                "elapsed": elapsed_before + time.perf_counter() - run_start, "mfu": mfu,
-                "skipped": skipped, "bad_steps": counters["bad_steps"],
-            })
+            emit(
+                {
+                    "step": step,
+                    "loss": _finite_or_none(loss_value),
+                    "lr": lr,
+                    "grad_norm": _finite_or_none(grad_norm),
+                    "tokens_per_s": tokens_per_s,
+                    "loss_tokens": int(totals[1]),
+                    "tokens": counters["tokens"],
+                    "elapsed": elapsed_before + time.perf_counter() - run_start,
+                    "mfu": mfu,
+                    "skipped": skipped,
+                    "bad_steps": counters["bad_steps"],
+                }
+            )
             if skipped and counters["bad_steps"] > cfg.max_bad_steps:
                 raise NonFiniteLossError(
                     f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step} "
@@ -540,14 +583,25 @@ def pretrain(
                     "or resume from the last checkpoint"
                 )
             if skipped:
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d/%d bad steps allowed)",
-                            step, counters["bad_steps"], cfg.max_bad_steps)
+                log.warning(
+                    "step %d: non-finite loss or gradient, update skipped (%d/%d bad steps allowed)",
+                    step,
+                    counters["bad_steps"],
+                    cfg.max_bad_steps,
+                )
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if info.is_main and not show_bar:
-                    log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f",
-                             step, cfg.steps, loss_value, lr, grad_norm, tokens_per_s)
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f",
+                        step,
+                        cfg.steps,
+                        loss_value,
+                        lr,
+                        grad_norm,
+                        tokens_per_s,
+                    )
 
             if valid_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 per_rank = -(-cfg.eval_batches // info.world_size)  # eval_batches counts all ranks together
@@ -560,9 +614,15 @@ def pretrain(
                 last_ckpt = _save(out_dir, step, model, optimizer, data, counters, cfg, model_cfg, info)
             _injected_crash(step, out_dir)
         return TrainResult(
-            step=step, loss=counters["loss"], val_loss=counters["val_loss"], checkpoint=last_ckpt,
-            metrics_path=out_dir / "metrics.jsonl", bad_steps=counters["bad_steps"], resumed_from=resumed_from,
-            tokens=int(counters["tokens"]), elapsed=float(counters["elapsed"]),
+            step=step,
+            loss=counters["loss"],
+            val_loss=counters["val_loss"],
+            checkpoint=last_ckpt,
+            metrics_path=out_dir / "metrics.jsonl",
+            bad_steps=counters["bad_steps"],
+            resumed_from=resumed_from,
+            tokens=int(counters["tokens"]),
+            elapsed=float(counters["elapsed"]),
         )
     finally:
         metrics.close()
@@ -583,8 +643,17 @@ class SyntheticBatches:
     accumulation steps covers the same samples. Rows hold different numbers of loss tokens.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, limit: int | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        micro_batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        limit: int | None = None,
+    ):
         if seq_len < 8 or vocab_size <= NUM_SPECIAL:
             raise ValueError("SyntheticBatches needs seq_len >= 8 and vocab_size > the special tokens")
         self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
@@ -626,8 +695,14 @@ class SyntheticBatches:
         block_pos[sep : sep + span] = np.arange(1, span + 1)
         loss_mask = np.zeros(T, dtype=np.int64)  # (T,)
         loss_mask[sep : sep + span] = 1
-        return {"input_ids": ids, "position_ids": pos, "block_position_ids": block_pos,
-                "sep": np.int64(sep), "targets": targets, "loss_mask": loss_mask}
+        return {
+            "input_ids": ids,
+            "position_ids": pos,
+            "block_position_ids": block_pos,
+            "sep": np.int64(sep),
+            "targets": targets,
+            "loss_mask": loss_mask,
+        }
 
 
 # --------------------------------------------------------------------------- entry point
@@ -648,7 +723,10 @@ def vocab_size_from_data(data_dir: str | Path) -> int | None:
 
 
 def pretrain_on_shards(
-    pipeline: PipelineConfig, data_dir: str | Path, out_dir: str | Path, *,
+    pipeline: PipelineConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Pretrain on a span-corruption dataset: this rank's TrainLoader, the validation split, `pretrain`."""
@@ -670,8 +748,13 @@ def pretrain_on_shards(
         data = TrainLoader(shards, cfg.micro_batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         valid = None
         if shards.valid is not None:
-            valid = ValidLoader(shards, cfg.micro_batch_size, rank=info.rank, world_size=info.world_size,
-                                max_batches=-(-cfg.eval_batches // info.world_size))
+            valid = ValidLoader(
+                shards,
+                cfg.micro_batch_size,
+                rank=info.rank,
+                world_size=info.world_size,
+                max_batches=-(-cfg.eval_batches // info.world_size),
+            )
         return pretrain(cfg, model_cfg, data, out_dir, valid_data=valid, on_metrics=on_metrics)
     finally:
         if owns_group:
@@ -683,8 +766,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML (its model, infilling and pretrain sections are used)")
     p.add_argument("--data", required=True, help="span-corruption dataset directory (the infill stage's output)")
     p.add_argument("--out", required=True, help="output directory: checkpoints/ and metrics.jsonl")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override by dotted path, e.g. --set pretrain.steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override by dotted path, e.g. --set pretrain.steps=100 (repeatable)",
+    )
     return p
 
 

@@ -104,8 +104,13 @@ class TrainingProgress:
 
     def __init__(self, cfg: PipelineConfig, total: int, done: int = 0, min_interval: float = 1.0):
         self.total, self.min_interval, self.shown, self.sent_at = total, min_interval, done, time.monotonic()
-        self.artifact_id = publish("pretrain-progress", create_progress_artifact, self.percent(done),
-                                   key=artifact_key(cfg, "pretrain-progress"), description=f"Pretraining steps done of {total}")
+        self.artifact_id = publish(
+            "pretrain-progress",
+            create_progress_artifact,
+            self.percent(done),
+            key=artifact_key(cfg, "pretrain-progress"),
+            description=f"Pretraining steps done of {total}",
+        )
 
     def percent(self, step: int) -> float:
         return 100.0 * min(step, self.total) / self.total
@@ -128,14 +133,28 @@ def _rounded(x: Any, digits: int = 4) -> Any:
 def corpus_statistics(cfg: PipelineConfig, docs_dir: Path) -> None:
     """Documents per split and why documents were dropped (with an example of each reason)."""
     st = read_manifest(docs_dir / MANIFEST)["stats"]
-    splits = [{"split": s, "documents": st["docs"][s], "characters": st["chars"][s], "text bytes": st["text_bytes"][s]}
-              for s in ("train", "valid")]
-    publish("corpus-statistics", create_table_artifact, splits, key=artifact_key(cfg, "corpus-statistics"),
-                          description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s))")
-    cleaning = [{"reason": r, "dropped": n, "example": (st["quarantine"].get(r) or [{}])[0].get("text", "")[:120]}
-                for r, n in st["dropped"].items()]
-    publish("cleaning-statistics", create_table_artifact, cleaning, key=artifact_key(cfg, "cleaning-statistics"),
-                          description="Records dropped by cleaning, de-duplication and length limits")
+    splits = [
+        {"split": s, "documents": st["docs"][s], "characters": st["chars"][s], "text bytes": st["text_bytes"][s]}
+        for s in ("train", "valid")
+    ]
+    publish(
+        "corpus-statistics",
+        create_table_artifact,
+        splits,
+        key=artifact_key(cfg, "corpus-statistics"),
+        description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s))",
+    )
+    cleaning = [
+        {"reason": r, "dropped": n, "example": (st["quarantine"].get(r) or [{}])[0].get("text", "")[:120]}
+        for r, n in st["dropped"].items()
+    ]
+    publish(
+        "cleaning-statistics",
+        create_table_artifact,
+        cleaning,
+        key=artifact_key(cfg, "cleaning-statistics"),
+        description="Records dropped by cleaning, de-duplication and length limits",
+    )
 
 
 def validation_results(cfg: PipelineConfig, validation_json: Path, what: str) -> None:
@@ -143,36 +162,68 @@ def validation_results(cfg: PipelineConfig, validation_json: Path, what: str) ->
     if not validation_json.is_file():
         return
     report = json.loads(validation_json.read_text(encoding="utf-8"))
-    rows = [{"expectation": r["expectation"], "success": r["success"], "observed": str(r["observed"]),
-             "examples": ", ".join(map(str, r.get("examples") or []))[:200]} for r in report.get("rows", [])]
+    rows = [
+        {
+            "expectation": r["expectation"],
+            "success": r["success"],
+            "observed": str(r["observed"]),
+            "examples": ", ".join(map(str, r.get("examples") or []))[:200],
+        }
+        for r in report.get("rows", [])
+    ]
     status = "skipped" if report.get("skipped") else "passed" if report.get("success") else "FAILED"
     sampled = f"{report.get('sampled_rows')} of {report.get('total_rows')} rows checked" if "sampled_rows" in report else ""
-    publish(f"{what}-validation", create_table_artifact, rows or [{"expectation": "(gate skipped: quality.enabled is false)"}],
-            key=artifact_key(cfg, f"{what}-validation"), description=f"{what} quality gate: {status}. {sampled}")
+    publish(
+        f"{what}-validation",
+        create_table_artifact,
+        rows or [{"expectation": "(gate skipped: quality.enabled is false)"}],
+        key=artifact_key(cfg, f"{what}-validation"),
+        description=f"{what} quality gate: {status}. {sampled}",
+    )
 
 
 def tokenizer_summary(cfg: PipelineConfig, tokenizer_dir: Path) -> None:
     m = read_manifest(tokenizer_dir / MANIFEST)
     st = m["stats"]
-    lines = [f"# Tokenizer: {cfg.name}", "",
-             f"sentencepiece {m['config'].get('model_type', '')}, vocabulary **{st['vocab_size']}** pieces, "
-             f"byte fallback {st.get('byte_fallback')}, normalization {st.get('normalization', 'n/a')}.", "",
-             "| | |", "|---|---|"]
-    for label, k in (("training documents (sampled / train split)", None), ("sample characters", "sample_chars"),
-                     ("training seconds", "train_seconds"), ("threads", "num_threads"), ("model sha256", "model_sha256")):
+    lines = [
+        f"# Tokenizer: {cfg.name}",
+        "",
+        f"sentencepiece {m['config'].get('model_type', '')}, vocabulary **{st['vocab_size']}** pieces, "
+        f"byte fallback {st.get('byte_fallback')}, normalization {st.get('normalization', 'n/a')}.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for label, k in (
+        ("training documents (sampled / train split)", None),
+        ("sample characters", "sample_chars"),
+        ("training seconds", "train_seconds"),
+        ("threads", "num_threads"),
+        ("model sha256", "model_sha256"),
+    ):
         value = f"{st.get('sample_docs')} / {st.get('train_docs')}" if k is None else st.get(k)
         lines.append(f"| {label} | {value} |")
-    publish("tokenizer-summary", create_markdown_artifact, "\n".join(lines) + "\n", key=artifact_key(cfg, "tokenizer-summary"),
-            description=f"Tokenizer trained into {tokenizer_dir}")
+    publish(
+        "tokenizer-summary",
+        create_markdown_artifact,
+        "\n".join(lines) + "\n",
+        key=artifact_key(cfg, "tokenizer-summary"),
+        description=f"Tokenizer trained into {tokenizer_dir}",
+    )
 
 
 def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
     st = read_manifest(tokens_dir / MANIFEST)["stats"]
     rows = [{"split": s, **v} for s, v in st["splits"].items()]
     rows.append({"split": "all", "docs": st["docs"], "tokens": st["tokens"], "shards": st["shards"]})
-    publish("token-statistics", create_table_artifact, rows, key=artifact_key(cfg, "token-statistics"),
-            description=f"unk rate {st['unk_rate']:.5f}, {st['bytes_per_token']:.2f} bytes/token, "
-                        f"{st['tokens_per_doc']:.1f} tokens/document")
+    publish(
+        "token-statistics",
+        create_table_artifact,
+        rows,
+        key=artifact_key(cfg, "token-statistics"),
+        description=f"unk rate {st['unk_rate']:.5f}, {st['bytes_per_token']:.2f} bytes/token, "
+        f"{st['tokens_per_doc']:.1f} tokens/document",
+    )
 
 
 def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
@@ -189,8 +240,13 @@ def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> 
     rows = [by_step[s] for s in sorted(by_step)]
     stride = max(1, -(-len(rows) // max_rows))
     thinned = rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else [])
-    publish("pretrain-loss", create_table_artifact, thinned, key=artifact_key(cfg, "pretrain-loss"),
-            description=f"Pretraining losses ({metrics_path})")
+    publish(
+        "pretrain-loss",
+        create_table_artifact,
+        thinned,
+        key=artifact_key(cfg, "pretrain-loss"),
+        description=f"Pretraining losses ({metrics_path})",
+    )
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
@@ -198,6 +254,7 @@ _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 def inline_images(markdown: str, directory: Path) -> str:
     """Replace `![alt](plot.png)` by a data: URI, which the Prefect UI renders (a file path would not)."""
+
     def embed(m: re.Match) -> str:
         path = directory / m.group(2)
         if not path.is_file():
@@ -209,15 +266,27 @@ def inline_images(markdown: str, directory: Path) -> str:
 
 def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
-    publish("evaluation-report", create_markdown_artifact, inline_images(report, eval_dir),
-            key=artifact_key(cfg, "evaluation-report"), description=f"Evaluation report (files in {eval_dir})")
+    publish(
+        "evaluation-report",
+        create_markdown_artifact,
+        inline_images(report, eval_dir),
+        key=artifact_key(cfg, "evaluation-report"),
+        description=f"Evaluation report (files in {eval_dir})",
+    )
 
 
 def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> None:
-    rows = [{"model": name, **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))},
-             "steps": r.get("steps")} for name, r in results.items()]
-    publish("finetune-results", create_table_artifact, rows, key=artifact_key(cfg, "finetune-results"),
-            description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}")
+    rows = [
+        {"model": name, **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))}, "steps": r.get("steps")}
+        for name, r in results.items()
+    ]
+    publish(
+        "finetune-results",
+        create_table_artifact,
+        rows,
+        key=artifact_key(cfg, "finetune-results"),
+        description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}",
+    )
 
 
 def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None) -> None:
@@ -228,16 +297,31 @@ def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None)
     where the bundle is served; a run directory on local disk has none.
     """
     report = json.loads((bundle_dir / "verification.json").read_text(encoding="utf-8"))
-    publish("onnx-bundle", create_markdown_artifact, bundle_markdown(cfg, bundle_dir, report),
-            key=artifact_key(cfg, "onnx-bundle"),
-            description=f"ONNX bundle at {bundle_dir.resolve()} (verified: {report.get('passed')})")
+    publish(
+        "onnx-bundle",
+        create_markdown_artifact,
+        bundle_markdown(cfg, bundle_dir, report),
+        key=artifact_key(cfg, "onnx-bundle"),
+        description=f"ONNX bundle at {bundle_dir.resolve()} (verified: {report.get('passed')})",
+    )
     if url is not None and urllib.parse.urlsplit(url).scheme in ("http", "https"):
-        publish("onnx-bundle-link", create_link_artifact, url, link_text=f"ONNX bundle: {bundle_dir.name}",
-                key=artifact_key(cfg, "onnx-bundle-link"), description=f"the bundle at {bundle_dir.resolve()}, served")
+        publish(
+            "onnx-bundle-link",
+            create_link_artifact,
+            url,
+            link_text=f"ONNX bundle: {bundle_dir.name}",
+            key=artifact_key(cfg, "onnx-bundle-link"),
+            description=f"the bundle at {bundle_dir.resolve()}, served",
+        )
     rows = list(_verification_rows(report))
     if rows:
-        publish("export-verification", create_table_artifact, rows, key=artifact_key(cfg, "export-verification"),
-                description="ONNX against PyTorch (atol %s)" % report.get("atol"))
+        publish(
+            "export-verification",
+            create_table_artifact,
+            rows,
+            key=artifact_key(cfg, "export-verification"),
+            description="ONNX against PyTorch (atol %s)" % report.get("atol"),
+        )
 
 
 def bundle_markdown(cfg: PipelineConfig, bundle_dir: Path, report: dict[str, Any]) -> str:
@@ -246,15 +330,35 @@ def bundle_markdown(cfg: PipelineConfig, bundle_dir: Path, report: dict[str, Any
     config = json.loads((bundle_dir / "config.json").read_text(encoding="utf-8"))
     sums = (bundle_dir / "SHA256SUMS").read_text(encoding="utf-8").strip()
     status = {True: "passed", False: "**FAILED**", None: "not run"}[report.get("passed")]
-    lines = [f"# ONNX bundle: {cfg.name}", "", f"Verification {status}. The bundle directory (copy the path: the UI "
-             "cannot open local files):", "", "```text", str(where), "```", "",
-             "## Files (SHA256SUMS)", "", "```text", sums, "```", "",
-             f"A copy checks itself with `cd {shlex.quote(str(where))} && sha256sum -c SHA256SUMS`; "
-             "`Bundle.load` checks the same sums.", "", "## Verification", ""]
+    lines = [
+        f"# ONNX bundle: {cfg.name}",
+        "",
+        f"Verification {status}. The bundle directory (copy the path: the UI cannot open local files):",
+        "",
+        "```text",
+        str(where),
+        "```",
+        "",
+        "## Files (SHA256SUMS)",
+        "",
+        "```text",
+        sums,
+        "```",
+        "",
+        f"A copy checks itself with `cd {shlex.quote(str(where))} && sha256sum -c SHA256SUMS`; "
+        "`Bundle.load` checks the same sums.",
+        "",
+        "## Verification",
+        "",
+    ]
     lines += _verification_summary(report)
     classifier = config.get("classifier")
-    python = ["from glm.runtime import Bundle  # or runtime.py copied into your app (numpy, onnxruntime, sentencepiece)", "",
-              f"bundle = Bundle.load({str(where)!r})", 'print(bundle.fill_blanks("The film was [MASK].").text)']
+    python = [
+        "from glm.runtime import Bundle  # or runtime.py copied into your app (numpy, onnxruntime, sentencepiece)",
+        "",
+        f"bundle = Bundle.load({str(where)!r})",
+        'print(bundle.fill_blanks("The film was [MASK].").text)',
+    ]
     shell = [f'glm-pipeline infer {shlex.quote(str(where))} --fill "The film was [MASK]."']
     if classifier:
         python.append(f'print(bundle.classify("a wonderful film").label)  # labels: {", ".join(classifier["labels"])}')
@@ -267,33 +371,49 @@ def _verification_summary(report: dict[str, Any]) -> list[str]:
     if report.get("passed") is None:
         return [f"Not verified: {report.get('skipped', 'no report')}."]
     fp32 = report.get("fp32") or {}
-    out = [f"- fp32 against PyTorch: max |logit diff| {fp32.get('logits_max_abs_diff', float('nan')):.3g}, "
-           f"max |cache diff| {fp32.get('presents_max_abs_diff', float('nan')):.3g} (atol {report.get('atol')})"]
+    out = [
+        f"- fp32 against PyTorch: max |logit diff| {fp32.get('logits_max_abs_diff', float('nan')):.3g}, "
+        f"max |cache diff| {fp32.get('presents_max_abs_diff', float('nan')):.3g} (atol {report.get('atol')})"
+    ]
     g = fp32.get("greedy") or {}
     if "near_tie_count" in g:
-        out.append(f"- greedy decoding, teacher-forced over {g['steps']} steps: {g['divergent_count']} divergent, "
-                   f"{g['near_tie_count']} near-tie(s) accepted (reference margin <= {g['tie_tolerance']:.3g}), "
-                   f"token agreement {g['token_agreement']:.4f}")
+        out.append(
+            f"- greedy decoding, teacher-forced over {g['steps']} steps: {g['divergent_count']} divergent, "
+            f"{g['near_tie_count']} near-tie(s) accepted (reference margin <= {g['tie_tolerance']:.3g}), "
+            f"token agreement {g['token_agreement']:.4f}"
+        )
     elif g:
         out.append(f"- greedy decoding identical to glm.generate: {g.get('identical')}")
     c = fp32.get("classifier") or {}
     if "accuracy" in c:
-        out.append(f"- classifier test accuracy {c['accuracy']:.4f} (PyTorch {c['accuracy_pytorch']:.4f}, {c['examples']} examples)")
+        out.append(
+            f"- classifier test accuracy {c['accuracy']:.4f} (PyTorch {c['accuracy_pytorch']:.4f}, {c['examples']} examples)"
+        )
     elif "skipped" in c:
         out.append(f"- classifier accuracy not checked: {c['skipped']}")
     q = report.get("int8") or {}
     if "size_ratio" in q:
         change = (q.get("classifier") or {}).get("accuracy_change")
-        out.append(f"- int8: {q['size_ratio']:.2f} of the fp32 size, max |logit diff| {q['logits_max_abs_diff']:.3g}"
-                   + (f", accuracy change {change:+.4f}" if change is not None else ""))
+        out.append(
+            f"- int8: {q['size_ratio']:.2f} of the fp32 size, max |logit diff| {q['logits_max_abs_diff']:.3g}"
+            + (f", accuracy change {change:+.4f}" if change is not None else "")
+        )
     for failure in report.get("failures") or []:
         out.append(f"- failure: {failure}")
     ties = g.get("near_ties") or []
     if ties:
-        out += ["", "Near-ties (the two best logits within float noise; CPUs may break them either way):", "",
-                "| prompt | step | reference token | bundle token | margin | logit diff |", "|---|---|---|---|---|---|"]
-        out += [f"| {'0 (decoded alone)' if t.get('alone') else t['prompt']} | {t['step']} | {t['reference_token']} | "
-                f"{t['bundle_token']} | {t['margin']:.3g} | {t['logit_diff']:.3g} |" for t in ties]
+        out += [
+            "",
+            "Near-ties (the two best logits within float noise; CPUs may break them either way):",
+            "",
+            "| prompt | step | reference token | bundle token | margin | logit diff |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {'0 (decoded alone)' if t.get('alone') else t['prompt']} | {t['step']} | {t['reference_token']} | "
+            f"{t['bundle_token']} | {t['margin']:.3g} | {t['logit_diff']:.3g} |"
+            for t in ties
+        ]
         if g["near_tie_count"] > len(ties):
             out.append(f"\n({g['near_tie_count'] - len(ties)} more in verification.json's count, not listed)")
     return out

@@ -56,8 +56,12 @@ def send_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
 def install() -> bool:
     """Use send_heartbeats in Prefect's flow engine; False (nothing changed) if the engine differs."""
     engine = getattr(flow_engine, "BaseFlowRunEngine", None)
-    if not hasattr(flow_engine, "_send_heartbeats") or not hasattr(flow_engine, "MINIMUM_HEARTBEAT_INTERVAL") \
-            or engine is None or not all(hasattr(engine, part) for part in _ENGINE_PARTS):
+    if (
+        not hasattr(flow_engine, "_send_heartbeats")
+        or not hasattr(flow_engine, "MINIMUM_HEARTBEAT_INTERVAL")
+        or engine is None
+        or not all(hasattr(engine, part) for part in _ENGINE_PARTS)
+    ):
         return False
     flow_engine._send_heartbeats = send_heartbeats
     return True

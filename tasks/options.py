@@ -31,7 +31,12 @@ from glm.shards import ManifestError
 # never for something that passes. A TypeError, AttributeError... is a bug and a bare
 # FileNotFoundError may be a share that went away: those are retried, and show their traceback.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    PermanentError, ValidationFailed, ConfigError, PydanticValidationError, ManifestError, stages.StageInputMissing,
+    PermanentError,
+    ValidationFailed,
+    ConfigError,
+    PydanticValidationError,
+    ManifestError,
+    stages.StageInputMissing,
     ValueError,
 )
 

@@ -86,8 +86,9 @@ def run_logged(
 ) -> Finished:
     """Run `cmd`, sending each output line to `log`; call `on_poll` every poll_seconds; kill it
     (and its process group) after `timeout` seconds with TrainingTimeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True, env=env
+    )
     tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
 
     def pump() -> None:
@@ -162,12 +163,13 @@ def _exit_error(finished: Finished, cmd: list[str], out_dir: Path | None = None)
     kind = KINDS_BY_CODE.get(finished.returncode)
     if kind is not None:
         return TrainingFailed(f"training failed ({kind}, exit code {finished.returncode}):\n{last}", kind=kind)
-    return TrainingCrashed(f"training process crashed (exit code {finished.returncode}, command {' '.join(cmd)}); "
-                           f"a retry resumes from the last checkpoint. Last output:\n{last}")
+    return TrainingCrashed(
+        f"training process crashed (exit code {finished.returncode}, command {' '.join(cmd)}); "
+        f"a retry resumes from the last checkpoint. Last output:\n{last}"
+    )
 
 
-def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
-                      on_metrics: Callable[[dict], None]) -> dict:
+def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths, on_metrics: Callable[[dict], None]) -> dict:
     """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints.
 
     Failures are classified as the subprocess's exit code would classify them."""
@@ -181,8 +183,7 @@ def _train_in_process(run_cfg: PipelineConfig, paths: stages.RunPaths,
         kind = failure_kind(e)
         if kind is not None:
             raise TrainingFailed(f"training failed ({kind}): {e}", kind=kind) from e
-        raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last "
-                              "checkpoint") from e
+        raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last checkpoint") from e
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
 
 
@@ -206,8 +207,9 @@ def pretrain(cfg: PipelineConfig, continue_steps: int | None = None) -> str:
     else:
         logger.info("launching: %s", " ".join(cmd))
         (paths.pretrain / ERROR_FILE).unlink(missing_ok=True)  # what an earlier attempt recorded
-        finished = run_logged(cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds,
-                              on_poll=lambda: progress.update(tail.poll()))
+        finished = run_logged(
+            cmd, log=logger.info, timeout=cfg.orchestration.train_timeout_seconds, on_poll=lambda: progress.update(tail.poll())
+        )
         if finished.returncode != 0:
             raise _exit_error(finished, cmd, paths.pretrain)
         result = stages.parse_train_result("\n".join(finished.lines))

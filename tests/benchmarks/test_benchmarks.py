@@ -22,5 +22,7 @@ def test_benchmark_quick_run_follows_the_convention(name):
         assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"])
         if "reference" in r:
             # the convention: ratio = value / reference; `better` says which direction wins
-            assert r["ratio"] == pytest.approx(r["value"] / r["reference"], rel=2e-2, abs=2e-3)  # values and ratios may be rounded
+            assert r["ratio"] == pytest.approx(
+                r["value"] / r["reference"], rel=2e-2, abs=2e-3
+            )  # values and ratios may be rounded
             assert r.get("better") in ("higher", "lower")

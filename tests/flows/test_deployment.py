@@ -49,7 +49,9 @@ def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
     assert smoke["parameters"] == {"config": {"file": "configs/tiny.yaml"}}  # a reference, not a copy
     assert glm_pipeline.validate_parameters(smoke["parameters"])["config"] == load_config("configs/tiny.yaml")
     custom = {"config": {"file": "configs/tiny.yaml", "set": ["pretrain.steps=3", "run_dir=/tmp/x"]}}
-    assert glm_pipeline.validate_parameters(custom)["config"] == load_config("configs/tiny.yaml", ["pretrain.steps=3", "run_dir=/tmp/x"])
+    assert glm_pipeline.validate_parameters(custom)["config"] == load_config(
+        "configs/tiny.yaml", ["pretrain.steps=3", "run_dir=/tmp/x"]
+    )
 
 
 def test_a_config_file_parameter_that_does_not_load_names_the_file():
@@ -86,7 +88,9 @@ def test_runs_start_where_the_deployments_were_made_the_checkout_or_the_image_wo
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ %s.stdout }}" % step["id"]
     assert re.search(r"^WORKDIR /app$", (ROOT / "Dockerfile").read_text(), re.M)
     services = _compose()["services"]
-    assert services["deploy"]["command"] == ["glm-pipeline", "deploy"] and services["deploy"]["image"] == services["worker"]["image"]
+    assert (
+        services["deploy"]["command"] == ["glm-pipeline", "deploy"] and services["deploy"]["image"] == services["worker"]["image"]
+    )
     mounts = {v.rsplit("}:", 1)[-1].split(":")[0] for v in services["worker"]["volumes"]}  # ${HOST:-default}:TARGET[:ro]
     assert mounts == {"/app/data", "/app/runs"}  # data/incoming and runs/ below the image's WORKDIR
 
@@ -94,26 +98,37 @@ def test_runs_start_where_the_deployments_were_made_the_checkout_or_the_image_wo
 def test_no_flow_module_postpones_its_annotations():
     """A served or deployed run unpickles the flows by value; a string annotation such as
     "PipelineConfig" then names nothing and every run fails its parameter validation."""
-    offenders = [p.name for p in (ROOT / "flows").glob("*.py") if re.search(r"^from __future__ import annotations", p.read_text(), re.M)]
+    offenders = [
+        p.name for p in (ROOT / "flows").glob("*.py") if re.search(r"^from __future__ import annotations", p.read_text(), re.M)
+    ]
     assert not offenders, f"flows/{offenders[0]}: remove `from __future__ import annotations` (see flows/pipeline.py)"
 
 
 def _deploy(cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**environ, "PREFECT_HOME": str(cwd / "prefect-home"), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, "PREFECT_HOME": str(cwd / "prefect-home"), **env},
+    )
 
 
 def test_deploy_outside_the_project_or_without_a_server_says_what_to_do(tmp_path):
     done = _deploy(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"error: no prefect.yaml in {tmp_path}: run `glm-pipeline deploy` in "
-                                                "the glm-pipeline checkout (or /app in the image)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: no prefect.yaml in {tmp_path}: run `glm-pipeline deploy` in the glm-pipeline checkout (or /app in the image)"
+    ]
     shutil.copy(ROOT / "prefect.yaml", tmp_path / "prefect.yaml")
     done = _deploy(tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: PREFECT_API_URL is not set: start a server (`prefect server start`) "
-                                                "and export PREFECT_API_URL=http://127.0.0.1:4200/api, then deploy again"]
+    assert done.stderr.strip().splitlines() == [
+        "error: PREFECT_API_URL is not set: start a server (`prefect server start`) "
+        "and export PREFECT_API_URL=http://127.0.0.1:4200/api, then deploy again"
+    ]
 
 
 def _compose() -> dict:

@@ -81,6 +81,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
     cfg = make_config("quality.enabled=false", "orchestration.retries=0", "orchestration.train_in_process=false")
     assert data_flow(cfg, return_state=True).is_completed()
     real_command = stages.pretrain_command
+
     def killing_command(run_cfg, paths, python=sys.executable):
         return [python, "-c", KILLED_AT_STEP_3, *real_command(run_cfg, paths)[3:]]  # [python, -m, glm.train, ARGS]
 
@@ -194,8 +195,9 @@ def test_a_shard_edited_in_place_is_rebuilt_by_its_task_and_nothing_is_pickled(p
 
 def test_a_wrong_verbalizer_fails_right_after_the_tokenizer_before_any_shard_or_training(prefect_api, make_config):
     # these words are several pieces of a 400-piece vocabulary: single-token scoring cannot score them
-    cfg = make_config("quality.enabled=false", "finetune.task.multi_token=false",
-                      "finetune.task.verbalizers={'0': terrible, '1': magnificent}")
+    cfg = make_config(
+        "quality.enabled=false", "finetune.task.multi_token=false", "finetune.task.verbalizers={'0': terrible, '1': magnificent}"
+    )
     state = data_flow(cfg, return_state=True)
     assert state.is_failed()
     ran = states(task_runs(state.state_details.flow_run_id))

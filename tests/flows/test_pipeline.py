@@ -10,8 +10,22 @@ from glm.config import load_config
 from tests.flows.api import artifacts, client, logs, states, task_runs
 from tests.flows.conftest import SMALL
 
-HEAVY = ("ingest-", "validate-corpus-", "train-tokenizer-", "check-finetune-task-", "tokenize-", "close-tokenize-", "validate-tokens-",
-         "span-corruption-", "close-span-corruption-", "pretrain-", "finetune-", "evaluate-", "export-onnx-", "verify-export-")
+HEAVY = (
+    "ingest-",
+    "validate-corpus-",
+    "train-tokenizer-",
+    "check-finetune-task-",
+    "tokenize-",
+    "close-tokenize-",
+    "validate-tokens-",
+    "span-corruption-",
+    "close-span-corruption-",
+    "pretrain-",
+    "finetune-",
+    "evaluate-",
+    "export-onnx-",
+    "verify-export-",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +55,18 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
     cfg, first, _ = two_runs
     found = artifacts(first.state_details.flow_run_id)
     expected = {
-        "corpus-statistics": "table", "cleaning-statistics": "table", "corpus-validation": "table",
-        "tokenizer-summary": "markdown", "token-statistics": "table", "token-validation": "table",
-        "pretrain-progress": "progress", "pretrain-loss": "table", "finetune-results": "table",
-        "evaluation-report": "markdown", "onnx-bundle": "markdown", "export-verification": "table",
+        "corpus-statistics": "table",
+        "cleaning-statistics": "table",
+        "corpus-validation": "table",
+        "tokenizer-summary": "markdown",
+        "token-statistics": "table",
+        "token-validation": "table",
+        "pretrain-progress": "progress",
+        "pretrain-loss": "table",
+        "finetune-results": "table",
+        "evaluation-report": "markdown",
+        "onnx-bundle": "markdown",
+        "export-verification": "table",
     }
     assert {f"tiny-e2e-{k}" for k in expected} <= set(found), sorted(found)
     for key, kind in expected.items():

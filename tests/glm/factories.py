@@ -53,10 +53,24 @@ def train_tiny_sentencepiece(sentences: Iterable[str], vocab_size: int) -> bytes
     """A unigram sentencepiece model (tokenizer.model bytes) with GLM's special ids and byte fallback."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=2, bos_piece="[CLS]", eos_id=3, eos_piece="<eos>",
-        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"], byte_fallback=True,
-        normalization_rule_name="nmt_nfkc", hard_vocab_limit=False, minloglevel=2, num_threads=1,
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        pad_piece="[PAD]",
+        unk_id=1,
+        unk_piece="[UNK]",
+        bos_id=2,
+        bos_piece="[CLS]",
+        eos_id=3,
+        eos_piece="<eos>",
+        user_defined_symbols=["[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"],
+        byte_fallback=True,
+        normalization_rule_name="nmt_nfkc",
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
     )
     return buf.getvalue()
 
@@ -65,8 +79,7 @@ def sentiment_tokenizer() -> Tokenizer:
     """A ~300-piece tokenizer (256 byte pieces + the sentiment words) with the GLM special ids."""
     rng = random.Random(0)
     sentences = [
-        " ".join(rng.choice(SENTIMENT_WORDS) for _ in range(rng.randint(4, 12))) + rng.choice([".", "!", "?"])
-        for _ in range(200)
+        " ".join(rng.choice(SENTIMENT_WORDS) for _ in range(rng.randint(4, 12))) + rng.choice([".", "!", "?"]) for _ in range(200)
     ]
     return Tokenizer(train_tiny_sentencepiece(sentences, vocab_size=330))
 
@@ -80,7 +93,11 @@ def write_docs(docs_dir: Path, splits: dict[str, list[list[str]]]) -> Path:
     for split, shards in splits.items():
         for i, texts in enumerate(shards):
             table = pa.table(
-                {"text": pa.array(texts, pa.string()), "doc_id": [f"{split}-{i}-{j}" for j in range(len(texts))], "source": ["test"] * len(texts)}
+                {
+                    "text": pa.array(texts, pa.string()),
+                    "doc_id": [f"{split}-{i}-{j}" for j in range(len(texts))],
+                    "source": ["test"] * len(texts),
+                }
             )
             files.append(file_entry(write_parquet(docs_dir / split / f"part-{i:05d}.parquet", table), docs_dir))
     return write_manifest(docs_dir, "docs", files)

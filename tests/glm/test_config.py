@@ -10,8 +10,9 @@ from glm.config import ConfigError, load_config
 def test_in_process_training_is_a_single_device_option():
     assert load_config("configs/tiny.yaml", ["orchestration.train_in_process=true"]).orchestration.train_in_process
     with pytest.raises(ConfigError, match="pretrain.nproc") as err:
-        load_config("configs/tiny.yaml", ["orchestration.train_in_process=true", "pretrain.nproc=2",
-                                           "pretrain.micro_batch_size=4"])
+        load_config(
+            "configs/tiny.yaml", ["orchestration.train_in_process=true", "pretrain.nproc=2", "pretrain.micro_batch_size=4"]
+        )
     assert "orchestration.train_in_process" in str(err.value)
 
 
@@ -70,7 +71,9 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused():
     load_config("configs/tiny.yaml", ["model.vocab_size=64", "tokenizer.existing=/some/tokenizer.model"])
 
 
-@pytest.mark.parametrize("override, key", [("tokenizer.vocab_size=5", "tokenizer.vocab_size"), ("model.vocab_size=8", "model.vocab_size")])
+@pytest.mark.parametrize(
+    "override, key", [("tokenizer.vocab_size=5", "tokenizer.vocab_size"), ("model.vocab_size=8", "model.vocab_size")]
+)
 def test_a_vocabulary_without_room_beyond_the_special_tokens_is_refused(override, key):
     from glm.special_tokens import NUM_SPECIAL
 
@@ -86,10 +89,11 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("text, problem", [("a: [unclosed\n", "is not valid YAML"), ("- just\n- a list\n", "mapping of sections")])
+@pytest.mark.parametrize(
+    "text, problem", [("a: [unclosed\n", "is not valid YAML"), ("- just\n- a list\n", "mapping of sections")]
+)
 def test_a_config_file_that_is_not_a_yaml_mapping_is_a_config_error(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=problem):
         load_config(path)
-

@@ -73,7 +73,13 @@ def test_text_sources_files_blank_lines_directories_and_globs(tmp_path):
     )
     assert m == tmp_path / "docs" / "manifest.json"
     texts = sorted(r["text"] for r in shard_rows(tmp_path / "docs"))
-    assert texts == ["first document here", "para one line one\nline two", "para three text", "para two text", "second document here"]
+    assert texts == [
+        "first document here",
+        "para one line one\nline two",
+        "para three text",
+        "para two text",
+        "second document here",
+    ]
     st = stats(tmp_path / "docs")
     assert st["read"] == 5 and sum(st["docs"].values()) == 5
     assert sorted(Path(e["path"]).name for e in st["inputs"]) == ["one.txt", "paras.txt", "two.txt"]
@@ -108,14 +114,24 @@ def test_jsonl_csv_parquet_and_datasets_sources_together(tmp_path):
 
 
 def test_chinese_text_is_first_class(tmp_path):
-    write_docs(tmp_path / "zh", {
-        "a.txt": "今天天气很好，我们去公园散步吧。",  # 16 characters, 48 UTF-8 bytes
-        "b.txt": "你好世界",  # 4 characters (12 bytes): too short by characters, not by bytes
-        "c.txt": "ＧＬＭ模型：自回归空白填充。",
-    })
-    ingest(cfg_for(SourceConfig(kind="text", path=str(tmp_path / "zh")), cleaning=CleaningConfig(min_chars=8)), tmp_path / "docs", progress=False)
+    write_docs(
+        tmp_path / "zh",
+        {
+            "a.txt": "今天天气很好，我们去公园散步吧。",  # 16 characters, 48 UTF-8 bytes
+            "b.txt": "你好世界",  # 4 characters (12 bytes): too short by characters, not by bytes
+            "c.txt": "ＧＬＭ模型：自回归空白填充。",
+        },
+    )
+    ingest(
+        cfg_for(SourceConfig(kind="text", path=str(tmp_path / "zh")), cleaning=CleaningConfig(min_chars=8)),
+        tmp_path / "docs",
+        progress=False,
+    )
     texts = sorted(r["text"] for r in shard_rows(tmp_path / "docs"))
-    assert texts == ["GLM模型:自回归空白填充。", "今天天气很好,我们去公园散步吧。"]  # NFKC: full-width Latin and punctuation folded
+    assert texts == [
+        "GLM模型:自回归空白填充。",
+        "今天天气很好,我们去公园散步吧。",
+    ]  # NFKC: full-width Latin and punctuation folded
     st = stats(tmp_path / "docs")
     assert st["dropped"]["too_short"] == 1 and st["quarantine"]["too_short"][0]["text"] == "你好世界"
     assert st["chars"]["train"] + st["chars"]["valid"] == len(texts[0]) + len(texts[1])
@@ -164,11 +180,23 @@ def test_drop_reasons_are_counted_and_quarantined(tmp_path):
     cfg = cfg_for(SourceConfig(kind="jsonl", path=str(tmp_path / "d.jsonl")), cleaning=CleaningConfig(min_chars=8, max_chars=50))
     ingest(cfg, tmp_path / "docs", progress=False)
     st = stats(tmp_path / "docs")
-    assert st["dropped"] == {"empty": 2, "too_short": 1, "too_long": 1, "duplicate": 1, "invalid_utf8": 1, "invalid_json": 1, "not_text": 1}
+    assert st["dropped"] == {
+        "empty": 2,
+        "too_short": 1,
+        "too_long": 1,
+        "duplicate": 1,
+        "invalid_utf8": 1,
+        "invalid_json": 1,
+        "not_text": 1,
+    }
     assert st["read"] == 9 and sum(st["docs"].values()) == 1
     q = st["quarantine"]
     assert q["duplicate"][0]["line"] == 2 and q["invalid_json"][0]["line"] == 8
-    assert q["invalid_utf8"][0] == {"input": str((tmp_path / "d.jsonl").resolve()), "line": 9, "text": "bad \\xff\\xfe bytes here"}
+    assert q["invalid_utf8"][0] == {
+        "input": str((tmp_path / "d.jsonl").resolve()),
+        "line": 9,
+        "text": "bad \\xff\\xfe bytes here",
+    }
 
 
 def test_oversized_raw_records_are_dropped_without_reading_them_whole(tmp_path):
@@ -190,7 +218,11 @@ def test_oversized_raw_records_are_dropped_without_reading_them_whole(tmp_path):
 
 def test_shards_close_at_shard_docs(tmp_path):
     write_docs(tmp_path / "c", {f"{i}.txt": f"document number {i}" for i in range(10)})
-    ingest(cfg_for(SourceConfig(kind="text", path=str(tmp_path / "c")), shard_docs=3, valid_fraction=0.01), tmp_path / "docs", progress=False)
+    ingest(
+        cfg_for(SourceConfig(kind="text", path=str(tmp_path / "c")), shard_docs=3, valid_fraction=0.01),
+        tmp_path / "docs",
+        progress=False,
+    )
     files = json.loads((tmp_path / "docs" / "manifest.json").read_text())["files"]
     assert [f["rows"] for f in files if f["split"] == "train"] == [3, 3, 3, 1]
     assert sorted(iter_documents(tmp_path / "docs", "train")) == sorted(f"document number {i}" for i in range(10))
@@ -232,7 +264,11 @@ def test_tiny_config_splits_about_its_valid_fraction(tmp_path):
 
 
 def snapshot(docs_dir: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(docs_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(docs_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(docs_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(docs_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_incremental_ingest_keeps_old_shards_and_split_is_stable(tmp_path):
@@ -288,7 +324,9 @@ def test_changed_or_vanished_input_rebuilds_everything(tmp_path, change, caplog)
     ingest(cfg, tmp_path / "docs", progress=False)
     assert sorted(r["text"] for r in shard_rows(tmp_path / "docs")) == expected
     assert "rebuilding" in caplog.text and reason in caplog.text
-    assert len(list((tmp_path / "docs").rglob("part-*.parquet"))) == len(json.loads((tmp_path / "docs" / "manifest.json").read_text())["files"])
+    assert len(list((tmp_path / "docs").rglob("part-*.parquet"))) == len(
+        json.loads((tmp_path / "docs" / "manifest.json").read_text())["files"]
+    )
 
 
 def test_rerun_after_crash_removes_temporaries_and_orphan_shards(tmp_path):
@@ -348,7 +386,9 @@ def test_missing_fields_name_the_file_and_the_fields_present(tmp_path):
     with pytest.raises(CorpusError, match="column 'text' has type int64, not text"):
         ingest(cfg_for(SourceConfig(kind="parquet", path=str(tmp_path / "ints.parquet"))), tmp_path / "docs", progress=False)
     with pytest.raises(CorpusError, match=r"d.csv: no field 'stars' \(set by the label field\)"):
-        list(read_labelled_source(SourceConfig(kind="csv", path=str(tmp_path / "d.csv"), text_field="review"), label_field="stars"))
+        list(
+            read_labelled_source(SourceConfig(kind="csv", path=str(tmp_path / "d.csv"), text_field="review"), label_field="stars")
+        )
 
 
 def test_unreadable_input_and_malformed_csv(tmp_path, monkeypatch):
@@ -367,6 +407,13 @@ def test_unreadable_input_and_malformed_csv(tmp_path, monkeypatch):
 
 def test_corpus_empty_after_cleaning_says_what_was_dropped(tmp_path):
     write_docs(tmp_path / "src", {"a.txt": "tiny", "b.txt": "tiny", "c.txt": "  \x07 "})
-    with pytest.raises(CorpusError, match=r"empty after cleaning: read 3 record\(s\) from 3 input\(s\); dropped empty=1, too_short=2 \(min_chars=16"):
-        ingest(cfg_for(SourceConfig(kind="text", path=str(tmp_path / "src")), cleaning=CleaningConfig(min_chars=16)), tmp_path / "docs", progress=False)
+    with pytest.raises(
+        CorpusError,
+        match=r"empty after cleaning: read 3 record\(s\) from 3 input\(s\); dropped empty=1, too_short=2 \(min_chars=16",
+    ):
+        ingest(
+            cfg_for(SourceConfig(kind="text", path=str(tmp_path / "src")), cleaning=CleaningConfig(min_chars=16)),
+            tmp_path / "docs",
+            progress=False,
+        )
     assert not (tmp_path / "docs" / "manifest.json").exists()

@@ -25,7 +25,9 @@ CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=16)
 
 
 def write_token_shards(
-    root: Path, docs_per_split: dict[str, list[list[np.ndarray]]], id_type: pa.DataType = pa.uint16(),
+    root: Path,
+    docs_per_split: dict[str, list[list[np.ndarray]]],
+    id_type: pa.DataType = pa.uint16(),
     vocab_size: int | None = None,
 ) -> Path:
     """A token stage directory: root/{split}/part-NNNNN.arrow (`tokens` column) and its manifest
@@ -286,8 +288,11 @@ def test_a_token_id_beyond_the_vocabulary_fails_the_build_naming_file_and_row(tm
     shard = tokens_dir / "train" / "part-00000.arrow"
     flip_in_place(shard, marker.tobytes(), np.array([2999, 65535, 2997, 2996, 2995], np.uint16).tobytes())
     assert not shards.verify_manifest(tokens_dir)  # same size and mtime: the manifest check cannot see it
-    with pytest.raises(shards.CorruptShardError, match=rf"{shard} is corrupt: token id 65535 >= vocab size 3000 in row 17; "
-                                                       r"delete it and re-run, or run `glm-pipeline verify RUN_DIR`"):
+    with pytest.raises(
+        shards.CorruptShardError,
+        match=rf"{shard} is corrupt: token id 65535 >= vocab size 3000 in row 17; "
+        r"delete it and re-run, or run `glm-pipeline verify RUN_DIR`",
+    ):
         build_infilling_dataset(tokens_dir, tmp_path / "infill", CFG.model_copy(update={"epochs": 1}), progress=False)
 
 

@@ -16,8 +16,15 @@ MODEL = ModelConfig(vocab_size=V, max_seq_len=T, dropout=0.0, attention_dropout=
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(steps=STEPS, batch_size=8, micro_batch_size=8, checkpoint_every=2, log_every=1, eval_every=100,
-                optim=OptimConfig(lr=3e-3, warmup_steps=1))
+    base = dict(
+        steps=STEPS,
+        batch_size=8,
+        micro_batch_size=8,
+        checkpoint_every=2,
+        log_every=1,
+        eval_every=100,
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -58,8 +65,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     """One rank: DDP then FSDP, each with gradient accumulation, interrupted after step 2 and resumed."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo")
     try:
         for strategy in ("ddp", "fsdp"):

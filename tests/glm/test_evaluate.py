@@ -141,16 +141,26 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
     pre = _write_jsonl(tmp_path / "pretrain.jsonl", train_records + [{"step": i, "val_loss": 6 - i / 22} for i in (20, 40, 59)])
     curves = {}
     for name, slope in (("pretrained", 0.1), ("from scratch", 0.03)):
-        curves[name] = _write_jsonl(tmp_path / f"{slope}.jsonl", [
-            *({"kind": "train", "step": i, "loss": 0.7 - slope * i} for i in range(1, 6)),
-            *({"kind": "eval", "step": i, "val_loss": 0.7 - slope * i, "val_accuracy": 0.5 + slope * i} for i in (0, 3, 5)),
-        ])
+        curves[name] = _write_jsonl(
+            tmp_path / f"{slope}.jsonl",
+            [
+                *({"kind": "train", "step": i, "loss": 0.7 - slope * i} for i in range(1, 6)),
+                *({"kind": "eval", "step": i, "val_loss": 0.7 - slope * i, "val_accuracy": 0.5 + slope * i} for i in (0, 3, 5)),
+            ],
+        )
     labels = ["negative", "positive"]
     cloze = {
-        name: {"task": "sentiment", "labels": labels, "best_val_accuracy": acc, "steps": 5, "stopped_early": False,
-               "sizes": {"train": 80, "dev": 10, "test": 10}, "truncated": {"train": 1, "dev": 0, "test": 0},
-               "test": ev.classification_metrics(truth, pred, labels),
-               "majority": ev.majority_baseline([1, 1, 0], truth, labels)}
+        name: {
+            "task": "sentiment",
+            "labels": labels,
+            "best_val_accuracy": acc,
+            "steps": 5,
+            "stopped_early": False,
+            "sizes": {"train": 80, "dev": 10, "test": 10},
+            "truncated": {"train": 1, "dev": 0, "test": 0},
+            "test": ev.classification_metrics(truth, pred, labels),
+            "majority": ev.majority_baseline([1, 1, 0], truth, labels),
+        }
         for name, acc, truth, pred in (
             ("pretrained", 0.9, [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]),
             ("from scratch", 0.6, [0, 0, 1, 1, 1], [1, 0, 1, 0, 1]),
@@ -164,8 +174,12 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
             "fill_samples": [{"prompt": "the movie [MASK] good", "reference": "was", "filled": "is | was"}],
         },
         "cloze": cloze,
-        "seq2seq": {"copy": {"test": {"loss": 1.0, "perplexity": math.e, "token_accuracy": 0.5},
-                             "examples": [{"source": "a b", "reference": "b", "generated": "b"}]}},
+        "seq2seq": {
+            "copy": {
+                "test": {"loss": 1.0, "perplexity": math.e, "token_accuracy": 0.5},
+                "examples": [{"source": "a b", "reference": "b", "generated": "b"}],
+            }
+        },
         "not_finite": float("nan"),
         "array": np.arange(3),
     }

@@ -89,8 +89,9 @@ def build_bundles(tmp_path_factory) -> Built:
         lm_bundle = export.export_bundle(lm_ckpt, tok_path, root / "lm-bundle", ExportConfig())
 
         clf = tiny_model(vocab, max_seq_len=64)
-        cfg = FinetuneConfig(task=SINGLE, epochs=4, batch_size=16, patience=3,
-                             optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+        cfg = FinetuneConfig(
+            task=SINGLE, epochs=4, batch_size=16, patience=3, optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0)
+        )
         examples = sentiment_examples(240)
         result = ft.finetune_cloze(clf, tok, cfg, root / "clf", examples=examples)
         test = [json.loads(line) for line in open(result["predictions_path"])]
@@ -184,8 +185,11 @@ def _random_case(cfg, B, T, P, seed):
     g = torch.Generator().manual_seed(seed)
     ri = lambda hi, shape: torch.randint(0, hi, shape, generator=g)  # noqa: E731
     return dict(
-        ids=ri(cfg.vocab_size, (B, T)), pos=ri(cfg.max_seq_len + 1, (B, T)), blk=ri(cfg.max_seq_len + 1, (B, T)),
-        sep=ri(P + T + 1, (B,)), key_start=ri(P + 1, (B,)),
+        ids=ri(cfg.vocab_size, (B, T)),
+        pos=ri(cfg.max_seq_len + 1, (B, T)),
+        blk=ri(cfg.max_seq_len + 1, (B, T)),
+        sep=ri(P + T + 1, (B,)),
+        key_start=ri(P + 1, (B,)),
         past=[torch.randn(B, cfg.n_head, P, cfg.head_dim, generator=g) for _ in range(2 * cfg.n_layer)],
     )
 
@@ -195,10 +199,12 @@ def test_logits_and_presents_match_pytorch_at_batch_seq_past(lm, lm_bundle, B, T
     x = _random_case(lm.cfg, B, T, P, seed=B * 1000 + T * 10 + P)
     pairs = list(zip(x["past"][0::2], x["past"][1::2])) if P else None
     with torch.no_grad():
-        ref_logits, ref_presents = lm(x["ids"], x["pos"], x["blk"], x["sep"], past_key_values=pairs,
-                                      key_start=x["key_start"], use_cache=True)
-    logits, presents = lm_bundle.run(*(x[k].numpy() for k in ("ids", "pos", "blk", "sep", "key_start")),
-                                     past=[t.numpy() for t in x["past"]])
+        ref_logits, ref_presents = lm(
+            x["ids"], x["pos"], x["blk"], x["sep"], past_key_values=pairs, key_start=x["key_start"], use_cache=True
+        )
+    logits, presents = lm_bundle.run(
+        *(x[k].numpy() for k in ("ids", "pos", "blk", "sep", "key_start")), past=[t.numpy() for t in x["past"]]
+    )
     assert logits.shape == (B, T, 448) and len(presents) == 4 and presents[0].shape == (B, 2, P + T, 16)
     np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4, rtol=0)
     for got, ref in zip(presents, [t for kv in ref_presents for t in kv]):
@@ -239,9 +245,17 @@ def test_a_greedy_step_within_float_noise_of_a_tie_is_accepted_and_reported():
     got[0, 6] += 2e-6  # float noise of 1e-6 flips the tie
     tol = export.tie_tolerance(float(np.abs(ref - got).max()))
     steps = export.compare_greedy_steps(ref, got, [5, 7, eop], [False] * 3, tol)
-    assert steps == [{"step": 0, "reference_token": 5, "bundle_token": 6, "margin": pytest.approx(1e-6, rel=0.1),
-                      "bundle_margin": pytest.approx(1e-6, rel=0.1), "logit_diff": pytest.approx(2e-6, rel=0.1),
-                      "near_tie": True}]
+    assert steps == [
+        {
+            "step": 0,
+            "reference_token": 5,
+            "bundle_token": 6,
+            "margin": pytest.approx(1e-6, rel=0.1),
+            "bundle_margin": pytest.approx(1e-6, rel=0.1),
+            "logit_diff": pytest.approx(2e-6, rel=0.1),
+            "near_tie": True,
+        }
+    ]
     got[1, 8] = 1.1  # the same size of error cannot flip a clear choice: a real divergence
     steps = export.compare_greedy_steps(ref, got, [5, 7, eop], [False] * 3, export.tie_tolerance(0.6, cap=1e-4))
     assert [(d["step"], d["near_tie"]) for d in steps] == [(0, True), (1, False)]
@@ -296,8 +310,9 @@ def test_a_bundle_with_a_broken_layer_fails_greedy_verification(built, lm, tmp_p
     shutil.copytree(built.lm_bundle, bundle)
     rng = np.random.default_rng(0)
     _edit_onnx(bundle, "model.blocks.0.mlp.fc.bias", lambda w: w + rng.normal(0, 0.5, w.shape).astype(w.dtype))
-    with pytest.raises(export.ExportVerificationError, match="greedy generations differ from glm.generate on prompts .* "
-                                                             "beyond near-ties") as info:
+    with pytest.raises(
+        export.ExportVerificationError, match="greedy generations differ from glm.generate on prompts .* beyond near-ties"
+    ) as info:
         export.verify_bundle(bundle, model=lm)
     g = info.value.report["fp32"]["greedy"]
     assert not g["passed"] and g["divergent_count"] >= 1 and g["mismatched_prompts"]
@@ -345,8 +360,12 @@ def test_multi_token_cloze_scoring_matches_pytorch(built):
     """The runtime's shared-prefix multi-token scoring (left padding, key_start, cache reuse) on the same graph."""
     model, _ = load_model(built.clf_checkpoint)
     tok = Tokenizer.load(built.tokenizer)
-    multi = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
-                            multi_token=True, length_normalise=True)
+    multi = ClozeTaskConfig(
+        pattern="{text} It was [MASK].",
+        verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
+        multi_token=True,
+        length_normalise=True,
+    )
     spec = {"kind": "cloze", **ft.ClozeTask(tok, multi, 64).spec()}
     base = runtime.Bundle.load(built.clf_bundle, threads=1)
     config = {**base.config, "classifier": export._classifier_config(spec, tok, 64)}
@@ -358,15 +377,18 @@ def test_multi_token_cloze_scoring_matches_pytorch(built):
 def test_text_pair_patterns_and_their_truncation_match_pytorch(built):
     model, _ = load_model(built.clf_checkpoint)
     tok = Tokenizer.load(built.tokenizer)
-    pair = ClozeTaskConfig(pattern="{text} ? [MASK] , {text_pair}", verbalizers={"0": "bad", "1": "good"},
-                           text_pair_field="premise")
+    pair = ClozeTaskConfig(
+        pattern="{text} ? [MASK] , {text_pair}", verbalizers={"0": "bad", "1": "good"}, text_pair_field="premise"
+    )
     spec = {"kind": "cloze", **ft.ClozeTask(tok, pair, 64).spec()}
     base = runtime.Bundle.load(built.clf_bundle, threads=1)
-    bundle = runtime.Bundle(base.path, {**base.config, "classifier": export._classifier_config(spec, tok, 64)}, base.session,
-                            base.tokenizer)
+    bundle = runtime.Bundle(
+        base.path, {**base.config, "classifier": export._classifier_config(spec, tok, 64)}, base.session, base.tokenizer
+    )
     texts, pairs = ["the movie was good", "a " * 50 + "film"], ["bad acting", "story " * 70]  # the second pair must be cut
-    np.testing.assert_allclose(bundle.label_scores(texts, pairs), ft.score_cloze(model, tok, texts, pair, text_pairs=pairs),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        bundle.label_scores(texts, pairs), ft.score_cloze(model, tok, texts, pair, text_pairs=pairs), atol=1e-4
+    )
 
 
 def test_labels_keep_the_configs_order_from_fine_tuning_to_the_runtime(built, tmp_path, monkeypatch):
@@ -374,13 +396,21 @@ def test_labels_keep_the_configs_order_from_fine_tuning_to_the_runtime(built, tm
     tok = Tokenizer.load(built.tokenizer)
     task = ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"positive": "good", "negative": "bad"})
     examples = [ft.LabelledExample(e.text, "positive" if e.label == "1" else "negative") for e in sentiment_examples(240)]
-    cfg = FinetuneConfig(task=task, epochs=4, batch_size=16, patience=3, from_scratch_baseline=False,
-                         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0))
+    cfg = FinetuneConfig(
+        task=task,
+        epochs=4,
+        batch_size=16,
+        patience=3,
+        from_scratch_baseline=False,
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0),
+    )
     result = ft.finetune_cloze(tiny_model(448, max_seq_len=64), tok, cfg, tmp_path / "ft", examples=examples)
     meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
     assert meta["finetune"]["labels"] == list(meta["finetune"]["verbalizers"]) == ["positive", "negative"]
 
-    out = export.export_bundle(tmp_path / "ft" / "checkpoints", built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False))
+    out = export.export_bundle(
+        tmp_path / "ft" / "checkpoints", built.tokenizer, tmp_path / "bundle", ExportConfig(quantize_int8=False)
+    )
     classifier = json.loads((out / "config.json").read_text())["classifier"]
     assert classifier["labels"] == list(classifier["verbalizers"]) == ["positive", "negative"]
     report = json.loads((out / "verification.json").read_text())["fp32"]["classifier"]
@@ -421,9 +451,11 @@ def test_verification_failure_raises_with_the_numbers(built):
 
 def _reuse_graph(source: Path):
     """An export_onnx stand-in that copies an existing graph: tests export_bundle's plumbing in milliseconds."""
+
     def fake_export(model, path, opset=18):
         shutil.copy(source, path)
         return Path(path)
+
     return fake_export
 
 
@@ -462,8 +494,12 @@ def test_bad_export_inputs_are_clear_errors(built, tmp_path):
     with pytest.raises(ValueError, match="400 pieces but the model's vocabulary is 64"):
         export.export_bundle(ckpt, built.tokenizer, tmp_path / "b")
     with pytest.raises(ValueError, match=r"classifier spec lacks \['labels'"):
-        export.export_bundle(built.lm_checkpoint, built.tokenizer, tmp_path / "b",
-                             classifier={"pattern": "{text} It was [MASK].", "verbalizers": {"0": "bad"}})
+        export.export_bundle(
+            built.lm_checkpoint,
+            built.tokenizer,
+            tmp_path / "b",
+            classifier={"pattern": "{text} It was [MASK].", "verbalizers": {"0": "bad"}},
+        )
     with pytest.raises(ValueError, match="labels"):
         export.verify_bundle(built.clf_bundle, verify_data=[("good film", "positive")])
     assert not (tmp_path / "b").exists()
@@ -502,5 +538,10 @@ def test_default_verify_data_reads_texts_with_unicode_line_separators(tmp_path):
     run = tmp_path / "pretrained"
     (run / "checkpoints" / "step-000001").mkdir(parents=True)
     rows = [{"text": "odd\u2028line\x85break", "text_pair": None, "label": "1"}, {"text": "plain", "label": 0}]
-    (run / "test_predictions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
-    assert _default_verify_data(run / "checkpoints" / "step-000001") == [("odd\u2028line\x85break", None, "1"), ("plain", None, "0")]
+    (run / "test_predictions.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    assert _default_verify_data(run / "checkpoints" / "step-000001") == [
+        ("odd\u2028line\x85break", None, "1"),
+        ("plain", None, "0"),
+    ]

@@ -96,8 +96,13 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
         for label, answer in enumerate(task.answers):
             part_b = [SPECIAL.sop] + answer
             targets = answer + [SPECIAL.eop]
-            logp = _row_logprobs(model, e.part_a + part_b, list(range(a)) + [e.mask_pos] * len(part_b),
-                                 [0] * a + list(range(1, len(part_b) + 1)), a)
+            logp = _row_logprobs(
+                model,
+                e.part_a + part_b,
+                list(range(a)) + [e.mask_pos] * len(part_b),
+                [0] * a + list(range(1, len(part_b) + 1)),
+                a,
+            )
             total = sum(float(logp[a + i, t]) for i, t in enumerate(targets))
             expected = total / len(targets) if normalise else total
             assert row[label] == pytest.approx(expected, abs=1e-4)
@@ -130,8 +135,9 @@ def test_long_text_is_truncated_from_the_end_keeping_the_pattern(tok):
 
 
 def test_text_pair_truncation_cuts_the_longer_text_first(tok):
-    cfg = ClozeTaskConfig(pattern="{text} ? [MASK] , {text_pair}", text_pair_field="hypothesis",
-                          verbalizers={"0": "not", "1": "good"})
+    cfg = ClozeTaskConfig(
+        pattern="{text} ? [MASK] , {text_pair}", text_pair_field="hypothesis", verbalizers={"0": "not", "1": "good"}
+    )
     task = ft.ClozeTask(tok, cfg, 20)
     e = task.encode("plot " * 40, "good movie")
     assert e.truncated and len(e.part_a) == 19
@@ -234,7 +240,11 @@ def test_movie_reviews_rotten_tomatoes_sentences():
 def test_tiny_model_learns_a_separable_cloze_task(tok, tmp_path):
     model = tiny_model(tok.vocab_size, max_seq_len=64)
     cfg = FinetuneConfig(
-        task=SINGLE, epochs=4, batch_size=16, patience=3, log_every=5,
+        task=SINGLE,
+        epochs=4,
+        batch_size=16,
+        patience=3,
+        log_every=5,
         optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0),
     )
     result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
@@ -254,8 +264,9 @@ def test_tiny_model_learns_a_separable_cloze_task(tok, tmp_path):
 
 def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
     model = tiny_model(tok.vocab_size, max_seq_len=64)
-    cfg = FinetuneConfig(task=MULTI, epochs=6, batch_size=16, patience=6,
-                         optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0))
+    cfg = FinetuneConfig(
+        task=MULTI, epochs=6, batch_size=16, patience=6, optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0)
+    )
     result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and result["test"]["accuracy"] > 0.9
@@ -275,8 +286,9 @@ def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
 
     task = ft.ClozeTask(tok, SINGLE, 64)
     items = [task.encode(e.text) for e in sentiment_examples(16)]
-    cfg = FinetuneConfig(task=SINGLE, epochs=10, batch_size=4, eval_every=1, patience=2,
-                         optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    cfg = FinetuneConfig(
+        task=SINGLE, epochs=10, batch_size=4, eval_every=1, patience=2, optim=OptimConfig(lr=1e-2, warmup_steps=0)
+    )
     with ft.MetricsLog(tmp_path / "metrics.jsonl", fresh=True) as log:
         loop = ft.train_loop(model, items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True)
     assert loop.stopped_early and loop.steps == 3 and loop.best_step == 1 and loop.best_score == 0.9
@@ -299,16 +311,32 @@ def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
 
     def evals(**kw):
         with ft.MetricsLog(tmp_path / "m.jsonl", fresh=True) as log:
-            ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, loss_fn, evaluate_fn,
-                          FinetuneConfig(task=SINGLE, **kw), log, score_key="val_accuracy", higher_is_better=True)
+            ft.train_loop(
+                tiny_model(tok.vocab_size, max_seq_len=64),
+                items,
+                loss_fn,
+                evaluate_fn,
+                FinetuneConfig(task=SINGLE, **kw),
+                log,
+                score_key="val_accuracy",
+                higher_is_better=True,
+            )
         return [r["step"] for r in map(json.loads, open(tmp_path / "m.jsonl")) if r["kind"] == "eval"]
 
     assert evals(epochs=2, batch_size=4) == [0, 3, 6]  # each epoch's end (3 batches of 4, 4, 2)
     assert evals(epochs=2, batch_size=4, eval_every=4) == [0, 4, 6]  # every 4 steps and the last
     with pytest.raises(FloatingPointError, match="non-finite fine-tuning loss .* at step 1; lower finetune.optim.lr"):
         with ft.MetricsLog(tmp_path / "n.jsonl", fresh=True) as log:
-            ft.train_loop(tiny_model(tok.vocab_size, max_seq_len=64), items, lambda m, b: loss_fn(m, b) * float("nan"),
-                          evaluate_fn, FinetuneConfig(task=SINGLE), log, score_key="val_accuracy", higher_is_better=True)
+            ft.train_loop(
+                tiny_model(tok.vocab_size, max_seq_len=64),
+                items,
+                lambda m, b: loss_fn(m, b) * float("nan"),
+                evaluate_fn,
+                FinetuneConfig(task=SINGLE),
+                log,
+                score_key="val_accuracy",
+                higher_is_better=True,
+            )
     with pytest.raises(ValueError, match=r"max_seq_len=100 must lie in \[8, model.max_seq_len=64\]"):
         ft.score_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, ["good"], SINGLE, max_seq_len=100)
 
@@ -350,8 +378,17 @@ def test_finetune_dropout_and_bf16_options(tok, tmp_path):
     cfg = FinetuneConfig(task=SINGLE, epochs=1, batch_size=4, precision="bf16", dropout=0.2, group_by_length=True)
     fresh = tiny_model(tok.vocab_size, max_seq_len=64)
     with ft.MetricsLog(tmp_path / "m.jsonl", fresh=True) as log:
-        ft.train_loop(fresh, items, loss_fn, lambda m: {"val_accuracy": 0.5}, cfg, log, score_key="val_accuracy",
-                      higher_is_better=True, length_of=lambda e: len(e.part_a))
+        ft.train_loop(
+            fresh,
+            items,
+            loss_fn,
+            lambda m: {"val_accuracy": 0.5},
+            cfg,
+            log,
+            score_key="val_accuracy",
+            higher_is_better=True,
+            length_of=lambda e: len(e.part_a),
+        )
     assert seen == [True, True]
     assert {m.p for m in fresh.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
 
@@ -368,8 +405,9 @@ def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path)
     assert results["pretrained"]["steps"] == results["from scratch"]["steps"] == 5
     assert (tmp_path / "ft" / "pretrained" / "result.json").is_file()
     assert (tmp_path / "ft" / "from_scratch" / "metrics.jsonl").is_file()
-    only = ft.finetune_from_checkpoint(ckpt, tok, cfg.model_copy(update={"from_scratch_baseline": False}), tmp_path / "ft2",
-                                       examples=sentiment_examples(80))
+    only = ft.finetune_from_checkpoint(
+        ckpt, tok, cfg.model_copy(update={"from_scratch_baseline": False}), tmp_path / "ft2", examples=sentiment_examples(80)
+    )
     assert set(only) == {"pretrained"}
 
 
@@ -401,8 +439,15 @@ def test_seq2seq_finetuning_learns_and_decodes(tok, tmp_path):
         words.insert(rng.randint(0, 4), word)
         pairs.append((" ".join(words), word))
     model = tiny_model(tok.vocab_size, max_seq_len=64)
-    cfg = FinetuneConfig(task=SINGLE, kind="seq2seq", epochs=10, batch_size=16, patience=4, label_smoothing=0.1,
-                         optim=OptimConfig(lr=1e-2, warmup_steps=5, weight_decay=0.0))
+    cfg = FinetuneConfig(
+        task=SINGLE,
+        kind="seq2seq",
+        epochs=10,
+        batch_size=16,
+        patience=4,
+        label_smoothing=0.1,
+        optim=OptimConfig(lr=1e-2, warmup_steps=5, weight_decay=0.0),
+    )
     result = ft.finetune_seq2seq(model, tok, cfg, tmp_path, pairs=pairs, n_examples=3)
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert result["best_val_loss"] < evals[0]["val_loss"] - 1.0

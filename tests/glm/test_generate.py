@@ -77,7 +77,7 @@ def test_cached_decoding_equals_full_recompute(rotary):
     for prompt, res in zip(PROMPTS, results):
         x = infill_inputs(prompt, res.spans)  # Part A ++ [sop] span ... for every blank
         full = model(x["input_ids"][None], x["position_ids"][None], x["block_position_ids"][None], x["sep"][None])
-        part_b = full[0, len(prompt):]  # (steps, V): one prediction per decoding step
+        part_b = full[0, len(prompt) :]  # (steps, V): one prediction per decoding step
         assert res.step_logits.shape == part_b.shape
         torch.testing.assert_close(res.step_logits, part_b, atol=1e-5, rtol=0)
 
@@ -157,8 +157,9 @@ def test_filter_logits_top_k_and_top_p():
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.3)])
 def test_sampled_tokens_stay_inside_the_filtered_support(top_k, top_p):
     model = lively_model(VOCAB)
-    cfg = GenerationConfig(strategy="sample", max_new_tokens=6, temperature=3.0, top_k=top_k, top_p=top_p,
-                           seed=0, output_scores=True)
+    cfg = GenerationConfig(
+        strategy="sample", max_new_tokens=6, temperature=3.0, top_k=top_k, top_p=top_p, seed=0, output_scores=True
+    )
     for res in fill_blanks(model, PROMPTS * 3, cfg):
         allowed = torch.isfinite(filter_logits(res.step_logits / 3.0, top_k, top_p))  # (steps, V)
         step = 0
@@ -196,7 +197,7 @@ def test_beam_finds_the_trained_answer_and_scores_it_correctly(trained):
     # the score is the length-normalised log-probability of s1 s2 <eop> t1 <eop>, teacher-forced
     x = infill_inputs(PROMPTS[0], res.spans)
     logp = trained(x["input_ids"][None], x["position_ids"][None], x["block_position_ids"][None], x["sep"][None])
-    logp = logp[0, len(PROMPTS[0]):].log_softmax(-1)  # (5, V)
+    logp = logp[0, len(PROMPTS[0]) :].log_softmax(-1)  # (5, V)
     chosen = [20, 21, EOP, 22, EOP]
     total = sum(logp[i, t].item() for i, t in enumerate(chosen))
     assert res.score == pytest.approx(total / len(chosen) ** 0.5, abs=1e-5)

@@ -140,9 +140,9 @@ def test_same_sample_whatever_the_batch():
     rows, lengths = random_rows(100, input_length(cfg), rng)
     whole, _ = build_samples(rows, lengths, cfg, seed=5, epoch=2, first_index=1000, sentence_end_ids=PERIODS)
     parts = [
-        build_samples(
-            rows[i : i + 7], lengths[i : i + 7], cfg, seed=5, epoch=2, first_index=1000 + i, sentence_end_ids=PERIODS
-        )[0]
+        build_samples(rows[i : i + 7], lengths[i : i + 7], cfg, seed=5, epoch=2, first_index=1000 + i, sentence_end_ids=PERIODS)[
+            0
+        ]
         for i in range(0, 100, 7)
     ]
     for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "length", "objective"):

@@ -110,7 +110,7 @@ def test_workers_yield_the_main_process_batches_in_order(data_dir):
 def test_a_batch_may_straddle_epochs_and_nothing_is_dropped_or_repeated(data_dir):
     # 3 ranks x 7 = 21 samples per step does not divide the 160 of an epoch
     loaders = [TrainLoader(data_dir, 7, rank=r, world_size=3, seed=0) for r in range(3)]
-    seen = np.concatenate([l.batch_indices(p) for p in range(0, 21 * 31, 21) for l in loaders])  # (651, 2)
+    seen = np.concatenate([ld.batch_indices(p) for p in range(0, 21 * 31, 21) for ld in loaders])  # (651, 2)
     for epoch in range(4):  # 640 stream positions: epochs 0, 1 and their cycled repeats 2, 3
         assert sorted(seen[seen[:, 0] == epoch, 1]) == list(range(N_TRAIN))
     assert len(set(seen[seen[:, 0] == 4, 1])) == 11  # the rest: the start of epoch 4
@@ -204,11 +204,18 @@ def damage(path: Path, column: str, row: int, change) -> None:
     flip_in_place(path, old.tobytes(), new.tobytes())
 
 
-@pytest.mark.parametrize("column,change,problem", [
-    ("input_ids", lambda ids: np.where(np.arange(len(ids)) == 3, 65535, ids), r"token id 65535 >= vocab size 2000 in row 5"),
-    ("sep", lambda sep: sep + 200, r"sep \d+ and length \d+ in row 5 break 1 <= sep <= length <= seq_len=64"),
-    ("position_ids", lambda pos: np.where(np.arange(len(pos)) == 0, 7, pos), r"position ids of row 5 do not fit its sep \d+ and length \d+"),
-])
+@pytest.mark.parametrize(
+    "column,change,problem",
+    [
+        ("input_ids", lambda ids: np.where(np.arange(len(ids)) == 3, 65535, ids), r"token id 65535 >= vocab size 2000 in row 5"),
+        ("sep", lambda sep: sep + 200, r"sep \d+ and length \d+ in row 5 break 1 <= sep <= length <= seq_len=64"),
+        (
+            "position_ids",
+            lambda pos: np.where(np.arange(len(pos)) == 0, 7, pos),
+            r"position ids of row 5 do not fit its sep \d+ and length \d+",
+        ),
+    ],
+)
 def test_a_corrupt_shard_fails_at_open_naming_the_file_before_a_batch_uses_it(data_dir, tmp_path, column, change, problem):
     broken = copy_of(data_dir, tmp_path / "broken")
     shard = broken / "epoch-000" / "part-00001.arrow"

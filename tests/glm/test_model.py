@@ -55,8 +55,12 @@ def synthetic_batch(B: int = 3, T: int = 24, seed: int = 0) -> dict[str, torch.T
         targets[r, :sep] = 0
         # Part B inputs other than [sop] are the previous targets (teacher forcing) by construction
     return dict(
-        input_ids=ids, position_ids=pos, block_position_ids=blk, sep=torch.tensor(seps),
-        targets=targets, loss_mask=loss_mask,
+        input_ids=ids,
+        position_ids=pos,
+        block_position_ids=blk,
+        sep=torch.tensor(seps),
+        targets=targets,
+        loss_mask=loss_mask,
     )
 
 
@@ -118,7 +122,7 @@ def test_part_b_is_causal(rotary):
     changed["input_ids"][r, j] = 9 if int(changed["input_ids"][r, j]) != 9 else 10
     out = run(model, changed)
     torch.testing.assert_close(out[r, :j], base[r, :j], atol=1e-6, rtol=0)
-    assert (out[r, j:sep + 7] - base[r, j:sep + 7]).abs().amax(dim=-1).min() > 1e-5  # later Part B tokens see it
+    assert (out[r, j : sep + 7] - base[r, j : sep + 7]).abs().amax(dim=-1).min() > 1e-5  # later Part B tokens see it
 
 
 @pytest.mark.parametrize("rotary", [False, True])
@@ -130,7 +134,7 @@ def test_part_b_sees_all_of_part_a(rotary):
     changed["input_ids"][r, sep - 1] = 9 if int(changed["input_ids"][r, sep - 1]) != 9 else 10  # last Part A token
     out = run(model, changed)
     # every Part B position, including the first [sop], sees the change (bidirectional Part A, full prefix)
-    assert (out[r, sep:sep + 7] - base[r, sep:sep + 7]).abs().amax(dim=-1).min() > 1e-5
+    assert (out[r, sep : sep + 7] - base[r, sep : sep + 7]).abs().amax(dim=-1).min() > 1e-5
     # and so does an earlier Part A position (Part A is bidirectional)
     assert (out[r, 0] - base[r, 0]).abs().max() > 1e-5
     torch.testing.assert_close(out[0], base[0], atol=1e-6, rtol=0)  # other rows untouched
@@ -153,9 +157,7 @@ def test_shapes_dtype_and_tied_output():
     model, b = tiny_model(VOCAB), synthetic_batch()
     logits = run(model, b)
     assert logits.shape == (3, 24, VOCAB) and logits.dtype == torch.float32
-    h, presents = model.hidden_states(
-        b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], use_cache=True
-    )
+    h, presents = model.hidden_states(b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], use_cache=True)
     assert h.shape == (3, 24, 32)
     assert len(presents) == 2 and presents[0][0].shape == (3, 2, 24, 16)
     torch.testing.assert_close(logits, h @ model.wte.weight.T)
@@ -193,7 +195,12 @@ def test_init_std():
 
 @pytest.mark.parametrize(
     "preset, vocab, low, high",
-    [("tiny", 1000, 0.05e6, 0.07e6), ("small", 16000, 8.5e6, 9.5e6), ("base", 30592, 105e6, 115e6), ("large", 30592, 325e6, 345e6)],
+    [
+        ("tiny", 1000, 0.05e6, 0.07e6),
+        ("small", 16000, 8.5e6, 9.5e6),
+        ("base", 30592, 105e6, 115e6),
+        ("large", 30592, 325e6, 345e6),
+    ],
 )
 def test_preset_param_counts(preset, vocab, low, high):
     with torch.device("meta"):  # count without allocating 1.3 GB for large
@@ -312,8 +319,9 @@ def test_kv_cache_prompt_then_incremental_equals_full(rotary, extra):
     widths = iter([1, 3, 1, 2] * T)  # one token at a time and in chunks
     while t < T:
         width = min(next(widths), T - t)
-        step, cache = model(ids[:, t:t + width], pos[:, t:t + width], blk[:, t:t + width], sep,
-                            past_key_values=cache, use_cache=True)
+        step, cache = model(
+            ids[:, t : t + width], pos[:, t : t + width], blk[:, t : t + width], sep, past_key_values=cache, use_cache=True
+        )
         outs.append(step)
         t += width
     assert t == T and cache[0][0].shape[2] == T

@@ -53,8 +53,12 @@ def test_the_wheel_installs_no_generic_top_level_names(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -64,10 +68,20 @@ def test_the_wheel_installs_no_generic_top_level_names(tmp_path):
 
 
 def test_shipped_configs_load_by_name_from_any_directory(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "config", "demo"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "config", "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("name: demo\n")
-    same = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "config", "configs/tiny.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    same = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "config", "configs/tiny.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert same.returncode == 0 and same.stdout.startswith("name: tiny\n"), same.stderr

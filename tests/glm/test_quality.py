@@ -9,7 +9,15 @@ from glm.quality import ValidationFailed, validate_documents, validate_tokens
 from glm.shards import file_entry, write_arrow, write_manifest, write_parquet
 
 GOOD_DOCS = [f"document number {i} has enough characters to pass" for i in range(40)]
-QUALITY = QualityConfig(min_docs=10, min_chars=16, max_chars=1000, length_mostly=0.95, max_duplicate_ratio=0.05, max_unk_rate=0.01, min_tokens_per_doc=4)
+QUALITY = QualityConfig(
+    min_docs=10,
+    min_chars=16,
+    max_chars=1000,
+    length_mostly=0.95,
+    max_duplicate_ratio=0.05,
+    max_unk_rate=0.01,
+    min_tokens_per_doc=4,
+)
 
 
 def make_docs(docs_dir: Path, texts: list[str], per_shard: int = 25) -> Path:
@@ -17,7 +25,9 @@ def make_docs(docs_dir: Path, texts: list[str], per_shard: int = 25) -> Path:
     files = []
     for k, start in enumerate(range(0, len(texts), per_shard)):
         chunk = texts[start : start + per_shard]
-        table = pa.table({"text": chunk, "doc_id": [f"{start + i:032x}" for i in range(len(chunk))], "source": ["test"] * len(chunk)})
+        table = pa.table(
+            {"text": chunk, "doc_id": [f"{start + i:032x}" for i in range(len(chunk))], "source": ["test"] * len(chunk)}
+        )
         path = write_parquet(docs_dir / "train" / f"part-{k:05d}.parquet", table)
         files.append(file_entry(path, docs_dir, split="train", rows=len(chunk), text_bytes=sum(len(t.encode()) for t in chunk)))
     write_manifest(docs_dir, "docs", files)
@@ -65,7 +75,10 @@ def test_document_gate_failure_names_expectations_values_and_examples(tmp_path):
         validate_documents(docs, QUALITY)
     message = str(info.value)
     assert "documents quality gate failed" in message and "3 of 5 expectations" in message
-    assert "expect_column_value_lengths_to_be_between(text, mostly=0.95, min_value=16, max_value=1000): observed 2 of 36 rows" in message
+    assert (
+        "expect_column_value_lengths_to_be_between(text, mostly=0.95, min_value=16, max_value=1000): observed 2 of 36 rows"
+        in message
+    )
     assert "'tiny'" in message and "'short one'" in message
     assert "expect_column_values_to_not_match_regex" in message and "bell\\x07" in message
     assert "expect_column_proportion_of_unique_values_to_be_between(text, min_value=0.95): observed 0.9167" in message

@@ -41,12 +41,18 @@ def test_the_lock_is_reentrant_within_a_process_and_released_by_the_outermost_bl
         with run_lock(tmp_path / "run" / ".." / "run"):  # the same directory, spelled otherwise
             assert held(run)
         assert held(run)
-        done = subprocess.run([sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 1 and f"pid {os.getpid()}" in done.stderr
     assert not held(run)
-    done = subprocess.run([sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -80,6 +86,9 @@ def test_a_forked_child_neither_holds_nor_releases_its_parents_lock(tmp_path):
         what, message = queue.get(timeout=5)
         assert what == "busy" and f"pid {os.getpid()}" in message
         # the child's exit closed its inherited descriptor: the parent still holds the lock
-        done = subprocess.run([sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", f"from glm.runlock import run_lock\nwith run_lock({str(run)!r}): pass"],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 1 and "RunDirBusy" in done.stderr

@@ -143,6 +143,7 @@ def _without(*keys: str):
         del node[keys[-1]]
         (b / "config.json").write_text(json.dumps(config))
         write_sha256sums(b)
+
     return damage
 
 
@@ -157,8 +158,10 @@ def _json_list(b: Path) -> None:
         (_outside_model, r"field 'files.model' is '../outside/evil.onnx', outside the bundle"),
         (_absolute_tokenizer, r"field 'files.tokenizer' is '/.*evil.model', outside the bundle"),
         (_symlinked_model, r"field 'files.model' is 'model.onnx', which resolves to .*elsewhere.onnx, outside the bundle"),
-        (lambda b: (b / "SHA256SUMS").open("a").write("0" * 64 + "  /etc/passwd\n"),
-         r"SHA256SUMS entry 6 is '/etc/passwd', outside the bundle"),
+        (
+            lambda b: (b / "SHA256SUMS").open("a").write("0" * 64 + "  /etc/passwd\n"),
+            r"SHA256SUMS entry 6 is '/etc/passwd', outside the bundle",
+        ),
         (lambda b: (b / "SHA256SUMS").open("a").write("0" * 64 + "  sub/../../x\n"), r"entry 6 is 'sub/../../x', outside"),
         (_without("files"), r"config.json lacks field 'files'; the bundle config is incomplete: re-export"),
         (_without("model", "head_dim"), r"config.json lacks field 'model.head_dim'"),
@@ -166,15 +169,36 @@ def _json_list(b: Path) -> None:
         (lambda b: _edit_config(b, model__n_layer="two"), r"field 'model.n_layer' must be a positive integer, got 'two'"),
         (lambda b: _edit_config(b, special_tokens__eop=10_000), r"'special_tokens.eop' is 10000, outside the vocabulary"),
         (lambda b: _edit_config(b, files="model.onnx"), r"field 'files' must be a JSON object, got str"),
-        (lambda b: _edit_config(b, model__n_layer=3), r"model.onnx: the graph's inputs do not match config.json "
-                                                      r"\(model.n_layer=3\); missing \['past_key_values.2.key'"),
+        (
+            lambda b: _edit_config(b, model__n_layer=3),
+            r"model.onnx: the graph's inputs do not match config.json "
+            r"\(model.n_layer=3\); missing \['past_key_values.2.key'",
+        ),
         (lambda b: _edit_config(b, model__n_layer=1), r"unexpected \['past_key_values.1.key'.*the graph has 2 cache layers"),
-        (lambda b: _edit_config(b, model__n_head=4), r"graph input 'past_key_values.0.key' is tensor\(float\) "
-                                                     r"\['batch', 2, 'past', 16\], but config.json implies .* \['\*', 4, '\*', 16\]"),
+        (
+            lambda b: _edit_config(b, model__n_head=4),
+            r"graph input 'past_key_values.0.key' is tensor\(float\) "
+            r"\['batch', 2, 'past', 16\], but config.json implies .* \['\*', 4, '\*', 16\]",
+        ),
         (lambda b: _edit_config(b, model__vocab_size=500), r"graph output 'logits' .* sizes \['\*', '\*', 500\]"),
     ],
-    ids=["dotdot-model", "absolute-tokenizer", "symlink-out", "sums-absolute", "sums-dotdot", "no-files", "no-head-dim",
-         "json-list", "n-layer-type", "special-range", "files-type", "n-layer-more", "n-layer-fewer", "n-head", "vocab"],
+    ids=[
+        "dotdot-model",
+        "absolute-tokenizer",
+        "symlink-out",
+        "sums-absolute",
+        "sums-dotdot",
+        "no-files",
+        "no-head-dim",
+        "json-list",
+        "n-layer-type",
+        "special-range",
+        "files-type",
+        "n-layer-more",
+        "n-layer-fewer",
+        "n-head",
+        "vocab",
+    ],
 )
 def test_tampered_bundles_are_refused_at_load_with_the_file_and_field(built, tmp_path, damage, message):
     bundle = _copy(built, tmp_path)
@@ -348,8 +372,26 @@ def test_classify_needs_a_classifier_bundle(lm):
 def test_infer_command_fills_generates_and_classifies(built, capsys):
     assert cli_main(["infer", str(built.lm_bundle), "--fill", "the movie was [MASK].", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
-    assert cli_main(["infer", str(built.lm_bundle), "--generate", "the plot", "--max-new-tokens", "4",
-                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--int8"]) == 0
+    assert (
+        cli_main(
+            [
+                "infer",
+                str(built.lm_bundle),
+                "--generate",
+                "the plot",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "1",
+                "--int8",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("the plot")
     assert cli_main(["infer", str(built.clf_bundle), "--classify", "a good film"]) == 0
     out = capsys.readouterr().out.splitlines()

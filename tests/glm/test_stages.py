@@ -30,11 +30,21 @@ def text_config(tmp_path):
     """A text corpus directory (documents separated by blank lines) and a tiny config reading it."""
     corpus = tmp_path / "incoming"
     _write_corpus(corpus / "part-1.txt", _reviews(150))
-    cfg = load_config("configs/tiny.yaml", [
-        f"run_dir={tmp_path / 'run'}", "quality.enabled=false", "data.valid_fraction=0.1",
-        "tokenizer.vocab_size=400", "tokenizer.sample_docs=300", "infilling.samples_per_shard=512",
-        "pretrain.steps=4", "pretrain.checkpoint_every=2", "pretrain.eval_every=2", "pretrain.eval_batches=1",
-    ])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "quality.enabled=false",
+            "data.valid_fraction=0.1",
+            "tokenizer.vocab_size=400",
+            "tokenizer.sample_docs=300",
+            "infilling.samples_per_shard=512",
+            "pretrain.steps=4",
+            "pretrain.checkpoint_every=2",
+            "pretrain.eval_every=2",
+            "pretrain.eval_batches=1",
+        ],
+    )
     cfg.data.sources = [SourceConfig(kind="text", path=str(corpus), split_on_blank_lines=True)]
     return cfg, corpus
 
@@ -109,8 +119,17 @@ def test_a_stage_without_its_input_says_which_stage_to_run(tmp_path):
 def test_the_training_command_uses_torchrun_for_several_processes(tmp_path):
     paths = stages.RunPaths(tmp_path)
     one = stages.pretrain_command(PipelineConfig(), paths, python="py")
-    assert one == ["py", "-m", "glm.train", "--config", str(tmp_path / "pretrain" / "run-config.yaml"),
-                   "--data", str(tmp_path / "infill"), "--out", str(tmp_path / "pretrain")]
+    assert one == [
+        "py",
+        "-m",
+        "glm.train",
+        "--config",
+        str(tmp_path / "pretrain" / "run-config.yaml"),
+        "--data",
+        str(tmp_path / "infill"),
+        "--out",
+        str(tmp_path / "pretrain"),
+    ]
     cfg = PipelineConfig()
     cfg.pretrain = cfg.pretrain.model_copy(update={"nproc": 4, "batch_size": 32, "micro_batch_size": 8})
     four = stages.pretrain_command(cfg, paths, python="py")
@@ -132,8 +151,15 @@ def test_data_stages_are_idempotent_incremental_and_pretraining_continues_on_new
     cfg, corpus = text_config
     paths = stages.RunPaths(cfg.run_dir)
     out = stages.run_pipeline(cfg, stage="data")
-    assert set(out) == {"ingest", "validate_corpus", "train_tokenizer", "check_finetune_task", "tokenize",
-                        "validate_tokens", "build_infilling"}
+    assert set(out) == {
+        "ingest",
+        "validate_corpus",
+        "train_tokenizer",
+        "check_finetune_task",
+        "tokenize",
+        "validate_tokens",
+        "build_infilling",
+    }
     assert out.pop("check_finetune_task")["kind"] == cfg.finetune.kind  # checked before any pretraining
     assert all(Path(p).is_file() for p in out.values())
     first = _digests(paths)

@@ -76,7 +76,11 @@ def docs_dir(tmp_path) -> Path:
 
 def shard_state(out_dir: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of every output file: unchanged iff the file was not rewritten."""
-    return {p.relative_to(out_dir).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out_dir).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- content
@@ -85,7 +89,11 @@ def shard_state(out_dir: Path) -> dict[str, tuple[int, int]]:
 def test_each_document_shard_becomes_one_token_shard(docs_dir, tokenizer_dir, tok, tmp_path):
     manifest_path = tokenize_corpus(docs_dir, tokenizer_dir, tmp_path / "tokens", workers=1, progress=False)
     manifest = read_manifest(manifest_path)
-    assert [f["path"] for f in manifest["files"]] == ["train/part-00000.arrow", "train/part-00001.arrow", "valid/part-00000.arrow"]
+    assert [f["path"] for f in manifest["files"]] == [
+        "train/part-00000.arrow",
+        "train/part-00001.arrow",
+        "valid/part-00000.arrow",
+    ]
     assert verify_manifest(manifest_path, deep=True) == []
 
     total_tokens = total_bytes = 0
@@ -138,7 +146,9 @@ def test_empty_shards_and_empty_documents(tmp_path, tokenizer_dir):
 
 
 def test_tokenize_shard_is_the_unit_of_work(docs_dir, tokenizer_dir, tmp_path):
-    entry = tokenize_shard(docs_dir / "valid" / "part-00000.parquet", tokenizer_dir / MODEL_FILE, tmp_path / "t" / "valid" / "part-00000.arrow")
+    entry = tokenize_shard(
+        docs_dir / "valid" / "part-00000.parquet", tokenizer_dir / MODEL_FILE, tmp_path / "t" / "valid" / "part-00000.arrow"
+    )
     assert entry["path"] == "valid/part-00000.arrow" and entry["docs"] == 10 and entry["tokens"] > 10
     assert entry["input"]["path"] == "valid/part-00000.parquet"
     assert entry["sha256"] == sha256_file(tmp_path / "t" / "valid" / "part-00000.arrow")
@@ -147,7 +157,10 @@ def test_tokenize_shard_is_the_unit_of_work(docs_dir, tokenizer_dir, tmp_path):
 def test_plan_map_finish_is_what_tokenize_corpus_does(docs_dir, tokenizer_dir, tmp_path):
     plan = plan_tokenize(docs_dir, tokenizer_dir, tmp_path / "mapped")
     assert len(plan.jobs) == 3 and plan.reused == []
-    entries = [tokenize_shard(j.doc_shard, plan.model_path, j.out_path, root=plan.out_dir, input_sha256=j.input_sha256) for j in plan.jobs]
+    entries = [
+        tokenize_shard(j.doc_shard, plan.model_path, j.out_path, root=plan.out_dir, input_sha256=j.input_sha256)
+        for j in plan.jobs
+    ]
     mapped = read_manifest(finish_tokenize(plan, entries))
     direct = read_manifest(tokenize_corpus(docs_dir, tokenizer_dir, tmp_path / "direct", progress=False))
     assert _content(mapped["files"]) == _content(direct["files"]) and mapped["stats"] == direct["stats"]
@@ -229,7 +242,9 @@ def test_missing_tokenizer_says_train_it(docs_dir, tmp_path):
 
 def test_tokenizer_with_other_special_ids_is_rejected(docs_dir, tmp_path):
     prefix = tmp_path / "plain"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(random_docs(50, 3)), model_prefix=str(prefix), vocab_size=200, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(random_docs(50, 3)), model_prefix=str(prefix), vocab_size=200, model_type="bpe", minloglevel=2
+    )
     with pytest.raises(ValueError, match=r"(?s)plain\.model does not use the GLM special tokens.*Fix"):
         tokenize_corpus(docs_dir, prefix.with_suffix(".model"), tmp_path / "tokens", progress=False)
     assert not (tmp_path / "tokens").exists()

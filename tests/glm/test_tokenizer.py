@@ -35,7 +35,7 @@ ENGLISH = [
     "Its music, its colours and its pace all feel exactly right.",
     "A story about 3 brothers who sail north in 1923.",
     "Nothing happens for an hour, and then everything happens at once.",
-    "She said the ending was \"perfect.\" I am not so sure.",
+    'She said the ending was "perfect." I am not so sure.',
 ]
 CHINESE = [
     "这部电影讲述了一个关于友谊的故事。",
@@ -71,7 +71,11 @@ def tok(trained) -> Tokenizer:
 def plain_model(path: Path) -> Path:
     """A sentencepiece model with sentencepiece's own default ids (unk=0, bos=1, eos=2): not GLM's."""
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(ENGLISH * 20), model_prefix=str(path.with_suffix("")), vocab_size=120, model_type="bpe", minloglevel=2
+        sentence_iterator=iter(ENGLISH * 20),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=120,
+        model_type="bpe",
+        minloglevel=2,
     )
     return path
 
@@ -101,7 +105,9 @@ def test_control_tokens_are_never_produced_by_text(tok):
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("text", ["The film was a quiet triumph, and I watched it twice.", "这部电影讲述了一个关于友谊的故事。你看过吗?"])
+@pytest.mark.parametrize(
+    "text", ["The film was a quiet triumph, and I watched it twice.", "这部电影讲述了一个关于友谊的故事。你看过吗?"]
+)
 def test_round_trip_of_normalised_text_is_exact(tok, text):
     assert tok.normalize(text) == text
     assert tok.decode(tok.encode(text)) == text
@@ -163,7 +169,7 @@ def test_literal_ids_are_how_encode_spells_each_special_text(tok):
     names = {i: name for name, i in SPECIAL.as_dict().items()}
     for i, ids in literal.items():
         assert min(ids) >= NUM_SPECIAL and tok.decode(ids) == PIECES[names[i]]
-        assert tok.encode("x" + PIECES[names[i]], specials=False)[-len(ids):] == ids
+        assert tok.encode("x" + PIECES[names[i]], specials=False)[-len(ids) :] == ids
 
 
 def test_encode_flat_lengths_follow_escaping(tok):

@@ -25,8 +25,16 @@ def _model(dropout: float = 0.0) -> ModelConfig:
 
 
 def _train(**kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=8, micro_batch_size=8, eval_every=2, eval_batches=2, checkpoint_every=2,
-                log_every=1, optim=OptimConfig(lr=3e-3, warmup_steps=1))
+    base = dict(
+        steps=4,
+        batch_size=8,
+        micro_batch_size=8,
+        eval_every=2,
+        eval_batches=2,
+        checkpoint_every=2,
+        log_every=1,
+        optim=OptimConfig(lr=3e-3, warmup_steps=1),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -133,8 +141,13 @@ def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
 
     # init_from: another directory starts from the step-4 checkpoint and lands on the same weights
-    branch = pretrain(cfg.model_copy(update={"init_from": str(tmp_path / "cut" / "checkpoints" / "step-000004")}),
-                      _model(0.1), _data(cfg), tmp_path / "branch", valid_data=_valid())
+    branch = pretrain(
+        cfg.model_copy(update={"init_from": str(tmp_path / "cut" / "checkpoints" / "step-000004")}),
+        _model(0.1),
+        _data(cfg),
+        tmp_path / "branch",
+        valid_data=_valid(),
+    )
     assert branch.resumed_from == 4 and branch.loss == full.loss
     w_branch = _weights(tmp_path / "branch")
     assert all(torch.equal(w_full[k], w_branch[k]) for k in w_full)
@@ -271,8 +284,15 @@ def build_real_shards(root):
     config = {
         "infilling": infill_cfg,
         "model": {"preset": "tiny", "max_seq_len": 32},
-        "pretrain": {"steps": 4, "batch_size": 8, "micro_batch_size": 4, "eval_every": 2, "eval_batches": 2,
-                     "checkpoint_every": 2, "optim": {"lr": 3e-3, "warmup_steps": 1}},
+        "pretrain": {
+            "steps": 4,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "eval_every": 2,
+            "eval_batches": 2,
+            "checkpoint_every": 2,
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+        },
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     return root
@@ -292,8 +312,9 @@ def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
     from glm.config import load_config
 
     with pytest.raises(_Killed):
-        train.pretrain_on_shards(load_config(real_shards / "run.yaml"), real_shards / "infill", tmp_path / "cut",
-                                 on_metrics=_kill_at(3))
+        train.pretrain_on_shards(
+            load_config(real_shards / "run.yaml"), real_shards / "infill", tmp_path / "cut", on_metrics=_kill_at(3)
+        )
     assert train.main([*argv, "--out", str(tmp_path / "cut")]) == 0
     assert _untimed(tmp_path / "cut") == _untimed(tmp_path / "full")
     w_full, w_cut = model.state_dict(), _weights(tmp_path / "cut")
@@ -345,8 +366,17 @@ def test_an_uncaught_exception_is_a_crash_that_resumes(real_shards, tmp_path):
 
     from glm.errors import ERROR_FILE
 
-    cmd = [sys.executable, "-m", "glm.train", "--config", str(real_shards / "run.yaml"), "--data",
-           str(real_shards / "infill"), "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm.train",
+        "--config",
+        str(real_shards / "run.yaml"),
+        "--data",
+        str(real_shards / "infill"),
+        "--out",
+        str(tmp_path),
+    ]
     env = {**os.environ, "GLM_TRAIN_CRASH_AFTER_STEP": "3", "OMP_NUM_THREADS": "1"}
     crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == 1, crashed.stderr[-2000:]
@@ -376,6 +406,11 @@ def test_failures_are_classified_permanent_or_crash():
     assert train.failure_kind(CheckpointError("corrupt")) == "data"
     assert train.failure_kind(NonFiniteLossError("nan")) == "diverged"
     assert train.failure_kind(OSError(errno.ENOSPC, "No space left on device")) == "disk"
-    for crash in (RuntimeError("CUDA out of memory"), RuntimeError("NCCL error"), TypeError("a bug"),
-                  ValueError("a bug's ValueError"), OSError(errno.EIO, "I/O error")):
+    for crash in (
+        RuntimeError("CUDA out of memory"),
+        RuntimeError("NCCL error"),
+        TypeError("a bug"),
+        ValueError("a bug's ValueError"),
+        OSError(errno.EIO, "I/O error"),
+    ):
         assert train.failure_kind(crash) is None, crash

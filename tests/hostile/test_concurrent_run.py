@@ -54,9 +54,12 @@ def test_a_flow_run_without_the_cli_takes_the_lock(holder, server):
     from tests.integration.server import ROOT, client_of
 
     run, proc = holder
-    done = subprocess.run([sys.executable, "-c", FLOW_ALONE, str(run)], cwd=ROOT, env=server.env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and f"RunDirBusy: run directory {os.path.realpath(run)} is in use by pid {proc.pid}" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", FLOW_ALONE, str(run)], cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        done.returncode != 0 and f"RunDirBusy: run directory {os.path.realpath(run)} is in use by pid {proc.pid}" in done.stderr
+    )
     assert sorted(os.listdir(run)) == [".lock"]  # no stage ran
     with client_of(server) as client:
         [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["second"])))

@@ -103,8 +103,13 @@ def test_verify_finds_damage_that_kept_size_and_mtime_and_marks_it_for_rebuild(d
 
 
 def test_verify_names_a_missing_run_directory_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "nope")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
 
 
@@ -123,7 +128,7 @@ def test_nothing_in_a_run_directory_is_a_pickle_and_planted_pickles_never_run(da
     assert not (paths.root / ".prefect-results").exists()
     for p in paths.root.rglob("*"):
         if p.is_file():
-            assert not p.read_bytes()[:2] in (b"\x80\x04", b"\x80\x05"), f"{p} looks like a pickle"
+            assert p.read_bytes()[:2] not in (b"\x80\x04", b"\x80\x05"), f"{p} looks like a pickle"
     # replace every stamp and manifest-less JSON record with a pickle payload
     marker = tmp_path / "executed"
     payload = pickle.dumps(_Payload(marker))

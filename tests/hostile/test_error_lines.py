@@ -33,8 +33,18 @@ def test_a_missing_corpus_is_one_error_line_and_a_log_file_with_the_traceback(tm
 
 
 def test_debug_puts_the_traceback_on_the_terminal(tmp_path, server):
-    done = cli("--debug", "run", "configs/tiny.yaml", "--stage", "data", "--set", f"run_dir={tmp_path / 'run'}",
-               "--set", MISSING_CORPUS, env=server.env)
+    done = cli(
+        "--debug",
+        "run",
+        "configs/tiny.yaml",
+        "--stage",
+        "data",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+        "--set",
+        MISSING_CORPUS,
+        env=server.env,
+    )
     assert done.returncode == 1, done.stderr
     assert len(error_lines(done.stderr)) == 1 and "Traceback (most recent call last)" in done.stderr
     assert 'glm/corpus.py", line' in done.stderr
@@ -52,10 +62,14 @@ def latin1_config(tmp_path):
 def test_config_problems_are_one_error_line_and_exit_2(case, debug, latin1_config, tmp_path):
     args, expected = {
         "not-utf8": ([str(latin1_config)], "is not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8 YAML"),
-        "vocab-pairing": (["configs/tiny.yaml", "--set", "model.vocab_size=64"],
-                          "model.vocab_size=64 is smaller than tokenizer.vocab_size=600"),
-        "vocab-special": (["configs/tiny.yaml", "--set", "tokenizer.vocab_size=8"],
-                          "tokenizer.vocab_size: Input should be greater than or equal to 32"),
+        "vocab-pairing": (
+            ["configs/tiny.yaml", "--set", "model.vocab_size=64"],
+            "model.vocab_size=64 is smaller than tokenizer.vocab_size=600",
+        ),
+        "vocab-special": (
+            ["configs/tiny.yaml", "--set", "tokenizer.vocab_size=8"],
+            "tokenizer.vocab_size: Input should be greater than or equal to 32",
+        ),
         "task-name": (["configs/tiny.yaml", "--set", "finetune.task.name=.."], "finetune.task.name: '..'"),
     }[case]
     done = cli(*(["--debug"] if debug else []), "run", *args, "--set", f"run_dir={tmp_path / 'run'}", timeout=60)

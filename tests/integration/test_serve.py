@@ -78,6 +78,7 @@ def test_serve_runs_on_its_cron_schedule_and_on_demand_then_pauses_on_ctrl_c(ser
 
     try:
         with client_of(server) as client:
+
             def deployment():
                 try:
                     return client.read_deployment_by_name("glm-pipeline/tiny-nightly")
@@ -92,8 +93,13 @@ def test_serve_runs_on_its_cron_schedule_and_on_demand_then_pauses_on_ctrl_c(ser
                 return client.read_flow_runs(flow_run_filter=FlowRunFilter(), deployment_filter=only_served)
 
             # the scheduler loops every second: a run for the next minute exists at once unless it fails
-            _wait_for("run created by the scheduler (its errors are in the server log)",
-                      lambda: [r for r in runs() if r.auto_scheduled], 60, proc, log)
+            _wait_for(
+                "run created by the scheduler (its errors are in the server log)",
+                lambda: [r for r in runs() if r.auto_scheduled],
+                60,
+                proc,
+                log,
+            )
 
             def finished():
                 now = runs()

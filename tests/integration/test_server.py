@@ -55,8 +55,9 @@ def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smok
     )
 
     env = server.env
-    done = subprocess.run([sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "created the process work pool 'glm-process'" in done.stdout
 
@@ -78,14 +79,25 @@ def test_glm_pipeline_deploy_from_a_checkout_and_a_process_worker_runs_tiny_smok
 
         run_dir = tmp_path / "run"
         config = json.dumps({"file": "configs/tiny.yaml", "set": [*SMALL, f"run_dir={run_dir}"]})
-        done = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "glm-pipeline/tiny-smoke",
-                               "--param", f"config={config}"], env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "glm-pipeline/tiny-smoke", "--param", f"config={config}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        [run] = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments["tiny-smoke"].id])))
+        [run] = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployments["tiny-smoke"].id]))
+        )
         # started elsewhere: the deployment's pull step, not the worker's directory, finds the code
         worker = subprocess.run(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "glm-process", "--type", "process", "--run-once"],
-            cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+            cwd=tmp_path,
+            env={**env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         run = client.read_flow_run(run.id)
         assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{worker.stdout[-4000:]}{worker.stderr[-4000:]}"

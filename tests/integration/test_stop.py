@@ -108,21 +108,33 @@ def trained_steps(run_dir: Path) -> int:
 def ephemeral_env(home: Path) -> dict[str, str]:
     """No PREFECT_API_URL: the run starts Prefect's ephemeral server, its database under home/prefect-home."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PREFECT_HOME": str(home / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **env,
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.mark.parametrize(
     "sig, to_group, in_process",
-    [(signal.SIGTERM, False, True),  # `kill PID`, in-process training
-     (signal.SIGINT, True, False)],  # Ctrl-C in a terminal (the whole foreground group), a training subprocess
+    [
+        (signal.SIGTERM, False, True),  # `kill PID`, in-process training
+        (signal.SIGINT, True, False),
+    ],  # Ctrl-C in a terminal (the whole foreground group), a training subprocess
     ids=["sigterm-in-process", "ctrl-c-subprocess"],
 )
 def test_a_signal_stops_the_run_cleanly_and_the_same_command_resumes(data_run, tmp_path, sig, to_group, in_process):
     run_dir = copy_run(data_run, tmp_path / "run")
     name = f"stopped-{sig.name.lower()}"
-    cmd = cli_run(run_dir, name, f"pretrain.steps={STEPS}", "pretrain.eval_every=1000", "pretrain.log_every=50",
-                  f"orchestration.train_in_process={str(in_process).lower()}")
+    cmd = cli_run(
+        run_dir,
+        name,
+        f"pretrain.steps={STEPS}",
+        "pretrain.eval_every=1000",
+        "pretrain.log_every=50",
+        f"orchestration.train_in_process={str(in_process).lower()}",
+    )
     log = tmp_path / "stopped.log"
     proc = start(cmd, ephemeral_env(tmp_path), log)
     sent = None
@@ -142,7 +154,8 @@ def test_a_signal_stops_the_run_cleanly_and_the_same_command_resumes(data_run, t
     print(f"{sig.name} -> exit: {time.monotonic() - sent:.2f} s")  # a figure for the record, not asserted
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert [line for line in stderr.splitlines() if RESUME_LINE in line] == [
-        f"glm-pipeline: stopped by {sig.name}; {RESUME_LINE}"]
+        f"glm-pipeline: stopped by {sig.name}; {RESUME_LINE}"
+    ]
     assert "Error logging to API" not in stderr and "Traceback" not in stderr
     left = {p: c for p, c in running.items() if alive(p, c)}
     assert not left, f"left running after the run exited: {left}"
@@ -151,8 +164,9 @@ def test_a_signal_stops_the_run_cleanly_and_the_same_command_resumes(data_run, t
 
     # the same command, now against a server on the ephemeral run's database: it resumes and finishes
     with prefect_server(tmp_path) as server:
-        again = subprocess.run(cmd, cwd=ROOT, env={**server.env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                               text=True, timeout=600, check=False)
+        again = subprocess.run(
+            cmd, cwd=ROOT, env={**server.env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600, check=False
+        )
         assert again.returncode == 0, again.stderr[-3000:]
         stats = stages.read_manifest(run_dir / "pretrain" / "manifest.json")["stats"]
         assert stats["resumed_from"] == checkpoint and stats["step"] == STEPS
@@ -167,8 +181,14 @@ def test_a_signal_stops_the_run_cleanly_and_the_same_command_resumes(data_run, t
 def test_the_run_timeout_stops_in_process_training_naming_the_key(data_run, tmp_path):
     run_dir = copy_run(data_run, tmp_path / "run")
     # 12 s from the flow run's start: a few for the task to start and import torch, the rest training
-    cmd = cli_run(run_dir, "timed-out", "pretrain.steps=1000000", "pretrain.eval_every=1000000",
-                  "pretrain.log_every=1000", "orchestration.timeout_minutes=0.2")
+    cmd = cli_run(
+        run_dir,
+        "timed-out",
+        "pretrain.steps=1000000",
+        "pretrain.eval_every=1000000",
+        "pretrain.log_every=1000",
+        "orchestration.timeout_minutes=0.2",
+    )
     with prefect_server(tmp_path) as server:
         log = tmp_path / "timed-out.log"
         proc = start(cmd, {**server.env, "OMP_NUM_THREADS": "1"}, log)
@@ -178,8 +198,10 @@ def test_the_run_timeout_stops_in_process_training_naming_the_key(data_run, tmp_
         finally:
             stderr = finish(proc, log, timeout=300)
         assert proc.returncode == 124, stderr[-3000:]
-        expected = ("error: the run exceeded orchestration.timeout_minutes=0.2 and was stopped; raise or unset "
-                    f"orchestration.timeout_minutes, then {RESUME_LINE} (full log: {run_dir}/logs/run-")
+        expected = (
+            "error: the run exceeded orchestration.timeout_minutes=0.2 and was stopped; raise or unset "
+            f"orchestration.timeout_minutes, then {RESUME_LINE} (full log: {run_dir}/logs/run-"
+        )
         assert [line for line in stderr.splitlines() if line.startswith(expected)], stderr[-3000:]
         assert not {p: c for p, c in running.items() if alive(p, c)}
         assert 0 < trained_steps(run_dir) < 1000000

@@ -20,8 +20,13 @@ def data_run(tmp_path_factory):
 
 def test_a_crashed_training_subprocess_is_retried_and_resumes_from_its_checkpoint(server, data_run, tmp_path):
     run_dir = copy_run(data_run, tmp_path / "run")
-    cmd = cli_run(run_dir, "crash-once", "orchestration.train_in_process=false", "orchestration.retries=1",
-                  "orchestration.retry_delay_seconds=0")
+    cmd = cli_run(
+        run_dir,
+        "crash-once",
+        "orchestration.train_in_process=false",
+        "orchestration.retries=1",
+        "orchestration.retry_delay_seconds=0",
+    )
     env = {**server.env, "OMP_NUM_THREADS": "1", "GLM_TRAIN_CRASH_AFTER_STEP": "4"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -41,8 +46,11 @@ def test_a_crashed_training_subprocess_is_retried_and_resumes_from_its_checkpoin
     with client_of(server) as client:
         [flow_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["crash-once"])))
         assert flow_run.state.name == "Completed"
-        [pretrain] = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
-                      if t.name == "pretrain-crash-once"]
+        [pretrain] = [
+            t
+            for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+            if t.name == "pretrain-crash-once"
+        ]
         history = [s.name for s in sorted(client.read_task_run_states(pretrain.id), key=lambda s: s.timestamp)]
         messages = [r.message for r in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))]
     assert pretrain.run_count == 2 and pretrain.state.name == "Completed"

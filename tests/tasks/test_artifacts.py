@@ -49,7 +49,9 @@ def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_
     from glm.config import PipelineConfig
 
     sent = []
-    monkeypatch.setattr(artifacts, "create_progress_artifact", lambda value, **kw: sent.append(("create", value, kw["key"])) or "id-1")
+    monkeypatch.setattr(
+        artifacts, "create_progress_artifact", lambda value, **kw: sent.append(("create", value, kw["key"])) or "id-1"
+    )
     monkeypatch.setattr(artifacts, "update_progress_artifact", lambda artifact_id, value: sent.append((artifact_id, value)))
     progress = artifacts.TrainingProgress(PipelineConfig(name="Demo"), total=20, done=0, min_interval=3600)
     for step in range(1, 20):
@@ -116,8 +118,17 @@ def test_bundle_markdown_lists_near_ties_and_failures(built):
     from glm.config import PipelineConfig
 
     report = json.loads((built.lm_bundle / "verification.json").read_text())
-    tie = {"prompt": 6, "alone": True, "step": 6, "reference_token": 182, "bundle_token": 218, "margin": 0.0,
-           "bundle_margin": 2.4e-7, "logit_diff": 3e-7, "near_tie": True}
+    tie = {
+        "prompt": 6,
+        "alone": True,
+        "step": 6,
+        "reference_token": 182,
+        "bundle_token": 218,
+        "margin": 0.0,
+        "bundle_margin": 2.4e-7,
+        "logit_diff": 3e-7,
+        "near_tie": True,
+    }
     report["fp32"]["greedy"].update(near_ties=[tie], near_tie_count=3, identical=False)
     report.update(passed=False, failures=["fp32 outputs differ from PyTorch by up to 0.02 (logits)"])
     md = bundle_markdown(PipelineConfig(name="Demo"), built.lm_bundle, report)
@@ -143,6 +154,9 @@ def test_the_bundle_is_a_markdown_artifact_and_a_link_only_for_an_http_url(built
     artifacts.wait_sent()
     kinds = [(name, key) for name, _, key in sent]
     markdown_and_table = [("create_markdown_artifact", "demo-onnx-bundle"), ("create_table_artifact", "demo-export-verification")]
-    assert kinds == markdown_and_table * 2 + [markdown_and_table[0], ("create_link_artifact", "demo-onnx-bundle-link"),
-                                              markdown_and_table[1]]
+    assert kinds == markdown_and_table * 2 + [
+        markdown_and_table[0],
+        ("create_link_artifact", "demo-onnx-bundle-link"),
+        markdown_and_table[1],
+    ]
     assert sent[-2][1] == "https://models.example.org/demo/bundle"

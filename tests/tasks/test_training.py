@@ -28,8 +28,9 @@ from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
 
 def test_output_is_streamed_line_by_line_and_the_tail_is_kept():
     seen = []
-    done = run_logged([sys.executable, "-c", "import sys\nfor i in range(5): print('line', i)\nprint('oops', file=sys.stderr)"],
-                      log=seen.append)
+    done = run_logged(
+        [sys.executable, "-c", "import sys\nfor i in range(5): print('line', i)\nprint('oops', file=sys.stderr)"], log=seen.append
+    )
     assert done.returncode == 0
     assert seen == ["line 0", "line 1", "line 2", "line 3", "line 4", "oops"]
     assert done.lines == seen
@@ -38,12 +39,15 @@ def test_output_is_streamed_line_by_line_and_the_tail_is_kept():
 def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     # the process starts a child (as torchrun starts its workers) and both would run for a minute
-    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    code = (
+        f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)"
+    )
     polls = []
     with pytest.raises(TrainingTimeout, match="train_timeout_seconds=3"):
-        run_logged([sys.executable, "-c", code], log=lambda line: None, timeout=3, poll_seconds=0.2,
-                   on_poll=lambda: polls.append(1))
+        run_logged(
+            [sys.executable, "-c", code], log=lambda line: None, timeout=3, poll_seconds=0.2, on_poll=lambda: polls.append(1)
+        )
     assert polls
     child = int(pid_file.read_text())
     # the child was in the killed process group: it terminates (a pidfd becomes readable when it does)
@@ -63,8 +67,18 @@ def _retried(error: BaseException) -> bool:
 
 @pytest.mark.parametrize(
     "code, kind",
-    [(1, None), (-9, None), (-15, None), (-6, None), (137, None),  # uncaught exception, signals, torchrun: crashes
-     (2, "usage"), (3, "config"), (4, "data"), (5, "diverged"), (6, "disk")],
+    [
+        (1, None),
+        (-9, None),
+        (-15, None),
+        (-6, None),
+        (137, None),  # uncaught exception, signals, torchrun: crashes
+        (2, "usage"),
+        (3, "config"),
+        (4, "data"),
+        (5, "diverged"),
+        (6, "disk"),
+    ],
 )
 def test_each_exit_code_is_retried_or_not(code, kind, tmp_path):
     error = _exit_error(Finished(code, ["glm.train: something"]), ["python", "-m", "glm.train"], tmp_path)
@@ -79,7 +93,9 @@ def test_each_exit_code_is_retried_or_not(code, kind, tmp_path):
 def test_the_error_file_wins_over_torchruns_exit_code(tmp_path):
     # torchrun exits 1 when a worker fails, whatever the worker's own code was
     write_error_file(tmp_path, "data", "Arrow shard part-00003.arrow is unreadable")
-    error = _exit_error(Finished(1, ["torch.distributed.elastic.multiprocessing.errors.ChildFailedError"]), ["torchrun"], tmp_path)
+    error = _exit_error(
+        Finished(1, ["torch.distributed.elastic.multiprocessing.errors.ChildFailedError"]), ["torchrun"], tmp_path
+    )
     assert isinstance(error, TrainingFailed) and error.kind == "data" and "part-00003.arrow" in str(error)
     assert not _retried(error)
     (tmp_path / ERROR_FILE).write_text("{torn")  # unreadable: the exit code decides
@@ -88,10 +104,20 @@ def test_the_error_file_wins_over_torchruns_exit_code(tmp_path):
 
 @pytest.mark.parametrize(
     "error, retried",
-    [(OSError(errno.ENOSPC, "No space left on device"), False), (OSError(errno.EROFS, "Read-only file system"), False),
-     (OSError(errno.EDQUOT, "Disk quota exceeded"), False), (OSError(errno.EIO, "Input/output error"), True),
-     (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"), False),
-     (TypeError("unsupported operand"), True), (FileNotFoundError("/mnt/share/x"), True)],
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), False),
+        (OSError(errno.EIO, "Input/output error"), True),
+        (
+            RuntimeError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            ),
+            False,
+        ),
+        (TypeError("unsupported operand"), True),
+        (FileNotFoundError("/mnt/share/x"), True),
+    ],
 )
 def test_a_full_or_read_only_disk_is_permanent_a_bug_is_not(error, retried):
     assert _retried(error) is retried
