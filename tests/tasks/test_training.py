@@ -12,9 +12,7 @@ import pytest
 from prefect.states import Failed
 
 from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
-from tasks.options import retry_transient
-from tasks.stages import ingest
-from tasks.training import (
+from glm.launch import (
     Finished,
     MetricsTail,
     TrainingCrashed,
@@ -24,6 +22,8 @@ from tasks.training import (
     _train_in_process,
     run_logged,
 )
+from tasks.options import retry_transient
+from tasks.stages import ingest
 
 
 def test_output_is_streamed_line_by_line_and_the_tail_is_kept():
