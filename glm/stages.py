@@ -899,10 +899,13 @@ def _pretrain_extra(cfg: PipelineConfig, continue_steps: int | None = None) -> d
 def _declare(*declared: Stage) -> dict[str, Stage]:
     registry: dict[str, Stage] = {}
     for st in declared:
-        unknown = [name for name in (*st.inputs, *([st.skip_while] if st.skip_while else [])) if name not in registry]
+        unknown = [name for name in st.inputs if name not in registry]
         if st.name in registry or unknown:
-            raise ValueError(f"stage {st.name!r}: declared twice, or needs stages declared after it ({unknown})")
+            raise ValueError(f"stage {st.name!r}: declared twice, or reads stages not declared before it ({unknown})")
         registry[st.name] = st
+    for st in declared:
+        if st.skip_while is not None and st.skip_while not in registry:
+            raise ValueError(f"stage {st.name!r}: skip_while names no stage ({st.skip_while!r})")
     return registry
 
 
@@ -918,7 +921,7 @@ REGISTRY: dict[str, Stage] = _declare(
           extra=lambda cfg: _file_identity(cfg.tokenizer.existing), build=_train_tokenizer),
     # a wrong verbalizer fails here, not after pretraining; not repeated once fine-tuning is done
     Stage("check-finetune-task", "data", ("finetune", "tokenizer"), None, sections=("finetune", "model"),
-          inputs=("tokenizer",), extra=_finetune_source, build=_check_finetune_task),
+          inputs=("tokenizer",), extra=_finetune_source, build=_check_finetune_task, skip_while="finetune"),
     Stage("tokenize", "data", ("tokenize_shards",), "tokens/manifest.json", inputs=("ingest", "tokenizer"),
           plan=tokenize_jobs, shard=tokenize_shard, shard_key=tokenize_shard_key, shard_output=lambda job: job["out_path"],
           close=close_tokenize),
@@ -938,7 +941,6 @@ REGISTRY: dict[str, Stage] = _declare(
           inputs=("finetune", "tokenizer"),
           steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote))),
 )
-REGISTRY["check-finetune-task"] = dataclasses.replace(REGISTRY["check-finetune-task"], skip_while="finetune")
 
 # derived, for callers that list them
 STAGES = tuple(name for name, st in REGISTRY.items() if st.output is not None)  # those with an output

@@ -84,6 +84,18 @@ def test_a_stages_code_version_covers_the_glm_modules_it_imports():
         stages.stage_modules("nope")
 
 
+def test_a_stage_declaration_is_checked_when_it_is_made():
+    with pytest.raises(ValueError, match="exactly one of build, steps, or plan"):
+        stages.Stage("count", "data", ("corpus",), "count/manifest.json")
+    with pytest.raises(ValueError, match="group 'train' is not one of data, pretrain"):
+        stages.Stage("count", "train", ("corpus",), "count/manifest.json", build=print)
+    with pytest.raises(ValueError, match="needs shard, shard_key"):
+        stages.Stage("count", "data", ("corpus",), "count/manifest.json", plan=print, shard=print)
+    with pytest.raises(ValueError, match=r"reads stages not declared before it \(\['ingest'\]\)"):
+        stages._declare(stages.Stage("count", "data", ("corpus",), "count/manifest.json", inputs=("ingest",), build=print))
+    assert [st.name for st in stages.stages_of("all")] == list(stages.REGISTRY)  # declared in the order they run
+
+
 def test_the_source_fingerprint_sees_new_and_changed_files(text_config):
     cfg, corpus = text_config
     before = stages.source_fingerprint(cfg)
