@@ -29,8 +29,6 @@ from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "pretrain", "finetune", "export", "all")
-
 
 class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived during `glm-pipeline run`."""
@@ -83,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline (or one stage flow) in Prefect's embedded mode")
     _config_args(run)
-    run.add_argument("--stage", choices=STAGES, default="all", help="run one stage flow instead of the whole pipeline")
+    from glm.stages import GROUPS  # the stage groups of the registry
+
+    run.add_argument("--stage", choices=[*GROUPS, "all"], default="all", help="run one stage flow instead of the whole pipeline")
 
     cfg = sub.add_parser("config", help="print the validated configuration")
     _config_args(cfg)

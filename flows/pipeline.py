@@ -28,13 +28,13 @@ Ways to run:
 # No `from __future__ import annotations` here (tests/flows/test_deployment.py checks): a served or
 # deployed run unpickles these flows by value, and a string annotation such as "PipelineConfig" then
 # names nothing, so Prefect cannot validate the parameters and every run fails before it starts.
+import contextlib
 from typing import Annotated, Any
 
 import glm_pipeline.tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
 from glm_pipeline.tasks import artifacts
-from glm_pipeline.tasks import stages as t
 from glm_pipeline.tasks.options import configure, slug
-from glm_pipeline.tasks.training import pretrain as pretrain_task
+from glm_pipeline.tasks.stages import tasks_for
 from prefect import Task, flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -105,34 +105,31 @@ def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[
 # --------------------------------------------------------------------------- stage groups
 
 
-def data_stages(cfg: PipelineConfig) -> dict[str, str]:
+def run_group(group: str, cfg: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
+    """Every stage of a group (glm.stages.GROUPS, or "all"), in registry order, as Prefect tasks.
+
+    A mapped stage's shards run on one task runner, opened once for the group; a stage built in
+    steps runs one task per step. Returns each stage's output (checks, which have none, are left out).
+    """
+    if group == "all":
+        return {name: done for g in stages.GROUPS for name, done in run_group(g, cfg, continue_steps).items()}
     paths = stages.RunPaths(cfg.run_dir)
-    out = {"docs": _run(t.ingest, cfg)}
-    out["docs_validation"] = _run(t.validate_corpus, cfg)
-    out["tokenizer"] = _run(t.train_tokenizer, cfg)
-    _run(t.check_finetune_task, cfg)  # a wrong verbalizer fails here, not after pretraining
-    with task_runner(cfg) as runner:  # one pool for both per-shard stages
-        entries = _map_shards(runner, t.tokenize_shard, cfg, stages.tokenize_jobs(cfg, paths))
-        out["tokens"] = _run(t.close_tokenize, cfg, entries)
-        out["tokens_validation"] = _run(t.validate_tokens, cfg)
-        results = _map_shards(runner, t.build_span_corruption_shard, cfg, stages.infill_jobs(cfg, paths))
-    out["infill"] = _run(t.close_infill, cfg, results)
+    run_options = {"continue_steps": continue_steps}
+    out: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        runner: TaskRunner | None = None
+        for st in stages.stages_of(group):
+            made = tasks_for(st)
+            options = {name: run_options.get(name) for name in st.options}
+            if st.mapped:
+                runner = runner or stack.enter_context(task_runner(cfg))
+                done = _run(made.close, cfg, _map_shards(runner, made.shard, cfg, st.plan(cfg, paths)))
+            else:
+                for one in made.steps or (made.whole,):
+                    done = _run(one, cfg, options) if options else _run(one, cfg)
+            if st.output is not None:
+                out[st.name] = done
     return out
-
-
-def pretrain_stage(cfg: PipelineConfig, continue_steps: int | None = None) -> dict[str, str]:
-    return {"pretrain": _run(pretrain_task, cfg, continue_steps)}
-
-
-def finetune_stages(cfg: PipelineConfig) -> dict[str, str]:
-    out = {"finetune": _run(t.finetune, cfg)}
-    out["eval"] = _run(t.evaluate, cfg)
-    return out
-
-
-def export_stages(cfg: PipelineConfig) -> dict[str, str]:
-    _run(t.export_onnx, cfg)
-    return {"export": _run(t.verify_export, cfg)}
 
 
 # --------------------------------------------------------------------------- flows
@@ -145,40 +142,35 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
     with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
-        return {
-            **data_stages(config),
-            **pretrain_stage(config, continue_steps),
-            **finetune_stages(config),
-            **export_stages(config),
-        }
+        return run_group("all", config, continue_steps)
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
     with run_lock(config.run_dir), artifacts.sent():
-        return data_stages(config)
+        return run_group("data", config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the span-corruption shards the data flow built."""
     with run_lock(config.run_dir), artifacts.sent():
-        return pretrain_stage(config, continue_steps)
+        return run_group("pretrain", config, continue_steps)
 
 
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
     with run_lock(config.run_dir), artifacts.sent():
-        return finetune_stages(config)
+        return run_group("finetune", config)
 
 
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
     with run_lock(config.run_dir), artifacts.sent():
-        return export_stages(config)
+        return run_group("export", config)
 
 
 FLOWS = {"data": data_flow, "pretrain": pretrain_flow, "finetune": finetune_flow, "export": export_flow, "all": glm_pipeline}

@@ -1,8 +1,10 @@
 """The pipeline's stages over one run directory, without Prefect.
 
-One function per stage of docs/architecture.md, each `(cfg, paths, ...) -> Path` (the stage's
-manifest or output), each idempotent: a stage is skipped when its output checks out and was
-made from the same inputs, config and code. That test is the stage's cache key,
+Every stage is declared once, as a `Stage` in REGISTRY at the bottom of this module: its config
+sections, inputs, output, code modules and work. The run directory's layout, the cache keys, the
+stage groups, `verify` and both runners (run_pipeline here, the Prefect tasks and flows in tasks/
+and flows/) are derived from it. Every stage is idempotent: it is skipped when its output checks
+out and was made from the same inputs, config and code. That test is the stage's cache key,
 
     cache_key(stage, config sections, input manifests) =
         sha256(stage + section fingerprints + input manifest digests + code version of the stage)
@@ -13,18 +15,18 @@ follows it, not ingestion. Prefect tasks (tasks/) use the same keys as their cac
 
 Per-shard stages come in three parts (plan, one shard, close) so an orchestrator can map the
 middle one over shards; `run_pipeline` runs everything in order, in this process.
+Adding a stage: docs/architecture.md, "Adding a stage".
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import glob
 import hashlib
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,27 +57,72 @@ VALIDATION = "validation.json"
 RUN_CONFIG = "run-config.yaml"
 RUN_PLAN = "run-plan.json"
 
-# stage -> the glm modules that do its work (their transitive glm imports count too)
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("corpus",),
-    "validate-corpus": ("quality",),
-    "tokenizer": ("tokenizer",),
-    "check-finetune-task": ("finetune", "tokenizer"),
-    "tokenize": ("tokenize_shards",),
-    "tokenize-shard": ("tokenize_shards",),
-    "validate-tokens": ("quality",),
-    "infill": ("datasets",),
-    "infill-shard": ("datasets",),
-    "pretrain": ("train", "loader"),
-    "finetune": ("finetune", "checkpoint", "tokenizer"),
-    "evaluate": ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus"),
-    "export": ("export", "runtime"),
-}
-STAGES = tuple(s for s in STAGE_MODULES if not s.endswith("-shard") and s != "check-finetune-task")  # those with an output
-
 
 class StageInputMissing(FileNotFoundError):
     """A stage's input has not been produced: the message names the stage to run first."""
+
+
+GROUPS = ("data", "pretrain", "finetune", "export")  # the stage groups, in order: what `--stage` runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, declared once in REGISTRY (bottom of this module).
+
+    Its cache key is sha256(name, the fingerprints of cfg.<sections>, the digests of its inputs'
+    outputs, the code version of `modules` and what they import from glm, extra(cfg, **options)).
+    It does its work one of three ways: `build`; `steps`, the build in parts an orchestrator runs as
+    separate tasks; or mapped over shards, `plan` -> `shard` per job (each stamped with
+    `shard_key`, at `shard_output`) -> `close`. The runner (run_stage) stamps it afterwards.
+    """
+
+    name: str
+    group: str  # one of GROUPS
+    modules: tuple[str, ...]  # the glm modules that do its work (their transitive glm imports count too)
+    # its output relative to the run directory, formatted with cfg (finetune/{cfg.finetune.task.name}/...);
+    # None for a check, whose result (a summary) is kept in its stamp
+    output: str | None
+    sections: tuple[str, ...] = ()  # the config sections its key reads
+    inputs: tuple[str, ...] = ()  # the stages whose outputs (manifests) it reads, in key order
+    extra: Callable[..., Any] | None = None  # (cfg, **options) -> anything else its output depends on
+    options: tuple[str, ...] = ()  # run options its key and build take (continue_steps)
+    build: Callable[..., Any] | None = None  # (cfg, paths, **options) -> its output path or a check's summary
+    steps: tuple[tuple[str, Callable[[PipelineConfig, RunPaths], Any]], ...] = ()  # (name, (cfg, paths) -> _)
+    plan: Callable[[PipelineConfig, RunPaths], list[Any]] | None = None  # -> shard jobs (small, picklable)
+    shard: Callable[[Any, RunPaths], Any] | None = None  # (job, paths) -> the shard's result
+    shard_key: Callable[[Any, RunPaths], str] | None = None  # (job, paths) -> the shard's cache key
+    shard_output: Callable[[Any], str | Path] | None = None  # job -> the file the shard writes
+    close: Callable[[PipelineConfig, RunPaths, Sequence[Any]], Path] | None = None  # (cfg, paths, results) -> output
+    skip_while: str | None = None  # a stage whose being done makes this one (a check) unnecessary
+
+    def __post_init__(self) -> None:
+        ways = [self.build is not None, bool(self.steps), self.plan is not None]
+        if sum(ways) != 1:
+            raise ValueError(f"stage {self.name!r}: declare exactly one of build, steps, or plan/shard/close")
+        if self.plan is not None and None in (self.shard, self.shard_key, self.shard_output, self.close):
+            raise ValueError(f"mapped stage {self.name!r} needs shard, shard_key, shard_output and close")
+        if self.plan is not None and (self.output is None or "{" in self.output):
+            raise ValueError(f"mapped stage {self.name!r} needs an output that does not depend on the config")
+        if self.group not in GROUPS:
+            raise ValueError(f"stage {self.name!r}: group {self.group!r} is not one of {', '.join(GROUPS)}")
+
+    @property
+    def mapped(self) -> bool:
+        return self.plan is not None
+
+
+def _stage(stage: str | Stage) -> Stage:
+    if isinstance(stage, Stage):
+        return stage
+    try:
+        return REGISTRY[stage]
+    except KeyError:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(REGISTRY)}") from None
+
+
+def _options(st: Stage, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run options this stage takes (the others are other stages')."""
+    return {name: options.get(name) for name in st.options}
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -106,22 +153,11 @@ class RunPaths:
         return self.root / "finetune" / task
 
     def output(self, stage: str, cfg: PipelineConfig) -> Path:
-        """The file whose presence (and manifest check) says the stage is done."""
-        outputs = {
-            "ingest": self.docs / MANIFEST,
-            "validate-corpus": self.docs / VALIDATION,
-            "tokenizer": self.tokenizer / MANIFEST,
-            "tokenize": self.tokens / MANIFEST,
-            "validate-tokens": self.tokens / VALIDATION,
-            "infill": self.infill / MANIFEST,
-            "pretrain": self.pretrain / MANIFEST,
-            "finetune": self.finetune(cfg.finetune.task.name) / MANIFEST,
-            "evaluate": self.eval / MANIFEST,
-            "export": self.export / MANIFEST,
-        }
-        if stage not in outputs:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-        return outputs[stage]
+        """The file whose presence (and manifest check) says the stage is done (its declaration's output)."""
+        output = _stage(stage).output
+        if output is None:
+            raise ValueError(f"stage {stage!r} is a check: it has no output file, its result is in its stamp")
+        return self.root / output.format(cfg=cfg)
 
 
 # --------------------------------------------------------------------------- cache keys
@@ -184,9 +220,7 @@ def _imports(module: str) -> set[str]:
 
 def stage_modules(stage: str) -> list[str]:
     """The glm modules whose code decides a stage's output: its own and what they import from glm."""
-    if stage not in STAGE_MODULES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_MODULES)}")
-    todo, seen = list(STAGE_MODULES[stage]), set()
+    todo, seen = list(_stage(stage.removesuffix("-shard")).modules), set()
     while todo:
         module = todo.pop()
         if module not in seen:
@@ -247,9 +281,10 @@ def cache_key(
 
 
 def _who_writes(path: Path) -> str:
-    group = {"docs": "data", "tokenizer": "data", "tokens": "data", "infill": "data", "pretrain": "pretrain"}.get(
-        path.parent.name, "finetune" if "finetune" in path.parts else "all"
+    writer = next(
+        (st for st in REGISTRY.values() if st.output is not None and Path(st.output).parent.name == path.parent.name), None
     )
+    group = writer.group if writer is not None else "finetune" if "finetune" in path.parts else "all"
     return f"run the {group} stage first (glm-pipeline run CONFIG --stage {group})"
 
 
@@ -284,37 +319,19 @@ def _file_identity(path: str | None) -> Any:
 
 
 def stage_dependencies(
-    stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any
+    stage: str | Stage, cfg: PipelineConfig, paths: RunPaths, **options: Any
 ) -> tuple[Mapping[str, Section], list[Path], Any]:
-    """What a stage's output depends on: config sections, input manifests, anything else."""
-    docs, tokenizer, tokens = paths.docs / MANIFEST, paths.tokenizer / MANIFEST, paths.tokens / MANIFEST
-    infill, pretrained = paths.infill / MANIFEST, paths.pretrain / MANIFEST
-    finetuned = paths.finetune(cfg.finetune.task.name) / MANIFEST
-    deps: dict[str, Callable[[], tuple[dict[str, Section], list[Path], Any]]] = {
-        "ingest": lambda: ({"data": cfg.data}, [], source_fingerprint(cfg)),
-        "validate-corpus": lambda: ({"quality": cfg.quality}, [docs], None),
-        "tokenizer": lambda: ({"tokenizer": cfg.tokenizer}, [docs], _file_identity(cfg.tokenizer.existing)),
-        "tokenize": lambda: ({}, [docs, tokenizer], None),
-        "validate-tokens": lambda: ({"quality": cfg.quality}, [tokens, tokenizer], None),
-        "infill": lambda: ({"infilling": cfg.infilling}, [tokens, tokenizer], None),
-        "pretrain": lambda: (
-            {"model": cfg.model, "pretrain": cfg.pretrain, "infilling": cfg.infilling},
-            [infill],
-            {"init_from": _file_identity(cfg.pretrain.init_from), "continue_steps": options.get("continue_steps")},
-        ),
-        "finetune": lambda: ({"finetune": cfg.finetune}, [pretrained, tokenizer], None),
-        "evaluate": lambda: ({"evaluate": cfg.evaluate}, [pretrained, finetuned, infill], None),
-        "export": lambda: ({"export": cfg.export}, [finetuned, tokenizer], None),
-    }
-    if stage not in deps:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return deps[stage]()
+    """What a stage's output depends on, from its declaration: config sections, input manifests, anything else."""
+    st = _stage(stage)
+    sections = {name: getattr(cfg, name) for name in st.sections}
+    inputs = [paths.output(name, cfg) for name in st.inputs]
+    return sections, inputs, st.extra(cfg, **_options(st, options)) if st.extra is not None else None
 
 
-def stage_key(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> str:
+def stage_key(stage: str | Stage, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> str:
     """The cache key of a whole stage for this config and the inputs currently on disk."""
     sections, inputs, extra = stage_dependencies(stage, cfg, paths, **options)
-    return cache_key(stage, sections, inputs, extra, code=not cfg.orchestration.ignore_code_version)
+    return cache_key(_stage(stage).name, sections, inputs, extra, code=not cfg.orchestration.ignore_code_version)
 
 
 # --------------------------------------------------------------------------- stamps: is a stage done?
@@ -346,19 +363,35 @@ def record_stage(stage: str, key: str, output: Path, paths: RunPaths) -> Path:
     return output
 
 
-def current_output(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> Path | None:
-    """The stage's output if the stage is done for this config and the inputs on disk, else None.
+def current_result(stage: str | Stage, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> Any | None:
+    """What a stage that is done for this config and the inputs on disk returned, else None: its
+    output path (a check: the summary recorded in its stamp).
 
     This is the one cache of the pipeline: orchestrators ask it before running a stage (a Prefect
     task then ends as "Cached"). A stage whose inputs do not exist yet is not done; running it
     fails with a message naming the stage to run first.
     """
+    st = _stage(stage)
+    if st.skip_while is not None and current_result(st.skip_while, cfg, paths, **options) is not None:
+        return {"skipped": f"{st.skip_while} is done for this config"}
     try:
-        key = stage_key(stage, cfg, paths, **options)
+        key = stage_key(st, cfg, paths, **options)
     except StageInputMissing:
         return None
-    output = paths.output(stage, cfg)
-    return output if is_current(stage, key, output, paths) else None
+    if st.output is None:
+        try:
+            record = json.loads((paths.stamps / f"{st.name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record.get("summary") if isinstance(record, dict) and record.get("key") == key else None
+    output = paths.output(st.name, cfg)
+    return output if is_current(st.name, key, output, paths) else None
+
+
+def current_output(stage: str, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> Path | None:
+    """The stage's output if the stage is done for this config and the inputs on disk, else None."""
+    result = current_result(stage, cfg, paths, **options)
+    return result if isinstance(result, Path) else None
 
 
 # --------------------------------------------------------------------------- shard stamps: is one shard done?
@@ -395,29 +428,90 @@ def record_shard(paths: RunPaths, stage: str, key: str, out_path: Path, stage_di
     return result
 
 
-def _run_once(stage: str, cfg: PipelineConfig, paths: RunPaths, build: Callable[[], Any], **options: Any) -> Path:
-    """Run `build` unless the stage is current; then stamp the stage with its key."""
-    key = stage_key(stage, cfg, paths, **options)
-    output = paths.output(stage, cfg)
-    if is_current(stage, key, output, paths):
-        log.info("%s: up to date (%s)", stage, output)
-        return output
-    t0 = time.perf_counter()
-    build()
+def _stage_dir(st: Stage, paths: RunPaths) -> Path:
+    """The directory a mapped stage's shards are written under (that of its output)."""
+    return (paths.root / st.output).parent  # a mapped stage's output does not depend on the config
+
+
+def shard_result(stage: str | Stage, job: Any, paths: RunPaths) -> Any | None:
+    """The recorded result of a shard of a mapped stage already made for this job and unchanged since, else None."""
+    st = _stage(stage)
+    return cached_shard(paths, f"{st.name}-shard", st.shard_key(job, paths), Path(st.shard_output(job)), _stage_dir(st, paths))
+
+
+def run_shard(stage: str | Stage, job: Any, paths: RunPaths) -> Any:
+    """One shard of a mapped stage (unless done), stamped with its key; returns its result."""
+    st = _stage(stage)
+    if (done := shard_result(st, job, paths)) is not None:
+        return done
+    result = st.shard(job, paths)
+    return record_shard(
+        paths, f"{st.name}-shard", st.shard_key(job, paths), Path(st.shard_output(job)), _stage_dir(st, paths), result
+    )
+
+
+def _stamp(st: Stage, key: str, cfg: PipelineConfig, paths: RunPaths, result: Any) -> Any:
+    """Record a finished stage: a check's summary, or the digest of its output (which must check out)."""
+    if st.output is None:
+        atomic_write_json(paths.stamps / f"{st.name}.json", {"stage": st.name, "key": key, "summary": result})
+        return result
+    output = paths.output(st.name, cfg)
     if not output_ok(output):
-        raise RuntimeError(f"stage {stage!r} finished without a valid output at {output}; this is a bug")
-    log.info("%s: done in %.1fs (%s)", stage, time.perf_counter() - t0, output)
-    return record_stage(stage, key, output, paths)
+        raise RuntimeError(f"stage {st.name!r} finished without a valid output at {output}; this is a bug")
+    return record_stage(st.name, key, output, paths)
+
+
+def close_stage(stage: str | Stage, cfg: PipelineConfig, paths: RunPaths, results: Sequence[Any]) -> Path:
+    """Close a mapped stage from its shards' results (the stage's `close`), then stamp it."""
+    st = _stage(stage)
+    key = stage_key(st, cfg, paths)
+    return _stamp(st, key, cfg, paths, st.close(cfg, paths, results))
+
+
+def run_step(stage: str | Stage, index: int, cfg: PipelineConfig, paths: RunPaths, **options: Any) -> Any:
+    """Step `index` of a stage built in steps; the last one stamps the stage."""
+    st = _stage(stage)
+    _, step = st.steps[index]
+    if index < len(st.steps) - 1:
+        return step(cfg, paths)
+    key = stage_key(st, cfg, paths, **options)
+    return _stamp(st, key, cfg, paths, step(cfg, paths))
+
+
+def run_stage(
+    stage: str | Stage, cfg: PipelineConfig, paths: RunPaths, hooks: Mapping[str, Any] | None = None, **options: Any
+) -> Any:
+    """Build one stage unless it is done, then stamp it; returns its output (a check: its summary).
+
+    `options` are run options its key and build take (continue_steps); `hooks`, keyword arguments
+    only its build takes (pretraining's log and progress callbacks).
+    """
+    st = _stage(stage)
+    if (done := current_result(st, cfg, paths, **options)) is not None:
+        log.info("%s: up to date (%s)", st.name, done)
+        return done
+    key = stage_key(st, cfg, paths, **options)  # an input missing: StageInputMissing names the stage to run first
+    t0 = time.perf_counter()
+    if st.plan is not None:
+        result = st.close(cfg, paths, [run_shard(st, job, paths) for job in st.plan(cfg, paths)])
+    elif st.steps:
+        for _, step in st.steps:
+            result = step(cfg, paths)
+    else:
+        result = st.build(cfg, paths, **_options(st, options), **(hooks or {}))
+    done = _stamp(st, key, cfg, paths, result)
+    log.info("%s: done in %.1fs (%s)", st.name, time.perf_counter() - t0, done)
+    return done
 
 
 # --------------------------------------------------------------------------- data stages
 
 
-def ingest(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _build_ingest(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Sources -> cleaned, de-duplicated, split document shards (incremental: only new inputs are read)."""
-    from glm.corpus import ingest as _ingest
+    from glm.corpus import ingest
 
-    return _run_once("ingest", cfg, paths, lambda: _ingest(cfg.data, paths.docs, progress=False))
+    ingest(cfg.data, paths.docs, progress=False)
 
 
 def _write_skipped_validation(directory: Path, summary: dict[str, Any]) -> None:
@@ -425,65 +519,38 @@ def _write_skipped_validation(directory: Path, summary: dict[str, Any]) -> None:
         atomic_write_json(directory / VALIDATION, summary)
 
 
-def validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations document gate; raises glm.quality.ValidationFailed."""
     from glm.quality import validate_documents
 
-    return _run_once(
-        "validate-corpus", cfg, paths, lambda: _write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality))
-    )
+    _write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality))
 
 
-def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
     """A sentencepiece tokenizer trained on a sample of the train split (kept once trained)."""
-    from glm.tokenizer import train_tokenizer as _train
+    from glm.tokenizer import train_tokenizer
 
-    return _run_once("tokenizer", cfg, paths, lambda: _train(paths.docs, paths.tokenizer, cfg.tokenizer))
-
-
-def _finetune_check_key(cfg: PipelineConfig, paths: RunPaths) -> str:
-    source = cfg.finetune.task.source
-    return cache_key(
-        "check-finetune-task",
-        {"finetune": cfg.finetune, "model": cfg.model},
-        [paths.tokenizer / MANIFEST],
-        source_fingerprint(cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [source]})})),
-        code=not cfg.orchestration.ignore_code_version,
-    )
+    train_tokenizer(paths.docs, paths.tokenizer, cfg.tokenizer)
 
 
-def cached_finetune_check(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any] | None:
-    """The summary of a check already passed for this task, tokenizer, source and code, else None."""
-    if current_output("finetune", cfg, paths) is not None:
-        return {"skipped": "fine-tuning is done for this config"}
-    try:
-        record = json.loads((paths.stamps / "check-finetune-task.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("key") != _finetune_check_key(cfg, paths):
-        return None
-    return record.get("summary")
+def _finetune_source(cfg: PipelineConfig) -> Any:
+    """The fine-tuning task's labelled source files (a changed file re-runs the check)."""
+    task_source = cfg.data.model_copy(update={"sources": [cfg.finetune.task.source]})
+    return source_fingerprint(cfg.model_copy(update={"data": task_source}))
 
 
-def check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
-    """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task).
-
-    Cached like a stage: a check passed for the same task, tokenizer, labelled source and code is
-    not repeated (nor is one whose fine-tuning is already done).
-    """
+def _check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task)."""
     from glm.finetune import check_task
     from glm.tokenizer import Tokenizer
 
-    if (summary := cached_finetune_check(cfg, paths)) is not None:
-        return summary
     summary = check_task(cfg.finetune, Tokenizer.load(paths.tokenizer_model), cfg.model.max_seq_len)
     log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)
-    atomic_write_json(paths.stamps / "check-finetune-task.json", {"key": _finetune_check_key(cfg, paths), "summary": summary})
     return summary
 
 
 def tokenize_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[dict[str, str]]:
-    """One job per document shard (all of them: the orchestrator's per-shard cache skips unchanged ones)."""
+    """One job per document shard (all of them: the per-shard stamps skip unchanged ones)."""
     docs = read_manifest(paths.docs / MANIFEST)
     return [
         {
@@ -501,28 +568,19 @@ def tokenize_shard_key(job: Mapping[str, str], paths: RunPaths) -> str:
     return cache_key("tokenize-shard", None, [paths.tokenizer / MANIFEST], {k: job[k] for k in ("input_sha256", "out_path")})
 
 
-def cached_tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any] | None:
-    """The manifest entry of a token shard already made for this job and unchanged since, else None."""
-    return cached_shard(paths, "tokenize-shard", tokenize_shard_key(job, paths), Path(job["out_path"]), paths.tokens)
-
-
 def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
-    """Tokenize one document shard (unless done); returns its token-manifest entry."""
+    """Tokenize one document shard; returns its token-manifest entry."""
     from glm.tokenize_shards import tokenize_shard as _tokenize
 
-    if (entry := cached_tokenize_shard(job, paths)) is not None:
-        return entry
-    entry = _tokenize(
+    return _tokenize(
         job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens, input_sha256=job["input_sha256"]
     )
-    return record_shard(paths, "tokenize-shard", tokenize_shard_key(job, paths), Path(job["out_path"]), paths.tokens, entry)
 
 
 def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mapping[str, Any]]) -> Path:
     """Write the token manifest from the shard entries (left untouched when nothing changed)."""
     from glm.tokenize_shards import finish_tokenize, plan_tokenize
 
-    key = stage_key("tokenize", cfg, paths)
     plan = plan_tokenize(paths.docs, paths.tokenizer, paths.tokens)
     fresh = {e["path"]: dict(e) for e in entries}
     expected = sorted([j.out_path.relative_to(paths.tokens).as_posix() for j in plan.jobs] + [e["path"] for e in plan.reused])
@@ -530,37 +588,19 @@ def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mappi
     if missing:
         raise RuntimeError(f"token shards {missing[:3]} were not produced; re-run the tokenize stage")
     plan.reused = []  # every entry comes from its shard's task, checked against its stamp
-    return record_stage("tokenize", key, finish_tokenize(plan, [fresh[rel] for rel in expected]), paths)
-
-
-def tokenize(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """Every document shard -> a token shard (only shards not already done), one after another.
-
-    The same per-shard functions and stamps as the orchestrated pipeline, which maps them over workers.
-    """
-    return _run_once(
-        "tokenize",
-        cfg,
-        paths,
-        lambda: close_tokenize(cfg, paths, [tokenize_shard(job, paths) for job in tokenize_jobs(cfg, paths)]),
-    )
+    return finish_tokenize(plan, [fresh[rel] for rel in expected])
 
 
 def _vocab_size(paths: RunPaths) -> int:
     return int(read_manifest(paths.tokenizer / MANIFEST)["stats"]["vocab_size"])
 
 
-def validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations token gate; raises glm.quality.ValidationFailed."""
-    from glm.quality import validate_tokens as _validate
+    from glm.quality import validate_tokens
     from glm.special_tokens import SPECIAL
 
-    return _run_once(
-        "validate-tokens",
-        cfg,
-        paths,
-        lambda: _write_skipped_validation(paths.tokens, _validate(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality)),
-    )
+    _write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality))
 
 
 def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
@@ -574,58 +614,37 @@ def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
     from glm.datasets import shard_jobs
 
     if not is_current("infill", stage_key("infill", cfg, paths), paths.output("infill", cfg), paths):
-        (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until close_infill
+        (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until it closes
         if paths.infill.is_dir():
             remove_stale_temporaries(paths.infill)
     return shard_jobs(paths.tokens, paths.infill, cfg.infilling, sentence_end_ids=_sentence_end_ids(paths))
 
 
-def infill_shard_key(job: Any) -> str:
+def infill_shard_key(job: Any, paths: RunPaths | None = None) -> str:
     # job.key already hashes the config, the token manifest, the builder's code and the shard's place
     return cache_key("infill-shard", None, [], {"job": job.key, "out_path": job.out_path})
 
 
-def cached_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any] | None:
-    """The info of a span-corruption shard already written for this job and unchanged since, else None."""
-    return cached_shard(paths, "infill-shard", infill_shard_key(job), Path(job.out_path), paths.infill)
-
-
 def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
-    """Pack, corrupt and write one span-corruption shard (unless done); returns its info."""
+    """Pack, corrupt and write one span-corruption shard; returns its info."""
     from glm.datasets import build_shard
 
-    if (info := cached_infill_shard(job, paths)) is not None:
-        return {**info, "skipped": True}
-    # not provably intact: the builder must not trust the key stored inside the file either
+    # not provably intact (its stamp did not verify): the builder must not trust the key stored inside the file either
     Path(job.out_path).unlink(missing_ok=True)
-    info = build_shard(job)
-    return record_shard(paths, "infill-shard", infill_shard_key(job), Path(job.out_path), paths.infill, info)
+    return build_shard(job)
 
 
 def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping[str, Any]]) -> Path:
     """Remove shards of an earlier, larger build and write the dataset manifest."""
     from glm.datasets import epoch_dir, part_name, write_infilling_manifest
 
-    key = stage_key("infill", cfg, paths)
-    if is_current("infill", key, paths.output("infill", cfg), paths):
-        return paths.output("infill", cfg)
     keep = {paths.infill / ("valid" if r["split"] == "valid" else epoch_dir(r["epoch"])) / part_name(r["shard"]) for r in results}
     for stale in [*paths.infill.glob("epoch-*/part-*.arrow"), *paths.infill.glob("valid/part-*.arrow")]:
         if stale not in keep:
             stale.unlink()
-    manifest = write_infilling_manifest(
+    return write_infilling_manifest(
         paths.tokens, paths.infill, cfg.infilling, list(results), sentence_end_ids=_sentence_end_ids(paths)
     )
-    return record_stage("infill", key, manifest, paths)
-
-
-def build_infilling(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """Token shards -> span-corruption shards (one set per epoch, plus validation)."""
-
-    def build() -> None:
-        close_infill(cfg, paths, [build_infill_shard(job, paths) for job in infill_jobs(cfg, paths)])
-
-    return _run_once("infill", cfg, paths, build)
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -696,9 +715,8 @@ def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys
     return [python, "-m", "glm.train", *args]
 
 
-def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, Any], continue_steps: int | None = None) -> Path:
+def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, Any]) -> Path:
     """pretrain/manifest.json: the final checkpoint's files, the run's numbers, the data it used."""
-    key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
     checkpoint = Path(result["checkpoint"]) if result.get("checkpoint") else None
     if checkpoint is None or not (checkpoint / "meta.json").is_file():
         raise RuntimeError(f"pretraining reported no final checkpoint ({result}); see the training log")
@@ -706,35 +724,52 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, An
     stats = {k: result.get(k) for k in ("step", "loss", "val_loss", "tokens", "elapsed", "bad_steps", "resumed_from")}
     stats["checkpoint"] = checkpoint.relative_to(paths.pretrain).as_posix()
     config = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json")}
-    manifest = write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
-    return record_stage("pretrain", key, manifest, paths)
+    return write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
 
 
-def _result_dict(result: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
-
-
-def pretrain(
+def train(
     cfg: PipelineConfig,
     paths: RunPaths,
     continue_steps: int | None = None,
-    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    log_line: Callable[[str], None] | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> Path:
-    """Pretrain in this process (one device); torchrun in a subprocess when pretrain.nproc > 1."""
-    from glm.train import pretrain_on_shards
+    """Pretrain and write pretrain/manifest.json: the one training path, with or without an orchestrator.
 
-    def build() -> None:
-        run_cfg = prepare_pretrain(cfg, paths, continue_steps)
-        if run_cfg.pretrain.nproc > 1:
-            done = subprocess.run(pretrain_command(run_cfg, paths), check=True, stdout=subprocess.PIPE, text=True)
-            result = parse_train_result(done.stdout)
-        else:
-            result = _result_dict(pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics))
-        close_pretrain(cfg, paths, result, continue_steps)
+    One device without a timeout trains in this process (orchestration.train_in_process=auto): no
+    start-up cost. A subprocess (`python -m glm.train`, torchrun for pretrain.nproc > 1) when a
+    timeout is set or asked for: it can then be timed out and killed with its workers, and its
+    crash is a failed, retryable run. Either way training resumes from its newest intact
+    checkpoint, and failures are classified alike (glm.launch): TrainingFailed is permanent,
+    TrainingCrashed is worth a retry. `log_line` gets the subprocess's output line by line;
+    `progress(step, total, final=False)` gets the steps done, first the step it starts from.
+    """
+    from glm import launch
+    from glm.errors import ERROR_FILE
 
-    return _run_once("pretrain", cfg, paths, build, continue_steps=continue_steps)
+    say = log_line or log.info
+    run_cfg = prepare_pretrain(cfg, paths, continue_steps)
+    total = run_cfg.pretrain.steps
+    tail = launch.MetricsTail(paths.pretrain / "metrics.jsonl")
+    show = progress or (lambda step, total, final=False: None)
+    show(tail.poll() if (paths.pretrain / "checkpoints").is_dir() else 0, total)
+    if cfg.trains_in_process():
+        say(f"training in this process (orchestration.train_in_process={cfg.orchestration.train_in_process})")
+        result = launch._train_in_process(run_cfg, paths, on_metrics=lambda record: show(int(record["step"]), total))
+    else:
+        cmd = pretrain_command(run_cfg, paths)
+        say(f"launching: {' '.join(cmd)}")
+        (paths.pretrain / ERROR_FILE).unlink(missing_ok=True)  # what an earlier attempt recorded
+        finished = launch.run_logged(
+            cmd, log=say, timeout=cfg.orchestration.train_timeout_seconds, on_poll=lambda: show(tail.poll(), total)
+        )
+        if finished.returncode != 0:
+            raise launch._exit_error(finished, cmd, paths.pretrain)
+        result = parse_train_result("\n".join(finished.lines))
+    manifest = close_pretrain(cfg, paths, result)
+    show(int(result["step"]), total, final=True)
+    return manifest
 
 
 def parse_train_result(stdout: str) -> dict[str, Any]:
@@ -765,42 +800,38 @@ def _device(cfg: PipelineConfig) -> Any:
 RUN_DIRS = {"pretrained": "pretrained", "from scratch": "from_scratch"}
 
 
-def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
     from glm.finetune import finetune_from_checkpoint
     from glm.tokenizer import Tokenizer
 
     task_dir = paths.finetune(cfg.finetune.task.name)
-
-    def build() -> None:
-        remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
-        results = finetune_from_checkpoint(
-            pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
-        )
-        files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-        headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
-        stats = {
-            "kind": cfg.finetune.kind,
-            "runs": {name: f"{RUN_DIRS[name]}/result.json" for name in results},
-            "summary": {
-                name: {
-                    "test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
-                    headline: r.get(headline),
-                    "steps": r.get("steps"),
-                }
-                for name, r in results.items()
-            },
-        }
-        write_manifest(
-            task_dir,
-            "finetune",
-            files,
-            config=cfg.finetune.model_dump(mode="json"),
-            inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST],
-            stats=stats,
-        )
-
-    return _run_once("finetune", cfg, paths, build)
+    remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
+    results = finetune_from_checkpoint(
+        pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
+    )
+    files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
+    stats = {
+        "kind": cfg.finetune.kind,
+        "runs": {name: f"{RUN_DIRS[name]}/result.json" for name in results},
+        "summary": {
+            name: {
+                "test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
+                headline: r.get(headline),
+                "steps": r.get("steps"),
+            }
+            for name, r in results.items()
+        },
+    }
+    write_manifest(
+        task_dir,
+        "finetune",
+        files,
+        config=cfg.finetune.model_dump(mode="json"),
+        inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST],
+        stats=stats,
+    )
 
 
 def finetune_results(cfg: PipelineConfig, paths: RunPaths) -> dict[str, dict[str, Any]]:
@@ -821,7 +852,7 @@ def _valid_token_rows(paths: RunPaths, limit: int) -> list[list[int]]:
     return rows[:limit]
 
 
-def evaluate(cfg: PipelineConfig, paths: RunPaths) -> Path:
+def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Held-out infilling and LM losses, blank-filling samples, the fine-tuning results: the report."""
     from glm.checkpoint import load_model
     from glm.corpus import iter_documents
@@ -829,43 +860,40 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths) -> Path:
     from glm.loader import ValidLoader
     from glm.tokenizer import Tokenizer
 
-    def build() -> None:
-        model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
-        tok = Tokenizer.load(paths.tokenizer_model)
-        batches = cfg.evaluate.batches
-        valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=batches)
-        pretrain_results: dict[str, Any] = {"infilling": infilling_metrics(model, valid, max_batches=batches)}
-        rows = _valid_token_rows(paths, batches * 16)
-        if rows:
-            pretrain_results["lm"] = lm_metrics(model, rows)
-        if cfg.evaluate.fill_samples:
-            texts = [t for _, t in zip(range(cfg.evaluate.fill_samples * 4), iter_documents(paths.docs, "valid"))]
-            pretrain_results["fill_samples"] = fill_samples(model, tok, texts, n=cfg.evaluate.fill_samples)
-        results: dict[str, Any] = {
-            "title": f"GLM evaluation: {cfg.name}",
-            "pretrain": pretrain_results,
-            cfg.finetune.kind: finetune_results(cfg, paths),
-        }
-        written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
-        stats = {
-            "pretrain": {
-                k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
-                for k, d in pretrain_results.items()
-                if isinstance(d, dict)
-            },
-            "files": {name: p.name for name, p in written.items()},
-        }
-        inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
-        write_manifest(
-            paths.eval,
-            "eval",
-            [file_entry(p, paths.eval) for p in written.values()],
-            config=cfg.evaluate.model_dump(mode="json"),
-            inputs=inputs,
-            stats=stats,
-        )
-
-    return _run_once("evaluate", cfg, paths, build)
+    model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
+    tok = Tokenizer.load(paths.tokenizer_model)
+    batches = cfg.evaluate.batches
+    valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=batches)
+    pretrain_results: dict[str, Any] = {"infilling": infilling_metrics(model, valid, max_batches=batches)}
+    rows = _valid_token_rows(paths, batches * 16)
+    if rows:
+        pretrain_results["lm"] = lm_metrics(model, rows)
+    if cfg.evaluate.fill_samples:
+        texts = [t for _, t in zip(range(cfg.evaluate.fill_samples * 4), iter_documents(paths.docs, "valid"))]
+        pretrain_results["fill_samples"] = fill_samples(model, tok, texts, n=cfg.evaluate.fill_samples)
+    results: dict[str, Any] = {
+        "title": f"GLM evaluation: {cfg.name}",
+        "pretrain": pretrain_results,
+        cfg.finetune.kind: finetune_results(cfg, paths),
+    }
+    written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
+    stats = {
+        "pretrain": {
+            k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
+            for k, d in pretrain_results.items()
+            if isinstance(d, dict)
+        },
+        "files": {name: p.name for name, p in written.items()},
+    }
+    inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
+    write_manifest(
+        paths.eval,
+        "eval",
+        [file_entry(p, paths.eval) for p in written.values()],
+        config=cfg.evaluate.model_dump(mode="json"),
+        inputs=inputs,
+        stats=stats,
+    )
 
 
 def export_source(cfg: PipelineConfig, paths: RunPaths) -> Path:
@@ -882,23 +910,18 @@ def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
     """Export the ONNX bundle to export/.candidate (not verified yet, not yet in export/bundle)."""
     from glm.export import export_bundle
 
-    if is_current("export", stage_key("export", cfg, paths), paths.output("export", cfg), paths):
-        return paths.bundle
     unverified = cfg.export.model_copy(update={"verify": False})
     return export_bundle(export_source(cfg, paths), paths.tokenizer_model, paths.candidate, unverified)
 
 
 def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """Verify export/.candidate against PyTorch, then move it to export/bundle and close the stage.
+    """Verify export/.candidate against PyTorch, then move it to export/bundle and write the manifest.
 
     A bundle that fails verification stays at export/.candidate (glm.export.ExportVerificationError).
     """
     from glm.checkpoint import resolve_checkpoint
     from glm.export import REPORT_FILE, verify_bundle, write_sha256sums
 
-    key = stage_key("export", cfg, paths)
-    if is_current("export", key, paths.output("export", cfg), paths):
-        return paths.output("export", cfg)
     if not (paths.candidate / "SHA256SUMS").is_file():
         raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
     checkpoint = resolve_checkpoint(export_source(cfg, paths))
@@ -918,7 +941,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         "checkpoint": str(checkpoint),
         "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
     }
-    manifest = write_manifest(
+    return write_manifest(
         paths.export,
         "export",
         files,
@@ -926,60 +949,213 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST],
         stats=stats,
     )
-    return record_stage("export", key, manifest, paths)
 
 
-def export(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """The verified ONNX bundle at export/bundle."""
-    key = stage_key("export", cfg, paths)
-    if is_current("export", key, paths.output("export", cfg), paths):
-        return paths.output("export", cfg)
-    export_candidate(cfg, paths)
-    return verify_and_promote(cfg, paths)
+# --------------------------------------------------------------------------- the registry: every stage, once
 
 
-# --------------------------------------------------------------------------- everything, directly
+def _pretrain_extra(cfg: PipelineConfig, continue_steps: int | None = None) -> dict[str, Any]:
+    return {"init_from": _file_identity(cfg.pretrain.init_from), "continue_steps": continue_steps}
 
 
-DATA_STAGES = (ingest, validate_corpus, train_tokenizer, check_finetune_task, tokenize, validate_tokens, build_infilling)
+def _declare(*declared: Stage) -> dict[str, Stage]:
+    registry: dict[str, Stage] = {}
+    for st in declared:
+        unknown = [name for name in st.inputs if name not in registry]
+        if st.name in registry or unknown:
+            raise ValueError(f"stage {st.name!r}: declared twice, or reads stages not declared before it ({unknown})")
+        registry[st.name] = st
+    for st in declared:
+        if st.skip_while is not None and st.skip_while not in registry:
+            raise ValueError(f"stage {st.name!r}: skip_while names no stage ({st.skip_while!r})")
+    return registry
+
+
+# The pipeline, in order (docs/architecture.md, "The stages"). Everything else is derived from it:
+# the run directory's outputs, the cache keys, the groups of `--stage`, what `verify` checks, the
+# plain runner below, and the Prefect tasks and flows (tasks/stages.py, flows/pipeline.py).
+REGISTRY: dict[str, Stage] = _declare(
+    Stage("ingest", "data", ("corpus",), "docs/manifest.json", sections=("data",), extra=source_fingerprint, build=_build_ingest),
+    Stage(
+        "validate-corpus",
+        "data",
+        ("quality",),
+        f"docs/{VALIDATION}",
+        sections=("quality",),
+        inputs=("ingest",),
+        build=_validate_corpus,
+    ),
+    Stage(
+        "tokenizer",
+        "data",
+        ("tokenizer",),
+        "tokenizer/manifest.json",
+        sections=("tokenizer",),
+        inputs=("ingest",),
+        extra=lambda cfg: _file_identity(cfg.tokenizer.existing),
+        build=_train_tokenizer,
+    ),
+    # a wrong verbalizer fails here, not after pretraining; not repeated once fine-tuning is done
+    Stage(
+        "check-finetune-task",
+        "data",
+        ("finetune", "tokenizer"),
+        None,
+        sections=("finetune", "model"),
+        inputs=("tokenizer",),
+        extra=_finetune_source,
+        build=_check_finetune_task,
+        skip_while="finetune",
+    ),
+    Stage(
+        "tokenize",
+        "data",
+        ("tokenize_shards",),
+        "tokens/manifest.json",
+        inputs=("ingest", "tokenizer"),
+        plan=tokenize_jobs,
+        shard=tokenize_shard,
+        shard_key=tokenize_shard_key,
+        shard_output=lambda job: job["out_path"],
+        close=close_tokenize,
+    ),
+    Stage(
+        "validate-tokens",
+        "data",
+        ("quality",),
+        f"tokens/{VALIDATION}",
+        sections=("quality",),
+        inputs=("tokenize", "tokenizer"),
+        build=_validate_tokens,
+    ),
+    Stage(
+        "infill",
+        "data",
+        ("datasets",),
+        "infill/manifest.json",
+        sections=("infilling",),
+        inputs=("tokenize", "tokenizer"),
+        plan=infill_jobs,
+        shard=build_infill_shard,
+        shard_key=infill_shard_key,
+        shard_output=lambda job: job.out_path,
+        close=close_infill,
+    ),
+    Stage(
+        "pretrain",
+        "pretrain",
+        ("train", "loader"),
+        "pretrain/manifest.json",
+        sections=("model", "pretrain", "infilling"),
+        inputs=("infill",),
+        extra=_pretrain_extra,
+        options=("continue_steps",),
+        build=train,
+    ),
+    Stage(
+        "finetune",
+        "finetune",
+        ("finetune", "checkpoint", "tokenizer"),
+        "finetune/{cfg.finetune.task.name}/manifest.json",
+        sections=("finetune",),
+        inputs=("pretrain", "tokenizer"),
+        build=_finetune,
+    ),
+    Stage(
+        "evaluate",
+        "finetune",
+        ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus"),
+        "eval/manifest.json",
+        sections=("evaluate",),
+        inputs=("pretrain", "finetune", "infill"),
+        build=_evaluate,
+    ),
+    # exported first, verified second: only a verified bundle becomes export/bundle
+    Stage(
+        "export",
+        "export",
+        ("export", "runtime"),
+        "export/manifest.json",
+        sections=("export",),
+        inputs=("finetune", "tokenizer"),
+        steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote)),
+    ),
+)
+
+# derived, for callers that list them
+STAGES = tuple(name for name, st in REGISTRY.items() if st.output is not None)  # those with an output
+STAGE_MODULES = {name: st.modules for name, st in REGISTRY.items()} | {
+    f"{name}-shard": st.modules for name, st in REGISTRY.items() if st.mapped
+}
+
+
+def stages_of(group: str) -> list[Stage]:
+    """The stages of one group (or of "all"), in the order they run."""
+    if group != "all" and group not in GROUPS:
+        raise ValueError(f"unknown stage {group!r}; choose one of {', '.join([*GROUPS, 'all'])}")
+    return [st for g in GROUPS if group in (g, "all") for st in REGISTRY.values() if st.group == g]
 
 
 def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | None = None) -> dict[str, Any]:
-    """Every stage in order, in this process, without Prefect; returns each stage's output."""
+    """Every stage of a group (or all of them) in order, in this process, without Prefect; {stage: its output}."""
     paths = RunPaths(cfg.run_dir)
-    groups: dict[str, list[Callable[..., Path]]] = {
-        "data": list(DATA_STAGES),
-        "pretrain": [functools.partial(pretrain, continue_steps=continue_steps)],
-        "finetune": [finetune, evaluate],
-        "export": [export],
-    }
-    if stage != "all" and stage not in groups:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join([*groups, 'all'])}")
-    outputs = {}
+    todo = stages_of(stage)
     with run_lock(cfg.run_dir):
-        for name in groups if stage == "all" else [stage]:
-            for fn in groups[name]:
-                fn_name = getattr(fn, "__name__", None) or fn.func.__name__
-                outputs[fn_name] = fn(cfg, paths)
-    return outputs
+        return {st.name: run_stage(st, cfg, paths, continue_steps=continue_steps) for st in todo}
+
+
+# one function per stage, for scripts and notebooks: run it unless it is done; its output
+def ingest(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("ingest", cfg, paths)
+
+
+def validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("validate-corpus", cfg, paths)
+
+
+def train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("tokenizer", cfg, paths)
+
+
+def check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    return run_stage("check-finetune-task", cfg, paths)
+
+
+def tokenize(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("tokenize", cfg, paths)
+
+
+def validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("validate-tokens", cfg, paths)
+
+
+def build_infilling(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("infill", cfg, paths)
+
+
+def pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None, **hooks: Any) -> Path:
+    """hooks: train's log_line and progress callbacks."""
+    return run_stage("pretrain", cfg, paths, hooks=hooks, continue_steps=continue_steps)
+
+
+def finetune(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("finetune", cfg, paths)
+
+
+def evaluate(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("evaluate", cfg, paths)
+
+
+def export(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    return run_stage("export", cfg, paths)
 
 
 # --------------------------------------------------------------------------- verify a run directory
 
 
-# stage directory (relative to the run directory; * = one per fine-tuning task) -> the stage that writes it
-MANIFEST_STAGES = {
-    "docs": "ingest",
-    "tokenizer": "tokenizer",
-    "tokens": "tokenize",
-    "infill": "infill",
-    "pretrain": "pretrain",
-    "finetune/*": "finetune",
-    "eval": "evaluate",
-    "export": "export",
-}
-SHARD_STAGES = {"tokenize": "tokenize-shard", "infill": "infill-shard"}  # a stage -> its per-shard stamps
-VALIDATIONS = {"docs": "validate-corpus", "tokens": "validate-tokens"}
+def _output_pattern(st: Stage) -> str:
+    """The stage's output as a glob under the run directory (any fine-tuning task's: finetune/*/manifest.json)."""
+    return re.sub(r"\{[^}]*\}", "*", st.output or "")
 
 
 def verify_run(run_dir: str | Path, mark: bool = True) -> dict[str, list[str]]:
@@ -993,16 +1169,18 @@ def verify_run(run_dir: str | Path, mark: bool = True) -> dict[str, list[str]]:
 
     paths = RunPaths(run_dir)
     report: dict[str, list[str]] = {}
-    for pattern, stage in MANIFEST_STAGES.items():
-        for manifest in sorted(paths.root.glob(f"{pattern}/{MANIFEST}")):
+    outputs = [st for st in REGISTRY.values() if st.output is not None]
+    for st in outputs:
+        for manifest in sorted(paths.root.glob(_output_pattern(st))) if Path(st.output).name == MANIFEST else []:
             problems = verify_manifest(manifest, deep=True)
             report[str(manifest.relative_to(paths.root))] = problems
             if problems and mark:
-                (paths.stamps / f"{stage}.json").unlink(missing_ok=True)
-                _unstamp_shards(paths, stage, manifest.parent, problems)
-    for directory, stage in VALIDATIONS.items():
-        output = paths.root / directory / VALIDATION
-        stamp = paths.stamps / f"{stage}.json"
+                (paths.stamps / f"{st.name}.json").unlink(missing_ok=True)
+                _unstamp_shards(paths, st, manifest.parent, problems)
+    # not a manifest (a validation result): the stamp's digest of the file says whether it changed
+    others = [(s, o) for s in outputs if Path(s.output).name != MANIFEST for o in sorted(paths.root.glob(_output_pattern(s)))]
+    for st, output in others:
+        stamp = paths.stamps / f"{st.name}.json"
         if output.is_file() and stamp.is_file():
             try:
                 recorded = json.loads(stamp.read_text(encoding="utf-8")).get("output_sha256")
@@ -1018,12 +1196,11 @@ def verify_run(run_dir: str | Path, mark: bool = True) -> dict[str, list[str]]:
     return report
 
 
-def _unstamp_shards(paths: RunPaths, stage: str, stage_dir: Path, problems: list[str]) -> None:
+def _unstamp_shards(paths: RunPaths, st: Stage, stage_dir: Path, problems: list[str]) -> None:
     """Remove the shard stamps of the files named in `problems` (each starts with the file's path)."""
-    shard_stage = SHARD_STAGES.get(stage)
-    if shard_stage is None:
+    if st.plan is None:
         return
     for problem in problems:
         named = Path(problem.split(": ", 1)[0])
         if named.is_relative_to(stage_dir):
-            _shard_stamp(paths, shard_stage, named, stage_dir).unlink(missing_ok=True)
+            _shard_stamp(paths, f"{st.name}-shard", named, stage_dir).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ the run directory, and nothing is read back from it but JSON stamps and manifest
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect import Task
@@ -55,10 +56,10 @@ def artifact_key(cfg: PipelineConfig, what: str) -> str:
     return f"{slug(cfg.name)}-{what}"
 
 
-def cached(cfg: PipelineConfig, stage: str, **options: Any) -> State | None:
-    """A "Cached" state holding the stage's output path if the stage is done, else None."""
-    output = stages.current_output(stage, cfg, stages.RunPaths(cfg.run_dir), **options)
-    return None if output is None else _cached(str(output))
+def cached(cfg: PipelineConfig, stage: str | stages.Stage, **options: Any) -> State | None:
+    """A "Cached" state holding the stage's output path (a check: its summary) if the stage is done, else None."""
+    done = stages.current_result(stage, cfg, stages.RunPaths(cfg.run_dir), **options)
+    return None if done is None else _cached(str(done) if isinstance(done, Path) else done)
 
 
 def cached_result(result: Any) -> State | None:

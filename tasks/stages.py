@@ -1,162 +1,170 @@
-"""One thin Prefect task per pipeline stage: a call into glm.stages plus artifacts.
+"""The pipeline's Prefect tasks, made from the stage declarations in glm.stages.REGISTRY.
 
-Tasks take the typed config (small) or a shard job and return paths or small dicts, never
-data. Each first asks the stage stamps whether its stage (or shard) is done and, if so, ends as
-"Cached" without running it (tasks.options.cached); retries are applied per run by
-tasks.options.configure.
+Each stage becomes a task (a stage built in steps, one task per step; a mapped stage, a task per
+shard and one that closes the stage). Every task first asks the stamps whether its stage (or
+shard) is done and, if so, ends as "Cached" without running it (tasks.options.cached); otherwise
+it runs the stage through glm.stages (the same code as the plain runner) and publishes the stage's
+artifacts. Tasks take the typed config (small) or a shard job and return paths or small dicts,
+never data; retries are applied per run by tasks.options.configure.
+
+Only what is Prefect's lives here: task names, artifacts, the training run's logger and progress.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
 
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import TASK_OPTIONS, cached, cached_result
-from prefect import task
+from glm_pipeline.tasks.training import training_hooks
+from prefect import Task, task
 
 from glm import stages
 from glm.config import PipelineConfig
 
 
-def _paths(cfg: PipelineConfig) -> stages.RunPaths:
-    return stages.RunPaths(cfg.run_dir)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@task(name="ingest", task_run_name="ingest-{cfg.name}", **TASK_OPTIONS)
-def ingest(cfg: PipelineConfig) -> str:
-    """Sources -> document shards (only new inputs are read)."""
-    if (done := cached(cfg, "ingest")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.ingest(cfg, paths)
-    artifacts.corpus_statistics(cfg, paths.docs)
-    return str(manifest)
-
-
-@task(name="validate-corpus", task_run_name="validate-corpus-{cfg.name}", **TASK_OPTIONS)
-def validate_corpus(cfg: PipelineConfig) -> str:
-    """The document quality gate; its results are a table artifact whether it passes or not."""
-    if (done := cached(cfg, "validate-corpus")) is not None:
-        return done
-    paths = _paths(cfg)
-    try:
-        return str(stages.validate_corpus(cfg, paths))
-    finally:
-        artifacts.validation_results(cfg, paths.docs / stages.VALIDATION, "corpus")
-
-
-@task(name="train-tokenizer", task_run_name="train-tokenizer-{cfg.name}", **TASK_OPTIONS)
-def train_tokenizer(cfg: PipelineConfig) -> str:
-    if (done := cached(cfg, "tokenizer")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.train_tokenizer(cfg, paths)
-    artifacts.tokenizer_summary(cfg, paths.tokenizer)
-    return str(manifest)
-
-
-@task(name="check-finetune-task", task_run_name="check-finetune-task-{cfg.finetune.task.name}", **TASK_OPTIONS)
-def check_finetune_task(cfg: PipelineConfig) -> dict[str, Any] | None:
-    """The fine-tuning task's pattern, verbalizers, fields and labels against the tokenizer, before pretraining."""
-    paths = _paths(cfg)
-    if (done := cached_result(stages.cached_finetune_check(cfg, paths))) is not None:
-        return done
-    return stages.check_finetune_task(cfg, paths)
-
-
-@task(name="tokenize-shard", task_run_name="tokenize-{job[shard]}", **TASK_OPTIONS)
-def tokenize_shard(job: dict[str, str], run_dir: str) -> dict[str, Any]:
-    """One document shard -> one token shard; returns its manifest entry."""
-    paths = stages.RunPaths(run_dir)
-    if (done := cached_result(stages.cached_tokenize_shard(job, paths))) is not None:
-        return done
-    return stages.tokenize_shard(job, paths)
-
-
-@task(name="close-tokenize", task_run_name="close-tokenize-{cfg.name}", **TASK_OPTIONS)
-def close_tokenize(cfg: PipelineConfig, entries: list[dict[str, Any]]) -> str:
-    if (done := cached(cfg, "tokenize")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.close_tokenize(cfg, paths, entries)
-    artifacts.token_statistics(cfg, paths.tokens)
-    return str(manifest)
-
-
-@task(name="validate-tokens", task_run_name="validate-tokens-{cfg.name}", **TASK_OPTIONS)
-def validate_tokens(cfg: PipelineConfig) -> str:
-    if (done := cached(cfg, "validate-tokens")) is not None:
-        return done
-    paths = _paths(cfg)
-    try:
-        return str(stages.validate_tokens(cfg, paths))
-    finally:
-        artifacts.validation_results(cfg, paths.tokens / stages.VALIDATION, "token")
-
-
-def _shard_run_name(parameters: dict[str, Any]) -> str:
+def _span_corruption_run_name(parameters: dict[str, Any]) -> str:
     job = parameters["job"]
     where = "valid" if job.plan.split == "valid" else f"epoch-{job.plan.epoch:03d}"
     return f"span-corruption-{where}-shard-{job.shard_index:05d}"
 
 
-@task(name="build-span-corruption-shard", task_run_name=_shard_run_name, **TASK_OPTIONS)
-def build_span_corruption_shard(job: Any, run_dir: str) -> dict[str, Any]:
-    """Pack, corrupt and write one span-corruption shard (job: glm.datasets.ShardJob)."""
-    paths = stages.RunPaths(run_dir)
-    if (done := cached_result(stages.cached_infill_shard(job, paths))) is not None:
-        return done
-    return stages.build_infill_shard(job, paths)
+# The names users and dashboards know. A stage's task is named after the stage (a step after the
+# step) and its runs "{task}-{cfg.name}", unless listed here.
+TASK_NAMES = {"tokenizer": "train-tokenizer", "tokenize": "close-tokenize", "infill": "close-span-corruption"}
+SHARD_TASK_NAMES = {"tokenize": "tokenize-shard", "infill": "build-span-corruption-shard"}  # default: STAGE-shard
+RUN_NAMES: dict[str, str | Callable[[dict[str, Any]], str]] = {
+    "check-finetune-task": "check-finetune-task-{cfg.finetune.task.name}",
+    "finetune": "finetune-{cfg.finetune.task.name}",
+    "tokenize-shard": "tokenize-{job[shard]}",
+    "build-span-corruption-shard": _span_corruption_run_name,
+}
+
+# stage -> what its task publishes once the stage is built
+ARTIFACTS: dict[str, Callable[[PipelineConfig, stages.RunPaths], None]] = {
+    "ingest": lambda cfg, paths: artifacts.corpus_statistics(cfg, paths.docs),
+    "validate-corpus": lambda cfg, paths: artifacts.validation_results(cfg, paths.docs / stages.VALIDATION, "corpus"),
+    "tokenizer": lambda cfg, paths: artifacts.tokenizer_summary(cfg, paths.tokenizer),
+    "tokenize": lambda cfg, paths: artifacts.token_statistics(cfg, paths.tokens),
+    "validate-tokens": lambda cfg, paths: artifacts.validation_results(cfg, paths.tokens / stages.VALIDATION, "token"),
+    "pretrain": lambda cfg, paths: artifacts.loss_table(cfg, paths.pretrain / "metrics.jsonl"),
+    "finetune": lambda cfg, paths: artifacts.finetune_summary(cfg, stages.finetune_results(cfg, paths)),
+    "evaluate": lambda cfg, paths: artifacts.evaluation_report(cfg, paths.eval),
+    "export": lambda cfg, paths: artifacts.export_bundle(cfg, paths.bundle),
+}
+EVEN_WHEN_FAILED = {"validate-corpus", "validate-tokens"}  # a failed quality gate's results are what to look at
+
+# stage -> (cfg) -> keyword arguments only its build takes, made for this task run
+HOOKS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {"pretrain": training_hooks}
 
 
-@task(name="close-span-corruption", task_run_name="close-span-corruption-{cfg.name}", **TASK_OPTIONS)
-def close_infill(cfg: PipelineConfig, results: list[dict[str, Any]]) -> str:
-    if (done := cached(cfg, "infill")) is not None:
-        return done
-    return str(stages.close_infill(cfg, _paths(cfg), results))
+@dataclasses.dataclass(frozen=True)
+class StageTasks:
+    """The tasks of one stage: `whole` (built at once), `steps` (built in steps), or `shard` + `close` (mapped)."""
+
+    stage: stages.Stage
+    whole: Task | None = None
+    steps: tuple[Task, ...] = ()
+    shard: Task | None = None
+    close: Task | None = None
 
 
-# --------------------------------------------------------------------------- fine-tuning, evaluation, export
+def _make(fn: Callable[..., Any], name: str, doc: str | None, run_name: str | None = "{name}-{{cfg.name}}") -> Task:
+    fn.__name__ = fn.__qualname__ = name.replace("-", "_")
+    fn.__doc__ = doc
+    default = run_name.format(name=name) if run_name else None
+    return task(fn, name=name, task_run_name=RUN_NAMES.get(name, default), **TASK_OPTIONS)
 
 
-@task(name="finetune", task_run_name="finetune-{cfg.finetune.task.name}", **TASK_OPTIONS)
-def finetune(cfg: PipelineConfig) -> str:
-    """Fine-tune from the pretrained checkpoint (and from scratch, the baseline)."""
-    if (done := cached(cfg, "finetune")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.finetune(cfg, paths)
-    artifacts.finetune_summary(cfg, stages.finetune_results(cfg, paths))
-    return str(manifest)
+def _returned(done: Any) -> Any:
+    return str(done) if isinstance(done, Path) else done
 
 
-@task(name="evaluate", task_run_name="evaluate-{cfg.name}", **TASK_OPTIONS)
-def evaluate(cfg: PipelineConfig) -> str:
-    if (done := cached(cfg, "evaluate")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.evaluate(cfg, paths)
-    artifacts.evaluation_report(cfg, paths.eval)
-    return str(manifest)
+def _publish(st: stages.Stage, cfg: PipelineConfig, paths: stages.RunPaths) -> None:
+    if st.name in ARTIFACTS:
+        ARTIFACTS[st.name](cfg, paths)
 
 
-@task(name="export-onnx", task_run_name="export-onnx-{cfg.name}", **TASK_OPTIONS)
-def export_onnx(cfg: PipelineConfig) -> str:
-    """Export the ONNX bundle (unverified, to export/.candidate)."""
-    if (done := cached(cfg, "export")) is not None:
-        return done
-    return str(stages.export_candidate(cfg, _paths(cfg)))
+def _whole_task(st: stages.Stage) -> Task:
+    def run(cfg: PipelineConfig, options: dict[str, Any] | None = None) -> Any:
+        options = options or {}
+        if (done := cached(cfg, st, **options)) is not None:
+            return done
+        paths = stages.RunPaths(cfg.run_dir)
+        hooks = HOOKS[st.name](cfg) if st.name in HOOKS else None
+        try:
+            done = stages.run_stage(st, cfg, paths, hooks=hooks, **options)
+        except BaseException:
+            if st.name in EVEN_WHEN_FAILED:
+                _publish(st, cfg, paths)
+            raise
+        _publish(st, cfg, paths)
+        return _returned(done)
+
+    return _make(run, TASK_NAMES.get(st.name, st.name), st.build.__doc__ if st.build else None)
 
 
-@task(name="verify-export", task_run_name="verify-export-{cfg.name}", **TASK_OPTIONS)
-def verify_export(cfg: PipelineConfig) -> str:
-    """Check the bundle against PyTorch; only a verified bundle becomes export/bundle."""
-    if (done := cached(cfg, "export")) is not None:
-        return done
-    paths = _paths(cfg)
-    manifest = stages.verify_and_promote(cfg, paths)
-    artifacts.export_bundle(cfg, paths.bundle)
-    return str(manifest)
+def _step_task(st: stages.Stage, index: int) -> Task:
+    name, step = st.steps[index]
+    last = index == len(st.steps) - 1
+
+    def run(cfg: PipelineConfig, options: dict[str, Any] | None = None) -> Any:
+        options = options or {}
+        if (done := cached(cfg, st, **options)) is not None:
+            return done
+        paths = stages.RunPaths(cfg.run_dir)
+        done = stages.run_step(st, index, cfg, paths, **options)
+        if last:
+            _publish(st, cfg, paths)
+        return _returned(done)
+
+    return _make(run, name, step.__doc__)
+
+
+def _shard_task(st: stages.Stage) -> Task:
+    stage = st.name  # looked up where the task runs: a process pool's worker unpickles only the name
+
+    def run(job: Any, run_dir: str) -> Any:
+        paths = stages.RunPaths(run_dir)
+        if (done := cached_result(stages.shard_result(stage, job, paths))) is not None:
+            return done
+        return stages.run_shard(stage, job, paths)
+
+    return _make(run, SHARD_TASK_NAMES.get(st.name, f"{st.name}-shard"), st.shard.__doc__, run_name=None)
+
+
+def _close_task(st: stages.Stage) -> Task:
+    def run(cfg: PipelineConfig, results: list[Any]) -> str:
+        if (done := cached(cfg, st)) is not None:
+            return done
+        paths = stages.RunPaths(cfg.run_dir)
+        done = stages.close_stage(st, cfg, paths, results)
+        _publish(st, cfg, paths)
+        return str(done)
+
+    return _make(run, TASK_NAMES.get(st.name, f"close-{st.name}"), st.close.__doc__)
+
+
+_MADE: dict[int, tuple[stages.Stage, StageTasks]] = {}
+
+
+def tasks_for(stage: str | stages.Stage) -> StageTasks:
+    """The Prefect tasks of a stage (made once per declaration)."""
+    st = stages.REGISTRY[stage] if isinstance(stage, str) else stage
+    known = _MADE.get(id(st))
+    if known is not None and known[0] is st:
+        return known[1]
+    if st.mapped:
+        made = StageTasks(st, shard=_shard_task(st), close=_close_task(st))
+    elif st.steps:
+        made = StageTasks(st, steps=tuple(_step_task(st, i) for i in range(len(st.steps))))
+    else:
+        made = StageTasks(st, whole=_whole_task(st))
+    _MADE[id(st)] = (st, made)
+    return made
+
+
+TASKS = {name: tasks_for(name) for name in stages.REGISTRY}
+ingest = TASKS["ingest"].whole  # a task to configure in tests and scripts

@@ -35,7 +35,9 @@ def _state_of(flow_state, prefix: str) -> dict[str, str]:
 
 def test_a_transient_ingest_failure_is_retried_and_the_flow_succeeds(prefect_api, make_config, monkeypatch):
     cfg = make_config("quality.enabled=false", "orchestration.retries=2")
-    real, calls = stages.ingest, []
+    import glm.corpus
+
+    real, calls = glm.corpus.ingest, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -43,7 +45,7 @@ def test_a_transient_ingest_failure_is_retried_and_the_flow_succeeds(prefect_api
             raise ConnectionError("injected: the corpus share went away for a moment")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "ingest", flaky)
+    monkeypatch.setattr(glm.corpus, "ingest", flaky)  # the ingest stage's work
     state = data_flow(cfg, return_state=True)
     assert state.is_completed(), state.message
     assert len(calls) == 2
@@ -53,13 +55,15 @@ def test_a_transient_ingest_failure_is_retried_and_the_flow_succeeds(prefect_api
 
 def test_a_permanent_failure_is_not_retried(prefect_api, make_config, monkeypatch):
     cfg = make_config("quality.enabled=false", "orchestration.retries=2")
+    import glm.corpus
+
     calls = []
 
     def broken(*args, **kwargs):
         calls.append(1)
         raise ValueError("data.sources[0]: path 'nowhere' does not exist")
 
-    monkeypatch.setattr(stages, "ingest", broken)
+    monkeypatch.setattr(glm.corpus, "ingest", broken)
     state = data_flow(cfg, return_state=True)
     assert state.is_failed() and len(calls) == 1
 

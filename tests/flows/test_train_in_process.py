@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from glm_pipeline.flows.pipeline import data_flow, pretrain_flow
-from glm_pipeline.tasks import training
 
+import glm.launch
 from glm import stages
 from tests.flows.api import artifacts, logs
 
@@ -29,7 +29,7 @@ def test_in_process_training_writes_the_pretrain_outputs_and_full_progress(prefe
     def no_subprocess(*args, **kwargs):
         raise AssertionError("train_in_process=true launched a training subprocess")
 
-    monkeypatch.setattr(training, "run_logged", no_subprocess)
+    monkeypatch.setattr(glm.launch, "run_logged", no_subprocess)
     assert data_flow(cfg, return_state=True).is_completed()
     _pretrain_outputs_are_complete(cfg, pretrain_flow(cfg, return_state=True))
 
@@ -37,8 +37,8 @@ def test_in_process_training_writes_the_pretrain_outputs_and_full_progress(prefe
 def test_subprocess_training_streams_its_output_to_the_run_log(prefect_api, make_config, monkeypatch):
     cfg = make_config("quality.enabled=false", "orchestration.train_in_process=false", name="subprocess")
     launched = []
-    real = training.run_logged
-    monkeypatch.setattr(training, "run_logged", lambda cmd, **kw: launched.append(cmd) or real(cmd, **kw))
+    real = glm.launch.run_logged
+    monkeypatch.setattr(glm.launch, "run_logged", lambda cmd, **kw: launched.append(cmd) or real(cmd, **kw))
     assert data_flow(cfg, return_state=True).is_completed()
     state = pretrain_flow(cfg, return_state=True)
     _pretrain_outputs_are_complete(cfg, state)

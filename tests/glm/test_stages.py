@@ -94,6 +94,18 @@ def test_a_stages_code_version_covers_the_glm_modules_it_imports():
         stages.stage_modules("nope")
 
 
+def test_a_stage_declaration_is_checked_when_it_is_made():
+    with pytest.raises(ValueError, match="exactly one of build, steps, or plan"):
+        stages.Stage("count", "data", ("corpus",), "count/manifest.json")
+    with pytest.raises(ValueError, match="group 'train' is not one of data, pretrain"):
+        stages.Stage("count", "train", ("corpus",), "count/manifest.json", build=print)
+    with pytest.raises(ValueError, match="needs shard, shard_key"):
+        stages.Stage("count", "data", ("corpus",), "count/manifest.json", plan=print, shard=print)
+    with pytest.raises(ValueError, match=r"reads stages not declared before it \(\['ingest'\]\)"):
+        stages._declare(stages.Stage("count", "data", ("corpus",), "count/manifest.json", inputs=("ingest",), build=print))
+    assert [st.name for st in stages.stages_of("all")] == list(stages.REGISTRY)  # declared in the order they run
+
+
 def test_the_source_fingerprint_sees_new_and_changed_files(text_config):
     cfg, corpus = text_config
     before = stages.source_fingerprint(cfg)
@@ -151,16 +163,12 @@ def test_data_stages_are_idempotent_incremental_and_pretraining_continues_on_new
     cfg, corpus = text_config
     paths = stages.RunPaths(cfg.run_dir)
     out = stages.run_pipeline(cfg, stage="data")
-    assert set(out) == {
-        "ingest",
-        "validate_corpus",
-        "train_tokenizer",
-        "check_finetune_task",
-        "tokenize",
-        "validate_tokens",
-        "build_infilling",
-    }
-    assert out.pop("check_finetune_task")["kind"] == cfg.finetune.kind  # checked before any pretraining
+    assert (
+        list(out)
+        == [st.name for st in stages.stages_of("data")]
+        == ["ingest", "validate-corpus", "tokenizer", "check-finetune-task", "tokenize", "validate-tokens", "infill"]
+    )
+    assert out.pop("check-finetune-task")["kind"] == cfg.finetune.kind  # checked before any pretraining
     assert all(Path(p).is_file() for p in out.values())
     first = _digests(paths)
 
@@ -216,7 +224,9 @@ def test_a_changed_glm_module_changes_the_code_version_within_one_process(tmp_pa
     (package / "train.py").write_text("from glm.model import WIDTH\n")
     (package / "extra.py").write_text("X = 1\n")
     monkeypatch.setattr(stages, "_PACKAGE_DIR", package)
-    monkeypatch.setattr(stages, "STAGE_MODULES", {"pretrain": ("train",)})
+    import dataclasses
+
+    monkeypatch.setitem(stages.REGISTRY, "pretrain", dataclasses.replace(stages.REGISTRY["pretrain"], modules=("train",)))
     monkeypatch.setattr(stages, "_SOURCES", {})
     monkeypatch.setattr(stages, "_VERSIONS", {})
 

@@ -11,7 +11,10 @@ import sys
 import pytest
 from glm_pipeline.tasks.options import retry_transient
 from glm_pipeline.tasks.stages import ingest
-from glm_pipeline.tasks.training import (
+from prefect.states import Failed
+
+from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
+from glm.launch import (
     Finished,
     MetricsTail,
     TrainingCrashed,
@@ -21,9 +24,6 @@ from glm_pipeline.tasks.training import (
     _train_in_process,
     run_logged,
 )
-from prefect.states import Failed
-
-from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
 
 
 def test_output_is_streamed_line_by_line_and_the_tail_is_kept():

@@ -1,0 +1,173 @@
+"""Running pretraining as a process: streamed output, a timeout that kills its process group, the
+metrics tail for progress, and one classification of failures for in-process and subprocess training.
+
+Both ways classify a failure alike (glm.train.failure_kind): a config, data, divergence or disk
+problem is TrainingFailed, permanent, never retried; anything else (an uncaught exception, a
+signal, out of memory) is TrainingCrashed, which a retry resumes from the last checkpoint. A
+subprocess reports the first by its exit code and pretrain/last-error.json (glm.errors), which also
+outlives torchrun's exit code 1. glm.stages.train_stage decides which way a run trains.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from glm.config import PipelineConfig
+from glm.errors import KINDS_BY_CODE, PermanentError, read_error_file
+
+POLL_SECONDS = 1.0
+KILL_GRACE_SECONDS = 10.0
+
+
+class TrainingTimeout(TimeoutError):
+    """The training process ran past orchestration.train_timeout_seconds and was killed."""
+
+
+class TrainingCrashed(RuntimeError):
+    """Training crashed (an uncaught exception, a signal, out of memory...): a retry resumes from its checkpoint."""
+
+
+class TrainingFailed(PermanentError):
+    """Training stopped on a problem a retry cannot fix; `kind` is config, data, diverged, disk or usage."""
+
+
+@dataclass
+class Finished:
+    returncode: int
+    lines: list[str] = field(default_factory=list)  # the last lines of output
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it if it has not exited after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(
+    cmd: list[str],
+    *,
+    log: Callable[[str], None],
+    timeout: float | None = None,
+    on_poll: Callable[[], None] | None = None,
+    poll_seconds: float = POLL_SECONDS,
+    keep_lines: int = 200,
+    env: dict[str, str] | None = None,
+) -> Finished:
+    """Run `cmd`, sending each output line to `log`; call `on_poll` every poll_seconds; kill it
+    (and its process group) after `timeout` seconds with TrainingTimeout."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True, env=env
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            log(line)
+
+    reader = threading.Thread(target=pump, name="train-output", daemon=True)
+    reader.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                proc.wait(timeout=poll_seconds if deadline is None else max(0.0, min(poll_seconds, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if on_poll is not None:
+                on_poll()
+            if deadline is not None and time.monotonic() >= deadline:
+                _kill_group(proc, KILL_GRACE_SECONDS)
+                raise TrainingTimeout(
+                    f"training ran longer than orchestration.train_timeout_seconds={timeout:g} and was killed "
+                    f"(pid {proc.pid}); raise the timeout, or re-run: training resumes from its last checkpoint"
+                )
+    except BaseException:
+        _kill_group(proc, KILL_GRACE_SECONDS)  # the task was cancelled or crashed: never leave training behind
+        raise
+    finally:
+        reader.join(timeout=5)
+    return Finished(proc.returncode, list(tail))
+
+
+class MetricsTail:
+    """Follows metrics.jsonl (appended by the trainer, rewritten on resume): the last step it records."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.step, self.pending, self.inode = path, 0, 0, "", None
+
+    def poll(self) -> int:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return self.step
+        if st.st_ino != self.inode or st.st_size < self.offset:  # rewritten: a resumed run drops records past its checkpoint
+            self.offset, self.pending, self.step, self.inode = 0, "", 0, st.st_ino
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+            self.offset = f.tell()
+        *complete, self.pending = (self.pending + chunk).split("\n")
+        for line in complete:
+            try:
+                self.step = max(self.step, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return self.step
+
+
+def _exit_error(finished: Finished, cmd: list[str], out_dir: Path | None = None) -> Exception:
+    """The error of a training process that exited with a non-zero code.
+
+    out_dir/last-error.json, written by this attempt (the task deletes any older one before it
+    starts the process), wins over the exit code: torchrun exits 1 whatever its workers' codes were.
+    """
+    last = "\n".join(finished.lines[-15:])
+    record = read_error_file(out_dir) if out_dir is not None else None
+    if record is not None:
+        return TrainingFailed(f"training failed ({record['kind']}): {record.get('message', '')}", kind=record["kind"])
+    kind = KINDS_BY_CODE.get(finished.returncode)
+    if kind is not None:
+        return TrainingFailed(f"training failed ({kind}, exit code {finished.returncode}):\n{last}", kind=kind)
+    return TrainingCrashed(
+        f"training process crashed (exit code {finished.returncode}, command {' '.join(cmd)}); "
+        f"a retry resumes from the last checkpoint. Last output:\n{last}"
+    )
+
+
+def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[[dict], None]) -> dict:
+    """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints.
+
+    Failures are classified as the subprocess's exit code would classify them."""
+    import dataclasses
+
+    from glm.train import failure_kind, pretrain_on_shards
+
+    try:
+        result = pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics)
+    except Exception as e:
+        kind = failure_kind(e)
+        if kind is not None:
+            raise TrainingFailed(f"training failed ({kind}): {e}", kind=kind) from e
+        raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last checkpoint") from e
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
