@@ -139,7 +139,8 @@ def _step_seconds(metrics: list[dict], upto: int) -> float:
 
 
 def _demo_time_to_loss() -> dict:
-    from glm.train import pretrain_on_shards, read_metrics
+    from glm.metrics import read_metrics
+    from glm.train import pretrain_on_shards
 
     cfg = load_config(DEMO_CONFIG)
     run = ROOT / cfg.run_dir
@@ -173,7 +174,8 @@ def _demo_time_to_loss() -> dict:
 
 
 def _quick_time_to_loss() -> dict:
-    from glm.train import SyntheticBatches, pretrain, read_metrics
+    from glm.metrics import read_metrics
+    from glm.train import SyntheticBatches, pretrain
 
     cfg = load_config(
         None,

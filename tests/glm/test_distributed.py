@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from glm.checkpoint import latest_checkpoint, load_model, load_trainer_state
 from glm.config import ModelConfig, OptimConfig, TrainConfig
 from glm.distributed import DistInfo, init_distributed, resolve_device, wrap_model
-from glm.train import SyntheticBatches, pretrain, read_metrics
+from glm.metrics import read_metrics
+from glm.train import SyntheticBatches, pretrain
 
 V, T, STEPS = 64, 32, 4
 MODEL = ModelConfig(vocab_size=V, max_seq_len=T, dropout=0.0, attention_dropout=0.0)
