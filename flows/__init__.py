@@ -1,7 +1,6 @@
-"""Prefect flows: the end-to-end pipeline and the stage flows (flows/pipeline.py).
+"""Prefect flows: the end-to-end pipeline and the stage flows (flows/pipeline.py), serve, deploy, the CLI.
 
-`tasks` is imported first: it sets PREFECT_LOGGING_EXTRA_LOGGERS=glm before Prefect configures
-logging, so glm's log lines appear in the flow and task run logs.
+Importing this package imports nothing else: `glm-pipeline` (flows/cli.py) must install its own
+logging before Prefect is imported, or Prefect's console handler prints every traceback.
+flows/pipeline.py imports glm_pipeline.tasks before Prefect (it sets the logging environment).
 """
-
-import glm_pipeline.tasks  # noqa: F401  (must precede every Prefect import)

@@ -31,7 +31,7 @@ Ways to run:
 import contextlib
 from typing import Annotated, Any
 
-import glm_pipeline.tasks  # noqa: F401  (already imported by flows/__init__.py, before Prefect: routes glm logs into runs)
+import glm_pipeline.tasks  # noqa: F401  (before Prefect: sets the environment that routes glm logs into runs)
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import configure, slug
 from glm_pipeline.tasks.stages import tasks_for

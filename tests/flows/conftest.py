@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-import glm_pipeline.flows  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
+import glm_pipeline.tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 import pytest
 
 from glm.config import PipelineConfig, load_config
