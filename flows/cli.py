@@ -123,16 +123,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _verify(run_dir: str, mark: bool) -> int:
     """One line per manifest or checkpoint; exit 1 if anything fails (and, with `mark`, mark it)."""
-    from pathlib import Path
-
     from glm.stages import verify_run
 
-    if not Path(run_dir).is_dir():
+    if not Path(run_dir).exists():
         raise ConfigError(f"run directory {run_dir!r} does not exist; pass a run directory such as runs/demo")
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir!r} is a file, not a run directory; pass a run directory such as runs/demo")
     report = verify_run(run_dir, mark=mark)
     if not report:
-        print(f"{run_dir}: no manifests found (nothing has run there yet)")
-        return 0
+        raise ConfigError(f"{run_dir!r} holds no stage manifest: not a run directory, or nothing has finished there yet")
     for name, problems in report.items():
         print(f"{'ok    ' if not problems else 'FAILED'} {name}")
         for problem in problems:
@@ -146,6 +145,26 @@ def _verify(run_dir: str, mark: bool) -> int:
     return 1
 
 
+LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(run)s: %(message)s"
+
+
+def _name_the_run(record: logging.LogRecord) -> None:
+    """record.run: " [task or flow run name]" for Prefect's run loggers (which stage or shard said it)."""
+    run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+    record.run = f" [{run}]" if run else ""
+
+
+class RunFormatter(logging.Formatter):
+    """The log file's format: the terminal's, with tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__(LINE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        _name_the_run(record)
+        return super().format(record)
+
+
 class ConsoleFormatter(logging.Formatter):
     """The terminal's format: one line per record, tracebacks left to the log file (unless --debug).
 
@@ -154,10 +173,11 @@ class ConsoleFormatter(logging.Formatter):
     """
 
     def __init__(self, debug: bool = False):
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__(LINE_FORMAT)
         self.debug = debug
 
     def format(self, record: logging.LogRecord) -> str:
+        _name_the_run(record)
         if self.debug or not (record.exc_info or record.exc_text or record.stack_info):
             return super().format(record)
         saved = record.exc_info, record.exc_text, record.stack_info
@@ -203,7 +223,7 @@ def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
     path = Path(run_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RunFormatter())
     logging.getLogger().addHandler(handler)
     return path, handler
 

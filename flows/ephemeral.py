@@ -11,6 +11,7 @@ only this process, which reports the flow run Crashed and then stops it.
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -29,7 +30,11 @@ def detach_ephemeral_server() -> Any:
 
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_HOME, get_current_settings
+
+    log_path = Path(PREFECT_HOME.value()) / "ephemeral-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server_log = open(log_path, "ab")  # the server's stdout for its lifetime
 
     class DetachedServer(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
@@ -60,6 +65,10 @@ def detach_ephemeral_server() -> Any:
                     **get_current_settings().to_environment_variables(exclude_unset=True),
                 },
                 start_new_session=True,
+                # its own log, not the terminal: at shutdown it reports events it could not flush with
+                # long tracebacks, after the run's last line (successful runs included)
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
             )
 
     return DetachedServer()

@@ -80,6 +80,9 @@ def _run_dir(value: str) -> str:
         raise ValueError("is empty; set it to the directory this run writes to, e.g. runs/NAME")
     if "\0" in value:
         raise ValueError("contains a NUL character; set it to the directory this run writes to, e.g. runs/NAME")
+    for p in (Path(value), *Path(value).parents):  # a file where a directory must be: refuse before any work
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{value!r}: {str(p)!r} is a file, not a directory; choose another run_dir")
     return value
 
 
@@ -294,6 +297,22 @@ class ClozeTaskConfig(Section):
     length_normalise: bool = False
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
+    @model_validator(mode="after")
+    def _a_task_that_can_work(self) -> "ClozeTaskConfig":
+        # what needs no data or tokenizer is refused here, before any work (the rest: check-finetune-task)
+        if self.pattern.count("[MASK]") != 1 or "{text}" not in self.pattern:
+            raise ValueError(
+                f"pattern {self.pattern!r} needs one {{text}} and exactly one [MASK], e.g. '{{text}} It was [MASK].'"
+            )
+        words = [w.strip() for w in self.verbalizers.values()]
+        if len(set(words)) != len(words):
+            raise ValueError(
+                f"verbalizers {self.verbalizers} give two labels the same word: the classifier could not tell them apart"
+            )
+        if any(f < 0 for f in self.split) or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(f"split {list(self.split)} must be three non-negative fractions (train, dev, test) summing to 1")
+        return self
+
 
 class FinetuneConfig(Section):
     task: ClozeTaskConfig = Field(default_factory=ClozeTaskConfig)
@@ -371,7 +390,7 @@ class OrchestrationConfig(Section):
 
 class PipelineConfig(Section):
     name: str = "default"
-    run_dir: Annotated[str, AfterValidator(_run_dir)] = "runs/default"
+    run_dir: Annotated[str, AfterValidator(_run_dir)] = Field(default="runs/default", description="Default: runs/NAME.")
     data: DataConfig = Field(default_factory=DataConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -382,6 +401,13 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_dir_defaults_to_runs_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("run_dir") is None:  # absent; an explicit "" is refused below
+            data = {**data, "run_dir": f"runs/{data.get('name') or 'default'}"}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -458,7 +484,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, _, raw = item.partition("=")
     if not key.strip():
         raise ConfigError(f"--set {item!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. --set 'a.b=[1, 2]'") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -269,14 +269,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-_NOT_CONTENT = ("created",)  # manifest fields that say when, not what
+_NOT_CONTENT = ("created",)  # fields of other JSON outputs that say when, not what
 
 
 def manifest_digest(path: str | Path) -> str:
     """Content hash of a manifest (which itself hashes every file): the input part of cache keys.
 
-    Only what the outputs ARE counts, not when they were written: a shard rebuilt byte for byte
-    (after corruption, say) gives the same digest, so the stages downstream stay cached.
+    Only what the outputs ARE counts: the stage, its config, its inputs' digests and its files
+    (path, size, content hash and per-file facts), not when or how fast they were written
+    (created, mtimes, timings in stats, the code version, where the inputs live). A stage rebuilt
+    byte for byte (after damage, or after a code change that did not change its output) gives the
+    same digest, so the stages downstream of it stay cached and training resumes exactly.
     """
     mp = _manifest_path(path)
     try:
@@ -285,11 +288,16 @@ def manifest_digest(path: str | Path) -> str:
         return sha256_file(mp)  # not ours to interpret: any change counts
     if not isinstance(manifest, dict):
         return sha256_file(mp)
-    content = {k: v for k, v in manifest.items() if k not in _NOT_CONTENT}
-    if isinstance(content.get("files"), list):
-        content["files"] = [
-            {k: v for k, v in f.items() if k != "mtime_ns"} if isinstance(f, dict) else f for f in content["files"]
-        ]
+    if not isinstance(manifest.get("files"), list):  # another JSON output (a validation report)
+        return sha256_json({k: v for k, v in manifest.items() if k not in _NOT_CONTENT})
+    inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), list) else []
+    content = {
+        "manifest_version": manifest.get("manifest_version"),
+        "stage": manifest.get("stage"),
+        "config": manifest.get("config"),
+        "inputs": [i.get("sha256") if isinstance(i, dict) else i for i in inputs],
+        "files": [{k: v for k, v in f.items() if k != "mtime_ns"} if isinstance(f, dict) else f for f in manifest["files"]],
+    }
     return sha256_json(content)
 
 

@@ -97,3 +97,27 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_a_config_error(tmp_path, te
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match=problem):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.task.verbalizers={'0': good, '1': good}", "give two labels the same word"),
+        ("finetune.task.pattern=no mask here {text}", "exactly one [MASK]"),
+        ("finetune.task.pattern=It was [MASK].", "needs one {text}"),
+        ("finetune.task.split=[0.5, 0.5, 0.5]", "summing to 1"),
+        ("pretrain.steps=[1", "--set 'pretrain.steps=[1': the value is not valid YAML"),
+    ],
+)
+def test_a_task_or_value_that_cannot_work_is_refused_before_any_work(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_run_dir_defaults_to_runs_name_and_cannot_be_or_be_under_a_file(tmp_path):
+    assert load_config(None, ["name=nightly"]).run_dir == "runs/nightly"
+    (tmp_path / "afile").write_text("x")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ConfigError, match="is a file, not a directory; choose another run_dir"):
+            load_config("configs/tiny.yaml", [f"run_dir={run_dir}"])

@@ -111,6 +111,15 @@ def test_verify_names_a_missing_run_directory_in_one_line(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+    (tmp_path / "empty").mkdir()
+    empty = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "empty")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert empty.returncode == 2 and "holds no stage manifest" in empty.stderr, empty.stderr
 
 
 class _Payload:
@@ -140,3 +149,18 @@ def test_nothing_in_a_run_directory_is_a_pickle_and_planted_pickles_never_run(da
     assert not marker.exists()
     assert json.loads((paths.stamps / "ingest.json").read_text())["stage"] == "ingest"  # rebuilt as JSON
     assert read_manifest(paths.infill)["stage"]
+
+
+def test_an_upstream_stage_rebuilt_byte_for_byte_leaves_everything_below_it_cached(data_run):
+    """A damaged document shard and a deleted tokenizer are rebuilt identical: their digests (content,
+    not write times or timings) do not move, so tokens, span-corruption shards and their stamps stay."""
+    cfg, paths = data_run
+    downstream = {name: (paths.stamps / f"{name}.json").read_bytes() for name in ("tokenize", "infill")}
+    infill_before = _snapshot(paths.infill)
+    _flip_byte_in_place(next(paths.docs.glob("train/part-*.parquet")))
+    (paths.tokenizer / "tokenizer.model").unlink()
+
+    stages.run_pipeline(cfg, "data")
+    assert not verify_manifest(paths.docs, deep=True) and not verify_manifest(paths.tokenizer, deep=True)
+    assert {name: (paths.stamps / f"{name}.json").read_bytes() for name in downstream} == downstream
+    assert _snapshot(paths.infill) == infill_before
