@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from glm.config import ConfigError, dump_config, load_config
+from glm.config import ConfigError, add_override_argument, dump_config, load_config
 from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,7 @@ def _stop_on_signals() -> Iterator[None]:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file, or a name under configs/ (e.g. demo, tiny)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by its dotted path, e.g. --set pretrain.steps=100 (repeatable)",
-    )
+    add_override_argument(p)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -477,6 +477,18 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def add_override_argument(parser: Any) -> None:
+    """`--set KEY=VALUE` (repeatable) on an argparse parser: the one way every command takes overrides."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted path, e.g. --set pretrain.steps=100 (repeatable)",
+    )
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a","b","c"], value parsed as YAML, so 3 is an int and [1,2] a list)."""
     if "=" not in item:

@@ -68,6 +68,7 @@ from glm.config import (
     OptimConfig,
     PipelineConfig,
     TrainConfig,
+    add_override_argument,
     load_config,
 )
 from glm.distributed import (
@@ -766,14 +767,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML (its model, infilling and pretrain sections are used)")
     p.add_argument("--data", required=True, help="span-corruption dataset directory (the infill stage's output)")
     p.add_argument("--out", required=True, help="output directory: checkpoints/ and metrics.jsonl")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override by dotted path, e.g. --set pretrain.steps=100 (repeatable)",
-    )
+    add_override_argument(p)
     return p
 
 
