@@ -116,8 +116,12 @@ def test_serve_runs_on_its_cron_schedule_and_on_demand_then_pauses_on_ctrl_c(ser
             assert (run_dir / "export" / "bundle" / "model.onnx").is_file()
             assert (run_dir / "eval" / "manifest.json").is_file()
             for run in (by_hand, scheduled[0]):
-                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-                assert any("Finished in state Completed" in entry.message for entry in logs), run.name
+                # a run's log lines reach the API in batches, after its state: wait for its last one
+                def completed_line(run=run):
+                    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+                    return any("Finished in state Completed" in entry.message for entry in logs)
+
+                _wait_for(f"'Finished in state Completed' in the logs of {run.name}", completed_line, 60, proc, log)
             all_logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[by_hand.id, scheduled[0].id])))
             assert any(entry.name.startswith("glm.") for entry in all_logs)  # the pipeline's own lines too
 
