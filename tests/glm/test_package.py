@@ -49,12 +49,19 @@ def test_every_shipped_config_validates():
 
 def test_the_wheel_installs_no_generic_top_level_names(tmp_path):
     """tasks/, flows/ and configs/ install as glm_pipeline.*; benchmarks/ stays in the checkout."""
+    import shutil
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    # built from a copy of what the wheel is made of: no build/ left in the checkout, no stale file in it
+    root, source = Path(__file__).resolve().parents[2], tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, source / name)
+    for name in ("glm", "tasks", "flows", "configs", "benchmarks"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(source), "-w", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,7 @@ from glm import stages
 from glm.config import load_config
 from glm.shards import read_manifest, verify_manifest
 from tests.flows.conftest import SMALL
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.hostile.conftest import cli
 
 
 @pytest.fixture
@@ -90,35 +87,22 @@ def test_verify_finds_damage_that_kept_size_and_mtime_and_marks_it_for_rebuild(d
     _flip_byte_in_place(paths.tokens / "train" / "part-00000.arrow", keep_mtime=True)
     assert not verify_manifest(paths.tokens)  # invisible to the quick check, by construction
 
-    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(paths.root)]
-    found = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    found = cli("verify", str(paths.root), timeout=300)
     assert found.returncode == 1, found.stdout + found.stderr
     assert "FAILED tokens/manifest.json" in found.stdout and "train/part-00000.arrow" in found.stdout
     assert "ok     docs/manifest.json" in found.stdout and "Traceback" not in found.stderr
 
     stages.run_pipeline(cfg, "data")  # the marked shard is rebuilt
     assert _snapshot(paths.tokens) == before
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = cli("verify", str(paths.root), timeout=300)
     assert again.returncode == 0 and "all intact" in again.stdout, again.stdout
 
 
 def test_verify_names_a_missing_run_directory_in_one_line(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "nope")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = cli("verify", str(tmp_path / "nope"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr
     (tmp_path / "empty").mkdir()
-    empty = subprocess.run(
-        [sys.executable, "-m", "glm_pipeline.flows.cli", "verify", str(tmp_path / "empty")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    empty = cli("verify", str(tmp_path / "empty"))
     assert empty.returncode == 2 and "holds no stage manifest" in empty.stderr, empty.stderr
 
 
