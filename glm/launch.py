@@ -5,7 +5,7 @@ Both ways classify a failure alike (glm.train.failure_kind): a config, data, div
 problem is TrainingFailed, permanent, never retried; anything else (an uncaught exception, a
 signal, out of memory) is TrainingCrashed, which a retry resumes from the last checkpoint. A
 subprocess reports the first by its exit code and pretrain/last-error.json (glm.errors), which also
-outlives torchrun's exit code 1. glm.stages.train_stage decides which way a run trains.
+outlives torchrun's exit code 1. glm.stages.train decides which way a run trains.
 """
 
 from __future__ import annotations
