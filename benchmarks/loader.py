@@ -1,4 +1,4 @@
-"""Span-corruption shards and the training loader: shard writing tokens/s, batches/s, peak RSS, disk cost.
+"""Blank-infilling shards and the training loader: shard writing tokens/s, batches/s, peak RSS, disk cost.
 
 On synthetic token shards (random ids, Zipf-ish document lengths; no tokenizer needed) at
 seq_len 512, this process:
@@ -8,7 +8,7 @@ seq_len 512, this process:
 - reads batches of 32 with `TrainLoader` (memory-mapped, one fancy-index gather per shard
   and column) against the conventional map-style Dataset + DataLoader over the same shards
   (one __getitem__ per sample, then default_collate), both in the main process;
-- reports what the content check of a shard open costs (`glm.datasets.check_samples`: id,
+- reports what the content check of a shard open costs (`glm.infill_shards.check_samples`: id,
   sep/length and position ranges, once per shard per process), per full shard and in batches.
 Peak RSS is the VmHWM of this process, reset before each phase where Linux allows it (so it
 includes the ~300 MB of imported libraries, reported as rss_before_mb, and the touched pages
@@ -29,7 +29,7 @@ import torch
 
 from glm import shards
 from glm.config import InfillingConfig
-from glm.datasets import build_infilling_dataset, check_samples
+from glm.infill_shards import build_infilling_dataset, check_samples
 from glm.loader import TrainLoader, _to_torch
 from glm.special_tokens import NUM_SPECIAL
 

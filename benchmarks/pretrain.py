@@ -7,7 +7,7 @@ Two measurements:
     is better). Tokens/s of both are reported too. On a CPU without AVX512/AMX bf16 kernels
     (PyTorch then emulates bf16, ~40x slower) bf16 is timed for one step only.
   - time to reach the demo's validation loss: the demo's pretraining (configs/demo.yaml, its
-    precision, on the span-corruption shards `make demo` built in runs/demo) from scratch in a
+    precision, on the blank-infilling shards `make demo` built in runs/demo) from scratch in a
     temporary directory, validating every 100 steps, stopped at the first validation loss at or
     below the demo's final one (read from runs/demo/pretrain/metrics.jsonl). Reported: training
     seconds (steps only), wall seconds (with the validations) and the step reached, against

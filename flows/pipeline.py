@@ -1,7 +1,7 @@
 """The GLM pipeline as Prefect flows: the end-to-end flow and stage flows that also run alone.
 
     glm_pipeline(config)   data -> pretrain -> finetune + evaluate -> export (one flow run)
-    data_flow(config)      ingest, validate, tokenizer, token shards, validate, span-corruption shards
+    data_flow(config)      ingest, validate, tokenizer, token shards, validate, blank-infilling shards
     pretrain_flow(config)  pretraining (in-process for one device, a subprocess for torchrun or a timeout; resumes from its checkpoint)
     finetune_flow(config)  fine-tuning (+ the from-scratch baseline) and the evaluation report
     export_flow(config)    ONNX bundle, verified against PyTorch
@@ -147,14 +147,14 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
-    """Documents, tokenizer, token shards and span-corruption shards, each gated by validation."""
+    """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
     with run_lock(config.run_dir), artifacts.sent():
         return run_group("data", config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
-    """Pretraining on the span-corruption shards the data flow built."""
+    """Pretraining on the blank-infilling shards the data flow built."""
     with run_lock(config.run_dir), artifacts.sent():
         return run_group("pretrain", config, continue_steps)
 

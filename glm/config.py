@@ -224,7 +224,7 @@ class InfillingConfig(Section):
     document_min_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
     document_max_ratio: float = Field(default=1.0, gt=0.0, le=1.0)
     shuffle_spans: bool = True
-    epochs: int = Field(default=1, ge=1, description="Span-corruption shard sets to build (one per epoch seed).")
+    epochs: int = Field(default=1, ge=1, description="Blank-infilling shard sets to build (one per epoch seed).")
     seed: int = 1234
     samples_per_shard: int = Field(default=8192, ge=1)
 

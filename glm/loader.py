@@ -1,4 +1,4 @@
-"""Training data: memory-mapped span-corruption shards, split across ranks and workers, resumable.
+"""Training data: memory-mapped blank-infilling shards, split across ranks and workers, resumable.
 
 The built epochs form one endless stream of samples: epoch k uses shard set
 `epoch-{k mod E}` (E = built epochs, so a longer run cycles over them) in the order
@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from glm.config import ConfigError
-from glm.datasets import (
+from glm.infill_shards import (
     DERIVED,
     LAYOUT_VERSION,
     STAGE,
@@ -54,7 +54,7 @@ _SCALARS = ("sep", "length")  # (N,) columns
 class ShardSet:
     """One built shard set (an epoch or the validation set): its samples, memory-mapped on first use.
 
-    Opening checks every shard's content (`glm.datasets.check_samples`), so a corrupt file
+    Opening checks every shard's content (`glm.infill_shards.check_samples`), so a corrupt file
     fails with its name before a training step sees any of its samples.
     """
 
@@ -133,19 +133,19 @@ def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class InfillingData:
-    """A built span-corruption dataset: its manifest, training epochs and validation set."""
+    """A built blank-infilling dataset: its manifest, training epochs and validation set."""
 
     def __init__(self, data_dir: str | Path, *, seq_len: int | None = None, max_seq_len: int | None = None):
         self.root = Path(data_dir)
         if not (self.root / MANIFEST).is_file():
             raise ManifestError(
-                f"no span-corruption dataset at {self.root} ({MANIFEST} missing): run the dataset stage "
-                "(glm.datasets.build_infilling_dataset) first"
+                f"no blank-infilling dataset at {self.root} ({MANIFEST} missing): run the dataset stage "
+                "(glm.infill_shards.build_infilling_dataset) first"
             )
         problems = verify_manifest(self.root)
         if problems:
             raise ManifestError(
-                f"span-corruption dataset {self.root} is incomplete ({'; '.join(problems[:3])}); re-run the dataset stage"
+                f"blank-infilling dataset {self.root} is incomplete ({'; '.join(problems[:3])}); re-run the dataset stage"
             )
         self.manifest = read_manifest(self.root)
         if self.manifest.get("stage") != STAGE:
@@ -168,7 +168,7 @@ class InfillingData:
         valid = [f for f in files if f["path"].startswith(VALID + "/")]
         self.valid = ShardSet(self.root, valid, self.seq_len, self.vocab_size) if valid else None
         if not self.epochs or min(map(len, self.epochs)) == 0:
-            raise ManifestError(f"span-corruption dataset {self.root} has an empty training epoch; rebuild it")
+            raise ManifestError(f"blank-infilling dataset {self.root} has an empty training epoch; rebuild it")
 
     def check_lengths(self, seq_len: int | None = None, max_seq_len: int | None = None) -> None:
         """The samples must have the config's seq_len and fit the model's position tables."""
@@ -279,7 +279,7 @@ class TrainLoader:
         """Resume at a saved position (with the saved shuffle seed)."""
         if strict and state.get("data") != self.data.key:
             raise ValueError(
-                f"the loader state was saved on another span-corruption dataset than {self.data.root}; "
+                f"the loader state was saved on another blank-infilling dataset than {self.data.root}; "
                 "resume with the same data, or pass strict=False to continue at the same position anyway"
             )
         self.position, self.seed = int(state["position"]), int(state["seed"])

@@ -610,8 +610,8 @@ def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
 
 
 def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
-    """Every span-corruption shard to build (glm.datasets.ShardJob, small and picklable)."""
-    from glm.datasets import shard_jobs
+    """Every blank-infilling shard to build (glm.infill_shards.ShardJob, small and picklable)."""
+    from glm.infill_shards import shard_jobs
 
     if not is_current("infill", stage_key("infill", cfg, paths), paths.output("infill", cfg), paths):
         (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until it closes
@@ -626,8 +626,8 @@ def infill_shard_key(job: Any, paths: RunPaths | None = None) -> str:
 
 
 def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
-    """Pack, corrupt and write one span-corruption shard; returns its info."""
-    from glm.datasets import build_shard
+    """Pack, corrupt and write one blank-infilling shard; returns its info."""
+    from glm.infill_shards import build_shard
 
     # not provably intact (its stamp did not verify): the builder must not trust the key stored inside the file either
     Path(job.out_path).unlink(missing_ok=True)
@@ -636,7 +636,7 @@ def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
 
 def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping[str, Any]]) -> Path:
     """Remove shards of an earlier, larger build and write the dataset manifest."""
-    from glm.datasets import epoch_dir, part_name, write_infilling_manifest
+    from glm.infill_shards import epoch_dir, part_name, write_infilling_manifest
 
     keep = {paths.infill / ("valid" if r["split"] == "valid" else epoch_dir(r["epoch"])) / part_name(r["shard"]) for r in results}
     for stale in [*paths.infill.glob("epoch-*/part-*.arrow"), *paths.infill.glob("valid/part-*.arrow")]:
@@ -660,7 +660,7 @@ def _loader_data_key(checkpoint: Path) -> str | None:
 def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None) -> PipelineConfig:
     """The config this run trains with, written to pretrain/run-config.yaml.
 
-    Continued pretraining: when the span-corruption data changed since pretrain/'s latest
+    Continued pretraining: when the blank-infilling data changed since pretrain/'s latest
     checkpoint (new documents were ingested), those checkpoints move to pretrain/history/ and the
     run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
     that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
@@ -1031,7 +1031,7 @@ REGISTRY: dict[str, Stage] = _declare(
     Stage(
         "infill",
         "data",
-        ("datasets",),
+        ("infill_shards",),
         "infill/manifest.json",
         sections=("infilling",),
         inputs=("tokenize", "tokenizer"),

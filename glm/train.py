@@ -730,7 +730,7 @@ def pretrain_on_shards(
     *,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Pretrain on a span-corruption dataset: this rank's TrainLoader, the validation split, `pretrain`."""
+    """Pretrain on a blank-infilling dataset: this rank's TrainLoader, the validation split, `pretrain`."""
     from glm.loader import InfillingData, TrainLoader, ValidLoader
 
     cfg, model_cfg = pipeline.pretrain, pipeline.model
@@ -763,9 +763,9 @@ def pretrain_on_shards(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m glm.train", description="Pretrain a GLM on span-corruption shards.")
+    p = argparse.ArgumentParser(prog="python -m glm.train", description="Pretrain a GLM on blank-infilling shards.")
     p.add_argument("--config", required=True, help="pipeline YAML (its model, infilling and pretrain sections are used)")
-    p.add_argument("--data", required=True, help="span-corruption dataset directory (the infill stage's output)")
+    p.add_argument("--data", required=True, help="blank-infilling dataset directory (the infill stage's output)")
     p.add_argument("--out", required=True, help="output directory: checkpoints/ and metrics.jsonl")
     add_override_argument(p)
     return p

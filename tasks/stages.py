@@ -25,21 +25,21 @@ from glm import stages
 from glm.config import PipelineConfig
 
 
-def _span_corruption_run_name(parameters: dict[str, Any]) -> str:
+def _infill_run_name(parameters: dict[str, Any]) -> str:
     job = parameters["job"]
     where = "valid" if job.plan.split == "valid" else f"epoch-{job.plan.epoch:03d}"
-    return f"span-corruption-{where}-shard-{job.shard_index:05d}"
+    return f"infill-{where}-shard-{job.shard_index:05d}"
 
 
 # The names users and dashboards know. A stage's task is named after the stage (a step after the
 # step) and its runs "{task}-{cfg.name}", unless listed here.
-TASK_NAMES = {"tokenizer": "train-tokenizer", "tokenize": "close-tokenize", "infill": "close-span-corruption"}
-SHARD_TASK_NAMES = {"tokenize": "tokenize-shard", "infill": "build-span-corruption-shard"}  # default: STAGE-shard
+TASK_NAMES = {"tokenizer": "train-tokenizer", "tokenize": "close-tokenize", "infill": "close-infill"}
+SHARD_TASK_NAMES = {"tokenize": "tokenize-shard", "infill": "infill-shard"}  # default: STAGE-shard
 RUN_NAMES: dict[str, str | Callable[[dict[str, Any]], str]] = {
     "check-finetune-task": "check-finetune-task-{cfg.finetune.task.name}",
     "finetune": "finetune-{cfg.finetune.task.name}",
     "tokenize-shard": "tokenize-{job[shard]}",
-    "build-span-corruption-shard": _span_corruption_run_name,
+    "infill-shard": _infill_run_name,
 }
 
 # stage -> what its task publishes once the stage is built

@@ -122,7 +122,7 @@ def test_a_deleted_output_is_rebuilt_even_though_its_cache_entry_survives(prefec
     assert again.is_completed(), again.message
     ran = states(task_runs(again.state_details.flow_run_id))
     assert ran["tokenize-train/part-00000"] == "Completed" and ran["tokenize-valid/part-00000"] == "Cached"
-    assert ran["close-span-corruption-tiny"] == "Completed" and ran["ingest-tiny"] == "Cached"
+    assert ran["close-infill-tiny"] == "Completed" and ran["ingest-tiny"] == "Cached"
     assert stages.output_ok(paths.tokens / "manifest.json") and stages.output_ok(paths.infill / "manifest.json")
 
 
@@ -132,19 +132,19 @@ def test_a_changed_section_reruns_exactly_the_stages_below_it(prefect_api, make_
     paths = stages.RunPaths(cfg.run_dir)
     build_key = stages.read_manifest(paths.infill / "manifest.json")["stats"]["build_key"]
     changed = cfg.model_copy(deep=True)
-    changed.infilling.seed = 99  # only the span-corruption shards depend on it
+    changed.infilling.seed = 99  # only the blank-infilling shards depend on it
     state = data_flow(changed, return_state=True)
     assert state.is_completed()
     ran = states(task_runs(state.state_details.flow_run_id))
     reran = {name for name, s in ran.items() if s != "Cached"}
-    assert reran == {name for name in ran if name.startswith(("span-corruption-", "close-span-corruption-"))}
+    assert reran == {name for name in ran if name.startswith(("infill-", "close-infill-"))}
     assert len(reran) >= 2
 
     # back to the first config: its cache entries survive, but the shards on disk are the other seed's
     back = data_flow(cfg, return_state=True)
     assert back.is_completed()
     ran = states(task_runs(back.state_details.flow_run_id))
-    assert {s for n, s in ran.items() if n.startswith("span-corruption-")} == {"Completed"}
+    assert {s for n, s in ran.items() if n.startswith("infill-")} == {"Completed"}
     assert stages.read_manifest(paths.infill / "manifest.json")["stats"]["build_key"] == build_key
 
 
@@ -174,7 +174,7 @@ def test_per_shard_tasks_run_on_the_configured_task_runner(prefect_api, make_con
     cfg = make_config("quality.enabled=false", f"orchestration.task_runner={runner}", "data.workers=2")
     state = data_flow(cfg, return_state=True)
     assert state.is_completed(), state.message
-    shards = _state_of(state, "span-corruption-")
+    shards = _state_of(state, "infill-")
     assert shards and set(shards.values()) == {"Completed"}
     assert stages.output_ok(stages.RunPaths(cfg.run_dir).infill / "manifest.json")
 
@@ -193,7 +193,7 @@ def test_a_shard_edited_in_place_is_rebuilt_by_its_task_and_nothing_is_pickled(p
     assert ran["tokenize-train/part-00000"] == "Completed" and ran["tokenize-valid/part-00000"] == "Cached"
     assert shard.read_bytes() == original
     # the repaired shard is what the manifest digest describes: nothing below it runs again
-    assert {s for n, s in ran.items() if n.startswith(("span-corruption-", "close-span-corruption-"))} == {"Cached"}
+    assert {s for n, s in ran.items() if n.startswith(("infill-", "close-infill-"))} == {"Cached"}
     assert not (Path(cfg.run_dir) / ".prefect-results").exists()
 
 
@@ -206,7 +206,7 @@ def test_a_wrong_verbalizer_fails_right_after_the_tokenizer_before_any_shard_or_
     assert state.is_failed()
     ran = states(task_runs(state.state_details.flow_run_id))
     assert ran["check-finetune-task-sentiment"] == "Failed"
-    assert not any(n.startswith(("span-corruption-", "close-span-corruption-")) for n in ran)
+    assert not any(n.startswith(("infill-", "close-infill-")) for n in ran)
     paths = stages.RunPaths(cfg.run_dir)
     assert (paths.tokenizer / "manifest.json").is_file() and not (paths.infill / "manifest.json").exists()
     with pytest.raises(ValueError, match=r"verbalizer '\w+' of label '\d' is \d+ tokens .* single-token scoring was requested"):

@@ -18,8 +18,8 @@ HEAVY = (
     "tokenize-",
     "close-tokenize-",
     "validate-tokens-",
-    "span-corruption-",
-    "close-span-corruption-",
+    "infill-",
+    "close-infill-",
     "pretrain-",
     "finetune-",
     "evaluate-",
@@ -86,7 +86,7 @@ def test_runs_are_named_after_the_config_and_the_shard(two_runs):
     names = set(states(task_runs(first.state_details.flow_run_id)))
     assert {"ingest-tiny-e2e", "pretrain-tiny-e2e", "finetune-sentiment", "verify-export-tiny-e2e"} <= names
     assert "tokenize-train/part-00000" in names and "tokenize-valid/part-00000" in names
-    assert "span-corruption-epoch-000-shard-00000" in names and "span-corruption-valid-shard-00000" in names
+    assert "infill-epoch-000-shard-00000" in names and "infill-valid-shard-00000" in names
     with client() as c:
         assert c.read_flow_run(first.state_details.flow_run_id).name == "tiny-e2e"
 

@@ -13,11 +13,11 @@ import torch
 
 from glm import infilling, shards
 from glm.config import InfillingConfig, ModelConfig
-from glm.datasets import build_infilling_dataset, packing_plan, read_rows
+from glm.infill_shards import build_infilling_dataset, packing_plan, read_rows
 from glm.loader import BATCH_KEYS, InfillingData, TrainLoader, ValidLoader
 from glm.model import GLM, infilling_loss
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from tests.glm.test_datasets import flip_in_place, write_token_shards
+from tests.glm.test_infill_shards import flip_in_place, write_token_shards
 
 CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=24)
 ROW = infilling.input_length(CFG)
@@ -177,7 +177,7 @@ def test_clear_errors(data_dir, tmp_path):
     with pytest.raises(ValueError, match="holds only 160"):
         TrainLoader(data_dir, 81, world_size=2)
     other = TrainLoader(data_dir, 4)
-    with pytest.raises(ValueError, match="another span-corruption dataset"):
+    with pytest.raises(ValueError, match="another blank-infilling dataset"):
         other.load_state_dict({"position": 8, "seed": 0, "data": "elsewhere"})
     other.load_state_dict({"position": 8, "seed": 0, "data": "elsewhere"}, strict=False)
     assert other.position == 8

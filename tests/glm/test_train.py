@@ -266,14 +266,14 @@ def real_shards(tmp_path_factory):
 
 
 def build_real_shards(root):
-    """root/infill, a span-corruption dataset, and root/run.yaml for it: `python -m glm.train`'s inputs."""
+    """root/infill, a blank-infilling dataset, and root/run.yaml for it: `python -m glm.train`'s inputs."""
     import numpy as np
     import yaml
 
     from glm import shards
     from glm.config import InfillingConfig
-    from glm.datasets import build_infilling_dataset
-    from tests.glm.test_datasets import random_docs, write_token_shards
+    from glm.infill_shards import build_infilling_dataset
+    from tests.glm.test_infill_shards import random_docs, write_token_shards
 
     rng = np.random.default_rng(0)
     tokens = write_token_shards(root / "tokens", {"train": [random_docs(rng, 60)], "valid": [random_docs(rng, 20)]})

@@ -57,7 +57,7 @@ def test_a_same_size_edit_of_a_token_shard_is_rebuilt_and_nothing_downstream_rer
     stages.run_pipeline(cfg, "data")
     assert _snapshot(paths.tokens) == before  # rebuilt byte for byte
     assert not verify_manifest(paths.tokens, deep=True)
-    # the repaired shard has the content the manifest digest describes: the span-corruption stage stays cached
+    # the repaired shard has the content the manifest digest describes: the blank-infilling stage stays cached
     assert _snapshot(paths.infill) == infill_before
     assert (paths.stamps / "infill.json").read_bytes() == infill_stamp
 
@@ -137,7 +137,7 @@ def test_nothing_in_a_run_directory_is_a_pickle_and_planted_pickles_never_run(da
 
 def test_an_upstream_stage_rebuilt_byte_for_byte_leaves_everything_below_it_cached(data_run):
     """A damaged document shard and a deleted tokenizer are rebuilt identical: their digests (content,
-    not write times or timings) do not move, so tokens, span-corruption shards and their stamps stay."""
+    not write times or timings) do not move, so tokens, blank-infilling shards and their stamps stay."""
     cfg, paths = data_run
     downstream = {name: (paths.stamps / f"{name}.json").read_bytes() for name in ("tokenize", "infill")}
     infill_before = _snapshot(paths.infill)

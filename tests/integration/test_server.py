@@ -39,7 +39,7 @@ def test_a_stage_flow_run_by_the_cli_is_visible_through_the_server_api(server, t
         ids = FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id]))
         names = {t.name for t in client.read_task_runs(flow_run_filter=ids)}
         found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
-    assert {"ingest-served", "train-tokenizer-served", "close-span-corruption-served", "tokenize-train/part-00000"} <= names
+    assert {"ingest-served", "train-tokenizer-served", "close-infill-served", "tokenize-train/part-00000"} <= names
     assert {"served-corpus-statistics", "served-tokenizer-summary", "served-token-statistics"} <= {a.key for a in found}
 
 

@@ -1,4 +1,4 @@
-"""Packing token shards into rows and writing span-corruption shards."""
+"""Packing token shards into rows and writing blank-infilling shards."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from glm import datasets, infilling, shards
+from glm import infill_shards, infilling, shards
 from glm.config import InfillingConfig
-from glm.datasets import (
+from glm.infill_shards import (
     build_infilling_dataset,
     expand_samples,
     packing_plan,
@@ -142,8 +142,8 @@ def test_derived_columns_reproduce_the_builder(mix):
     np.testing.assert_array_equal(derived["targets"], batch.targets)
     np.testing.assert_array_equal(derived["loss_mask"], batch.loss_mask)
     np.testing.assert_array_equal(derived["block_position_ids"], batch.block_position_ids)
-    table, explicit = datasets.encode_samples(batch, "uint16", cfg.seq_len)
-    assert explicit == [] and table.column_names == list(datasets.STORED)
+    table, explicit = infill_shards.encode_samples(batch, "uint16", cfg.seq_len)
+    assert explicit == [] and table.column_names == list(infill_shards.STORED)
     assert table.schema.field("input_ids").type == pa.list_(pa.uint16(), cfg.seq_len)
     assert table.schema.field("position_ids").type == pa.list_(pa.uint16(), cfg.seq_len)
 
@@ -154,7 +154,7 @@ def test_a_column_the_layout_cannot_derive_is_stored():
     width = infilling.input_length(cfg)
     rows = np.full((4, width), SPECIAL.sop, np.int32)  # (N, L_in)
     batch, _ = infilling.build_samples(rows, np.full(4, width), cfg, seed=0, epoch=0, first_index=0)
-    table, explicit = datasets.encode_samples(batch, "uint32", cfg.seq_len)
+    table, explicit = infill_shards.encode_samples(batch, "uint32", cfg.seq_len)
     assert set(explicit) == {"targets", "block_position_ids"}
     assert table.schema.field("input_ids").type == pa.list_(pa.uint32(), cfg.seq_len)
     stored = table.column("targets").combine_chunks().flatten().to_numpy().reshape(4, cfg.seq_len)
@@ -177,7 +177,7 @@ def test_dataset_shards_hold_the_builder_samples_of_the_packed_rows(corpus, tmp_
         assert epoch["tokens"] == plan.n_tokens and epoch["pad_tokens"] == plan.n_rows * row_len - plan.n_tokens
     assert stats["token_shards"]["train"]["empty_docs"] == plan.n_empty_docs > 0
     assert sorted(p.name for p in (tmp_path / "epoch-001").iterdir()) == [
-        datasets.part_name(i) for i in range(stats["epochs"][1]["shards"])
+        infill_shards.part_name(i) for i in range(stats["epochs"][1]["shards"])
     ]
     assert stats["builder"]["train"]["samples"] == sum(e["samples"] for e in stats["epochs"])
     assert stats["shards_with_explicit_columns"] == 0
@@ -188,7 +188,7 @@ def test_dataset_shards_hold_the_builder_samples_of_the_packed_rows(corpus, tmp_
     plan = packing_plan(tokens_dir, "train", row_len, seed=CFG.seed, epoch=1, shuffle=True)
     rows, lengths = read_rows(plan, 16, 16)
     expected, _ = infilling.build_samples(rows, lengths, CFG, seed=CFG.seed, epoch=1, first_index=16)
-    table = shards.read_arrow(tmp_path / "epoch-001" / datasets.part_name(1))
+    table = shards.read_arrow(tmp_path / "epoch-001" / infill_shards.part_name(1))
     cols = {n: table.column(n).combine_chunks() for n in table.column_names}
     ids = cols["input_ids"].flatten().to_numpy().reshape(16, CFG.seq_len).astype(np.int64)
     sep, length = cols["sep"].to_numpy().astype(np.int64), cols["length"].to_numpy().astype(np.int64)
@@ -241,12 +241,12 @@ def test_rebuild_is_idempotent_and_resumes_after_a_crash(corpus, tmp_path, monke
 
 def test_shard_jobs_are_independent_units_of_work(corpus, tmp_path):
     tokens_dir, _ = corpus
-    jobs = datasets.shard_jobs(tokens_dir, tmp_path, CFG)
+    jobs = infill_shards.shard_jobs(tokens_dir, tmp_path, CFG)
     assert {(j.plan.split, j.plan.epoch) for j in jobs} == {("train", 0), ("train", 1), ("valid", 0)}
-    results = [datasets.build_shard(j) for j in reversed(jobs)]  # any order, e.g. a Prefect map
+    results = [infill_shards.build_shard(j) for j in reversed(jobs)]  # any order, e.g. a Prefect map
     assert not any(r["skipped"] for r in results)
-    assert all(r["skipped"] for r in map(datasets.build_shard, jobs))
-    manifest = datasets.write_infilling_manifest(tokens_dir, tmp_path, CFG, results)
+    assert all(r["skipped"] for r in map(infill_shards.build_shard, jobs))
+    manifest = infill_shards.write_infilling_manifest(tokens_dir, tmp_path, CFG, results)
     sequential = build_infilling_dataset(tokens_dir, tmp_path / "seq", CFG, progress=False)
     by_path = lambda m: {f["path"]: f["sha256"] for f in json.loads(m.read_text())["files"]}  # noqa: E731
     assert by_path(manifest) == by_path(sequential)
@@ -257,7 +257,7 @@ def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path):
     docs = [rng.integers(60_000, 70_000, 50).astype(np.uint32) for _ in range(8)]
     tokens_dir = write_token_shards(tmp_path / "tokens", {"train": [docs]}, id_type=pa.uint32())
     build_infilling_dataset(tokens_dir, tmp_path / "infill", CFG.model_copy(update={"epochs": 1}), progress=False)
-    table = shards.read_arrow(tmp_path / "infill" / "epoch-000" / datasets.part_name(0))
+    table = shards.read_arrow(tmp_path / "infill" / "epoch-000" / infill_shards.part_name(0))
     assert table.schema.field("input_ids").type == pa.list_(pa.uint32(), CFG.seq_len)
     ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
     assert ids.max() >= 65_536 and not (tmp_path / "infill" / "valid").exists()

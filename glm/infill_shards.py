@@ -1,4 +1,4 @@
-"""Packing token shards into rows, and writing span-corruption (blank-infilling) shards.
+"""Packing token shards into rows, and writing blank-infilling shards.
 
 Packing. Each split's documents, each followed by <eos>, form one token stream that is cut
 into rows of exactly `input_length(cfg)` tokens. A document longer than the rest of a row
@@ -281,7 +281,7 @@ def _first_row(bad: np.ndarray) -> int:
 
 
 def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int, vocab_size: int | None) -> None:
-    """Raise CorruptShardError unless one span-corruption shard's columns hold possible samples.
+    """Raise CorruptShardError unless one blank-infilling shard's columns hold possible samples.
 
     Vectorised over the (memory-mapped) columns, once per shard open: 1 <= sep <= length <=
     seq_len; input ids (and stored targets) below the vocabulary; position ids as the builder
@@ -615,7 +615,7 @@ def build_infilling_dataset(
     if progress:
         from tqdm.auto import tqdm
 
-        jobs_iter = tqdm(jobs, desc="span-corruption shards", unit="shard")
+        jobs_iter = tqdm(jobs, desc="blank-infilling shards", unit="shard")
     else:
         jobs_iter = jobs
     results = [build_shard(job) for job in jobs_iter]
