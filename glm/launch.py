@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from glm.config import PipelineConfig
+from glm.contracts import TrainSummary, check
 from glm.errors import KINDS_BY_CODE, PermanentError, read_error_file
 
 POLL_SECONDS = 1.0
@@ -155,7 +156,7 @@ def _exit_error(finished: Finished, cmd: list[str], out_dir: Path | None = None)
     )
 
 
-def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[[dict], None]) -> dict:
+def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[[dict], None]) -> TrainSummary:
     """glm.train's pretrain_on_shards in this thread: the result dict `python -m glm.train` prints.
 
     Failures are classified as the subprocess's exit code would classify them."""
@@ -170,4 +171,5 @@ def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[
         if kind is not None:
             raise TrainingFailed(f"training failed ({kind}): {e}", kind=kind) from e
         raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last checkpoint") from e
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+    summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+    return check(TrainSummary, summary, "the result of training in this process")

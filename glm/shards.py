@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from glm.contracts import FileEntry, Manifest
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -188,7 +190,7 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
 # --------------------------------------------------------------------------- manifests
 
 
-def file_entry(path: str | Path, root: str | Path, **extra: Any) -> dict[str, Any]:
+def file_entry(path: str | Path, root: str | Path, **extra: Any) -> FileEntry:
     """Describe one output file: its path relative to the stage directory, size, mtime and content hash.
 
     The mtime lets a check notice any change made through the file system without re-hashing
@@ -254,7 +256,7 @@ def _manifest_path(path: str | Path) -> Path:
     return path / MANIFEST if path.is_dir() or path.suffix != ".json" else path
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path) -> Manifest:
     mp = _manifest_path(path)
     if not mp.is_file():
         raise ManifestError(f"no manifest at {mp}: the stage that writes it has not finished; run it first")

@@ -33,6 +33,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from glm.config import PipelineConfig, Section, dump_config
+from glm.contracts import (
+    CorpusStats,
+    EvalStats,
+    ExportStats,
+    FinetuneStats,
+    InfillShardResult,
+    InfillStats,
+    PretrainStats,
+    TokenizerStats,
+    TokenShardEntry,
+    TokenStats,
+    TrainSummary,
+    check,
+    read_stats,
+)
 from glm.runlock import run_lock
 from glm.safety import remove_tree
 from glm.shards import (
@@ -94,6 +109,8 @@ class Stage:
     shard_output: Callable[[Any], str | Path] | None = None  # job -> the file the shard writes
     close: Callable[[PipelineConfig, RunPaths, Sequence[Any]], Path] | None = None  # (cfg, paths, results) -> output
     skip_while: str | None = None  # a stage whose being done makes this one (a check) unnecessary
+    stats: type | None = None  # the shape of its manifest's stats (glm.contracts), checked before it is stamped
+    shard_result: type | None = None  # the shape of what each shard returns (glm.contracts)
 
     def __post_init__(self) -> None:
         ways = [self.build is not None, bool(self.steps), self.plan is not None]
@@ -445,6 +462,8 @@ def run_shard(stage: str | Stage, job: Any, paths: RunPaths) -> Any:
     if (done := shard_result(st, job, paths)) is not None:
         return done
     result = st.shard(job, paths)
+    if st.shard_result is not None:
+        check(st.shard_result, result, f"the result of a {st.name} shard ({st.shard_output(job)})")
     return record_shard(
         paths, f"{st.name}-shard", st.shard_key(job, paths), Path(st.shard_output(job)), _stage_dir(st, paths), result
     )
@@ -458,6 +477,8 @@ def _stamp(st: Stage, key: str, cfg: PipelineConfig, paths: RunPaths, result: An
     output = paths.output(st.name, cfg)
     if not output_ok(output):
         raise RuntimeError(f"stage {st.name!r} finished without a valid output at {output}; this is a bug")
+    if st.stats is not None:
+        read_stats(output, st.stats)  # a stage that breaks its contract is not stamped done
     return record_stage(st.name, key, output, paths)
 
 
@@ -592,7 +613,7 @@ def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mappi
 
 
 def _vocab_size(paths: RunPaths) -> int:
-    return int(read_manifest(paths.tokenizer / MANIFEST)["stats"]["vocab_size"])
+    return read_stats(paths.tokenizer, TokenizerStats)["vocab_size"]
 
 
 def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
@@ -675,7 +696,7 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     except (OSError, ValueError):  # none yet, or not one we wrote
         plan = {}
     if not isinstance(plan, dict) or plan.get("key") != key:
-        data_key = read_manifest(paths.infill / MANIFEST)["stats"]["build_key"]
+        data_key = read_stats(paths.infill, InfillStats)["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         init_from = cfg.pretrain.init_from
         start = latest or (resolve_checkpoint(init_from) if init_from else None)
@@ -715,14 +736,22 @@ def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys
     return [python, "-m", "glm.train", *args]
 
 
-def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, Any]) -> Path:
+def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: TrainSummary) -> Path:
     """pretrain/manifest.json: the final checkpoint's files, the run's numbers, the data it used."""
     checkpoint = Path(result["checkpoint"]) if result.get("checkpoint") else None
     if checkpoint is None or not (checkpoint / "meta.json").is_file():
         raise RuntimeError(f"pretraining reported no final checkpoint ({result}); see the training log")
     files = [file_entry(p, paths.pretrain) for p in sorted(checkpoint.iterdir()) if p.is_file()]
-    stats = {k: result.get(k) for k in ("step", "loss", "val_loss", "tokens", "elapsed", "bad_steps", "resumed_from")}
-    stats["checkpoint"] = checkpoint.relative_to(paths.pretrain).as_posix()
+    stats = PretrainStats(
+        checkpoint=checkpoint.relative_to(paths.pretrain).as_posix(),
+        step=result["step"],
+        loss=result["loss"],
+        val_loss=result["val_loss"],
+        tokens=result["tokens"],
+        elapsed=result["elapsed"],
+        bad_steps=result["bad_steps"],
+        resumed_from=result["resumed_from"],
+    )
     config = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json")}
     return write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
 
@@ -772,20 +801,20 @@ def train(
     return manifest
 
 
-def parse_train_result(stdout: str) -> dict[str, Any]:
+def parse_train_result(stdout: str) -> TrainSummary:
     """The TrainResult JSON line `python -m glm.train` prints last."""
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                result = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            return check(TrainSummary, result, "the result line of python -m glm.train")
     raise RuntimeError("the training process printed no result line; see its log")
 
 
 def pretrained_checkpoint(paths: RunPaths) -> Path:
-    manifest = read_manifest(paths.pretrain / MANIFEST)
-    return paths.pretrain / manifest["stats"]["checkpoint"]
+    return paths.pretrain / read_stats(paths.pretrain, PretrainStats)["checkpoint"]
 
 
 # --------------------------------------------------------------------------- fine-tuning, evaluation, export
@@ -837,7 +866,7 @@ def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
 def finetune_results(cfg: PipelineConfig, paths: RunPaths) -> dict[str, dict[str, Any]]:
     """{run name: its result.json} of the fine-tuning stage."""
     task_dir = paths.finetune(cfg.finetune.task.name)
-    runs = read_manifest(task_dir / MANIFEST)["stats"]["runs"]
+    runs = read_stats(task_dir, FinetuneStats)["runs"]
     ordered = sorted(runs, key=lambda name: list(RUN_DIRS).index(name) if name in RUN_DIRS else len(RUN_DIRS))
     return {name: json.loads((task_dir / runs[name]).read_text(encoding="utf-8")) for name in ordered}
 
@@ -975,7 +1004,16 @@ def _declare(*declared: Stage) -> dict[str, Stage]:
 # the run directory's outputs, the cache keys, the groups of `--stage`, what `verify` checks, the
 # plain runner below, and the Prefect tasks and flows (tasks/stages.py, flows/pipeline.py).
 REGISTRY: dict[str, Stage] = _declare(
-    Stage("ingest", "data", ("corpus",), "docs/manifest.json", sections=("data",), extra=source_fingerprint, build=_build_ingest),
+    Stage(
+        "ingest",
+        "data",
+        ("corpus",),
+        "docs/manifest.json",
+        sections=("data",),
+        extra=source_fingerprint,
+        build=_build_ingest,
+        stats=CorpusStats,
+    ),
     Stage(
         "validate-corpus",
         "data",
@@ -994,6 +1032,7 @@ REGISTRY: dict[str, Stage] = _declare(
         inputs=("ingest",),
         extra=lambda cfg: _file_identity(cfg.tokenizer.existing),
         build=_train_tokenizer,
+        stats=TokenizerStats,
     ),
     # a wrong verbalizer fails here, not after pretraining; not repeated once fine-tuning is done
     Stage(
@@ -1018,6 +1057,8 @@ REGISTRY: dict[str, Stage] = _declare(
         shard_key=tokenize_shard_key,
         shard_output=lambda job: job["out_path"],
         close=close_tokenize,
+        stats=TokenStats,
+        shard_result=TokenShardEntry,
     ),
     Stage(
         "validate-tokens",
@@ -1040,6 +1081,8 @@ REGISTRY: dict[str, Stage] = _declare(
         shard_key=infill_shard_key,
         shard_output=lambda job: job.out_path,
         close=close_infill,
+        stats=InfillStats,
+        shard_result=InfillShardResult,
     ),
     Stage(
         "pretrain",
@@ -1051,6 +1094,7 @@ REGISTRY: dict[str, Stage] = _declare(
         extra=_pretrain_extra,
         options=("continue_steps",),
         build=train,
+        stats=PretrainStats,
     ),
     Stage(
         "finetune",
@@ -1060,6 +1104,7 @@ REGISTRY: dict[str, Stage] = _declare(
         sections=("finetune",),
         inputs=("pretrain", "tokenizer"),
         build=_finetune,
+        stats=FinetuneStats,
     ),
     Stage(
         "evaluate",
@@ -1069,6 +1114,7 @@ REGISTRY: dict[str, Stage] = _declare(
         sections=("evaluate",),
         inputs=("pretrain", "finetune", "infill"),
         build=_evaluate,
+        stats=EvalStats,
     ),
     # exported first, verified second: only a verified bundle becomes export/bundle
     Stage(
@@ -1079,6 +1125,7 @@ REGISTRY: dict[str, Stage] = _declare(
         sections=("export",),
         inputs=("finetune", "tokenizer"),
         steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote)),
+        stats=ExportStats,
     ),
 )
 

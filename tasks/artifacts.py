@@ -37,6 +37,7 @@ from prefect.artifacts import (
 )
 
 from glm.config import PipelineConfig
+from glm.contracts import CorpusStats, TokenStats, read_stats
 from glm.shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def _rounded(x: Any, digits: int = 4) -> Any:
 
 def corpus_statistics(cfg: PipelineConfig, docs_dir: Path) -> None:
     """Documents per split and why documents were dropped (with an example of each reason)."""
-    st = read_manifest(docs_dir / MANIFEST)["stats"]
+    st = read_stats(docs_dir, CorpusStats)
     splits = [
         {"split": s, "documents": st["docs"][s], "characters": st["chars"][s], "text bytes": st["text_bytes"][s]}
         for s in ("train", "valid")
@@ -213,7 +214,7 @@ def tokenizer_summary(cfg: PipelineConfig, tokenizer_dir: Path) -> None:
 
 
 def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
-    st = read_manifest(tokens_dir / MANIFEST)["stats"]
+    st = read_stats(tokens_dir, TokenStats)
     rows = [{"split": s, **v} for s, v in st["splits"].items()]
     rows.append({"split": "all", "docs": st["docs"], "tokens": st["tokens"], "shards": st["shards"]})
     publish(

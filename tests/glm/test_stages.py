@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -150,8 +151,10 @@ def test_the_training_command_uses_torchrun_for_several_processes(tmp_path):
 
 
 def test_the_training_result_is_the_last_json_line():
-    out = 'INFO glm.train: step 5\n{"step": 3}\nnoise\n{"step": 6, "checkpoint": "x"}\n'
-    assert stages.parse_train_result(out) == {"step": 6, "checkpoint": "x"}
+    result = {"step": 6, "loss": 1.0, "val_loss": None, "checkpoint": "x", "metrics_path": "m", "bad_steps": 0}
+    result |= {"resumed_from": None, "tokens": 10, "elapsed": 1.0}
+    out = f'INFO glm.train: step 5\n{{"step": 3}}\nnoise\n{json.dumps(result)}\n'
+    assert stages.parse_train_result(out) == result
     with pytest.raises(RuntimeError, match="no result line"):
         stages.parse_train_result("Traceback ...\nKilled\n")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from glm import stages
@@ -32,7 +34,9 @@ def _fake_inputs(run):
     """Just enough for the finetune stage's key: its two input manifests (the stage fails after its cleanup)."""
     for d in ("pretrain", "tokenizer"):
         (run / d).mkdir(parents=True, exist_ok=True)
-        (run / d / "manifest.json").write_text('{"files": [], "stats": {"checkpoint": "no-such-checkpoint"}}')
+        stats = {"checkpoint": "no-such-checkpoint", "step": 1, "loss": None, "val_loss": None, "tokens": 0, "elapsed": 0.0}
+        stats |= {"bad_steps": 0, "resumed_from": None}
+        (run / d / "manifest.json").write_text(json.dumps({"files": [], "stats": stats}))
 
 
 def test_the_finetune_cleanup_clears_its_own_task_directory_and_never_a_sibling(tmp_path):
