@@ -71,7 +71,7 @@ def test_cpu_mode_runs_every_check_and_each_line_passes():
     assert {"gpu_check/attention/backward", "gpu_check/attention/model", "gpu_check/train/mfu", "gpu_check/distributed"} <= {
         r["name"] for r in lines if r["status"] == "skip"
     }
-    assert by_name["gpu_check/train/throughput"]["status"] == "measured"
+    assert by_name["gpu_check/train/throughput"]["status"] == by_name["gpu_check/total"]["status"] == "measured"
     assert by_name["gpu_check/train/mfu"]["formula"].startswith("6*N_nonembedding")
     train = by_name["gpu_check/train/bf16_vs_fp32"]
     assert len(train["losses_bf16"]) == len(train["losses_fp32"]) == train["steps"] > 1
@@ -80,7 +80,7 @@ def test_cpu_mode_runs_every_check_and_each_line_passes():
 def test_only_and_unknown_options_are_handled_by_the_benchmark_command():
     code, lines, _ = _command("--device", "cpu", "--only", "fused_adamw")
     assert code == 0
-    assert [r["name"] for r in lines] == ["gpu_check", "gpu_check/fused_adamw"]
+    assert [r["name"] for r in lines] == ["gpu_check", "gpu_check/fused_adamw", "gpu_check/total"]
     assert (
         lines[1]["status"] == "pass" and lines[1]["fused_by_configure_optimizer"] is False
     )  # CPU: the fused kernel is checked directly
