@@ -163,8 +163,9 @@ def check_attention(device: torch.device, quick: bool = False) -> Iterator[dict[
 
     Both are compared with a float64 SDPA reference; FlexAttention passes when its error is within
     2x SDPA's own error at that dtype plus a floor (fp32 1e-5; bf16 7.8e-3, one ulp at 1): a masking
-    mistake moves outputs by 0.1-1, far above either. Gradients of q, k, v likewise (CUDA only: FlexAttention has no CPU backward).
-    Rows cover training (no padding) and a left-padded prompt pass (key_start), which also uses flex.
+    mistake moves outputs by 0.1-1, far above either. Gradients of q, k, v likewise, on CUDA only
+    (FlexAttention has no CPU backward). Rows cover training (no padding) and a left-padded prompt
+    pass (key_start), which also takes the flex path.
     """
     if glm_model.flex_attention is None:
         yield _skip("attention", "max_abs_error", "abs", f"torch {torch.__version__} has no FlexAttention")
@@ -175,7 +176,12 @@ def check_attention(device: torch.device, quick: bool = False) -> Iterator[dict[
     key_start = torch.tensor([0] + [int(x) for x in torch.randint(1, T // 4, (B - 1,), generator=g)]).to(device)
     flex = _flex_call(device)
     backward = device.type == "cuda"
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    # bf16 where the hardware has it (sm80+): the dtype training runs flex in; Triton has no bf16 dot below
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16 else [])
+    if not native_bf16:
+        why = "checked on CUDA only" if device.type == "cpu" else "this GPU has no native bf16 (compute capability < 8.0)"
+        yield _skip("attention/bf16", "max_abs_error", "abs", f"bf16 attention: {why}; fp32 only")
     floors = {torch.float32: 1e-5, torch.bfloat16: 7.8e-3}
     for case, ks in (("train", None), ("left_padded", key_start)):
         dense = prefix_lm_mask(sep, T, 0, ks)  # (B, 1, T, T)
@@ -314,7 +320,9 @@ def check_training(device: torch.device, quick: bool = False) -> Iterator[dict[s
         got = _train(device, setup, Path(tmp) / "bf16", precision="bf16", compile=compile_)
         wall = time.perf_counter() - t0
     # a NaN loss arrives as None (glm.train records non-finite values so); it must fail, not crash
-    errors = [abs(g["loss"] - r["loss"]) / abs(r["loss"]) if g["loss"] and r["loss"] else math.nan for g, r in zip(got, ref)]
+    errors = [
+        abs(g["loss"] - r["loss"]) / abs(r["loss"]) if None not in (g["loss"], r["loss"]) else math.nan for g, r in zip(got, ref)
+    ]
     common = {"device": device.type, "preset": setup["preset"], "seq_len": setup["seq_len"], "micro_batch": setup["micro"]}
     yield _line(
         "train/bf16_vs_fp32",
