@@ -3,6 +3,8 @@
 Each benchmark is a module `benchmarks/NAME.py` whose docstring's first line describes it and
 whose `run(quick=False)` yields result dicts; they are printed as one JSON object per line with
 at least name, metric, value, unit (and reference, ratio where it compares side by side).
+A module with options of its own defines `add_arguments(parser)`; they are passed to its `run`.
+A result with status "fail" (a check, e.g. gpu_check) makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ def available() -> dict[str, str]:
     return found
 
 
-def run(name: str, quick: bool = False):
+def run(name: str, quick: bool = False, **options):
     module = importlib.import_module(f"benchmarks.{name}")
-    for result in module.run(quick=quick):
+    for result in module.run(quick=quick, **options):
         missing = [k for k in REQUIRED if k not in result]
         if missing:
             raise ValueError(f"benchmark {name} produced a result without {missing}: {result}")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("name", nargs="?", help="benchmark to run; omit to list them")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     benches = available()
     if args.name is None:
         width = max(map(len, benches), default=0)
@@ -51,9 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in benches:
         print(f"unknown benchmark {args.name!r}; available: {', '.join(sorted(benches))}", file=sys.stderr)
         return 2
-    for result in run(args.name, quick=args.quick):
+    module = importlib.import_module(f"benchmarks.{args.name}")
+    options: dict = {}
+    if hasattr(module, "add_arguments"):
+        own = argparse.ArgumentParser(prog=f"python -m benchmarks {args.name}")
+        module.add_arguments(own)
+        options = vars(own.parse_args(rest))
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    failed = False
+    for result in run(args.name, quick=args.quick, **options):
+        failed |= result.get("status") == "fail"
         print(json.dumps(result), flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
