@@ -17,7 +17,7 @@ MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token from GLM.fl
 6 N (N = non-embedding parameters: forward 2N + backward 4N) + 6 V C f (the tied vocabulary
 projection, applied to the fraction f of positions that carry a loss) + 12 L C T (attention
 scores and weighted sums over the whole row: the prefix-LM mask is dense, no causal halving).
-Peaks are the dense (no sparsity) tensor-core figures in PEAK_FLOPS; an unknown GPU gets MFU null.
+Peaks are the dense (no sparsity) tensor-core figures in glm.train.PEAK_FLOPS; an unknown GPU gets MFU null.
 """
 
 from __future__ import annotations
@@ -45,34 +45,12 @@ import torch.nn.functional as F
 from glm import model as glm_model
 from glm.config import ExportConfig, ModelConfig, OptimConfig, TrainConfig, model_config
 from glm.model import GLM, configure_optimizer, infilling_loss, prefix_lm_mask
+from glm.train import peak_flops_of as peak_flops  # the one table: glm.train.PEAK_FLOPS
 
 VOCAB = 16000
 REPO = Path(__file__).resolve().parents[1]
 
-# dense tensor-core peaks (FLOP/s) from NVIDIA's data sheets, matched as fragments of
-# torch.cuda.get_device_name; first match wins, so a name that contains another comes first
-# (A100 before A10, L40S before L4). T4 has no bf16 units: its fp16 peak is the ceiling there.
-PEAK_FLOPS: list[tuple[str, float, str]] = [
-    ("H100 PCIe", 756e12, "bf16"),
-    ("H100 NVL", 835e12, "bf16"),
-    ("H100", 989e12, "bf16"),
-    ("H200", 989e12, "bf16"),
-    ("A100", 312e12, "bf16"),
-    ("A800", 312e12, "bf16"),
-    ("L40S", 362e12, "bf16"),
-    ("L4", 121e12, "bf16"),
-    ("A10G", 70e12, "bf16"),
-    ("A10", 125e12, "bf16"),
-    ("4090", 165e12, "bf16"),
-    ("T4", 65e12, "fp16"),
-]
-
 Check = Callable[..., Iterator[dict[str, Any]]]
-
-
-def peak_flops(device_name: str) -> tuple[float, str, str] | None:
-    """(peak FLOP/s, its dtype, the table entry) for a CUDA device name, or None if not in the table."""
-    return next(((peak, dtype, frag) for frag, peak, dtype in PEAK_FLOPS if frag in device_name), None)
 
 
 def _line(check: str, metric: str, value: Any, unit: str, *, tolerance: float | None = None, **extra: Any) -> dict[str, Any]:
@@ -371,7 +349,7 @@ def _mfu(device: torch.device, setup: dict[str, Any], tps: float, records: list[
     found = peak_flops(name)
     if found is None:
         return {
-            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (benchmarks/gpu_check.py PEAK_FLOPS)"),
+            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (glm/train.py PEAK_FLOPS)"),
             "gpu": name,
             **extra,
             **common,

@@ -20,13 +20,13 @@ import torch
 from glm.config import OptimConfig, model_config
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.train import peak_flops
 
 VOCAB = 16000
 CASES = {  # preset: (seq_len, micro_batch)
     "tiny": (128, 16),
     "small": (256, 8),
 }
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def infilling_batch(B: int, T: int, vocab: int, seed: int = 0, mask_ratio: float = 0.15) -> dict[str, torch.Tensor]:
@@ -81,11 +81,6 @@ def _gpt2(cfg, seq_len: int):
         tie_word_embeddings=True,
     )
     return GPT2LMHeadModel(gcfg)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def _bench_case(preset: str, steps: int, rounds: int, device: torch.device) -> dict:
@@ -164,7 +159,7 @@ def _bench_case(preset: str, steps: int, rounds: int, device: torch.device) -> d
         "reference_computes": "HF transformers GPT2LMHeadModel (SDPA), causal-LM loss: vocab projection + CE at every position",
     }
     if device.type == "cuda":
-        peak = _peak_flops(device)
+        peak = peak_flops(device)
         flops = ours.flops_per_token(seq_len, loss_fraction=loss_fraction)
         result["achieved_tflops"] = round(value * flops / 1e12, 2)
         result["mfu"] = round(value * flops / peak, 4) if peak else None

@@ -205,28 +205,39 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-# dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; more specific names first
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-}
+# dense (no sparsity) tensor-core peaks (FLOP/s) from NVIDIA's data sheets, matched as fragments
+# of torch.cuda.get_device_name; the first match wins, so a name that contains another comes first
+# (A100 before A10, L40S before L4). T4 has no bf16 units: its fp16 peak is the ceiling there.
+PEAK_FLOPS: list[tuple[str, float, str]] = [
+    ("H100 PCIe", 756e12, "bf16"),
+    ("H100 NVL", 835e12, "bf16"),
+    ("GH200", 989e12, "bf16"),
+    ("H100", 989e12, "bf16"),
+    ("H200", 989e12, "bf16"),
+    ("B200", 2250e12, "bf16"),
+    ("A100", 312e12, "bf16"),
+    ("A800", 312e12, "bf16"),
+    ("L40S", 362e12, "bf16"),
+    ("L4", 121e12, "bf16"),
+    ("A10G", 70e12, "bf16"),  # the commonly quoted figure for AWS's A10G (no public data sheet)
+    ("A10", 125e12, "bf16"),
+    ("4090", 165e12, "bf16"),
+    ("3090", 71e12, "bf16"),
+    ("T4", 65e12, "fp16"),
+]
+
+
+def peak_flops_of(device_name: str) -> tuple[float, str, str] | None:
+    """(peak FLOP/s, its dtype, the table entry) for a CUDA device name, or None if not in the table."""
+    return next(((peak, dtype, frag) for frag, peak, dtype in PEAK_FLOPS if frag in device_name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The device's bf16 peak, or None when unknown (then MFU is not reported)."""
+    """The device's tensor-core peak, or None when unknown (then MFU is not reported)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for frag, peak in PEAK_BF16_FLOPS.items() if frag in name), None)
+    found = peak_flops_of(torch.cuda.get_device_name(device))
+    return found[0] if found else None
 
 
 # --------------------------------------------------------------------------- metrics
