@@ -18,12 +18,15 @@ as. The loss is then sum over objectives o of w_o x (token mean of o's loss over
 batch), w = infilling.objective_mix renormalised over the objectives the batch holds: the paper
 (and its 10B recipe 0.5/0.3/0.2) picks one objective per batch and takes its token mean, so each
 objective's expected share of the gradient is its weight. A pooled token mean would instead
-give long-span objectives most of the gradient (document samples supply ~80% of the loss
+give long-span objectives most of the gradient (document samples supply ~78% of the loss
 tokens at {token: .5, document: .5}). This is implemented as per-token factors
 w_o x N / N_o (N_o: o's loss tokens in the global batch, counted from the micro-batches before
 any backward and summed over ranks), so the normalisation above and its exactness under
 accumulation, DDP and resume carry over unchanged. With one objective in the batch every
 factor is exactly 1 and the loop takes the plain token-mean path (bit-identical to it).
+The alternative, one objective per optimizer step chosen from (seed, step), would tie the
+samples to the batch and world size (a resume on another world size would read other data);
+docs/method.md section 5.2.
 
 Resuming. A run restarts from out_dir's latest valid checkpoint, else from train.init_from
 (any step directory or run directory: branching or continuing a run). It restores weights,
