@@ -281,15 +281,24 @@ def test_resume_refuses_another_model(tmp_path):
 
 
 def _nan_at(monkeypatch, bad_steps: set[int], accum: int = 1):
+    """Fault injection: a NaN loss at the given steps, on the plain and on the objective-weighted path."""
     calls = itertools.count()
-    real = train.infilling_loss
+    real, real_tokens = train.infilling_loss, train._token_losses
+
+    def poisoned(loss):
+        step = next(calls) // accum + 1
+        return loss * float("nan") if step in bad_steps else loss
 
     def loss_fn(model, batch):
         loss, n = real(model, batch)
-        step = next(calls) // accum + 1
-        return (loss * float("nan") if step in bad_steps else loss), n
+        return poisoned(loss), n
+
+    def token_losses(model, batch):
+        losses, task = real_tokens(model, batch)
+        return poisoned(losses), task
 
     monkeypatch.setattr(train, "infilling_loss", loss_fn)
+    monkeypatch.setattr(train, "_token_losses", token_losses)
 
 
 def test_non_finite_loss_stops_naming_the_step(monkeypatch, tmp_path):
@@ -371,7 +380,7 @@ def build_real_shards(root):
     tokens = write_token_shards(root / "tokens", {"train": [random_docs(rng, 60)], "valid": [random_docs(rng, 20)]})
     manifest = shards.read_manifest(tokens)  # record the tokenizer size, as the token stage does
     shards.write_manifest(tokens, "tokens", manifest["files"], stats={"vocab_size": 3000})
-    infill_cfg = dict(seq_len=32, epochs=1, samples_per_shard=64)
+    infill_cfg = dict(seq_len=32, epochs=1, samples_per_shard=64, objective_mix=PAPER_MIX)
     build_infilling_dataset(tokens, root / "infill", InfillingConfig(**infill_cfg), progress=False)
     config = {
         "infilling": infill_cfg,
@@ -398,6 +407,15 @@ def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
     assert train.main([*argv, "--out", str(tmp_path / "full")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 4 and math.isfinite(result["val_loss"])
+    # the shards' drawn objectives reach the loss: each objective's loss is logged, mixed by the build's weights
+    records = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    logged = [{o for o in PAPER_MIX if f"loss/{o}" in r} for r in steps]
+    assert set().union(*logged) == set(PAPER_MIX) and all(logged)  # a step of 8 samples may lack an objective
+    for r, present in zip(steps, logged):
+        w = sum(PAPER_MIX[o] for o in present)
+        assert r["loss"] == pytest.approx(sum(PAPER_MIX[o] / w * r[f"loss/{o}"] for o in present), rel=1e-9)
+    assert any("val_loss/document" in r for r in records)
     model, model_cfg = load_model(tmp_path / "full")
     assert model_cfg.vocab_size == 3008  # the tokenizer's 3000, rounded up to a multiple of 64
 
