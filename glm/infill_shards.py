@@ -13,8 +13,9 @@ row boundaries in every epoch. The validation split is packed in file order, onc
 
 Shard layout (`LAYOUT_VERSION`). One row per sample, fixed length `seq_len`, stored
 narrow: input_ids and position_ids as fixed-size lists of uint16 (input_ids uint32 when
-the vocabulary exceeds 65536), sep/length as uint16, objective as int8: about 4 bytes per
-position. targets, loss_mask and block_position_ids are not stored: they are derived
+the vocabulary exceeds 65536), sep/length as uint16, objective (the layout) and task (the
+objective drawn from the mix, which the trainer weighs; it differs only for fallbacks) as
+int8: about 4 bytes per position. targets, loss_mask and block_position_ids are not stored: they are derived
 from input_ids by `expand_samples` (Part B = [sop] s1..sk per span; target i is input i+1,
 or <eop> before the next <sop> or the end; block positions count from each <sop>; loss on
 all of Part B). position_ids are stored: Part B's positions depend on the shuffled span
@@ -54,9 +55,9 @@ from glm.shards import (
 from glm.special_tokens import SPECIAL
 
 STAGE = "infill"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the `task` column (the drawn objective, the trainer's loss group)
 VALID = "valid"
-STORED = ("input_ids", "position_ids", "sep", "length", "objective")
+STORED = ("input_ids", "position_ids", "sep", "length", "objective", "task")
 DERIVED = ("targets", "loss_mask", "block_position_ids")
 _PACK_STREAM = 0x9AC4  # keeps the packing RNG apart from the builder's, which shares cfg.seed
 _VALID_EPOCH = 0  # the validation set is built once, with the builder's epoch-0 seed
@@ -313,12 +314,13 @@ def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int
         if values is not None and values.size and int(values.max()) >= limit:
             row = _first_row(values >= limit)
             raise CorruptShardError(path, f"{name} {int(values[row].max())} >= {limit} in row {row}")
-    objective = columns.get("objective")
-    if objective is not None and (bad := (objective < 0) | (objective >= len(infilling.OBJECTIVES))).any():
-        row = _first_row(bad)
-        raise CorruptShardError(
-            path, f"objective {int(objective[row])} in row {row} is none of {len(infilling.OBJECTIVES)} objectives"
-        )
+    for name in ("objective", "task"):
+        values = columns.get(name)
+        if values is not None and (bad := (values < 0) | (values >= len(infilling.OBJECTIVES))).any():
+            row = _first_row(bad)
+            raise CorruptShardError(
+                path, f"{name} {int(values[row])} in row {row} is none of {len(infilling.OBJECTIVES)} objectives"
+            )
 
 
 def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, list[str]]:
@@ -342,6 +344,7 @@ def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, li
         "sep": pa.array(batch.sep.astype(small.to_pandas_dtype()), small),
         "length": pa.array(batch.length.astype(small.to_pandas_dtype()), small),
         "objective": pa.array(batch.objective.astype(np.int8), pa.int8()),
+        "task": pa.array(batch.task.astype(np.int8), pa.int8()),
     }
     explicit_types = {"targets": ids, "loss_mask": pa.uint8(), "block_position_ids": small}
     for name in explicit:

@@ -22,11 +22,11 @@ Choices the paper leaves open (all counted in `BuildStats`, nothing is dropped s
   A span whose document is too short to hold it is dropped ("short_document"); a row where no
   span fits becomes a causal sample ("no_span_fits").
 - sentence: a sentence ends after a `sentence_end_ids` token or at a document end. Sentences are
-  taken in random order until they cover >= sentence_ratio of T; adjacent chosen sentences are
-  merged into one [sMASK] span so spans stay separated (a span is then several whole sentences).
-- document: one [gMASK] span, the suffix of the row's longest document (ties: the first),
-  covering ceil(r * its length) tokens, r ~ U[document_min_ratio, document_max_ratio]. It never
-  crosses an <eos>; the documents around it stay in Part A as context.
+  taken in random order until they cover >= sentence_ratio of T; each chosen sentence is its own
+  [sMASK] span (two chosen neighbours are two adjacent spans), as in the reference code.
+- document: one [gMASK] span, the suffix of the whole row, covering ceil(r * row length) tokens
+  (<eos> tokens counted and crossed), r ~ U[document_min_ratio, document_max_ratio]: nothing
+  follows [gMASK] in Part A, as in the paper and in free generation.
 - causal: Part A = [gMASK] (sep = 1), Part B = <sop> + the whole row (its <eos> tokens included).
 - A row whose spans would not fit seq_len keeps its first spans ("seq_len"); token draws capped
   at `span_cap(cfg)` spans before reaching the target ("span_cap"); a row with no text
@@ -67,7 +67,8 @@ class SampleBatch:
     loss_mask: np.ndarray  # (N, L) bool
     sep: np.ndarray  # (N,) int32, length of Part A
     length: np.ndarray  # (N,) int32, non-pad length
-    objective: np.ndarray  # (N,) int8, index into OBJECTIVES
+    objective: np.ndarray  # (N,) int8, index into OBJECTIVES: the layout (a fallback is CAUSAL)
+    task: np.ndarray  # (N,) int8, the objective drawn from the mix: the loss group the sample counts toward
 
     def __len__(self) -> int:
         return len(self.sep)
@@ -82,6 +83,7 @@ class SpanPlan:
     lengths: np.ndarray  # (N, K) int32, 0 = no span in this slot
     order: np.ndarray  # (N, K) int32, Part B lists spans order[n, 0], order[n, 1], ...
     mask_ids: np.ndarray  # (N,) int32, the mask token of each row
+    task: np.ndarray  # (N,) int8, the objective drawn from the mix, before fallbacks
 
 
 @dataclass
@@ -358,13 +360,9 @@ def _sentence_spans(idx, keys, rows, lengths, cfg: InfillingConfig, sentence_end
     chosen = np.empty(len(r), bool)
     chosen[perm] = before < target[r[perm]]
 
-    # merge chosen sentences that touch into one span, so spans stay separated
-    touches = np.zeros(len(r), bool)
-    touches[1:] = (r[1:] == r[:-1]) & (p[:-1] + size[:-1] == p[1:]) & chosen[:-1]
-    opens = chosen & ~touches  # (S,)
-    span_id = np.cumsum(opens) - 1  # (S,)
-    span_len = np.bincount(span_id[chosen], weights=size[chosen]).astype(np.int64)  # (P,)
-    span_row, span_start = r[opens], p[opens]  # (P,)
+    # one [sMASK] span per chosen sentence, as in the reference (two chosen neighbours are two
+    # adjacent spans, so the model learns how many sentences a run of [sMASK] stands for)
+    span_row, span_start, span_len = r[chosen], p[chosen], size[chosen].astype(np.int64)  # (P,) row-major, by start
 
     # a row keeps the spans that fit seq_len (rare: short sentences)
     per_row = np.bincount(span_row, minlength=len(idx))  # (n,)
@@ -376,18 +374,15 @@ def _sentence_spans(idx, keys, rows, lengths, cfg: InfillingConfig, sentence_end
     return idx[span_row[fit]], span_start[fit], span_len[fit]
 
 
-def _document_spans(idx, keys, docs: _Documents, cfg: InfillingConfig):
-    is_sub = np.zeros(len(docs.row_text), bool)
-    is_sub[idx] = True
-    d = np.nonzero(is_sub[docs.row])[0]  # (D',) documents of these rows
-    longest = np.zeros(len(docs.row_text), np.int64)
-    np.maximum.at(longest, docs.row[d], docs.length[d])
-    d = d[docs.length[d] == longest[docs.row[d]]]
-    d = d[np.append(True, docs.row[d][1:] != docs.row[d][:-1])]  # (n,) the first longest per row
-    row, size = docs.row[d], docs.length[d]  # (n,)
+def _document_spans(idx, keys, lengths, cfg: InfillingConfig):
+    # The paper's (and the reference's "suffix" path's) document objective: one span of a U[min, max]
+    # fraction of the whole row, taken from its end, so [gMASK] is the last token of Part A as in free
+    # generation. The row counts with its <eos> tokens (they are what the model reads), and a span may
+    # cross them: Part B then writes on past a document end, as the causal objective does.
+    size = lengths[idx]  # (n,)
     ratio = cfg.document_min_ratio + _uniform(keys, "document", 0) * (cfg.document_max_ratio - cfg.document_min_ratio)
     span_len = np.clip(np.ceil(ratio * size - 1e-9), 1, size).astype(np.int64)  # (n,)
-    return row, docs.start[d] + size - span_len, span_len
+    return idx, size - span_len, span_len
 
 
 # --------------------------------------------------------------------------- the plan
@@ -441,6 +436,9 @@ def sample_spans(
     cumulative = np.cumsum(weights / weights.sum())
     cumulative[-1] = 1.0
     objective = np.searchsorted(cumulative, _uniform(keys, "objective", 0), side="right").astype(np.int8)  # (N,)
+    # A fallback changes a sample's layout, not the loss it counts toward: the trainer weighs each
+    # drawn objective by its mix weight (glm/train.py), so a rare causal fallback stays in its group.
+    task = objective.copy()  # (N,)
 
     docs = _documents(rows, lengths)
     stats.text_tokens = int(docs.row_text.sum())
@@ -460,7 +458,7 @@ def sample_spans(
         parts.append(_sentence_spans(idx, keys[idx], rows, lengths, cfg, end_ids, stats))
     idx = np.nonzero(objective == DOCUMENT)[0]
     if len(idx):
-        parts.append(_document_spans(idx, keys[idx], docs, cfg))
+        parts.append(_document_spans(idx, keys[idx], lengths, cfg))
     idx = np.nonzero(objective == CAUSAL)[0]
     parts.append((idx, np.zeros(len(idx), np.int64), lengths[idx]))  # Part A = just [gMASK]
 
@@ -479,7 +477,7 @@ def sample_spans(
         stats.objectives[name] += int((objective == i).sum())
     stats.spans = int(valid.sum())
     stats.masked_tokens = int(span_lengths.sum())
-    plan = SpanPlan(objective, starts, span_lengths, order, MASK_ID_OF_OBJECTIVE[objective])
+    plan = SpanPlan(objective, starts, span_lengths, order, MASK_ID_OF_OBJECTIVE[objective], task)
     return plan, stats
 
 
@@ -500,7 +498,7 @@ def assemble(
     span_starts/span_lengths (N, K): real spans (length > 0) first, sorted by start and not
     overlapping; length-0 slots are padding. span_order (N, K): a permutation of 0..K-1 per row,
     Part B lists span span_order[n, 0] first. mask_ids: the mask token, per row or one for all.
-    The returned `objective` is filled with -1 (build_samples sets it).
+    The returned `objective` and `task` are filled with -1 (build_samples sets them).
     """
     rows = np.asarray(rows)
     n, width = rows.shape
@@ -599,6 +597,7 @@ def assemble(
         sep=sep.astype(np.int32),
         length=length,
         objective=np.full(n, -1, np.int8),
+        task=np.full(n, -1, np.int8),
     )
 
 
@@ -617,6 +616,6 @@ def build_samples(
         rows, row_lengths, cfg, seed=seed, epoch=epoch, first_index=first_index, sentence_end_ids=sentence_end_ids
     )
     batch = assemble(rows, row_lengths, plan.starts, plan.lengths, plan.order, plan.mask_ids, cfg.seq_len)
-    batch.objective = plan.objective
+    batch.objective, batch.task = plan.objective, plan.task
     stats.output_tokens = int(batch.length.sum())
     return batch, stats

@@ -46,9 +46,10 @@ from glm.shards import (
     verify_manifest,
 )
 
-BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep")
+# `task` (B,): the objective each sample was drawn as, which the trainer weighs by the mix (glm/train.py)
+BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "task")
 _ROWS = ("input_ids", "position_ids")  # (N, L) columns
-_SCALARS = ("sep", "length")  # (N,) columns
+_SCALARS = ("sep", "length", "task")  # (N,) columns
 
 
 class ShardSet:
@@ -159,6 +160,8 @@ class InfillingData:
         self.seq_len = int(stats["seq_len"])
         self.vocab_size = int(stats["vocab_size"]) if stats.get("vocab_size") else None  # absent in older builds
         self.key = stats["build_key"]
+        # the mix the samples were drawn with: the trainer weighs each objective's loss by it
+        self.objective_mix = {k: float(v) for k, v in self.manifest["config"]["objective_mix"].items()}
         self.check_lengths(seq_len, max_seq_len)
         files = self.manifest["files"]
         self.epochs = [

@@ -76,7 +76,12 @@ _MAX_SENTENCE_BYTES = 16384
 _CHUNK_CHARS = 4000
 
 # a piece ends a sentence if, once trailing closing quotes/brackets are removed, it ends with one of these
-_SENTENCE_END = ".!?。！？…．｡"
+# (GLM's reference code also ends sentences at ; : and newlines). A character the vocabulary lacks is
+# encoded as UTF-8 byte pieces: the one-byte (ASCII) enders count as their byte piece too. Our
+# normalisation maps newlines to spaces, so only a tokenizer given as tokenizer.existing can produce
+# a newline piece or the <0x0A> byte.
+_SENTENCE_END = ".!?。！？…．｡;:；：\n"
+_SENTENCE_END_BYTES = {f"<0x{ord(c):02X}>" for c in _SENTENCE_END if ord(c) < 128}
 _CLOSERS = "\"'”’」』）)]》〉"
 
 
@@ -216,7 +221,8 @@ class Tokenizer:
         return {i: ids.tolist() for i, ids in self._literal_ids.items()}
 
     def sentence_end_ids(self) -> np.ndarray:
-        """Sorted ids of pieces that end a sentence (text ending in . ! ? 。 ！ ？ …, closing quotes allowed)."""
+        """Sorted ids of pieces that end a sentence (text ending in . ! ? ; : 。 ！ ？ ； ： … or a newline, closing
+        quotes allowed; the byte pieces of the ASCII ones too)."""
         return self._sentence_ends
 
     @functools.cached_property
@@ -225,8 +231,11 @@ class Tokenizer:
         ids = [
             i
             for i in range(NUM_SPECIAL, sp.get_piece_size())
-            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
-            and _ends_sentence(sp.id_to_piece(i))
+            if (
+                not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+                and _ends_sentence(sp.id_to_piece(i))
+            )
+            or (sp.is_byte(i) and sp.id_to_piece(i) in _SENTENCE_END_BYTES)
         ]
         out = np.asarray(ids, dtype=np.int64)  # (S,)
         out.flags.writeable = False  # shared by every caller

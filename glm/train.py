@@ -13,6 +13,21 @@ the gradient of the token-weighted mean loss over the global batch: exactly what
 batch gives, however it is split into micro-batches and ranks, even when rows hold different
 numbers of loss tokens (a mean of per-micro-batch means would weight them unequally).
 
+Objective mix. Blank-infilling batches carry `task` (B,), the objective each sample was drawn
+as. The loss is then sum over objectives o of w_o x (token mean of o's loss over the global
+batch), w = infilling.objective_mix renormalised over the objectives the batch holds: the paper
+(and its 10B recipe 0.5/0.3/0.2) picks one objective per batch and takes its token mean, so each
+objective's expected share of the gradient is its weight. A pooled token mean would instead
+give long-span objectives most of the gradient (document samples supply ~78% of the loss
+tokens at {token: .5, document: .5}). This is implemented as per-token factors
+w_o x N / N_o (N_o: o's loss tokens in the global batch, counted from the micro-batches before
+any backward and summed over ranks), so the normalisation above and its exactness under
+accumulation, DDP and resume carry over unchanged. With one objective in the batch every
+factor is exactly 1 and the loop takes the plain token-mean path (bit-identical to it).
+The alternative, one objective per optimizer step chosen from (seed, step), would tie the
+samples to the batch and world size (a resume on another world size would read other data);
+docs/method.md section 5.2.
+
 Resuming. A run restarts from out_dir's latest valid checkpoint, else from train.init_from
 (any step directory or run directory: branching or continuing a run). It restores weights,
 optimizer, step, every rank's torch/numpy/Python RNG and data position, so with the same
@@ -48,6 +63,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from glm.checkpoint import (
@@ -92,6 +108,7 @@ from glm.errors import (
     disk_error,
     write_error_file,
 )
+from glm.infilling import OBJECTIVES
 from glm.metrics import MetricsLog
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.shards import ManifestError
@@ -272,7 +289,8 @@ def _to_device(batch: Any, device: torch.device, micro_batch_size: int | None, w
     if not isinstance(batch, dict) or not set(BATCH_KEYS) <= set(batch):
         got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{where}: a batch must be a dict with {list(BATCH_KEYS)}, got {got}")
-    out = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True) for k in BATCH_KEYS}
+    keys = (*BATCH_KEYS, "task") if "task" in batch else BATCH_KEYS  # task: optional (B,) objective index
+    out = {k: torch.as_tensor(batch[k]).to(device, non_blocking=True) for k in keys}
     rows = out["input_ids"].shape[0]
     if micro_batch_size is not None and rows != micro_batch_size:
         raise ValueError(
@@ -294,6 +312,57 @@ def _grad_norm(norm: torch.Tensor) -> float:
     return float(full)
 
 
+def mix_weights(objective_mix: dict[str, float] | None) -> torch.Tensor | None:
+    """(K,) float64 weights of OBJECTIVES, summing to 1, from an objective mix (None: no mix)."""
+    if objective_mix is None:
+        return None
+    unknown = set(objective_mix) - set(OBJECTIVES)
+    weights = torch.tensor([float(objective_mix.get(name, 0.0)) for name in OBJECTIVES], dtype=torch.float64)
+    if unknown or (weights < 0).any() or weights.sum() <= 0:
+        raise ConfigError(
+            f"objective_mix={objective_mix} must give non-negative weights to {list(OBJECTIVES)} with a positive sum"
+        )
+    return weights / weights.sum()
+
+
+@dataclasses.dataclass
+class _Groups:
+    """One step's objective weighting: per-token factors relative to the pooled token sum."""
+
+    counts: torch.Tensor  # (K,) float64 loss tokens of each objective in the global batch
+    factor: torch.Tensor  # (K,) float64 w_o x N / N_o for present objectives, 0 for absent ones
+    weights: torch.Tensor  # (K,) float64 weights renormalised over the present objectives
+    single: int | None  # the one objective present, if only one is (then every factor is 1)
+
+
+def _groups(tasks: list[tuple[torch.Tensor, torch.Tensor]], mix: torch.Tensor, device: torch.device) -> _Groups:
+    """Weighting for (task (B,), loss tokens per row (B,)) of every micro-batch of this rank; collective."""
+    k = len(OBJECTIVES)
+    local = torch.zeros(k, dtype=torch.float64, device=device)
+    for task, tokens in tasks:
+        local += torch.bincount(task, weights=tokens.double(), minlength=k)[:k]
+    counts = all_reduce_sum(local)  # (K,) every rank and micro-batch of the step gets the same factors
+    present = counts > 0
+    weights = torch.where(present, mix.to(device), 0.0)
+    if bool((present & (weights == 0)).any()):
+        names = [OBJECTIVES[i] for i in torch.nonzero(present & (weights == 0)).flatten().tolist()]
+        raise ConfigError(
+            f"training batches hold {names} samples that objective_mix gives no weight; rebuild the data with this mix"
+        )
+    weights = weights / weights.sum().clamp(min=1e-300)
+    factor = torch.where(present, weights * counts.sum() / counts.clamp(min=1.0), 0.0)
+    single = int(torch.nonzero(present).flatten()[0]) if int(present.sum()) == 1 else None
+    return _Groups(counts, factor, weights, single)
+
+
+def _token_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at every loss position (N,) and the objective of each (N,) (as model.infilling_loss)."""
+    select = batch["loss_mask"].bool()  # (B, T)
+    logits = model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"], select=select)  # (N, V)
+    token_loss = F.cross_entropy(logits, batch["targets"][select], reduction="none")  # (N,)
+    return token_loss, batch["task"][:, None].expand_as(select)[select]
+
+
 def _accumulate_gradients(
     model: torch.nn.Module,
     it: Iterator[Any],
@@ -302,26 +371,69 @@ def _accumulate_gradients(
     cfg: TrainConfig,
     autocast: Callable[[], contextlib.AbstractContextManager],
     info: DistInfo,
-) -> tuple[torch.Tensor, int, int]:
-    """Backpropagate the summed token losses of `accum` micro-batches (gradients sync on the last).
+    mix: torch.Tensor | None,
+) -> tuple[torch.Tensor, int, int, _Groups | None, torch.Tensor | None]:
+    """Backpropagate the (objective-weighted) summed token losses of `accum` micro-batches (gradients sync on the last).
 
-    Returns (sum of token losses, loss tokens) summed over ranks, this rank's input tokens, and the row length.
+    Returns (sum of token losses, loss tokens) summed over ranks, this rank's input tokens, the row length,
+    and with a mix, the step's weighting and each objective's summed token losses (K,) over ranks.
     """
+    # all micro-batches first: the weighting needs every objective's tokens in the step before any backward
+    batches = [_to_device(_next_batch(it, step), info.device, cfg.micro_batch_size, "training data") for _ in range(accum)]
+    has_task = ["task" in b for b in batches]
+    if any(has_task) and mix is None:
+        raise ValueError(
+            "training batches carry `task` but pretrain got no objective_mix; pass the data's mix (InfillingData.objective_mix)"
+        )
+    groups = None
+    if mix is not None and all(has_task):
+        groups = _groups([(b["task"], b["loss_mask"].sum(1)) for b in batches], mix, info.device)
+    k = len(OBJECTIVES)
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)  # sum of per-token losses
     n_loss = torch.zeros((), dtype=torch.float64, device=info.device)  # loss tokens
+    by_task = torch.zeros(k, dtype=torch.float64, device=info.device)  # (K,) sum of per-token losses per objective
     n_input, seq_len = 0, 0
-    for micro in range(accum):
-        batch = _to_device(_next_batch(it, step), info.device, cfg.micro_batch_size, "training data")
+    for micro, batch in enumerate(batches):
         with gradient_sync(model, enabled=micro == accum - 1):
-            with autocast():
-                loss, n = infilling_loss(model, batch)
-            (loss * n).backward()
-        # a micro-batch without loss tokens has a NaN mean over nothing; it contributes 0
-        loss_sum += torch.where(n > 0, loss.detach().double() * n, 0.0)
+            if groups is None or groups.single is not None:
+                with autocast():
+                    loss, n = infilling_loss(model, batch)
+                (loss * n).backward()
+                # a micro-batch without loss tokens has a NaN mean over nothing; it contributes 0
+                summed = torch.where(n > 0, loss.detach().double() * n, 0.0)
+                if groups is not None:
+                    by_task[groups.single] += summed
+            else:
+                with autocast():
+                    token_loss, task_of = _token_losses(model, batch)  # (N,), (N,)
+                (token_loss * groups.factor.to(token_loss.dtype)[task_of]).sum().backward()
+                n = torch.tensor(token_loss.numel(), device=info.device)
+                summed = token_loss.detach().double().sum()
+                by_task.index_add_(0, task_of, token_loss.detach().double())
+        loss_sum += summed
         n_loss += n
         n_input += batch["input_ids"].numel()
         seq_len = batch["input_ids"].shape[1]
-    return all_reduce_sum(torch.stack([loss_sum, n_loss])), n_input, seq_len  # (2,) over all ranks
+    totals = all_reduce_sum(torch.cat([torch.stack([loss_sum, n_loss]), by_task]))  # (2 + K,) over all ranks
+    return totals[:2], n_input, seq_len, groups, (totals[2:] if groups is not None else None)
+
+
+def _per_objective(prefix: str, sums: torch.Tensor, counts: torch.Tensor) -> dict[str, Any]:
+    """{prefix/objective: token-mean loss, prefix_tokens/objective: tokens} for the objectives present."""
+    out: dict[str, Any] = {}
+    for i, name in enumerate(OBJECTIVES):
+        if counts[i] > 0:
+            out[f"{prefix}/{name}"] = _finite_or_none(float(sums[i] / counts[i]))
+            out[f"{prefix}_tokens/{name}"] = int(counts[i])
+    return out
+
+
+def _mixed_loss(sums: torch.Tensor, counts: torch.Tensor, mix: torch.Tensor) -> float:
+    """sum_o w_o x mean_o over the objectives present, w renormalised over them (one objective: its mean)."""
+    present = counts > 0
+    w = torch.where(present, mix.to(counts.device), 0.0)
+    w = w / w.sum()
+    return float(sum(w[i] * (sums[i] / counts[i]) for i in torch.nonzero(present).flatten().tolist()))
 
 
 def evaluate(
@@ -331,12 +443,18 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
     info: DistInfo,
+    mix: torch.Tensor | None = None,
 ) -> dict[str, float] | None:
-    """Token-weighted validation loss over up to n_batches per rank (ranks stop together)."""
+    """Validation loss over up to n_batches per rank (ranks stop together).
+
+    Token-weighted over all loss tokens; with a mix and batches that carry `task`, the mix of
+    per-objective token means instead (as in training), plus each objective's loss.
+    """
     was_training = model.training
     net = unwrap(model)  # DDP: bypass its forward hooks; FSDP2 shards in place and needs its hooks
     net.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss x tokens, tokens)
+    k = len(OBJECTIVES)
+    sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)  # (loss x tokens, tokens, K sums, K counts)
     it = iter(valid_data)
     with torch.no_grad():
         for _ in range(n_batches):
@@ -346,16 +464,33 @@ def evaluate(
             if int(have.item()) < info.world_size:
                 break
             batch = _to_device(raw, device, None, "validation data")
-            with autocast():
-                loss, n = infilling_loss(net, batch)
-            if n > 0:
-                sums += torch.stack([loss.double() * n, n.double()])
+            tasks = batch["task"].unique() if mix is not None and "task" in batch else None
+            if tasks is None or len(tasks) == 1:
+                with autocast():
+                    loss, n = infilling_loss(net, batch)
+                if n > 0:
+                    summed = loss.double() * n
+                    sums[:2] += torch.stack([summed, n.double()])
+                    if tasks is not None:
+                        sums[2 + int(tasks[0])] += summed
+                        sums[2 + k + int(tasks[0])] += n.double()
+            else:
+                with autocast():
+                    token_loss, task_of = _token_losses(net, batch)
+                sums[:2] += torch.stack([token_loss.double().sum(), torch.tensor(float(token_loss.numel()), device=device)])
+                sums[2 : 2 + k].index_add_(0, task_of, token_loss.double())
+                sums[2 + k :] += torch.bincount(task_of, minlength=k)[:k].double()
     model.train(was_training)
     all_reduce_sum(sums)
     if sums[1] == 0:
         return None
     val_loss = float(sums[0] / sums[1])
-    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else math.inf, "val_tokens": int(sums[1])}
+    extra: dict[str, Any] = {}
+    if mix is not None and sums[2 + k :].sum() > 0:
+        val_loss = _mixed_loss(sums[2 : 2 + k], sums[2 + k :], mix)
+        extra = _per_objective("val_loss", sums[2 : 2 + k], sums[2 + k :])
+    ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+    return {"val_loss": val_loss, "val_ppl": ppl, "val_tokens": int(sums[1]), **extra}
 
 
 def _save(
@@ -485,10 +620,13 @@ def pretrain(
     *,
     valid_data: Iterable[Any] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    objective_mix: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train a GLM for cfg.steps optimizer steps; checkpoints and metrics.jsonl go to out_dir.
 
-    `data` yields this rank's micro-batches (dicts of BATCH_KEYS). `valid_data` is re-iterated
+    `data` yields this rank's micro-batches (dicts of BATCH_KEYS, and `task` for blank-infilling
+    shards, which then needs `objective_mix`: the loss mixes per-objective token means, module
+    docstring; the metrics add loss/<objective>). `valid_data` is re-iterated
     from its start at every evaluation. A run resumes exactly from out_dir's latest valid
     checkpoint (or cfg.init_from): weights, optimizer, step, RNG streams and data position.
     Under torchrun every rank calls this; only rank 0 writes files and calls `on_metrics`.
@@ -498,6 +636,7 @@ def pretrain(
     if not isinstance(data, BatchSource):
         raise TypeError("data must be iterable and have state_dict()/load_state_dict() (see glm.train.BatchSource)")
     out_dir = Path(out_dir)
+    mix = mix_weights(objective_mix)
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.device)
     metrics, bar = MetricsLog(out_dir / "metrics.jsonl", enabled=info.is_main), None
@@ -547,7 +686,7 @@ def pretrain(
             lr = lr_at(step, cfg.optim, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            totals, n_input, seq_len = _accumulate_gradients(model, it, accum, step, cfg, autocast, info)
+            totals, n_input, seq_len, groups, by_task = _accumulate_gradients(model, it, accum, step, cfg, autocast, info, mix)
             global_tokens = max(float(totals[1]), 1.0)
             for p in model.parameters():
                 if p.grad is not None:
@@ -555,6 +694,10 @@ def pretrain(
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             loss_value = float(totals[0]) / global_tokens
+            per_objective: dict[str, Any] = {}
+            if groups is not None:
+                loss_value = _mixed_loss(by_task, groups.counts, mix)
+                per_objective = _per_objective("loss", by_task, groups.counts)
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
             if skipped:
                 counters["bad_steps"] += 1
@@ -585,6 +728,7 @@ def pretrain(
                     "mfu": mfu,
                     "skipped": skipped,
                     "bad_steps": counters["bad_steps"],
+                    **per_objective,
                 }
             )
             if skipped and counters["bad_steps"] > cfg.max_bad_steps:
@@ -617,7 +761,7 @@ def pretrain(
 
             if valid_data is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 per_rank = -(-cfg.eval_batches // info.world_size)  # eval_batches counts all ranks together
-                val = evaluate(model, valid_data, per_rank, device, autocast, info)
+                val = evaluate(model, valid_data, per_rank, device, autocast, info, mix)
                 if val is not None:
                     counters["val_loss"] = val["val_loss"]
                     emit({"step": step, **{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in val.items()}})
@@ -653,6 +797,8 @@ class SyntheticBatches:
     Sample i depends only on (seed, i). Rank r of w reads micro-batches r, r+w, r+2w, ...
     of micro_batch_size consecutive samples, so any split of a global batch into ranks and
     accumulation steps covers the same samples. Rows hold different numbers of loss tokens.
+    With `objectives` = k, each sample also carries `task`, an objective index in 0..k-1 drawn
+    from (seed, i) on a stream of its own (the other columns are those of objectives=None).
     """
 
     def __init__(
@@ -665,11 +811,13 @@ class SyntheticBatches:
         rank: int = 0,
         world_size: int = 1,
         limit: int | None = None,
+        objectives: int | None = None,
     ):
         if seq_len < 8 or vocab_size <= NUM_SPECIAL:
             raise ValueError("SyntheticBatches needs seq_len >= 8 and vocab_size > the special tokens")
         self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
         self.seed, self.rank, self.world_size, self.limit = seed, rank, world_size, limit
+        self.objectives = objectives
         self._next = 0  # micro-batches of this rank already yielded
 
     def state_dict(self) -> dict[str, Any]:
@@ -684,7 +832,11 @@ class SyntheticBatches:
             self._next += 1
             first = block * self.micro_batch_size
             rows = [self._sample(first + j) for j in range(self.micro_batch_size)]
-            yield {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
+            batch = {k: torch.as_tensor(np.stack([r[k] for r in rows])) for k in BATCH_KEYS}
+            if self.objectives is not None:
+                tasks = [np.random.default_rng([self.seed, first + j, 2]).integers(self.objectives) for j in range(len(rows))]
+                batch["task"] = torch.as_tensor(np.array(tasks, np.int64))  # (B,)
+            yield batch
 
     def _sample(self, i: int) -> dict[str, np.ndarray]:
         g = np.random.default_rng([self.seed, i])
@@ -767,7 +919,9 @@ def pretrain_on_shards(
                 world_size=info.world_size,
                 max_batches=-(-cfg.eval_batches // info.world_size),
             )
-        return pretrain(cfg, model_cfg, data, out_dir, valid_data=valid, on_metrics=on_metrics)
+        return pretrain(
+            cfg, model_cfg, data, out_dir, valid_data=valid, on_metrics=on_metrics, objective_mix=shards.objective_mix
+        )
     finally:
         if owns_group:
             destroy_distributed()

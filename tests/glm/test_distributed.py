@@ -13,6 +13,7 @@ from glm.metrics import read_metrics
 from glm.train import SyntheticBatches, pretrain
 
 V, T, STEPS = 64, 32, 4
+PAPER_MIX = {"token": 0.5, "sentence": 0.3, "document": 0.2}
 MODEL = ModelConfig(vocab_size=V, max_seq_len=T, dropout=0.0, attention_dropout=0.0)
 
 
@@ -63,7 +64,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, root: str) -> None:
+def _data(mix, micro: int, **kw) -> SyntheticBatches:
+    return SyntheticBatches(V, T, micro, objectives=None if mix is None else 3, **kw)
+
+
+def _worker(rank: int, world: int, port: int, root: str, mix) -> None:
     """One rank: DDP then FSDP, each with gradient accumulation, interrupted after step 2 and resumed."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -73,27 +78,30 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             cfg = _cfg(micro_batch_size=2, nproc=world, distributed=strategy)  # 2 ranks x 2 accumulation x 2 rows
             out = os.path.join(root, strategy)
             try:  # the data runs out during step 3 on both ranks: a crash after the step-2 checkpoint
-                pretrain(cfg, MODEL, SyntheticBatches(V, T, 2, rank=rank, world_size=world, limit=5), out)
+                pretrain(cfg, MODEL, _data(mix, 2, rank=rank, world_size=world, limit=5), out, objective_mix=mix)
             except ValueError as e:
                 assert "ran out at step 3" in str(e)
             else:
                 raise AssertionError("the truncated data should have stopped the first run")
-            pretrain(cfg, MODEL, SyntheticBatches(V, T, 2, rank=rank, world_size=world), out)
+            pretrain(cfg, MODEL, _data(mix, 2, rank=rank, world_size=world), out, objective_mix=mix)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_and_fsdp_on_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("mix", [None, PAPER_MIX])
+def test_ddp_and_fsdp_on_two_processes_match_one_process(tmp_path, mix):
+    # with a mix, every rank and micro-batch must weigh the objectives by the global batch's token counts
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = pretrain(_cfg(), MODEL, SyntheticBatches(V, T, 8), tmp_path / "single")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mix), nprocs=2, join=True)
+    single = pretrain(_cfg(), MODEL, _data(mix, 8), tmp_path / "single", objective_mix=mix)
     reference = load_model(tmp_path / "single")[0].state_dict()
     ref_records = read_metrics(tmp_path / "single" / "metrics.jsonl")
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / strategy
         records = read_metrics(run / "metrics.jsonl")
         assert [r["step"] for r in records] == [1, 2, 3, 4], strategy  # resumed at 2, nothing repeated
-        for key in ("loss", "grad_norm"):  # the gradient's scale too: Adam would hide a wrong factor
+        keys = ["loss", "grad_norm"] + ([] if mix is None else [f"loss/{o}" for o in PAPER_MIX])
+        for key in keys:  # the gradient's scale too: Adam would hide a wrong factor
             assert [r[key] for r in records] == pytest.approx([r[key] for r in ref_records], rel=1e-5), (strategy, key)
         weights = load_model(run)[0].state_dict()  # full weights, plain names, whatever the sharding
         for k, w in reference.items():

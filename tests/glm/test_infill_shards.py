@@ -144,6 +144,10 @@ def test_derived_columns_reproduce_the_builder(mix):
     np.testing.assert_array_equal(derived["block_position_ids"], batch.block_position_ids)
     table, explicit = infill_shards.encode_samples(batch, "uint16", cfg.seq_len)
     assert explicit == [] and table.column_names == list(infill_shards.STORED)
+    task = table.column("task").to_numpy()
+    # a fallback keeps the objective it was drawn as (its loss group); only its layout becomes causal
+    assert (task[batch.objective != infilling.CAUSAL] == batch.objective[batch.objective != infilling.CAUSAL]).all()
+    assert set(task.tolist()) <= {infilling.OBJECTIVES.index(name) for name in mix}
     assert table.schema.field("input_ids").type == pa.list_(pa.uint16(), cfg.seq_len)
     assert table.schema.field("position_ids").type == pa.list_(pa.uint16(), cfg.seq_len)
 
@@ -197,6 +201,7 @@ def test_dataset_shards_hold_the_builder_samples_of_the_packed_rows(corpus, tmp_
     np.testing.assert_array_equal(cols["position_ids"].flatten().to_numpy().reshape(16, -1), expected.position_ids)
     np.testing.assert_array_equal(decoded["targets"], expected.targets)
     np.testing.assert_array_equal(cols["objective"].to_numpy(), expected.objective)
+    np.testing.assert_array_equal(cols["task"].to_numpy(), expected.task)
 
 
 def test_rebuild_is_idempotent_and_resumes_after_a_crash(corpus, tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_same_sample_whatever_the_batch():
         ]
         for i in range(0, 100, 7)
     ]
-    for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "length", "objective"):
+    for name in ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "length", "objective", "task"):
         assert np.array_equal(getattr(whole, name), np.concatenate([getattr(p, name) for p in parts])), name
     assert set(whole.objective.tolist()) == {TOKEN, SENTENCE, DOCUMENT, CAUSAL}
     other_epoch, _ = build_samples(rows, lengths, cfg, seed=5, epoch=3, first_index=1000, sentence_end_ids=PERIODS)
@@ -182,10 +182,14 @@ def test_every_sample_decodes_back_to_its_row(shuffle):
         if batch.objective[n] == CAUSAL:
             assert batch.sep[n] == 1 and spans == [(0, lengths[n])]
             continue
-        for start, size in spans:
-            assert SPECIAL.eos not in text[start : start + size]  # inside one document
+        if batch.objective[n] == DOCUMENT:  # the row's suffix, <eos> tokens and all: [gMASK] ends Part A
+            assert len(spans) == 1 and spans[0][0] + spans[0][1] == lengths[n] and part_a[-1] == SPECIAL.gmask
+        else:
+            for start, size in spans:
+                assert SPECIAL.eos not in text[start : start + size]  # inside one document
         gaps = [b[0] - (a[0] + a[1]) for a, b in zip(spans, spans[1:])]
-        assert all(g >= 1 for g in gaps)  # separated by an unmasked token
+        # token spans are separated by an unmasked token; sentence spans may touch (one per sentence)
+        assert all(g >= (1 if batch.objective[n] == TOKEN else 0) for g in gaps)
         starts = [batch.position_ids[n, j] for j in range(batch.sep[n], batch.length[n]) if batch.block_position_ids[n, j] == 1]
         in_order += starts == sorted(starts)
     assert stats.spans == (batch.input_ids == SPECIAL.sop).sum()
@@ -237,6 +241,7 @@ def test_fallbacks_are_counted_and_still_valid():
     batch, _ = build_samples(rows, lengths, cfg, seed=0, epoch=0, first_index=0)
     assert (batch.length <= cfg.seq_len).all() and batch.loss_mask.any(1).all()
     assert sum(stats.objectives.values()) == len(rows)
+    assert (plan.task == TOKEN).all() and (batch.task == TOKEN).all()  # fallbacks keep their drawn objective's loss group
 
 
 def test_seq_len_fallback_trims_spans():
@@ -325,22 +330,39 @@ def test_sentence_level_statistics(corpus_512):
 
 
 def test_document_level_statistics(corpus_512):
+    """One span, the suffix of the whole row (across <eos>), 50-100% of the row's length: the paper's document level."""
     cfg, rows, lengths = corpus_512
     cfg = cfg.model_copy(update={"objective_mix": {"document": 1.0}})
+    lengths = np.random.default_rng(3).integers(2, rows.shape[1] + 1, len(rows))  # partial rows too
     plan, _ = sample_spans(rows, lengths, cfg, seed=13, epoch=0, first_index=0)
     assert ((plan.lengths > 0).sum(1) == 1).all() and (plan.mask_ids == SPECIAL.gmask).all()
     r, start, end = _span_tokens(plan)
-    assert (_eos_inside(rows, r, start, end) == 0).all()
-    is_eos = rows == SPECIAL.eos
-    doc_end = (end == lengths[r]) | is_eos[r, np.minimum(end, rows.shape[1] - 1)]
-    assert doc_end.all()  # a suffix of its document
-    # its document runs from just after the last <eos> before the span
-    last_eos = np.maximum.accumulate(np.where(is_eos, np.arange(rows.shape[1]), -1), 1)  # (N, W)
-    doc_start = np.where(start > 0, last_eos[r, np.maximum(start - 1, 0)] + 1, 0)
-    ratio = (end - start) / (end - doc_start)
+    assert (r == np.arange(len(rows))).all() and (end == lengths).all()  # nothing after the span stays in Part A
+    ratio = (end - start) / lengths
     assert ratio.min() >= cfg.document_min_ratio and ratio.max() <= cfg.document_max_ratio
-    assert abs(ratio.mean() - 0.75) < 0.01  # uniform in [0.5, 1]
-    for n in range(0, len(rows), 97):  # the longest document of the row
-        eos = np.nonzero(is_eos[n])[0]
-        doc_lengths = np.diff(np.concatenate([[-1], eos, [lengths[n]]])) - 1
-        assert end[n] - doc_start[n] == doc_lengths.max()
+    long = lengths >= 200  # ceil() adds up to 1 / length to the ratio of a short row
+    assert abs(ratio[long].mean() - 0.75) < 0.01  # uniform in [0.5, 1] (standard error ~0.002)
+    assert np.histogram(ratio[long], bins=5, range=(0.5, 1.0))[0].min() > 0.18 * long.sum()
+    assert (_eos_inside(rows, r, start, end) > 0).mean() > 0.5  # spans cross document ends (~3 <eos> per full row)
+    batch, _ = build_samples(rows[:200], lengths[:200], cfg, seed=13, epoch=0, first_index=0)
+    assert (batch.input_ids[np.arange(200), batch.sep - 1] == SPECIAL.gmask).all()  # [gMASK] ends Part A
+
+
+def test_sentence_spans_are_one_per_sentence(corpus_512):
+    """Each [sMASK] span is exactly one sentence; chosen neighbours stay two spans (the reference's layout)."""
+    cfg, rows, lengths = corpus_512
+    cfg = cfg.model_copy(update={"objective_mix": {"sentence": 1.0}})
+    plan, _ = sample_spans(rows, lengths, cfg, seed=14, epoch=0, first_index=0, sentence_end_ids=PERIODS)
+    r, start, end = _span_tokens(plan)
+    ends = np.isin(rows, PERIODS)  # (N, W)
+    ends_before = np.zeros((rows.shape[0], rows.shape[1] + 1), np.int64)
+    ends_before[:, 1:] = np.cumsum(ends, 1)
+    inner_ends = ends_before[r, end - 1] - ends_before[r, start]  # sentence ends before the span's last token
+    assert (inner_ends == 0).all() and (_eos_inside(rows, r, start, end) == 0).all()
+    same_row = r[1:] == r[:-1]
+    touching = (start[1:] == end[:-1]) & same_row
+    assert touching.sum() > 1000  # with ~20-token sentences and 15% coverage, neighbours are often both chosen
+    assert (start[1:][same_row] >= end[:-1][same_row]).all()
+    batch, _ = build_samples(rows[:50], lengths[:50], cfg, seed=14, epoch=0, first_index=0, sentence_end_ids=PERIODS)
+    smask = (batch.input_ids == SPECIAL.smask).sum(1)  # (50,) one [sMASK] per span, adjacent ones included
+    assert smask.tolist() == (plan.lengths[:50] > 0).sum(1).tolist()

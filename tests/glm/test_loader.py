@@ -64,7 +64,8 @@ def test_batches_are_what_infilling_loss_expects(data_dir):
     assert set(batch) == set(BATCH_KEYS)
     for key in BATCH_KEYS:
         assert batch[key].dtype == (torch.bool if key == "loss_mask" else torch.int64)
-        assert batch[key].shape == ((8,) if key == "sep" else (8, 64))
+        assert batch[key].shape == ((8,) if key in ("sep", "task") else (8, 64))
+    assert (batch["task"] == infilling.TOKEN).all() and InfillingData(data_dir).objective_mix == {"token": 1.0}
     model = GLM(ModelConfig(vocab_size=2048, max_seq_len=64))
     loss, n_tokens = infilling_loss(model, batch)
     assert torch.isfinite(loss) and n_tokens == batch["loss_mask"].sum() > 0

@@ -42,9 +42,19 @@ def test_every_shipped_config_validates():
     from glm.config import load_config
 
     names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
-    assert {"tiny", "demo", "base", "large"} <= set(names)
+    assert {"tiny", "demo", "base", "large", "glm-sent", "glm-doc", "glm-multitask", "ablation-cpu"} <= set(names)
     for name in names:
         assert load_config(f"configs/{name}.yaml").name == name
+    # the paper's variants on top of the token-level default (docs/method.md section 3)
+    mixes = {name: load_config(f"configs/{name}.yaml").infilling.objective_mix for name in names}
+    assert mixes["base"] == mixes["large"] == {"token": 1.0}
+    assert mixes["glm-sent"] == {"token": 0.5, "sentence": 0.5} and mixes["glm-doc"] == {"token": 0.5, "document": 0.5}
+    assert mixes["glm-multitask"] == mixes["ablation-cpu"] == {"token": 0.5, "sentence": 0.3, "document": 0.2}
+    for name in ("glm-sent", "glm-doc", "glm-multitask"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.model.preset == "base" and cfg.infilling.seq_len == 512 and cfg.pretrain.device == "cuda"
+    small = load_config("configs/ablation-cpu.yaml")
+    assert small.model.preset == "small" and small.pretrain.device != "cuda" and small.pretrain.steps <= 500
 
 
 def test_the_wheel_installs_no_generic_top_level_names(tmp_path):

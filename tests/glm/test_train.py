@@ -1,14 +1,21 @@
+import contextlib
+import functools
 import itertools
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import glm.train as train
+from glm import infilling
 from glm.checkpoint import MODEL_FILE, latest_checkpoint, load_model
-from glm.config import ModelConfig, OptimConfig, TrainConfig
+from glm.config import InfillingConfig, ModelConfig, OptimConfig, TrainConfig
+from glm.distributed import DistInfo
 from glm.metrics import read_metrics
+from glm.model import GLM, infilling_loss
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.train import (
     NonFiniteLossError,
     SyntheticBatches,
@@ -18,6 +25,7 @@ from glm.train import (
 )
 
 V, T = 64, 32
+PAPER_MIX = {"token": 0.5, "sentence": 0.3, "document": 0.2}  # the 10B model's multi-task recipe
 
 
 def _model(dropout: float = 0.0) -> ModelConfig:
@@ -42,8 +50,8 @@ def _data(cfg: TrainConfig, seed: int = 0, **kw) -> SyntheticBatches:
     return SyntheticBatches(V, T, cfg.micro_batch_size, seed=seed, **kw)
 
 
-def _valid() -> list:
-    return list(itertools.islice(SyntheticBatches(V, T, 4, seed=99), 2))
+def _valid(objectives: int | None = None) -> list:
+    return list(itertools.islice(SyntheticBatches(V, T, 4, seed=99, objectives=objectives), 2))
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
@@ -94,6 +102,88 @@ def test_grad_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-5, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- the objective mix
+
+
+def test_the_mix_weighs_each_objectives_token_mean():
+    """The accumulated gradient is that of sum_o w_o x (token mean of o), not of the pooled token mean."""
+    cfg = _train(micro_batch_size=4)
+    micro = list(itertools.islice(_data(cfg, objectives=3), 2))  # two micro-batches of one step
+    whole = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+    assert sorted(whole["task"].unique().tolist()) == [0, 1, 2]
+    torch.manual_seed(0)
+    net = GLM(_model())
+    mix = train.mix_weights(PAPER_MIX)
+    totals, _, _, groups, by_task = train._accumulate_gradients(
+        net, iter(micro), 2, 0, cfg, contextlib.nullcontext, DistInfo(), mix
+    )
+    got = {n: p.grad * (1.0 / float(totals[1])) for n, p in net.named_parameters()}  # the loop's final scaling
+    net.zero_grad()
+    means = [infilling_loss(net, {k: v[whole["task"] == o] for k, v in whole.items()})[0] for o in range(3)]
+    mixed = 0.5 * means[0] + 0.3 * means[1] + 0.2 * means[2]
+    mixed.backward()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7)
+    assert train._mixed_loss(by_task, groups.counts, mix) == pytest.approx(mixed.item())
+    pooled = infilling_loss(net, whole)[0]
+    assert abs(pooled.item() - train._mixed_loss(by_task, groups.counts, mix)) > 1e-4  # really another loss
+
+
+def test_one_objective_is_bit_identical_to_the_plain_token_mean(tmp_path):
+    """mix {token: 1.0} on batches that carry `task` trains exactly as before the mix existed."""
+    cfg = _train(micro_batch_size=4)
+    plain = pretrain(cfg, _model(0.1), _data(cfg), tmp_path / "plain", valid_data=_valid())
+    tasked = pretrain(
+        cfg, _model(0.1), _data(cfg, objectives=1), tmp_path / "tasked", valid_data=_valid(1), objective_mix={"token": 1.0}
+    )
+    assert tasked.loss == plain.loss and tasked.val_loss == plain.val_loss
+    w_plain, w_tasked = _weights(tmp_path / "plain"), _weights(tmp_path / "tasked")
+    assert all(torch.equal(w_plain[k], w_tasked[k]) for k in w_plain)
+    records = [r for r in read_metrics(tmp_path / "tasked" / "metrics.jsonl") if "loss" in r]
+    assert all(r["loss/token"] == r["loss"] and r["loss_tokens/token"] == r["loss_tokens"] for r in records)
+
+
+def test_mixed_training_is_the_same_under_accumulation_and_logs_each_objective(tmp_path):
+    big_cfg, acc_cfg = _train(steps=3), _train(steps=3, micro_batch_size=2)
+    run = functools.partial(pretrain, objective_mix=PAPER_MIX, valid_data=_valid(3))
+    big = run(big_cfg, _model(), _data(big_cfg, objectives=3), tmp_path / "big")
+    acc = run(acc_cfg, _model(), _data(acc_cfg, objectives=3), tmp_path / "acc")
+    assert acc.loss == pytest.approx(big.loss, rel=1e-6)
+    w_big, w_acc = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    for k in w_big:
+        torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-5, atol=1e-6)
+    records = read_metrics(tmp_path / "acc" / "metrics.jsonl")
+    for r in (r for r in records if "loss" in r):
+        present = [o for o in PAPER_MIX if f"loss/{o}" in r]
+        w = sum(PAPER_MIX[o] for o in present)
+        assert r["loss"] == pytest.approx(sum(PAPER_MIX[o] / w * r[f"loss/{o}"] for o in present), rel=1e-9)
+        assert sum(r[f"loss_tokens/{o}"] for o in present) == r["loss_tokens"]
+    vals = [r for r in records if "val_loss" in r]
+    assert vals and all({"val_loss/token", "val_loss/sentence", "val_loss/document"} <= set(r) for r in vals)
+
+
+def test_mix_weights_match_the_configured_mix_over_many_built_batches():
+    """On the builder's own samples (paper mix 0.5/0.3/0.2): each objective's average share of the loss is
+    its mix weight within 2 points, while its share of loss tokens (the pooled mean's weight) is not."""
+    cfg = InfillingConfig(seq_len=128, objective_mix=PAPER_MIX)
+    rng = np.random.default_rng(0)
+    n, width = 64 * 150, infilling.input_length(cfg)
+    rows = rng.integers(NUM_SPECIAL, NUM_SPECIAL + 500, (n, width)).astype(np.int32)  # (N, W)
+    rows[rng.random((n, width)) < 0.05] = NUM_SPECIAL  # ~20-token sentences
+    rows[rng.random((n, width)) < 1 / 200] = SPECIAL.eos
+    batch, _ = infilling.build_samples(
+        rows, np.full(n, width), cfg, seed=0, epoch=0, first_index=0, sentence_end_ids=[NUM_SPECIAL]
+    )
+    task = torch.as_tensor(batch.task.astype(np.int64)).view(-1, 64)  # (150, 64) batches of 64
+    tokens = torch.as_tensor(batch.loss_mask.sum(1)).view(-1, 64)
+    mix = train.mix_weights(PAPER_MIX)
+    shares = torch.stack([train._groups([(t, c)], mix, torch.device("cpu")).weights for t, c in zip(task, tokens)])
+    for i, name in enumerate(infilling.OBJECTIVES[:3]):
+        assert float(shares[:, i].mean()) == pytest.approx(PAPER_MIX[name], abs=0.02)
+    token_share = torch.bincount(task.flatten(), weights=tokens.flatten().double(), minlength=4) / tokens.sum()
+    assert float(token_share[infilling.DOCUMENT]) > 0.4  # what the pooled token mean would have given document samples
+
+
 def test_metrics_checkpoints_and_callback(tmp_path):
     seen = []
     cfg = _train(keep_checkpoints=1)
@@ -127,13 +217,16 @@ def _kill_at(step):
     return on_metrics
 
 
-def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mix", [None, PAPER_MIX])
+def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path, mix):
     cfg = _train(steps=6, micro_batch_size=4)  # dropout and accumulation: RNG and data position both matter
-    full = pretrain(cfg, _model(0.1), _data(cfg), tmp_path / "full", valid_data=_valid())
+    k = None if mix is None else 3
+    run = functools.partial(pretrain, valid_data=_valid(k), objective_mix=mix)
+    full = run(cfg, _model(0.1), _data(cfg, objectives=k), tmp_path / "full")
 
     with pytest.raises(_Killed):  # dies after step 5's update, before its checkpoint; last one is step 4
-        pretrain(cfg, _model(0.1), _data(cfg), tmp_path / "cut", valid_data=_valid(), on_metrics=_kill_at(5))
-    resumed = pretrain(cfg, _model(0.1), _data(cfg), tmp_path / "cut", valid_data=_valid())
+        run(cfg, _model(0.1), _data(cfg, objectives=k), tmp_path / "cut", on_metrics=_kill_at(5))
+    resumed = run(cfg, _model(0.1), _data(cfg, objectives=k), tmp_path / "cut")
     assert resumed.resumed_from == 4 and resumed.step == 6
     # the same records, timings aside; step 5's record (written before the kill) is not duplicated
     assert _untimed(tmp_path / "cut") == _untimed(tmp_path / "full")
@@ -141,12 +234,11 @@ def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
 
     # init_from: another directory starts from the step-4 checkpoint and lands on the same weights
-    branch = pretrain(
+    branch = run(
         cfg.model_copy(update={"init_from": str(tmp_path / "cut" / "checkpoints" / "step-000004")}),
         _model(0.1),
-        _data(cfg),
+        _data(cfg, objectives=k),
         tmp_path / "branch",
-        valid_data=_valid(),
     )
     assert branch.resumed_from == 4 and branch.loss == full.loss
     w_branch = _weights(tmp_path / "branch")
@@ -189,15 +281,24 @@ def test_resume_refuses_another_model(tmp_path):
 
 
 def _nan_at(monkeypatch, bad_steps: set[int], accum: int = 1):
+    """Fault injection: a NaN loss at the given steps, on the plain and on the objective-weighted path."""
     calls = itertools.count()
-    real = train.infilling_loss
+    real, real_tokens = train.infilling_loss, train._token_losses
+
+    def poisoned(loss):
+        step = next(calls) // accum + 1
+        return loss * float("nan") if step in bad_steps else loss
 
     def loss_fn(model, batch):
         loss, n = real(model, batch)
-        step = next(calls) // accum + 1
-        return (loss * float("nan") if step in bad_steps else loss), n
+        return poisoned(loss), n
+
+    def token_losses(model, batch):
+        losses, task = real_tokens(model, batch)
+        return poisoned(losses), task
 
     monkeypatch.setattr(train, "infilling_loss", loss_fn)
+    monkeypatch.setattr(train, "_token_losses", token_losses)
 
 
 def test_non_finite_loss_stops_naming_the_step(monkeypatch, tmp_path):
@@ -279,7 +380,7 @@ def build_real_shards(root):
     tokens = write_token_shards(root / "tokens", {"train": [random_docs(rng, 60)], "valid": [random_docs(rng, 20)]})
     manifest = shards.read_manifest(tokens)  # record the tokenizer size, as the token stage does
     shards.write_manifest(tokens, "tokens", manifest["files"], stats={"vocab_size": 3000})
-    infill_cfg = dict(seq_len=32, epochs=1, samples_per_shard=64)
+    infill_cfg = dict(seq_len=32, epochs=1, samples_per_shard=64, objective_mix=PAPER_MIX)
     build_infilling_dataset(tokens, root / "infill", InfillingConfig(**infill_cfg), progress=False)
     config = {
         "infilling": infill_cfg,
@@ -306,6 +407,15 @@ def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
     assert train.main([*argv, "--out", str(tmp_path / "full")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 4 and math.isfinite(result["val_loss"])
+    # the shards' drawn objectives reach the loss: each objective's loss is logged, mixed by the build's weights
+    records = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    logged = [{o for o in PAPER_MIX if f"loss/{o}" in r} for r in steps]
+    assert set().union(*logged) == set(PAPER_MIX) and all(logged)  # a step of 8 samples may lack an objective
+    for r, present in zip(steps, logged):
+        w = sum(PAPER_MIX[o] for o in present)
+        assert r["loss"] == pytest.approx(sum(PAPER_MIX[o] / w * r[f"loss/{o}"] for o in present), rel=1e-9)
+    assert any("val_loss/document" in r for r in records)
     model, model_cfg = load_model(tmp_path / "full")
     assert model_cfg.vocab_size == 3008  # the tokenizer's 3000, rounded up to a multiple of 64
 
