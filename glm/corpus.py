@@ -176,11 +176,14 @@ def text_length(text: str) -> int:
 
 
 # Where a long document may be cut, coarsest first: after a blank line, after a line, after a
-# sentence end (Latin punctuation before a space, CJK full stops anywhere), after a space.
+# sentence end, after a space. A sentence ends at "." or ":" before a space ("3.5" is no end), and
+# at "!", "?", ";" or a CJK full stop anywhere (NFKC turns "！" into "!", and Chinese puts no space
+# after it), after the closing quote or bracket that follows it, if any.
+_END, _CLOSE = "!?;。！？；", "\"'”’)）」』"
 _CUTS = (
     re.compile(r"(?<=\n\n)"),
     re.compile(r"(?<=\n)"),
-    re.compile(r"(?<=[.!?;:…])(?=\s)|(?<=[。！？；])"),
+    re.compile(rf"(?<=[.:…])(?=\s)|(?<=[{_END}])(?![{_END}{_CLOSE}])|(?<=[{_END}][{_CLOSE}])(?![{_CLOSE}])"),
     re.compile(r"(?<=\s)"),
 )
 

@@ -240,6 +240,13 @@ def test_split_document_cuts_at_the_coarsest_boundary_that_fits():
     zh = "今天天气很好。我们去公园散步吧。真的很开心。"
     assert split_document(zh, 30) == ["今天天气很好。", "我们去公园散步吧。", "真的很开心。"]
     assert all(text_length(p) <= 30 for p in split_document(zh * 5, 30))
+    # after NFKC ("！" -> "!"): still a sentence end without a space; "?!" and a closing quote stay whole
+    assert split_document("今天天气很好!我们去公园散步吧?!", 30) == ["今天天气很好!", "我们去公园散步吧?!"]
+    assert split_document("他说“真好!”我们走吧。", 20) == ["他说“真好!”", "我们走吧。"]
+    assert split_document("Pi is 3.14159 and e is 2.71828. Both are irrational numbers.", 40) == [
+        "Pi is 3.14159 and e is 2.71828.",
+        "Both are irrational numbers.",
+    ]
 
 
 def test_long_documents_are_split_into_pieces_in_one_split(tmp_path):
