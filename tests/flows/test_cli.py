@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from glm_pipeline.flows import cli
 
-from glm.config import ConfigError
+from glm.config import ConfigError, load_config
 from glm.runlock import RunDirBusy
 
 
@@ -78,3 +80,32 @@ def test_main_in_process_leaves_logging_as_it_found_it(capsys, tmp_path):
         capsys.readouterr().err == f"error: config file {bad} is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8 YAML\n"
     )
     assert root.handlers == handlers and (root.level, logging.getLogger("glm").level) == levels
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_config_loads_and_its_printout_runs_as_the_same_config(path, capsys, tmp_path):
+    assert cli.main(["config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(shown, encoding="utf-8")
+    # sources reduced to the fields their kind reads: nothing the shipped config sets is lost
+    assert load_config(saved) == load_config(path)
+
+
+def test_config_shows_the_fields_each_source_kind_reads(capsys):
+    assert cli.main(["config", "configs/byo-csv.yaml"]) == 0
+    shown = capsys.readouterr().out
+    data = yaml.safe_load(shown)
+    assert data["data"]["sources"] == [{"kind": "csv", "path": "data/my-data.csv", "text_field": "body", "limit": None}]
+    assert data["finetune"]["task"]["source"] == data["data"]["sources"][0] and data["finetune"]["task"]["label_field"] == "topic"
+    assert "#   text_field='body': the column holding the text\n" in shown
+    assert (
+        "#   finetune.task.label_field='topic': the column holding the label (its values are the keys of "
+        "finetune.task.verbalizers: 'business', 'sport', 'politics', 'tech')\n"
+    ) in shown
+    assert cli.main(["config", "configs/byo-text.yaml"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["data"]["sources"] == [{"kind": "text", "path": "data/my-texts/", "split_on_blank_lines": False, "limit": None}]

