@@ -666,6 +666,7 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
     run that is retried aims at the same step.
     """
+    from glm.budget import apply_plan
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
@@ -686,14 +687,65 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             os.rename(paths.pretrain / "checkpoints", archive)
             init_from = str(archive / latest.name)
             log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
-        steps = start_step + continue_steps if continue_steps else cfg.pretrain.steps
-        plan = {"key": key, "steps": steps, "init_from": init_from}
+        same_run = latest is not None and init_from == cfg.pretrain.init_from  # not archived: this run goes on
+        resolved = _resolve_pretrain(cfg, paths, plan.get("resolved") if same_run else None, continue_steps)
+        budget = resolved.get("budget")
+        if continue_steps:
+            steps = start_step + continue_steps
+        elif budget:
+            # counted from where this training starts; a resumed run reuses its plan, so this is fixed per run
+            steps = budget.get("target") or start_step + budget["steps"]
+            budget["target"] = steps
+        else:
+            steps = cfg.pretrain.steps
+        plan = {"key": key, "steps": steps, "init_from": init_from, "resolved": resolved}
         atomic_write_json(plan_path, plan)
+        for line in _plan_lines(plan):
+            log.info("pretrain: %s", line)
     run_cfg = cfg.model_copy(deep=True)
+    if "resolved" in plan:
+        run_cfg.pretrain = apply_plan(cfg.pretrain, plan["resolved"])
     run_cfg.pretrain.steps = plan["steps"]
     run_cfg.pretrain.init_from = plan["init_from"]
-    atomic_write_text(paths.pretrain / RUN_CONFIG, dump_config(run_cfg))
+    run_cfg.pretrain.budget_minutes = None  # resolved into steps above
+    header = "".join(f"# {line}\n" for line in _plan_lines(plan))
+    atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _plan_lines(plan: Mapping[str, Any]) -> list[str]:
+    """The run plan's decisions in words: the budget's line, the precision and why."""
+    resolved = plan.get("resolved") or {}
+    lines = [resolved["budget"]["line"]] if resolved.get("budget") else []
+    if resolved.get("precision"):
+        p = resolved["precision"]
+        lines.append(f"precision {p['requested']} -> {p['chosen']}: {p['why']}")
+    return lines
+
+
+def _resolve_pretrain(
+    cfg: PipelineConfig, paths: RunPaths, previous: Mapping[str, Any] | None, continue_steps: int | None
+) -> dict[str, Any]:
+    """glm.budget.plan_pretrain on this run's data, unless `previous` (the same run's earlier plan, made for the
+    same budget and precision) already decided: a resumed run keeps its steps and precision, never re-measures."""
+    from glm.budget import plan_pretrain
+    from glm.loader import InfillingData, TrainLoader
+    from glm.train import vocab_size_from_data
+
+    pre = cfg.pretrain.model_copy(update={"budget_minutes": None}) if continue_steps else cfg.pretrain
+    if previous and previous.get("precision", {}).get("requested") == pre.precision:
+        budget = previous.get("budget")
+        if (budget or {}).get("budget_minutes") == pre.budget_minutes:
+            return dict(previous)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:
+        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab_size_from_data(paths.infill)})
+
+    def batches() -> Any:
+        data = InfillingData(paths.infill, seq_len=cfg.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
+        return iter(TrainLoader(data, pre.micro_batch_size, seed=pre.seed))
+
+    return plan_pretrain(pre, model_cfg, batches)
 
 
 def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys.executable) -> list[str]:
@@ -723,6 +775,16 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, An
     files = [file_entry(p, paths.pretrain) for p in sorted(checkpoint.iterdir()) if p.is_file()]
     stats = {k: result.get(k) for k in ("step", "loss", "val_loss", "tokens", "elapsed", "bad_steps", "resumed_from")}
     stats["checkpoint"] = checkpoint.relative_to(paths.pretrain).as_posix()
+    try:
+        resolved = json.loads((paths.pretrain / RUN_PLAN).read_text(encoding="utf-8")).get("resolved") or {}
+    except (OSError, ValueError):
+        resolved = {}
+    if resolved.get("precision"):
+        stats["precision"] = {k: resolved["precision"][k] for k in ("requested", "chosen", "why")}
+    if resolved.get("budget"):
+        b = resolved["budget"]
+        keep = ("budget_minutes", "seconds_per_step", "steps", "target", "capped_by", "measuring_seconds", "line")
+        stats["budget"] = {k: b.get(k) for k in keep}
     config = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json")}
     return write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
 
@@ -1044,7 +1106,7 @@ REGISTRY: dict[str, Stage] = _declare(
     Stage(
         "pretrain",
         "pretrain",
-        ("train", "loader"),
+        ("train", "loader", "budget"),
         "pretrain/manifest.json",
         sections=("model", "pretrain", "infilling"),
         inputs=("infill",),
