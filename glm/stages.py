@@ -739,7 +739,8 @@ def _resolve_pretrain(
             return dict(previous)
     model_cfg = cfg.model
     if model_cfg.vocab_size is None:
-        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab_size_from_data(paths.infill)})
+        vocab = vocab_size_from_data(paths.infill) or -(-_vocab_size(paths) // 64) * 64  # as glm.train rounds it
+        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab})
 
     def batches() -> Any:
         data = InfillingData(paths.infill, seq_len=cfg.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
