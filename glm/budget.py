@@ -12,7 +12,7 @@ only if it is faster by BF16_MIN_SPEEDUP and its losses stay within BF16_MAX_LOS
 Elsewhere `auto` keeps its meaning: fp32 on a CPU, bf16 autocast on a GPU.
 
 The pure decisions (`choose_precision`, `steps_for_budget`) take their measurements as inputs;
-`measure_pretrain_step` and `plan_pretrain` do the measuring (glm.stages.prepare_pretrain calls
+`measure_pretrain_steps` and `plan_pretrain` do the measuring (glm.stages.prepare_pretrain calls
 the latter once per run and records its result, so a resumed run never re-measures).
 """
 
@@ -178,57 +178,62 @@ def steps_for_budget(
 # --------------------------------------------------------------------------- measuring
 
 
-def measure_pretrain_step(
+def measure_pretrain_steps(
     cfg: Any,
     model_cfg: Any,
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
-    precision: str,
+    precisions: Sequence[str],
     device: torch.device,
-) -> Measurement:
+) -> dict[str, Measurement]:
     """Time WARMUP_STEPS + MEASURE_STEPS real optimizer steps (glm.train's gradient accumulation, clipping,
-    AdamW) of a fresh model initialised as training initialises it, on `batches()` (a fresh iterator of
-    micro-batches), under `precision` (fp32 or bf16); nothing is kept. One process: with several, each rank's
+    AdamW) of a fresh model per precision, initialised as training initialises it, each on `batches()` (a
+    fresh iterator of micro-batches) with the same dropout masks; nothing is kept. The precisions alternate
+    step by step, so load from other processes hits them alike. One process: with several, each rank's
     step adds the gradient all-reduce to this."""
     from glm.distributed import DistInfo
     from glm.model import GLM, configure_optimizer
     from glm.train import _accumulate_gradients, autocast_factory, evaluate
 
     started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    model = GLM(model_cfg).to(device)
-    if cfg.compile:
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        model.compile()
-    optimizer = configure_optimizer(model, cfg.optim, device.type)
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.optim.lr / max(1, cfg.optim.warmup_steps)  # the first step's rate
-    autocast = autocast_factory(precision, device)
     info = DistInfo(device=device)
-    accum = cfg.grad_accum if hasattr(cfg, "grad_accum") else 1
-    it = batches()
-    torch.manual_seed(cfg.seed + 1)  # the same dropout masks for every precision measured
-    times, losses = [], []
-    model.train()
+    runs = {}
+    for precision in precisions:
+        torch.manual_seed(cfg.seed)
+        model = GLM(model_cfg).to(device).train()
+        if cfg.compile:
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            model.compile()
+        optimizer = configure_optimizer(model, cfg.optim, device.type)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr / max(1, cfg.optim.warmup_steps)  # the first step's rate
+        runs[precision] = (model, optimizer, autocast_factory(precision, device), batches(), [], [])
     for step in range(WARMUP_STEPS + MEASURE_STEPS):
-        t0 = time.perf_counter()
-        totals, _, _ = _accumulate_gradients(model, it, accum, step, cfg, autocast, info)
-        n = max(float(totals[1]), 1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(1.0 / n)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(totals[0]) / n)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= WARMUP_STEPS:
-            times.append(time.perf_counter() - t0)
-    # one evaluation = eval_batches forward passes; time one and scale
-    t0 = time.perf_counter()
-    evaluate(model, [next(it)], 1, device, autocast, info)
-    eval_seconds = (time.perf_counter() - t0) * cfg.eval_batches
-    return Measurement(precision, statistics.median(times), losses, eval_seconds, time.perf_counter() - started)
+        for model, optimizer, autocast, it, times, losses in runs.values():
+            torch.manual_seed(cfg.seed + 1 + step)  # the same dropout masks in every precision
+            t0 = time.perf_counter()
+            totals, _, _ = _accumulate_gradients(model, it, cfg.grad_accum, step, cfg, autocast, info)
+            n = max(float(totals[1]), 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / n)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(totals[0]) / n)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= WARMUP_STEPS:
+                times.append(time.perf_counter() - t0)
+    out = {}
+    for precision, (model, _, autocast, it, times, losses) in runs.items():
+        t0 = time.perf_counter()  # one evaluation = eval_batches forward passes: time one and scale
+        evaluate(model, [next(it)], 1, device, autocast, info)
+        eval_seconds = (time.perf_counter() - t0) * cfg.eval_batches
+        out[precision] = Measurement(precision, statistics.median(times), losses, eval_seconds)
+    spent = time.perf_counter() - started
+    for m in out.values():
+        m.seconds = spent
+    return out
 
 
 def plan_pretrain(
@@ -246,45 +251,40 @@ def plan_pretrain(
     device = resolve_device(cfg.device)
     cpu = cpu_kind()
     native = device.type == "cpu" and cpu["native_bf16"]
-    measured: dict[str, Measurement] = {}
-    if cfg.precision == "auto" and native:
-        for p in ("fp32", "bf16"):
-            measured[p] = measure_pretrain_step(cfg, model_cfg, batches, p, device)
+    both = cfg.precision == "auto" and native
     try:
-        return _resolve(cfg, model_cfg, batches, device, cpu, native, measured)
+        if both:
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, ("fp32", "bf16"), device)
+        elif cfg.budget_minutes is not None:
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, (cfg.precision,), device)
+        else:
+            measured = {}
     finally:
         if device.type == "cuda":  # the training processes need this GPU's memory, not this process's cache
             torch.cuda.empty_cache()
-
-
-def _resolve(cfg: Any, model_cfg: Any, batches: Callable, device: torch.device, cpu: dict, native: bool, measured: dict) -> dict:
     precision, why = choose_precision(cfg.precision, device.type, native, measured.get("fp32"), measured.get("bf16"))
     out: dict[str, Any] = {
         "precision": {"requested": cfg.precision, "chosen": precision, "why": why},
         "cpu": cpu if device.type == "cpu" else {"device": str(device)},
         "budget": None,
     }
-    if measured:
+    if both:
         out["precision"]["measured"] = {p: asdict(m) for p, m in measured.items()}
     if cfg.budget_minutes is None:
         return out
-    trained = "bf16" if precision == "bf16" else "fp32"
-    m = measured.get(trained)
-    if m is None:
-        m = measure_pretrain_step(cfg, model_cfg, batches, precision, device)
-    spent = sum(x.seconds for x in measured.values()) or m.seconds
+    m = measured[precision] if both else measured[cfg.precision]
     given = cfg.model_fields_set
     plan = steps_for_budget(
         cfg.budget_minutes,
         m.seconds_per_step,
         eval_seconds=m.eval_seconds,
-        spent_seconds=spent,
+        spent_seconds=m.seconds,
         steps_cap=cfg.steps if "steps" in given else None,
         eval_every=cfg.eval_every if "eval_every" in given else None,
         checkpoint_every=cfg.checkpoint_every if "checkpoint_every" in given else None,
         warmup_steps=cfg.optim.warmup_steps if "warmup_steps" in cfg.optim.model_fields_set else None,
     )
-    out["budget"] = {**asdict(plan), "eval_seconds": m.eval_seconds, "measuring_seconds": spent, "line": plan.line}
+    out["budget"] = {**asdict(plan), "eval_seconds": m.eval_seconds, "measuring_seconds": m.seconds, "line": plan.line}
     for note in plan.notes:
         log.warning("budget: %s", note)
     return out

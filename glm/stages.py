@@ -665,17 +665,18 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
     that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
     run that is retried aims at the same step.
+
+    What must be measured is decided here once per run (glm.budget: pretrain.budget_minutes into
+    steps counted from where the run starts, precision auto on a CPU with native bf16) and kept in
+    pretrain/run-plan.json; run-config.yaml holds the result under a comment that says why.
     """
     from glm.budget import apply_plan
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
     plan_path = paths.pretrain / RUN_PLAN
-    try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none yet, or not one we wrote
-        plan = {}
-    if not isinstance(plan, dict) or plan.get("key") != key:
+    plan = _read_plan(paths)
+    if plan.get("key") != key:
         data_key = read_manifest(paths.infill / MANIFEST)["stats"]["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         init_from = cfg.pretrain.init_from
@@ -700,8 +701,6 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             steps = cfg.pretrain.steps
         plan = {"key": key, "steps": steps, "init_from": init_from, "resolved": resolved}
         atomic_write_json(plan_path, plan)
-        for line in _plan_lines(plan):
-            log.info("pretrain: %s", line)
     run_cfg = cfg.model_copy(deep=True)
     if "resolved" in plan:
         run_cfg.pretrain = apply_plan(cfg.pretrain, plan["resolved"])
@@ -711,6 +710,14 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     header = "".join(f"# {line}\n" for line in _plan_lines(plan))
     atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _read_plan(paths: RunPaths) -> dict[str, Any]:
+    try:
+        plan = json.loads((paths.pretrain / RUN_PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or not one we wrote
+        return {}
+    return plan if isinstance(plan, dict) else {}
 
 
 def _plan_lines(plan: Mapping[str, Any]) -> list[str]:
@@ -776,10 +783,7 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: Mapping[str, An
     files = [file_entry(p, paths.pretrain) for p in sorted(checkpoint.iterdir()) if p.is_file()]
     stats = {k: result.get(k) for k in ("step", "loss", "val_loss", "tokens", "elapsed", "bad_steps", "resumed_from")}
     stats["checkpoint"] = checkpoint.relative_to(paths.pretrain).as_posix()
-    try:
-        resolved = json.loads((paths.pretrain / RUN_PLAN).read_text(encoding="utf-8")).get("resolved") or {}
-    except (OSError, ValueError):
-        resolved = {}
+    resolved = _read_plan(paths).get("resolved") or {}
     if resolved.get("precision"):
         stats["precision"] = {k: resolved["precision"][k] for k in ("requested", "chosen", "why")}
     if resolved.get("budget"):
@@ -813,6 +817,8 @@ def train(
 
     say = log_line or log.info
     run_cfg = prepare_pretrain(cfg, paths, continue_steps)
+    for line in _plan_lines(_read_plan(paths)):  # what the run decided once: its budget's steps, its precision
+        say(line)
     total = run_cfg.pretrain.steps
     tail = launch.MetricsTail(paths.pretrain / "metrics.jsonl")
     show = progress or (lambda step, total, final=False: None)

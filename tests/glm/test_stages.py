@@ -301,7 +301,7 @@ def test_ignore_code_version_leaves_code_out_of_the_stage_key(tmp_path, monkeypa
     assert stages.stage_key("tokenizer", cfg, paths) != key
 
 
-def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_config, monkeypatch):
+def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_config, monkeypatch, caplog):
     from glm.launch import TrainingCrashed
     from glm.train import CRASH_AFTER_STEP
 
@@ -322,7 +322,10 @@ def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_confi
     assert recorded.precision == plan["resolved"]["precision"]["chosen"] != "auto"  # a CPU: decided, with its reason
 
     monkeypatch.delenv(CRASH_AFTER_STEP)
+    caplog.set_level("INFO", logger="glm.stages")
     stages.run_pipeline(cfg, stage="pretrain")  # the retry resumes under the same plan: nothing re-measured
+    said = [r.getMessage() for r in caplog.records if r.name == "glm.stages"]
+    assert chosen["line"] in said and any(m.startswith("precision auto -> ") for m in said)
     assert json.loads((paths.pretrain / stages.RUN_PLAN).read_text(encoding="utf-8")) == plan
     stats = read_manifest(paths.pretrain / "manifest.json")["stats"]
     assert stats["step"] == 4 and stats["resumed_from"] == 2
