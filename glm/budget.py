@@ -82,6 +82,7 @@ class Measurement:
     losses: list[float]  # training loss of every step, warm-up included
     eval_seconds: float = 0.0  # one evaluation (eval_batches forward passes), estimated from a timed forward
     seconds: float = 0.0  # wall time the measurement itself took
+    fastest_step: float | None = None  # the least interfered-with timed step: what precisions are compared by
 
 
 def choose_precision(
@@ -97,11 +98,13 @@ def choose_precision(
         return "fp32", "auto on a CPU without AVX512-BF16/AMX: bf16 would be emulated, far slower than fp32"
     if fp32 is None or bf16 is None:
         return "fp32", "auto on a CPU with native bf16, not measured: fp32"
-    speedup = fp32.seconds_per_step / bf16.seconds_per_step
+    # the fastest steps: another process's burst slows some steps, never speeds one up
+    speedup = (fp32.fastest_step or fp32.seconds_per_step) / (bf16.fastest_step or bf16.seconds_per_step)
     diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(fp32.losses, bf16.losses)]
     diff = max(diffs) if diffs and all(map(math.isfinite, diffs)) else math.inf  # max() would skip a NaN
     figures = (
-        f"fp32 {fp32.seconds_per_step:.3g} s/step, bf16 {bf16.seconds_per_step:.3g} s/step ({speedup:.2f}x), "
+        f"fp32 {fp32.fastest_step or fp32.seconds_per_step:.3g} s/step, "
+        f"bf16 {bf16.fastest_step or bf16.seconds_per_step:.3g} s/step ({speedup:.2f}x), "
         f"loss difference {diff:.1e}"
     )
     if not math.isfinite(diff) or diff > BF16_MAX_LOSS_DIFF:
@@ -229,7 +232,7 @@ def measure_pretrain_steps(
         t0 = time.perf_counter()  # one evaluation = eval_batches forward passes: time one and scale
         evaluate(model, [next(it)], 1, device, autocast, info)
         eval_seconds = (time.perf_counter() - t0) * cfg.eval_batches
-        out[precision] = Measurement(precision, statistics.median(times), losses, eval_seconds)
+        out[precision] = Measurement(precision, statistics.median(times), losses, eval_seconds, fastest_step=min(times))
     spent = time.perf_counter() - started
     for m in out.values():
         m.seconds = spent

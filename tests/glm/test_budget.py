@@ -41,6 +41,9 @@ def test_auto_picks_bf16_only_when_faster_by_the_margin_and_the_losses_agree():
     precision, why = choose_precision("auto", "cpu", True, fp32, drifted)
     assert precision == "fp32" and "not numerically safe" in why
     assert choose_precision("auto", "cpu", True, fp32, _m("bf16", 1.0, [6.0, math.nan, 5.8]))[0] == "fp32"
+    # compared by their fastest steps: a neighbour's burst that slowed bf16's median does not decide
+    burst = Measurement("bf16", 1.30, faster.losses, fastest_step=1.0)
+    assert choose_precision("auto", "cpu", True, Measurement("fp32", 1.3, fp32.losses, fastest_step=1.3), burst)[0] == "bf16"
 
 
 # --------------------------------------------------------------------------- budget
