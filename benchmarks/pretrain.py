@@ -4,7 +4,8 @@ Two measurements:
   - seconds per optimizer step of the demo's shape (small preset, vocab 16,000, 32 rows of 128
     tokens, a realistic 15% span mask: benchmarks.train_step.infilling_batch), bf16 autocast
     against fp32, alternating in rounds in the same process; ratio = bf16 / fp32 seconds (lower
-    is better). Tokens/s of both are reported too. On a CPU without AVX512/AMX bf16 kernels
+    is better). Tokens/s of both are reported too, and the CPU (model name, avx2/avx512/amx flags,
+    PyTorch's kernel level). On a CPU without AVX512/AMX bf16 kernels
     (PyTorch then emulates bf16, ~40x slower) bf16 is timed for one step only.
   - time to reach the demo's validation loss: the demo's pretraining (configs/demo.yaml, its
     precision, on the blank-infilling shards `make demo` built in runs/demo) from scratch in a
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_step import infilling_batch
+from glm.budget import cpu_kind
 from glm.config import OptimConfig, load_config, model_config
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.train import cpu_has_fast_bf16
@@ -80,6 +82,7 @@ def _seconds_per_step(preset: str, batch: int, seq_len: int, steps: int, rounds:
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "bf16_kernels": "emulated (no AVX512/AMX)" if emulated else "oneDNN native",
+        "cpu": cpu_kind(),  # model name, avx2/avx512/amx flags: what `precision: auto` decides from
     }
     yield {
         **common,

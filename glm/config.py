@@ -271,12 +271,24 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(default=1000, ge=1)
+    steps: int = Field(
+        default=1000, ge=1, description="Optimizer steps; with budget_minutes, the most the budget may choose if set explicitly."
+    )
+    budget_minutes: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Train for about this long: steps (and, unless given, eval/checkpoint intervals and warm-up) follow "
+        "from a few measured steps (glm/budget.py); the pipeline records what it chose in pretrain/run-config.yaml.",
+    )
     batch_size: int = Field(default=32, ge=1, description="Global batch size in samples (all ranks, all accumulation steps).")
     micro_batch_size: int = Field(default=8, ge=1, description="Per-rank forward/backward batch.")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast on CUDA; on a CPU, bf16 only where it has AVX512-BF16/AMX and a few measured "
+        "steps show bf16 faster with the same losses (glm/budget.py), else fp32.",
+    )
     compile: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     nproc: int = Field(default=1, ge=1, description="Processes per node for torchrun.")
@@ -337,7 +349,15 @@ class ClozeTaskConfig(Section):
 class FinetuneConfig(Section):
     task: ClozeTaskConfig = Field(default_factory=ClozeTaskConfig)
     kind: Literal["cloze", "seq2seq"] = "cloze"
-    epochs: int = Field(default=3, ge=1)
+    epochs: int = Field(
+        default=3, ge=1, description="Epochs; with budget_minutes, the most the budget may choose if set explicitly."
+    )
+    budget_minutes: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Fine-tune for about this long per run (pretrained, and from scratch): the steps follow from a few "
+        "measured steps; the schedule's length is those steps.",
+    )
     batch_size: int = Field(default=32, ge=1)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=50, weight_decay=0.01))
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -115,6 +115,8 @@ class PretrainStats(TypedDict):
     elapsed: float
     bad_steps: int
     resumed_from: int | None
+    precision: NotRequired[dict[str, str]]  # requested, chosen, why (glm.budget)
+    budget: NotRequired[dict[str, Any]]  # what pretrain.budget_minutes chose, and the line that says so
 
 
 class FinetuneRunSummary(TypedDict):

@@ -563,13 +563,16 @@ def train_loop(
     def rank(record: dict[str, float]) -> tuple[float, float]:
         return sign * record[score_key], -record[tie_key] if tie_key else 0.0
 
+    t0 = time.perf_counter()
     first = evaluate(0, 0.0)  # the starting point: fine-tuning must beat it to be kept
+    if cfg.budget_minutes is not None:
+        total_steps = _budget_steps(model, train_items, loss_fn, cfg, autocast, steps_per_epoch, time.perf_counter() - t0, log)
     best_score, best_rank, best_step = first[score_key], rank(first), 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history, bad_evals, step, stop = [first | {"step": 0}], 0, 0, False
     seen, train_seconds, window_loss, window_n = 0, 0.0, 0.0, 0
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         batches = epoch_batches(len(train_items), cfg.batch_size, rng, lengths)
         for b, indices in enumerate(batches):
             t0 = time.perf_counter()
@@ -606,7 +609,7 @@ def train_loop(
             if cfg.eval_every:
                 due = step % cfg.eval_every == 0 or step == total_steps
             else:
-                due = b == len(batches) - 1  # the epoch's last batch
+                due = b == len(batches) - 1 or step == total_steps  # the epoch's last batch, or the budget's
             if due:
                 record = evaluate(step, epoch_pos)
                 model.train()
@@ -617,7 +620,7 @@ def train_loop(
                 else:
                     bad_evals += 1
                     stop = bad_evals >= cfg.patience
-            if stop:
+            if stop or step == total_steps:
                 break
         if stop:
             break
@@ -635,6 +638,30 @@ def train_loop(
         seen / max(train_seconds, 1e-9),
         history,
     )
+
+
+def _budget_steps(
+    model: torch.nn.Module,
+    items: Sequence[Any],
+    loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor],
+    cfg: FinetuneConfig,
+    autocast: Callable[[], Any],
+    steps_per_epoch: int,
+    eval_seconds: float,
+    log: MetricsLog,
+) -> int:
+    """finetune.budget_minutes as steps (glm.budget.finetune_steps), logged and recorded in metrics.jsonl."""
+    import logging
+
+    from glm.budget import finetune_steps
+
+    plan = finetune_steps(cfg, model, items, loss_fn, autocast, steps_per_epoch, eval_seconds)
+    logger = logging.getLogger(__name__)
+    logger.info("finetune: %s", plan.line)
+    for note in plan.notes:
+        logger.info("finetune budget: %s", note)
+    log.write(kind="budget", step=0, budget_minutes=plan.budget_minutes, seconds_per_step=plan.seconds_per_step, steps=plan.steps)
+    return plan.steps
 
 
 # --------------------------------------------------------------------------- saving

@@ -686,16 +686,18 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
     that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
     run that is retried aims at the same step.
+
+    What must be measured is decided here once per run (glm.budget: pretrain.budget_minutes into
+    steps counted from where the run starts, precision auto on a CPU with native bf16) and kept in
+    pretrain/run-plan.json; run-config.yaml holds the result under a comment that says why.
     """
+    from glm.budget import apply_plan
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
     plan_path = paths.pretrain / RUN_PLAN
-    try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # none yet, or not one we wrote
-        plan = {}
-    if not isinstance(plan, dict) or plan.get("key") != key:
+    plan = _read_plan(paths)
+    if plan.get("key") != key:
         data_key = read_stats(paths.infill, InfillStats)["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         init_from = cfg.pretrain.init_from
@@ -707,14 +709,72 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             os.rename(paths.pretrain / "checkpoints", archive)
             init_from = str(archive / latest.name)
             log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
-        steps = start_step + continue_steps if continue_steps else cfg.pretrain.steps
-        plan = {"key": key, "steps": steps, "init_from": init_from}
+        same_run = latest is not None and init_from == cfg.pretrain.init_from  # not archived: this run goes on
+        resolved = _resolve_pretrain(cfg, paths, plan.get("resolved") if same_run else None, continue_steps)
+        budget = resolved.get("budget")
+        if continue_steps:
+            steps = start_step + continue_steps
+        elif budget:
+            # counted from where this training starts; a resumed run reuses its plan, so this is fixed per run
+            steps = budget.get("target") or start_step + budget["steps"]
+            budget["target"] = steps
+        else:
+            steps = cfg.pretrain.steps
+        plan = {"key": key, "steps": steps, "init_from": init_from, "resolved": resolved}
         atomic_write_json(plan_path, plan)
     run_cfg = cfg.model_copy(deep=True)
+    if "resolved" in plan:
+        run_cfg.pretrain = apply_plan(cfg.pretrain, plan["resolved"])
     run_cfg.pretrain.steps = plan["steps"]
     run_cfg.pretrain.init_from = plan["init_from"]
-    atomic_write_text(paths.pretrain / RUN_CONFIG, dump_config(run_cfg))
+    run_cfg.pretrain.budget_minutes = None  # resolved into steps above
+    header = "".join(f"# {line}\n" for line in _plan_lines(plan))
+    atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _read_plan(paths: RunPaths) -> dict[str, Any]:
+    try:
+        plan = json.loads((paths.pretrain / RUN_PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or not one we wrote
+        return {}
+    return plan if isinstance(plan, dict) else {}
+
+
+def _plan_lines(plan: Mapping[str, Any]) -> list[str]:
+    """The run plan's decisions in words: the budget's line, the precision and why."""
+    resolved = plan.get("resolved") or {}
+    lines = [resolved["budget"]["line"]] if resolved.get("budget") else []
+    if resolved.get("precision"):
+        p = resolved["precision"]
+        lines.append(f"precision {p['requested']} -> {p['chosen']}: {p['why']}")
+    return lines
+
+
+def _resolve_pretrain(
+    cfg: PipelineConfig, paths: RunPaths, previous: Mapping[str, Any] | None, continue_steps: int | None
+) -> dict[str, Any]:
+    """glm.budget.plan_pretrain on this run's data, unless `previous` (the same run's earlier plan, made for the
+    same budget and precision) already decided: a resumed run keeps its steps and precision, never re-measures."""
+    from glm.budget import plan_pretrain
+    from glm.loader import InfillingData, TrainLoader
+    from glm.train import vocab_size_from_data
+
+    pre = cfg.pretrain.model_copy(update={"budget_minutes": None}) if continue_steps else cfg.pretrain
+    if previous and previous.get("precision", {}).get("requested") == pre.precision:
+        budget = previous.get("budget")
+        if (budget or {}).get("budget_minutes") == pre.budget_minutes:
+            return dict(previous)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:
+        vocab = vocab_size_from_data(paths.infill) or -(-_vocab_size(paths) // 64) * 64  # as glm.train rounds it
+        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab})
+
+    def batches() -> Any:
+        data = InfillingData(paths.infill, seq_len=cfg.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
+        return iter(TrainLoader(data, pre.micro_batch_size, seed=pre.seed))
+
+    return plan_pretrain(pre, model_cfg, batches)
 
 
 def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys.executable) -> list[str]:
@@ -752,6 +812,13 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: TrainSummary) -
         bad_steps=result["bad_steps"],
         resumed_from=result["resumed_from"],
     )
+    resolved = _read_plan(paths).get("resolved") or {}
+    if resolved.get("precision"):
+        stats["precision"] = {k: resolved["precision"][k] for k in ("requested", "chosen", "why")}
+    if resolved.get("budget"):
+        b = resolved["budget"]
+        keep = ("budget_minutes", "seconds_per_step", "steps", "target", "capped_by", "measuring_seconds", "line")
+        stats["budget"] = {k: b.get(k) for k in keep}
     config = {"model": cfg.model.model_dump(mode="json"), "pretrain": cfg.pretrain.model_dump(mode="json")}
     return write_manifest(paths.pretrain, "pretrain", files, config=config, inputs=[paths.infill / MANIFEST], stats=stats)
 
@@ -779,6 +846,8 @@ def train(
 
     say = log_line or log.info
     run_cfg = prepare_pretrain(cfg, paths, continue_steps)
+    for line in _plan_lines(_read_plan(paths)):  # what the run decided once: its budget's steps, its precision
+        say(line)
     total = run_cfg.pretrain.steps
     tail = launch.MetricsTail(paths.pretrain / "metrics.jsonl")
     show = progress or (lambda step, total, final=False: None)
@@ -1087,7 +1156,7 @@ REGISTRY: dict[str, Stage] = _declare(
     Stage(
         "pretrain",
         "pretrain",
-        ("train", "loader"),
+        ("train", "loader", "budget"),
         "pretrain/manifest.json",
         sections=("model", "pretrain", "infilling"),
         inputs=("infill",),

@@ -633,6 +633,11 @@ def pretrain(
     """
     if model_cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is None; set it from the tokenizer before pretraining")
+    if cfg.budget_minutes is not None:
+        raise ConfigError(
+            f"pretrain.budget_minutes={cfg.budget_minutes:g} is turned into steps by the pipeline (glm-pipeline run, "
+            "which records them in pretrain/run-config.yaml); to train directly, set pretrain.steps instead"
+        )
     if not isinstance(data, BatchSource):
         raise TypeError("data must be iterable and have state_dict()/load_state_dict() (see glm.train.BatchSource)")
     out_dir = Path(out_dir)

@@ -121,3 +121,12 @@ def test_run_dir_defaults_to_runs_name_and_cannot_be_or_be_under_a_file(tmp_path
     for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ConfigError, match="is a file, not a directory; choose another run_dir"):
             load_config("configs/tiny.yaml", [f"run_dir={run_dir}"])
+
+
+def test_a_budget_is_positive_and_an_explicit_step_count_is_known_as_such():
+    with pytest.raises(ConfigError, match="pretrain.budget_minutes: Input should be greater than 0"):
+        load_config(None, ["pretrain.budget_minutes=0"])
+    # the rule for a budget with steps: steps set explicitly (YAML or --set) caps it, a default does not
+    assert "steps" in load_config("configs/tiny.yaml", ["pretrain.budget_minutes=5"]).pretrain.model_fields_set
+    assert "steps" not in load_config(None, ["pretrain.budget_minutes=5"]).pretrain.model_fields_set
+    assert "epochs" in load_config(None, ["finetune.epochs=2", "finetune.budget_minutes=5"]).finetune.model_fields_set

@@ -455,3 +455,35 @@ def test_seq2seq_finetuning_learns_and_decodes(tok, tmp_path):
     assert len(result["examples"]) == 3 and all(set(ex) == {"source", "reference", "generated"} for ex in result["examples"])
     assert sum(ex["generated"] == ex["reference"] for ex in result["examples"]) >= 2
     assert read_meta(result["checkpoint"])["finetune"]["kind"] == "seq2seq"
+
+
+def test_a_finetuning_budget_sets_the_steps_and_leaves_no_trace_of_its_measuring(tok, tmp_path):
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    items = [task.encode(e.text) for e in sentiment_examples(10)]
+    steps = iter(range(1000))
+
+    def evaluate_fn(m):  # always improving, so training runs to the end
+        return {"val_accuracy": next(steps) / 1000}
+
+    def loss_fn(m, batch):
+        return ft.cloze_scores(m, task, batch).logsumexp(-1).mean()
+
+    def run(name, **kw):
+        torch.manual_seed(0)
+        model = tiny_model(tok.vocab_size, max_seq_len=64)
+        with ft.MetricsLog(tmp_path / f"{name}.jsonl", fresh=True) as log:
+            loop = ft.train_loop(model, items, loss_fn, evaluate_fn, FinetuneConfig(task=SINGLE, batch_size=4, **kw), log,
+                                 score_key="val_accuracy", higher_is_better=True)  # fmt: skip
+        records = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        return model, loop, records
+
+    plain, plain_loop, _ = run("plain", epochs=2)
+    # a budget far above 2 epochs, which were set explicitly: they cap it, and the schedule is the same
+    capped, capped_loop, records = run("capped", epochs=2, budget_minutes=1000)
+    [budget] = [r for r in records if r["kind"] == "budget"]
+    assert budget["steps"] == capped_loop.steps == plain_loop.steps == 6 and budget["seconds_per_step"] > 0
+    for k, v in plain.state_dict().items():  # the measuring used a copy and its own random streams
+        assert torch.equal(v, capped.state_dict()[k]), k
+    # a budget shorter than one step still trains one, and evaluates where the budget ends
+    _, short_loop, records = run("short", budget_minutes=1e-4)
+    assert short_loop.steps == 1 and [r["step"] for r in records if r["kind"] == "eval"] == [0, 1]

@@ -301,3 +301,39 @@ def test_ignore_code_version_leaves_code_out_of_the_stage_key(tmp_path, monkeypa
     assert stages.stage_key("tokenizer", cfg, paths) == key
     cfg.orchestration.ignore_code_version = False
     assert stages.stage_key("tokenizer", cfg, paths) != key
+
+
+def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_config, monkeypatch, caplog):
+    from glm.launch import TrainingCrashed
+    from glm.train import CRASH_AFTER_STEP
+
+    cfg, _ = text_config
+    paths = stages.RunPaths(cfg.run_dir)
+    stages.run_pipeline(cfg, stage="data")
+    cfg.pretrain.budget_minutes = 1.0  # the fixture sets steps=4 explicitly: the most the budget may choose
+    monkeypatch.setenv(CRASH_AFTER_STEP, "2")
+    with pytest.raises(TrainingCrashed):
+        stages.run_pipeline(cfg, stage="pretrain")
+    plan = json.loads((paths.pretrain / stages.RUN_PLAN).read_text(encoding="utf-8"))
+    chosen = plan["resolved"]["budget"]
+    assert chosen["seconds_per_step"] > 0 and plan["steps"] == chosen["steps"] == 4 and chosen["capped_by"] == 4
+    header = (paths.pretrain / stages.RUN_CONFIG).read_text(encoding="utf-8").splitlines()[0]
+    assert header.startswith("# budget 1 min: ") and header.endswith("-> 4 steps (capped by steps=4)")
+    recorded = load_config(paths.pretrain / stages.RUN_CONFIG).pretrain
+    assert recorded.steps == 4 and recorded.budget_minutes is None
+    assert recorded.precision == plan["resolved"]["precision"]["chosen"] != "auto"  # a CPU: decided, with its reason
+
+    monkeypatch.delenv(CRASH_AFTER_STEP)
+    caplog.set_level("INFO", logger="glm.stages")
+    stages.run_pipeline(cfg, stage="pretrain")  # the retry resumes under the same plan: nothing re-measured
+    said = [r.getMessage() for r in caplog.records if r.name == "glm.stages"]
+    assert chosen["line"] in said and any(m.startswith("precision auto -> ") for m in said)
+    assert json.loads((paths.pretrain / stages.RUN_PLAN).read_text(encoding="utf-8")) == plan
+    stats = read_manifest(paths.pretrain / "manifest.json")["stats"]
+    assert stats["step"] == 4 and stats["resumed_from"] == 2
+    assert stats["budget"]["line"] == chosen["line"] and stats["precision"]["why"] == plan["resolved"]["precision"]["why"]
+
+    cfg.pretrain.log_every = 3  # a new stage key, the same run: its checkpoints keep the measured plan
+    stages.run_pipeline(cfg, stage="pretrain")
+    replanned = json.loads((paths.pretrain / stages.RUN_PLAN).read_text(encoding="utf-8"))
+    assert replanned["key"] != plan["key"] and replanned["resolved"] == plan["resolved"] and replanned["steps"] == 4

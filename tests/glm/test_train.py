@@ -356,6 +356,9 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         pretrain(cfg, ModelConfig(), _data(cfg), tmp_path / "c")
     with pytest.raises(TypeError, match="state_dict"):
         pretrain(cfg, _model(), list(itertools.islice(_data(cfg), 3)), tmp_path / "d")
+    # a budget is turned into steps by the pipeline (glm.stages.prepare_pretrain), never silently ignored
+    with pytest.raises(ValueError, match="pretrain.budget_minutes=5 is turned into steps by the pipeline"):
+        pretrain(_train(budget_minutes=5), _model(), _data(cfg), tmp_path / "e")
 
 
 # --------------------------------------------------------------------------- the real loader, through the CLI

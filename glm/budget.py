@@ -1,0 +1,363 @@
+"""Training budgets and the CPU's precision: measure a few real optimizer steps, then decide.
+
+A budget (`pretrain.budget_minutes`, `finetune.budget_minutes`) becomes a number of steps from
+the measured time of a step of the actual model, batch, device and precision, so a run fits the
+time a laptop or a GPU has without hand-tuning `steps`. The rule when both are given: an
+explicitly set `steps` (`finetune.epochs`) is the most a budget may choose; left at its default,
+the budget alone decides.
+
+`precision: auto` on a CPU with native bf16 kernels (AVX512-BF16 or AMX) measures the same steps
+in fp32 and under bf16 autocast, from the same weights on the same batches, and trains in bf16
+only if it is faster by BF16_MIN_SPEEDUP and its losses stay within BF16_MAX_LOSS_DIFF of fp32's.
+Elsewhere `auto` keeps its meaning: fp32 on a CPU, bf16 autocast on a GPU.
+
+The pure decisions (`choose_precision`, `steps_for_budget`) take their measurements as inputs;
+`measure_pretrain_steps` and `plan_pretrain` do the measuring (glm.stages.prepare_pretrain calls
+the latter once per run and records its result, so a resumed run never re-measures).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger("glm.budget")
+
+WARMUP_STEPS = 1  # not timed: the first step allocates, creates oneDNN primitives, compiles
+MEASURE_STEPS = 3  # timed; the median resists a neighbour's burst on a shared machine
+BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by 10%: below that, measurement noise could pick it
+# largest relative loss difference of bf16 autocast against fp32 over the measured steps (same weights,
+# same batches); measured 1.3e-5 on `tiny` and 6.4e-5 on the demo's `small` (AVX512-BF16 EPYC, 2026-11-30):
+# a bf16 path that breaks (overflow, a bad kernel) shows up as whole percents
+BF16_MAX_LOSS_DIFF = 0.02
+WARMUP_FRACTION = 0.1  # the defaults' ratio: 100 warm-up steps of 1000
+EVALS_PER_RUN = 5  # evaluations (and checkpoints) a budgeted run makes when their intervals are not given
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+# --------------------------------------------------------------------------- the CPU
+
+
+def cpu_kind() -> dict[str, Any]:
+    """The CPU's model name, its vector flags of interest, PyTorch's kernel level and whether bf16 is native."""
+    from glm.train import cpu_has_fast_bf16
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: the flags stay unknown, PyTorch's own check still decides
+        pass
+    return {
+        "model": model,
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_fast_bf16(),
+    }
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+@dataclass
+class Measurement:
+    """Timed optimizer steps of one precision (WARMUP_STEPS excluded from the time, not from `losses`)."""
+
+    precision: str  # fp32 or bf16
+    seconds_per_step: float  # median of the timed steps
+    losses: list[float]  # training loss of every step, warm-up included
+    eval_seconds: float = 0.0  # one evaluation (eval_batches forward passes), estimated from a timed forward
+    seconds: float = 0.0  # wall time the measurement itself took
+    fastest_step: float | None = None  # the least interfered-with timed step: what precisions are compared by
+
+
+def choose_precision(
+    requested: str, device_type: str, native: bool, fp32: Measurement | None = None, bf16: Measurement | None = None
+) -> tuple[str, str]:
+    """(precision to train with, why). `auto` on a CPU becomes bf16 only with native kernels, a measured
+    speed-up of BF16_MIN_SPEEDUP and losses within BF16_MAX_LOSS_DIFF (relative) of fp32's."""
+    if requested != "auto":
+        return requested, f"precision={requested} was set"
+    if device_type != "cpu":
+        return "auto", "auto on a GPU: bf16 autocast where the GPU supports it"
+    if not native:
+        return "fp32", "auto on a CPU without AVX512-BF16/AMX: bf16 would be emulated, far slower than fp32"
+    if fp32 is None or bf16 is None:
+        return "fp32", "auto on a CPU with native bf16, not measured: fp32"
+    # the fastest steps: another process's burst slows some steps, never speeds one up
+    speedup = (fp32.fastest_step or fp32.seconds_per_step) / (bf16.fastest_step or bf16.seconds_per_step)
+    diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(fp32.losses, bf16.losses)]
+    diff = max(diffs) if diffs and all(map(math.isfinite, diffs)) else math.inf  # max() would skip a NaN
+    figures = (
+        f"fp32 {fp32.fastest_step or fp32.seconds_per_step:.3g} s/step, "
+        f"bf16 {bf16.fastest_step or bf16.seconds_per_step:.3g} s/step ({speedup:.2f}x), "
+        f"loss difference {diff:.1e}"
+    )
+    if not math.isfinite(diff) or diff > BF16_MAX_LOSS_DIFF:
+        return "fp32", f"{figures} > {BF16_MAX_LOSS_DIFF:g}: bf16 not numerically safe here"
+    if speedup < BF16_MIN_SPEEDUP:
+        return "fp32", f"{figures}: bf16 not {BF16_MIN_SPEEDUP:g}x faster"
+    return "bf16", f"{figures}: bf16 is faster and agrees"
+
+
+@dataclass
+class BudgetPlan:
+    """What a budget chose: the steps and the intervals and warm-up scaled to them."""
+
+    budget_minutes: float
+    seconds_per_step: float
+    steps: int  # what fits
+    capped_by: int | None  # the explicitly set steps, when it is lower than what fits
+    eval_every: int
+    checkpoint_every: int
+    warmup_steps: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def line(self) -> str:
+        cap = f" (capped by steps={self.capped_by})" if self.capped_by is not None else ""
+        return f"budget {self.budget_minutes:g} min: {self.seconds_per_step:.3g} s/step measured -> {self.steps} steps{cap}"
+
+
+def steps_for_budget(
+    budget_minutes: float,
+    seconds_per_step: float,
+    *,
+    eval_seconds: float = 0.0,
+    spent_seconds: float = 0.0,
+    steps_cap: int | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    warmup_steps: int | None = None,
+) -> BudgetPlan:
+    """Steps that fit `budget_minutes` (minus what the measuring already spent), with the evaluations' time.
+
+    An interval or warm-up given (not None) is kept; otherwise evaluations and checkpoints are
+    spread EVALS_PER_RUN over the run and warm-up is WARMUP_FRACTION of it. `steps_cap`, an
+    explicitly set step count, bounds the result."""
+    if seconds_per_step <= 0 or not math.isfinite(seconds_per_step):
+        raise ValueError(f"seconds_per_step must be a positive number, got {seconds_per_step}")
+    available = budget_minutes * 60.0 - spent_seconds
+    if eval_every is not None:
+        fit = available / (seconds_per_step + eval_seconds / eval_every)
+    else:
+        fit = (available - EVALS_PER_RUN * eval_seconds) / seconds_per_step
+    notes = []
+    steps = int(fit) if fit >= 1 else 1
+    if fit < 1:
+        notes.append(f"the budget does not fit one step ({seconds_per_step:.3g} s/step); training 1 step")
+    capped = steps_cap if steps_cap is not None and steps_cap < steps else None
+    steps = min(steps, steps_cap) if steps_cap is not None else steps
+    spread = max(1, math.ceil(steps / EVALS_PER_RUN))
+    warmup = warmup_steps if warmup_steps is not None else int(WARMUP_FRACTION * steps)
+    if warmup >= steps:
+        notes.append(f"optim.warmup_steps={warmup} >= the {steps} steps that fit: the learning rate never peaks")
+    return BudgetPlan(
+        budget_minutes,
+        seconds_per_step,
+        steps,
+        capped,
+        eval_every if eval_every is not None else spread,
+        checkpoint_every if checkpoint_every is not None else spread,
+        warmup,
+        notes,
+    )
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_pretrain_steps(
+    cfg: Any,
+    model_cfg: Any,
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
+    precisions: Sequence[str],
+    device: torch.device,
+) -> dict[str, Measurement]:
+    """Time WARMUP_STEPS + MEASURE_STEPS real optimizer steps (glm.train's gradient accumulation, clipping,
+    AdamW) of a fresh model per precision, initialised as training initialises it, each on `batches()` (a
+    fresh iterator of micro-batches) with the same dropout masks; nothing is kept. The precisions alternate
+    step by step, so load from other processes hits them alike. One process: with several, each rank's
+    step adds the gradient all-reduce to this."""
+    from glm.distributed import DistInfo
+    from glm.model import GLM, configure_optimizer
+    from glm.train import _accumulate_gradients, autocast_factory, evaluate
+
+    started = time.perf_counter()
+    info = DistInfo(device=device)
+    runs = {}
+    for precision in precisions:
+        torch.manual_seed(cfg.seed)
+        model = GLM(model_cfg).to(device).train()
+        if cfg.compile:
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            model.compile()
+        optimizer = configure_optimizer(model, cfg.optim, device.type)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr / max(1, cfg.optim.warmup_steps)  # the first step's rate
+        runs[precision] = (model, optimizer, autocast_factory(precision, device), batches(), [], [])
+    for step in range(WARMUP_STEPS + MEASURE_STEPS):
+        for model, optimizer, autocast, it, times, losses in runs.values():
+            torch.manual_seed(cfg.seed + 1 + step)  # the same dropout masks in every precision
+            t0 = time.perf_counter()
+            totals, _, _ = _accumulate_gradients(model, it, cfg.grad_accum, step, cfg, autocast, info)
+            n = max(float(totals[1]), 1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / n)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(totals[0]) / n)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= WARMUP_STEPS:
+                times.append(time.perf_counter() - t0)
+    out = {}
+    for precision, (model, _, autocast, it, times, losses) in runs.items():
+        t0 = time.perf_counter()  # one evaluation = eval_batches forward passes: time one and scale
+        evaluate(model, [next(it)], 1, device, autocast, info)
+        eval_seconds = (time.perf_counter() - t0) * cfg.eval_batches
+        out[precision] = Measurement(precision, statistics.median(times), losses, eval_seconds, fastest_step=min(times))
+    spent = time.perf_counter() - started
+    for m in out.values():
+        m.seconds = spent
+    return out
+
+
+def plan_pretrain(
+    cfg: Any,
+    model_cfg: Any,
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
+) -> dict[str, Any]:
+    """Resolve `pretrain.precision: auto` on a CPU and `pretrain.budget_minutes`, measuring only what needs it.
+
+    Returns {"precision": {...}, "budget": {...} or None, "cpu": cpu_kind()} for the run plan, the
+    run config, the manifest and the log: the chosen precision and why, the budget's measured step
+    time, chosen steps, intervals and warm-up, and what the measuring cost."""
+    from glm.distributed import resolve_device
+
+    device = resolve_device(cfg.device)
+    cpu = cpu_kind()
+    native = device.type == "cpu" and cpu["native_bf16"]
+    both = cfg.precision == "auto" and native
+    try:
+        if both:
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, ("fp32", "bf16"), device)
+        elif cfg.budget_minutes is not None:
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, (cfg.precision,), device)
+        else:
+            measured = {}
+    finally:
+        if device.type == "cuda":  # the training processes need this GPU's memory, not this process's cache
+            torch.cuda.empty_cache()
+    precision, why = choose_precision(cfg.precision, device.type, native, measured.get("fp32"), measured.get("bf16"))
+    out: dict[str, Any] = {
+        "precision": {"requested": cfg.precision, "chosen": precision, "why": why},
+        "cpu": cpu if device.type == "cpu" else {"device": str(device)},
+        "budget": None,
+    }
+    if both:
+        out["precision"]["measured"] = {p: asdict(m) for p, m in measured.items()}
+    if cfg.budget_minutes is None:
+        return out
+    m = measured[precision] if both else measured[cfg.precision]
+    given = cfg.model_fields_set
+    plan = steps_for_budget(
+        cfg.budget_minutes,
+        m.seconds_per_step,
+        eval_seconds=m.eval_seconds,
+        spent_seconds=m.seconds,
+        steps_cap=cfg.steps if "steps" in given else None,
+        eval_every=cfg.eval_every if "eval_every" in given else None,
+        checkpoint_every=cfg.checkpoint_every if "checkpoint_every" in given else None,
+        warmup_steps=cfg.optim.warmup_steps if "warmup_steps" in cfg.optim.model_fields_set else None,
+    )
+    out["budget"] = {**asdict(plan), "eval_seconds": m.eval_seconds, "measuring_seconds": m.seconds, "line": plan.line}
+    for note in plan.notes:
+        log.warning("budget: %s", note)
+    return out
+
+
+def apply_plan(cfg: Any, plan: dict[str, Any]) -> Any:
+    """A copy of the pretrain section `cfg` with the plan's precision, steps, intervals and warm-up; no budget left."""
+    out = copy.deepcopy(cfg)
+    out.precision = plan["precision"]["chosen"]
+    budget = plan.get("budget")
+    if budget:
+        out.budget_minutes = None
+        out.steps = budget["steps"]
+        out.eval_every = budget["eval_every"]
+        out.checkpoint_every = budget["checkpoint_every"]
+        out.optim.warmup_steps = budget["warmup_steps"]
+    return out
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_steps(
+    cfg: Any,
+    model: torch.nn.Module,
+    items: Sequence[Any],
+    loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor],
+    autocast: Callable[[], Any],
+    steps_per_epoch: int,
+    eval_seconds: float,
+) -> BudgetPlan:
+    """The fine-tuning steps that fit `cfg.budget_minutes` (one run), from WARMUP_STEPS + MEASURE_STEPS steps
+    of a copy of `model` (its own AdamW) on consecutive batches of `items`, and the time of one dev
+    evaluation; the model, the caller's optimizer and the random streams are left as they were.
+
+    Evaluations run every cfg.eval_every steps, else once an epoch. An explicitly set `finetune.epochs`
+    caps the steps, as `pretrain.steps` caps a pretraining budget."""
+    from glm.model import configure_optimizer
+
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = copy.deepcopy(model).train()
+        optimizer = configure_optimizer(probe, cfg.optim, device.type)
+        for step in range(WARMUP_STEPS + MEASURE_STEPS):
+            first = (step * cfg.batch_size) % max(1, len(items))
+            batch = list(items[first : first + cfg.batch_size]) or list(items[: cfg.batch_size])
+            t0 = time.perf_counter()
+            with autocast():
+                loss = loss_fn(probe, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= WARMUP_STEPS:
+                times.append(time.perf_counter() - t0)
+        del probe, optimizer
+    spent = time.perf_counter() - started
+    every = cfg.eval_every or steps_per_epoch
+    plan = steps_for_budget(
+        cfg.budget_minutes,
+        statistics.median(times),
+        eval_seconds=eval_seconds,
+        spent_seconds=spent,
+        steps_cap=cfg.epochs * steps_per_epoch if "epochs" in cfg.model_fields_set else None,
+        eval_every=every,
+        checkpoint_every=every,
+        warmup_steps=cfg.optim.warmup_steps,
+    )
+    plan.notes.append(f"measuring took {spent:.3g} s")
+    return plan
