@@ -187,6 +187,7 @@ def measure_pretrain_steps(
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
     precisions: Sequence[str],
     device: torch.device,
+    objective_mix: dict[str, float] | None = None,
 ) -> dict[str, Measurement]:
     """Time WARMUP_STEPS + MEASURE_STEPS real optimizer steps (glm.train's gradient accumulation, clipping,
     AdamW) of a fresh model per precision, initialised as training initialises it, each on `batches()` (a
@@ -195,10 +196,11 @@ def measure_pretrain_steps(
     step adds the gradient all-reduce to this."""
     from glm.distributed import DistInfo
     from glm.model import GLM, configure_optimizer
-    from glm.train import _accumulate_gradients, autocast_factory, evaluate
+    from glm.train import _accumulate_gradients, _mixed_loss, autocast_factory, evaluate, mix_weights
 
     started = time.perf_counter()
     info = DistInfo(device=device)
+    mix = mix_weights(objective_mix)  # the data's objective mix weighs the loss, as in training
     runs = {}
     for precision in precisions:
         torch.manual_seed(cfg.seed)
@@ -214,7 +216,7 @@ def measure_pretrain_steps(
         for model, optimizer, autocast, it, times, losses in runs.values():
             torch.manual_seed(cfg.seed + 1 + step)  # the same dropout masks in every precision
             t0 = time.perf_counter()
-            totals, _, _ = _accumulate_gradients(model, it, cfg.grad_accum, step, cfg, autocast, info)
+            totals, _, _, groups, by_task = _accumulate_gradients(model, it, cfg.grad_accum, step, cfg, autocast, info, mix)
             n = max(float(totals[1]), 1.0)
             for p in model.parameters():
                 if p.grad is not None:
@@ -222,7 +224,7 @@ def measure_pretrain_steps(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(totals[0]) / n)
+            losses.append(_mixed_loss(by_task, groups.counts, mix) if groups is not None else float(totals[0]) / n)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= WARMUP_STEPS:
@@ -243,6 +245,7 @@ def plan_pretrain(
     cfg: Any,
     model_cfg: Any,
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
+    objective_mix: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Resolve `pretrain.precision: auto` on a CPU and `pretrain.budget_minutes`, measuring only what needs it.
 
@@ -257,9 +260,9 @@ def plan_pretrain(
     both = cfg.precision == "auto" and native
     try:
         if both:
-            measured = measure_pretrain_steps(cfg, model_cfg, batches, ("fp32", "bf16"), device)
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, ("fp32", "bf16"), device, objective_mix)
         elif cfg.budget_minutes is not None:
-            measured = measure_pretrain_steps(cfg, model_cfg, batches, (cfg.precision,), device)
+            measured = measure_pretrain_steps(cfg, model_cfg, batches, (cfg.precision,), device, objective_mix)
         else:
             measured = {}
     finally:

@@ -771,10 +771,10 @@ def _resolve_pretrain(
         model_cfg = model_cfg.model_copy(update={"vocab_size": vocab})
 
     def batches() -> Any:
-        data = InfillingData(paths.infill, seq_len=cfg.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
         return iter(TrainLoader(data, pre.micro_batch_size, seed=pre.seed))
 
-    return plan_pretrain(pre, model_cfg, batches)
+    data = InfillingData(paths.infill, seq_len=cfg.infilling.seq_len, max_seq_len=model_cfg.max_seq_len)
+    return plan_pretrain(pre, model_cfg, batches, data.objective_mix)
 
 
 def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys.executable) -> list[str]:

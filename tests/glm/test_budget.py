@@ -89,6 +89,7 @@ def test_auto_on_this_cpu_records_a_decision_and_a_budget_from_measured_steps():
             "infilling.seq_len=32",
             "pretrain.budget_minutes=0.5",
             "pretrain.eval_batches=1",
+            "pretrain.precision=auto",
         ],
     )
     pre = cfg.pretrain

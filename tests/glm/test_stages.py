@@ -311,6 +311,7 @@ def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_confi
     paths = stages.RunPaths(cfg.run_dir)
     stages.run_pipeline(cfg, stage="data")
     cfg.pretrain.budget_minutes = 1.0  # the fixture sets steps=4 explicitly: the most the budget may choose
+    cfg.pretrain.precision = "auto"  # the CPU decides (configs/tiny.yaml pins fp32)
     monkeypatch.setenv(CRASH_AFTER_STEP, "2")
     with pytest.raises(TrainingCrashed):
         stages.run_pipeline(cfg, stage="pretrain")
