@@ -295,6 +295,11 @@ class ClozeTaskConfig(Section):
     verbalizers: dict[str, str] = Field(default_factory=lambda: {"0": "terrible", "1": "great"})
     multi_token: bool = False
     length_normalise: bool = False
+    score_eop: bool = Field(
+        default=False,
+        description="Multi-token scoring: False (the paper) scores log P(answer); True adds the <eop> that ends "
+        "the answer (log P(answer + <eop>), as the original code did), which favours some lengths over others.",
+    )
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ cross-entropy over the labels, i.e. a softmax restricted to the candidates.
 - Single-token verbalizers: one row per example, Part A ++ [<sop>], right-padded, with a
   per-row `sep`, so padding sits after every scored position and is never visible to it.
 - Multi-token verbalizers (task.multi_token): a label scores the summed (optionally
-  length-normalised) log-probabilities of `answer + <eop>`. Part A runs ONCE, left-padded
+  length-normalised) log-probabilities of its answer tokens (the paper's score; with
+  task.score_eop also the `<eop>` that ends the answer, as the original code did). Part A runs ONCE, left-padded
   with `key_start` hiding the padding, and its KV cache is shared by all candidates, whose
   Part B rows then cost only their own few tokens (instead of re-encoding Part A per label).
 
@@ -337,10 +338,11 @@ class ClozeTask:
             "answer_ids": self.answers,
             "multi_token": self.task.multi_token,
             "length_normalise": self.task.length_normalise,
+            "score_eop": self.task.score_eop,
             "max_seq_len": self.max_seq_len,
             "text_pair_field": self.task.text_pair_field,
             "scores": "log P(verbalizer | Part A) at <sop> over the full vocabulary (multi-token: sum over "
-            "answer + <eop>); the label distribution is the softmax of the scores over the labels",
+            "the answer's tokens, plus <eop> if score_eop); the label distribution is the softmax of the scores over the labels",
         }
 
 
@@ -360,8 +362,19 @@ def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequenc
     return logits.log_softmax(dim=-1)[:, verbalizer_ids]  # (B, L)
 
 
+def part_b_rows(answers: Sequence[Sequence[int]], score_eop: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Each candidate's Part B inputs and the targets they predict: <sop> + answer -> answer + <eop> with
+    `score_eop`, else <sop> + answer[:-1] -> answer (the paper's log P(answer), no end-of-answer term)."""
+    inputs, targets = [], []
+    for a in answers:
+        n = len(a) + (1 if score_eop else 0)
+        inputs.append(([SPECIAL.sop] + list(a))[:n])
+        targets.append((list(a) + [SPECIAL.eop])[:n])
+    return inputs, targets
+
+
 def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) summed log P(answer + <eop>): Part A once (left-padded, cached), then all candidates."""
+    """(B, L) summed log P(answer) (+ <eop> with score_eop): Part A once (left-padded, cached), then all candidates."""
     device = next(model.parameters()).device
     B, L = len(items), len(task.answers)
     width = max(len(e.part_a) for e in items)
@@ -375,11 +388,13 @@ def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence
     )
     cache = [(k.repeat_interleave(L, dim=0), v.repeat_interleave(L, dim=0)) for k, v in cache]  # (B*L, H, A, D) each
 
-    # Part B rows, example-major: [<sop>] + answer predicting answer + [<eop>], all at the mask's position
-    k_max = max(map(len, task.answers)) + 1
-    b_ids = _pad_rows([[SPECIAL.sop] + a for a in task.answers], k_max, SPECIAL.pad).repeat(B, 1)  # (B*L, K)
-    b_tgt = _pad_rows([a + [SPECIAL.eop] for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
-    b_blk = _pad_rows([list(range(1, len(a) + 2)) for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
+    # Part B rows, example-major, all at the mask's position: [<sop>] + answer predicting answer (+ [<eop>]
+    # with score_eop; without it the answer's last token is never an input)
+    inputs, targets = part_b_rows(task.answers, task.task.score_eop)
+    k_max = max(map(len, inputs))
+    b_ids = _pad_rows(inputs, k_max, SPECIAL.pad).repeat(B, 1)  # (B*L, K)
+    b_tgt = _pad_rows(targets, k_max).repeat(B, 1)  # (B*L, K)
+    b_blk = _pad_rows([list(range(1, len(x) + 1)) for x in inputs], k_max).repeat(B, 1)  # (B*L, K)
     b_select = b_blk > 0  # (B*L, K)
     mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(L)  # (B*L,)
     b_pos = mask_pos[:, None].expand(-1, k_max) * b_select  # (B*L, K)

@@ -356,7 +356,8 @@ def test_classifier_scores_equal_score_cloze_including_odd_and_long_texts(built)
     assert [bundle.classify(t).label for t in texts] == [["0", "1"][i] for i in ref.argmax(1)]
 
 
-def test_multi_token_cloze_scoring_matches_pytorch(built):
+@pytest.mark.parametrize("score_eop", [False, True])
+def test_multi_token_cloze_scoring_matches_pytorch(built, score_eop):
     """The runtime's shared-prefix multi-token scoring (left padding, key_start, cache reuse) on the same graph."""
     model, _ = load_model(built.clf_checkpoint)
     tok = Tokenizer.load(built.tokenizer)
@@ -365,6 +366,7 @@ def test_multi_token_cloze_scoring_matches_pytorch(built):
         verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
         multi_token=True,
         length_normalise=True,
+        score_eop=score_eop,
     )
     spec = {"kind": "cloze", **ft.ClozeTask(tok, multi, 64).spec()}
     base = runtime.Bundle.load(built.clf_bundle, threads=1)

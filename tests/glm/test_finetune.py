@@ -83,10 +83,12 @@ def test_batching_and_right_padding_do_not_change_scores(tok):
     np.testing.assert_allclose(multi_together, multi_alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("score_eop", [False, True])
 @pytest.mark.parametrize("normalise", [False, True])
-def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
+def test_multi_token_scores_equal_summed_log_probs(tok, normalise, score_eop):
+    """The default is the paper's log P(answer); score_eop adds the <eop> term (the original code's score)."""
     model = tiny_model(tok.vocab_size, max_seq_len=64)
-    task_cfg = MULTI.model_copy(update={"length_normalise": normalise})
+    task_cfg = MULTI.model_copy(update={"length_normalise": normalise, "score_eop": score_eop})
     task = ft.ClozeTask(tok, task_cfg, 64)
     assert len(task.answers[0]) > 1 and len(task.answers[1]) == 1  # a real multi-token candidate
     scores = ft.score_cloze(model, tok, TEXTS, task_cfg)
@@ -94,8 +96,7 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
         e = task.encode(text)
         a = len(e.part_a)
         for label, answer in enumerate(task.answers):
-            part_b = [SPECIAL.sop] + answer
-            targets = answer + [SPECIAL.eop]
+            part_b = [SPECIAL.sop] + answer  # the full row; its last input predicts <eop>
             logp = _row_logprobs(
                 model,
                 e.part_a + part_b,
@@ -103,9 +104,29 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
                 [0] * a + list(range(1, len(part_b) + 1)),
                 a,
             )
+            targets = answer + [SPECIAL.eop] if score_eop else answer
             total = sum(float(logp[a + i, t]) for i, t in enumerate(targets))
             expected = total / len(targets) if normalise else total
             assert row[label] == pytest.approx(expected, abs=1e-4)
+
+
+def test_eop_term_is_off_by_default_and_its_difference_is_the_eop_log_prob(tok):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    assert not ClozeTaskConfig().score_eop
+    paper = ft.score_cloze(model, tok, TEXTS, MULTI)
+    with_eop = ft.score_cloze(model, tok, TEXTS, MULTI.model_copy(update={"score_eop": True}))
+    task = ft.ClozeTask(tok, MULTI, 64)
+    e = task.encode(TEXTS[0])
+    a, answer = len(e.part_a), task.answers[0]
+    logp = _row_logprobs(
+        model,
+        e.part_a + [SPECIAL.sop] + answer,
+        list(range(a)) + [e.mask_pos] * (len(answer) + 1),
+        [0] * a + list(range(1, len(answer) + 2)),
+        a,
+    )
+    assert with_eop[0, 0] - paper[0, 0] == pytest.approx(float(logp[a + len(answer), SPECIAL.eop]), abs=1e-4)
+    assert (with_eop < paper).all()  # a log-probability more: never higher
 
 
 def test_scores_are_differentiable_and_match_eval_scores(tok):
