@@ -205,6 +205,22 @@ def encode_segment(tokenizer: TokenizerLike, text: str, glued: bool = False) -> 
     return ids
 
 
+def _is_boundary_piece(tokenizer: TokenizerLike, token: int) -> bool:
+    """The word-boundary marker on its own (sentencepiece's "▁"): no characters of the word."""
+    return tokenizer.decode([token]) == ""
+
+
+def label_word_ids(tokenizer: TokenizerLike, word: str, glued: bool) -> list[int]:
+    """Ids of a verbalizer as it reads after the pattern's text before [MASK].
+
+    A word the vocabulary has no "▁word" piece for (every CJK character in a unigram model trained on
+    unspaced text) encodes as ["▁", "word"]; where the pattern glues [MASK] to the text before it
+    (`glued`, how CJK is written), running text has no boundary there, so that lone "▁" is dropped,
+    as encode_segment drops it for the pattern's glued pieces. After a space the word is encoded as is.
+    """
+    return encode_segment(tokenizer, word.strip(), glued=glued)
+
+
 def fit_two(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
     """Lengths to keep of two texts sharing `budget` tokens: the longer one is cut first."""
     if len_a + len_b <= budget:
@@ -276,19 +292,29 @@ class ClozeTask:
             elif piece.strip():
                 self.segments.append(encode_segment(tokenizer, piece.strip(), glued=i > 0 and not piece[:1].isspace()))
         self.fixed_len = sum(len(s) for s in self.segments if isinstance(s, list)) + 1  # + the mask
+        before = pattern[: pattern.index("[MASK]")]
+        # the label word follows the text before [MASK] directly (no space: how CJK is written)
+        self.mask_glued = before != "" and not before[-1].isspace()
 
         if not task.verbalizers:
             raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
         self.labels = list(task.verbalizers)
-        self.answers = [encode_text(tokenizer, task.verbalizers[label]) for label in self.labels]
+        self.answers = [label_word_ids(tokenizer, task.verbalizers[label], self.mask_glued) for label in self.labels]
         for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
             if not ids:
                 raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
             if not task.multi_token and len(ids) != 1:
-                pieces = [tokenizer.decode([t]) for t in ids]
+                pieces = [tokenizer.decode([t]) or "▁" for t in ids]
+                glue = len(ids) == 2 and _is_boundary_piece(tokenizer, ids[0])
                 raise ValueError(
                     f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
-                    "was requested; set task.multi_token: true, or choose a word that is one token"
+                    "was requested; "
+                    + (
+                        "write [MASK] right after the text before it in task.pattern (no space, as in '{text}很[MASK]。'), "
+                        if glue
+                        else ""
+                    )
+                    + "set task.multi_token: true, or choose a word that is one token"
                 )
         # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
         self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)

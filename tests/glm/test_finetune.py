@@ -18,6 +18,7 @@ from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
 from tests.glm.factories import (
     FILLER,
+    bilingual_tokenizer,
     sentiment_examples,
     sentiment_tokenizer,
     tiny_model,
@@ -189,6 +190,43 @@ def test_multi_token_verbalizer_in_single_token_mode_names_word_pieces_and_fix(t
         ft.ClozeTask(tok, cfg, 64)
     msg = str(err.value)
     assert "'not good at all'" in msg and "label '0'" in msg and "'good'" in msg and "multi_token: true" in msg
+
+
+ZH = ClozeTaskConfig(pattern="{text}这部电影很[MASK]。", verbalizers={"0": "差", "1": "好"})
+
+
+def test_cjk_single_character_verbalizers_are_one_token_where_the_pattern_glues_the_mask():
+    """A unigram model trained on unspaced Chinese has no "▁好" piece: "好" alone is ["▁", "好"]. After a
+    glued [MASK] (no space, how Chinese is written) the lone "▁" is not in the running text and is dropped."""
+    zh = bilingual_tokenizer()
+    assert [zh.id_to_piece(i) for i in zh.encode("好", specials=False)] == ["▁", "好"]
+    task = ft.ClozeTask(zh, ZH, 64)
+    assert [[zh.id_to_piece(i) for i in a] for a in task.answers] == [["差"], ["好"]]
+    e = task.encode("故事很好")
+    assert zh.decode(e.part_a[: e.mask_pos]) == "故事很好这部电影很" and zh.id_to_piece(e.part_a[e.mask_pos + 1]) == "。"
+    model = tiny_model(zh.vocab_size, max_seq_len=64)
+    scores = ft.score_cloze(model, zh, ["故事很好", "情节很差"], ZH)
+    a = len(e.part_a)
+    logp = _row_logprobs(model, e.part_a + [SPECIAL.sop], list(range(a)) + [e.mask_pos], [0] * a + [1], a)
+    np.testing.assert_allclose(scores[0], logp[a, [a_[0] for a_ in task.answers]].numpy(), atol=1e-5)
+    # English words after a glued mask keep their pieces: only a lone boundary piece is dropped
+    en = ft.ClozeTask(zh, ClozeTaskConfig(pattern="{text}[MASK].", verbalizers={"0": "bad", "1": "good"}, multi_token=True), 64)
+    assert [zh.decode(a) for a in en.answers] == ["bad", "good"] and all(zh.decode(a[:1]) for a in en.answers)
+
+
+def test_cjk_verbalizer_after_a_space_is_two_pieces_and_the_error_gives_a_fix_that_works():
+    zh = bilingual_tokenizer()
+    spaced = ZH.model_copy(update={"pattern": "{text}这部电影很 [MASK]。"})
+    with pytest.raises(ValueError) as err:
+        ft.ClozeTask(zh, spaced, 64)
+    msg = str(err.value)
+    assert "'好'" in msg or "'差'" in msg
+    assert "['▁', '差']" in msg and "no space" in msg and "multi_token: true" in msg
+    assert len(ft.ClozeTask(zh, ZH, 64).answers[0]) == 1  # following the advice works
+    assert (
+        ft.ClozeTask(zh, spaced.model_copy(update={"multi_token": True}), 64).answers[0][1:]
+        == ft.ClozeTask(zh, ZH, 64).answers[0]
+    )
 
 
 def test_pattern_too_long_for_the_model_is_a_clear_error(tok):
