@@ -45,7 +45,7 @@ from glm.evaluate import classification_metrics, majority_baseline
 from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.train import autocast_factory, lr_at
 
 
@@ -298,9 +298,11 @@ class ClozeTask:
 
         if not task.verbalizers:
             raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
-        self.labels = list(task.verbalizers)
-        self.answers = [label_word_ids(tokenizer, task.verbalizers[label], self.mask_glued) for label in self.labels]
-        for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
+        # verbalizers "auto": a pattern-only task that encodes Part A for choose_verbalizers, scores nothing
+        verbalizers = {} if task.verbalizers == "auto" else task.verbalizers
+        self.labels = list(verbalizers)
+        self.answers = [label_word_ids(tokenizer, verbalizers[label], self.mask_glued) for label in self.labels]
+        for label, word, ids in zip(self.labels, verbalizers.values(), self.answers):
             if not ids:
                 raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
             if not task.multi_token and len(ids) != 1:
@@ -317,7 +319,7 @@ class ClozeTask:
                     + "set task.multi_token: true, or choose a word that is one token"
                 )
         # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
-        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)
+        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token and self.answers else 0)
         self.text_budget = max_seq_len - self.part_b_len - self.fixed_len
         if self.text_budget < (2 if self.has_pair else 1):
             raise ValueError(
@@ -372,8 +374,8 @@ class ClozeTask:
         }
 
 
-def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) log P(verbalizer) at <sop>: one right-padded row per example, Part B = [<sop>]."""
+def _sop_log_probs(model: torch.nn.Module, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, V) log-softmax over the vocabulary at <sop>: one right-padded row per example, Part B = [<sop>]."""
     device = next(model.parameters()).device
     rows = [e.part_a + [SPECIAL.sop] for e in items]
     width = max(map(len, rows))
@@ -384,8 +386,13 @@ def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequenc
     select = torch.zeros(len(items), width, dtype=torch.bool)  # (B, T)
     select[torch.arange(len(items)), sep] = True  # the <sop> of each row
     logits = model(ids.to(device), pos.to(device), blk.to(device), sep.to(device), select=select.to(device))  # (B, V)
-    verbalizer_ids = torch.tensor([a[0] for a in task.answers], device=device)  # (L,)
-    return logits.log_softmax(dim=-1)[:, verbalizer_ids]  # (B, L)
+    return logits.log_softmax(dim=-1)  # (B, V)
+
+
+def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, L) log P(verbalizer) at <sop>."""
+    logp = _sop_log_probs(model, items)  # (B, V)
+    return logp[:, torch.tensor([a[0] for a in task.answers], device=logp.device)]  # (B, L)
 
 
 def part_b_rows(answers: Sequence[Sequence[int]], score_eop: bool) -> tuple[list[list[int]], list[list[int]]]:
@@ -443,6 +450,8 @@ def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence
 
 def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
     """(B, L) label scores (log-probabilities of the verbalizers), differentiable."""
+    if not task.answers:
+        raise ValueError("task.verbalizers is 'auto' and not yet chosen; fine-tune with finetune_cloze, which chooses them")
     if task.task.multi_token:
         return _multi_token_scores(model, task, items)
     return _single_token_scores(model, task, items)
@@ -476,6 +485,100 @@ def score_cloze(
     task = ClozeTask(tokenizer, task_cfg, _check_max_seq_len(model, max_seq_len))
     pairs = text_pairs if text_pairs is not None else [None] * len(texts)
     return score_encoded(model, task, [task.encode(t, p) for t, p in zip(texts, pairs)], batch_size)
+
+
+# --------------------------------------------------------------------------- automatic verbalizers
+
+AUTO_SHORTLIST = 100  # per label, the tokens most likely at [MASK] among that label's examples (LM-BFF's pruning)
+
+
+def sorted_labels(labels: Iterable[str]) -> list[str]:
+    """Distinct labels, integers in numeric order ("2" before "10"), then the rest alphabetically."""
+    distinct = set(labels)
+    return sorted(distinct, key=lambda x: (0, int(x), "") if re.fullmatch(r"-?\d+", x) else (1, 0, x))
+
+
+@torch.no_grad()
+def verbalizer_log_probs(
+    model: torch.nn.Module, task: ClozeTask, examples: Sequence[LabelledExample], labels: Sequence[str], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean log P(token at [MASK]) over each label's examples (L, V), and over all examples (V,), in float64."""
+    was_training = model.training
+    model.eval()
+    index = {label: i for i, label in enumerate(labels)}
+    sums = counts = None
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            logp = _sop_log_probs(model, [task.encode(e.text, e.text_pair) for e in chunk]).double().cpu()  # (B, V)
+            if sums is None:
+                sums, counts = torch.zeros(len(labels), logp.shape[1], dtype=torch.float64), torch.zeros(len(labels))
+            rows = torch.tensor([index[e.label] for e in chunk])  # (B,)
+            sums.index_add_(0, rows, logp)
+            counts.index_add_(0, rows, torch.ones(len(chunk)))
+    finally:
+        model.train(was_training)
+    if sums is None or (counts == 0).any():
+        missing = [label for label, n in zip(labels, counts if counts is not None else [0] * len(labels)) if n == 0]
+        raise ValueError(f"task.verbalizers: auto needs train examples of every label; none for {missing}: check the source")
+    return sums / counts[:, None].double(), sums.sum(0) / counts.sum().double()
+
+
+def choose_verbalizers(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    task: ClozeTask,
+    examples: Sequence[LabelledExample],
+    labels: Sequence[str],
+    batch_size: int = 64,
+) -> dict[str, str]:
+    """One word per label, picked from the vocabulary by the model's likelihood at [MASK] (verbalizers: auto).
+
+    As in LM-BFF / PET's automatic verbalizer search: for each label, the AUTO_SHORTLIST tokens with
+    the highest mean log-probability over that label's train examples are ranked by how much more
+    likely they are there than over all examples (mean log-prob given the label minus mean log-prob
+    overall). Labels are then served greedily, the strongest remaining (label, token) pair first, so
+    the words are distinct. Only tokens that are a word on their own qualify: a regular piece with a
+    letter or digit whose text encodes back to exactly that token after the pattern's [MASK].
+    """
+    by_label, overall = verbalizer_log_probs(model, task, examples, labels, batch_size)  # (L, V), (V,)
+    vocab = by_label.shape[1]
+    word_of: dict[int, str | None] = {}
+
+    def word(token: int) -> str | None:
+        if token not in word_of:
+            text = tokenizer.decode([token]).strip() if token >= NUM_SPECIAL else ""
+            ok = any(ch.isalnum() for ch in text) and label_word_ids(tokenizer, text, task.mask_glued) == [token]
+            word_of[token] = text if ok else None
+        return word_of[token]
+
+    ranked = []  # per label: (relative score, token) of its shortlist, best first
+    for row in by_label:
+        shortlist = [t for t in row.argsort(descending=True, stable=True).tolist() if word(t) is not None][:AUTO_SHORTLIST]
+        ranked.append(sorted(((float(row[t] - overall[t]), t) for t in shortlist), key=lambda x: (-x[0], x[1])))
+    if any(not r for r in ranked):
+        raise ValueError(
+            f"task.verbalizers: auto found no vocabulary token that is a word on its own among {vocab} pieces; "
+            "write the verbalizers in the config"
+        )
+    chosen: dict[str, str] = {}
+    taken: set[int] = set()
+    while len(chosen) < len(labels):
+        best = None
+        for i, label in enumerate(labels):
+            if label in chosen:
+                continue
+            pick = next(((score, t) for score, t in ranked[i] if t not in taken), None)
+            if pick is None:
+                raise ValueError(
+                    f"task.verbalizers: auto ran out of distinct words for label {label!r}; write the verbalizers in the config"
+                )
+            if best is None or pick[0] > best[0]:
+                best = (pick[0], pick[1], label)
+        _, token, label = best
+        chosen[label] = word(token)
+        taken.add(token)
+    return {label: chosen[label] for label in labels}
 
 
 # --------------------------------------------------------------------------- seq2seq
@@ -735,6 +838,11 @@ def finetune_cloze(
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
     splits = split_examples(examples, cfg.task.split)
+    auto = cfg.task.verbalizers == "auto"
+    if auto:  # chosen by the model as it comes in (pretrained), before any fine-tuning step
+        labels = sorted_labels(e.label for e in examples)
+        chosen = choose_verbalizers(model, tokenizer, task, splits["train"], labels, max(cfg.batch_size, 64))
+        task = ClozeTask(tokenizer, cfg.task.model_copy(update={"verbalizers": chosen}), max_seq_len)
     encoded = {name: [task.encode(e.text, e.text_pair) for e in items] for name, items in splits.items()}
     label_ids = {name: task.label_ids(e.label for e in items) for name, items in splits.items()}
     if len(set(label_ids["train"])) < 2:
@@ -797,6 +905,8 @@ def finetune_cloze(
         "kind": "cloze",
         "task": cfg.task.name,
         "labels": task.labels,
+        "verbalizers": dict(task.task.verbalizers),
+        "verbalizers_auto": auto,
         "best_val_accuracy": loop.best_score,
         "best_step": loop.best_step,
         "steps": loop.steps,
@@ -952,6 +1062,11 @@ def finetune_from_checkpoint(
 
     results = {"pretrained": run(model.train(), out_dir / "pretrained")}
     if cfg.from_scratch_baseline:
+        if cfg.kind == "cloze" and cfg.task.verbalizers == "auto":
+            # the pretrained model's words: a random model's choice would be noise, and the comparison unfair
+            cfg = cfg.model_copy(
+                update={"task": cfg.task.model_copy(update={"verbalizers": results["pretrained"]["verbalizers"]})}
+            )
         torch.manual_seed(cfg.seed)
         results["from scratch"] = run(GLM(model_cfg).to(device), out_dir / "from_scratch")
     return results
@@ -974,6 +1089,9 @@ def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) 
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
     splits = split_examples(examples, cfg.task.split)
+    if cfg.task.verbalizers == "auto":  # the words come from the model, later; every label of the data gets one
+        task.labels = sorted_labels(e.label for e in examples)
+        task.label_index = {label: i for i, label in enumerate(task.labels)}
     train_labels = set(task.label_ids(e.label for e in splits["train"]))
     for name in ("dev", "test"):
         task.label_ids(e.label for e in splits[name])

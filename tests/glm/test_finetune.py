@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from glm import export
 from glm import finetune as ft
 from glm.checkpoint import load_model, read_meta
 from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig
 from glm.model import GLM
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.tokenizer import Tokenizer
 from tests.glm.factories import (
     FILLER,
@@ -329,6 +330,59 @@ def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
     result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and result["test"]["accuracy"] > 0.9
+
+
+# --------------------------------------------------------------------------- automatic verbalizers
+
+
+def test_auto_verbalizers_pick_the_word_a_model_clearly_predicts_for_each_label(tok, tmp_path):
+    """A model taught that "good" fills the blank of label 1 texts and "bad" that of label 0 (a cloze
+    fine-tune with those verbalizers) makes them the clear choice of the automatic search."""
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    taught = SINGLE.model_copy(update={"verbalizers": {"0": "bad", "1": "good"}})
+    cfg = FinetuneConfig(task=taught, epochs=4, batch_size=16, patience=3, optim=OptimConfig(lr=3e-3, warmup_steps=5))
+    examples = sentiment_examples(240)
+    assert ft.finetune_cloze(model, tok, cfg, tmp_path / "teach", examples=examples)["test"]["accuracy"] > 0.9
+    task = ft.ClozeTask(tok, SINGLE.model_copy(update={"verbalizers": "auto"}), 64)
+    train = ft.split_examples(examples, SINGLE.split)["train"]
+    assert ft.choose_verbalizers(model, tok, task, train, ["0", "1"]) == {"0": "bad", "1": "good"}
+    by_label, overall = ft.verbalizer_log_probs(model, task, train, ["0", "1"])
+    good = tok.piece_to_id("▁good")
+    assert by_label.shape == (2, tok.vocab_size) and by_label[1, good] - overall[good] > 0 > by_label[0, good] - overall[good]
+
+
+def test_auto_verbalizers_are_distinct_single_tokens_recorded_for_the_export(tok, tmp_path):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    auto = SINGLE.model_copy(update={"verbalizers": "auto"})
+    cfg = FinetuneConfig(task=auto, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    examples = [ft.LabelledExample(e.text, {"0": "neg", "1": "pos"}[e.label]) for e in sentiment_examples(120)]
+    examples += [ft.LabelledExample(f"{e.text} plot", "mixed") for e in sentiment_examples(40, seed=2)]
+    result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=examples)
+    chosen = result["verbalizers"]
+    assert result["verbalizers_auto"] and list(chosen) == result["labels"] == ["mixed", "neg", "pos"]
+    assert len(set(chosen.values())) == 3
+    task = ft.ClozeTask(tok, SINGLE.model_copy(update={"verbalizers": chosen}), 64)  # single-token, or this raises
+    assert all(len(a) == 1 and a[0] >= NUM_SPECIAL for a in task.answers)
+    spec = read_meta(result["checkpoint"])["finetune"]
+    assert spec["verbalizers"] == chosen and spec["answer_ids"] == task.answers
+    assert export._classifier_config(spec, tok, 64)["answer_ids"] == task.answers
+    summary = ft.check_task(
+        cfg.model_copy(update={"task": auto.model_copy(update={"source": _csv_source(tmp_path, examples)})}), tok, 64
+    )
+    assert summary["labels"] == ["mixed", "neg", "pos"]
+    with pytest.raises(ValueError, match="'auto' and not yet chosen"):
+        ft.score_cloze(model, tok, ["good"], auto)
+
+
+def _csv_source(tmp_path, examples) -> SourceConfig:
+    import csv
+
+    path = tmp_path / "labelled.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([e.text, e.label] for e in examples)
+    return SourceConfig(kind="csv", path=str(path))
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
