@@ -9,9 +9,10 @@ cross-entropy over the labels, i.e. a softmax restricted to the candidates.
   per-row `sep`, so padding sits after every scored position and is never visible to it.
 - Multi-token verbalizers (task.multi_token): a label scores the summed (optionally
   length-normalised) log-probabilities of its answer tokens (the paper's score; with
-  task.score_eop also the `<eop>` that ends the answer, as the original code did). Part A runs ONCE, left-padded
-  with `key_start` hiding the padding, and its KV cache is shared by all candidates, whose
-  Part B rows then cost only their own few tokens (instead of re-encoding Part A per label).
+  task.score_eop also the `<eop>` that ends the answer, as the original code did). Part A and
+  the `<sop>` every candidate starts with run ONCE, left-padded with `key_start` hiding the
+  padding; the rest of each candidate's Part B then costs only its own few tokens over that
+  shared KV cache (instead of re-encoding Part A per label).
 
 Seq2seq: Part A = source ++ [gMASK], Part B = [<sop>] ++ target predicting target ++ [<eop>],
 trained with `model.infilling_loss`.
@@ -407,45 +408,56 @@ def part_b_rows(answers: Sequence[Sequence[int]], score_eop: bool) -> tuple[list
 
 
 def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) summed log P(answer) (+ <eop> with score_eop): Part A once (left-padded, cached), then all candidates."""
+    """(B, L) summed log P(answer) (+ <eop> with score_eop): Part A and <sop> once per example, then the
+    rest of every candidate's Part B in one pass over that shared cache.
+
+    <sop> is the first Part B input of every candidate, at the same positions: its hidden state is the
+    same for all of them, so it runs with Part A (left-padded, `key_start` hiding the padding) and its
+    logits score every answer's first token. Only candidates with more inputs (part_b_rows: the rest
+    of the answer, and its last token when <eop> is scored) get a row in the second pass. Single-token
+    answers scored without <eop> thus cost exactly the single-token path.
+    """
     device = next(model.parameters()).device
     B, L = len(items), len(task.answers)
+    inputs, targets = part_b_rows(task.answers, task.task.score_eop)
     width = max(len(e.part_a) for e in items)
-    # left padding keeps every row's Part A flush against Part B; key_start hides the padding
-    ids = _pad_rows([e.part_a for e in items], width, SPECIAL.pad, left=True)  # (B, A)
-    pos = _pad_rows([list(range(len(e.part_a))) for e in items], width, left=True)  # (B, A)
+    ids = _pad_rows([e.part_a + [SPECIAL.sop] for e in items], width + 1, SPECIAL.pad, left=True)  # (B, A+1)
+    pos = _pad_rows([list(range(len(e.part_a))) + [e.mask_pos] for e in items], width + 1, left=True)  # (B, A+1)
+    blk = torch.zeros_like(ids)  # (B, A+1)
+    blk[:, width] = 1  # every row's <sop> sits at index `width`
     key_start = torch.tensor([width - len(e.part_a) for e in items], dtype=torch.long, device=device)  # (B,)
     sep = torch.full((B,), width, dtype=torch.long, device=device)  # (B,)
-    _, cache = model.hidden_states(
-        ids.to(device), pos.to(device), torch.zeros_like(ids, device=device), sep, key_start=key_start, use_cache=True
-    )
-    cache = [(k.repeat_interleave(L, dim=0), v.repeat_interleave(L, dim=0)) for k, v in cache]  # (B*L, H, A, D) each
+    logits, cache = model(
+        ids.to(device), pos.to(device), blk.to(device), sep, key_start=key_start, use_cache=True, select=(blk > 0).to(device)
+    )  # (B, V), per-layer (k, v) of Part A ++ <sop>
+    first = torch.tensor([t[0] for t in targets], device=device)  # (L,)
+    scores = logits.log_softmax(dim=-1)[:, first]  # (B, L)
 
-    # Part B rows, example-major, all at the mask's position: [<sop>] + answer predicting answer (+ [<eop>]
-    # with score_eop; without it the answer's last token is never an input)
-    inputs, targets = part_b_rows(task.answers, task.task.score_eop)
-    k_max = max(map(len, inputs))
-    b_ids = _pad_rows(inputs, k_max, SPECIAL.pad).repeat(B, 1)  # (B*L, K)
-    b_tgt = _pad_rows(targets, k_max).repeat(B, 1)  # (B*L, K)
-    b_blk = _pad_rows([list(range(1, len(x) + 1)) for x in inputs], k_max).repeat(B, 1)  # (B*L, K)
-    b_select = b_blk > 0  # (B*L, K)
-    mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(L)  # (B*L,)
-    b_pos = mask_pos[:, None].expand(-1, k_max) * b_select  # (B*L, K)
-    logits = model(
-        b_ids.to(device),
-        b_pos.to(device),
-        b_blk.to(device),
-        sep.repeat_interleave(L),
-        past_key_values=cache,
-        key_start=key_start.repeat_interleave(L),
-        select=b_select.to(device),
-    )  # (N, V), row-major over the selected positions
-    token_logp = logits.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
-    row_of = torch.arange(B * L)[:, None].expand(-1, k_max)[b_select].to(device)  # (N,)
-    scores = torch.zeros(B * L, device=device, dtype=token_logp.dtype).index_add(0, row_of, token_logp)  # (B*L,)
+    rest = [j for j in range(L) if len(inputs[j]) > 1]  # candidates with Part B inputs after <sop>
+    if rest:
+        R, K = len(rest), max(len(inputs[j]) for j in rest) - 1
+        cache = [(k.repeat_interleave(R, dim=0), v.repeat_interleave(R, dim=0)) for k, v in cache]  # (B*R, H, A+1, D)
+        b_ids = _pad_rows([inputs[j][1:] for j in rest], K, SPECIAL.pad).repeat(B, 1)  # (B*R, K)
+        b_tgt = _pad_rows([targets[j][1:] for j in rest], K).repeat(B, 1)  # (B*R, K)
+        b_blk = _pad_rows([list(range(2, len(inputs[j]) + 1)) for j in rest], K).repeat(B, 1)  # (B*R, K)
+        b_select = b_blk > 0  # (B*R, K)
+        mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(R)  # (B*R,)
+        out = model(
+            b_ids.to(device),
+            (mask_pos[:, None] * b_select).to(device),  # (B*R, K) every Part B token at the mask's position
+            b_blk.to(device),
+            sep.repeat_interleave(R),
+            past_key_values=cache,
+            key_start=key_start.repeat_interleave(R),
+            select=b_select.to(device),
+        )  # (N, V), row-major over the selected positions
+        token_logp = out.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
+        row_of = torch.arange(B * R)[:, None].expand(-1, K)[b_select].to(device)  # (N,)
+        summed = torch.zeros(B * R, device=device, dtype=token_logp.dtype).index_add(0, row_of, token_logp)  # (B*R,)
+        scores = scores.index_add(1, torch.tensor(rest, device=device), summed.view(B, R))  # (B, L)
     if task.task.length_normalise:
-        scores = scores / b_select.sum(1).to(device)  # (B*L,)
-    return scores.view(B, L)  # (B, L)
+        scores = scores / torch.tensor([len(t) for t in targets], device=device, dtype=scores.dtype)  # (B, L)
+    return scores  # (B, L)
 
 
 def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from glm.tokenizer import Tokenizer
 from tests.glm.factories import (
     FILLER,
     bilingual_tokenizer,
+    lively_model,
     sentiment_examples,
     sentiment_tokenizer,
     tiny_model,
@@ -110,6 +111,58 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise, score_eop):
             total = sum(float(logp[a + i, t]) for i, t in enumerate(targets))
             expected = total / len(targets) if normalise else total
             assert row[label] == pytest.approx(expected, abs=1e-4)
+
+
+def _full_row_scores(model: GLM, task: ft.ClozeTask, texts: list[str]) -> np.ndarray:
+    """(N, L) the plain way: one unpadded row Part A ++ <sop> ++ answer per (text, candidate), no cache."""
+    out = np.zeros((len(texts), len(task.answers)))
+    for i, text in enumerate(texts):
+        e = task.encode(text)
+        a = len(e.part_a)
+        for j, answer in enumerate(task.answers):
+            part_b = [SPECIAL.sop] + answer
+            logp = _row_logprobs(
+                model,
+                e.part_a + part_b,
+                list(range(a)) + [e.mask_pos] * len(part_b),
+                [0] * a + list(range(1, len(part_b) + 1)),
+                a,
+            ).double()
+            targets = answer + [SPECIAL.eop] if task.task.score_eop else answer
+            total = sum(float(logp[a + k, t]) for k, t in enumerate(targets))
+            out[i, j] = total / len(targets) if task.task.length_normalise else total
+    return out
+
+
+@pytest.mark.parametrize("score_eop", [False, True])
+def test_shared_prefix_scoring_equals_one_row_per_candidate_within_float_error(tok, score_eop):
+    """Candidates sharing a prefix ("very bad" / "very good") or only <sop> share those positions; the
+    result must equal the plain per-candidate rows up to float32 rounding, measured here as the float32
+    plain computation's own distance from the same computation in float64."""
+    import copy
+
+    cfg = ClozeTaskConfig(
+        pattern="{text} It was [MASK].",
+        verbalizers={"0": "very bad", "1": "very good", "2": "not good at all", "3": "good"},
+        multi_token=True,
+        score_eop=score_eop,
+        length_normalise=score_eop,
+    )
+    model = lively_model(tok.vocab_size, max_seq_len=64)
+    task = ft.ClozeTask(tok, cfg, 64)
+    inputs, _ = ft.part_b_rows(task.answers, score_eop)
+    assert inputs[0][:2] == inputs[1][:2] and len(inputs[0]) > 1  # a shared prefix beyond <sop>
+    got = ft.score_cloze(model, tok, TEXTS, cfg, batch_size=3)  # two batches, one of them ragged
+    ref64 = _full_row_scores(copy.deepcopy(model).double(), task, TEXTS)
+    float_error = np.abs(_full_row_scores(model, task, TEXTS) - ref64).max()
+    resolution = np.spacing(np.float32(np.abs(ref64).max()))  # one float32 step at the largest score
+    assert np.abs(got - ref64).max() <= 10 * max(float_error, resolution)
+    single = ClozeTaskConfig(pattern=cfg.pattern, verbalizers={"0": "bad", "1": "good"}, multi_token=True)
+    np.testing.assert_allclose(  # single-token answers scored without <eop>: exactly the single-token path's numbers
+        ft.score_cloze(model, tok, TEXTS, single),
+        ft.score_cloze(model, tok, TEXTS, single.model_copy(update={"multi_token": False})),
+        atol=1e-6,
+    )
 
 
 def test_eop_term_is_off_by_default_and_its_difference_is_the_eop_log_prob(tok):
