@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -566,7 +567,8 @@ def choose_verbalizers(
 
     ranked = []  # per label: (relative score, token) of its shortlist, best first
     for row in by_label:
-        shortlist = [t for t in row.argsort(descending=True, stable=True).tolist() if word(t) is not None][:AUTO_SHORTLIST]
+        likely = (t for t in row.argsort(descending=True, stable=True).tolist() if word(t) is not None)
+        shortlist = list(itertools.islice(likely, AUTO_SHORTLIST))  # lazily: a word check encodes text
         ranked.append(sorted(((float(row[t] - overall[t]), t) for t in shortlist), key=lambda x: (-x[0], x[1])))
     if any(not r for r in ranked):
         raise ValueError(

@@ -377,6 +377,18 @@ def test_multi_token_cloze_scoring_matches_pytorch(built, score_eop):
     np.testing.assert_allclose(bundle.label_scores(texts), ft.score_cloze(model, tok, texts, multi), atol=1e-4)
 
 
+def test_specs_from_before_score_eop_keep_scoring_eop():
+    """Checkpoints and bundles made when multi-token scores always included <eop> must not change meaning."""
+    old = {
+        "pattern": "{text} It was [MASK].",
+        "verbalizers": {"0": "bad", "1": "very good"},
+        "labels": ["0", "1"],
+        "multi_token": True,
+    }
+    assert export._cloze_task_config(old).score_eop is True
+    assert export._cloze_task_config({**old, "score_eop": False}).score_eop is False
+
+
 def test_cjk_verbalizer_ids_agree_between_pytorch_and_the_bundle(built):
     """A glued Chinese verbalizer is one token in fine-tuning; the bundle stores and scores the same id."""
     import sentencepiece as spm

@@ -577,6 +577,20 @@ def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path)
     assert set(only) == {"pretrained"}
 
 
+def test_from_scratch_baseline_reuses_the_pretrained_models_automatic_verbalizers(tok, tmp_path):
+    from glm.checkpoint import save_checkpoint
+
+    pretrained = tiny_model(tok.vocab_size, max_seq_len=64, seed=3)
+    ckpt = save_checkpoint(tmp_path / "pre", 1, pretrained.state_dict(), {}, model_config=pretrained.cfg)
+    auto = SINGLE.model_copy(update={"verbalizers": "auto"})
+    cfg = FinetuneConfig(task=auto, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    results = ft.finetune_from_checkpoint(ckpt, tok, cfg, tmp_path / "ft", examples=sentiment_examples(80))
+    chosen = results["pretrained"]["verbalizers"]
+    # a fresh random model would choose its own noise; the baseline must be scored on the same words
+    assert results["from scratch"]["verbalizers"] == chosen and not results["from scratch"]["verbalizers_auto"]
+    assert results["pretrained"]["verbalizers_auto"] and cfg.task.verbalizers == "auto"  # the caller's config is untouched
+
+
 # --------------------------------------------------------------------------- seq2seq
 
 
