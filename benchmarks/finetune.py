@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from glm import finetune as ft
 from glm.config import ClozeTaskConfig, OptimConfig, model_config
 from glm.model import GLM, configure_optimizer
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.special_tokens import NUM_SPECIAL
 
 
 class WordTokenizer:
@@ -43,13 +43,14 @@ def _texts(n: int, words: int = 32, seed: int = 0) -> list[str]:
 def _naive_multi_token_scores(model: GLM, task: ft.ClozeTask, items) -> torch.Tensor:
     """The reference: one right-padded row per (example, candidate), Part A repeated for every candidate."""
     rows, pos, blk, tgt = [], [], [], []
+    inputs, targets = ft.part_b_rows(task.answers, task.task.score_eop)
     for e in items:
         a = len(e.part_a)
-        for answer in task.answers:
-            rows.append(e.part_a + [SPECIAL.sop] + answer)
-            pos.append(list(range(a)) + [e.mask_pos] * (len(answer) + 1))
-            blk.append([0] * a + list(range(1, len(answer) + 2)))
-            tgt.append([0] * a + answer + [SPECIAL.eop])
+        for part_b, target in zip(inputs, targets):
+            rows.append(e.part_a + part_b)
+            pos.append(list(range(a)) + [e.mask_pos] * len(part_b))
+            blk.append([0] * a + list(range(1, len(part_b) + 1)))
+            tgt.append([0] * a + target)
     width = max(map(len, rows))
     ids, p, b, t = (ft._pad_rows(x, width) for x in (rows, pos, blk, tgt))  # (B*L, T) each
     sep = torch.tensor([len(e.part_a) for e in items for _ in task.answers])  # (B*L,)

@@ -324,9 +324,18 @@ class ClozeTaskConfig(Section):
     label_field: str = "label"
     text_pair_field: str | None = None
     pattern: str = "{text} It was [MASK]."
-    verbalizers: dict[str, str] = Field(default_factory=lambda: {"0": "terrible", "1": "great"})
+    verbalizers: dict[str, str] | Literal["auto"] = Field(
+        default_factory=lambda: {"0": "terrible", "1": "great"},
+        description="A word per label, or 'auto': one single-token word per label picked from the vocabulary by the "
+        "pretrained model's likelihood at [MASK] on the train split (recorded in result.json and the checkpoint).",
+    )
     multi_token: bool = False
     length_normalise: bool = False
+    score_eop: bool = Field(
+        default=False,
+        description="Multi-token scoring: False (the paper) scores log P(answer); True adds the <eop> that ends "
+        "the answer (log P(answer + <eop>), as the original code did), which favours some lengths over others.",
+    )
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     @model_validator(mode="after")
@@ -336,7 +345,7 @@ class ClozeTaskConfig(Section):
             raise ValueError(
                 f"pattern {self.pattern!r} needs one {{text}} and exactly one [MASK], e.g. '{{text}} It was [MASK].'"
             )
-        words = [w.strip() for w in self.verbalizers.values()]
+        words = [] if self.verbalizers == "auto" else [w.strip() for w in self.verbalizers.values()]
         if len(set(words)) != len(words):
             raise ValueError(
                 f"verbalizers {self.verbalizers} give two labels the same word: the classifier could not tell them apart"

@@ -460,6 +460,14 @@ def write_report(
                 f"hash of the text); cut to fit the model: {cut.get('train', 0)} / {cut.get('dev', 0)} / {cut.get('test', 0)}.",
                 "",
             ]
+        if first.get("verbalizers"):
+            how = (
+                "chosen automatically from the vocabulary by the pretrained model"
+                if first.get("verbalizers_auto")
+                else "from the config"
+            )
+            words = ", ".join(f"{label} → {word!r}" for label, word in first["verbalizers"].items())
+            md += [f"Verbalizers ({how}): {words}.", ""]
         plots["accuracy"] = plot_accuracy_bars(bars, out_dir / "accuracy.png", f"Test scores: {task}")
         md += ["![test accuracy and macro-F1](accuracy.png)", ""]
         for name, res in cloze.items():

@@ -446,6 +446,8 @@ def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
         verbalizers=_verbalizers_in_label_order(spec),
         multi_token=spec.get("multi_token", False),
         length_normalise=spec.get("length_normalise", False),
+        # a spec without the key was fine-tuned when multi-token scores always included <eop>
+        score_eop=spec.get("score_eop", True),
         text_pair_field=spec.get("text_pair_field"),
     )
 
@@ -605,6 +607,7 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
         "max_seq_len": task.max_seq_len,
         "multi_token": task.task.multi_token,
         "length_normalise": task.task.length_normalise,
+        "score_eop": task.task.score_eop,
         "has_pair": task.has_pair,
         "segments": task.segments,  # token-id lists for the pattern's literal text, or "text"/"text_pair"/"mask"
         "text_budget": task.text_budget,  # text tokens kept; longer texts are cut from their end

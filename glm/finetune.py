@@ -8,9 +8,11 @@ cross-entropy over the labels, i.e. a softmax restricted to the candidates.
 - Single-token verbalizers: one row per example, Part A ++ [<sop>], right-padded, with a
   per-row `sep`, so padding sits after every scored position and is never visible to it.
 - Multi-token verbalizers (task.multi_token): a label scores the summed (optionally
-  length-normalised) log-probabilities of `answer + <eop>`. Part A runs ONCE, left-padded
-  with `key_start` hiding the padding, and its KV cache is shared by all candidates, whose
-  Part B rows then cost only their own few tokens (instead of re-encoding Part A per label).
+  length-normalised) log-probabilities of its answer tokens (the paper's score; with
+  task.score_eop also the `<eop>` that ends the answer, as the original code did). Part A and
+  the `<sop>` every candidate starts with run ONCE, left-padded with `key_start` hiding the
+  padding; the rest of each candidate's Part B then costs only its own few tokens over that
+  shared KV cache (instead of re-encoding Part A per label).
 
 Seq2seq: Part A = source ++ [gMASK], Part B = [<sop>] ++ target predicting target ++ [<eop>],
 trained with `model.infilling_loss`.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -44,7 +47,7 @@ from glm.evaluate import classification_metrics, majority_baseline
 from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.train import autocast_factory, lr_at
 
 
@@ -204,6 +207,22 @@ def encode_segment(tokenizer: TokenizerLike, text: str, glued: bool = False) -> 
     return ids
 
 
+def _is_boundary_piece(tokenizer: TokenizerLike, token: int) -> bool:
+    """The word-boundary marker on its own (sentencepiece's "▁"): no characters of the word."""
+    return tokenizer.decode([token]) == ""
+
+
+def label_word_ids(tokenizer: TokenizerLike, word: str, glued: bool) -> list[int]:
+    """Ids of a verbalizer as it reads after the pattern's text before [MASK].
+
+    A word the vocabulary has no "▁word" piece for (every CJK character in a unigram model trained on
+    unspaced text) encodes as ["▁", "word"]; where the pattern glues [MASK] to the text before it
+    (`glued`, how CJK is written), running text has no boundary there, so that lone "▁" is dropped,
+    as encode_segment drops it for the pattern's glued pieces. After a space the word is encoded as is.
+    """
+    return encode_segment(tokenizer, word.strip(), glued=glued)
+
+
 def fit_two(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
     """Lengths to keep of two texts sharing `budget` tokens: the longer one is cut first."""
     if len_a + len_b <= budget:
@@ -275,22 +294,34 @@ class ClozeTask:
             elif piece.strip():
                 self.segments.append(encode_segment(tokenizer, piece.strip(), glued=i > 0 and not piece[:1].isspace()))
         self.fixed_len = sum(len(s) for s in self.segments if isinstance(s, list)) + 1  # + the mask
+        before = pattern[: pattern.index("[MASK]")]
+        # the label word follows the text before [MASK] directly (no space: how CJK is written)
+        self.mask_glued = before != "" and not before[-1].isspace()
 
         if not task.verbalizers:
             raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
-        self.labels = list(task.verbalizers)
-        self.answers = [encode_text(tokenizer, task.verbalizers[label]) for label in self.labels]
-        for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
+        # verbalizers "auto": a pattern-only task that encodes Part A for choose_verbalizers, scores nothing
+        verbalizers = {} if task.verbalizers == "auto" else task.verbalizers
+        self.labels = list(verbalizers)
+        self.answers = [label_word_ids(tokenizer, verbalizers[label], self.mask_glued) for label in self.labels]
+        for label, word, ids in zip(self.labels, verbalizers.values(), self.answers):
             if not ids:
                 raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
             if not task.multi_token and len(ids) != 1:
-                pieces = [tokenizer.decode([t]) for t in ids]
+                pieces = [tokenizer.decode([t]) or "▁" for t in ids]
+                glue = len(ids) == 2 and _is_boundary_piece(tokenizer, ids[0])
                 raise ValueError(
                     f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
-                    "was requested; set task.multi_token: true, or choose a word that is one token"
+                    "was requested; "
+                    + (
+                        "write [MASK] right after the text before it in task.pattern (no space, as in '{text}很[MASK]。'), "
+                        if glue
+                        else ""
+                    )
+                    + "set task.multi_token: true, or choose a word that is one token"
                 )
         # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
-        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)
+        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token and self.answers else 0)
         self.text_budget = max_seq_len - self.part_b_len - self.fixed_len
         if self.text_budget < (2 if self.has_pair else 1):
             raise ValueError(
@@ -337,15 +368,16 @@ class ClozeTask:
             "answer_ids": self.answers,
             "multi_token": self.task.multi_token,
             "length_normalise": self.task.length_normalise,
+            "score_eop": self.task.score_eop,
             "max_seq_len": self.max_seq_len,
             "text_pair_field": self.task.text_pair_field,
             "scores": "log P(verbalizer | Part A) at <sop> over the full vocabulary (multi-token: sum over "
-            "answer + <eop>); the label distribution is the softmax of the scores over the labels",
+            "the answer's tokens, plus <eop> if score_eop); the label distribution is the softmax of the scores over the labels",
         }
 
 
-def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) log P(verbalizer) at <sop>: one right-padded row per example, Part B = [<sop>]."""
+def _sop_log_probs(model: torch.nn.Module, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, V) log-softmax over the vocabulary at <sop>: one right-padded row per example, Part B = [<sop>]."""
     device = next(model.parameters()).device
     rows = [e.part_a + [SPECIAL.sop] for e in items]
     width = max(map(len, rows))
@@ -356,52 +388,83 @@ def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequenc
     select = torch.zeros(len(items), width, dtype=torch.bool)  # (B, T)
     select[torch.arange(len(items)), sep] = True  # the <sop> of each row
     logits = model(ids.to(device), pos.to(device), blk.to(device), sep.to(device), select=select.to(device))  # (B, V)
-    verbalizer_ids = torch.tensor([a[0] for a in task.answers], device=device)  # (L,)
-    return logits.log_softmax(dim=-1)[:, verbalizer_ids]  # (B, L)
+    return logits.log_softmax(dim=-1)  # (B, V)
+
+
+def _single_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
+    """(B, L) log P(verbalizer) at <sop>."""
+    logp = _sop_log_probs(model, items)  # (B, V)
+    return logp[:, torch.tensor([a[0] for a in task.answers], device=logp.device)]  # (B, L)
+
+
+def part_b_rows(answers: Sequence[Sequence[int]], score_eop: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Each candidate's Part B inputs and the targets they predict: <sop> + answer -> answer + <eop> with
+    `score_eop`, else <sop> + answer[:-1] -> answer (the paper's log P(answer), no end-of-answer term)."""
+    inputs, targets = [], []
+    for a in answers:
+        n = len(a) + (1 if score_eop else 0)
+        inputs.append(([SPECIAL.sop] + list(a))[:n])
+        targets.append((list(a) + [SPECIAL.eop])[:n])
+    return inputs, targets
 
 
 def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) summed log P(answer + <eop>): Part A once (left-padded, cached), then all candidates."""
+    """(B, L) summed log P(answer) (+ <eop> with score_eop): Part A and <sop> once per example, then the
+    rest of every candidate's Part B in one pass over that shared cache.
+
+    <sop> is the first Part B input of every candidate, at the same positions: its hidden state is the
+    same for all of them, so it runs with Part A (left-padded, `key_start` hiding the padding) and its
+    logits score every answer's first token. Only candidates with more inputs (part_b_rows: the rest
+    of the answer, and its last token when <eop> is scored) get a row in the second pass. Single-token
+    answers scored without <eop> thus cost exactly the single-token path.
+    """
     device = next(model.parameters()).device
     B, L = len(items), len(task.answers)
+    inputs, targets = part_b_rows(task.answers, task.task.score_eop)
     width = max(len(e.part_a) for e in items)
-    # left padding keeps every row's Part A flush against Part B; key_start hides the padding
-    ids = _pad_rows([e.part_a for e in items], width, SPECIAL.pad, left=True)  # (B, A)
-    pos = _pad_rows([list(range(len(e.part_a))) for e in items], width, left=True)  # (B, A)
+    ids = _pad_rows([e.part_a + [SPECIAL.sop] for e in items], width + 1, SPECIAL.pad, left=True)  # (B, A+1)
+    pos = _pad_rows([list(range(len(e.part_a))) + [e.mask_pos] for e in items], width + 1, left=True)  # (B, A+1)
+    blk = torch.zeros_like(ids)  # (B, A+1)
+    blk[:, width] = 1  # every row's <sop> sits at index `width`
     key_start = torch.tensor([width - len(e.part_a) for e in items], dtype=torch.long, device=device)  # (B,)
     sep = torch.full((B,), width, dtype=torch.long, device=device)  # (B,)
-    _, cache = model.hidden_states(
-        ids.to(device), pos.to(device), torch.zeros_like(ids, device=device), sep, key_start=key_start, use_cache=True
-    )
-    cache = [(k.repeat_interleave(L, dim=0), v.repeat_interleave(L, dim=0)) for k, v in cache]  # (B*L, H, A, D) each
+    logits, cache = model(
+        ids.to(device), pos.to(device), blk.to(device), sep, key_start=key_start, use_cache=True, select=(blk > 0).to(device)
+    )  # (B, V), per-layer (k, v) of Part A ++ <sop>
+    first = torch.tensor([t[0] for t in targets], device=device)  # (L,)
+    scores = logits.log_softmax(dim=-1)[:, first]  # (B, L)
 
-    # Part B rows, example-major: [<sop>] + answer predicting answer + [<eop>], all at the mask's position
-    k_max = max(map(len, task.answers)) + 1
-    b_ids = _pad_rows([[SPECIAL.sop] + a for a in task.answers], k_max, SPECIAL.pad).repeat(B, 1)  # (B*L, K)
-    b_tgt = _pad_rows([a + [SPECIAL.eop] for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
-    b_blk = _pad_rows([list(range(1, len(a) + 2)) for a in task.answers], k_max).repeat(B, 1)  # (B*L, K)
-    b_select = b_blk > 0  # (B*L, K)
-    mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(L)  # (B*L,)
-    b_pos = mask_pos[:, None].expand(-1, k_max) * b_select  # (B*L, K)
-    logits = model(
-        b_ids.to(device),
-        b_pos.to(device),
-        b_blk.to(device),
-        sep.repeat_interleave(L),
-        past_key_values=cache,
-        key_start=key_start.repeat_interleave(L),
-        select=b_select.to(device),
-    )  # (N, V), row-major over the selected positions
-    token_logp = logits.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
-    row_of = torch.arange(B * L)[:, None].expand(-1, k_max)[b_select].to(device)  # (N,)
-    scores = torch.zeros(B * L, device=device, dtype=token_logp.dtype).index_add(0, row_of, token_logp)  # (B*L,)
+    rest = [j for j in range(L) if len(inputs[j]) > 1]  # candidates with Part B inputs after <sop>
+    if rest:
+        R, K = len(rest), max(len(inputs[j]) for j in rest) - 1
+        cache = [(k.repeat_interleave(R, dim=0), v.repeat_interleave(R, dim=0)) for k, v in cache]  # (B*R, H, A+1, D)
+        b_ids = _pad_rows([inputs[j][1:] for j in rest], K, SPECIAL.pad).repeat(B, 1)  # (B*R, K)
+        b_tgt = _pad_rows([targets[j][1:] for j in rest], K).repeat(B, 1)  # (B*R, K)
+        b_blk = _pad_rows([list(range(2, len(inputs[j]) + 1)) for j in rest], K).repeat(B, 1)  # (B*R, K)
+        b_select = b_blk > 0  # (B*R, K)
+        mask_pos = torch.tensor([e.mask_pos for e in items], dtype=torch.long).repeat_interleave(R)  # (B*R,)
+        out = model(
+            b_ids.to(device),
+            (mask_pos[:, None] * b_select).to(device),  # (B*R, K) every Part B token at the mask's position
+            b_blk.to(device),
+            sep.repeat_interleave(R),
+            past_key_values=cache,
+            key_start=key_start.repeat_interleave(R),
+            select=b_select.to(device),
+        )  # (N, V), row-major over the selected positions
+        token_logp = out.log_softmax(dim=-1).gather(1, b_tgt[b_select].to(device)[:, None])[:, 0]  # (N,)
+        row_of = torch.arange(B * R)[:, None].expand(-1, K)[b_select].to(device)  # (N,)
+        summed = torch.zeros(B * R, device=device, dtype=token_logp.dtype).index_add(0, row_of, token_logp)  # (B*R,)
+        scores = scores.index_add(1, torch.tensor(rest, device=device), summed.view(B, R))  # (B, L)
     if task.task.length_normalise:
-        scores = scores / b_select.sum(1).to(device)  # (B*L,)
-    return scores.view(B, L)  # (B, L)
+        scores = scores / torch.tensor([len(t) for t in targets], device=device, dtype=scores.dtype)  # (B, L)
+    return scores  # (B, L)
 
 
 def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
     """(B, L) label scores (log-probabilities of the verbalizers), differentiable."""
+    if not task.answers:
+        raise ValueError("task.verbalizers is 'auto' and not yet chosen; fine-tune with finetune_cloze, which chooses them")
     if task.task.multi_token:
         return _multi_token_scores(model, task, items)
     return _single_token_scores(model, task, items)
@@ -435,6 +498,101 @@ def score_cloze(
     task = ClozeTask(tokenizer, task_cfg, _check_max_seq_len(model, max_seq_len))
     pairs = text_pairs if text_pairs is not None else [None] * len(texts)
     return score_encoded(model, task, [task.encode(t, p) for t, p in zip(texts, pairs)], batch_size)
+
+
+# --------------------------------------------------------------------------- automatic verbalizers
+
+AUTO_SHORTLIST = 100  # per label, the tokens most likely at [MASK] among that label's examples (LM-BFF's pruning)
+
+
+def sorted_labels(labels: Iterable[str]) -> list[str]:
+    """Distinct labels, integers in numeric order ("2" before "10"), then the rest alphabetically."""
+    distinct = set(labels)
+    return sorted(distinct, key=lambda x: (0, int(x), "") if re.fullmatch(r"-?\d+", x) else (1, 0, x))
+
+
+@torch.no_grad()
+def verbalizer_log_probs(
+    model: torch.nn.Module, task: ClozeTask, examples: Sequence[LabelledExample], labels: Sequence[str], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean log P(token at [MASK]) over each label's examples (L, V), and over all examples (V,), in float64."""
+    was_training = model.training
+    model.eval()
+    index = {label: i for i, label in enumerate(labels)}
+    sums = counts = None
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            logp = _sop_log_probs(model, [task.encode(e.text, e.text_pair) for e in chunk]).double().cpu()  # (B, V)
+            if sums is None:
+                sums, counts = torch.zeros(len(labels), logp.shape[1], dtype=torch.float64), torch.zeros(len(labels))
+            rows = torch.tensor([index[e.label] for e in chunk])  # (B,)
+            sums.index_add_(0, rows, logp)
+            counts.index_add_(0, rows, torch.ones(len(chunk)))
+    finally:
+        model.train(was_training)
+    if sums is None or (counts == 0).any():
+        missing = [label for label, n in zip(labels, counts if counts is not None else [0] * len(labels)) if n == 0]
+        raise ValueError(f"task.verbalizers: auto needs train examples of every label; none for {missing}: check the source")
+    return sums / counts[:, None].double(), sums.sum(0) / counts.sum().double()
+
+
+def choose_verbalizers(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    task: ClozeTask,
+    examples: Sequence[LabelledExample],
+    labels: Sequence[str],
+    batch_size: int = 64,
+) -> dict[str, str]:
+    """One word per label, picked from the vocabulary by the model's likelihood at [MASK] (verbalizers: auto).
+
+    As in LM-BFF / PET's automatic verbalizer search: for each label, the AUTO_SHORTLIST tokens with
+    the highest mean log-probability over that label's train examples are ranked by how much more
+    likely they are there than over all examples (mean log-prob given the label minus mean log-prob
+    overall). Labels are then served greedily, the strongest remaining (label, token) pair first, so
+    the words are distinct. Only tokens that are a word on their own qualify: a regular piece with a
+    letter or digit whose text encodes back to exactly that token after the pattern's [MASK].
+    """
+    by_label, overall = verbalizer_log_probs(model, task, examples, labels, batch_size)  # (L, V), (V,)
+    vocab = by_label.shape[1]
+    word_of: dict[int, str | None] = {}
+
+    def word(token: int) -> str | None:
+        if token not in word_of:
+            text = tokenizer.decode([token]).strip() if token >= NUM_SPECIAL else ""
+            ok = any(ch.isalnum() for ch in text) and label_word_ids(tokenizer, text, task.mask_glued) == [token]
+            word_of[token] = text if ok else None
+        return word_of[token]
+
+    ranked = []  # per label: (relative score, token) of its shortlist, best first
+    for row in by_label:
+        likely = (t for t in row.argsort(descending=True, stable=True).tolist() if word(t) is not None)
+        shortlist = list(itertools.islice(likely, AUTO_SHORTLIST))  # lazily: a word check encodes text
+        ranked.append(sorted(((float(row[t] - overall[t]), t) for t in shortlist), key=lambda x: (-x[0], x[1])))
+    if any(not r for r in ranked):
+        raise ValueError(
+            f"task.verbalizers: auto found no vocabulary token that is a word on its own among {vocab} pieces; "
+            "write the verbalizers in the config"
+        )
+    chosen: dict[str, str] = {}
+    taken: set[int] = set()
+    while len(chosen) < len(labels):
+        best = None
+        for i, label in enumerate(labels):
+            if label in chosen:
+                continue
+            pick = next(((score, t) for score, t in ranked[i] if t not in taken), None)
+            if pick is None:
+                raise ValueError(
+                    f"task.verbalizers: auto ran out of distinct words for label {label!r}; write the verbalizers in the config"
+                )
+            if best is None or pick[0] > best[0]:
+                best = (pick[0], pick[1], label)
+        _, token, label = best
+        chosen[label] = word(token)
+        taken.add(token)
+    return {label: chosen[label] for label in labels}
 
 
 # --------------------------------------------------------------------------- seq2seq
@@ -721,6 +879,11 @@ def finetune_cloze(
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
     splits = split_examples(examples, cfg.task.split)
+    auto = cfg.task.verbalizers == "auto"
+    if auto:  # chosen by the model as it comes in (pretrained), before any fine-tuning step
+        labels = sorted_labels(e.label for e in examples)
+        chosen = choose_verbalizers(model, tokenizer, task, splits["train"], labels, max(cfg.batch_size, 64))
+        task = ClozeTask(tokenizer, cfg.task.model_copy(update={"verbalizers": chosen}), max_seq_len)
     encoded = {name: [task.encode(e.text, e.text_pair) for e in items] for name, items in splits.items()}
     label_ids = {name: task.label_ids(e.label for e in items) for name, items in splits.items()}
     if len(set(label_ids["train"])) < 2:
@@ -783,6 +946,8 @@ def finetune_cloze(
         "kind": "cloze",
         "task": cfg.task.name,
         "labels": task.labels,
+        "verbalizers": dict(task.task.verbalizers),
+        "verbalizers_auto": auto,
         "best_val_accuracy": loop.best_score,
         "best_step": loop.best_step,
         "steps": loop.steps,
@@ -938,6 +1103,11 @@ def finetune_from_checkpoint(
 
     results = {"pretrained": run(model.train(), out_dir / "pretrained")}
     if cfg.from_scratch_baseline:
+        if cfg.kind == "cloze" and cfg.task.verbalizers == "auto":
+            # the pretrained model's words: a random model's choice would be noise, and the comparison unfair
+            cfg = cfg.model_copy(
+                update={"task": cfg.task.model_copy(update={"verbalizers": results["pretrained"]["verbalizers"]})}
+            )
         torch.manual_seed(cfg.seed)
         results["from scratch"] = run(GLM(model_cfg).to(device), out_dir / "from_scratch")
     return results
@@ -960,6 +1130,9 @@ def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) 
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
     splits = split_examples(examples, cfg.task.split)
+    if cfg.task.verbalizers == "auto":  # the words come from the model, later; every label of the data gets one
+        task.labels = sorted_labels(e.label for e in examples)
+        task.label_index = {label: i for i, label in enumerate(task.labels)}
     train_labels = set(task.label_ids(e.label for e in splits["train"]))
     for name in ("dev", "test"):
         task.label_ids(e.label for e in splits[name])

@@ -670,7 +670,8 @@ class Bundle:
         return logp[:, [a[0] for a in self.classifier["answer_ids"]]]  # (B, L)
 
     def _multi_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
-        """Summed log P(answer + <eop>): Part A once (left-padded), its cache shared by every candidate."""
+        """Summed log P(answer) (+ <eop> if the classifier scores it): Part A once (left-padded), its cache
+        shared by every candidate (glm.finetune.part_b_rows)."""
         answers = self.classifier["answer_ids"]
         B, L, A = len(items), len(answers), max(len(a) for a, _ in items)
         ids, pos = np.full((B, A), self.special["pad"], np.int64), np.zeros((B, A), np.int64)  # (B, A)
@@ -680,12 +681,15 @@ class Bundle:
         sep = np.full(B, A, np.int64)  # (B,)
         _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
         cache = [np.repeat(c, L, axis=0) for c in cache]  # (B*L, H, A, D) each
-        K = max(map(len, answers)) + 1
+        # bundles written before score_eop existed always scored the <eop>
+        extra = 1 if self.classifier.get("score_eop", True) else 0
+        K = max(map(len, answers)) + extra
         b_ids, b_tgt, b_blk = (np.zeros((L, K), np.int64) for _ in range(3))  # (L, K) each
         for j, a in enumerate(answers):
-            b_ids[j, : len(a) + 1] = [self.special["sop"]] + a
-            b_tgt[j, : len(a) + 1] = a + [self.special["eop"]]
-            b_blk[j, : len(a) + 1] = np.arange(1, len(a) + 2)
+            n = len(a) + extra
+            b_ids[j, :n] = ([self.special["sop"]] + a)[:n]
+            b_tgt[j, :n] = (a + [self.special["eop"]])[:n]
+            b_blk[j, :n] = np.arange(1, n + 1)
         b_ids, b_tgt, b_blk = (np.tile(x, (B, 1)) for x in (b_ids, b_tgt, b_blk))  # (B*L, K) each
         real = b_blk > 0  # (B*L, K)
         b_pos = np.repeat([m for _, m in items], L)[:, None] * real  # (B*L, K)

@@ -113,3 +113,22 @@ def sentiment_examples(n: int, seed: int = 1) -> list[LabelledExample]:
         words.insert(rng.randint(0, len(words)), "good" if label else "bad")
         out.append(LabelledExample(" ".join(words), str(label)))
     return out
+
+
+BILINGUAL_SENTENCES = [
+    "这部电影很好。",
+    "这部电影很差。",
+    "故事很好，演员也好。",
+    "情节很差，音乐也差。",
+    "the movie was good .",
+    "the plot was bad .",
+]
+
+
+def bilingual_tokenizer() -> Tokenizer:
+    """A ~330-piece unigram tokenizer trained on Chinese (unspaced) and English sentences: every CJK
+    character stands alone after the dummy prefix, e.g. "好" -> ["▁", "好"]."""
+    rng = random.Random(0)
+    sentences = [rng.choice(BILINGUAL_SENTENCES[:4]) + rng.choice(BILINGUAL_SENTENCES[:4]) for _ in range(150)]
+    sentences += [rng.choice(BILINGUAL_SENTENCES[4:]) for _ in range(50)]
+    return Tokenizer(train_tiny_sentencepiece(sentences, vocab_size=330))

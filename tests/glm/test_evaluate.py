@@ -160,6 +160,8 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
             "truncated": {"train": 1, "dev": 0, "test": 0},
             "test": ev.classification_metrics(truth, pred, labels),
             "majority": ev.majority_baseline([1, 1, 0], truth, labels),
+            "verbalizers": {"negative": "dull", "positive": "superb"},
+            "verbalizers_auto": True,
         }
         for name, acc, truth, pred in (
             ("pretrained", 0.9, [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]),
@@ -192,6 +194,7 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
         assert (tmp_path / "eval" / image).is_file(), image
     assert "pretrained" in report and "80.0%" in report and "majority class (positive)" in report
     assert "is \\| was" in report  # table cells are escaped
+    assert "Verbalizers (chosen automatically" in report and "positive → 'superb'" in report
     metrics = json.loads(written["metrics"].read_text())
     assert metrics["cloze"]["pretrained"]["test"]["accuracy"] == pytest.approx(0.8)
     assert metrics["not_finite"] is None and metrics["array"] == [0, 1, 2]

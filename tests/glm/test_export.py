@@ -33,6 +33,7 @@ from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer
 from tests.glm.factories import (
     SENTIMENT_WORDS,
+    bilingual_tokenizer,
     lively_model,
     sentiment_examples,
     tiny_model,
@@ -356,7 +357,8 @@ def test_classifier_scores_equal_score_cloze_including_odd_and_long_texts(built)
     assert [bundle.classify(t).label for t in texts] == [["0", "1"][i] for i in ref.argmax(1)]
 
 
-def test_multi_token_cloze_scoring_matches_pytorch(built):
+@pytest.mark.parametrize("score_eop", [False, True])
+def test_multi_token_cloze_scoring_matches_pytorch(built, score_eop):
     """The runtime's shared-prefix multi-token scoring (left padding, key_start, cache reuse) on the same graph."""
     model, _ = load_model(built.clf_checkpoint)
     tok = Tokenizer.load(built.tokenizer)
@@ -365,6 +367,7 @@ def test_multi_token_cloze_scoring_matches_pytorch(built):
         verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
         multi_token=True,
         length_normalise=True,
+        score_eop=score_eop,
     )
     spec = {"kind": "cloze", **ft.ClozeTask(tok, multi, 64).spec()}
     base = runtime.Bundle.load(built.clf_bundle, threads=1)
@@ -372,6 +375,39 @@ def test_multi_token_cloze_scoring_matches_pytorch(built):
     bundle = runtime.Bundle(base.path, config, base.session, base.tokenizer)
     texts = ["the movie was good", "bad", "a very very long story film plot really quite an acting " * 3]
     np.testing.assert_allclose(bundle.label_scores(texts), ft.score_cloze(model, tok, texts, multi), atol=1e-4)
+
+
+def test_specs_from_before_score_eop_keep_scoring_eop():
+    """Checkpoints and bundles made when multi-token scores always included <eop> must not change meaning."""
+    old = {
+        "pattern": "{text} It was [MASK].",
+        "verbalizers": {"0": "bad", "1": "very good"},
+        "labels": ["0", "1"],
+        "multi_token": True,
+    }
+    assert export._cloze_task_config(old).score_eop is True
+    assert export._cloze_task_config({**old, "score_eop": False}).score_eop is False
+
+
+def test_cjk_verbalizer_ids_agree_between_pytorch_and_the_bundle(built):
+    """A glued Chinese verbalizer is one token in fine-tuning; the bundle stores and scores the same id."""
+    import sentencepiece as spm
+
+    model, _ = load_model(built.clf_checkpoint)
+    zh = bilingual_tokenizer()
+    assert zh.vocab_size <= model.cfg.vocab_size  # the bilingual ids index the same (random-for-them) rows
+    task_cfg = ClozeTaskConfig(pattern="{text}这部电影很[MASK]。", verbalizers={"0": "差", "1": "好"})
+    spec = {"kind": "cloze", **ft.ClozeTask(zh, task_cfg, 64).spec()}
+    classifier = export._classifier_config(spec, zh, 64)
+    assert classifier["answer_ids"] == spec["answer_ids"] == [[zh.piece_to_id("差")], [zh.piece_to_id("好")]]
+    base = runtime.Bundle.load(built.clf_bundle, threads=1)
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(zh.model_proto)
+    literal = {str(i): ids for i, ids in zh.literal_ids().items()}
+    config = {**base.config, "classifier": classifier, "tokenizer": {**base.config["tokenizer"], "literal_ids": literal}}
+    bundle = runtime.Bundle(base.path, config, base.session, sp)
+    texts = ["故事很好", "情节很差，音乐也差。", "the movie was good"]
+    np.testing.assert_allclose(bundle.label_scores(texts), ft.score_cloze(model, zh, texts, task_cfg), atol=1e-4)
 
 
 def test_text_pair_patterns_and_their_truncation_match_pytorch(built):

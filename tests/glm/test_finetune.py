@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from glm import export
 from glm import finetune as ft
 from glm.checkpoint import load_model, read_meta
 from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig
 from glm.model import GLM
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.tokenizer import Tokenizer
 from tests.glm.factories import (
     FILLER,
+    bilingual_tokenizer,
+    lively_model,
     sentiment_examples,
     sentiment_tokenizer,
     tiny_model,
@@ -83,10 +86,12 @@ def test_batching_and_right_padding_do_not_change_scores(tok):
     np.testing.assert_allclose(multi_together, multi_alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("score_eop", [False, True])
 @pytest.mark.parametrize("normalise", [False, True])
-def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
+def test_multi_token_scores_equal_summed_log_probs(tok, normalise, score_eop):
+    """The default is the paper's log P(answer); score_eop adds the <eop> term (the original code's score)."""
     model = tiny_model(tok.vocab_size, max_seq_len=64)
-    task_cfg = MULTI.model_copy(update={"length_normalise": normalise})
+    task_cfg = MULTI.model_copy(update={"length_normalise": normalise, "score_eop": score_eop})
     task = ft.ClozeTask(tok, task_cfg, 64)
     assert len(task.answers[0]) > 1 and len(task.answers[1]) == 1  # a real multi-token candidate
     scores = ft.score_cloze(model, tok, TEXTS, task_cfg)
@@ -94,8 +99,7 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
         e = task.encode(text)
         a = len(e.part_a)
         for label, answer in enumerate(task.answers):
-            part_b = [SPECIAL.sop] + answer
-            targets = answer + [SPECIAL.eop]
+            part_b = [SPECIAL.sop] + answer  # the full row; its last input predicts <eop>
             logp = _row_logprobs(
                 model,
                 e.part_a + part_b,
@@ -103,9 +107,81 @@ def test_multi_token_scores_equal_summed_log_probs(tok, normalise):
                 [0] * a + list(range(1, len(part_b) + 1)),
                 a,
             )
+            targets = answer + [SPECIAL.eop] if score_eop else answer
             total = sum(float(logp[a + i, t]) for i, t in enumerate(targets))
             expected = total / len(targets) if normalise else total
             assert row[label] == pytest.approx(expected, abs=1e-4)
+
+
+def _full_row_scores(model: GLM, task: ft.ClozeTask, texts: list[str]) -> np.ndarray:
+    """(N, L) the plain way: one unpadded row Part A ++ <sop> ++ answer per (text, candidate), no cache."""
+    out = np.zeros((len(texts), len(task.answers)))
+    for i, text in enumerate(texts):
+        e = task.encode(text)
+        a = len(e.part_a)
+        for j, answer in enumerate(task.answers):
+            part_b = [SPECIAL.sop] + answer
+            logp = _row_logprobs(
+                model,
+                e.part_a + part_b,
+                list(range(a)) + [e.mask_pos] * len(part_b),
+                [0] * a + list(range(1, len(part_b) + 1)),
+                a,
+            ).double()
+            targets = answer + [SPECIAL.eop] if task.task.score_eop else answer
+            total = sum(float(logp[a + k, t]) for k, t in enumerate(targets))
+            out[i, j] = total / len(targets) if task.task.length_normalise else total
+    return out
+
+
+@pytest.mark.parametrize("score_eop", [False, True])
+def test_shared_prefix_scoring_equals_one_row_per_candidate_within_float_error(tok, score_eop):
+    """Candidates sharing a prefix ("very bad" / "very good") or only <sop> share those positions; the
+    result must equal the plain per-candidate rows up to float32 rounding, measured here as the float32
+    plain computation's own distance from the same computation in float64."""
+    import copy
+
+    cfg = ClozeTaskConfig(
+        pattern="{text} It was [MASK].",
+        verbalizers={"0": "very bad", "1": "very good", "2": "not good at all", "3": "good"},
+        multi_token=True,
+        score_eop=score_eop,
+        length_normalise=score_eop,
+    )
+    model = lively_model(tok.vocab_size, max_seq_len=64)
+    task = ft.ClozeTask(tok, cfg, 64)
+    inputs, _ = ft.part_b_rows(task.answers, score_eop)
+    assert inputs[0][:2] == inputs[1][:2] and len(inputs[0]) > 1  # a shared prefix beyond <sop>
+    got = ft.score_cloze(model, tok, TEXTS, cfg, batch_size=3)  # two batches, one of them ragged
+    ref64 = _full_row_scores(copy.deepcopy(model).double(), task, TEXTS)
+    float_error = np.abs(_full_row_scores(model, task, TEXTS) - ref64).max()
+    resolution = np.spacing(np.float32(np.abs(ref64).max()))  # one float32 step at the largest score
+    assert np.abs(got - ref64).max() <= 10 * max(float_error, resolution)
+    single = ClozeTaskConfig(pattern=cfg.pattern, verbalizers={"0": "bad", "1": "good"}, multi_token=True)
+    np.testing.assert_allclose(  # single-token answers scored without <eop>: exactly the single-token path's numbers
+        ft.score_cloze(model, tok, TEXTS, single),
+        ft.score_cloze(model, tok, TEXTS, single.model_copy(update={"multi_token": False})),
+        atol=1e-6,
+    )
+
+
+def test_eop_term_is_off_by_default_and_its_difference_is_the_eop_log_prob(tok):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    assert not ClozeTaskConfig().score_eop
+    paper = ft.score_cloze(model, tok, TEXTS, MULTI)
+    with_eop = ft.score_cloze(model, tok, TEXTS, MULTI.model_copy(update={"score_eop": True}))
+    task = ft.ClozeTask(tok, MULTI, 64)
+    e = task.encode(TEXTS[0])
+    a, answer = len(e.part_a), task.answers[0]
+    logp = _row_logprobs(
+        model,
+        e.part_a + [SPECIAL.sop] + answer,
+        list(range(a)) + [e.mask_pos] * (len(answer) + 1),
+        [0] * a + list(range(1, len(answer) + 2)),
+        a,
+    )
+    assert with_eop[0, 0] - paper[0, 0] == pytest.approx(float(logp[a + len(answer), SPECIAL.eop]), abs=1e-4)
+    assert (with_eop < paper).all()  # a log-probability more: never higher
 
 
 def test_scores_are_differentiable_and_match_eval_scores(tok):
@@ -168,6 +244,43 @@ def test_multi_token_verbalizer_in_single_token_mode_names_word_pieces_and_fix(t
         ft.ClozeTask(tok, cfg, 64)
     msg = str(err.value)
     assert "'not good at all'" in msg and "label '0'" in msg and "'good'" in msg and "multi_token: true" in msg
+
+
+ZH = ClozeTaskConfig(pattern="{text}这部电影很[MASK]。", verbalizers={"0": "差", "1": "好"})
+
+
+def test_cjk_single_character_verbalizers_are_one_token_where_the_pattern_glues_the_mask():
+    """A unigram model trained on unspaced Chinese has no "▁好" piece: "好" alone is ["▁", "好"]. After a
+    glued [MASK] (no space, how Chinese is written) the lone "▁" is not in the running text and is dropped."""
+    zh = bilingual_tokenizer()
+    assert [zh.id_to_piece(i) for i in zh.encode("好", specials=False)] == ["▁", "好"]
+    task = ft.ClozeTask(zh, ZH, 64)
+    assert [[zh.id_to_piece(i) for i in a] for a in task.answers] == [["差"], ["好"]]
+    e = task.encode("故事很好")
+    assert zh.decode(e.part_a[: e.mask_pos]) == "故事很好这部电影很" and zh.id_to_piece(e.part_a[e.mask_pos + 1]) == "。"
+    model = tiny_model(zh.vocab_size, max_seq_len=64)
+    scores = ft.score_cloze(model, zh, ["故事很好", "情节很差"], ZH)
+    a = len(e.part_a)
+    logp = _row_logprobs(model, e.part_a + [SPECIAL.sop], list(range(a)) + [e.mask_pos], [0] * a + [1], a)
+    np.testing.assert_allclose(scores[0], logp[a, [a_[0] for a_ in task.answers]].numpy(), atol=1e-5)
+    # English words after a glued mask keep their pieces: only a lone boundary piece is dropped
+    en = ft.ClozeTask(zh, ClozeTaskConfig(pattern="{text}[MASK].", verbalizers={"0": "bad", "1": "good"}, multi_token=True), 64)
+    assert [zh.decode(a) for a in en.answers] == ["bad", "good"] and all(zh.decode(a[:1]) for a in en.answers)
+
+
+def test_cjk_verbalizer_after_a_space_is_two_pieces_and_the_error_gives_a_fix_that_works():
+    zh = bilingual_tokenizer()
+    spaced = ZH.model_copy(update={"pattern": "{text}这部电影很 [MASK]。"})
+    with pytest.raises(ValueError) as err:
+        ft.ClozeTask(zh, spaced, 64)
+    msg = str(err.value)
+    assert "'好'" in msg or "'差'" in msg
+    assert "['▁', '差']" in msg and "no space" in msg and "multi_token: true" in msg
+    assert len(ft.ClozeTask(zh, ZH, 64).answers[0]) == 1  # following the advice works
+    assert (
+        ft.ClozeTask(zh, spaced.model_copy(update={"multi_token": True}), 64).answers[0][1:]
+        == ft.ClozeTask(zh, ZH, 64).answers[0]
+    )
 
 
 def test_pattern_too_long_for_the_model_is_a_clear_error(tok):
@@ -270,6 +383,59 @@ def test_tiny_model_learns_with_multi_token_verbalizers(tok, tmp_path):
     result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=sentiment_examples(240))
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and result["test"]["accuracy"] > 0.9
+
+
+# --------------------------------------------------------------------------- automatic verbalizers
+
+
+def test_auto_verbalizers_pick_the_word_a_model_clearly_predicts_for_each_label(tok, tmp_path):
+    """A model taught that "good" fills the blank of label 1 texts and "bad" that of label 0 (a cloze
+    fine-tune with those verbalizers) makes them the clear choice of the automatic search."""
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    taught = SINGLE.model_copy(update={"verbalizers": {"0": "bad", "1": "good"}})
+    cfg = FinetuneConfig(task=taught, epochs=4, batch_size=16, patience=3, optim=OptimConfig(lr=3e-3, warmup_steps=5))
+    examples = sentiment_examples(240)
+    assert ft.finetune_cloze(model, tok, cfg, tmp_path / "teach", examples=examples)["test"]["accuracy"] > 0.9
+    task = ft.ClozeTask(tok, SINGLE.model_copy(update={"verbalizers": "auto"}), 64)
+    train = ft.split_examples(examples, SINGLE.split)["train"]
+    assert ft.choose_verbalizers(model, tok, task, train, ["0", "1"]) == {"0": "bad", "1": "good"}
+    by_label, overall = ft.verbalizer_log_probs(model, task, train, ["0", "1"])
+    good = tok.piece_to_id("▁good")
+    assert by_label.shape == (2, tok.vocab_size) and by_label[1, good] - overall[good] > 0 > by_label[0, good] - overall[good]
+
+
+def test_auto_verbalizers_are_distinct_single_tokens_recorded_for_the_export(tok, tmp_path):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    auto = SINGLE.model_copy(update={"verbalizers": "auto"})
+    cfg = FinetuneConfig(task=auto, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    examples = [ft.LabelledExample(e.text, {"0": "neg", "1": "pos"}[e.label]) for e in sentiment_examples(120)]
+    examples += [ft.LabelledExample(f"{e.text} plot", "mixed") for e in sentiment_examples(40, seed=2)]
+    result = ft.finetune_cloze(model, tok, cfg, tmp_path, examples=examples)
+    chosen = result["verbalizers"]
+    assert result["verbalizers_auto"] and list(chosen) == result["labels"] == ["mixed", "neg", "pos"]
+    assert len(set(chosen.values())) == 3
+    task = ft.ClozeTask(tok, SINGLE.model_copy(update={"verbalizers": chosen}), 64)  # single-token, or this raises
+    assert all(len(a) == 1 and a[0] >= NUM_SPECIAL for a in task.answers)
+    spec = read_meta(result["checkpoint"])["finetune"]
+    assert spec["verbalizers"] == chosen and spec["answer_ids"] == task.answers
+    assert export._classifier_config(spec, tok, 64)["answer_ids"] == task.answers
+    summary = ft.check_task(
+        cfg.model_copy(update={"task": auto.model_copy(update={"source": _csv_source(tmp_path, examples)})}), tok, 64
+    )
+    assert summary["labels"] == ["mixed", "neg", "pos"]
+    with pytest.raises(ValueError, match="'auto' and not yet chosen"):
+        ft.score_cloze(model, tok, ["good"], auto)
+
+
+def _csv_source(tmp_path, examples) -> SourceConfig:
+    import csv
+
+    path = tmp_path / "labelled.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([e.text, e.label] for e in examples)
+    return SourceConfig(kind="csv", path=str(path))
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
@@ -409,6 +575,20 @@ def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path)
         ckpt, tok, cfg.model_copy(update={"from_scratch_baseline": False}), tmp_path / "ft2", examples=sentiment_examples(80)
     )
     assert set(only) == {"pretrained"}
+
+
+def test_from_scratch_baseline_reuses_the_pretrained_models_automatic_verbalizers(tok, tmp_path):
+    from glm.checkpoint import save_checkpoint
+
+    pretrained = tiny_model(tok.vocab_size, max_seq_len=64, seed=3)
+    ckpt = save_checkpoint(tmp_path / "pre", 1, pretrained.state_dict(), {}, model_config=pretrained.cfg)
+    auto = SINGLE.model_copy(update={"verbalizers": "auto"})
+    cfg = FinetuneConfig(task=auto, epochs=1, batch_size=16, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+    results = ft.finetune_from_checkpoint(ckpt, tok, cfg, tmp_path / "ft", examples=sentiment_examples(80))
+    chosen = results["pretrained"]["verbalizers"]
+    # a fresh random model would choose its own noise; the baseline must be scored on the same words
+    assert results["from scratch"]["verbalizers"] == chosen and not results["from scratch"]["verbalizers_auto"]
+    assert results["pretrained"]["verbalizers_auto"] and cfg.task.verbalizers == "auto"  # the caller's config is untouched
 
 
 # --------------------------------------------------------------------------- seq2seq
