@@ -307,6 +307,11 @@ class ClozeTask:
     def label_ids(self, labels: Iterable[str]) -> list[int]:
         out = []
         for label in labels:
+            if label not in self.label_index and self.task.head == "linear":
+                raise ValueError(
+                    f"label {label!r} is not in the linear head's labels {self.labels} (task.labels, else the "
+                    "verbalizers' keys); add it there, omit both to take the data's labels, or fix task.label_field"
+                )
             if label not in self.label_index:
                 raise ValueError(
                     f"label {label!r} is not in task.verbalizers (labels: {self.labels}); "
@@ -765,6 +770,7 @@ def finetune_cloze(
     result = {
         "kind": "cloze",
         "task": cfg.task.name,
+        "head": task.task.head,
         "labels": task.labels,
         "best_val_accuracy": loop.best_score,
         "best_step": loop.best_step,

@@ -82,6 +82,14 @@ def test_bad_label_settings_are_one_clear_error():
         heads.head_labels(LINEAR)
 
 
+def test_a_data_label_outside_the_configured_labels_names_task_labels(tmp_path):
+    (tmp_path / "t.model").write_bytes(make_tokenizer())
+    task = ft.ClozeTask(Tokenizer.load(tmp_path / "t.model"), LINEAR.model_copy(update={"labels": ["0", "1"]}), 64)
+    assert task.label_ids(["1", "0"]) == [1, 0]
+    with pytest.raises(ValueError, match=r"label '2' is not in the linear head's labels \['0', '1'\] \(task.labels"):
+        task.label_ids(["0", "2"])
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -116,7 +124,7 @@ def test_the_head_starts_like_the_models_own_linear_layers_and_is_seeded():
 
 def test_linear_head_learns_and_its_checkpoint_restores_it(built):
     r = built.result
-    assert r["labels"] == ["0", "1"] and r["test"]["accuracy"] > 0.9 and r["best_val_accuracy"] > 0.9
+    assert r["head"] == "linear" and r["labels"] == ["0", "1"] and r["test"]["accuracy"] > 0.9 and r["best_val_accuracy"] > 0.9
     spec = read_meta(r["checkpoint"])["finetune"]
     assert spec["head"] == "linear" and spec["labels"] == ["0", "1"] and spec["answer_ids"] == []
     weights = load_file(str(Path(r["checkpoint"]) / "model.safetensors"))
