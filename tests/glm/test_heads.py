@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from glm import export, heads, runtime
 from glm import finetune as ft
-from glm.checkpoint import load_finetuned, load_model, read_meta
+from glm.checkpoint import CheckpointError, load_finetuned, load_model, read_meta, save_checkpoint
 from glm.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
@@ -137,6 +137,21 @@ def test_linear_head_learns_and_its_checkpoint_restores_it(built):
     scores = ft.score_cloze(built.model, built.tok, [p["text"] for p in predictions], task)
     probs = torch.from_numpy(scores).softmax(-1).numpy()
     np.testing.assert_allclose(probs, [p["label_probs"] for p in predictions], atol=1e-5)
+
+
+def test_head_weights_without_a_linear_spec_are_refused_by_load_finetuned(tmp_path):
+    model = heads.attach_head(tiny_model(64, max_seq_len=32), 3, seed=0)
+    path = save_checkpoint(tmp_path, 1, model.checkpoint_state(), {}, model_config=model.cfg)  # no "finetune" spec
+    with pytest.raises(CheckpointError, match="holds head weights but meta.json names no linear head"):
+        load_finetuned(path)
+    assert isinstance(load_model(path)[0], GLM)
+    spec = {"finetune": {"head": "linear"}}
+    path = save_checkpoint(tmp_path, 2, model.checkpoint_state(), {}, model_config=model.cfg, extra_meta=spec)
+    loaded, _ = load_finetuned(path)
+    assert torch.equal(loaded.head.proj.weight, model.head.proj.weight)
+    path = save_checkpoint(tmp_path, 3, model.glm.state_dict(), {}, model_config=model.cfg, extra_meta=spec)
+    with pytest.raises(ValueError, match="the linear head's weights are \\[\\], not head.weight and head.bias"):
+        load_finetuned(path)
 
 
 def test_scoring_a_linear_task_without_a_head_is_a_clear_error(built):
