@@ -22,7 +22,8 @@ written): fp32 logits and presents against PyTorch at a grid of (batch, seq, pas
 teacher forcing (both fed glm.generate's tokens: the same argmax at every step, except at
 near-ties, where the reference's margin is within a small multiple of the measured logit
 error; those are counted and listed), and for a cloze classifier the same test accuracy as
-PyTorch (int8: within one point).
+PyTorch (int8: within one point). A linear-head classifier (glm.heads) exports one more output,
+label_logits (B, T, n_labels), held to the same atol over the same grid of shapes.
 """
 
 from __future__ import annotations

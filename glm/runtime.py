@@ -10,7 +10,9 @@ pieces) from the bundle's config.json. A bundle is a directory written by
 The ONNX graph takes input_ids, position_ids, block_position_ids (B, T), sep, key_start (B,)
 and past_key_values.{i}.key/value (B, H, P, D); it returns logits (B, T, V) and
 present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step feeds the
-previous presents back as the past. key_start hides left padding (0 = no padding).
+previous presents back as the past. key_start hides left padding (0 = no padding). A classifier
+fine-tuned with a linear head (config.json classifier.head "linear") also returns label_logits
+(B, T, n_labels), read at each text's [MASK]; a verbalizer classifier scores its words' log-probabilities.
 
 Decoding follows glm.generate (docs/method.md section 6): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
