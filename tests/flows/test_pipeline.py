@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
+from glm_pipeline.flows.cli import main as cli_main
 from glm_pipeline.flows.pipeline import glm_pipeline, run_stage
 
 from glm import stages
@@ -114,3 +118,21 @@ def test_an_unchanged_rerun_is_cached_task_by_task(two_runs):
 def test_run_stage_rejects_an_unknown_stage(make_config):
     with pytest.raises(ValueError, match="unknown stage 'train'.*data, pretrain"):
         run_stage(make_config(), "train")
+
+
+def test_a_linear_head_run_fine_tunes_evaluates_exports_and_verifies(two_runs, tmp_path, capsys):
+    """finetune.task.head=linear on a copy of the tiny run: the data and the pretrained model are reused."""
+    cfg, _, _ = two_runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run_dir, ignore=shutil.ignore_patterns(".lock", "logs"))
+    linear = load_config("configs/tiny.yaml", [*SMALL, "name=tiny-linear", f"run_dir={run_dir}", "finetune.task.head=linear"])
+    run_stage(linear, "finetune")
+    run_stage(linear, "export")
+    result = json.loads((run_dir / "finetune/sentiment/pretrained/result.json").read_text())
+    assert result["labels"] == ["0", "1"] and 0.0 <= result["test"]["accuracy"] <= 1.0
+    bundle = run_dir / "export/bundle"
+    assert json.loads((bundle / "config.json").read_text())["classifier"]["head"] == "linear"
+    report = json.loads((bundle / "verification.json").read_text())
+    assert report["passed"] and report["fp32"]["classifier"]["accuracy"] == report["fp32"]["classifier"]["accuracy_pytorch"]
+    assert cli_main(["infer", str(bundle), "--classify", "a fine film"]) == 0
+    assert capsys.readouterr().out.startswith("label: ")

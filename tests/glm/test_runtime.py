@@ -110,6 +110,23 @@ def test_bad_bundles_are_clear_errors(built, tmp_path, damage, message):
         runtime.Bundle.load(bundle)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"classifier__head": "softmax"}, "'classifier.head' is 'softmax', not one of \\['verbalizer', 'linear'\\]"),
+        ({"classifier__head": "linear"}, "a linear-head classifier needs string 'classifier.labels'"),
+        ({"classifier__head": "linear", "classifier__answer_ids": []}, "missing \\['label_logits'\\]"),
+    ],
+    ids=["unknown-head", "linear-with-verbalizers", "linear-without-its-output"],
+)
+def test_a_classifier_heads_config_must_match_its_graph(built, tmp_path, changes, message):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(built.clf_bundle, bundle)
+    _edit_config(bundle, **changes)
+    with pytest.raises(runtime.BundleError, match=message):
+        runtime.Bundle.load(bundle)
+
+
 def _list_in_sums(bundle: Path, name: str) -> None:
     """Add `name` (relative to the bundle, wherever it points) to SHA256SUMS with its true checksum."""
     digest = runtime.sha256_file(bundle / name)
