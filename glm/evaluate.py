@@ -590,6 +590,19 @@ def plot_accuracy_bars(bars: Mapping[str, tuple[float, float]], path: str | Path
     return _save_figure(fig, Path(path))
 
 
+def plot_infill_bleu(ratios: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """BLEU of the filled documents and of the documents with the blanks deleted, against the mask ratio."""
+    plt = _pyplot()
+    x = [float(r) for r in ratios]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [m["bleu"] for m in ratios.values()], "o-", color="tab:blue", linewidth=2, label="filled by the model")
+    ax.plot(x, [m["bleu_unfilled"] for m in ratios.values()], "s--", color="gray", linewidth=1.5, label="blanks deleted (floor)")
+    ax.set(title="Text infilling on held-out documents", xlabel="share of tokens blanked", ylabel="BLEU", ylim=(0, 100))
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -627,6 +640,74 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _generation_sections(
+    pretrain: Mapping[str, Any], seq2seq: Mapping[str, Mapping[str, Any]], out_dir: Path
+) -> tuple[list[str], dict[str, Path]]:
+    """The report's generation section: infilling BLEU by mask ratio, last-word prediction, seq2seq BLEU/ROUGE."""
+    md: list[str] = []
+    plots: dict[str, Path] = {}
+    infill, lastword = pretrain.get("infill_bleu") or {}, pretrain.get("lastword") or {}
+    generated = {name: res["generation"] for name, res in seq2seq.items() if res.get("generation")}
+    if not (infill.get("ratios") or lastword or generated):
+        return md, plots
+    md += ["## Generation (held-out data, greedy decoding)", ""]
+    if infill.get("ratios"):
+        md += [
+            f"### Text infilling ({infill['docs']} validation documents per ratio)",
+            "",
+            "Each document's blanked share is removed in 1-3 spans and filled by the model; BLEU compares the "
+            "filled document with the original. *Blanks deleted* scores the document with the spans simply "
+            "left out: the floor a model has to beat.",
+            "",
+        ]
+        md += _table(
+            ["blanked", "BLEU (filled)", "BLEU (blanks deleted)", "spans"],
+            [
+                [f"{float(r):.0%}", f"{m['bleu']:.1f}", f"{m['bleu_unfilled']:.1f}", m["spans"]]
+                for r, m in infill["ratios"].items()
+            ],
+        )
+        plots["infill_bleu"] = plot_infill_bleu(infill["ratios"], out_dir / "infill_bleu.png")
+        md += ["![infilling BLEU by mask ratio](infill_bleu.png)", ""]
+        if infill.get("samples"):
+            md += _table(
+                ["blanked", "text with blanks", "model's filled text"],
+                [[f"{s['ratio']:.0%}", s["prompt"], s["filled"]] for s in infill["samples"]],
+            )
+    if lastword:
+        md += [
+            f"### Last-word prediction ({lastword['words']} validation documents, {lastword['tokens']} word tokens)",
+            "",
+            "The model predicts each document's final word from the text before it. *Blank*: the text in Part A, "
+            "the word generated at a final [gMASK]; *left to right*: text and word in Part B after an empty [gMASK]. "
+            "A word counts as right when greedy decoding, with <eop> held back for the word's length, writes it.",
+            "",
+        ]
+        md += _table(
+            ["layout", "word accuracy", "token accuracy", "perplexity per word token"],
+            [
+                [
+                    title,
+                    _fmt(lastword[key]["accuracy"], True),
+                    _fmt(lastword[key]["token_accuracy"], True),
+                    _fmt(lastword[key]["perplexity"]),
+                ]
+                for key, title in (("blank", "blank ([gMASK] after the text)"), ("left_to_right", "left to right"))
+                if key in lastword
+            ],
+        )
+    if generated:
+        md += ["### Seq2seq test outputs", ""]
+        md += _table(
+            ["model", "examples", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L"],
+            [
+                [name, g["n"], f"{g['bleu']:.1f}", f"{g['rouge1']:.1f}", f"{g['rouge2']:.1f}", f"{g['rougeL']:.1f}"]
+                for name, g in generated.items()
+            ],
+        )
+    return md, plots
+
+
 def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any],
@@ -637,9 +718,9 @@ def write_report(
 
     `results` may hold (each optional):
       "title": str;
-      "pretrain": {"infilling": infilling_metrics(...), "lm": lm_metrics(...), "fill_samples": fill_samples(...)};
+      "pretrain": evaluate_pretrained(...): {"infilling", "lm", "fill_samples", "infill_bleu", "lastword"};
       "cloze": {run name: finetune_cloze(...) result}, e.g. {"pretrained": ..., "from scratch": ...};
-      "seq2seq": {run name: finetune_seq2seq(...) result}.
+      "seq2seq": {run name: finetune_seq2seq(...) result, optionally with "generation": seq2seq_generation_metrics(...)}.
     Fine-tuning curves come from `finetune_metrics_paths` (run name -> metrics.jsonl), defaulting to
     each result's "metrics_path".
     """
@@ -737,6 +818,13 @@ def write_report(
                 )
         if rows:
             md += _table(["held-out objective", "loss", "perplexity", "token accuracy", "tokens"], rows)
+        if (pretrain.get("lm") or {}).get("eop_argmax_share") is not None:
+            md += [
+                f"Left to right, <eop> was the model's first choice at {pretrain['lm']['eop_argmax_share']:.1%} of the "
+                "held-out tokens (a model pretrained on short blanks expects a span to end soon); the token accuracy "
+                "takes the best token other than <eop>, since the text goes on.",
+                "",
+            ]
         if pretrain_metrics_path and Path(pretrain_metrics_path).is_file():
             fig = plot_pretrain_curves(read_metrics(pretrain_metrics_path), out_dir / "pretrain_loss.png")
             if fig is not None:
@@ -766,6 +854,10 @@ def write_report(
             slug = "".join(c if c.isalnum() else "_" for c in name.lower())
             plots[f"seq2seq_{slug}"] = plot_finetune_curves({name: curves[name]}, out_dir / f"seq2seq_{slug}.png")
             md += [f"![seq2seq loss curves](seq2seq_{slug}.png)", ""]
+
+    generation_md, generation_plots = _generation_sections(pretrain, seq2seq, out_dir)
+    md += generation_md
+    plots.update(generation_plots)
 
     metrics = _json_safe({**results, "plots": {k: p.name for k, p in plots.items()}})
     written = {

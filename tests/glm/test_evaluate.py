@@ -319,19 +319,38 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
             "infilling": {"loss": 3.2, "perplexity": math.exp(3.2), "token_accuracy": 0.31, "tokens": 1000},
             "lm": {"loss": 4.1, "perplexity": math.exp(4.1), "token_accuracy": 0.2, "tokens": 900},
             "fill_samples": [{"prompt": "the movie [MASK] good", "reference": "was", "filled": "is | was"}],
+            "infill_bleu": {
+                "docs": 20,
+                "ratios": {f"{r:g}": {"bleu": 90 - 100 * r, "bleu_unfilled": 85 - 100 * r, "spans": 30} for r in (0.1, 0.3, 0.5)},
+                "samples": [
+                    {
+                        "ratio": 0.1,
+                        "prompt": "the [MASK] was good",
+                        "reference": "the movie was good",
+                        "filled": "the film was good",
+                    }
+                ],
+            },
+            "lastword": {
+                "words": 50,
+                "tokens": 61,
+                "blank": {"accuracy": 0.12, "token_accuracy": 0.2, "perplexity": 80.0, "loss": 4.38},
+                "left_to_right": {"accuracy": 0.08, "token_accuracy": 0.15, "perplexity": 120.0, "loss": 4.79},
+            },
         },
         "cloze": cloze,
         "seq2seq": {
             "copy": {
                 "test": {"loss": 1.0, "perplexity": math.e, "token_accuracy": 0.5},
                 "examples": [{"source": "a b", "reference": "b", "generated": "b"}],
+                "generation": {"bleu": 41.5, "rouge1": 60.0, "rouge2": 30.0, "rougeL": 55.0, "n": 12, "examples": []},
             }
         },
         "not_finite": float("nan"),
         "array": np.arange(3),
     }
     written = ev.write_report(tmp_path / "eval", results, pre, curves)
-    for key in ("pretrain_loss", "finetune_curves", "accuracy", "confusion_pretrained", "confusion_from_scratch"):
+    for key in ("pretrain_loss", "finetune_curves", "accuracy", "confusion_pretrained", "confusion_from_scratch", "infill_bleu"):
         png = written[key].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, key
     report = written["report"].read_text()
@@ -339,6 +358,9 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
         assert (tmp_path / "eval" / image).is_file(), image
     assert "pretrained" in report and "80.0%" in report and "majority class (positive)" in report
     assert "is \\| was" in report  # table cells are escaped
+    assert "| 30% | 60.0 | 55.0 | 30 |" in report  # infilling BLEU by ratio, with its floor
+    assert "| left to right | 8.0% | 15.0% | 120 |" in report  # last-word prediction, per layout
+    assert "| copy | 12 | 41.5 | 60.0 | 30.0 | 55.0 |" in report  # seq2seq BLEU and ROUGE
     metrics = json.loads(written["metrics"].read_text())
     assert metrics["cloze"]["pretrained"]["test"]["accuracy"] == pytest.approx(0.8)
     assert metrics["not_finite"] is None and metrics["array"] == [0, 1, 2]
