@@ -202,15 +202,19 @@ def test_text_scores_against_known_values():
 
 
 class OracleModel(torch.nn.Module):
-    """Fills the blanks of ONE known prompt perfectly: at (position id, block position) of Part B it
-    scores the removed span's next token (or <eop> after its last) highest."""
+    """Decodes a known answer: at Part B's (position id, block position) it scores answer[(pos, bpos)]
+    highest ([PAD] where it has none). `for_prompt` fills the blanks of ONE known prompt perfectly."""
 
-    def __init__(self, prompt: list[int], spans: list[list[int]], vocab: int):
+    def __init__(self, answer: dict[tuple[int, int], int], vocab: int):
         super().__init__()
         self.cfg = type("Cfg", (), {"max_seq_len": 128, "vocab_size": vocab})()
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.answer = answer
+
+    @classmethod
+    def for_prompt(cls, prompt: list[int], spans: list[list[int]], vocab: int) -> "OracleModel":
         blanks = [i for i, t in enumerate(prompt) if t in SPECIAL.mask_ids]
-        self.answer = {(p, b + 1): t for p, span in zip(blanks, spans) for b, t in enumerate([*span, SPECIAL.eop])}
+        return cls({(p, b + 1): t for p, span in zip(blanks, spans) for b, t in enumerate([*span, SPECIAL.eop])}, vocab)
 
     def hidden_states(
         self, input_ids, position_ids, block_position_ids, sep, *, past_key_values=None, key_start=None, use_cache=False
@@ -233,7 +237,7 @@ def test_infill_bleu_is_100_for_a_perfect_filler_and_above_the_unfilled_floor():
     cfg = EvaluateConfig(infill_docs=1, infill_ratios=(0.3,), no_repeat_ngram_size=0, seed=3)
     ids = tok.encode(text, specials=False)
     prompt, spans = ev.mask_spans(ids, 0.3, np.random.default_rng([cfg.seed, 0, 0]))  # what infill_bleu draws
-    got = ev.infill_bleu(OracleModel(prompt, spans, tok.vocab_size), tok, [text, "too short"], cfg)
+    got = ev.infill_bleu(OracleModel.for_prompt(prompt, spans, tok.vocab_size), tok, [text, "too short"], cfg)
     r = got["ratios"]["0.3"]
     assert got["docs"] == 1 and r["bleu"] == pytest.approx(100.0) and r["bleu_unfilled"] < 100.0
     assert r["masked_share"] == pytest.approx(sum(map(len, spans)) / len(ids)) and r["spans"] == len(spans)
@@ -241,6 +245,39 @@ def test_infill_bleu_is_100_for_a_perfect_filler_and_above_the_unfilled_floor():
     model = tiny_model(tok.vocab_size, max_seq_len=128)  # the real decoder: bounded and scored
     real = ev.infill_bleu(model, tok, [text] * 3, EvaluateConfig(infill_docs=3, infill_ratios=(0.1, 0.5)))
     assert set(real["ratios"]) == {"0.1", "0.5"} and all(0 <= v["bleu"] <= 100 for v in real["ratios"].values())
+
+
+def test_seq2seq_generation_metrics_of_a_model_that_writes_the_reference():
+    from glm.finetune import encode_seq2seq
+
+    tok = sentiment_tokenizer()
+    # targets of 4+ words: corpus BLEU counts up to 4-grams, and a corpus without any scores 0
+    pairs = [
+        ("the plot", "good fun and a great film"),
+        ("a very boring story", "bad movie with a boring plot"),
+        ("the acting was", "really great film and fun"),
+    ]
+    items = [encode_seq2seq(tok, s, t, 64) for s, t in pairs]
+    assert len({len(e.source) for e in items}) == 3  # the oracle tells them apart by their [gMASK] position
+    answer = {(len(e.source), b + 1): t for e in items for b, t in enumerate([*e.target, SPECIAL.eop])}
+    m = ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(no_repeat_ngram_size=0))
+    assert m["n"] == 3 and m["bleu"] == pytest.approx(100.0)
+    assert (m["rouge1"], m["rouge2"], m["rougeL"]) == pytest.approx((100.0, 100.0, 100.0))
+    assert m["examples"][1] == {
+        "source": "a very boring story",
+        "reference": "bad movie with a boring plot",
+        "generated": "bad movie with a boring plot",
+    }
+    # one output left empty (its first choice is <eop>): ROUGE averages 2 of 3
+    answer[(len(items[2].source), 1)] = SPECIAL.eop
+    m = ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(min_new_tokens=0))
+    assert m["rouge1"] == pytest.approx(200 / 3) and m["rouge2"] == pytest.approx(200 / 3)
+    assert (
+        ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(seq2seq_test_examples=1))[
+            "n"
+        ]
+        == 1
+    )
 
 
 def test_fill_samples_decode_text():
