@@ -350,7 +350,7 @@ class FinetuneConfig(Section):
 class EvaluateConfig(Section):
     batches: int = Field(default=50, ge=1)
     fill_samples: int = Field(default=5, ge=0)
-    # generation metrics on held-out documents (docs/method.md section 8); 0 documents skips one
+    # generation metrics on held-out documents (docs/method.md section 7); 0 documents skips one
     infill_docs: int = Field(default=20, ge=0, description="Held-out documents blanked at each of infill_ratios (BLEU).")
     infill_ratios: tuple[float, ...] = Field(
         default=(0.1, 0.2, 0.3, 0.4, 0.5), min_length=1, description="Shares of each document's tokens to blank."
