@@ -164,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     infer.add_argument("--top-p", type=float, default=1.0)
     infer.add_argument("--seed", type=int, default=None)
+    # a weakly trained model otherwise repeats one token ("i i i i", runs of commas) until --max-new-tokens
+    infer.add_argument("--min-new-tokens", type=int, default=1, help="<eop> held back until a blank holds this many tokens")
+    infer.add_argument("--no-repeat-ngram-size", type=int, default=3, help="no n-gram of this size twice in a blank (0: off)")
     infer.add_argument("--int8", action="store_true", help="use the int8-quantized model if the bundle has one")
 
     verify = sub.add_parser("verify", help="re-hash every file of a run directory against its manifests")

@@ -416,6 +416,29 @@ class FinetuneConfig(Section):
 class EvaluateConfig(Section):
     batches: int = Field(default=50, ge=1)
     fill_samples: int = Field(default=5, ge=0)
+    # generation metrics on held-out documents (docs/method.md section 7); 0 documents skips one
+    infill_docs: int = Field(default=20, ge=0, description="Held-out documents blanked at each of infill_ratios (BLEU).")
+    infill_ratios: tuple[float, ...] = Field(
+        default=(0.1, 0.2, 0.3, 0.4, 0.5), min_length=1, description="Shares of each document's tokens to blank."
+    )
+    infill_context_tokens: int = Field(default=96, ge=8, description="Each infilling document is cut to its first N tokens.")
+    lastword_docs: int = Field(default=200, ge=0, description="Held-out documents whose last word the model predicts.")
+    lastword_context_tokens: int = Field(default=128, ge=1, description="Tokens of context kept before the last word.")
+    seq2seq_test_examples: int = Field(default=200, ge=0, description="Seq2seq test examples decoded for BLEU and ROUGE.")
+    # greedy decoding of fill samples, infilling and seq2seq: a weakly trained model otherwise fills a
+    # blank with one token repeated (e.g. runs of commas) until max_new_tokens
+    max_new_tokens: int = Field(default=32, ge=1, description="Cap per blank of fill samples and seq2seq outputs.")
+    min_new_tokens: int = Field(default=1, ge=0, description="<eop> is held back until a blank holds this many tokens.")
+    no_repeat_ngram_size: int = Field(default=3, ge=0, description="No n-gram of this size twice in a blank (0: off).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ratios_are_shares(self) -> "EvaluateConfig":
+        if not all(0.0 < r < 1.0 for r in self.infill_ratios):
+            raise ValueError(f"evaluate.infill_ratios={list(self.infill_ratios)} must lie in (0, 1), e.g. [0.1, 0.3, 0.5]")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("evaluate.min_new_tokens must be <= evaluate.max_new_tokens")
+        return self
 
 
 class ExportConfig(Section):

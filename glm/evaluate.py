@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -42,13 +43,18 @@ def _as_tensors(batch: Mapping[str, Any], device: torch.device) -> dict[str, tor
 
 @torch.no_grad()
 def infilling_metrics(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None, *, exclude_eop: bool = False
 ) -> dict[str, float]:
-    """Loss (mean cross-entropy per target token), perplexity and argmax token accuracy over Part B targets."""
+    """Loss (mean cross-entropy per target token), perplexity and argmax token accuracy over Part B targets.
+
+    With `exclude_eop` (targets that are never <eop>: a text known to go on), the accuracy's argmax
+    skips <eop>, as greedy decoding with <eop> held back would, and `eop_argmax_share` counts the
+    targets where <eop> was the model's first choice; the loss stays the full-vocabulary one.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct, tokens, n_batches = 0.0, 0, 0, 0
+    loss_sum, correct, tokens, n_batches, eop_first = 0.0, 0, 0, 0, 0
     try:
         for raw in batches:
             if max_batches is not None and n_batches >= max_batches:
@@ -61,6 +67,9 @@ def infilling_metrics(
             logits = model(b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], select=select)  # (N, V)
             targets = b["targets"][select]  # (N,)
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            if exclude_eop:
+                eop_first += int((logits.argmax(-1) == SPECIAL.eop).sum())
+                logits = logits.index_fill(-1, torch.tensor([SPECIAL.eop], device=device), float("-inf"))  # (N, V)
             correct += int((logits.argmax(-1) == targets).sum())
             tokens += int(targets.numel())
     finally:
@@ -68,13 +77,14 @@ def infilling_metrics(
     if tokens == 0:
         raise ValueError(f"no loss tokens in {n_batches} evaluation batches; the validation data is empty")
     loss = loss_sum / tokens
-    return {
+    out = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "token_accuracy": correct / tokens,
         "tokens": tokens,
         "batches": n_batches,
     }
+    return out | ({"eop_argmax_share": eop_first / tokens} if exclude_eop else {})
 
 
 def causal_lm_batch(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -103,13 +113,19 @@ def causal_lm_batch(rows: Sequence[Sequence[int]], device: torch.device | str = 
 
 
 def lm_metrics(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_size: int = 16) -> dict[str, float]:
-    """Held-out LM loss/perplexity of token rows (each cut to model.max_seq_len - 1 tokens)."""
+    """Held-out LM loss/perplexity of token rows (each cut to model.max_seq_len - 1 tokens).
+
+    The accuracy's argmax skips <eop>: a row never ends where it is scored, and a model pretrained on
+    short token-level spans puts <eop> first at almost every step of a long left-to-right span
+    (`eop_argmax_share`; the demo's model: 99.5%), which made a plain argmax accuracy read 0.0%.
+    """
     limit = model.cfg.max_seq_len - 1
     rows = [list(r[:limit]) for r in rows if len(r) >= 1]
     if not rows:
         raise ValueError("lm_metrics got no non-empty token rows")
     device = next(model.parameters()).device
-    return infilling_metrics(model, (causal_lm_batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size)))
+    batches = (causal_lm_batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size))
+    return infilling_metrics(model, batches, exclude_eop=True)
 
 
 # --------------------------------------------------------------------------- classification
@@ -155,6 +171,16 @@ def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int], l
 # --------------------------------------------------------------------------- samples
 
 
+def generation_config(cfg: EvaluateConfig, model: torch.nn.Module, max_new_tokens: int | None = None) -> Any:
+    """Greedy decoding with the evaluation's min/max new tokens and no-repeat n-gram size."""
+    from glm.generate import GenerationConfig
+
+    cap = min(max_new_tokens or cfg.max_new_tokens, model.cfg.max_seq_len - 1)
+    return GenerationConfig(
+        max_new_tokens=cap, min_new_tokens=min(cfg.min_new_tokens, cap), no_repeat_ngram_size=cfg.no_repeat_ngram_size
+    )
+
+
 def fill_samples(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -163,12 +189,14 @@ def fill_samples(
     *,
     context_tokens: int = 48,
     seed: int = 0,
+    cfg: EvaluateConfig | None = None,
 ) -> list[dict[str, str]]:
-    """Blank one short span in each of the first `n` texts with [MASK] and let the model fill it (greedy).
+    """Blank one short span in each of the first `n` texts with [MASK] and let the model fill it (greedy,
+    with cfg's min_new_tokens and no-repeat n-grams; at most 16 tokens).
 
     Returns per sample: `prompt` (text with [MASK]), `reference` (the removed span) and `filled`.
     """
-    from glm.generate import GenerationConfig, fill_blanks
+    from glm.generate import fill_blanks
 
     rng = np.random.default_rng(seed)
     prompts, parts = [], []
@@ -185,7 +213,7 @@ def fill_samples(
         parts.append((before, ref, after))
     if not prompts:
         return []
-    results = fill_blanks(model, prompts, GenerationConfig(max_new_tokens=min(16, model.cfg.max_seq_len - 1)))
+    results = fill_blanks(model, prompts, generation_config(cfg or EvaluateConfig(), model, 16))
     return [
         {
             "prompt": f"{tokenizer.decode(before)} [MASK] {tokenizer.decode(after)}".strip(),
@@ -203,15 +231,224 @@ def evaluate_pretrained(
     texts: Sequence[str],
     cfg: EvaluateConfig,
 ) -> dict[str, Any]:
-    """The pretraining section of the report: blank-infilling metrics on up to cfg.batches validation
-    batches, held-out LM metrics on up to 16 x cfg.batches held-out `texts` (each cut to the model's
-    length) and cfg.fill_samples blank-filling samples."""
+    """The pretraining section of the report, on held-out `texts` (the corpus's valid documents):
+    blank-infilling metrics on up to cfg.batches validation batches, left-to-right LM metrics on the
+    first 16 x cfg.batches texts (each cut to the model's length), cfg.fill_samples blank-filling
+    samples, infilling BLEU by mask ratio (cfg.infill_docs per ratio) and last-word prediction
+    (cfg.lastword_docs)."""
     out: dict[str, Any] = {"infilling": infilling_metrics(model, valid_batches, cfg.batches)}
-    rows = [r for r in (tokenizer.encode(t, specials=False) for t in texts[: 16 * cfg.batches]) if r]
+    rows = [r for r in tokenizer.encode(list(texts[: 16 * cfg.batches]), specials=False) if r] if texts else []
     if rows:
         out["lm"] = lm_metrics(model, rows)
-    out["fill_samples"] = fill_samples(model, tokenizer, texts, cfg.fill_samples) if cfg.fill_samples else []
+    out["fill_samples"] = fill_samples(model, tokenizer, texts, cfg.fill_samples, cfg=cfg) if cfg.fill_samples else []
+    if cfg.infill_docs:
+        out["infill_bleu"] = infill_bleu(model, tokenizer, texts, cfg)
+    if cfg.lastword_docs:
+        items = lastword_items(tokenizer, texts, cfg.lastword_docs, cfg.lastword_context_tokens, model.cfg.max_seq_len)
+        if items:
+            out["lastword"] = lastword_metrics(model, items)
     return out
+
+
+# --------------------------------------------------------------------------- generation metrics (BLEU, ROUGE, last word)
+
+
+def text_scores(hypotheses: Sequence[str], references: Sequence[str], rouge: bool = True) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, 13a tokenisation, 0-100) and, with `rouge`, mean ROUGE-1/2/L F1 (rouge-score,
+    0-100; its tokenizer keeps only [a-z0-9], so text in other scripts scores 0)."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"need as many hypotheses as references, at least one; got {len(hypotheses)} and {len(references)}")
+    out = {"bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score), "n": len(references)}
+    if rouge:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+        scores = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            out[key] = 100.0 * float(np.mean([s[key].fmeasure for s in scores]))
+    return out
+
+
+def mask_spans(ids: Sequence[int], ratio: float, rng: np.random.Generator) -> tuple[list[int], list[list[int]]]:
+    """Blank round(ratio x len) tokens (at least 1) of `ids` in 1-3 spans, each replaced by one [MASK], with at
+    least one kept token between two spans. Returns the prompt and the removed spans, in text order."""
+    n = len(ids)
+    m = max(1, min(n - 1, round(ratio * n)))
+    k = int(rng.integers(1, min(3, m, n - m + 1) + 1))  # spans: k - 1 kept tokens must separate them
+    cuts = np.sort(rng.choice(np.arange(1, m), size=k - 1, replace=False)) if k > 1 else np.zeros(0, np.int64)
+    lengths = np.diff(np.concatenate([[0], cuts, [m]])).astype(int)  # (k,) each >= 1, sum m
+    free = n - m - (k - 1)  # kept tokens beyond the mandatory separators, spread over the k + 1 gaps
+    gaps = np.bincount(rng.integers(0, k + 1, size=free), minlength=k + 1) + np.r_[0, np.ones(k - 1, int), 0]  # (k+1,)
+    prompt, spans, at = [], [], 0
+    for i in range(k):
+        prompt += list(ids[at : at + gaps[i]])
+        at += gaps[i]
+        spans.append(list(ids[at : at + lengths[i]]))
+        prompt.append(SPECIAL.mask)
+        at += lengths[i]
+    prompt += list(ids[at:])
+    return prompt, spans
+
+
+def infill_bleu(
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], cfg: EvaluateConfig, batch_size: int = 16
+) -> dict[str, Any]:
+    """Text infilling (the GLM paper's Yahoo Answers protocol on the user's held-out documents): for
+    each ratio, blank that share of each of cfg.infill_docs documents (cut to cfg.infill_context_tokens)
+    in 1-3 spans, fill them greedily, and score the filled documents against the originals with
+    corpus BLEU. `bleu_unfilled` scores the documents with the blanks simply deleted: the floor a
+    model has to beat. A blank may hold up to twice the longest removed span of its batch."""
+    from glm.generate import fill_blanks
+
+    limit = min(cfg.infill_context_tokens, model.cfg.max_seq_len)
+    docs = [ids[:limit] for ids in tokenizer.encode(list(texts), specials=False) if len(ids) >= 8][: cfg.infill_docs]
+    if not docs:
+        return {}
+    out: dict[str, Any] = {"docs": len(docs), "ratios": {}, "samples": []}
+    for r_index, ratio in enumerate(cfg.infill_ratios):
+        hyps, unfilled, refs, masked, n_spans = [], [], [], 0, 0
+        for start in range(0, len(docs), batch_size):
+            chunk = docs[start : start + batch_size]
+            masks = [mask_spans(ids, ratio, np.random.default_rng([cfg.seed, r_index, start + j])) for j, ids in enumerate(chunk)]
+            longest = max(len(s) for _, spans in masks for s in spans)
+            gen = generation_config(cfg, model, 2 * longest)
+            for ids, (prompt, spans), res in zip(chunk, masks, fill_blanks(model, [p for p, _ in masks], gen)):
+                hyps.append(tokenizer.decode(res.tokens))
+                unfilled.append(tokenizer.decode([t for t in prompt if t != SPECIAL.mask]))
+                refs.append(tokenizer.decode(ids))
+                masked += sum(map(len, spans))
+                n_spans += len(spans)
+                if start == 0 and len(refs) == 1:  # one sample per ratio: its first document
+                    out["samples"].append(
+                        {"ratio": ratio, "prompt": _blanked_text(tokenizer, prompt), "reference": refs[-1], "filled": hyps[-1]}
+                    )
+        out["ratios"][f"{ratio:g}"] = {
+            "bleu": text_scores(hyps, refs, rouge=False)["bleu"],
+            "bleu_unfilled": text_scores(unfilled, refs, rouge=False)["bleu"],
+            "masked_share": masked / sum(map(len, docs)),
+            "spans": n_spans,
+        }
+    return out
+
+
+def _blanked_text(tokenizer: Any, prompt: Sequence[int]) -> str:
+    """A prompt as text with its blanks spelled [MASK] (the tokenizer decodes control tokens to nothing)."""
+    parts, current = [], []
+    for t in prompt:
+        if t in SPECIAL.mask_ids:
+            parts.append(current)
+            current = []
+        else:
+            current.append(t)
+    return " [MASK] ".join(tokenizer.decode(p) for p in [*parts, current]).strip()
+
+
+def lastword_items(
+    tokenizer: Any, texts: Sequence[str], n: int, context_tokens: int, max_seq_len: int
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, last-word ids) of the first `n` texts that end in a word (LAMBADA-style): the word is
+    the text's last run of letters (trailing punctuation dropped), encoded on its own as it reads after a
+    space; the context is the text before it, its last `context_tokens` tokens, cut to fit max_seq_len."""
+    items = []
+    for text in texts:
+        if len(items) >= n:
+            break
+        found = re.search(r"([^\W\d_]+)[^\w]*$", text)
+        if not found or not text[: found.start(1)].strip():
+            continue
+        word = tokenizer.encode(found.group(1), specials=False)
+        context = tokenizer.encode(text[: found.start(1)].rstrip(), specials=False)
+        room = max_seq_len - len(word) - 2  # + [gMASK] (or <sop>) and <sop>
+        if not word or room < 1:
+            continue
+        items.append((context[-min(context_tokens, room) :], word))
+    return items
+
+
+def _word_batch(items: Sequence[tuple[list[int], list[int]]], blank: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """Teacher-forced rows scoring only the word's tokens. blank: Part A = context ++ [gMASK], Part B =
+    <sop> word (the free-generation layout); else the causal layout of causal_lm_batch over context ++ word."""
+    if not blank:
+        batch = causal_lm_batch([c + w for c, w in items], device)
+        for i, (c, w) in enumerate(items):
+            batch["loss_mask"][i, : len(c) + 1] = False  # (T,) targets up to the context's last token
+        return batch
+    width = max(len(c) + 1 + len(w) for c, w in items)
+    cols = {
+        k: torch.zeros(len(items), width, dtype=torch.long)
+        for k in ("input_ids", "position_ids", "block_position_ids", "targets")
+    }
+    for i, (c, w) in enumerate(items):
+        a = len(c) + 1
+        cols["input_ids"][i, : a + len(w)] = torch.tensor(c + [SPECIAL.gmask, SPECIAL.sop] + w[:-1])
+        cols["position_ids"][i, : a + len(w)] = torch.tensor(list(range(a)) + [a - 1] * len(w))
+        cols["block_position_ids"][i, a : a + len(w)] = torch.arange(1, len(w) + 1)
+        cols["targets"][i, a : a + len(w)] = torch.tensor(w)
+    batch = cols | {"loss_mask": cols["block_position_ids"] > 0, "sep": torch.tensor([len(c) + 1 for c, _ in items])}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def lastword_metrics(
+    model: torch.nn.Module, items: Sequence[tuple[list[int], list[int]]], batch_size: int = 16
+) -> dict[str, Any]:
+    """Last-word prediction in two layouts: "blank" (context in Part A, the word generated at a final
+    [gMASK]) and "left_to_right" (context and word in Part B after an empty [gMASK]). accuracy: share
+    of words whose every token is the argmax with <eop> skipped, i.e. what greedy decoding with
+    <eop> held back for the word's length writes; perplexity: exp of the mean loss per word token."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {}
+    try:
+        for name, blank in (("blank", True), ("left_to_right", False)):
+            nll, words_right, tokens_right, tokens = 0.0, 0, 0, 0
+            for i in range(0, len(items), batch_size):
+                b = _word_batch(items[i : i + batch_size], blank, device)
+                select = b["loss_mask"]  # (B, T)
+                logits = model(b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], select=select)  # (N, V)
+                targets = b["targets"][select]  # (N,)
+                nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+                right = logits.index_fill(-1, torch.tensor([SPECIAL.eop], device=device), float("-inf")).argmax(-1) == targets
+                per_row = select.sum(1)  # (B,) word tokens per row
+                row_of = torch.repeat_interleave(torch.arange(len(per_row), device=device), per_row)  # (N,)
+                wrong_per_row = torch.zeros(len(per_row), dtype=torch.long, device=device).index_add_(0, row_of, (~right).long())
+                words_right += int((wrong_per_row == 0).sum())
+                tokens_right += int(right.sum())
+                tokens += int(targets.numel())
+            out[name] = {
+                "accuracy": words_right / len(items),
+                "token_accuracy": tokens_right / tokens,
+                "perplexity": math.exp(min(nll / tokens, 700.0)),
+                "loss": nll / tokens,
+            }
+    finally:
+        model.train(was_training)
+    return out | {"words": len(items), "tokens": sum(len(w) for _, w in items)}
+
+
+def seq2seq_generation_metrics(
+    model: torch.nn.Module, tokenizer: Any, items: Sequence[Any], cfg: EvaluateConfig, batch_size: int = 16
+) -> dict[str, Any]:
+    """BLEU and ROUGE-1/2/L of greedy outputs on up to cfg.seq2seq_test_examples seq2seq test items
+    (glm.finetune.EncodedSeq2Seq: source -> [gMASK] -> target), with a few examples."""
+    from glm.generate import fill_blanks
+
+    items = list(items)[: cfg.seq2seq_test_examples]
+    if not items:
+        return {}
+    hyps, refs, examples = [], [], []
+    gen = generation_config(cfg, model)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        for e, res in zip(chunk, fill_blanks(model, [e.source + [SPECIAL.gmask] for e in chunk], gen)):
+            hyps.append(tokenizer.decode(res.spans[0]))
+            refs.append(tokenizer.decode(e.target))
+            if len(examples) < 3:
+                examples.append({"source": tokenizer.decode(e.source), "reference": refs[-1], "generated": hyps[-1]})
+    return text_scores(hyps, refs) | {"examples": examples}
 
 
 # --------------------------------------------------------------------------- metrics files
@@ -353,6 +590,19 @@ def plot_accuracy_bars(bars: Mapping[str, tuple[float, float]], path: str | Path
     return _save_figure(fig, Path(path))
 
 
+def plot_infill_bleu(ratios: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """BLEU of the filled documents and of the documents with the blanks deleted, against the mask ratio."""
+    plt = _pyplot()
+    x = [float(r) for r in ratios]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [m["bleu"] for m in ratios.values()], "o-", color="tab:blue", linewidth=2, label="filled by the model")
+    ax.plot(x, [m["bleu_unfilled"] for m in ratios.values()], "s--", color="gray", linewidth=1.5, label="blanks deleted (floor)")
+    ax.set(title="Text infilling on held-out documents", xlabel="share of tokens blanked", ylabel="BLEU", ylim=(0, 100))
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -390,6 +640,74 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _generation_sections(
+    pretrain: Mapping[str, Any], seq2seq: Mapping[str, Mapping[str, Any]], out_dir: Path
+) -> tuple[list[str], dict[str, Path]]:
+    """The report's generation section: infilling BLEU by mask ratio, last-word prediction, seq2seq BLEU/ROUGE."""
+    md: list[str] = []
+    plots: dict[str, Path] = {}
+    infill, lastword = pretrain.get("infill_bleu") or {}, pretrain.get("lastword") or {}
+    generated = {name: res["generation"] for name, res in seq2seq.items() if res.get("generation")}
+    if not (infill.get("ratios") or lastword or generated):
+        return md, plots
+    md += ["## Generation (held-out data, greedy decoding)", ""]
+    if infill.get("ratios"):
+        md += [
+            f"### Text infilling ({infill['docs']} validation documents per ratio)",
+            "",
+            "Each document's blanked share is removed in 1-3 spans and filled by the model; BLEU compares the "
+            "filled document with the original. *Blanks deleted* scores the document with the spans simply "
+            "left out: the floor a model has to beat.",
+            "",
+        ]
+        md += _table(
+            ["blanked", "BLEU (filled)", "BLEU (blanks deleted)", "spans"],
+            [
+                [f"{float(r):.0%}", f"{m['bleu']:.1f}", f"{m['bleu_unfilled']:.1f}", m["spans"]]
+                for r, m in infill["ratios"].items()
+            ],
+        )
+        plots["infill_bleu"] = plot_infill_bleu(infill["ratios"], out_dir / "infill_bleu.png")
+        md += ["![infilling BLEU by mask ratio](infill_bleu.png)", ""]
+        if infill.get("samples"):
+            md += _table(
+                ["blanked", "text with blanks", "model's filled text"],
+                [[f"{s['ratio']:.0%}", s["prompt"], s["filled"]] for s in infill["samples"]],
+            )
+    if lastword:
+        md += [
+            f"### Last-word prediction ({lastword['words']} validation documents, {lastword['tokens']} word tokens)",
+            "",
+            "The model predicts each document's final word from the text before it. *Blank*: the text in Part A, "
+            "the word generated at a final [gMASK]; *left to right*: text and word in Part B after an empty [gMASK]. "
+            "A word counts as right when greedy decoding, with <eop> held back for the word's length, writes it.",
+            "",
+        ]
+        md += _table(
+            ["layout", "word accuracy", "token accuracy", "perplexity per word token"],
+            [
+                [
+                    title,
+                    _fmt(lastword[key]["accuracy"], True),
+                    _fmt(lastword[key]["token_accuracy"], True),
+                    _fmt(lastword[key]["perplexity"]),
+                ]
+                for key, title in (("blank", "blank ([gMASK] after the text)"), ("left_to_right", "left to right"))
+                if key in lastword
+            ],
+        )
+    if generated:
+        md += ["### Seq2seq test outputs", ""]
+        md += _table(
+            ["model", "examples", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L"],
+            [
+                [name, g["n"], f"{g['bleu']:.1f}", f"{g['rouge1']:.1f}", f"{g['rouge2']:.1f}", f"{g['rougeL']:.1f}"]
+                for name, g in generated.items()
+            ],
+        )
+    return md, plots
+
+
 def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any],
@@ -400,9 +718,9 @@ def write_report(
 
     `results` may hold (each optional):
       "title": str;
-      "pretrain": {"infilling": infilling_metrics(...), "lm": lm_metrics(...), "fill_samples": fill_samples(...)};
+      "pretrain": evaluate_pretrained(...): {"infilling", "lm", "fill_samples", "infill_bleu", "lastword"};
       "cloze": {run name: finetune_cloze(...) result}, e.g. {"pretrained": ..., "from scratch": ...};
-      "seq2seq": {run name: finetune_seq2seq(...) result}.
+      "seq2seq": {run name: finetune_seq2seq(...) result, optionally with "generation": seq2seq_generation_metrics(...)}.
     Fine-tuning curves come from `finetune_metrics_paths` (run name -> metrics.jsonl), defaulting to
     each result's "metrics_path".
     """
@@ -508,6 +826,13 @@ def write_report(
                 )
         if rows:
             md += _table(["held-out objective", "loss", "perplexity", "token accuracy", "tokens"], rows)
+        if (pretrain.get("lm") or {}).get("eop_argmax_share") is not None:
+            md += [
+                f"Left to right, <eop> was the model's first choice at {pretrain['lm']['eop_argmax_share']:.1%} of the "
+                "held-out tokens (a model pretrained on short blanks expects a span to end soon); the token accuracy "
+                "takes the best token other than <eop>, since the text goes on.",
+                "",
+            ]
         if pretrain_metrics_path and Path(pretrain_metrics_path).is_file():
             fig = plot_pretrain_curves(read_metrics(pretrain_metrics_path), out_dir / "pretrain_loss.png")
             if fig is not None:
@@ -537,6 +862,10 @@ def write_report(
             slug = "".join(c if c.isalnum() else "_" for c in name.lower())
             plots[f"seq2seq_{slug}"] = plot_finetune_curves({name: curves[name]}, out_dir / f"seq2seq_{slug}.png")
             md += [f"![seq2seq loss curves](seq2seq_{slug}.png)", ""]
+
+    generation_md, generation_plots = _generation_sections(pretrain, seq2seq, out_dir)
+    md += generation_md
+    plots.update(generation_plots)
 
     metrics = _json_safe({**results, "plots": {k: p.name for k, p in plots.items()}})
     written = {

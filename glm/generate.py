@@ -25,6 +25,8 @@ from glm.special_tokens import SPECIAL
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32  # per blank, <eop> excluded
+    min_new_tokens: int = 0  # per blank: <eop> is suppressed until the blank holds this many tokens
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size occurs twice within one blank's span
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filter
@@ -39,6 +41,12 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.strategy={self.strategy!r}; choose 'greedy', 'sample' or 'beam'")
         if self.max_new_tokens < 1:
             raise ValueError(f"GenerationConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"GenerationConfig.min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]"
+            )
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"GenerationConfig.no_repeat_ngram_size={self.no_repeat_ngram_size} must be >= 0 (0 disables it)")
         if self.temperature <= 0:
             raise ValueError(f"GenerationConfig.temperature={self.temperature} must be > 0 (use strategy='greedy' for argmax)")
         if self.top_k < 0:
@@ -207,6 +215,46 @@ def _force_eop(scores: torch.Tensor, force: torch.Tensor, eop_value: float) -> t
     return torch.where(force[:, None], only_eop, scores)  # (N, V)
 
 
+def banned_ngram_tokens(span: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `span` (the blank's tokens so far)."""
+    if n <= 0 or len(span) < n - 1:
+        return []
+    if n == 1:
+        return sorted(set(span))
+    prefix = tuple(span[len(span) - n + 1 :])
+    return sorted({span[i + n - 1] for i in range(len(span) - n + 1) if tuple(span[i : i + n - 1]) == prefix})
+
+
+def _constrain(
+    scores: torch.Tensor, history: torch.Tensor | list[torch.Tensor], cur: "_Cursor", cfg: GenerationConfig
+) -> torch.Tensor:
+    """Apply min_new_tokens, no_repeat_ngram_size and max_new_tokens to next-token scores (N, V).
+
+    `history` (N, steps), or its columns, holds each row's chosen tokens; the current blank's span
+    is its last cur.n_gen entries (a span never holds <eop>, which is what resets n_gen).
+    """
+    if cfg.min_new_tokens:
+        scores = scores.masked_fill((cur.n_gen < cfg.min_new_tokens)[:, None] & _eop_column(scores), float("-inf"))
+    if cfg.no_repeat_ngram_size:
+        if isinstance(history, list):
+            history = torch.stack(history, dim=1) if history else torch.empty((scores.shape[0], 0), dtype=torch.long)
+        rows, n = history.tolist(), cfg.no_repeat_ngram_size
+        ban = [(r, t) for r, k in enumerate(cur.n_gen.tolist()) if k for t in banned_ngram_tokens(rows[r][len(rows[r]) - k :], n)]
+        if ban:
+            where = torch.tensor(ban, device=scores.device)  # (nb, 2) (row, token)
+            scores = scores.index_put((where[:, 0], where[:, 1]), torch.tensor(float("-inf"), device=scores.device))
+    # a row with every token banned (tiny vocabularies) may still end its blank
+    stuck = torch.isneginf(scores).all(dim=-1)  # (N,)
+    scores = _force_eop(scores, stuck, 0.0)
+    return _force_eop(scores, cur.n_gen >= cfg.max_new_tokens, 0.0)
+
+
+def _eop_column(scores: torch.Tensor) -> torch.Tensor:
+    col = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # (V,)
+    col[SPECIAL.eop] = True
+    return col[None, :]  # (1, V)
+
+
 # --------------------------------------------------------------------------- choosing tokens
 
 
@@ -265,7 +313,7 @@ def _sample_or_greedy(model: GLM, prompts: list[list[int]], cfg: GenerationConfi
         logits = _step(model, pr, cur)  # (B, V)
         if cfg.output_scores:
             raw.append(logits)
-        chosen = _choose(_force_eop(logits, cur.n_gen >= cfg.max_new_tokens, 0.0), cfg, generator)  # (B,)
+        chosen = _choose(_constrain(logits, history, cur, cfg), cfg, generator)  # (B,)
         chosen = torch.where(active, chosen, torch.full_like(chosen, -1))  # (B,) -1: row already done
         history.append(chosen)
         active = active & ~((chosen == SPECIAL.eop) & (cur.blank == pr.n_blanks - 1))  # (B,)
@@ -298,7 +346,7 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
     norm = lambda score, length: score / (length**cfg.length_penalty)  # noqa: E731
     for _ in range(_max_steps(prompts, cfg)):
         logp = _step(model, pr, cur).log_softmax(dim=-1)  # (B*K, V)
-        logp = _force_eop(logp, cur.n_gen >= cfg.max_new_tokens, 0.0)  # (B*K, V)
+        logp = _constrain(logp, history, cur, cfg)  # (B*K, V)
         V = logp.shape[-1]
         cand = (beam_scores.reshape(-1, 1) + logp).reshape(B, K * V)  # (B, K*V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # (B, 2K)

@@ -517,23 +517,37 @@ class Bundle:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
     ) -> list[list[list[int]]]:
         """Spans (token ids, <eop> excluded) for every blank of every prompt; temperature 0 = greedy.
 
         Prompts are left-padded into one batch (key_start hides the padding) and decoded in lockstep.
+        Per blank, <eop> is held back until it holds min_new_tokens, and with no_repeat_ngram_size = n
+        no n-gram occurs twice in it (as glm.generate.GenerationConfig).
         """
         self._check_prompts(prompts, max_new_tokens)
         if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(
                 f"need temperature >= 0 (0 = greedy), top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
             )
+        if not 0 <= min_new_tokens <= max_new_tokens or no_repeat_ngram_size < 0:
+            raise ValueError(
+                f"need 0 <= min_new_tokens <= max_new_tokens and no_repeat_ngram_size >= 0; "
+                f"got {min_new_tokens}, {max_new_tokens}, {no_repeat_ngram_size}"
+            )
         eop = self.special["eop"]
         rng = np.random.default_rng(seed)
 
-        def choose(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+        def choose(logits: np.ndarray, force: np.ndarray, spans: list[list[int]]) -> np.ndarray:
             scores = logits.astype(np.float32)  # (B, V) a copy: the caller's logits stay raw
-            scores[force] = -np.inf  # the blank is full: only <eop> may follow
-            scores[force, eop] = 0.0
+            for r, span in enumerate(spans):
+                if len(span) < min_new_tokens:
+                    scores[r, eop] = -np.inf
+                scores[r, _banned_ngram_tokens(span, no_repeat_ngram_size)] = -np.inf
+            stuck = np.isneginf(scores).all(-1)  # (B,) everything banned (tiny vocabularies): end the blank
+            scores[force | stuck] = -np.inf  # the blank is full: only <eop> may follow
+            scores[force | stuck, eop] = 0.0
             return scores.argmax(-1) if temperature == 0 else _sample(scores / temperature, top_k, top_p, rng)  # (B,)
 
         rows = self._decode(prompts, max_new_tokens, choose)
@@ -562,7 +576,7 @@ class Bundle:
                 )
         history: list[np.ndarray] = []  # (B, V) per step
 
-        def feed(logits: np.ndarray, force: np.ndarray) -> np.ndarray:
+        def feed(logits: np.ndarray, force: np.ndarray, spans: list[list[int]]) -> np.ndarray:
             step = len(history)
             history.append(logits.copy())
             return np.array([t[step] if step < len(t) else eop for t in tokens], np.int64)  # (B,)
@@ -572,10 +586,11 @@ class Bundle:
         return [steps[r, : len(t)] for r, t in enumerate(tokens)]
 
     def _decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, choose: Any) -> list[list[int]]:
-        """The blank-filling loop; `choose(logits (B, V), force (B,))` picks each step's tokens.
+        """The blank-filling loop; `choose(logits (B, V), force (B,), spans)` picks each step's tokens.
 
         logits are the raw last-position logits; force marks rows whose blank is full (they must
-        choose <eop>). Returns each row's chosen tokens in order, every span closed by <eop>.
+        choose <eop>); spans[r] is what row r's current blank holds so far. Returns each row's chosen
+        tokens in order, every span closed by <eop>.
         """
         sp = self.special
         B, L = len(prompts), max(map(len, prompts))
@@ -599,11 +614,13 @@ class Bundle:
         cur_pos, bpos = blanks[:, 0].copy(), np.ones(B, np.int64)  # (B,) its position / block position
         active = np.ones(B, bool)  # (B,)
         history = []
+        spans: list[list[int]] = [[] for _ in range(B)]
         for _ in range(int(n_blanks.max()) * (max_new_tokens + 1)):
             logits, cache = self._run_bound((token[:, None], cur_pos[:, None], bpos[:, None], sep, key_start), cache)
-            chosen = np.asarray(choose(logits[:, -1], n_gen >= max_new_tokens), np.int64)  # (B,)
+            chosen = np.asarray(choose(logits[:, -1], n_gen >= max_new_tokens, spans), np.int64)  # (B,)
             chosen = np.where(active, chosen, -1)  # (B,) -1: row already finished
             history.append(chosen)
+            spans = [[] if t == sp["eop"] else [*span, int(t)] if t >= 0 else span for span, t in zip(spans, chosen)]
             is_eop = chosen == sp["eop"]  # (B,)
             active &= ~(is_eop & (blank == n_blanks - 1))
             if not active.any():
@@ -626,10 +643,12 @@ class Bundle:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
     ) -> FillResult:
         """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy."""
         prompt = self.encode(text)
-        spans = self.fill_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed)[0]
+        spans = self.fill_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0]
         filled, k = [], 0
         for t in prompt:
             if t in self.mask_ids and k < len(spans):
@@ -647,13 +666,16 @@ class Bundle:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
+        no_repeat_ngram_size: int = 0,
     ) -> str:
         """The continuation of `prompt`, new text only (with its leading space, if any).
 
         A [gMASK] (GLM's long-generation blank) is appended; "[MASK]" written in the prompt stays text.
         """
         ids = self.encode_text(prompt)
-        span = self.fill_ids([ids + [self.special["gmask"]]], max_new_tokens, temperature, top_k, top_p, seed)[0][0]
+        gmask = [ids + [self.special["gmask"]]]
+        span = self.fill_ids(gmask, max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0][0]
         head, full = self.decode(ids), self.decode(ids + span)
         # decoding the span alone would drop its leading space (sentencepiece strips it at a text start)
         return full[len(head) :] if full.startswith(head) else self.decode(span)
@@ -800,6 +822,16 @@ def _sample(logits: np.ndarray, top_k: int, top_p: float, rng: np.random.Generat
     return np.array([rng.choice(len(p), p=p / p.sum()) for p in probs], np.int64)
 
 
+def _banned_ngram_tokens(span: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in `span` (glm.generate.banned_ngram_tokens, without torch)."""
+    if n <= 0 or len(span) < n - 1:
+        return []
+    if n == 1:
+        return sorted(set(span))
+    prefix = tuple(span[len(span) - n + 1 :])
+    return sorted({span[i + n - 1] for i in range(len(span) - n + 1) if tuple(span[i : i + n - 1]) == prefix})
+
+
 def _split_spans(chosen: list[int], eop: int, n_blanks: int) -> list[list[int]]:
     """s1 .. sk <eop> t1 .. <eop> ... -> [[s1 .. sk], [t1 ..], ...]."""
     spans: list[list[int]] = [[]]
@@ -834,7 +866,14 @@ def infer_command(args: Any) -> int:
 
     try:
         bundle = Bundle.load(args.bundle, int8=args.int8)
-        decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        decoding = dict(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            min_new_tokens=args.min_new_tokens,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+        )
         if args.fill is not None:
             print(bundle.fill_blanks(args.fill, **decoding).text)
         elif args.generate is not None:

@@ -940,49 +940,61 @@ def finetune_results(cfg: PipelineConfig, paths: RunPaths) -> dict[str, dict[str
     return {name: json.loads((task_dir / runs[name]).read_text(encoding="utf-8")) for name in ordered}
 
 
-def _valid_token_rows(paths: RunPaths, limit: int) -> list[list[int]]:
-    from glm.shards import read_arrow
+def _seq2seq_generation(cfg: PipelineConfig, paths: RunPaths, results: dict[str, dict[str, Any]], tok: Any) -> None:
+    """BLEU and ROUGE of each fine-tuned seq2seq model on its test split (re-derived: the split is a hash
+    of the source), added to its result under "generation"."""
+    from glm.checkpoint import load_model
+    from glm.evaluate import seq2seq_generation_metrics
+    from glm.finetune import encode_seq2seq, read_labelled, split_examples
 
-    rows: list[list[int]] = []
-    for f in read_manifest(paths.tokens / MANIFEST)["files"]:
-        if f["path"].startswith("valid/") and len(rows) < limit:
-            rows += [r for r in read_arrow(paths.tokens / f["path"]).column("tokens").to_pylist() if len(r) >= 2]
-    return rows[:limit]
+    pairs = [(e.text, e.label) for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)]
+    test = split_examples(pairs, cfg.finetune.task.split, key=lambda p: p[0])["test"][: cfg.evaluate.seq2seq_test_examples]
+    task_dir = paths.finetune(cfg.finetune.task.name)
+    for name, res in results.items():
+        model, _ = load_model(task_dir / RUN_DIRS.get(name, name), _device(cfg))
+        limit = res.get("max_seq_len") or model.cfg.max_seq_len
+        items = [encode_seq2seq(tok, s, t, limit) for s, t in test]
+        res["generation"] = seq2seq_generation_metrics(model, tok, items, cfg.evaluate)
 
 
 def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
-    """Held-out infilling and LM losses, blank-filling samples, the fine-tuning results: the report."""
+    """Held-out infilling and LM losses, samples, infilling BLEU, last-word prediction (glm.evaluate.
+    evaluate_pretrained on the corpus's valid documents), the fine-tuning results: the report."""
     from glm.checkpoint import load_model
     from glm.corpus import iter_documents
-    from glm.evaluate import fill_samples, infilling_metrics, lm_metrics, write_report
+    from glm.evaluate import evaluate_pretrained, write_report
     from glm.loader import ValidLoader
     from glm.tokenizer import Tokenizer
 
+    ev = cfg.evaluate
     model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
     tok = Tokenizer.load(paths.tokenizer_model)
-    batches = cfg.evaluate.batches
-    valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=batches)
-    pretrain_results: dict[str, Any] = {"infilling": infilling_metrics(model, valid, max_batches=batches)}
-    rows = _valid_token_rows(paths, batches * 16)
-    if rows:
-        pretrain_results["lm"] = lm_metrics(model, rows)
-    if cfg.evaluate.fill_samples:
-        texts = [t for _, t in zip(range(cfg.evaluate.fill_samples * 4), iter_documents(paths.docs, "valid"))]
-        pretrain_results["fill_samples"] = fill_samples(model, tok, texts, n=cfg.evaluate.fill_samples)
+    valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=ev.batches)
+    # enough documents for every part, short ones being skipped by infilling and last-word prediction
+    wanted = max(16 * ev.batches, 4 * ev.fill_samples, 2 * ev.infill_docs, 2 * ev.lastword_docs)
+    texts = [t for _, t in zip(range(wanted), iter_documents(paths.docs, "valid"))]
+    pretrain_results = evaluate_pretrained(model, tok, valid, texts, ev)
+    del model
+    finetuned = finetune_results(cfg, paths)
+    if cfg.finetune.kind == "seq2seq" and ev.seq2seq_test_examples:
+        _seq2seq_generation(cfg, paths, finetuned, tok)
     results: dict[str, Any] = {
         "title": f"GLM evaluation: {cfg.name}",
         "pretrain": pretrain_results,
-        cfg.finetune.kind: finetune_results(cfg, paths),
+        cfg.finetune.kind: finetuned,
     }
     written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
+    numbers = lambda d: {m: v for m, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
     stats = {
         "pretrain": {
-            k: {m: v for m, v in d.items() if isinstance(v, (int, float))}
-            for k, d in pretrain_results.items()
-            if isinstance(d, dict)
+            k: numbers(d) for k, d in pretrain_results.items() if isinstance(d, dict) and k not in ("infill_bleu", "lastword")
         },
         "files": {name: p.name for name, p in written.items()},
     }
+    if "infill_bleu" in pretrain_results:
+        stats["pretrain"]["infill_bleu"] = {r: m["bleu"] for r, m in pretrain_results["infill_bleu"].get("ratios", {}).items()}
+    if "lastword" in pretrain_results:
+        stats["pretrain"]["lastword"] = {k: numbers(m) for k, m in pretrain_results["lastword"].items() if isinstance(m, dict)}
     inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
     write_manifest(
         paths.eval,
@@ -1178,7 +1190,7 @@ REGISTRY: dict[str, Stage] = _declare(
     Stage(
         "evaluate",
         "finetune",
-        ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus"),
+        ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus", "finetune"),
         "eval/manifest.json",
         sections=("evaluate",),
         inputs=("pretrain", "finetune", "infill"),

@@ -275,6 +275,53 @@ def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
         key=artifact_key(cfg, "evaluation-report"),
         description=f"Evaluation report (files in {eval_dir})",
     )
+    rows = generation_rows(json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")))
+    if rows:
+        publish(
+            "generation-metrics",
+            create_table_artifact,
+            rows,
+            key=artifact_key(cfg, "generation-metrics"),
+            description="Generation on held-out data: infilling BLEU by mask ratio, last-word prediction, seq2seq BLEU/ROUGE",
+        )
+
+
+def generation_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per generation metric of metrics.json (what a run can be compared on in the UI)."""
+    pretrain = metrics.get("pretrain") or {}
+    rows = [
+        {
+            "evaluation": f"infilling, {float(r):.0%} blanked",
+            "metric": "BLEU",
+            "value": _rounded(m["bleu"], 2),
+            "floor": _rounded(m["bleu_unfilled"], 2),
+        }
+        for r, m in ((pretrain.get("infill_bleu") or {}).get("ratios") or {}).items()
+    ]
+    lastword = pretrain.get("lastword") or {}
+    for layout in ("blank", "left_to_right"):
+        for metric in ("accuracy", "perplexity"):
+            if layout in lastword:
+                rows.append(
+                    {
+                        "evaluation": f"last word ({layout.replace('_', ' ')})",
+                        "metric": metric,
+                        "value": _rounded(lastword[layout][metric]),
+                        "floor": None,
+                    }
+                )
+    for name, res in (metrics.get("seq2seq") or {}).items():
+        for metric in ("bleu", "rouge1", "rouge2", "rougeL"):
+            if (res.get("generation") or {}).get(metric) is not None:
+                rows.append(
+                    {
+                        "evaluation": f"seq2seq test ({name})",
+                        "metric": metric,
+                        "value": _rounded(res["generation"][metric], 2),
+                        "floor": None,
+                    }
+                )
+    return rows
 
 
 def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> None:

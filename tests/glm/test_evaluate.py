@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glm import evaluate as ev
 from glm.config import EvaluateConfig
@@ -104,6 +105,181 @@ def test_causal_lm_batch_layout_and_loss():
     assert m["tokens"] == 33 and math.log(VOCAB) - 1 < m["loss"] < math.log(VOCAB) + 1  # an untrained model is near uniform
 
 
+class NextTokenModel(torch.nn.Module):
+    """Engineered scores at every position: <eop> 2.0, (input token + 1) 1.0 (<sop>: FIRST), 0 elsewhere.
+    Its first choice is always <eop>; its second is the next token of an ascending row."""
+
+    FIRST = 10
+
+    def __init__(self, vocab: int = VOCAB):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"max_seq_len": 64, "vocab_size": vocab})()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, input_ids, position_ids, block_position_ids, sep, *, select=None):
+        V = self.cfg.vocab_size
+        nxt = torch.where(input_ids == SPECIAL.sop, torch.full_like(input_ids, self.FIRST), (input_ids + 1).clamp(max=V - 1))
+        logits = F.one_hot(nxt, V).float()  # (B, T, V)
+        logits[..., SPECIAL.eop] = 2.0
+        return logits[select] if select is not None else logits
+
+
+def _engineered_loss(V: int = VOCAB) -> float:
+    """-log p(second choice) under NextTokenModel: softmax of (2, 1, 0 x (V - 2))."""
+    return -math.log(math.e / (math.e**2 + math.e + V - 2))
+
+
+def test_lm_accuracy_skips_eop_which_a_text_never_ends_with():
+    # issue 14: a model whose first choice is always <eop> (as a model pretrained on short token-level
+    # spans is, 99.5% of the time on the demo) read 0.0% left-to-right accuracy
+    model = NextTokenModel()
+    m = ev.lm_metrics(model, [list(range(10, 30)), list(range(10, 15))], batch_size=1)
+    assert m["token_accuracy"] == 1.0 and m["eop_argmax_share"] == 1.0 and m["tokens"] == 25
+    assert m["loss"] == pytest.approx(_engineered_loss(), rel=1e-6)
+    assert ev.lm_metrics(model, [[10, 11, 13, 14]])["token_accuracy"] == pytest.approx(3 / 4)  # 12 -> 13 is not +1
+    # the blank-infilling metric still counts <eop> as a choice (it is a real target there)
+    assert ev.infilling_metrics(model, [ev.causal_lm_batch([list(range(10, 30))])])["token_accuracy"] == 0.0
+
+
+def test_lastword_items_take_the_final_word_and_its_context():
+    tok = sentiment_tokenizer()
+    items = ev.lastword_items(tok, ["the movie was fun!", "12 34", "good", "a very boring plot ..."], 5, 100, 64)
+    assert len(items) == 2  # "12 34" ends in no word, "good" has no context
+    assert tok.decode(items[0][0]) == "the movie was" and tok.decode(items[0][1]) == "fun"
+    assert tok.decode(items[1][1]) == "plot"
+    (ctx, word), *_ = ev.lastword_items(tok, ["the movie was really very fun"], 1, 2, 64)
+    assert tok.decode(ctx) == "really very" and tok.decode(word) == "fun"  # the context's tail is kept
+
+
+def test_lastword_metrics_on_an_engineered_model():
+    # words after an ascending context: [10, 11] is the model's second choice at both steps in the blank
+    # layout (<sop> -> 10, 10 -> 11); [10, 12] gets its first token right, not its second
+    model = NextTokenModel()
+    items = [([30, 31, 32], [10, 11]), ([40, 41], [10, 12]), ([50], [10, 11, 12, 13])]
+    m = ev.lastword_metrics(model, items, batch_size=2)
+    assert m["words"] == 3 and m["tokens"] == 8
+    assert m["blank"]["accuracy"] == pytest.approx(2 / 3) and m["blank"]["token_accuracy"] == pytest.approx(7 / 8)
+    # left to right the word's first token follows the context's last (32 -> 10 is not +1)
+    assert m["left_to_right"]["accuracy"] == 0.0 and m["left_to_right"]["token_accuracy"] == pytest.approx(4 / 8)
+    # right tokens cost _engineered_loss(); a wrong token has score 0 against <eop>'s 2 and the right one's 1
+    wrong = -math.log(1 / (math.e**2 + math.e + VOCAB - 2))
+    assert m["blank"]["loss"] == pytest.approx((7 * _engineered_loss() + wrong) / 8, rel=1e-6)
+    assert m["blank"]["perplexity"] == pytest.approx(math.exp(m["blank"]["loss"]), rel=1e-6)
+    real = ev.lastword_metrics(tiny_model(VOCAB, max_seq_len=64), items)
+    assert 0 <= real["blank"]["accuracy"] <= 1 and real["blank"]["perplexity"] > 1
+
+
+def test_mask_spans_blank_the_ratio_in_separated_spans():
+    ids = list(range(100, 140))
+    for seed in range(30):
+        for ratio in (0.1, 0.3, 0.5):
+            prompt, spans = ev.mask_spans(ids, ratio, np.random.default_rng(seed))
+            assert 1 <= len(spans) <= 3 and sum(map(len, spans)) == round(ratio * 40) and all(spans)
+            assert prompt.count(SPECIAL.mask) == len(spans) and "[4, 4]" not in str(prompt).replace(" ", "")
+            from glm.generate import splice
+
+            assert splice(prompt, spans) == ids
+    assert ev.mask_spans([5, 6], 0.9, np.random.default_rng(0))[1] == [[5]] or ev.mask_spans(
+        [5, 6], 0.9, np.random.default_rng(0)
+    )[1] == [[6]]
+
+
+def test_text_scores_against_known_values():
+    same = ev.text_scores(["the movie was really good fun"], ["the movie was really good fun"])
+    assert (
+        same["bleu"] == pytest.approx(100.0) and same["rouge1"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(100.0)
+    )
+    # unigram P = R = 2/4; bigrams: hyp {a b, b x, x y}, ref {a b, b c, c d}: 1 of 3
+    m = ev.text_scores(["a b x y"], ["a b c d"])
+    assert m["rouge1"] == pytest.approx(50.0) and m["rouge2"] == pytest.approx(100 / 3) and m["rougeL"] == pytest.approx(50.0)
+    # BLEU: precisions 2/4, 1/3, 0/2 (+ smoothing 'exp' gives 1/2^k for zero counts) ... no 4-gram match: sacrebleu's default
+    # 'exp' smoothing; check against sacrebleu's own sentence score of the same pair
+    import sacrebleu
+
+    assert m["bleu"] == pytest.approx(sacrebleu.sentence_bleu("a b x y", ["a b c d"]).score)
+    with pytest.raises(ValueError, match="as many hypotheses"):
+        ev.text_scores(["a"], [])
+
+
+class OracleModel(torch.nn.Module):
+    """Decodes a known answer: at Part B's (position id, block position) it scores answer[(pos, bpos)]
+    highest ([PAD] where it has none). `for_prompt` fills the blanks of ONE known prompt perfectly."""
+
+    def __init__(self, answer: dict[tuple[int, int], int], vocab: int):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"max_seq_len": 128, "vocab_size": vocab})()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.answer = answer
+
+    @classmethod
+    def for_prompt(cls, prompt: list[int], spans: list[list[int]], vocab: int) -> "OracleModel":
+        blanks = [i for i, t in enumerate(prompt) if t in SPECIAL.mask_ids]
+        return cls({(p, b + 1): t for p, span in zip(blanks, spans) for b, t in enumerate([*span, SPECIAL.eop])}, vocab)
+
+    def hidden_states(
+        self, input_ids, position_ids, block_position_ids, sep, *, past_key_values=None, key_start=None, use_cache=False
+    ):
+        V = self.cfg.vocab_size
+        best = [
+            [self.answer.get((p, b), SPECIAL.pad) for p, b in zip(pr, br)]
+            for pr, br in zip(position_ids.tolist(), block_position_ids.tolist())
+        ]
+        cache = [(input_ids[:, :, None].float(), input_ids[:, :, None].float())]
+        return F.one_hot(torch.tensor(best), V).float(), cache
+
+    def logits(self, h):
+        return h
+
+
+def test_infill_bleu_is_100_for_a_perfect_filler_and_above_the_unfilled_floor():
+    tok = sentiment_tokenizer()
+    text = "the movie was really good and the acting was fun but the plot was quite boring"
+    cfg = EvaluateConfig(infill_docs=1, infill_ratios=(0.3,), no_repeat_ngram_size=0, seed=3)
+    ids = tok.encode(text, specials=False)
+    prompt, spans = ev.mask_spans(ids, 0.3, np.random.default_rng([cfg.seed, 0, 0]))  # what infill_bleu draws
+    got = ev.infill_bleu(OracleModel.for_prompt(prompt, spans, tok.vocab_size), tok, [text, "too short"], cfg)
+    r = got["ratios"]["0.3"]
+    assert got["docs"] == 1 and r["bleu"] == pytest.approx(100.0) and r["bleu_unfilled"] < 100.0
+    assert r["masked_share"] == pytest.approx(sum(map(len, spans)) / len(ids)) and r["spans"] == len(spans)
+    assert got["samples"][0]["filled"] == text and "[MASK]" in got["samples"][0]["prompt"]
+    model = tiny_model(tok.vocab_size, max_seq_len=128)  # the real decoder: bounded and scored
+    real = ev.infill_bleu(model, tok, [text] * 3, EvaluateConfig(infill_docs=3, infill_ratios=(0.1, 0.5)))
+    assert set(real["ratios"]) == {"0.1", "0.5"} and all(0 <= v["bleu"] <= 100 for v in real["ratios"].values())
+
+
+def test_seq2seq_generation_metrics_of_a_model_that_writes_the_reference():
+    from glm.finetune import encode_seq2seq
+
+    tok = sentiment_tokenizer()
+    # targets of 4+ words: corpus BLEU counts up to 4-grams, and a corpus without any scores 0
+    pairs = [
+        ("the plot", "good fun and a great film"),
+        ("a very boring story", "bad movie with a boring plot"),
+        ("the acting was", "really great film and fun"),
+    ]
+    items = [encode_seq2seq(tok, s, t, 64) for s, t in pairs]
+    assert len({len(e.source) for e in items}) == 3  # the oracle tells them apart by their [gMASK] position
+    answer = {(len(e.source), b + 1): t for e in items for b, t in enumerate([*e.target, SPECIAL.eop])}
+    m = ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(no_repeat_ngram_size=0))
+    assert m["n"] == 3 and m["bleu"] == pytest.approx(100.0)
+    assert (m["rouge1"], m["rouge2"], m["rougeL"]) == pytest.approx((100.0, 100.0, 100.0))
+    assert m["examples"][1] == {
+        "source": "a very boring story",
+        "reference": "bad movie with a boring plot",
+        "generated": "bad movie with a boring plot",
+    }
+    # one output left empty (its first choice is <eop>): ROUGE averages 2 of 3
+    answer[(len(items[2].source), 1)] = SPECIAL.eop
+    m = ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(min_new_tokens=0))
+    assert m["rouge1"] == pytest.approx(200 / 3) and m["rouge2"] == pytest.approx(200 / 3)
+    assert (
+        ev.seq2seq_generation_metrics(OracleModel(answer, tok.vocab_size), tok, items, EvaluateConfig(seq2seq_test_examples=1))[
+            "n"
+        ]
+        == 1
+    )
+
+
 def test_fill_samples_decode_text():
     tok = sentiment_tokenizer()
     model = tiny_model(tok.vocab_size, max_seq_len=64)
@@ -117,9 +293,17 @@ def test_evaluate_pretrained_gathers_the_report_section():
     tok = sentiment_tokenizer()
     model = tiny_model(tok.vocab_size, max_seq_len=64)
     texts = ["the movie was really good and the acting was fun", "very boring plot", "a quite fun story !"]
-    got = ev.evaluate_pretrained(model, tok, [infill_batch()] * 3, texts, EvaluateConfig(batches=2, fill_samples=2))
+    cfg = EvaluateConfig(batches=2, fill_samples=2, infill_docs=2, infill_ratios=(0.2, 0.4), lastword_docs=3)
+    got = ev.evaluate_pretrained(model, tok, [infill_batch()] * 3, texts, cfg)
     assert got["infilling"]["batches"] == 2 and got["lm"]["tokens"] == sum(len(tok.encode(t)) for t in texts)
     assert len(got["fill_samples"]) == 2
+    long_enough = sum(len(tok.encode(t, specials=False)) >= 8 for t in texts)  # shorter ones are not blanked
+    assert got["infill_bleu"]["docs"] == min(2, long_enough) and set(got["infill_bleu"]["ratios"]) == {"0.2", "0.4"}
+    assert got["lastword"]["words"] == 3  # "fun", "plot", "story" (trailing " !" dropped)
+    off = ev.evaluate_pretrained(
+        model, tok, [infill_batch()], texts, EvaluateConfig(batches=1, fill_samples=0, infill_docs=0, lastword_docs=0)
+    )
+    assert set(off) == {"infilling", "lm", "fill_samples"}
 
 
 # --------------------------------------------------------------------------- the report
@@ -174,19 +358,38 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
             "infilling": {"loss": 3.2, "perplexity": math.exp(3.2), "token_accuracy": 0.31, "tokens": 1000},
             "lm": {"loss": 4.1, "perplexity": math.exp(4.1), "token_accuracy": 0.2, "tokens": 900},
             "fill_samples": [{"prompt": "the movie [MASK] good", "reference": "was", "filled": "is | was"}],
+            "infill_bleu": {
+                "docs": 20,
+                "ratios": {f"{r:g}": {"bleu": 90 - 100 * r, "bleu_unfilled": 85 - 100 * r, "spans": 30} for r in (0.1, 0.3, 0.5)},
+                "samples": [
+                    {
+                        "ratio": 0.1,
+                        "prompt": "the [MASK] was good",
+                        "reference": "the movie was good",
+                        "filled": "the film was good",
+                    }
+                ],
+            },
+            "lastword": {
+                "words": 50,
+                "tokens": 61,
+                "blank": {"accuracy": 0.12, "token_accuracy": 0.2, "perplexity": 80.0, "loss": 4.38},
+                "left_to_right": {"accuracy": 0.08, "token_accuracy": 0.15, "perplexity": 120.0, "loss": 4.79},
+            },
         },
         "cloze": cloze,
         "seq2seq": {
             "copy": {
                 "test": {"loss": 1.0, "perplexity": math.e, "token_accuracy": 0.5},
                 "examples": [{"source": "a b", "reference": "b", "generated": "b"}],
+                "generation": {"bleu": 41.5, "rouge1": 60.0, "rouge2": 30.0, "rougeL": 55.0, "n": 12, "examples": []},
             }
         },
         "not_finite": float("nan"),
         "array": np.arange(3),
     }
     written = ev.write_report(tmp_path / "eval", results, pre, curves)
-    for key in ("pretrain_loss", "finetune_curves", "accuracy", "confusion_pretrained", "confusion_from_scratch"):
+    for key in ("pretrain_loss", "finetune_curves", "accuracy", "confusion_pretrained", "confusion_from_scratch", "infill_bleu"):
         png = written[key].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, key
     report = written["report"].read_text()
@@ -195,6 +398,9 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
     assert "pretrained" in report and "80.0%" in report and "majority class (positive)" in report
     assert "is \\| was" in report  # table cells are escaped
     assert "Verbalizers (chosen automatically" in report and "positive → 'superb'" in report
+    assert "| 30% | 60.0 | 55.0 | 30 |" in report  # infilling BLEU by ratio, with its floor
+    assert "| left to right | 8.0% | 15.0% | 120 |" in report  # last-word prediction, per layout
+    assert "| copy | 12 | 41.5 | 60.0 | 30.0 | 55.0 |" in report  # seq2seq BLEU and ROUGE
     metrics = json.loads(written["metrics"].read_text())
     assert metrics["cloze"]["pretrained"]["test"]["accuracy"] == pytest.approx(0.8)
     assert metrics["not_finite"] is None and metrics["array"] == [0, 1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from glm.config import OptimConfig
 from glm.generate import (
     GenerationConfig,
+    banned_ngram_tokens,
     fill_blanks,
     filter_logits,
     infill_inputs,
@@ -203,6 +205,98 @@ def test_beam_finds_the_trained_answer_and_scores_it_correctly(trained):
     assert res.score == pytest.approx(total / len(chosen) ** 0.5, abs=1e-5)
 
 
+# --------------------------------------------------------------------------- min/max new tokens, no-repeat n-grams, length penalty
+
+
+class TableModel(torch.nn.Module):
+    """A model whose next-token distribution depends only on the current input token (a bigram table),
+    so the sequence probabilities under each decoding option can be computed by hand.
+    Whatever mass a row leaves (all of it for tokens not listed) goes to <eop>."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab: int = 16):
+        super().__init__()
+        self.cfg = type("Cfg", (), {"max_seq_len": 64, "vocab_size": vocab})()
+        logp = torch.full((vocab, vocab), float("-inf"))
+        logp[:, EOP] = 0.0
+        for tok, dist in table.items():
+            logp[tok] = float("-inf")
+            for nxt, p in {EOP: 1.0 - sum(dist.values()), **dist}.items():
+                logp[tok, nxt] = math.log(p) if p > 1e-9 else float("-inf")
+        self.logp = torch.nn.Parameter(logp, requires_grad=False)
+
+    def hidden_states(
+        self, input_ids, position_ids, block_position_ids, sep, *, past_key_values=None, key_start=None, use_cache=False
+    ):
+        cache = [(input_ids[:, :, None].float(), input_ids[:, :, None].float())]  # the decoder only reorders it by row
+        return self.logp[input_ids], cache  # (B, T, V): "hidden state" = next-token log-probabilities
+
+    def logits(self, h):
+        return h
+
+
+SOP, A, B_, C = SPECIAL.sop, 10, 11, 12
+
+
+def test_banned_ngram_tokens():
+    assert banned_ngram_tokens([5, 6, 5], 2) == [6]  # 5 6 exists: after 5, 6 would repeat it
+    assert banned_ngram_tokens([5, 6, 7, 5, 6], 3) == [7]
+    assert banned_ngram_tokens([5, 6], 3) == [] and banned_ngram_tokens([5], 2) == []
+    assert banned_ngram_tokens([5, 6, 5], 1) == [5, 6]
+
+
+def test_no_repeat_ngram_blocks_the_repetition_a_model_prefers():
+    # greedy: A A A A ... (A -> A is the best bigram); with no 2-gram twice: A A, then B, then A B is new...
+    model = TableModel({SOP: {A: 1.0}, A: {A: 0.6, B_: 0.3, C: 0.1}, B_: {A: 0.7, C: 0.3}, C: {A: 1.0}})
+    prompt = [[13, M]]
+    assert fill_blanks(model, prompt, GenerationConfig(max_new_tokens=6))[0].spans == [[A] * 6]
+    got = fill_blanks(model, prompt, GenerationConfig(max_new_tokens=8, no_repeat_ngram_size=2))[0].spans[0]
+    # A A | A B (A A banned) | B A | A C (A A, A B banned) | C A | A: A A, A B, A C all banned -> <eop>
+    assert got == [A, A, B_, A, C, A]
+    for cfg in (GenerationConfig(max_new_tokens=8, no_repeat_ngram_size=2, strategy="beam", num_beams=3),):
+        span = fill_blanks(model, prompt, cfg)[0].spans[0]
+        assert len(set(zip(span, span[1:]))) == len(span) - 1
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_no_repeat_ngram_never_repeats_with_a_real_model(strategy):
+    model = tiny_model(VOCAB)  # freshly initialised and tied: echoes its input, so it repeats readily
+    cfg = GenerationConfig(max_new_tokens=12, strategy=strategy, no_repeat_ngram_size=2, seed=0, temperature=0.7, num_beams=2)
+    repeats = lambda span: len(span[1:]) - len(set(zip(span, span[1:])))  # noqa: E731
+    plain = [s for r in fill_blanks(model, PROMPTS * 2, GenerationConfig(max_new_tokens=12)) for s in r.spans]
+    assert sum(map(repeats, plain)) > 0  # the option has something to prevent
+    for res in fill_blanks(model, PROMPTS * 2, cfg):
+        assert all(repeats(span) == 0 for span in res.spans), res.spans
+
+
+def test_min_new_tokens_suppresses_eop_until_reached(trained):
+    # the trained model ends a [MASK] after 20 21 and a [sMASK] after 22
+    for strategy in ("greedy", "beam"):
+        cfg = GenerationConfig(max_new_tokens=5, min_new_tokens=3, strategy=strategy, output_scores=strategy == "greedy")
+        (res,) = fill_blanks(trained, [PROMPTS[0]], cfg)
+        assert all(3 <= len(span) <= 5 for span in res.spans), res.spans
+        if strategy == "greedy":  # the first two steps are unconstrained choices; beam may prefer another whole span
+            assert res.spans[0][:2] == [20, 21]
+    (plain,) = fill_blanks(trained, [PROMPTS[0]], GenerationConfig(max_new_tokens=5, output_scores=True))
+    assert int(plain.step_logits[2].argmax()) == EOP  # without the option, <eop> was the choice at the 3rd step
+    model = TableModel({SOP: {A: 0.2}, A: {B_: 0.4}, B_: {C: 0.1}})  # <eop> is always the most likely next token
+    assert fill_blanks(model, [[13, M, 14, M]], GenerationConfig(max_new_tokens=4))[0].spans == [[], []]
+    got = fill_blanks(model, [[13, M, 14, M]], GenerationConfig(max_new_tokens=4, min_new_tokens=2))[0].spans
+    assert got == [[A, B_], [A, B_]]  # every blank, not just the first
+
+
+def test_length_penalty_ranks_beams_by_its_formula():
+    # two finished hypotheses: <eop> (log 0.4, length 1) and A <eop> (log 0.6 + log 0.5, length 2);
+    # score = sum log p / length ** lp, so the short one wins iff lp < log2(log 0.3 / log 0.4) = 0.394
+    model = TableModel({SOP: {EOP: 0.4, A: 0.6}, A: {EOP: 0.5, B_: 0.5}, B_: {EOP: 1.0}})
+    short, long_ = math.log(0.4), math.log(0.6 * 0.5)
+    for lp, span, score in ((0.0, [], short), (0.3, [], short), (0.5, [A], long_ / 2**0.5), (1.0, [A], long_ / 2)):
+        (res,) = fill_blanks(
+            model, [[13, M]], GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=3, length_penalty=lp)
+        )
+        assert res.spans == [span], lp
+        assert res.score == pytest.approx(score, abs=1e-6), lp
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -220,3 +314,7 @@ def test_clear_errors():
         GenerationConfig(temperature=0.0)
     with pytest.raises(ValueError, match="prompts"):
         fill_blanks(model, [])
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        GenerationConfig(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        GenerationConfig(no_repeat_ngram_size=-1)

@@ -307,6 +307,27 @@ def test_teacher_forcing_the_bundles_own_choices_replays_its_greedy_decoding(lm)
         lm.teacher_forced_logits(prompts[1:], [[20, 21, 22, eop]], max_new_tokens=2)
 
 
+def test_min_new_tokens_and_no_repeat_ngrams_constrain_each_greedy_choice(lm):
+    prompts = [lm.encode("the movie was [MASK] and the acting [sMASK]."), [40, 41, 4, 42], lm.encode("the plot") + [6]]
+    eop = lm.special["eop"]
+    spans = lm.fill_ids(prompts, max_new_tokens=8, min_new_tokens=2, no_repeat_ngram_size=2)
+    tokens = [[t for span in row for t in [*span, eop]] for row in spans]
+    for row, steps in zip(tokens, lm.teacher_forced_logits(prompts, tokens, max_new_tokens=8)):
+        span: list[int] = []
+        for tok, step in zip(row, steps):
+            allowed = step.astype(np.float64)  # (V,) the rules applied by hand to the step's raw logits
+            allowed[[t for i, t in enumerate(span[1:]) if span[i] == (span[-1] if span else None)]] = -np.inf
+            if len(span) < 2:
+                allowed[eop] = -np.inf
+            assert tok == (eop if len(span) >= 8 else int(allowed.argmax())), (row, span)
+            span = [] if tok == eop else [*span, tok]
+    for row in spans:
+        for span in row:
+            assert 2 <= len(span) <= 8 and len(set(zip(span, span[1:]))) == len(span) - 1
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        lm.fill_ids(prompts, max_new_tokens=2, min_new_tokens=3)
+
+
 def test_fill_blanks_returns_the_text_with_every_blank_filled(lm):
     result = lm.fill_blanks("the movie was [MASK] and the acting [sMASK].", max_new_tokens=5)
     assert len(result.spans) == len(result.span_ids) == 2 and all(len(s) <= 5 for s in result.span_ids)
@@ -389,6 +410,13 @@ def test_classify_needs_a_classifier_bundle(lm):
 def test_infer_command_fills_generates_and_classifies(built, capsys):
     assert cli_main(["infer", str(built.lm_bundle), "--fill", "the movie was [MASK].", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    fill = ["infer", str(built.lm_bundle), "--fill", "a [MASK]", "--max-new-tokens", "6", "--min-new-tokens", "6"]
+    assert cli_main([*fill, "--no-repeat-ngram-size", "1"]) == 0  # six tokens, none twice
+    filled = capsys.readouterr().out.strip()
+    span = runtime.Bundle.load(built.lm_bundle, threads=1).fill_blanks(
+        "a [MASK]", max_new_tokens=6, min_new_tokens=6, no_repeat_ngram_size=1
+    )
+    assert filled == span.text and len(span.span_ids[0]) == 6 == len(set(span.span_ids[0]))
     assert (
         cli_main(
             [

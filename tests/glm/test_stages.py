@@ -338,3 +338,43 @@ def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_confi
     stages.run_pipeline(cfg, stage="pretrain")
     replanned = json.loads((paths.pretrain / stages.RUN_PLAN).read_text(encoding="utf-8"))
     assert replanned["key"] != plan["key"] and replanned["resolved"] == plan["resolved"] and replanned["steps"] == 4
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_seq2seq_generation_decodes_each_fine_tuned_models_test_split(tmp_path):
+    import json
+
+    from glm.finetune import save_finetuned, split_examples
+    from tests.glm.factories import sentiment_tokenizer, tiny_model
+
+    source = tmp_path / "pairs.jsonl"
+    pairs = [
+        (f"the movie was {w} and {v}", f"{w} film really {v}")
+        for w in ("good", "bad", "fun")
+        for v in ("great", "boring", "quite")
+    ]
+    source.write_text("".join(json.dumps({"text": s, "summary": t}) + "\n" for s, t in pairs * 3), encoding="utf-8")
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "finetune.kind=seq2seq",
+            f"finetune.task.source={{kind: jsonl, path: {source}}}",
+            "finetune.task.label_field=summary",
+            "evaluate.seq2seq_test_examples=4",
+        ],
+    )
+    paths = stages.RunPaths(cfg.run_dir)
+    tok = sentiment_tokenizer()
+    task_dir = paths.finetune(cfg.finetune.task.name)
+    for name, where in stages.RUN_DIRS.items():
+        save_finetuned(tiny_model(tok.vocab_size, max_seq_len=64), task_dir / where, 1, {"kind": "seq2seq"})
+    results = {"pretrained": {"max_seq_len": 64}, "from scratch": {}}
+    stages._seq2seq_generation(cfg, paths, results, tok)
+    test = split_examples(pairs * 3, cfg.finetune.task.split, key=lambda p: p[0])["test"]
+    for res in results.values():
+        g = res["generation"]
+        assert g["n"] == min(4, len(test)) and 0 <= g["bleu"] <= 100 and {"rouge1", "rouge2", "rougeL"} <= set(g)
+        assert g["examples"][0]["reference"] == test[0][1]

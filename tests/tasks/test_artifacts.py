@@ -160,3 +160,39 @@ def test_the_bundle_is_a_markdown_artifact_and_a_link_only_for_an_http_url(built
         markdown_and_table[1],
     ]
     assert sent[-2][1] == "https://models.example.org/demo/bundle"
+
+
+def test_generation_metrics_become_one_table_row_each(tmp_path, monkeypatch):
+    import json
+
+    from glm_pipeline.tasks import artifacts
+
+    from glm.config import PipelineConfig
+
+    metrics = {
+        "pretrain": {
+            "infill_bleu": {
+                "docs": 3,
+                "ratios": {"0.1": {"bleu": 80.123, "bleu_unfilled": 75.0}, "0.5": {"bleu": 30.0, "bleu_unfilled": 28.5}},
+            },
+            "lastword": {
+                "words": 9,
+                "blank": {"accuracy": 0.25, "perplexity": 40.5},
+                "left_to_right": {"accuracy": 0.5, "perplexity": 20.0},
+            },
+        },
+        "seq2seq": {"pretrained": {"generation": {"bleu": 12.5, "rouge1": 40.0, "rouge2": 20.0, "rougeL": 35.0}}},
+    }
+    rows = artifacts.generation_rows(metrics)
+    assert rows[0] == {"evaluation": "infilling, 10% blanked", "metric": "BLEU", "value": 80.12, "floor": 75.0}
+    assert {"evaluation": "last word (left to right)", "metric": "accuracy", "value": 0.5, "floor": None} in rows
+    assert [r["metric"] for r in rows if r["evaluation"] == "seq2seq test (pretrained)"] == ["bleu", "rouge1", "rouge2", "rougeL"]
+    assert len(rows) == 2 + 4 + 4 and artifacts.generation_rows({"pretrain": {}}) == []
+    sent = []
+    for name in ("create_markdown_artifact", "create_table_artifact"):
+        monkeypatch.setattr(artifacts, name, lambda *a, _name=name, **kw: sent.append((_name, kw["key"])))
+    (tmp_path / "report.md").write_text("# Report\n")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    artifacts.evaluation_report(PipelineConfig(name="Demo"), tmp_path)
+    artifacts.wait_sent()
+    assert sent == [("create_markdown_artifact", "demo-evaluation-report"), ("create_table_artifact", "demo-generation-metrics")]
