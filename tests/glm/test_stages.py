@@ -298,3 +298,23 @@ def test_ignore_code_version_leaves_code_out_of_the_stage_key(tmp_path, monkeypa
     assert stages.stage_key("tokenizer", cfg, paths) == key
     cfg.orchestration.ignore_code_version = False
     assert stages.stage_key("tokenizer", cfg, paths) != key
+
+
+# --------------------------------------------------------------------------- which fine-tuned run is exported
+
+
+def test_the_export_is_the_run_best_on_dev_ties_and_collapses_decide_as_documented():
+    def run(dev, **kw):
+        return {"best_val_accuracy": dev, "test": {"accuracy": 0.99}, **kw}
+
+    chosen = stages.choose_export({"pretrained": run(0.70), "from scratch": run(0.75)})
+    assert chosen["run"] == "from scratch" and chosen["dir"] == "from_scratch" and chosen["criterion"] == "best_val_accuracy"
+    assert chosen["reason"] == "best best_val_accuracy: pretrained 0.7, from scratch 0.75"
+    assert chosen["dev"] == {"pretrained": 0.70, "from scratch": 0.75}
+    tie = stages.choose_export({"pretrained": run(0.75), "from scratch": run(0.75)})
+    assert tie["run"] == "pretrained" and tie["reason"].startswith("tie on best_val_accuracy")
+    collapsed = stages.choose_export({"pretrained": run(0.60), "from scratch": run(0.75, collapsed=True)})
+    assert collapsed["run"] == "pretrained" and "collapsed" in collapsed["reason"]
+    assert stages.choose_export({"pretrained": run(0.5)})["reason"].startswith("the only fine-tuned run")
+    seq2seq = stages.choose_export({"pretrained": {"best_val_loss": 2.0}, "from scratch": {"best_val_loss": 1.5}})
+    assert seq2seq["run"] == "from scratch" and seq2seq["criterion"] == "best_val_loss"
