@@ -524,10 +524,23 @@ def test_class_balanced_loss_is_the_weighted_cross_entropy(tok, tmp_path):
     examples = [e for e in sentiment_examples(300) if e.label == "1"][:90] + [
         e for e in sentiment_examples(300) if e.label == "0"
     ][:30]
-    cfg = FinetuneConfig(task=BALANCED, epochs=1, batch_size=16, class_balanced=True, optim={"lr": 1e-3})
+    cfg = FinetuneConfig(task=BALANCED, epochs=1, batch_size=16, log_every=1, class_balanced=True, optim={"lr": 1e-3})
+    start = tiny_model(tok.vocab_size, max_seq_len=64)
     result = ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=examples)
-    n0, n1 = (sum(e.label == label for e in ft.split_examples(examples, BALANCED.split)["train"]) for label in "01")
-    assert result["class_weights"] == pytest.approx([(n0 + n1) / (2 * n0), (n0 + n1) / (2 * n1)], rel=1e-5)
+    train = ft.split_examples(examples, BALANCED.split)["train"]
+    n0, n1 = sum(e.label == "0" for e in train), sum(e.label == "1" for e in train)
+    weights = [(n0 + n1) / (2 * n0), (n0 + n1) / (2 * n1)]
+    assert result["class_weights"] == pytest.approx(weights, rel=1e-5)
+    # the first logged loss is the weighted cross-entropy of the first batch under the initial weights
+    first = ft.epoch_batches(len(train), 16, np.random.default_rng(cfg.seed))[0]
+    task = ft.ClozeTask(tok, BALANCED, 64)
+    with torch.no_grad():
+        scores = ft.cloze_scores(start.train(), task, [task.encode(train[i].text) for i in first])
+    labels = torch.tensor([int(train[i].label) for i in first])
+    expected = torch.nn.functional.cross_entropy(scores, labels, weight=torch.tensor(weights))
+    unweighted = torch.nn.functional.cross_entropy(scores, labels)
+    logged = next(r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "train")
+    assert logged == pytest.approx(float(expected), rel=1e-4) and abs(float(expected) - float(unweighted)) > 1e-3
 
 
 def test_a_collapsing_fine_tune_is_retried_with_a_lower_lr_and_every_attempt_recorded(tok, tmp_path):
