@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -372,11 +374,48 @@ class ClozeTaskConfig(Section):
         return self
 
 
+class FinetuneOptimConfig(OptimConfig):
+    """The fine-tuning optimizer: as pretraining's, but the warmup follows the run's length unless given."""
+
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Linear warmup updates; None: warmup_fraction of the run's total steps."
+    )
+    warmup_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Warmup as a share of the run's total steps when warmup_steps is None (at least one step): "
+        "a fixed count is too long for a small task and too short for a large one.",
+    )
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, math.ceil(self.warmup_fraction * total_steps)) if self.warmup_fraction > 0 else 0
+
+
+class CollapseGuardConfig(Section):
+    """After fine-tuning a classifier, retrain with a lower learning rate if the kept model collapsed.
+
+    Collapsed: the best dev model predicts one label for more than `pred_share` of dev while that
+    label is less than `label_share` of dev's true labels, or no trained step beat the untrained model
+    (the best dev evaluation is step 0). Every attempt is recorded in result.json ("attempts")."""
+
+    enabled: bool = True
+    max_attempts: int = Field(default=3, ge=1, description="Trainings in all, the first included.")
+    pred_share: float = Field(default=0.9, gt=0.0, le=1.0)
+    label_share: float = Field(default=0.7, gt=0.0, le=1.0)
+    lr_divisor: float = Field(default=3.0, gt=1.0, description="Each retry starts again from the initial weights with lr / this.")
+
+
 class FinetuneConfig(Section):
     task: ClozeTaskConfig = Field(default_factory=ClozeTaskConfig)
     kind: Literal["cloze", "seq2seq"] = "cloze"
     epochs: int = Field(
-        default=3, ge=1, description="Epochs; with budget_minutes, the most the budget may choose if set explicitly."
+        default=5,
+        ge=1,
+        description="At most; early stopping on dev (patience) usually ends sooner. With budget_minutes, the most the "
+        "budget may choose if set explicitly.",
     )
     budget_minutes: float | None = Field(
         default=None,
@@ -385,7 +424,21 @@ class FinetuneConfig(Section):
         "measured steps; the schedule's length is those steps.",
     )
     batch_size: int = Field(default=32, ge=1)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=50, weight_decay=0.01))
+    optim: FinetuneOptimConfig = Field(default_factory=lambda: FinetuneOptimConfig(lr=5e-5, weight_decay=0.01))
+    class_balanced: bool = Field(
+        default=False,
+        description="Weight the cloze loss by inverse train-label frequency (n / (labels x count)): for skewed labels.",
+    )
+    collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
+
+    @field_validator("optim", mode="before")
+    @classmethod
+    def _plain_optim_config(cls, value: Any) -> Any:
+        # a pretraining OptimConfig passed in code: keep what its caller set (an unset warmup follows the run)
+        if isinstance(value, OptimConfig) and not isinstance(value, FinetuneOptimConfig):
+            return value.model_dump(exclude_unset=True)
+        return value
+
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     patience: int = Field(default=2, ge=1, description="Early stopping: dev evaluations without improvement.")
     eval_every: int | None = Field(

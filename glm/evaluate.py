@@ -168,6 +168,46 @@ def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int], l
     return out | {"majority_label": labels[majority]}
 
 
+LINEAR_BASELINE = "TF-IDF of character 1-4-grams (char_wb) + logistic regression"
+
+
+def linear_baseline(
+    train_texts: Sequence[str],
+    train_labels: Sequence[int],
+    test_texts: Sequence[str],
+    test_labels: Sequence[int],
+    labels: Sequence[str],
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Test metrics of a TF-IDF + logistic regression classifier trained on the same train split.
+
+    Character n-grams within word boundaries need no word tokenizer, so the same baseline holds for
+    Chinese text as for English. A fine-tuned model below it has learned less than word statistics.
+    """
+    import time
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    t0 = time.perf_counter()
+    model = make_pipeline(
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=2, max_features=200_000),
+        LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
+    )
+    y_train = np.asarray(train_labels, dtype=np.int64)
+    if len(np.unique(y_train)) < 2:
+        raise ValueError("the linear baseline needs train examples of at least two labels")
+    try:
+        model.fit(list(train_texts), y_train)
+    except ValueError:  # min_df=2 can leave nothing on a handful of examples; every n-gram then counts
+        model.set_params(tfidfvectorizer__min_df=1).fit(list(train_texts), y_train)
+    pred = model.predict(list(test_texts))
+    out = classification_metrics(test_labels, pred, labels)
+    return out | {"model": LINEAR_BASELINE, "fit_seconds": round(time.perf_counter() - t0, 3)}
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -708,6 +748,128 @@ def _generation_sections(
     return md, plots
 
 
+# --------------------------------------------------------------------------- warnings: the fine-tuned model against its baselines
+
+TRY_COLLAPSE = (
+    "lower finetune.optim.lr (e.g. / 3), set finetune.class_balanced: true, give finetune.collapse_guard.max_attempts "
+    "more tries; check that finetune.task.verbalizers are words the tokenizer knows"
+)
+TRY_WEAK = (
+    "more finetune.epochs (early stopping keeps the best dev point), finetune.optim.lr between 1e-4 and 1e-3, "
+    "finetune.class_balanced: true for skewed labels, more pretraining (pretrain.steps) or a larger model.preset"
+)
+TRY_PRETRAINING = (
+    "more pretraining (pretrain.steps), pretraining text closer to the task's (data.sources), a lower "
+    "finetune.optim.lr so fine-tuning keeps what pretraining learned"
+)
+
+
+def finetune_warnings(cloze: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """What a reader must know before trusting the classification results, each with the config keys to try.
+
+    Per run (finetune_cloze results, e.g. "pretrained", "from scratch"): the kept model collapsed or is the
+    untrained one; test accuracy at or below the majority class; below the TF-IDF + logistic regression
+    baseline; and for "pretrained", below "from scratch". A run the collapse guard had to retrain is a note.
+    """
+    out: list[dict[str, str]] = []
+    scratch = cloze.get("from scratch")
+    for name, res in cloze.items():
+        acc = (res.get("test") or {}).get("accuracy")
+        if acc is None:
+            continue
+        attempts = res.get("attempts") or []
+        if res.get("collapsed"):
+            reasons = next((a.get("reasons") for a in attempts if a.get("kept")), None) or ["collapsed"]
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "collapsed",
+                    "message": f"{name}: the kept model collapsed after {len(attempts)} attempt(s): {'; '.join(reasons)}",
+                    "try": TRY_COLLAPSE,
+                }
+            )
+        elif res.get("kept_untrained"):
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "untrained",
+                    "message": f"{name}: no trained step beat the untrained model on dev; the kept model is step 0",
+                    "try": TRY_COLLAPSE,
+                }
+            )
+        elif len(attempts) > 1:
+            kept = next(a for a in attempts if a.get("kept"))
+            out.append(
+                {
+                    "level": "note",
+                    "run": name,
+                    "check": "retried",
+                    "message": f"{name}: the collapse guard retrained it; attempt {kept['attempt']} of {len(attempts)} "
+                    f"(lr {kept['lr']:.3g}) was kept, earlier ones collapsed: "
+                    + "; ".join(r for a in attempts if a.get("collapsed") for r in a.get("reasons", [])),
+                    "try": TRY_COLLAPSE,
+                }
+            )
+        majority = res.get("majority") or {}
+        if majority.get("accuracy") is not None and acc <= majority["accuracy"]:
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "majority",
+                    "message": f"{name}: test accuracy {acc:.1%} is at or below the majority class "
+                    f"({majority.get('majority_label')!r} always: {majority['accuracy']:.1%})",
+                    "try": TRY_COLLAPSE,
+                }
+            )
+        linear = res.get("linear_baseline") or {}
+        if linear.get("accuracy") is not None and acc < linear["accuracy"]:
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "linear",
+                    "message": f"{name}: test accuracy {acc:.1%} is below the linear baseline ({linear['accuracy']:.1%}, "
+                    f"{linear.get('model', 'TF-IDF + logistic regression')})",
+                    "try": TRY_WEAK,
+                }
+            )
+        if name == "pretrained" and scratch and scratch is not res:
+            other = (scratch.get("test") or {}).get("accuracy")
+            if other is not None and acc < other:
+                out.append(
+                    {
+                        "level": "warning",
+                        "run": name,
+                        "check": "from scratch",
+                        "message": f"pretrained: test accuracy {acc:.1%} is below the same fine-tuning from random "
+                        f"initialisation ({other:.1%}): pretraining did not help this task",
+                        "try": TRY_PRETRAINING,
+                    }
+                )
+    return out
+
+
+def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
+    """The warnings as a Markdown block for the top of a report (nothing if there are none)."""
+    if not warnings:
+        return []
+    serious = [w for w in warnings if w["level"] == "warning"]
+    head = (
+        f"## WARNING: {len(serious)} problem(s) with the fine-tuned classifier"
+        if serious
+        else "## Note: the collapse guard retrained a classifier"
+    )
+    lines = [head, ""]
+    for w in warnings:
+        lines.append(f"> **{'WARNING' if w['level'] == 'warning' else 'note'}** {w['message']}.  ")
+        lines.append(f"> Try: {w['try']}.")
+        lines.append(">")
+    return lines[:-1] + [""]
+
+
 def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any],
@@ -737,8 +899,13 @@ def write_report(
         if name not in paths and res.get("metrics_path") and Path(res["metrics_path"]).is_file():
             paths[name] = res["metrics_path"]
 
+    # ---- warnings before any table (finetune_warnings): a collapsed or trivial classifier is the headline
+    warnings = finetune_warnings(cloze)
+    md += warnings_markdown(warnings)
+
     # ---- classification summary first: it is the headline
     majority = next((r["majority"] for r in cloze.values() if r.get("majority")), None)
+    linear = next((r["linear_baseline"] for r in cloze.values() if r.get("linear_baseline")), None)
     if cloze:
         task = next(iter(cloze.values())).get("task", "classification")
         md += [f"## Cloze classification: {task}", ""]
@@ -768,6 +935,11 @@ def write_report(
                 ]
             )
             bars["majority class"] = (majority["accuracy"], majority["macro_f1"])
+        if linear is not None:
+            rows.append(
+                ["TF-IDF + logistic regression", _fmt(linear["accuracy"], True), _fmt(linear["macro_f1"], True), "", "", ""]
+            )
+            bars["TF-IDF + LR"] = (linear["accuracy"], linear["macro_f1"])
         md += _table(["model", "test accuracy", "test macro-F1", "best validation accuracy", "steps", "stopped early"], rows)
         first = next(iter(cloze.values()))
         if first.get("sizes"):
@@ -867,7 +1039,7 @@ def write_report(
     md += generation_md
     plots.update(generation_plots)
 
-    metrics = _json_safe({**results, "plots": {k: p.name for k, p in plots.items()}})
+    metrics = _json_safe({**results, "warnings": warnings, "plots": {k: p.name for k, p in plots.items()}})
     written = {
         "metrics": atomic_write_json(out_dir / "metrics.json", metrics),
         "report": atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n"),

@@ -665,6 +665,7 @@ def _bundle_config(
     cfg: ExportConfig,
     classifier: dict[str, Any] | None,
     int8: bool,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     c = model.cfg
     head = isinstance(model, GLMClassifier)
@@ -736,6 +737,7 @@ def _bundle_config(
             "checkpoint": str(checkpoint.resolve()),
             "step": meta.get("step"),
             "checkpoint_code_version": meta.get("code_version"),
+            "selection": selection,  # which fine-tuned run this is and why it was chosen (None: exported directly)
         },
         "export": cfg.model_dump(mode="json"),
     }
@@ -770,6 +772,7 @@ def export_bundle(
     *,
     classifier: dict[str, Any] | None = None,
     verify_data: Any = None,
+    selection: dict[str, Any] | None = None,
 ) -> Path:
     """Export a pretrained or fine-tuned checkpoint into a verified bundle at `out_dir`; returns out_dir.
 
@@ -777,6 +780,7 @@ def export_bundle(
     classifier: a cloze spec (pattern, verbalizers, labels...); default: the one a fine-tuned
     checkpoint carries in meta.json ("finetune", kind "cloze"), if any.
     verify_data: labelled examples for the classifier accuracy check (default: the run's test split).
+    selection: why this checkpoint was chosen (glm.stages.choose_export), kept as config.json's source.selection.
     Raises ExportVerificationError (and leaves out_dir untouched) if the bundle disagrees with PyTorch.
     """
     cfg = cfg or ExportConfig()
@@ -813,7 +817,7 @@ def export_bundle(
         if cfg.quantize_int8:
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
         atomic_write_bytes(tmp / TOKENIZER_FILE, tokenizer.model_proto)
-        config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8)
+        config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8, selection)
         write_json_in_order(tmp / runtime.CONFIG_FILE, config)  # the classifier's verbalizers stay in label order
         write_sha256sums(tmp)  # the runtime refuses a bundle without checksums, verification included
         if cfg.verify:

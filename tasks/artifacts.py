@@ -38,6 +38,7 @@ from prefect.artifacts import (
 
 from glm.config import PipelineConfig
 from glm.contracts import CorpusStats, TokenStats, read_stats
+from glm.evaluate import warnings_markdown
 from glm.shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
@@ -266,14 +267,22 @@ def inline_images(markdown: str, directory: Path) -> str:
     return _IMAGE.sub(embed, markdown)
 
 
+def _warning_headline(warnings: list[dict[str, Any]]) -> str:
+    serious = [w for w in warnings if w.get("level") == "warning"]
+    return f"WARNING: {len(serious)} problem(s) with the fine-tuned classifier. " if serious else ""
+
+
 def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
+    """report.md, plots inlined; its warnings (glm.evaluate.finetune_warnings) open the report and its description."""
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
+    metrics_file = eval_dir / "metrics.json"
+    warnings = (json.loads(metrics_file.read_text(encoding="utf-8")).get("warnings") or []) if metrics_file.is_file() else []
     publish(
         "evaluation-report",
         create_markdown_artifact,
         inline_images(report, eval_dir),
         key=artifact_key(cfg, "evaluation-report"),
-        description=f"Evaluation report (files in {eval_dir})",
+        description=f"{_warning_headline(warnings)}Evaluation report (files in {eval_dir})",
     )
     rows = generation_rows(json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8")))
     if rows:
@@ -324,18 +333,43 @@ def generation_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> None:
+def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]], task_dir: Path | None = None) -> None:
+    """A table of test metrics per run and beside them the baselines; the warnings the finetune stage
+    recorded in its manifest (what to check, what to try) as a Markdown artifact of their own."""
     rows = [
-        {"model": name, **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))}, "steps": r.get("steps")}
+        {
+            "model": name,
+            **{k: _rounded(v) for k, v in r["test"].items() if isinstance(v, (int, float))},
+            "steps": r.get("steps"),
+            "best_step": r.get("best_step"),
+            "attempts": len(r.get("attempts") or [None]),
+            "collapsed": r.get("collapsed", False),
+        }
         for name, r in results.items()
     ]
+    first = next(iter(results.values()), {})
+    for key, name in (("majority", "majority class"), ("linear_baseline", "TF-IDF + logistic regression")):
+        if first.get(key):
+            row = {"model": name, **{k: _rounded(first[key][k]) for k in ("accuracy", "macro_f1", "n")}}
+            rows.append({k: None for k in rows[0]} | row)  # one set of columns for the whole table
+    warnings = []
+    if task_dir is not None and (task_dir / MANIFEST).is_file():
+        warnings = read_manifest(task_dir / MANIFEST).get("stats", {}).get("warnings") or []
     publish(
         "finetune-results",
         create_table_artifact,
         rows,
         key=artifact_key(cfg, "finetune-results"),
-        description=f"Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}",
+        description=f"{_warning_headline(warnings)}Test metrics of {cfg.finetune.kind} task {cfg.finetune.task.name!r}",
     )
+    if warnings:
+        publish(
+            "finetune-warnings",
+            create_markdown_artifact,
+            "\n".join(warnings_markdown(warnings)),
+            key=artifact_key(cfg, "finetune-warnings"),
+            description=_warning_headline(warnings) or "Notes on the fine-tuning runs",
+        )
 
 
 def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None) -> None:

@@ -50,7 +50,9 @@ ARTIFACTS: dict[str, Callable[[PipelineConfig, stages.RunPaths], None]] = {
     "tokenize": lambda cfg, paths: artifacts.token_statistics(cfg, paths.tokens),
     "validate-tokens": lambda cfg, paths: artifacts.validation_results(cfg, paths.tokens / stages.VALIDATION, "token"),
     "pretrain": lambda cfg, paths: artifacts.loss_table(cfg, paths.pretrain / "metrics.jsonl"),
-    "finetune": lambda cfg, paths: artifacts.finetune_summary(cfg, stages.finetune_results(cfg, paths)),
+    "finetune": lambda cfg, paths: artifacts.finetune_summary(
+        cfg, stages.finetune_results(cfg, paths), paths.finetune(cfg.finetune.task.name)
+    ),
     "evaluate": lambda cfg, paths: artifacts.evaluation_report(cfg, paths.eval),
     "export": lambda cfg, paths: artifacts.export_bundle(cfg, paths.bundle),
 }

@@ -11,6 +11,7 @@ from glm_pipeline.flows.pipeline import glm_pipeline, run_stage
 
 from glm import stages
 from glm.config import load_config
+from glm.shards import read_manifest
 from tests.flows.api import artifacts, client, logs, states, task_runs
 from tests.flows.conftest import SMALL
 
@@ -83,6 +84,29 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
     assert "SHA256SUMS" in bundle and "Bundle.load(" in bundle and "glm-pipeline infer" in bundle
     loss_rows = found["tiny-e2e-pretrain-loss"].data
     assert '"step": 6' in loss_rows and '"loss"' in loss_rows
+    # the baselines sit beside the models; the stage's warnings, if any, are an artifact of their own
+    assert "TF-IDF + logistic regression" in found["tiny-e2e-finetune-results"].data
+    assert "TF-IDF + logistic regression" in report
+    paths = stages.RunPaths(cfg.run_dir)
+    warnings = read_manifest(paths.finetune(cfg.finetune.task.name) / "manifest.json")["stats"]["warnings"]
+    if any(w["level"] == "warning" for w in warnings):
+        assert all(w["message"] in found["tiny-e2e-finetune-warnings"].data for w in warnings)
+        assert "## WARNING:" in report and found["tiny-e2e-evaluation-report"].description.startswith("WARNING:")
+    else:
+        assert "## WARNING:" not in report
+
+
+def test_the_bundle_is_the_run_best_on_dev_and_says_why(two_runs):
+    cfg, _, _ = two_runs
+    paths = stages.RunPaths(cfg.run_dir)
+    results = stages.finetune_results(cfg, paths)
+    best = max(results, key=lambda n: (not results[n]["collapsed"], results[n]["best_val_accuracy"], n == "pretrained"))
+    selection = json.loads((paths.bundle / "config.json").read_text())["source"]["selection"]
+    assert selection["run"] == best and selection["dev"] == {n: r["best_val_accuracy"] for n, r in results.items()}
+    assert selection["reason"] and read_manifest(paths.export / "manifest.json")["stats"]["selection"] == selection
+    assert json.loads((paths.bundle / "config.json").read_text())["source"]["checkpoint"].startswith(
+        str((paths.finetune(cfg.finetune.task.name) / stages.RUN_DIRS[best]).resolve())
+    )
 
 
 def test_runs_are_named_after_the_config_and_the_shard(two_runs):

@@ -410,3 +410,106 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
 def test_write_report_with_nothing_but_a_title(tmp_path):
     written = ev.write_report(tmp_path, {"title": "empty"})
     assert written["report"].read_text().startswith("# empty") and set(written) == {"metrics", "report"}
+
+
+# --------------------------------------------------------------------------- the linear baseline and the warnings
+
+
+def _separable(n: int, seed: int, words: dict[str, str], filler: list[str], join: str) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        parts = list(rng.choice(filler, size=int(rng.integers(3, 8))))
+        parts.insert(int(rng.integers(len(parts) + 1)), words[str(label)])
+        texts.append(join.join(parts))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.mark.parametrize(
+    "words, filler, join",
+    [
+        ({"0": "bad", "1": "good"}, "the movie film was plot acting story really very quite".split(), " "),
+        ({"0": "差", "1": "好"}, list("这部电影的剧情演员故事真很非常"), ""),  # no spaces: char n-grams still work
+    ],
+)
+def test_linear_baseline_learns_a_separable_task_in_english_and_chinese(words, filler, join):
+    train_x, train_y = _separable(120, 0, words, filler, join)
+    test_x, test_y = _separable(60, 1, words, filler, join)
+    out = ev.linear_baseline(train_x, train_y, test_x, test_y, ["neg", "pos"], seed=0)
+    assert out["accuracy"] >= 0.95 and out["n"] == 60 and out["model"] == ev.LINEAR_BASELINE
+    assert out["labels"] == ["neg", "pos"] and len(out["confusion"]) == 2
+    again = ev.linear_baseline(train_x, train_y, test_x, test_y, ["neg", "pos"], seed=0)
+    assert again["confusion"] == out["confusion"]  # same data, same seed: same predictions
+    with pytest.raises(ValueError, match="at least two labels"):
+        ev.linear_baseline(train_x, [0] * len(train_x), test_x, test_y, ["neg", "pos"])
+
+
+def _cloze_result(truth, pred, labels, **extra):
+    return {
+        "task": "questions",
+        "labels": labels,
+        "best_val_accuracy": 0.4,
+        "steps": 10,
+        "test": ev.classification_metrics(truth, pred, labels),
+        "majority": ev.majority_baseline([0, 0, 1], truth, labels),
+        **extra,
+    }
+
+
+def test_a_model_at_majority_below_the_baselines_is_a_warning_at_the_top_of_the_report(tmp_path):
+    labels = ["a", "b", "c"]
+    truth = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]  # majority "a": 40%
+    collapsed = {
+        "attempt": 3,
+        "lr": 6.7e-5,
+        "kept": True,
+        "collapsed": True,
+        "reasons": ["one label: the best dev model predicts 'a' for 97% of dev"],
+    }
+    cloze = {
+        "pretrained": _cloze_result(
+            truth,
+            [0] * 10,  # one label: 40%, the majority class exactly
+            labels,
+            attempts=[{**collapsed, "attempt": i, "kept": i == 3} for i in (1, 2, 3)],
+            collapsed=True,
+            linear_baseline=ev.classification_metrics(truth, [0, 0, 0, 0, 1, 1, 1, 2, 2, 0], labels) | {"model": "tfidf"},
+        ),
+        "from scratch": _cloze_result(truth, [0, 0, 0, 1, 1, 1, 1, 2, 2, 0], labels),
+    }
+    warnings = ev.finetune_warnings(cloze)
+    assert [(w["run"], w["check"]) for w in warnings] == [
+        ("pretrained", "collapsed"),
+        ("pretrained", "majority"),
+        ("pretrained", "linear"),
+        ("pretrained", "from scratch"),
+    ]
+    assert "after 3 attempt(s): one label" in warnings[0]["message"] and "finetune.optim.lr" in warnings[0]["try"]
+    assert "40.0% is at or below the majority class ('a' always: 40.0%)" in warnings[1]["message"]
+    assert "below the linear baseline (90.0%" in warnings[2]["message"] and "pretrain.steps" in warnings[3]["try"]
+    written = ev.write_report(tmp_path, {"title": "t", "cloze": cloze})
+    report = written["report"].read_text()
+    assert report.index("## WARNING: 4 problem(s)") < report.index("| model |")
+    assert "TF-IDF + logistic regression | 90.0%" in report and "Try: lower finetune.optim.lr" in report
+    assert [w["check"] for w in json.loads(written["metrics"].read_text())["warnings"]][:2] == ["collapsed", "majority"]
+
+
+def test_a_model_above_every_baseline_has_no_warning_and_a_retry_is_a_note(tmp_path):
+    labels = ["a", "b"]
+    truth = [0, 0, 0, 1, 1, 1]
+    linear = ev.classification_metrics(truth, [0, 0, 1, 1, 1, 0], labels)
+    good = _cloze_result(truth, truth, labels, linear_baseline=linear, collapsed=False, kept_untrained=False)
+    assert ev.finetune_warnings({"pretrained": good, "from scratch": good}) == []
+    assert "WARNING" not in ev.write_report(tmp_path, {"cloze": {"pretrained": good}})["report"].read_text()
+    retried = good | {
+        "attempts": [
+            {"attempt": 1, "lr": 1e-3, "kept": False, "collapsed": True, "reasons": ["untrained: step 0 was kept"]},
+            {"attempt": 2, "lr": 3.3e-4, "kept": True, "collapsed": False, "reasons": []},
+        ]
+    }
+    (note,) = ev.finetune_warnings({"pretrained": retried})
+    assert note["level"] == "note" and "attempt 2 of 2 (lr 0.00033) was kept" in note["message"]
+    untrained = good | {"kept_untrained": True}
+    assert [w["check"] for w in ev.finetune_warnings({"pretrained": untrained})] == ["untrained"]

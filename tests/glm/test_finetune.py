@@ -3,6 +3,7 @@ invariant, a tiny model learns a separable task, early stopping, readers, splits
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -667,3 +668,146 @@ def test_a_finetuning_budget_sets_the_steps_and_leaves_no_trace_of_its_measuring
     # a budget shorter than one step still trains one, and evaluates where the budget ends
     _, short_loop, records = run("short", budget_minutes=1e-4)
     assert short_loop.steps == 1 and [r["step"] for r in records if r["kind"] == "eval"] == [0, 1]
+
+
+# --------------------------------------------------------------------------- warmup, step 0, class weights, the collapse guard
+
+
+BALANCED = SINGLE.model_copy(update={"split": (0.6, 0.2, 0.2)})  # dev of ~60 examples, half of each label
+
+
+def test_warmup_follows_the_run_length_unless_given():
+    from glm.config import FinetuneOptimConfig
+
+    assert FinetuneOptimConfig().warmup_for(428) == 43 and FinetuneOptimConfig().warmup_for(3) == 1
+    assert FinetuneOptimConfig(warmup_steps=50).warmup_for(428) == 50
+    assert FinetuneOptimConfig(warmup_fraction=0.0).warmup_for(428) == 0
+    # a pretraining OptimConfig in code keeps what was set; an unset warmup follows the run
+    assert FinetuneConfig(optim=OptimConfig(lr=1e-3)).optim.warmup_steps is None
+    assert FinetuneConfig(optim=OptimConfig(lr=1e-3, warmup_steps=5)).optim.warmup_steps == 5
+
+
+def scripted_loop(tok, tmp_path, scores, **cfg_kw):
+    """train_loop over 16 examples with dev scores read from `scores` (step 0 first); returns the result and the lrs."""
+    task = ft.ClozeTask(tok, SINGLE, 64)
+    items = [task.encode(e.text) for e in sentiment_examples(16)]
+    scripted = iter(scores)
+    cfg = FinetuneConfig(task=SINGLE, **{"epochs": 10, "batch_size": 4, "eval_every": 1, "patience": 2, **cfg_kw})
+    with ft.MetricsLog(tmp_path / "metrics.jsonl", fresh=True) as log:
+        loop = ft.train_loop(
+            tiny_model(tok.vocab_size, max_seq_len=64),
+            items,
+            lambda m, batch: ft.cloze_scores(m, task, batch).logsumexp(-1).mean(),
+            lambda m: {"val_accuracy": next(scripted)},
+            cfg,
+            log,
+            score_key="val_accuracy",
+            higher_is_better=True,
+        )
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
+    return loop, lrs
+
+
+def test_patience_counts_from_the_first_trained_evaluation_and_step_0_is_kept_only_if_unbeaten(tok, tmp_path):
+    # the untrained model scores 0.9; trained evaluations improve among themselves, so training goes on
+    loop, _ = scripted_loop(tok, tmp_path, [0.9, 0.5, 0.6, 0.7, 0.6, 0.65, 0.3], log_every=1)
+    assert loop.steps == 5 and loop.stopped_early  # 0.7 at step 3, then two worse: patience 2
+    assert loop.kept_untrained and loop.best_step == 0 and loop.best_score == 0.9 and loop.untrained_score == 0.9
+    done = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "done"][0]
+    assert done["kept_untrained"] is True and done["best_step"] == 0
+    # a trained step that ties the untrained model is kept
+    loop, _ = scripted_loop(tok, tmp_path, [0.5, 0.5, 0.4, 0.4], log_every=1)
+    assert not loop.kept_untrained and loop.best_step == 1
+
+
+def test_warmup_fraction_shapes_the_learning_rate(tok, tmp_path):
+    optim = {"lr": 1e-2, "warmup_fraction": 0.25, "min_lr_ratio": 0.1}
+    loop, lrs = scripted_loop(tok, tmp_path, itertools.repeat(0.5), epochs=2, log_every=1, optim=optim, patience=100)
+    assert loop.warmup_steps == 2 and len(lrs) == 8  # 25% of 2 epochs x 4 batches
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+
+
+def test_class_weights_are_inverse_label_frequency():
+    w = ft.class_weights([0, 0, 0, 1, 2, 2], 4)
+    np.testing.assert_allclose(w.numpy(), [6 / 12, 6 / 4, 6 / 8, 0.0])
+
+
+def test_class_balanced_loss_is_the_weighted_cross_entropy(tok, tmp_path):
+    examples = [e for e in sentiment_examples(300) if e.label == "1"][:90] + [
+        e for e in sentiment_examples(300) if e.label == "0"
+    ][:30]
+    cfg = FinetuneConfig(task=BALANCED, epochs=1, batch_size=16, log_every=1, class_balanced=True, optim={"lr": 1e-3})
+    start = tiny_model(tok.vocab_size, max_seq_len=64)
+    result = ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=examples)
+    train = ft.split_examples(examples, BALANCED.split)["train"]
+    n0, n1 = sum(e.label == "0" for e in train), sum(e.label == "1" for e in train)
+    weights = [(n0 + n1) / (2 * n0), (n0 + n1) / (2 * n1)]
+    assert result["class_weights"] == pytest.approx(weights, rel=1e-5)
+    # the first logged loss is the weighted cross-entropy of the first batch under the initial weights
+    first = ft.epoch_batches(len(train), 16, np.random.default_rng(cfg.seed))[0]
+    task = ft.ClozeTask(tok, BALANCED, 64)
+    with torch.no_grad():
+        scores = ft.cloze_scores(start.train(), task, [task.encode(train[i].text) for i in first])
+    labels = torch.tensor([int(train[i].label) for i in first])
+    expected = torch.nn.functional.cross_entropy(scores, labels, weight=torch.tensor(weights))
+    unweighted = torch.nn.functional.cross_entropy(scores, labels)
+    logged = next(r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "train")
+    assert logged == pytest.approx(float(expected), rel=1e-4) and abs(float(expected) - float(unweighted)) > 1e-3
+
+
+def test_a_collapsing_fine_tune_is_retried_with_a_lower_lr_and_every_attempt_recorded(tok, tmp_path):
+    # lr 0.1 without warmup drives this tiny model to one label for all of a half-and-half dev; lr 0.01 learns it
+    cfg = FinetuneConfig(
+        task=BALANCED,
+        epochs=3,
+        batch_size=16,
+        patience=3,
+        optim={"lr": 0.1, "warmup_steps": 0, "weight_decay": 0.0},
+        collapse_guard={"max_attempts": 3, "lr_divisor": 10.0},
+    )
+    result = ft.finetune_cloze(tiny_model(tok.vocab_size, max_seq_len=64), tok, cfg, tmp_path, examples=sentiment_examples(300))
+    first, second = result["attempts"]  # the second did not collapse: no third
+    assert first["collapsed"] and first["lr"] == pytest.approx(0.1) and not first["kept"]
+    assert first["reasons"][0].startswith("one label: the best dev model predicts")
+    assert first["dev_top_pred_share"] > 0.9 and first["dev_top_true_share"] < 0.7
+    assert not second["collapsed"] and second["lr"] == pytest.approx(0.01) and second["kept"]
+    assert result["attempt_kept"] == 2 and result["collapsed"] is False
+    assert result["test"]["accuracy"] > 0.9 and result["best_val_accuracy"] == second["best_val_score"]
+    # metrics.jsonl is the kept attempt's curve; the collapsed one is kept beside it with its verdict
+    verdicts = {
+        n: [r for r in map(json.loads, open(tmp_path / name)) if r["kind"] == "attempt"][0]
+        for n, name in ((1, "metrics-attempt-1.jsonl"), (2, "metrics.jsonl"))
+    }
+    assert verdicts[1]["collapsed"] and verdicts[1]["reasons"] == first["reasons"] and not verdicts[2]["collapsed"]
+    assert first["metrics_path"] == str(tmp_path / "metrics-attempt-1.jsonl")
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert [a["collapsed"] for a in saved["attempts"]] == [True, False]
+
+
+def test_when_every_attempt_collapses_the_best_on_dev_is_kept_and_flagged(tok, tmp_path):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    outcomes = iter([(0.55, [0] * 20), (0.6, [1] * 19 + [0]), (0.5, [0] * 20)])  # (dev score, dev predictions)
+    weights = []
+
+    def train_once(run_cfg, log):
+        score, pred = next(outcomes)
+        with torch.no_grad():  # each attempt leaves its own weights, to tell which one is kept
+            model.wte.weight.fill_(run_cfg.optim.lr)
+        weights.append(run_cfg.optim.lr)
+        log.write(kind="eval", step=1, val_accuracy=score)
+        loop = ft.LoopResult(score, 1, 1, 1.0, False, 0.1, 1.0, [], 0, 0.5, False)
+        return loop, np.asarray(pred)
+
+    cfg = FinetuneConfig(task=SINGLE, optim={"lr": 0.9}, collapse_guard={"max_attempts": 3})
+    loop, attempts = ft.train_with_collapse_guard(model, cfg, tmp_path, train_once, [0] * 10 + [1] * 10, ["0", "1"])
+    assert [a["collapsed"] for a in attempts] == [True, True, True] and weights == pytest.approx([0.9, 0.3, 0.1])
+    assert [a["kept"] for a in attempts] == [False, True, False] and loop.best_score == 0.6
+    assert float(model.wte.weight[0, 0].detach()) == pytest.approx(0.3)  # the weights of attempt 2
+    kept_curve = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "attempt"][0]
+    assert kept_curve["attempt"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics-attempt-1.jsonl", "metrics-attempt-3.jsonl", "metrics.jsonl"]
+    # the guard off: one attempt, kept whatever it predicts
+    outcomes = iter([(0.5, [0] * 20)])
+    off = FinetuneConfig(task=SINGLE, optim={"lr": 0.9}, collapse_guard={"enabled": False})
+    _, attempts = ft.train_with_collapse_guard(model, off, tmp_path / "off", train_once, [0] * 10 + [1] * 10, ["0", "1"])
+    assert len(attempts) == 1 and attempts[0]["kept"] and not attempts[0]["collapsed"]

@@ -378,3 +378,23 @@ def test_seq2seq_generation_decodes_each_fine_tuned_models_test_split(tmp_path):
         g = res["generation"]
         assert g["n"] == min(4, len(test)) and 0 <= g["bleu"] <= 100 and {"rouge1", "rouge2", "rougeL"} <= set(g)
         assert g["examples"][0]["reference"] == test[0][1]
+
+
+# --------------------------------------------------------------------------- which fine-tuned run is exported
+
+
+def test_the_export_is_the_run_best_on_dev_ties_and_collapses_decide_as_documented():
+    def run(dev, **kw):
+        return {"best_val_accuracy": dev, "test": {"accuracy": 0.99}, **kw}
+
+    chosen = stages.choose_export({"pretrained": run(0.70), "from scratch": run(0.75)})
+    assert chosen["run"] == "from scratch" and chosen["dir"] == "from_scratch" and chosen["criterion"] == "best_val_accuracy"
+    assert chosen["reason"] == "best best_val_accuracy: pretrained 0.7, from scratch 0.75"
+    assert chosen["dev"] == {"pretrained": 0.70, "from scratch": 0.75}
+    tie = stages.choose_export({"pretrained": run(0.75), "from scratch": run(0.75)})
+    assert tie["run"] == "pretrained" and tie["reason"].startswith("tie on best_val_accuracy")
+    collapsed = stages.choose_export({"pretrained": run(0.60), "from scratch": run(0.75, collapsed=True)})
+    assert collapsed["run"] == "pretrained" and "collapsed" in collapsed["reason"]
+    assert stages.choose_export({"pretrained": run(0.5)})["reason"].startswith("the only fine-tuned run")
+    seq2seq = stages.choose_export({"pretrained": {"best_val_loss": 2.0}, "from scratch": {"best_val_loss": 1.5}})
+    assert seq2seq["run"] == "from scratch" and seq2seq["criterion"] == "best_val_loss"

@@ -196,3 +196,33 @@ def test_generation_metrics_become_one_table_row_each(tmp_path, monkeypatch):
     artifacts.evaluation_report(PipelineConfig(name="Demo"), tmp_path)
     artifacts.wait_sent()
     assert sent == [("create_markdown_artifact", "demo-evaluation-report"), ("create_table_artifact", "demo-generation-metrics")]
+
+
+def test_finetune_warnings_reach_the_table_description_and_a_markdown_artifact(monkeypatch, tmp_path):
+    from glm_pipeline.tasks import artifacts
+
+    from glm import evaluate as ev
+    from glm.config import PipelineConfig
+    from glm.shards import write_manifest
+
+    sent = []
+    monkeypatch.setattr(artifacts, "publish", lambda what, send, data, **kw: sent.append((what, data, kw["description"])))
+    labels = ["a", "b"]
+    truth = [0, 0, 0, 1, 1, 1]
+    res = {
+        "test": ev.classification_metrics(truth, [0] * 6, labels),
+        "majority": ev.majority_baseline([0, 0, 1], truth, labels),
+        "linear_baseline": ev.classification_metrics(truth, truth, labels),
+        "steps": 4,
+        "best_step": 0,
+        "kept_untrained": True,
+    }
+    results = {"pretrained": res}
+    write_manifest(tmp_path, "finetune", [], stats={"warnings": ev.finetune_warnings(results)})
+    artifacts.finetune_summary(PipelineConfig(name="t"), results, tmp_path)
+    (_, rows, description), (what, markdown, _) = sent
+    assert [r["model"] for r in rows] == ["pretrained", "majority class", "TF-IDF + logistic regression"]
+    assert rows[2]["accuracy"] == 1.0 and set(rows[2]) == set(rows[0])
+    assert description.startswith("WARNING: 3 problem(s)") and what == "finetune-warnings"
+    assert "the kept model is step 0" in markdown and "below the linear baseline (100.0%" in markdown
+    assert "Try: lower finetune.optim.lr" in markdown
