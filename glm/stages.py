@@ -1003,7 +1003,9 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     if "infill_bleu" in pretrain_results:
         stats["pretrain"]["infill_bleu"] = {r: m["bleu"] for r, m in pretrain_results["infill_bleu"].get("ratios", {}).items()}
     if "lastword" in pretrain_results:
-        stats["pretrain"]["lastword"] = {k: numbers(m) for k, m in pretrain_results["lastword"].items() if isinstance(m, dict)}
+        for layout, m in pretrain_results["lastword"].items():  # flat, as EvalStats declares: lastword_blank, ...
+            if isinstance(m, dict):
+                stats["pretrain"][f"lastword_{layout}"] = numbers(m)
     inputs = [paths.pretrain / MANIFEST, paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.infill / MANIFEST]
     write_manifest(
         paths.eval,
