@@ -448,3 +448,15 @@ def test_infer_command_reports_errors_with_exit_code_2(built, tmp_path, capsys):
     assert "error: bundle directory" in capsys.readouterr().err
     assert cli_main(["infer", str(built.lm_bundle), "--classify", "good"]) == 2
     assert "not a classifier" in capsys.readouterr().err
+
+
+def test_the_runtimes_no_repeat_rule_is_glm_generates():
+    """runtime.py is copied into applications on its own (it imports nothing from glm), so it keeps its
+    own copy of the no-repeat n-gram rule: it must ban exactly what glm.generate bans."""
+    from glm.generate import banned_ngram_tokens
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        span = rng.integers(0, 4, size=int(rng.integers(0, 12))).tolist()  # a small alphabet: many repeats
+        n = int(rng.integers(0, 5))
+        assert runtime._banned_ngram_tokens(span, n) == banned_ngram_tokens(span, n), (span, n)
