@@ -26,9 +26,10 @@ One JSON line per task: value = pretrained test accuracy, reference = from scrat
 majority and tfidf_lr (TF-IDF of character 1-4-grams within word boundaries + logistic
 regression, fitted on the same train split from glm.finetune.split_examples; taken from the
 fine-tuning's result, glm.evaluate.linear_baseline). The two new tasks train a `small` model under
-budgets (pretrain.budget_minutes 8, finetune.budget_minutes 4 per run): a task takes about 25
-minutes on 2 CPU cores, its row says how long it took and the steps the budgets chose are in its
-run's pretrain/run-config.yaml.
+budgets (pretrain.budget_minutes 8, finetune.budget_minutes 4 per run and per collapse-guard
+attempt): 21.2 minutes for bbc-news and 12.5 for chinese-sentiment on 2 EPYC cores (2026-11-30);
+each row says how long it took, and the steps the budgets chose head its run's
+pretrain/run-config.yaml.
 quick=True: every task at tiny sizes in a temporary directory (mechanics, a few minutes).
 
     python -m benchmarks quality [--quick]
