@@ -499,6 +499,17 @@ class ExportConfig(Section):
     quantize_int8: bool = True
     verify: bool = True
     atol: float = Field(default=1e-4, gt=0.0)
+    generation_bundle: bool = Field(
+        default=True,
+        description="Also export the pretrained model as a generation bundle (RUN_DIR/generation/bundle) for fill and "
+        "generate: a fine-tuned classifier's language model is trained away.",
+    )
+    selection_margin_se: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="The pretrained run is exported unless another fine-tuned run (from scratch) beats it on dev by more "
+        "than this many standard errors of the dev score (0: best on dev, ties to pretrained).",
+    )
 
 
 class OrchestrationConfig(Section):

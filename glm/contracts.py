@@ -150,6 +150,13 @@ class ExportStats(TypedDict):
     fp32: dict[str, float]
 
 
+class GenerationStats(TypedDict):
+    """generation/manifest.json (glm.stages.export_generation)."""
+
+    exported: bool  # False: export.generation_bundle is off
+    checkpoint: str  # the pretrained checkpoint the bundle holds
+
+
 # --------------------------------------------------------------------------- results passed between tasks
 
 

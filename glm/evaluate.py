@@ -347,6 +347,7 @@ def infill_bleu(
     if not docs:
         return {}
     out: dict[str, Any] = {"docs": len(docs), "ratios": {}, "samples": []}
+    fills: list[list[int]] = []  # every blank's generated span, all ratios: what fill_diversity judges
     for r_index, ratio in enumerate(cfg.infill_ratios):
         hyps, unfilled, refs, masked, n_spans = [], [], [], 0, 0
         for start in range(0, len(docs), batch_size):
@@ -356,6 +357,7 @@ def infill_bleu(
             gen = generation_config(cfg, model, 2 * longest)
             for ids, (prompt, spans), res in zip(chunk, masks, fill_blanks(model, [p for p, _ in masks], gen)):
                 hyps.append(tokenizer.decode(res.tokens))
+                fills.extend(list(span) for span in res.spans)
                 unfilled.append(tokenizer.decode([t for t in prompt if t != SPECIAL.mask]))
                 refs.append(tokenizer.decode(ids))
                 masked += sum(map(len, spans))
@@ -370,6 +372,31 @@ def infill_bleu(
             "masked_share": masked / sum(map(len, docs)),
             "spans": n_spans,
         }
+    out["fills"] = fill_diversity(fills, tokenizer)
+    return out
+
+
+def fill_diversity(fills: Sequence[Sequence[int]], tokenizer: Any) -> dict[str, Any]:
+    """How varied a model's blank fills are: the share of blanks filled with the single most common
+    fill (as text) and the share of all fill tokens that are the single most common token. A model that
+    writes "the" into every blank has both near 1; healthy fills of real text stay far below 0.5."""
+    from collections import Counter
+
+    texts = [tokenizer.decode(list(f)).strip() for f in fills]
+    tokens = [t for f in fills for t in f]
+    if not texts:
+        return {"blanks": 0}
+    top_fill, top_fill_n = Counter(texts).most_common(1)[0]
+    out: dict[str, Any] = {
+        "blanks": len(texts),
+        "distinct_fills": len(set(texts)),
+        "top_fill": top_fill,
+        "top_fill_share": top_fill_n / len(texts),
+        "tokens": len(tokens),
+    }
+    if tokens:
+        top_token, top_token_n = Counter(tokens).most_common(1)[0]
+        out |= {"top_token": tokenizer.decode([top_token]).strip(), "top_token_share": top_token_n / len(tokens)}
     return out
 
 
@@ -852,6 +879,41 @@ def finetune_warnings(cloze: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
+DEGENERATE_SHARE = 0.5  # one fill (or one token) in at least half the blanks: the model is not filling, it is repeating
+DEGENERATE_MIN_BLANKS = 10  # below this many blanks a share says little
+TRY_DEGENERATE = (
+    "more pretraining (pretrain.budget_minutes or pretrain.steps), longer spans and the generative objectives "
+    "(infilling.objective_mix with sentence/document, e.g. configs/glm-multitask.yaml), "
+    "evaluate.no_repeat_ngram_size to stop loops"
+)
+
+
+def generation_warnings(pretrain: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A warning when the pretrained model's blank fills are degenerate: one fill or one token for at least
+    DEGENERATE_SHARE of the held-out blanks of the infilling evaluation (glm.evaluate.fill_diversity)."""
+    fills = (pretrain.get("infill_bleu") or {}).get("fills") or {}
+    if fills.get("blanks", 0) < DEGENERATE_MIN_BLANKS:
+        return []
+    found = []
+    if fills.get("top_fill_share", 0.0) >= DEGENERATE_SHARE:
+        found.append(f"{fills['top_fill_share']:.0%} of {fills['blanks']} blanks are filled with {fills['top_fill']!r}")
+    if fills.get("top_token_share", 0.0) >= DEGENERATE_SHARE:
+        found.append(f"{fills['top_token_share']:.0%} of {fills['tokens']} generated tokens are {fills['top_token']!r}")
+    if not found:
+        return []
+    return [
+        {
+            "level": "warning",
+            "run": "pretrained",
+            "check": "degenerate fills",
+            "message": "the pretrained model's generation is degenerate: "
+            + " and ".join(found)
+            + f" ({fills['distinct_fills']} distinct fills); do not use it to fill or generate text",
+            "try": TRY_DEGENERATE,
+        }
+    ]
+
+
 def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
     """The warnings as a Markdown block for the top of a report (nothing if there are none)."""
     if not warnings:
@@ -859,6 +921,8 @@ def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
     serious = [w for w in warnings if w["level"] == "warning"]
     head = (
         f"## WARNING: {len(serious)} problem(s) with the fine-tuned classifier"
+        if serious and all(w["check"] != "degenerate fills" for w in serious)
+        else f"## WARNING: {len(serious)} problem(s) with the models"
         if serious
         else "## Note: the collapse guard retrained a classifier"
     )
@@ -868,6 +932,18 @@ def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
         lines.append(f"> Try: {w['try']}.")
         lines.append(">")
     return lines[:-1] + [""]
+
+
+def _export_choice_section(choice: Mapping[str, Any] | None) -> list[str]:
+    """What the export stage will ship and how close the choice was (glm.stages.choose_export)."""
+    if not choice:
+        return []
+    m = choice.get("margin") or {}
+    gap = m.get("dev_gap")
+    close = ""
+    if gap is not None:
+        close = f" Dev gap of the other run: {gap:+.3g} against a margin of {m.get('value', 0):.3g} ({m.get('standard_errors', 0):g} standard error(s))."
+    return ["## Exported model", "", f"The bundle is the **{choice['run']}** run: {choice['reason']}.{close}", ""]
 
 
 def write_report(
@@ -900,8 +976,9 @@ def write_report(
             paths[name] = res["metrics_path"]
 
     # ---- warnings before any table (finetune_warnings): a collapsed or trivial classifier is the headline
-    warnings = finetune_warnings(cloze)
+    warnings = finetune_warnings(cloze) + generation_warnings(pretrain)
     md += warnings_markdown(warnings)
+    md += _export_choice_section(results.get("export_choice"))
 
     # ---- classification summary first: it is the headline
     majority = next((r["majority"] for r in cloze.values() if r.get("majority")), None)

@@ -43,6 +43,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
+GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
 HEADS = ("verbalizer", "linear")
 
@@ -635,6 +636,18 @@ class Bundle:
         steps = np.stack(history, axis=1)  # (B, steps)
         return [[int(t) for t in steps[r] if t >= 0] for r in range(B)]
 
+    def _refuse_generation_on_a_classifier(self, allow: bool) -> None:
+        """Fine-tuning a cloze classifier trains its language model toward the label words: its fills are
+        those words everywhere ("good good turn turn"). Say which bundle generates instead."""
+        if self.classifier is None or allow:
+            return
+        beside = next((p / GENERATION_BUNDLE for p in self.path.resolve().parents[:3] if (p / GENERATION_BUNDLE).is_dir()), None)
+        use = f"use the generation bundle {beside}" if beside else "use a generation bundle (RUN_DIR/generation/bundle)"
+        raise BundleError(
+            f"{self.path} is a fine-tuned classifier (labels {', '.join(self.labels)}): its language model was trained "
+            f"toward the label words, so it cannot fill or generate text; {use}, or pass allow_classifier=True"
+        )
+
     def fill_blanks(
         self,
         text: str,
@@ -645,8 +658,12 @@ class Bundle:
         seed: int | None = None,
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int = 0,
+        allow_classifier: bool = False,
     ) -> FillResult:
-        """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy."""
+        """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy.
+
+        A classifier bundle refuses (BundleError naming the generation bundle) unless allow_classifier."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
         prompt = self.encode(text)
         spans = self.fill_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0]
         filled, k = [], 0
@@ -668,11 +685,14 @@ class Bundle:
         seed: int | None = None,
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int = 0,
+        allow_classifier: bool = False,
     ) -> str:
         """The continuation of `prompt`, new text only (with its leading space, if any).
 
         A [gMASK] (GLM's long-generation blank) is appended; "[MASK]" written in the prompt stays text.
+        A classifier bundle refuses (BundleError naming the generation bundle) unless allow_classifier.
         """
+        self._refuse_generation_on_a_classifier(allow_classifier)
         ids = self.encode_text(prompt)
         gmask = [ids + [self.special["gmask"]]]
         span = self.fill_ids(gmask, max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0][0]

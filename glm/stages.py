@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -38,6 +39,7 @@ from glm.contracts import (
     EvalStats,
     ExportStats,
     FinetuneStats,
+    GenerationStats,
     InfillShardResult,
     InfillStats,
     PretrainStats,
@@ -164,6 +166,7 @@ class RunPaths:
     export = property(lambda self: self.root / "export")
     bundle = property(lambda self: self.root / "export" / "bundle")
     candidate = property(lambda self: self.root / "export" / ".candidate")  # exported, not yet verified
+    generation = property(lambda self: self.root / "generation")  # the pretrained model's bundle, for fill/generate
     stamps = property(lambda self: self.root / ".stages")
 
     def finetune(self, task: str) -> Path:
@@ -896,6 +899,8 @@ def _device(cfg: PipelineConfig) -> Any:
 
 
 RUN_DIRS = {"pretrained": "pretrained", "from scratch": "from_scratch"}
+# seq2seq runs report a dev loss without per-example losses: 1% of it stands in for its standard error
+SEQ2SEQ_LOSS_SE = 0.01
 
 
 def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
@@ -991,6 +996,7 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
         "title": f"GLM evaluation: {cfg.name}",
         "pretrain": pretrain_results,
         cfg.finetune.kind: finetuned,
+        "export_choice": choose_export(finetuned, cfg.export.selection_margin_se),
     }
     written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
     numbers = lambda d: {m: v for m, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
@@ -1017,11 +1023,17 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     )
 
 
-def choose_export(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Which fine-tuned run to export, and why: the best on dev (accuracy for cloze, loss for seq2seq).
+def choose_export(results: dict[str, dict[str, Any]], margin_se: float = 1.0) -> dict[str, Any]:
+    """Which fine-tuned run to export, and why: the pretrained run unless another beats it on dev by
+    more than the dev set's noise.
 
-    Test scores do not choose (the test split stays a fair estimate of the exported model). A tie goes
-    to "pretrained", the first run. A run whose kept model collapsed ranks below every run that did not.
+    The from-scratch run is a diagnostic of pretraining, not a product: it is exported only when its
+    dev score beats the pretrained run's by more than `margin_se` standard errors. For accuracy the
+    standard error is the binomial one of the pretrained run's dev accuracy, sqrt(p (1 - p) / n_dev)
+    (857 dev sentences at 71%: 1.55 points); for seq2seq's dev loss, without per-example losses,
+    a relative margin of `margin_se` x SEQ2SEQ_LOSS_SE. margin_se = 0 is "best on dev, ties to
+    pretrained". A run whose kept model collapsed ranks below every run that did not. Test scores
+    never choose (the test split stays a fair estimate of the exported model).
     """
     if not results:
         raise ValueError("no fine-tuning results to choose an export from")
@@ -1029,23 +1041,49 @@ def choose_export(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     key = "best_val_accuracy" if cloze else "best_val_loss"
     sign = 1.0 if cloze else -1.0
     order = list(results)  # "pretrained" first (finetune_results' order)
+    dev = {name: results[name][key] for name in order}
+    preferred = order[0]
+    p = float(dev[preferred])
+    n_dev = (results[preferred].get("sizes") or {}).get("dev")
+    if cloze:
+        se = math.sqrt(max(p * (1.0 - p), 0.0) / n_dev) if n_dev else 0.0
+    else:
+        se = abs(p) * SEQ2SEQ_LOSS_SE
+    margin = margin_se * se
 
-    def rank(name: str) -> tuple[bool, float, int]:
+    def rank(name: str) -> tuple[bool, float]:
         r = results[name]
-        return (not r.get("collapsed", False), sign * float(r[key]), -order.index(name))
+        # the preferred run gets the margin as a head start: another must beat it by more than that
+        bonus = margin if name == preferred else 0.0
+        return (not r.get("collapsed", False), sign * float(r[key]) + bonus - 1e-12 * order.index(name))
 
     chosen = max(order, key=rank)
-    dev = {name: results[name][key] for name in order}
     others = [n for n in order if n != chosen]
+    best_other = max((n for n in order if n != preferred), key=lambda n: sign * float(dev[n]), default=None)
+    gap = None if best_other is None else sign * (float(dev[best_other]) - p)  # > 0: the other is better on dev
+    scores = ", ".join(f"{n} {dev[n]:.4g}" for n in order)
+    noise = f"one standard error {se:.3g}" + (f" (n_dev {n_dev})" if cloze and n_dev else "")
     if not others:
         why = f"the only fine-tuned run ({key} {dev[chosen]:.4g})"
     elif any(results[n].get("collapsed") for n in others) and not results[chosen].get("collapsed"):
         why = f"the other run(s) collapsed; {chosen} did not ({key} {dev[chosen]:.4g})"
-    elif all(dev[n] == dev[chosen] for n in others):
-        why = f"tie on {key} ({dev[chosen]:.4g}): pretrained is preferred"
+    elif chosen == preferred and gap is not None and gap > 0:
+        why = (
+            f"{best_other} is ahead on {key} by {gap:.3g}, within the dev set's noise "
+            f"({margin_se:g} x {noise} = {margin:.3g}): {preferred} is preferred ({scores})"
+        )
+    elif chosen == preferred:
+        why = f"{preferred} is best or tied on {key} ({scores})"
     else:
-        why = f"best {key}: " + ", ".join(f"{n} {dev[n]:.4g}" for n in order)
-    return {"run": chosen, "dir": RUN_DIRS.get(chosen, chosen), "criterion": key, "dev": dev, "reason": why}
+        why = f"{chosen} beats {preferred} on {key} by {gap:.3g}, more than {margin_se:g} x {noise} = {margin:.3g} ({scores})"
+    return {
+        "run": chosen,
+        "dir": RUN_DIRS.get(chosen, chosen),
+        "criterion": key,
+        "dev": dev,
+        "reason": why,
+        "margin": {"standard_errors": margin_se, "standard_error": se, "value": margin, "n_dev": n_dev, "dev_gap": gap},
+    }
 
 
 def export_choice(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
@@ -1055,7 +1093,7 @@ def export_choice(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         raise StageInputMissing(
             f"no fine-tuned model at {task_dir}; run the finetune stage first (glm-pipeline run CONFIG --stage finetune)"
         )
-    choice = choose_export(finetune_results(cfg, paths))
+    choice = choose_export(finetune_results(cfg, paths), cfg.export.selection_margin_se)
     return choice | {"path": str(task_dir / choice["dir"])}
 
 
@@ -1070,7 +1108,7 @@ def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
     unverified = cfg.export.model_copy(update={"verify": False})
     choice = export_choice(cfg, paths)
-    selection = {k: choice[k] for k in ("run", "criterion", "dev", "reason")}
+    selection = {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin")}
     return export_bundle(Path(choice["path"]), paths.tokenizer_model, paths.candidate, unverified, selection=selection)
 
 
@@ -1101,7 +1139,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         "verified": report.get("passed"),
         "checkpoint": str(checkpoint),
         "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
-        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason")},
+        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin")},
     }
     return write_manifest(
         paths.export,
@@ -1110,6 +1148,32 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         config=cfg.export.model_dump(mode="json"),
         inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST],
         stats=stats,
+    )
+
+
+def export_generation(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The pretrained model as a verified generation bundle at generation/bundle, beside the classifier.
+
+    Fine-tuning a cloze classifier trains its language model away (a classifier bundle fills every
+    blank with its verbalizer words), so fill/generate use this bundle; the runtime refuses them on a
+    classifier bundle and names this one. export.generation_bundle false: nothing is exported.
+    """
+    from glm.export import export_bundle
+
+    out = paths.generation
+    if cfg.export.generation_bundle:
+        export_bundle(pretrained_checkpoint(paths), paths.tokenizer_model, out / "bundle", cfg.export)
+        files = [file_entry(p, out) for p in sorted((out / "bundle").iterdir()) if p.is_file()]
+    else:
+        remove_tree(out / "bundle", inside=out, ignore_errors=True)
+        files = []
+    return write_manifest(
+        out,
+        "generation",
+        files,
+        config=cfg.export.model_dump(mode="json"),
+        inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST],
+        stats={"exported": bool(files), "checkpoint": str(pretrained_checkpoint(paths))},
     )
 
 
@@ -1244,7 +1308,7 @@ REGISTRY: dict[str, Stage] = _declare(
         "finetune",
         ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus", "finetune"),
         "eval/manifest.json",
-        sections=("evaluate",),
+        sections=("evaluate", "export"),  # export: the report says which run the export ships (choose_export)
         inputs=("pretrain", "finetune", "infill"),
         build=_evaluate,
         stats=EvalStats,
@@ -1259,6 +1323,17 @@ REGISTRY: dict[str, Stage] = _declare(
         inputs=("finetune", "tokenizer"),
         steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote)),
         stats=ExportStats,
+    ),
+    # the pretrained model for fill/generate: the classifier above has lost its language model
+    Stage(
+        "export-generation",
+        "export",
+        ("export", "runtime"),
+        "generation/manifest.json",
+        sections=("export",),
+        inputs=("pretrain", "tokenizer"),
+        build=export_generation,
+        stats=GenerationStats,
     ),
 )
 
