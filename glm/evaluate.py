@@ -863,6 +863,18 @@ def finetune_warnings(cloze: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                     "try": TRY_WEAK,
                 }
             )
+        misfits = res.get("verbalizers_out_of_context") or []
+        if name == "pretrained" and misfits:
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "verbalizer context",
+                    "message": "; ".join(m["message"] for m in misfits),
+                    "try": "verbalizers that running text writes as whole tokens where [MASK] is "
+                    "(finetune.task.verbalizers and finetune.task.pattern, as each line suggests)",
+                }
+            )
         if name == "pretrained" and scratch and scratch is not res:
             other = (scratch.get("test") or {}).get("accuracy")
             if other is not None and acc < other:

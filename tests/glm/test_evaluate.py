@@ -559,3 +559,14 @@ def test_the_report_says_which_run_is_exported_and_how_close_the_choice_was(tmp_
     report = ev.write_report(tmp_path, {"title": "t", "export_choice": choose_export(results)})["report"].read_text()
     assert "## Exported model" in report and "The bundle is the **pretrained** run" in report
     assert "Dev gap of the other run: +0.005 against a margin of 0.0155" in report
+
+
+def test_a_verbalizer_out_of_context_is_a_warning_of_the_pretrained_run(tmp_path):
+    labels = ["0", "1"]
+    truth = [0, 1, 0, 1]
+    misfit = {"label": "1", "word": "好", "message": "verbalizer '好' (label '1') is never a token of its own in running text"}
+    cloze = {"pretrained": _cloze_result(truth, truth, labels, verbalizers_out_of_context=[misfit])}
+    warnings = ev.finetune_warnings(cloze)
+    assert [(w["run"], w["check"]) for w in warnings] == [("pretrained", "verbalizer context")]
+    assert warnings[0]["message"] == misfit["message"] and "finetune.task.verbalizers" in warnings[0]["try"]
+    assert ev.finetune_warnings({"pretrained": _cloze_result(truth, truth, labels)}) == []
