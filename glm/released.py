@@ -241,12 +241,13 @@ def _st_dtype(name: str) -> torch.dtype:
 
 
 def released_model_config(
-    directory: str | Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+    directory: str | Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None, n_head: int | None = None
 ) -> ModelConfig:
     """This project's ModelConfig for a released checkpoint: from config.json, checked against the weights.
 
     Without config.json (a bare DeepSpeed file) the dimensions come from the weight shapes; the head
-    count, which shapes cannot tell, is hidden_size / 64 (every released GLM uses 64-wide heads).
+    count, which shapes cannot tell, is `n_head` if given, else hidden_size / 64 (every released GLM
+    uses 64-wide heads).
     """
     d = Path(directory)
     shapes = shard_shapes(d) if shapes is None else shapes
@@ -289,7 +290,10 @@ def released_model_config(
         wrong = [f"{k}={ref[k]} but the weights say {v}" for k, v in checks.items() if k in ref and int(ref[k]) != v]
         if wrong:
             raise ReleasedCheckpointError(f"{d / CONFIG_FILE} does not match its weights: {'; '.join(wrong)}")
-    n_head = int(ref.get("num_attention_heads", max(1, hidden // 64)))
+    heads = ref.get("num_attention_heads")
+    if heads is not None and n_head is not None and int(heads) != n_head:
+        raise ReleasedCheckpointError(f"{d / CONFIG_FILE} says num_attention_heads={heads}, not {n_head}; drop the override")
+    n_head = int(heads) if heads is not None else (n_head or max(1, hidden // 64))
     if hidden % n_head:
         raise ReleasedCheckpointError(f"{d}: hidden_size {hidden} is not divisible by num_attention_heads {n_head}")
     mlp = by_name.get("transformer.layers.0.mlp.dense_h_to_4h.weight", (4 * hidden, hidden))[0]
@@ -353,8 +357,12 @@ def import_released(
     dtype: str | torch.dtype = "float32",
     *,
     available: int | None = None,
+    n_head: int | None = None,
 ) -> tuple[torch.nn.Module, ModelConfig]:
-    """(GLM model with the released weights, its ModelConfig). `available` overrides the memory probe."""
+    """(GLM model with the released weights, its ModelConfig).
+
+    `n_head` is needed only without config.json (a bare DeepSpeed file); `available` overrides the memory probe.
+    """
     from glm.model import GLM  # model imports config only; keep this module importable without building one
 
     d = Path(directory)
@@ -369,7 +377,7 @@ def import_released(
             f"{d} has weights this project's GLM has no place for: {shown}; only the released GLMModel "
             "layout is supported (a fine-tuned model's task head must be removed first)"
         )
-    cfg = released_model_config(d, shapes)
+    cfg = released_model_config(d, shapes, n_head)
     need = bytes_needed(shapes, dt)
     have = available_memory() if available is None else available
     if need > have:
