@@ -107,9 +107,18 @@ class ModelConfig(Section):
     attention_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     rotary_2d: bool = Field(default=False, description="ChatGLM-style 2D rotary positions instead of learned 2D tables.")
     layernorm_eps: float = 1e-5
+    special_tokens: dict[str, int] | None = Field(
+        default=None,
+        description="The special-token ids the model was trained with (pad unk cls eos mask smask gmask sop eop); "
+        "None: this pipeline's own (glm/special_tokens.py). Set from the tokenizer of an imported released GLM.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
+        if self.special_tokens is not None:
+            need = {"pad", "unk", "cls", "eos", "mask", "smask", "gmask", "sop", "eop"}
+            if set(self.special_tokens) != need:
+                raise ValueError(f"model.special_tokens must map exactly {sorted(need)}, got {sorted(self.special_tokens)}")
         if self.hidden_size % self.n_head:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.n_head={self.n_head}; "
