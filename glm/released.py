@@ -358,10 +358,13 @@ def import_released(
     *,
     available: int | None = None,
     n_head: int | None = None,
+    special: Any = None,
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """(GLM model with the released weights, its ModelConfig).
 
-    `n_head` is needed only without config.json (a bare DeepSpeed file); `available` overrides the memory probe.
+    `n_head` is needed only without config.json (a bare DeepSpeed file); `available` overrides the memory
+    probe; `special` (the released tokenizer's SpecialTokens) is recorded as ModelConfig.special_tokens,
+    so generation and fine-tuning use the ids the model was trained with.
     """
     from glm.model import GLM  # model imports config only; keep this module importable without building one
 
@@ -378,6 +381,13 @@ def import_released(
             "layout is supported (a fine-tuned model's task head must be removed first)"
         )
     cfg = released_model_config(d, shapes, n_head)
+    if special is not None:
+        if max(special.as_dict().values()) >= cfg.vocab_size:
+            raise ReleasedCheckpointError(
+                f"{d}: the tokenizer's special ids reach {max(special.as_dict().values())} but the model has "
+                f"{cfg.vocab_size} rows; the tokenizer belongs to another model"
+            )
+        cfg = cfg.model_copy(update={"special_tokens": special.as_dict()})
     need = bytes_needed(shapes, dt)
     have = available_memory() if available is None else available
     if need > have:
@@ -470,3 +480,57 @@ def export_released(
             Path(tmp).write_bytes(data)
     atomic_write_json(out / CONFIG_FILE, released_config_json(cfg, dtype))  # last: a directory with config.json is complete
     return out
+
+
+# --------------------------------------------------------------------------- to and from pipeline checkpoints
+
+
+def import_to_checkpoint(
+    released_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    n_head: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    available: int | None = None,
+) -> tuple[Path, Path]:
+    """Import a released GLM as this pipeline's checkpoint `out_dir/checkpoints/step-000000` and its
+    tokenizer as `out_dir/tokenizer/`; returns (checkpoint dir, tokenizer dir).
+
+    The tokenizer files are looked for in `tokenizer_dir`, else next to the weights (the THUDM repos
+    ship them together); the model records the tokenizer's special ids.
+    """
+    from glm.checkpoint import save_checkpoint
+    from glm.released_tokenizer import ReleasedTokenizer, save_released_tokenizer
+
+    out = Path(out_dir)
+    tok = ReleasedTokenizer(Path(tokenizer_dir) if tokenizer_dir is not None else Path(released_dir))
+    model, cfg = import_released(released_dir, dtype, n_head=n_head, special=tok.special, available=available)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ReleasedCheckpointError(
+            f"the tokenizer in {tok.directory} has {tok.vocab_size} ids but the model in {released_dir} has "
+            f"{cfg.vocab_size} rows; they are not one release"
+        )
+    tok_dir = out / "tokenizer"
+    save_released_tokenizer(tok, tok_dir)
+    extra = {"imported_from": str(Path(released_dir).resolve()), "tokenizer_kind": tok.kind}
+    ckpt = save_checkpoint(out / "checkpoints", 0, model.state_dict(), {}, model_config=cfg, extra_meta=extra)
+    return ckpt, tok_dir
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """A pipeline checkpoint (pretrained or fine-tuned; a linear head is left out) in the released layout:
+    config.json + pytorch_model.bin with the reference's names, which THUDM's GLMModel loads. With
+    `tokenizer` (a run's tokenizer directory or tokenizer.model) its files are copied beside them: a
+    released GLM's vocabulary files as they came, or this pipeline's sentencepiece tokenizer.model,
+    whose special ids ([MASK]=4 ...) the reference's tokenizer classes do not know (use them by id)."""
+    from glm.checkpoint import load_model, resolve_checkpoint
+    from glm.tokenizer import load_tokenizer
+
+    path = resolve_checkpoint(checkpoint_dir)
+    model, cfg = load_model(path)
+    extra: dict[str, bytes] = {}
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        extra = tok.files() if getattr(tok, "released", False) else {"tokenizer.model": tok.model_proto}
+    return export_released(model, cfg, out_dir, extra_files=extra)

@@ -31,13 +31,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from glm.runtime import CommandTokenizer
 from glm.special_tokens import SpecialTokens
 
 INFO_FILE = "released_tokenizer.json"  # written by save_released_tokenizer: kind + file names
@@ -118,10 +118,10 @@ class ReleasedTokenizer:
         self.mask_id, self.smask_id, self.gmask_id, self.sop_id, self.eop_id = s.mask, s.smask, s.gmask, s.sop, s.eop
         self.sep_id = by["sep"]
         self._command_ids = {c.id: c for c in self.commands}
-        # longest first, so no command text is cut by a shorter one that it contains
-        texts = sorted({c.text for c in self.commands}, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in texts) + ")")
         self._by_text = {c.text: c for c in self.commands}  # pad and eos share a text and an id
+        backend = self._sp if self.kind == "sp" else self._hf
+        # the cutting at command strings, encoding and decoding live in glm.runtime, which bundles use too
+        self._core = CommandTokenizer(self.kind, backend, [(c.text, c.id, c.lstrip) for c in self.commands], self._size)
         digest = hashlib.sha256(self.kind.encode())
         for name in self._files:
             digest.update((self.directory / name).read_bytes())
@@ -307,37 +307,10 @@ class ReleasedTokenizer:
     # ------------------------------------------------------------------ encode / decode
 
     def _encode_text(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.kind == "sp":
-            return self._sp.encode(texts, out_type=int)
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-
-    def _segments(self, text: str) -> list[str | Command]:
-        """The text cut at command-token strings, the reference's way (whitespace before an lstrip token dropped)."""
-        parts = self._split.split(text)
-        out: list[str | Command] = []
-        for i, part in enumerate(parts):
-            if i % 2:  # a command text
-                out.append(self._by_text[part])
-                continue
-            nxt = self._by_text[parts[i + 1]] if i + 1 < len(parts) else None
-            if nxt is not None and nxt.lstrip:
-                part = part.rstrip()
-            if part:
-                out.append(part)
-        return out
+        return self._core.encode_text(texts)
 
     def _encode_one(self, text: str) -> list[int]:
-        if not text.strip():
-            return []
-        segs = self._segments(text)
-        plain = [s for s in segs if isinstance(s, str)]
-        encoded = iter(self._encode_text(plain))
-        ids: list[int] = []
-        for s in segs:
-            ids.extend([s.id] if isinstance(s, Command) else next(encoded))
-        return ids
+        return self._core.encode(text)
 
     def encode(self, text: str | list[str], specials: bool = True) -> list[int] | list[list[int]]:
         """Ids of one text or of a list of texts. `specials=False` treats "[MASK]" etc. as plain text."""
@@ -361,27 +334,7 @@ class ReleasedTokenizer:
         ids = list(ids)
         if ids and isinstance(ids[0], (list, tuple, np.ndarray)):
             return [self.decode(r) for r in ids]  # type: ignore[misc]
-        out, run = [], []
-        masks = set(self.special.mask_ids)
-        for i in map(int, ids):
-            if i in self._command_ids or i >= self._size:
-                if run:
-                    out.append(self._decode_text(run))
-                    run = []
-                if i in masks:
-                    out.append(self._command_ids[i].text)
-            else:
-                run.append(i)
-        if run:
-            out.append(self._decode_text(run))
-        if self.kind == "wordpiece":
-            return " ".join(p for p in out if p)
-        return "".join(out)
-
-    def _decode_text(self, ids: list[int]) -> str:
-        if self.kind == "sp":
-            return self._sp.decode(ids)
-        return self._hf.decode(ids, skip_special_tokens=False)
+        return self._core.decode(ids, keep=self.special.mask_ids)
 
     # ------------------------------------------------------------------ what the pipeline asks
 
@@ -407,6 +360,17 @@ class ReleasedTokenizer:
             tok = self._id_to_token.get(i, "")
             return "" if tok.startswith("[") and tok.endswith("]") else tok.removeprefix("##")
         return self._hf.decode([i])
+
+    def bundle_file(self) -> tuple[str, bytes]:
+        """(name, bytes) of the one file an ONNX bundle carries: the sentencepiece model, or the whole
+        HF tokenizer (normaliser, pre-tokenizer, vocabulary, decoder) as tokenizer.json."""
+        if self.kind == "sp":
+            return "tokenizer.model", (self.directory / self._files[0]).read_bytes()
+        return "tokenizer.json", self._hf.to_str().encode("utf-8")
+
+    def commands_json(self) -> list[list[Any]]:
+        """[text, id, lstrip] of every command token, for a bundle's config.json."""
+        return [[c.text, c.id, c.lstrip] for c in self.commands]
 
     def files(self) -> dict[str, bytes]:
         """The tokenizer's files by name (to copy into a run or an export)."""
