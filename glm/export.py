@@ -547,11 +547,13 @@ def verify_bundle(
             f"{'has none' if fp32.has_head else 'has one'}; verify it against the checkpoint it was exported from"
         )
     if tokenizer is None:
-        if fp32.config["tokenizer"].get("kind") in runtime.RELEASED_KINDS:
-            raise ValueError(
-                f"bundle {bundle_dir} has a released GLM's tokenizer: pass tokenizer= (glm.released_tokenizer) to verify it"
-            )
-        tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
+        kind = fp32.config["tokenizer"].get("kind")
+        if kind in runtime.RELEASED_KINDS:  # its vocabulary files travel in the bundle beside tokenizer.json
+            from glm.released_tokenizer import ReleasedTokenizer
+
+            tokenizer = ReleasedTokenizer(bundle_dir, kind)
+        else:
+            tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
     max_new = min(16, model.cfg.max_seq_len - 1)
     prompts = _generation_prompts(model, tokenizer)
     t0 = time.perf_counter()
@@ -847,6 +849,9 @@ def export_bundle(
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
         name, data = _tokenizer_file(tokenizer)
         atomic_write_bytes(tmp / name, data)
+        if _released(tokenizer):  # the vocabulary files as released too: glm.released_tokenizer reloads them
+            for extra, blob in tokenizer.files().items():
+                atomic_write_bytes(tmp / extra, blob)
         config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8, selection)
         write_json_in_order(tmp / runtime.CONFIG_FILE, config)  # the classifier's verbalizers stay in label order
         write_sha256sums(tmp)  # the runtime refuses a bundle without checksums, verification included

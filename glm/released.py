@@ -482,6 +482,23 @@ def export_released(
     return out
 
 
+def released_dimensions(
+    directory: str | Path, *, tokenizer: str | Path | None = None, n_head: int | None = None
+) -> dict[str, Any]:
+    """The ModelConfig fields a released GLM fixes (dimensions and its tokenizer's special ids), read from
+    its config.json, weight headers and tokenizer files (no weights are loaded)."""
+    from glm.released_tokenizer import ReleasedTokenizer
+
+    cfg = released_model_config(directory, n_head=n_head)
+    tok = ReleasedTokenizer(Path(tokenizer) if tokenizer is not None else Path(directory))
+    if tok.vocab_size > cfg.vocab_size:
+        raise ReleasedCheckpointError(
+            f"the tokenizer in {tok.directory} has {tok.vocab_size} ids but the model has {cfg.vocab_size} rows; not one release"
+        )
+    keys = ("vocab_size", "n_layer", "n_head", "hidden_size", "mlp_ratio", "max_seq_len", "rotary_2d", "layernorm_eps")
+    return {k: getattr(cfg, k) for k in keys} | {"special_tokens": tok.special.as_dict()}
+
+
 # --------------------------------------------------------------------------- to and from pipeline checkpoints
 
 

@@ -395,3 +395,21 @@ def save_released_tokenizer(tok: ReleasedTokenizer, out_dir: str | Path) -> list
         )
     )
     return paths
+
+
+def install_released_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
+    """A run's tokenizer stage for model.init.from: the released tokenizer's files copied into `out_dir`
+    with the stage manifest (what glm.tokenizer.train_tokenizer writes for a trained one); returns it.
+    Nothing is trained; an unchanged copy is kept."""
+    from glm.shards import MANIFEST, file_entry, read_manifest, verify_manifest, write_manifest
+
+    tok = ReleasedTokenizer(source)
+    out = Path(out_dir)
+    stats = {"vocab_size": tok.vocab_size, "model_sha256": tok.sha256, "byte_fallback": tok.byte_fallback, "kind": tok.kind}
+    config = {"released": str(Path(source).resolve()), "kind": tok.kind}
+    if (out / MANIFEST).is_file() and not verify_manifest(out, deep=True):
+        m = read_manifest(out)
+        if m.get("stats", {}).get("model_sha256") == tok.sha256 and m.get("config") == config:
+            return out / MANIFEST
+    paths = save_released_tokenizer(tok, out)
+    return write_manifest(out, "tokenizer", [file_entry(p, out) for p in paths], config=config, inputs=[], stats=stats)
