@@ -81,3 +81,22 @@ def test_every_stage_runs_on_an_imported_model(tmp_path):
     assert bundle.encode("it was [MASK].") == tok.encode("it was [MASK].")
     result = bundle.classify("a great and moving film")
     assert result.label in bundle.labels
+
+
+@pytest.mark.parametrize(
+    "name", ["glm-large", "glm-515m", "glm-roberta-large", "glm-2b", "glm-10b", "glm-large-chinese", "glm-10b-chinese"]
+)
+def test_the_config_of_each_release_validates(name):
+    from glm.released_tokenizer import FAMILIES
+
+    data = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    assert data["model"]["init"]["from"] == f"models/{name}"
+    # the shipped config on a tiny release of the same tokenizer family (the real one is not on these machines)
+    fixture = {"wordpiece": "glm-large", "roberta": "glm-roberta-large", "gpt2": "glm-2b", "sp": "glm-large-chinese"}[
+        FAMILIES[name]
+    ]
+    data["model"]["init"].update({"from": str(ROOT / "tests/fixtures/released" / fixture / "model"), "n_head": 4})
+    data["model"]["init"]["tokenizer"] = str(ROOT / "tests/fixtures/released" / fixture / "tokenizer")
+    data["infilling"]["seq_len"] = 64  # the fixture has 64 positions
+    cfg = PipelineConfig.model_validate(data)
+    assert cfg.model.special_tokens is not None and cfg.model.max_seq_len == 64

@@ -109,3 +109,18 @@ def test_export_back_to_the_released_layout_round_trips(imported, tmp_path):
         assert torch.equal(again(*args), model(*args))
     # the tokenizer files came along: the exported directory imports as a whole again
     assert ReleasedTokenizer(out).encode("It was [MASK].") == load_tokenizer(tok_dir).encode("It was [MASK].")
+
+
+def test_export_released_command(imported, tmp_path):
+    import subprocess
+    import sys
+
+    family, ckpt, tok_dir = imported
+    cmd = [sys.executable, "-m", "glm_pipeline.flows.cli", "export-released", str(ckpt), str(tmp_path / "out")]
+    done = subprocess.run([*cmd, "--tokenizer", str(tok_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file() and (tmp_path / "out" / "config.json").is_file()
+    bad = subprocess.run(
+        [*cmd[:-2], str(tmp_path / "missing"), str(tmp_path / "o2")], capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
