@@ -11,6 +11,7 @@ of that section (plus its inputs' content hashes and the code version).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 from pathlib import Path
@@ -596,7 +597,9 @@ class PipelineConfig(Section):
         init = self.model.init
         if init is None or init.from_ is None:
             return self
-        from glm.released import released_dimensions  # lazy: torch
+        # imported by name: the release's dimensions enter every cache key as this section's values, so the
+        # reader's code is not made part of every stage's code version (glm.stages.stage_modules)
+        released_dimensions = importlib.import_module("glm.released").released_dimensions
 
         try:
             dims = released_dimensions(init.from_, tokenizer=init.tokenizer, n_head=init.n_head)
