@@ -221,6 +221,10 @@ def check_pairing(model_cfg: Any, tokenizer: TokenizerLike, where: str) -> None:
 def encode_segment(tokenizer: TokenizerLike, text: str, glued: bool = False) -> list[int]:
     """Encode a piece of a larger text. `glued`: it directly follows the previous piece (no space),
     so sentencepiece's dummy-prefix piece "▁" is dropped, as it would not be there in running text."""
+    if not glued and getattr(tokenizer, "space_prefix", False) and text and not text[:1].isspace():
+        # byte-level BPE (a released GLM's GPT-2/RoBERTa vocabulary) spells the space into the word's
+        # token ("Ġgood"); after a space in running text, that is the token the model knows
+        text = " " + text
     ids = encode_text(tokenizer, text)
     if glued and ids and not text[:1].isspace() and tokenizer.decode(ids[:1]) == "":
         ids = ids[1:]

@@ -276,6 +276,11 @@ class ReleasedTokenizer:
         return self.kind in ("roberta", "gpt2")  # byte-level BPE spells any text; WordPiece and sp can give [UNK]
 
     @property
+    def space_prefix(self) -> bool:
+        """Whether a word after a space has its own token with the space in it (byte-level BPE: "Ġword")."""
+        return self.kind in ("roberta", "gpt2")
+
+    @property
     def num_special(self) -> int:
         """Ids below this that are not text (the pipeline's NUM_SPECIAL): none in a released vocabulary's front."""
         return 0

@@ -124,3 +124,13 @@ def test_export_released_command(imported, tmp_path):
         [*cmd[:-2], str(tmp_path / "missing"), str(tmp_path / "o2")], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bpe_verbalizers_and_pattern_words_keep_their_space():
+    tok = ReleasedTokenizer(FIXTURES / "glm-2b" / "tokenizer")
+    task = ClozeTask(
+        tok, ClozeTaskConfig(pattern="{text} It was [MASK].", verbalizers={"a": "great", "b": "the"}, multi_token=True), 64
+    )
+    assert task.answers[1] == tok.encode(" the", specials=False)  # "Ġthe", as after "was " in running text
+    part_a = task.encode("The movie").part_a
+    assert part_a == tok.encode("The movie It was", specials=False) + [tok.mask_id] + tok.encode(".", specials=False)
