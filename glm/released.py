@@ -191,13 +191,18 @@ def _torch_load(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def iter_shards(directory: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield (file, {reference key: tensor}) one weight file at a time; tensors are memory-mapped views."""
+def iter_tensors(directory: str | Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield (file, reference key, tensor) one tensor at a time, one weight file after the other.
+
+    safetensors reads each tensor when asked (so at most one is in memory beside the model); torch
+    files are memory-mapped, so a tensor's pages are read when it is copied.
+    """
     kind, files = weight_files(directory)
     for path in files:
         if kind == "safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                yield path, {k: f.get_tensor(k) for k in f.keys()}
+                for k in f.keys():
+                    yield path, k, f.get_tensor(k)
             continue
         obj = _torch_load(path)
         if kind == "deepspeed":
@@ -206,7 +211,8 @@ def iter_shards(directory: str | Path) -> Iterator[tuple[Path, dict[str, torch.T
             obj = obj["module"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ReleasedCheckpointError(f"{path} is not a state dict of tensors")
-        yield path, obj
+        for k in list(obj):
+            yield path, k, obj.pop(k)
         del obj
 
 
@@ -336,10 +342,12 @@ def available_memory() -> int:
 
 
 def bytes_needed(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], dtype: torch.dtype, legacy_bytes: int = 0) -> int:
-    """The model in `dtype`, plus 10% and 256 MiB for the process, plus any file that cannot be memory-mapped."""
+    """The model in `dtype`, plus the largest tensor as read (one is in flight at a time), 10% and 256 MiB
+    for the process, plus any file that cannot be memory-mapped."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     model = sum(itemsize * _numel(shape) for k, (shape, _) in shapes.items() if reference_to_local(k) is not None)
-    return int(model * 1.1) + (256 << 20) + legacy_bytes
+    largest = max((_numel(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in shapes.values()), default=0)
+    return int(model * 1.1) + largest + (256 << 20) + legacy_bytes
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -400,26 +408,22 @@ def import_released(
     wanted = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    for path, shard in iter_shards(d):
-        for key in list(shard):
-            local = reference_to_local(key)
-            if local is None:
-                skipped.append(key)
-                continue
-            if local in state:
-                raise ReleasedCheckpointError(f"{d}: {key} appears twice (as {local}); the shard index is inconsistent")
-            t = shard.pop(key)
-            # copy=True: the model never aliases the memory-mapped file, and the cast happens here, one tensor at a time
-            state[local] = t.to(dtype=dt, copy=True)
-        log.info("imported %s", path.name)
-        del shard
+    shapes_of = {k: v.shape for k, v in model.state_dict().items()}  # meta tensors: shapes only
+    for path, key, t in iter_tensors(d):
+        local = reference_to_local(key)
+        if local is None:
+            skipped.append(key)
+            continue
+        if local in state:
+            raise ReleasedCheckpointError(f"{d}: {key} appears twice (as {local}); the shard index is inconsistent")
+        if t.shape != shapes_of[local]:
+            raise ReleasedCheckpointError(f"{d}: {key} has shape {tuple(t.shape)}, expected {tuple(shapes_of[local])}")
+        # copy=True: the model never aliases the memory-mapped file, and the cast happens here, one tensor at a time
+        state[local] = t.to(dtype=dt, copy=True)
+        del t
     missing = sorted(wanted - set(state))
     if missing:
         raise ReleasedCheckpointError(f"{d} lacks weights: {', '.join(missing[:8])}; the checkpoint is incomplete")
-    for k, v in state.items():
-        want = model.state_dict()[k].shape
-        if v.shape != want:
-            raise ReleasedCheckpointError(f"{d}: {local_to_reference(k)} has shape {tuple(v.shape)}, expected {tuple(want)}")
     model.load_state_dict(state, strict=True, assign=True)
     if skipped:
         log.warning("skipped %d allow-listed key(s) that are not part of GLMModel: %s", len(skipped), ", ".join(skipped))

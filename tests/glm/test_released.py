@@ -145,3 +145,11 @@ def test_released_config_reads_heads_and_checks_shapes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "max_sequence_length": 64, "num_layers": 2}))
     cfg = released_model_config(tmp_path)
     assert (cfg.n_head, cfg.max_seq_len, cfg.layernorm_eps, cfg.rotary_2d) == (4, 64, 1e-5, False)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
+    ref = _ref_state(_tiny())
+    ref["transformer.layers.0.attention.query_key_value.weight"] = torch.zeros(40, 16)  # not [3h, h]
+    torch.save(ref, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ReleasedCheckpointError, match=r"query_key_value.weight has shape \(40, 16\), expected \(48, 16\)"):
+        import_released(tmp_path)
