@@ -95,7 +95,8 @@ def _run_dir(value: str) -> str:
 class InitConfig(Section):
     """Start from a released GLM (a THUDM glm-* directory as published: config.json, weights, tokenizer files)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # written and read as "from" (a Python keyword, hence the field name from_)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
 
     from_: str | None = Field(
         default=None,
