@@ -134,3 +134,18 @@ def test_bpe_verbalizers_and_pattern_words_keep_their_space():
     assert task.answers[1] == tok.encode(" the", specials=False)  # "Ġthe", as after "was " in running text
     part_a = task.encode("The movie").part_a
     assert part_a == tok.encode("The movie It was", specials=False) + [tok.mask_id] + tok.encode(".", specials=False)
+
+
+def test_seq2seq_rows_use_the_models_gmask_sop_eop(imported):
+    from glm.finetune import encode_seq2seq, seq2seq_batch, seq2seq_loss
+
+    family, ckpt, tok_dir = imported
+    model, _ = load_model(ckpt)
+    tok = load_tokenizer(tok_dir)
+    items = [encode_seq2seq(tok, "the film was long", "too long", 64), encode_seq2seq(tok, "a short one", "fine", 64)]
+    batch = seq2seq_batch(items, "cpu", special_of(model))
+    a = len(items[0].source)
+    assert batch["input_ids"][0, a] == tok.gmask_id and batch["input_ids"][0, a + 1] == tok.sop_id
+    assert batch["targets"][0, a + 1 + len(items[0].target)] == tok.eop_id
+    metrics = seq2seq_loss(model, items)
+    assert metrics["loss"] > 0 and metrics["tokens"] == sum(len(e.target) + 1 for e in items)
