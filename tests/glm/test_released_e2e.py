@@ -100,3 +100,13 @@ def test_the_config_of_each_release_validates(name):
     data["infilling"]["seq_len"] = 64  # the fixture has 64 positions
     cfg = PipelineConfig.model_validate(data)
     assert cfg.model.special_tokens is not None and cfg.model.max_seq_len == 64
+
+
+def test_a_release_without_its_tokenizer_is_one_clear_line(tmp_path):
+    import shutil
+
+    shutil.copytree(RELEASE / "model", tmp_path / "model")  # weights and config.json, no vocabulary file
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"model.init.from={tmp_path / 'model'}", "infilling.seq_len=64"])
+    msg = str(err.value)
+    assert "holds no released GLM tokenizer" in msg and "vocab.txt" in msg and "Traceback" not in msg
