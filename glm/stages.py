@@ -554,6 +554,12 @@ def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
     """A sentencepiece tokenizer trained on a sample of the train split (kept once trained)."""
     from glm.tokenizer import train_tokenizer
 
+    init = cfg.model.init
+    if init is not None and init.from_ is not None:  # a released GLM: its own tokenizer, nothing to train
+        from glm.released_tokenizer import install_released_tokenizer
+
+        install_released_tokenizer(init.tokenizer or init.from_, paths.tokenizer)
+        return
     train_tokenizer(paths.docs, paths.tokenizer, cfg.tokenizer)
 
 
@@ -566,9 +572,9 @@ def _finetune_source(cfg: PipelineConfig) -> Any:
 def _check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task)."""
     from glm.finetune import check_task
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
-    summary = check_task(cfg.finetune, Tokenizer.load(paths.tokenizer_model), cfg.model.max_seq_len)
+    summary = check_task(cfg.finetune, load_tokenizer(paths.tokenizer_model), cfg.model.max_seq_len)
     log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)
     return summary
 
@@ -622,15 +628,16 @@ def _vocab_size(paths: RunPaths) -> int:
 def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations token gate; raises glm.quality.ValidationFailed."""
     from glm.quality import validate_tokens
-    from glm.special_tokens import SPECIAL
+    from glm.special_tokens import special_of
 
-    _write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality))
+    unk = special_of(cfg.model).unk  # a released GLM's [UNK] id, else the pipeline's
+    _write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, _vocab_size(paths), unk, cfg.quality))
 
 
 def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
-    return tuple(int(i) for i in Tokenizer.load(paths.tokenizer_model).sentence_end_ids())
+    return tuple(int(i) for i in load_tokenizer(paths.tokenizer_model).sentence_end_ids())
 
 
 def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
@@ -641,7 +648,13 @@ def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
         (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until it closes
         if paths.infill.is_dir():
             remove_stale_temporaries(paths.infill)
-    return shard_jobs(paths.tokens, paths.infill, cfg.infilling, sentence_end_ids=_sentence_end_ids(paths))
+    return shard_jobs(
+        paths.tokens,
+        paths.infill,
+        cfg.infilling,
+        sentence_end_ids=_sentence_end_ids(paths),
+        special_tokens=cfg.model.special_tokens,
+    )
 
 
 def infill_shard_key(job: Any, paths: RunPaths | None = None) -> str:
@@ -667,7 +680,12 @@ def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping
         if stale not in keep:
             stale.unlink()
     return write_infilling_manifest(
-        paths.tokens, paths.infill, cfg.infilling, list(results), sentence_end_ids=_sentence_end_ids(paths)
+        paths.tokens,
+        paths.infill,
+        cfg.infilling,
+        list(results),
+        sentence_end_ids=_sentence_end_ids(paths),
+        special_tokens=cfg.model.special_tokens,
     )
 
 
@@ -703,7 +721,8 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     if plan.get("key") != key:
         data_key = read_stats(paths.infill, InfillStats)["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
-        init_from = cfg.pretrain.init_from
+        configured = cfg.pretrain.init_from or _imported_checkpoint(cfg, paths)  # model.init.from: the imported release
+        init_from = configured
         start = latest or (resolve_checkpoint(init_from) if init_from else None)
         start_step = int(read_meta(start)["step"]) if start is not None else 0
         if latest is not None and _loader_data_key(latest) != data_key:
@@ -712,7 +731,7 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             os.rename(paths.pretrain / "checkpoints", archive)
             init_from = str(archive / latest.name)
             log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
-        same_run = latest is not None and init_from == cfg.pretrain.init_from  # not archived: this run goes on
+        same_run = latest is not None and init_from == configured  # not archived: this run goes on
         resolved = _resolve_pretrain(cfg, paths, plan.get("resolved") if same_run else None, continue_steps)
         budget = resolved.get("budget")
         if continue_steps:
@@ -734,6 +753,23 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     header = "".join(f"# {line}\n" for line in _plan_lines(plan))
     atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _imported_checkpoint(cfg: PipelineConfig, paths: RunPaths) -> str | None:
+    """model.init.from: the released GLM imported once into RUN/imported/ as a weights-only checkpoint."""
+    init = cfg.model.init
+    if init is None or init.from_ is None:
+        return None
+    from glm.checkpoint import latest_checkpoint, read_meta
+    from glm.released import import_to_checkpoint
+
+    out = paths.root / "imported"
+    source = str(Path(init.from_).resolve())
+    done = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+    if done is None or read_meta(done).get("imported_from") != source:
+        done, _ = import_to_checkpoint(init.from_, out, dtype=init.dtype, n_head=init.n_head, tokenizer_dir=init.tokenizer)
+        log.info("pretrain: imported the released GLM %s into %s", source, done)
+    return str(done)
 
 
 def _read_plan(paths: RunPaths) -> dict[str, Any]:
@@ -906,12 +942,12 @@ SEQ2SEQ_LOSS_SE = 0.01
 def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
     from glm.finetune import finetune_from_checkpoint
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
     task_dir = paths.finetune(cfg.finetune.task.name)
     remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
     results = finetune_from_checkpoint(
-        pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
+        pretrained_checkpoint(paths), load_tokenizer(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
     )
     files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
@@ -978,11 +1014,11 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     from glm.corpus import iter_documents
     from glm.evaluate import evaluate_pretrained, write_report
     from glm.loader import ValidLoader
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
     ev = cfg.evaluate
     model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
-    tok = Tokenizer.load(paths.tokenizer_model)
+    tok = load_tokenizer(paths.tokenizer_model)
     valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=ev.batches)
     # enough documents for every part, short ones being skipped by infilling and last-word prediction
     wanted = max(16 * ev.batches, 4 * ev.fill_samples, 2 * ev.infill_docs, 2 * ev.lastword_docs)
