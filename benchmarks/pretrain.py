@@ -147,6 +147,8 @@ def _demo_time_to_loss() -> dict:
 
     cfg = load_config(DEMO_CONFIG)
     run = ROOT / cfg.run_dir
+    if (run / "pretrain" / "run-config.yaml").is_file():  # the steps and precision the demo's budget resolved to
+        cfg = load_config(run / "pretrain" / "run-config.yaml")
     common = {"name": "pretrain/demo", "metric": "seconds_to_demo_val_loss", "unit": "s", "better": "lower"}
     demo_metrics_path = run / "pretrain" / "metrics.jsonl"
     if not (run / "infill" / "manifest.json").is_file() or not demo_metrics_path.is_file():
