@@ -148,6 +148,10 @@ class ExportStats(TypedDict):
     verified: bool | None  # None: export.verify is false
     checkpoint: str
     fp32: dict[str, float]
+    version: NotRequired[str]  # this run's bundle version (export/versions/NAME)
+    blessed: NotRequired[bool]  # the gate's decision (glm.bundles.decide)
+    reason: NotRequired[str]  # and why
+    current: NotRequired[str | None]  # the version export/current points to after this run
 
 
 # --------------------------------------------------------------------------- results passed between tasks
