@@ -52,6 +52,7 @@ from glm.runlock import run_lock
 from glm.safety import remove_tree
 from glm.shards import (
     MANIFEST,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_file,
@@ -678,18 +679,37 @@ def _loader_data_key(checkpoint: Path) -> str | None:
     return (ranks[0].get("loader") or {}).get("data")
 
 
+def _latest_archived(paths: RunPaths) -> Path | None:
+    """The newest checkpoint of the newest archive in pretrain/history/ (archives are named TIME-step-N)."""
+    from glm.checkpoint import latest_checkpoint
+
+    history = paths.pretrain / "history"
+    archives = sorted(p for p in history.iterdir() if p.is_dir()) if history.is_dir() else []
+    for archive in reversed(archives):
+        if (found := latest_checkpoint(archive)) is not None:
+            return found
+    return None
+
+
 def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None) -> PipelineConfig:
     """The config this run trains with, written to pretrain/run-config.yaml.
 
     Continued pretraining: when the blank-infilling data changed since pretrain/'s latest
-    checkpoint (new documents were ingested), those checkpoints move to pretrain/history/ and the
-    run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
-    that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
-    run that is retried aims at the same step.
+    checkpoint (new documents were ingested), those checkpoints (and the manifest that describes
+    them) move to pretrain/history/TIME-step-N/ and the run starts from the latest of them
+    (train.init_from) on the new data. With no checkpoint in pretrain/checkpoints/ (a run that was
+    archived, then crashed or was interrupted before its first checkpoint), the newest archived
+    checkpoint is where the run starts: a grown corpus never restarts pretraining from scratch.
+
+    How far a continued run trains: `continue_steps` steps past where it starts when given (the
+    nightly deployment's parameter), else the config's per-run amount: pretrain.steps more steps
+    (or what pretrain.budget_minutes buys, counted from where it starts). The target is fixed per
+    stage key, so a crashed run that is retried aims at the same step.
 
     What must be measured is decided here once per run (glm.budget: pretrain.budget_minutes into
     steps counted from where the run starts, precision auto on a CPU with native bf16) and kept in
-    pretrain/run-plan.json; run-config.yaml holds the result under a comment that says why.
+    pretrain/run-plan.json with where the run started; run-config.yaml holds the result under a
+    comment that says why.
     """
     from glm.budget import apply_plan
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
@@ -701,15 +721,17 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
         data_key = read_stats(paths.infill, InfillStats)["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         init_from = cfg.pretrain.init_from
-        start = latest or (resolve_checkpoint(init_from) if init_from else None)
-        start_step = int(read_meta(start)["step"]) if start is not None else 0
+        continued = False  # this run starts from weights trained on other data
         if latest is not None and _loader_data_key(latest) != data_key:
-            archive = paths.pretrain / "history" / f"{time.strftime('%Y%m%d-%H%M%S')}-{latest.name}"
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(paths.pretrain / "checkpoints", archive)
-            init_from = str(archive / latest.name)
+            archive = _archive_checkpoints(paths, latest)
+            init_from, continued = str(archive / latest.name), True
             log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
-        same_run = latest is not None and init_from == cfg.pretrain.init_from  # not archived: this run goes on
+        elif latest is None and (archived := _latest_archived(paths)) is not None:
+            init_from, continued = str(archived), True
+            log.info("pretrain: no checkpoint in pretrain/checkpoints; continuing from the archived %s", init_from)
+        start = latest if latest is not None and not continued else (resolve_checkpoint(init_from) if init_from else None)
+        start_step = int(read_meta(start)["step"]) if start is not None else 0
+        same_run = latest is not None and not continued  # not archived: this run goes on
         resolved = _resolve_pretrain(cfg, paths, plan.get("resolved") if same_run else None, continue_steps)
         budget = resolved.get("budget")
         if continue_steps:
@@ -718,9 +740,12 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             # counted from where this training starts; a resumed run reuses its plan, so this is fixed per run
             steps = budget.get("target") or start_step + budget["steps"]
             budget["target"] = steps
+        elif continued:
+            steps = start_step + cfg.pretrain.steps  # each run on grown data trains pretrain.steps more
         else:
             steps = cfg.pretrain.steps
         plan = {"key": key, "steps": steps, "init_from": init_from, "resolved": resolved}
+        plan["start"] = {"step": start_step, "checkpoint": str(start) if start is not None else None, "continued": continued}
         atomic_write_json(plan_path, plan)
     run_cfg = cfg.model_copy(deep=True)
     if "resolved" in plan:
@@ -731,6 +756,51 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     header = "".join(f"# {line}\n" for line in _plan_lines(plan))
     atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _archive_checkpoints(paths: RunPaths, latest: Path) -> Path:
+    """Move pretrain/checkpoints/ (and the manifest that describes them, whose lineage the next
+    manifest extends) to pretrain/history/TIME-step-N/; returns the archive."""
+    base = paths.pretrain / "history" / f"{time.strftime('%Y%m%d-%H%M%S')}-{latest.name}"
+    archive, n = base, 1
+    while archive.exists():  # two archivals within one second
+        archive, n = base.with_name(f"{base.name}-{n}"), n + 1
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    if (paths.pretrain / MANIFEST).is_file():
+        atomic_write_bytes(paths.pretrain / "checkpoints" / MANIFEST, (paths.pretrain / MANIFEST).read_bytes())
+    os.rename(paths.pretrain / "checkpoints", archive)
+    return archive
+
+
+def _pretrain_lineage(paths: RunPaths, start: Mapping[str, Any], step: int) -> list[dict[str, Any]]:
+    """What the final weights saw, oldest first: one segment per run of training (data, from_step, to_step).
+
+    The segments before this run come from the manifest archived with the checkpoint it started
+    from; this run's segment names the blank-infilling data and documents it trained on.
+    """
+    segments: list[dict[str, Any]] = []
+    checkpoint = Path(start["checkpoint"]) if start.get("checkpoint") else None
+    if checkpoint is not None and start.get("continued"):
+        try:
+            before = json.loads((checkpoint.parent / MANIFEST).read_text(encoding="utf-8"))["stats"]
+            segments = [dict(s) for s in before.get("lineage") or [] if s.get("from_step", 0) < start["step"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            segments = []
+        if segments:
+            segments[-1]["to_step"] = min(segments[-1]["to_step"], start["step"])
+        else:  # archived before manifests carried a lineage: what its checkpoint itself tells
+            segments = [{"from_step": 0, "to_step": start["step"], "infill": _loader_data_key(checkpoint), "documents": None}]
+    elif checkpoint is not None and start.get("step"):  # init_from another run's checkpoint
+        segments = [{"from_step": 0, "to_step": start["step"], "infill": None, "documents": None, "init_from": str(checkpoint)}]
+    segments.append(
+        {
+            "from_step": int(start.get("step") or 0),
+            "to_step": step,
+            "infill": read_stats(paths.infill, InfillStats)["build_key"],
+            "documents": manifest_digest(paths.docs / MANIFEST) if (paths.docs / MANIFEST).is_file() else None,
+        }
+    )
+    return segments
 
 
 def _read_plan(paths: RunPaths) -> dict[str, Any]:
@@ -812,7 +882,15 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: TrainSummary) -
         bad_steps=result["bad_steps"],
         resumed_from=result["resumed_from"],
     )
-    resolved = _read_plan(paths).get("resolved") or {}
+    plan = _read_plan(paths)
+    start = plan.get("start") or {"step": 0, "checkpoint": None, "continued": False}
+    # the truth about what the weights saw: where this run started, how many steps it trained on
+    # this data, and every earlier run's data and steps (steps_this_run 0 means the data went unseen)
+    stats["start_step"] = int(start.get("step") or 0)
+    stats["steps_this_run"] = int(result["step"]) - stats["start_step"]
+    stats["continued_from"] = start.get("checkpoint") if start.get("continued") else None
+    stats["lineage"] = _pretrain_lineage(paths, start, int(result["step"]))
+    resolved = plan.get("resolved") or {}
     if resolved.get("precision"):
         stats["precision"] = {k: resolved["precision"][k] for k in ("requested", "chosen", "why")}
     if resolved.get("budget"):
