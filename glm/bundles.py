@@ -263,6 +263,7 @@ def prune(export_dir: str | Path, keep_last: int, keep_blessed: bool = True) -> 
 def decide(
     *,
     verified: bool | None,
+    failures: list[str] | None = None,
     collapsed: bool,
     metric: str,
     higher_is_better: bool,
@@ -290,7 +291,7 @@ def decide(
     elif verified is None:
         check("verification", False, "export verification was skipped (export.verify is false)")
     else:
-        check("verification", False, "export verification failed")
+        check("verification", False, "export verification failed: " + "; ".join(failures or ["see verification.json"]))
     check("collapse", not collapsed, "the kept model collapsed to one label" if collapsed else "no collapse")
     if value is None:
         check("metric", False, f"no test {metric} recorded")

@@ -1160,8 +1160,8 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     it is blessed (glm.bundles.decide): verified, not collapsed, and not worse than the current
     version on the same test examples by more than export.gate.max_drop. Then old versions are
     pruned (export.keep_versions) and export/report.md tells the decision. A refused version stays
-    listed, not current. A bundle that fails verification stays at export/.candidate
-    (glm.export.ExportVerificationError).
+    listed, not current, with the reason: a bundle that fails verification too (its
+    verification.json has the numbers; `glm-pipeline bundles --promote` refuses it).
     """
     from glm import bundles
     from glm.checkpoint import resolve_checkpoint
@@ -1171,8 +1171,8 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
     choice = export_choice(cfg, paths)
     checkpoint = resolve_checkpoint(Path(choice["path"]))
-    if cfg.export.verify:
-        report = verify_bundle(paths.candidate, checkpoint, cfg.export)
+    if cfg.export.verify:  # a failure is recorded, not raised: the version is kept, refused, with the numbers
+        report = verify_bundle(paths.candidate, checkpoint, cfg.export, raise_on_failure=False)
     else:
         report = {"passed": None, "skipped": "export.verify is false"}
     previous = json.loads((paths.candidate / REPORT_FILE).read_text(encoding="utf-8"))
@@ -1189,6 +1189,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         lineage["compared"] = compared or {"skipped": note}
         lineage |= bundles.decide(
             verified=report.get("passed"),
+            failures=report.get("failures"),
             collapsed=lineage["collapsed"],
             metric=lineage["metric"]["name"],
             higher_is_better=lineage["metric"]["higher_is_better"],
@@ -1206,7 +1207,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
             bundles.set_current(paths.export, name, f"blessed by the gate: {lineage['reason']}")
             log.info("export: %s blessed and current (%s)", name, lineage["reason"])
         else:
-            log.warning("export: %s NOT promoted, %s stays current: %s", name, current, lineage["reason"])
+            log.warning("export: %s NOT promoted, %s stays current: %s", name, current or "no version", lineage["reason"])
         pruned = bundles.prune(paths.export, cfg.export.keep_versions, cfg.export.keep_blessed)
         now_current = bundles.current_version(paths.export)
         written = bundles.write_versions_report(paths.export, lineage | {"current": now_current == name})

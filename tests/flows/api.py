@@ -80,3 +80,12 @@ def logs(flow_run_id: Any) -> list[Any]:
 def states(runs: list[Any]) -> dict[str, str]:
     """task run name -> state name (Completed, Cached, Failed...)."""
     return {r.name: r.state.name for r in runs}
+
+
+def events(prefix: str) -> list[Any]:
+    """The events whose name starts with `prefix` that the server has recorded (see settle())."""
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    settle()
+    with client() as c:
+        return list(c.read_events(EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50).events)
