@@ -217,6 +217,10 @@ def _bundles(args: argparse.Namespace) -> int:
             print(f"current: {before} -> {target}")
     except bundles.BundleVersionError as e:
         raise ConfigError(str(e)) from None
+    if (export / bundles.LEGACY).is_dir() and not (export / bundles.LEGACY).is_symlink():
+        print(
+            f"{export / bundles.LEGACY} is a bundle exported before versions: the next export, or any --promote, adopts it as a version"
+        )
     print(bundles.versions_table(bundles.list_versions(export)))
     return 0
 
