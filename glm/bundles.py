@@ -277,8 +277,9 @@ def decide(
     """Blessed or not, why, and every check: {"blessed", "reason", "checks": [{check, passed, detail}]}.
 
     `compared` is the new and the current model's metric on the same examples, measured by the same
-    scorer ({"new", "current", "examples", "how"}), or None when there is no current version or they
-    could not be compared (then the check says so and does not block). `floor`: "none", "majority" or
+    scorer ({"new", "current", "examples", "how"}); {"error": why} when the new bundle could not be
+    scored (refused); None when there is no current version or the current one could not be
+    compared (then the check says so and does not block). `floor`: "none", "majority" or
     "linear" (the TF-IDF baseline the report computes); a cloze metric must be at least that baseline.
     """
     checks: list[dict[str, Any]] = []
@@ -299,6 +300,8 @@ def decide(
         check("vs-current", True, "no current version: the first version is blessed when its other checks pass")
     elif compared is None:
         check("vs-current", True, f"not compared with current {current.get('version')} (see lineage.compared)")
+    elif "error" in compared:
+        check("vs-current", False, compared["error"])
     else:
         new, cur = compared["new"], compared["current"]
         drop = (cur - new) if higher_is_better else (new - cur)

@@ -1235,6 +1235,17 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     )
 
 
+def _test_split_digest(cfg: PipelineConfig, choice: Mapping[str, Any]) -> str | None:
+    """sha256 of this run's labelled test split: two versions with the same digest were tested on the same examples."""
+    if cfg.finetune.kind == "cloze":
+        examples = _test_examples(choice)
+        return sha256_json(examples) if examples else None
+    from glm.finetune import read_labelled, split_examples  # seq2seq: re-derived, as _seq2seq_generation does
+
+    pairs = [(e.text, e.label) for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)]
+    return sha256_json(split_examples(pairs, cfg.finetune.task.split, key=lambda p: p[0])["test"])
+
+
 def _test_examples(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The chosen run's test split (text, text_pair, label) from its test_predictions.jsonl (cloze only)."""
     path = Path(choice["path"]) / "test_predictions.jsonl"
@@ -1258,7 +1269,6 @@ def bundle_lineage(
     cloze = cfg.finetune.kind == "cloze"
     test = {k: v for k, v in (result.get("test") or {}).items() if isinstance(v, (int, float))}
     name = "accuracy" if cloze else "loss"
-    examples = _test_examples(choice)
     pre = read_stats(paths.pretrain, PretrainStats)
     try:
         version = metadata.version("glm-pipeline")
@@ -1275,7 +1285,7 @@ def bundle_lineage(
         "data": {
             "documents_manifest": manifest_digest(paths.docs / MANIFEST),
             "labelled_sizes": result.get("sizes"),
-            "test_split": sha256_json(examples) if examples else None,
+            "test_split": _test_split_digest(cfg, choice),
         },
         "tokenizer_sha256": sha256_file(paths.tokenizer_model),
         "pretrained": {"checkpoint": pre["checkpoint"], "step": pre["step"], "lineage": pre.get("lineage")},
@@ -1317,6 +1327,9 @@ def _compare_with_current(
         return None, "the labelled data changed and only cloze bundles can be re-scored by the runtime: not compared"
     try:
         new = bundles.score_bundle(paths.candidate, examples)
+    except Exception as e:  # a new bundle an app cannot run is refused (decide fails the check on "error")
+        return {"error": f"the new bundle could not be scored by glm.runtime ({str(e).splitlines()[0][:200]})"}, ""
+    try:
         old = bundles.score_bundle(bundles.versions_dir(paths.export) / current["version"], examples)
     except Exception as e:  # a current bundle the runtime cannot score is no reason to keep it
         return None, f"current {current.get('version')} could not be re-scored ({str(e).splitlines()[0][:200]})"

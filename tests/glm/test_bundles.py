@@ -168,6 +168,10 @@ def test_the_gate_blesses_within_the_margin_and_says_why_it_refuses():
         floor="none",
     )
     assert not loss["blessed"]  # a seq2seq loss that rose by more than the margin
+    broken = bundles.decide(
+        **base, value=0.9, current=current, compared={"error": "the new bundle could not be scored"}, max_drop=1, floor="none"
+    )
+    assert not broken["blessed"] and "could not be scored" in broken["reason"]
 
 
 def test_the_bundles_command_lists_promotes_and_rolls_back(tmp_path, capsys):
