@@ -82,10 +82,16 @@ def states(runs: list[Any]) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
-def events(prefix: str) -> list[Any]:
-    """The events whose name starts with `prefix` that the server has recorded (see settle())."""
+def events(prefix: str, at_least: int = 1, timeout: float = 60.0) -> list[Any]:
+    """The events whose name starts with `prefix` that the server has recorded, once it has at least
+    `at_least` of them (polling at most `timeout` seconds: they are sent in the background and stored a
+    moment after they arrive)."""
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    settle()
+    deadline = time.monotonic() + timeout
     with client() as c:
-        return list(c.read_events(EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50).events)
+        while True:
+            found = list(c.read_events(EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50).events)
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)  # polling the API: the server cannot be asked to tell when it has stored them
