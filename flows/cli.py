@@ -179,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
         help="only report; by default whatever fails is marked so the next run rebuilds it",
     )
 
+    back = sub.add_parser(
+        "export-released",
+        help="write a checkpoint in the released GLM layout (config.json + pytorch_model.bin) that THUDM's GLM code loads",
+    )
+    back.add_argument("checkpoint", help="a checkpoint step directory, or a run's pretrain/finetune directory (its latest)")
+    back.add_argument("out", help="the directory to write (its files are replaced atomically)")
+    back.add_argument("--tokenizer", default=None, help="copy this tokenizer beside the weights (a run's tokenizer/ directory)")
+
     serve = sub.add_parser("serve", help="serve the pipeline as a long-lived process with a cron schedule")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
@@ -421,6 +429,11 @@ def _command(args: argparse.Namespace) -> int:
             from glm_pipeline.flows.deploy import deploy
 
             return deploy(Path.cwd())
+        if args.command == "export-released":
+            from glm.released import export_checkpoint
+
+            print(export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer))
+            return 0
         if args.command == "infer":
             from glm.runtime import infer_command
 

@@ -11,6 +11,7 @@ of that section (plus its inputs' content hashes and the code version).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 from pathlib import Path
@@ -91,6 +92,23 @@ def _run_dir(value: str) -> str:
 # --------------------------------------------------------------------------- model
 
 
+class InitConfig(Section):
+    """Start from a released GLM (a THUDM glm-* directory as published: config.json, weights, tokenizer files)."""
+
+    # written and read as "from" (a Python keyword, hence the field name from_)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
+
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        description="Directory of a released GLM (glm-large, glm-large-chinese, ...): the model's dimensions, its "
+        "tokenizer (no tokenizer training) and its weights (pretraining continues from them).",
+    )
+    tokenizer: str | None = Field(default=None, description="Its tokenizer files, if not in the same directory.")
+    n_head: int | None = Field(default=None, ge=1, description="Heads, only for a bare DeepSpeed file without config.json.")
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="Weights are cast to this as they load.")
+
+
 class ModelConfig(Section):
     """GLM transformer dimensions (docs/method.md section 4)."""
 
@@ -107,9 +125,22 @@ class ModelConfig(Section):
     attention_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     rotary_2d: bool = Field(default=False, description="ChatGLM-style 2D rotary positions instead of learned 2D tables.")
     layernorm_eps: float = 1e-5
+    init: InitConfig | None = Field(
+        default=None,
+        description="model.init.from: start from a released GLM; its dimensions replace this section's (set none of them).",
+    )
+    special_tokens: dict[str, int] | None = Field(
+        default=None,
+        description="The special-token ids the model was trained with (pad unk cls eos mask smask gmask sop eop); "
+        "None: this pipeline's own (glm/special_tokens.py). Set from the tokenizer of an imported released GLM.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
+        if self.special_tokens is not None:
+            need = {"pad", "unk", "cls", "eos", "mask", "smask", "gmask", "sop", "eop"}
+            if set(self.special_tokens) != need:
+                raise ValueError(f"model.special_tokens must map exactly {sorted(need)}, got {sorted(self.special_tokens)}")
         if self.hidden_size % self.n_head:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.n_head={self.n_head}; "
@@ -523,6 +554,17 @@ class ExportConfig(Section):
         "and always the current one; older ones are removed after each export.",
     )
     keep_blessed: bool = Field(default=True, description="Never prune a blessed version (a rollback target).")
+    generation_bundle: bool = Field(
+        default=True,
+        description="Also export the pretrained model as a generation bundle (RUN_DIR/generation/bundle) for fill and "
+        "generate: a fine-tuned classifier's language model is trained away.",
+    )
+    selection_margin_se: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="The pretrained run is exported unless another fine-tuned run (from scratch) beats it on dev by more "
+        "than this many standard errors of the dev score (0: best on dev, ties to pretrained).",
+    )
 
 
 class OrchestrationConfig(Section):
@@ -586,6 +628,35 @@ class PipelineConfig(Section):
         return data
 
     @model_validator(mode="after")
+    def _released_model(self) -> "PipelineConfig":
+        # model.init.from: the released model's dimensions and special ids (read from its files) fill the section
+        init = self.model.init
+        if init is None or init.from_ is None:
+            return self
+        # imported by name: the release's dimensions enter every cache key as this section's values, so the
+        # reader's code is not made part of every stage's code version (glm.stages.stage_modules)
+        released_dimensions = importlib.import_module("glm.released").released_dimensions
+
+        try:
+            dims = released_dimensions(init.from_, tokenizer=init.tokenizer, n_head=init.n_head)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"model.init.from={init.from_!r}: {e}") from None
+        conflicts = [
+            f"model.{k}={getattr(self.model, k)!r} (the release has {v!r})"
+            for k, v in dims.items()
+            if k in self.model.model_fields_set and getattr(self.model, k) != v
+        ]
+        if conflicts:
+            raise ValueError(
+                f"model.init.from={init.from_!r} fixes the model's dimensions, but the config sets {', '.join(conflicts)}; "
+                "remove those keys"
+            )
+        if any(getattr(self.model, k) != v for k, v in dims.items()):
+            # object.__setattr__: no re-validation loop; the values come from a validated ModelConfig
+            object.__setattr__(self, "model", self.model.model_copy(update=dims))
+        return self
+
+    @model_validator(mode="after")
     def _sequence_fits_model(self) -> "PipelineConfig":
         if self.infilling.seq_len > self.model.max_seq_len:
             raise ValueError(
@@ -597,7 +668,8 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _vocabularies_fit(self) -> "PipelineConfig":
         model, tok = self.model.vocab_size, self.tokenizer.vocab_size
-        if model is not None and self.tokenizer.existing is None and model < tok:
+        released = self.model.init is not None and self.model.init.from_ is not None  # its tokenizer is the release's
+        if model is not None and self.tokenizer.existing is None and not released and model < tok:
             raise ValueError(
                 f"model.vocab_size={model} is smaller than tokenizer.vocab_size={tok}: token ids {model}-{tok - 1} "
                 f"would have no embedding; raise model.vocab_size to at least {tok} or unset it (it then follows the tokenizer)"

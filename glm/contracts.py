@@ -158,6 +158,13 @@ class ExportStats(TypedDict):
     current: NotRequired[str | None]  # the version export/current points to after this run
 
 
+class GenerationStats(TypedDict):
+    """generation/manifest.json (glm.stages.export_generation)."""
+
+    exported: bool  # False: export.generation_bundle is off
+    checkpoint: str  # the pretrained checkpoint the bundle holds
+
+
 # --------------------------------------------------------------------------- results passed between tasks
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from glm.config import EvaluateConfig
 from glm.metrics import read_metrics
 from glm.shards import atomic_path, atomic_write_json, atomic_write_text
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import SPECIAL, SpecialTokens, special_of
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")
 
@@ -68,8 +68,9 @@ def infilling_metrics(
             targets = b["targets"][select]  # (N,)
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             if exclude_eop:
-                eop_first += int((logits.argmax(-1) == SPECIAL.eop).sum())
-                logits = logits.index_fill(-1, torch.tensor([SPECIAL.eop], device=device), float("-inf"))  # (N, V)
+                eop = special_of(model).eop
+                eop_first += int((logits.argmax(-1) == eop).sum())
+                logits = logits.index_fill(-1, torch.tensor([eop], device=device), float("-inf"))  # (N, V)
             correct += int((logits.argmax(-1) == targets).sum())
             tokens += int(targets.numel())
     finally:
@@ -87,14 +88,16 @@ def infilling_metrics(
     return out | ({"eop_argmax_share": eop_first / tokens} if exclude_eop else {})
 
 
-def causal_lm_batch(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def causal_lm_batch(
+    rows: Sequence[Sequence[int]], device: torch.device | str = "cpu", special: SpecialTokens = SPECIAL
+) -> dict[str, torch.Tensor]:
     """Right-padded causal samples: [gMASK] | <sop> x1 .. x(n-1), predicting x1 .. xn (one row each)."""
     width = 2 + max(len(r) for r in rows) - 1
     B = len(rows)
-    ids = torch.full((B, width), SPECIAL.pad, dtype=torch.long)  # (B, T)
+    ids = torch.full((B, width), special.pad, dtype=torch.long)  # (B, T)
     blk = torch.zeros(B, width, dtype=torch.long)  # (B, T)
     tgt = torch.zeros(B, width, dtype=torch.long)  # (B, T)
-    ids[:, 0], ids[:, 1] = SPECIAL.gmask, SPECIAL.sop
+    ids[:, 0], ids[:, 1] = special.gmask, special.sop
     for i, row in enumerate(rows):
         n = len(row)
         r = torch.as_tensor(list(row), dtype=torch.long)  # (n,)
@@ -124,7 +127,7 @@ def lm_metrics(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_size
     if not rows:
         raise ValueError("lm_metrics got no non-empty token rows")
     device = next(model.parameters()).device
-    batches = (causal_lm_batch(rows[i : i + batch_size], device) for i in range(0, len(rows), batch_size))
+    batches = (causal_lm_batch(rows[i : i + batch_size], device, special_of(model)) for i in range(0, len(rows), batch_size))
     return infilling_metrics(model, batches, exclude_eop=True)
 
 
@@ -249,7 +252,7 @@ def fill_samples(
         span = int(min(6, max(1, round(0.15 * len(ids)))))
         start = int(rng.integers(1, len(ids) - span))  # at least one token of context before and after
         before, ref, after = ids[:start], ids[start : start + span], ids[start + span :]
-        prompts.append(before + [SPECIAL.mask] + after)
+        prompts.append(before + [special_of(model).mask] + after)
         parts.append((before, ref, after))
     if not prompts:
         return []
@@ -311,7 +314,9 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str], rouge: boo
     return out
 
 
-def mask_spans(ids: Sequence[int], ratio: float, rng: np.random.Generator) -> tuple[list[int], list[list[int]]]:
+def mask_spans(
+    ids: Sequence[int], ratio: float, rng: np.random.Generator, mask: int = SPECIAL.mask
+) -> tuple[list[int], list[list[int]]]:
     """Blank round(ratio x len) tokens (at least 1) of `ids` in 1-3 spans, each replaced by one [MASK], with at
     least one kept token between two spans. Returns the prompt and the removed spans, in text order."""
     n = len(ids)
@@ -326,7 +331,7 @@ def mask_spans(ids: Sequence[int], ratio: float, rng: np.random.Generator) -> tu
         prompt += list(ids[at : at + gaps[i]])
         at += gaps[i]
         spans.append(list(ids[at : at + lengths[i]]))
-        prompt.append(SPECIAL.mask)
+        prompt.append(mask)
         at += lengths[i]
     prompt += list(ids[at:])
     return prompt, spans
@@ -347,16 +352,21 @@ def infill_bleu(
     if not docs:
         return {}
     out: dict[str, Any] = {"docs": len(docs), "ratios": {}, "samples": []}
+    fills: list[list[int]] = []  # every blank's generated span, all ratios: what fill_diversity judges
     for r_index, ratio in enumerate(cfg.infill_ratios):
         hyps, unfilled, refs, masked, n_spans = [], [], [], 0, 0
         for start in range(0, len(docs), batch_size):
             chunk = docs[start : start + batch_size]
-            masks = [mask_spans(ids, ratio, np.random.default_rng([cfg.seed, r_index, start + j])) for j, ids in enumerate(chunk)]
+            masks = [
+                mask_spans(ids, ratio, np.random.default_rng([cfg.seed, r_index, start + j]), special_of(model).mask)
+                for j, ids in enumerate(chunk)
+            ]
             longest = max(len(s) for _, spans in masks for s in spans)
             gen = generation_config(cfg, model, 2 * longest)
             for ids, (prompt, spans), res in zip(chunk, masks, fill_blanks(model, [p for p, _ in masks], gen)):
                 hyps.append(tokenizer.decode(res.tokens))
-                unfilled.append(tokenizer.decode([t for t in prompt if t != SPECIAL.mask]))
+                fills.extend(list(span) for span in res.spans)
+                unfilled.append(tokenizer.decode([t for t in prompt if t != special_of(model).mask]))
                 refs.append(tokenizer.decode(ids))
                 masked += sum(map(len, spans))
                 n_spans += len(spans)
@@ -370,6 +380,31 @@ def infill_bleu(
             "masked_share": masked / sum(map(len, docs)),
             "spans": n_spans,
         }
+    out["fills"] = fill_diversity(fills, tokenizer)
+    return out
+
+
+def fill_diversity(fills: Sequence[Sequence[int]], tokenizer: Any) -> dict[str, Any]:
+    """How varied a model's blank fills are: the share of blanks filled with the single most common
+    fill (as text) and the share of all fill tokens that are the single most common token. A model that
+    writes "the" into every blank has both near 1; healthy fills of real text stay far below 0.5."""
+    from collections import Counter
+
+    texts = [tokenizer.decode(list(f)).strip() for f in fills]
+    tokens = [t for f in fills for t in f]
+    if not texts:
+        return {"blanks": 0}
+    top_fill, top_fill_n = Counter(texts).most_common(1)[0]
+    out: dict[str, Any] = {
+        "blanks": len(texts),
+        "distinct_fills": len(set(texts)),
+        "top_fill": top_fill,
+        "top_fill_share": top_fill_n / len(texts),
+        "tokens": len(tokens),
+    }
+    if tokens:
+        top_token, top_token_n = Counter(tokens).most_common(1)[0]
+        out |= {"top_token": tokenizer.decode([top_token]).strip(), "top_token_share": top_token_n / len(tokens)}
     return out
 
 
@@ -377,7 +412,7 @@ def _blanked_text(tokenizer: Any, prompt: Sequence[int]) -> str:
     """A prompt as text with its blanks spelled [MASK] (the tokenizer decodes control tokens to nothing)."""
     parts, current = [], []
     for t in prompt:
-        if t in SPECIAL.mask_ids:
+        if t in special_of(tokenizer).mask_ids:
             parts.append(current)
             current = []
         else:
@@ -407,11 +442,13 @@ def lastword_items(
     return items
 
 
-def _word_batch(items: Sequence[tuple[list[int], list[int]]], blank: bool, device: torch.device) -> dict[str, torch.Tensor]:
+def _word_batch(
+    items: Sequence[tuple[list[int], list[int]]], blank: bool, device: torch.device, special: SpecialTokens = SPECIAL
+) -> dict[str, torch.Tensor]:
     """Teacher-forced rows scoring only the word's tokens. blank: Part A = context ++ [gMASK], Part B =
     <sop> word (the free-generation layout); else the causal layout of causal_lm_batch over context ++ word."""
     if not blank:
-        batch = causal_lm_batch([c + w for c, w in items], device)
+        batch = causal_lm_batch([c + w for c, w in items], device, special)
         for i, (c, w) in enumerate(items):
             batch["loss_mask"][i, : len(c) + 1] = False  # (T,) targets up to the context's last token
         return batch
@@ -422,7 +459,7 @@ def _word_batch(items: Sequence[tuple[list[int], list[int]]], blank: bool, devic
     }
     for i, (c, w) in enumerate(items):
         a = len(c) + 1
-        cols["input_ids"][i, : a + len(w)] = torch.tensor(c + [SPECIAL.gmask, SPECIAL.sop] + w[:-1])
+        cols["input_ids"][i, : a + len(w)] = torch.tensor(c + [special.gmask, special.sop] + w[:-1])
         cols["position_ids"][i, : a + len(w)] = torch.tensor(list(range(a)) + [a - 1] * len(w))
         cols["block_position_ids"][i, a : a + len(w)] = torch.arange(1, len(w) + 1)
         cols["targets"][i, a : a + len(w)] = torch.tensor(w)
@@ -446,12 +483,13 @@ def lastword_metrics(
         for name, blank in (("blank", True), ("left_to_right", False)):
             nll, words_right, tokens_right, tokens = 0.0, 0, 0, 0
             for i in range(0, len(items), batch_size):
-                b = _word_batch(items[i : i + batch_size], blank, device)
+                b = _word_batch(items[i : i + batch_size], blank, device, special_of(model))
                 select = b["loss_mask"]  # (B, T)
                 logits = model(b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"], select=select)  # (N, V)
                 targets = b["targets"][select]  # (N,)
                 nll += float(F.cross_entropy(logits, targets, reduction="sum"))
-                right = logits.index_fill(-1, torch.tensor([SPECIAL.eop], device=device), float("-inf")).argmax(-1) == targets
+                eop = torch.tensor([special_of(model).eop], device=device)
+                right = logits.index_fill(-1, eop, float("-inf")).argmax(-1) == targets
                 per_row = select.sum(1)  # (B,) word tokens per row
                 row_of = torch.repeat_interleave(torch.arange(len(per_row), device=device), per_row)  # (N,)
                 wrong_per_row = torch.zeros(len(per_row), dtype=torch.long, device=device).index_add_(0, row_of, (~right).long())
@@ -483,7 +521,7 @@ def seq2seq_generation_metrics(
     gen = generation_config(cfg, model)
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        for e, res in zip(chunk, fill_blanks(model, [e.source + [SPECIAL.gmask] for e in chunk], gen)):
+        for e, res in zip(chunk, fill_blanks(model, [e.source + [special_of(model).gmask] for e in chunk], gen)):
             hyps.append(tokenizer.decode(res.spans[0]))
             refs.append(tokenizer.decode(e.target))
             if len(examples) < 3:
@@ -836,6 +874,18 @@ def finetune_warnings(cloze: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                     "try": TRY_WEAK,
                 }
             )
+        misfits = res.get("verbalizers_out_of_context") or []
+        if name == "pretrained" and misfits:
+            out.append(
+                {
+                    "level": "warning",
+                    "run": name,
+                    "check": "verbalizer context",
+                    "message": "; ".join(m["message"] for m in misfits),
+                    "try": "verbalizers that running text writes as whole tokens where [MASK] is "
+                    "(finetune.task.verbalizers and finetune.task.pattern, as each line suggests)",
+                }
+            )
         if name == "pretrained" and scratch and scratch is not res:
             other = (scratch.get("test") or {}).get("accuracy")
             if other is not None and acc < other:
@@ -852,6 +902,41 @@ def finetune_warnings(cloze: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
     return out
 
 
+DEGENERATE_SHARE = 0.5  # one fill (or one token) in at least half the blanks: the model is not filling, it is repeating
+DEGENERATE_MIN_BLANKS = 10  # below this many blanks a share says little
+TRY_DEGENERATE = (
+    "more pretraining (pretrain.budget_minutes or pretrain.steps), longer spans and the generative objectives "
+    "(infilling.objective_mix with sentence/document, e.g. configs/glm-multitask.yaml), "
+    "evaluate.no_repeat_ngram_size to stop loops"
+)
+
+
+def generation_warnings(pretrain: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A warning when the pretrained model's blank fills are degenerate: one fill or one token for at least
+    DEGENERATE_SHARE of the held-out blanks of the infilling evaluation (glm.evaluate.fill_diversity)."""
+    fills = (pretrain.get("infill_bleu") or {}).get("fills") or {}
+    if fills.get("blanks", 0) < DEGENERATE_MIN_BLANKS:
+        return []
+    found = []
+    if fills.get("top_fill_share", 0.0) >= DEGENERATE_SHARE:
+        found.append(f"{fills['top_fill_share']:.0%} of {fills['blanks']} blanks are filled with {fills['top_fill']!r}")
+    if fills.get("top_token_share", 0.0) >= DEGENERATE_SHARE:
+        found.append(f"{fills['top_token_share']:.0%} of {fills['tokens']} generated tokens are {fills['top_token']!r}")
+    if not found:
+        return []
+    return [
+        {
+            "level": "warning",
+            "run": "pretrained",
+            "check": "degenerate fills",
+            "message": "the pretrained model's generation is degenerate: "
+            + " and ".join(found)
+            + f" ({fills['distinct_fills']} distinct fills); do not use it to fill or generate text",
+            "try": TRY_DEGENERATE,
+        }
+    ]
+
+
 def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
     """The warnings as a Markdown block for the top of a report (nothing if there are none)."""
     if not warnings:
@@ -859,6 +944,8 @@ def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
     serious = [w for w in warnings if w["level"] == "warning"]
     head = (
         f"## WARNING: {len(serious)} problem(s) with the fine-tuned classifier"
+        if serious and all(w["check"] != "degenerate fills" for w in serious)
+        else f"## WARNING: {len(serious)} problem(s) with the models"
         if serious
         else "## Note: the collapse guard retrained a classifier"
     )
@@ -868,6 +955,18 @@ def warnings_markdown(warnings: Sequence[Mapping[str, str]]) -> list[str]:
         lines.append(f"> Try: {w['try']}.")
         lines.append(">")
     return lines[:-1] + [""]
+
+
+def _export_choice_section(choice: Mapping[str, Any] | None) -> list[str]:
+    """What the export stage will ship and how close the choice was (glm.stages.choose_export)."""
+    if not choice:
+        return []
+    m = choice.get("margin") or {}
+    gap = m.get("dev_gap")
+    close = ""
+    if gap is not None:
+        close = f" Dev gap of the other run: {gap:+.3g} against a margin of {m.get('value', 0):.3g} ({m.get('standard_errors', 0):g} standard error(s))."
+    return ["## Exported model", "", f"The bundle is the **{choice['run']}** run: {choice['reason']}.{close}", ""]
 
 
 def write_report(
@@ -900,8 +999,9 @@ def write_report(
             paths[name] = res["metrics_path"]
 
     # ---- warnings before any table (finetune_warnings): a collapsed or trivial classifier is the headline
-    warnings = finetune_warnings(cloze)
+    warnings = finetune_warnings(cloze) + generation_warnings(pretrain)
     md += warnings_markdown(warnings)
+    md += _export_choice_section(results.get("export_choice"))
 
     # ---- classification summary first: it is the headline
     majority = next((r["majority"] for r in cloze.values() if r.get("majority")), None)

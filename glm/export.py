@@ -62,8 +62,8 @@ from glm.shards import (
     code_version,
     sha256_file,
 )
-from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
-from glm.tokenizer import Tokenizer
+from glm.special_tokens import NUM_SPECIAL, PIECES, special_of
+from glm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +296,9 @@ def _generation_prompts(model: GLM, tokenizer: Tokenizer | None, seed: int = 0) 
     for n in (5, 23, min(60, limit)):
         p = rng.integers(NUM_SPECIAL, top, n).tolist()
         for w in rng.choice(n, size=1 + (n > 10), replace=False):
-            p[int(w)] = int(rng.choice(SPECIAL.mask_ids))
+            p[int(w)] = int(rng.choice(special_of(model).mask_ids))
         prompts.append(p)
-    return [p for p in prompts if any(t in SPECIAL.mask_ids for t in p)]
+    return [p for p in prompts if any(t in special_of(model).mask_ids for t in p)]
 
 
 TIE_FACTOR = 4.0  # an argmax flip needs a margin <= 2 x that step's logit error; twice that for headroom
@@ -347,12 +347,12 @@ def compare_greedy_steps(
     return out
 
 
-def _forced_steps(tokens: Sequence[int], max_new_tokens: int) -> list[bool]:
+def _forced_steps(tokens: Sequence[int], max_new_tokens: int, eop: int) -> list[bool]:
     """Steps at which the blank being filled was full, so <eop> was forced rather than chosen."""
     forced, n = [], 0
     for t in tokens:
         forced.append(n >= max_new_tokens)
-        n = 0 if t == SPECIAL.eop else n + 1
+        n = 0 if t == eop else n + 1
     return forced
 
 
@@ -373,10 +373,11 @@ def check_greedy(
     kernels, and every later token follows the flip. Sequence index len(prompts) is prompt 0 alone.
     """
     gen = GenerationConfig(max_new_tokens=max_new_tokens, strategy="greedy", output_scores=True)
+    eop = special_of(model).eop
     seqs = []  # (tokens, reference logits (S, V), bundle logits (S, V)) per sequence
     for batch in (prompts, prompts[:1]):
         ref = fill_blanks(model, batch, gen)
-        tokens = [[t for span in r.spans for t in [*span, SPECIAL.eop]] for r in ref]
+        tokens = [[t for span in r.spans for t in [*span, eop]] for r in ref]
         got = bundle.teacher_forced_logits(batch, tokens, max_new_tokens)
         seqs += [(t, r.step_logits.float().numpy(), g) for t, r, g in zip(tokens, ref, got)]
     step_error = max(float(np.abs(r - g).max()) for _, r, g in seqs)
@@ -384,7 +385,7 @@ def check_greedy(
     differing = []
     compared = 0
     for i, (tokens, ref_logits, got_logits) in enumerate(seqs):
-        skip = _forced_steps(tokens, max_new_tokens)
+        skip = _forced_steps(tokens, max_new_tokens, eop)
         compared += len(tokens) - sum(skip)
         differing += [
             {"prompt": i, "alone": i == len(prompts), **d}
@@ -401,7 +402,7 @@ def check_greedy(
         "token_agreement": 1.0 - len(differing) / max(compared, 1),
         "steps": compared,
         "mismatched_prompts": sorted({d["prompt"] for d in divergent}),
-        "generated_tokens": sum(t != SPECIAL.eop for tokens, _, _ in seqs for t in tokens),
+        "generated_tokens": sum(t != eop for tokens, _, _ in seqs for t in tokens),
         "logits_max_abs_diff": step_error,
         "tie_tolerance": tol,
         "near_tie_count": len(ties),
@@ -518,6 +519,7 @@ def verify_bundle(
     model: GLM | GLMClassifier | None = None,
     verify_data: Any = None,
     raise_on_failure: bool = True,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Check a bundle against the PyTorch model it came from; returns the report (see module docstring).
 
@@ -544,7 +546,14 @@ def verify_bundle(
             f"the bundle {'has' if fp32.has_head else 'has no'} linear classification head but the model "
             f"{'has none' if fp32.has_head else 'has one'}; verify it against the checkpoint it was exported from"
         )
-    tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
+    if tokenizer is None:
+        kind = fp32.config["tokenizer"].get("kind")
+        if kind in runtime.RELEASED_KINDS:  # its vocabulary files travel in the bundle beside tokenizer.json
+            from glm.released_tokenizer import ReleasedTokenizer
+
+            tokenizer = ReleasedTokenizer(bundle_dir, kind)
+        else:
+            tokenizer = Tokenizer.load(bundle_dir / fp32.config["files"]["tokenizer"])
     max_new = min(16, model.cfg.max_seq_len - 1)
     prompts = _generation_prompts(model, tokenizer)
     t0 = time.perf_counter()
@@ -676,7 +685,7 @@ def _bundle_config(
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "files": {"model": MODEL_FILE, "model_int8": INT8_FILE if int8 else None, "tokenizer": TOKENIZER_FILE},
+        "files": {"model": MODEL_FILE, "model_int8": INT8_FILE if int8 else None, "tokenizer": _tokenizer_file(tokenizer)[0]},
         "model": {
             "n_layer": c.n_layer,
             "n_head": c.n_head,
@@ -688,14 +697,16 @@ def _bundle_config(
             "num_params": backbone(model).num_params(),
             "config": c.model_dump(mode="json"),
         },
-        "special_tokens": SPECIAL.as_dict(),
-        "special_pieces": PIECES,
+        "special_tokens": special_of(tokenizer).as_dict(),
+        "special_pieces": _special_pieces(tokenizer),
         "tokenizer": {
             "vocab_size": tokenizer.vocab_size,
             "sha256": tokenizer.sha256,
             "byte_fallback": tokenizer.byte_fallback,
             # how literal "[MASK]", "<sop>"... in user text are spelled as plain pieces (glm.tokenizer)
             "literal_ids": {str(i): ids for i, ids in tokenizer.literal_ids().items()},
+            # a released GLM's tokenizer (glm.released_tokenizer): its family and command tokens [text, id, lstrip]
+            **({"kind": tokenizer.kind, "commands": tokenizer.commands_json()} if _released(tokenizer) else {}),
         },
         "io": {
             "inputs": [
@@ -743,6 +754,21 @@ def _bundle_config(
     }
 
 
+def _released(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "released", False))
+
+
+def _tokenizer_file(tokenizer: Any) -> tuple[str, bytes]:
+    """The bundle's tokenizer file: the pipeline's tokenizer.model, or a released GLM's (tokenizer.json / .model)."""
+    return tokenizer.bundle_file() if _released(tokenizer) else (TOKENIZER_FILE, tokenizer.model_proto)
+
+
+def _special_pieces(tokenizer: Any) -> dict[str, str]:
+    if not _released(tokenizer):
+        return PIECES
+    return {name: tokenizer.id_to_piece(i) for name, i in tokenizer.special.as_dict().items()}
+
+
 def write_sha256sums(directory: str | Path) -> Path:
     """SHA256SUMS over every other regular file of `directory`, sorted, in `sha256sum` format."""
     directory = Path(directory)
@@ -787,7 +813,12 @@ def export_bundle(
     checkpoint = resolve_checkpoint(checkpoint_dir)
     meta = read_meta(checkpoint)
     model, model_cfg = load_finetuned(checkpoint)
-    tokenizer = Tokenizer.load(tokenizer_model_path)
+    tokenizer = load_tokenizer(tokenizer_model_path)
+    if special_of(tokenizer) != special_of(model_cfg):
+        raise ValueError(
+            f"tokenizer {tokenizer_model_path} has special ids {special_of(tokenizer).as_dict()} but the model was trained "
+            f"with {special_of(model_cfg).as_dict()}; pass the tokenizer the model was trained with"
+        )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer_model_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
@@ -816,12 +847,16 @@ def export_bundle(
         export_seconds = time.perf_counter() - t0
         if cfg.quantize_int8:
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
-        atomic_write_bytes(tmp / TOKENIZER_FILE, tokenizer.model_proto)
+        name, data = _tokenizer_file(tokenizer)
+        atomic_write_bytes(tmp / name, data)
+        if _released(tokenizer):  # the vocabulary files as released too: glm.released_tokenizer reloads them
+            for extra, blob in tokenizer.files().items():
+                atomic_write_bytes(tmp / extra, blob)
         config = _bundle_config(model, tokenizer, checkpoint, meta, cfg, classifier_cfg, cfg.quantize_int8, selection)
         write_json_in_order(tmp / runtime.CONFIG_FILE, config)  # the classifier's verbalizers stay in label order
         write_sha256sums(tmp)  # the runtime refuses a bundle without checksums, verification included
         if cfg.verify:
-            report = verify_bundle(tmp, checkpoint, cfg, model=model, verify_data=verify_data)
+            report = verify_bundle(tmp, checkpoint, cfg, model=model, verify_data=verify_data, tokenizer=tokenizer)
         else:
             report = {"passed": None, "skipped": "export.verify is false"}
         report["export_seconds"] = round(export_seconds, 2)

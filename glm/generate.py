@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from glm.model import GLM, KVCache
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import SPECIAL, SpecialTokens, special_of
 
 
 @dataclass
@@ -68,23 +68,23 @@ class FillResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def blank_positions(prompt: list[int]) -> list[int]:
+def blank_positions(prompt: list[int], special: SpecialTokens = SPECIAL) -> list[int]:
     """Positions of the blank tokens ([MASK], [sMASK], [gMASK]) in a prompt."""
-    return [i for i, t in enumerate(prompt) if t in SPECIAL.mask_ids]
+    return [i for i, t in enumerate(prompt) if t in special.mask_ids]
 
 
-def infill_inputs(prompt: list[int], spans: list[list[int]]) -> dict[str, torch.Tensor]:
+def infill_inputs(prompt: list[int], spans: list[list[int]], special: SpecialTokens = SPECIAL) -> dict[str, torch.Tensor]:
     """Model inputs of Part A = prompt ++ Part B = [sop] + span for the first len(spans) blanks.
 
     The teacher-forced equivalent of decoding: input i of Part B predicts the span's next token.
     Returns input_ids, position_ids, block_position_ids (1-D) and sep (0-D).
     """
-    blanks = blank_positions(prompt)
+    blanks = blank_positions(prompt, special)
     if len(spans) > len(blanks):
         raise ValueError(f"{len(spans)} spans given for a prompt with {len(blanks)} blanks")
     ids, pos, blk = list(prompt), list(range(len(prompt))), [0] * len(prompt)
     for where, span in zip(blanks, spans):
-        part = [SPECIAL.sop, *span]
+        part = [special.sop, *span]
         ids += part
         pos += [where] * len(part)
         blk += list(range(1, len(part) + 1))
@@ -92,12 +92,12 @@ def infill_inputs(prompt: list[int], spans: list[list[int]]) -> dict[str, torch.
     return dict(input_ids=as_long(ids), position_ids=as_long(pos), block_position_ids=as_long(blk), sep=as_long(len(prompt)))
 
 
-def splice(prompt: list[int], spans: list[list[int]]) -> list[int]:
+def splice(prompt: list[int], spans: list[list[int]], special: SpecialTokens = SPECIAL) -> list[int]:
     """The prompt with its i-th blank replaced by spans[i] (blanks beyond len(spans) stay)."""
     out: list[int] = []
     filled = 0
     for t in prompt:
-        if t in SPECIAL.mask_ids and filled < len(spans):
+        if t in special.mask_ids and filled < len(spans):
             out += spans[filled]
             filled += 1
         else:
@@ -108,12 +108,12 @@ def splice(prompt: list[int], spans: list[list[int]]) -> list[int]:
 def _validate(model: GLM, prompts: list[list[int]], cfg: GenerationConfig) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists, e.g. [[12, 40, 4, 9]]")
-    limit, vocab = model.cfg.max_seq_len, model.cfg.vocab_size
+    limit, vocab, sp = model.cfg.max_seq_len, model.cfg.vocab_size, special_of(model)
     for i, p in enumerate(prompts):
-        if not blank_positions(list(p)):
+        if not blank_positions(list(p), sp):
             raise ValueError(
                 f"prompt {i} has no blank; put [MASK]/[sMASK] where text is wanted, "
-                f"or append [gMASK] (id {SPECIAL.gmask}) for free generation"
+                f"or append [gMASK] (id {sp.gmask}) for free generation"
             )
         if len(p) > limit:
             raise ValueError(f"prompt {i} has {len(p)} tokens, more than model.max_seq_len={limit}; shorten it")
@@ -135,13 +135,15 @@ class _Prompts:
     key_start: torch.Tensor  # (N,) first real token of each row
     blanks: torch.Tensor  # (N, NB) blank positions (relative to the prompt), 0-padded
     n_blanks: torch.Tensor  # (N,)
+    special: SpecialTokens  # the model's special ids
 
 
 def _prompt_pass(model: GLM, prompts: list[list[int]], device: torch.device, repeat: int = 1) -> _Prompts:
     B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), SPECIAL.pad, dtype=torch.long)  # (B, L)
+    sp = special_of(model)
+    ids = torch.full((B, L), sp.pad, dtype=torch.long)  # (B, L)
     pos = torch.zeros((B, L), dtype=torch.long)  # (B, L)
-    blanks = [blank_positions(p) for p in prompts]
+    blanks = [blank_positions(p, sp) for p in prompts]
     blank_t = torch.zeros((B, max(map(len, blanks))), dtype=torch.long)  # (B, NB)
     for i, p in enumerate(prompts):
         ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
@@ -158,6 +160,7 @@ def _prompt_pass(model: GLM, prompts: list[list[int]], device: torch.device, rep
         key_start=rep(key_start),
         blanks=rep(blank_t.to(device)),
         n_blanks=rep(torch.tensor([len(b) for b in blanks], device=device)),
+        special=sp,
     )
 
 
@@ -174,21 +177,22 @@ class _Cursor:
     @classmethod
     def start(cls, pr: _Prompts) -> "_Cursor":
         zeros = torch.zeros_like(pr.sep)  # (N,)
-        return cls(blank=zeros, n_gen=zeros, token=torch.full_like(zeros, SPECIAL.sop), pos=pr.blanks[:, 0], bpos=zeros + 1)
+        return cls(blank=zeros, n_gen=zeros, token=torch.full_like(zeros, pr.special.sop), pos=pr.blanks[:, 0], bpos=zeros + 1)
 
     def select(self, idx: torch.Tensor) -> "_Cursor":
         return _Cursor(*(t[idx] for t in (self.blank, self.n_gen, self.token, self.pos, self.bpos)))
 
     def advance(self, chosen: torch.Tensor, active: torch.Tensor, pr: _Prompts) -> None:
         """Feed back `chosen` (N,): <eop> moves to the next blank's <sop>; inactive rows idle on [PAD]."""
-        is_eop = chosen == SPECIAL.eop  # (N,)
+        sp = pr.special
+        is_eop = chosen == sp.eop  # (N,)
         blank = self.blank + is_eop.long()  # (N,)
         next_pos = pr.blanks.gather(1, blank.clamp(max=pr.blanks.shape[1] - 1)[:, None])[:, 0]  # (N,)
-        token = torch.where(is_eop, torch.full_like(chosen, SPECIAL.sop), chosen)  # (N,)
+        token = torch.where(is_eop, torch.full_like(chosen, sp.sop), chosen)  # (N,)
         bpos = torch.where(is_eop, torch.ones_like(self.bpos), self.bpos + 1)  # (N,)
         n_gen = torch.where(is_eop, torch.zeros_like(self.n_gen), self.n_gen + 1)  # (N,)
         self.blank = torch.where(active, blank, self.blank)
-        self.token = torch.where(active, token, torch.full_like(token, SPECIAL.pad))
+        self.token = torch.where(active, token, torch.full_like(token, sp.pad))
         self.pos = torch.where(active, next_pos, self.pos)
         self.bpos = torch.where(active, bpos, self.bpos)
         self.n_gen = torch.where(active, n_gen, self.n_gen)
@@ -208,10 +212,10 @@ def _step(model: GLM, pr: _Prompts, cur: _Cursor) -> torch.Tensor:
     return model.logits(h[:, -1])  # (N, V)
 
 
-def _force_eop(scores: torch.Tensor, force: torch.Tensor, eop_value: float) -> torch.Tensor:
+def _force_eop(scores: torch.Tensor, force: torch.Tensor, eop_value: float, eop: int) -> torch.Tensor:
     """Rows in `force` (N,) may only choose <eop> (the blank hit max_new_tokens)."""
     only_eop = torch.full_like(scores, float("-inf"))  # (N, V)
-    only_eop[:, SPECIAL.eop] = eop_value
+    only_eop[:, eop] = eop_value
     return torch.where(force[:, None], only_eop, scores)  # (N, V)
 
 
@@ -226,7 +230,7 @@ def banned_ngram_tokens(span: list[int], n: int) -> list[int]:
 
 
 def _constrain(
-    scores: torch.Tensor, history: torch.Tensor | list[torch.Tensor], cur: "_Cursor", cfg: GenerationConfig
+    scores: torch.Tensor, history: torch.Tensor | list[torch.Tensor], cur: "_Cursor", cfg: GenerationConfig, eop: int
 ) -> torch.Tensor:
     """Apply min_new_tokens, no_repeat_ngram_size and max_new_tokens to next-token scores (N, V).
 
@@ -234,7 +238,7 @@ def _constrain(
     is its last cur.n_gen entries (a span never holds <eop>, which is what resets n_gen).
     """
     if cfg.min_new_tokens:
-        scores = scores.masked_fill((cur.n_gen < cfg.min_new_tokens)[:, None] & _eop_column(scores), float("-inf"))
+        scores = scores.masked_fill((cur.n_gen < cfg.min_new_tokens)[:, None] & _eop_column(scores, eop), float("-inf"))
     if cfg.no_repeat_ngram_size:
         if isinstance(history, list):
             history = torch.stack(history, dim=1) if history else torch.empty((scores.shape[0], 0), dtype=torch.long)
@@ -245,13 +249,13 @@ def _constrain(
             scores = scores.index_put((where[:, 0], where[:, 1]), torch.tensor(float("-inf"), device=scores.device))
     # a row with every token banned (tiny vocabularies) may still end its blank
     stuck = torch.isneginf(scores).all(dim=-1)  # (N,)
-    scores = _force_eop(scores, stuck, 0.0)
-    return _force_eop(scores, cur.n_gen >= cfg.max_new_tokens, 0.0)
+    scores = _force_eop(scores, stuck, 0.0, eop)
+    return _force_eop(scores, cur.n_gen >= cfg.max_new_tokens, 0.0, eop)
 
 
-def _eop_column(scores: torch.Tensor) -> torch.Tensor:
+def _eop_column(scores: torch.Tensor, eop: int) -> torch.Tensor:
     col = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)  # (V,)
-    col[SPECIAL.eop] = True
+    col[eop] = True
     return col[None, :]  # (1, V)
 
 
@@ -280,11 +284,11 @@ def _choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
 
 
-def _split_spans(chosen: list[int], n_blanks: int) -> list[list[int]]:
+def _split_spans(chosen: list[int], n_blanks: int, eop: int) -> list[list[int]]:
     """s1 .. sk <eop> t1 .. <eop> ... -> [[s1 .. sk], [t1 ..], ...]."""
     spans: list[list[int]] = [[]]
     for t in chosen:
-        if t == SPECIAL.eop:
+        if t == eop:
             if len(spans) == n_blanks:
                 break
             spans.append([])
@@ -296,12 +300,13 @@ def _split_spans(chosen: list[int], n_blanks: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- decoding loops
 
 
-def _max_steps(prompts: list[list[int]], cfg: GenerationConfig) -> int:
-    return max(len(blank_positions(p)) for p in prompts) * (cfg.max_new_tokens + 1)
+def _max_steps(prompts: list[list[int]], cfg: GenerationConfig, special: SpecialTokens) -> int:
+    return max(len(blank_positions(p, special)) for p in prompts) * (cfg.max_new_tokens + 1)
 
 
 def _sample_or_greedy(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, device: torch.device):
     pr = _prompt_pass(model, prompts, device)
+    sp = pr.special
     cur = _Cursor.start(pr)
     generator = None
     if cfg.strategy == "sample":
@@ -309,14 +314,14 @@ def _sample_or_greedy(model: GLM, prompts: list[list[int]], cfg: GenerationConfi
         generator.manual_seed(cfg.seed) if cfg.seed is not None else generator.seed()
     active = torch.ones_like(pr.sep, dtype=torch.bool)  # (B,)
     history, raw = [], []
-    for _ in range(_max_steps(prompts, cfg)):
+    for _ in range(_max_steps(prompts, cfg, sp)):
         logits = _step(model, pr, cur)  # (B, V)
         if cfg.output_scores:
             raw.append(logits)
-        chosen = _choose(_constrain(logits, history, cur, cfg), cfg, generator)  # (B,)
+        chosen = _choose(_constrain(logits, history, cur, cfg, sp.eop), cfg, generator)  # (B,)
         chosen = torch.where(active, chosen, torch.full_like(chosen, -1))  # (B,) -1: row already done
         history.append(chosen)
-        active = active & ~((chosen == SPECIAL.eop) & (cur.blank == pr.n_blanks - 1))  # (B,)
+        active = active & ~((chosen == sp.eop) & (cur.blank == pr.n_blanks - 1))  # (B,)
         if not bool(active.any()):
             break
         cur.advance(chosen, active, pr)
@@ -325,9 +330,9 @@ def _sample_or_greedy(model: GLM, prompts: list[list[int]], cfg: GenerationConfi
     out = []
     for i, p in enumerate(prompts):
         row = [t for t in chosen_all[i] if t >= 0]
-        spans = _split_spans(row, len(blank_positions(p)))
+        spans = _split_spans(row, len(blank_positions(p, sp)), sp.eop)
         logits_i = None if step_logits is None else step_logits[i, : len(row)].cpu()  # (steps_i, V)
-        out.append(FillResult(spans=spans, tokens=splice(p, spans), step_logits=logits_i))
+        out.append(FillResult(spans=spans, tokens=splice(p, spans, sp), step_logits=logits_i))
     return out
 
 
@@ -337,6 +342,7 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
     only candidates ranked within the top num_beams may finish, so num_beams=1 is greedy decoding."""
     B, K = len(prompts), cfg.num_beams
     pr = _prompt_pass(model, prompts, device, repeat=K)  # rows b*K .. b*K+K-1 are row b's beams
+    sp = pr.special
     cur = _Cursor.start(pr)
     beam_scores = torch.full((B, K), float("-inf"), device=device)  # (B, K)
     beam_scores[:, 0] = 0.0  # the K beams start identical: expand from one
@@ -344,16 +350,16 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
     pools: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     row_done = [False] * B
     norm = lambda score, length: score / (length**cfg.length_penalty)  # noqa: E731
-    for _ in range(_max_steps(prompts, cfg)):
+    for _ in range(_max_steps(prompts, cfg, sp)):
         logp = _step(model, pr, cur).log_softmax(dim=-1)  # (B*K, V)
-        logp = _constrain(logp, history, cur, cfg)  # (B*K, V)
+        logp = _constrain(logp, history, cur, cfg, sp.eop)  # (B*K, V)
         V = logp.shape[-1]
         cand = (beam_scores.reshape(-1, 1) + logp).reshape(B, K * V)  # (B, K*V)
         top_scores, top_idx = cand.topk(2 * K, dim=1)  # (B, 2K)
         top_scores, top_beam, top_tok = top_scores.tolist(), (top_idx // V).tolist(), (top_idx % V).tolist()
         last_blank = (cur.blank == pr.n_blanks - 1).tolist()  # (B*K,)
         next_beam = list(range(B * K))
-        next_tok = [SPECIAL.pad] * (B * K)
+        next_tok = [sp.pad] * (B * K)
         next_scores = [[float("-inf")] * K for _ in range(B)]
         hist_rows = history.tolist()
         for b in range(B):
@@ -364,7 +370,7 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
                 score, src, tok = top_scores[b][rank], b * K + top_beam[b][rank], top_tok[b][rank]
                 if score == float("-inf"):
                     break
-                if tok == SPECIAL.eop and last_blank[src]:
+                if tok == sp.eop and last_blank[src]:
                     if rank < K:
                         pools[b].append((norm(score, len(hist_rows[src]) + 1), hist_rows[src] + [tok]))
                     continue
@@ -398,8 +404,8 @@ def _beam_search(model: GLM, prompts: list[list[int]], cfg: GenerationConfig, de
                 if s != float("-inf")
             ]
         score, chosen_ids = max(pool, key=lambda item: item[0])
-        spans = _split_spans(chosen_ids, len(blank_positions(p)))
-        out.append(FillResult(spans=spans, tokens=splice(p, spans), score=score))
+        spans = _split_spans(chosen_ids, len(blank_positions(p, sp)), sp.eop)
+        out.append(FillResult(spans=spans, tokens=splice(p, spans, sp), score=score))
     return out
 
 

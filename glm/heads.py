@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from glm.config import ClozeTaskConfig
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import SPECIAL, special_of
 
 if TYPE_CHECKING:
     from glm.finetune import EncodedCloze
@@ -142,11 +142,11 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- scoring
 
 
-def head_rows(items: Sequence[EncodedCloze]) -> dict[str, Any]:
+def head_rows(items: Sequence[EncodedCloze], pad: int = SPECIAL.pad) -> dict[str, Any]:
     """Right-padded Part A rows (no Part B): ids, positions, zero block positions, per-row sep, mask positions."""
     B, T = len(items), max(len(e.part_a) for e in items)
     sep = torch.tensor([len(e.part_a) for e in items], dtype=torch.long)  # (B,)
-    ids = torch.full((B, T), SPECIAL.pad, dtype=torch.long)  # (B, T) padding at j >= sep: no real token sees it
+    ids = torch.full((B, T), pad, dtype=torch.long)  # (B, T) padding at j >= sep: no real token sees it
     for r, e in enumerate(items):
         ids[r, : len(e.part_a)] = torch.as_tensor(e.part_a, dtype=torch.long)
     real = torch.arange(T)[None, :] < sep[:, None]  # (B, T)
@@ -167,7 +167,7 @@ def head_scores(model: nn.Module, items: Sequence[EncodedCloze]) -> torch.Tensor
             "load a fine-tuned checkpoint with glm.checkpoint.load_finetuned"
         )
     device = next(model.parameters()).device
-    rows = head_rows(items)
+    rows = head_rows(items, special_of(model).pad)
     return model(*(rows[k].to(device) for k in ("input_ids", "position_ids", "block_position_ids", "sep", "mask_pos")))
 
 

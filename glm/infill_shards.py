@@ -52,7 +52,7 @@ from glm.shards import (
     write_arrow,
     write_manifest,
 )
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import SPECIAL, SpecialTokens
 
 STAGE = "infill"
 LAYOUT_VERSION = 2  # 2: the `task` column (the drawn objective, the trainer's loss group)
@@ -198,7 +198,7 @@ def packing_plan(tokens_dir: str | Path, split: str, row_len: int, *, seed: int,
     )
 
 
-def _stream_slice(plan: PackingPlan, k: int, lo: int, hi: int) -> np.ndarray:
+def _stream_slice(plan: PackingPlan, k: int, lo: int, hi: int, eos: int = SPECIAL.eos) -> np.ndarray:
     """Tokens [lo, hi) of token shard k's part of the stream (documents + <eos>, permuted), int32."""
     docs = _document_lists(Path(plan.paths[k]))
     flat = docs.values.to_numpy(zero_copy_only=False)  # (T,) memory-mapped for uint16/uint32
@@ -221,7 +221,7 @@ def _stream_slice(plan: PackingPlan, k: int, lo: int, hi: int) -> np.ndarray:
     src = np.arange(hi - lo, dtype=np.int64) + np.repeat(offsets[sel] + seg_lo - out_start, seg_len)  # (hi - lo,)
     out = flat[np.minimum(src, len(flat) - 1)]  # (hi - lo,) the shard's id type, so no id wraps before the check
     has_eos = seg_hi == lengths[sel] + 1  # (n,)
-    out[(out_start + seg_len - 1)[has_eos]] = SPECIAL.eos
+    out[(out_start + seg_len - 1)[has_eos]] = eos
     # every token of the stream passes here once per epoch: checking what is used costs no extra read
     if plan.vocab_size is not None and len(out) and int(out.max()) >= plan.vocab_size:
         at = int(np.argmax(out >= plan.vocab_size))
@@ -230,7 +230,7 @@ def _stream_slice(plan: PackingPlan, k: int, lo: int, hi: int) -> np.ndarray:
     return out.astype(np.int32)
 
 
-def read_rows(plan: PackingPlan, first_row: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def read_rows(plan: PackingPlan, first_row: int, n_rows: int, special: SpecialTokens = SPECIAL) -> tuple[np.ndarray, np.ndarray]:
     """Packed rows [first_row, first_row + n_rows): (n, row_len) int32 padded, and their real lengths (n,)."""
     if first_row < 0 or n_rows < 0 or first_row + n_rows > plan.n_rows:
         raise ValueError(f"rows [{first_row}, {first_row + n_rows}) outside the {plan.n_rows} rows of {plan.split}")
@@ -240,9 +240,9 @@ def read_rows(plan: PackingPlan, first_row: int, n_rows: int) -> tuple[np.ndarra
     for k in range(len(plan.paths)):
         a, b = max(lo, plan.starts[k]), min(hi, plan.starts[k + 1])
         if a < b:
-            pieces.append(_stream_slice(plan, k, a - plan.starts[k], b - plan.starts[k]))
+            pieces.append(_stream_slice(plan, k, a - plan.starts[k], b - plan.starts[k], special.eos))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)  # (hi - lo,)
-    rows = np.full(n_rows * L, SPECIAL.pad, np.int32)  # (n * L,)
+    rows = np.full(n_rows * L, special.pad, np.int32)  # (n * L,)
     rows[: len(flat)] = flat
     lengths = np.clip(len(flat) - np.arange(n_rows, dtype=np.int64) * L, 0, L).astype(np.int32)  # (n,)
     return rows.reshape(n_rows, L), lengths
@@ -255,7 +255,9 @@ def _uint_for(max_value: int) -> pa.DataType:
     return pa.uint16() if max_value < 1 << 16 else pa.uint32()
 
 
-def expand_samples(input_ids: np.ndarray, sep: np.ndarray, length: np.ndarray) -> dict[str, np.ndarray]:
+def expand_samples(
+    input_ids: np.ndarray, sep: np.ndarray, length: np.ndarray, special: SpecialTokens = SPECIAL
+) -> dict[str, np.ndarray]:
     """Derive targets (int64), loss_mask (bool) and block_position_ids (int64) from the inputs.
 
     Part B is [sop] s1..sk per span: target i is input i+1, or <eop> where the next input is a
@@ -264,15 +266,15 @@ def expand_samples(input_ids: np.ndarray, sep: np.ndarray, length: np.ndarray) -
     B, L = input_ids.shape
     pos = np.arange(L, dtype=np.int64)  # (L,)
     part_b = (pos >= sep[:, None]) & (pos < length[:, None])  # (B, L)
-    is_sop = part_b & (input_ids == SPECIAL.sop)  # (B, L)
+    is_sop = part_b & (input_ids == special.sop)  # (B, L)
     last_sop = np.maximum.accumulate(np.where(is_sop, pos, -1), axis=1)  # (B, L)
     block = np.where(part_b, pos - last_sop + 1, 0)  # (B, L)
     next_ids = np.empty_like(input_ids, dtype=np.int64)  # (B, L)
     next_ids[:, :-1] = input_ids[:, 1:]
-    next_ids[:, -1] = SPECIAL.pad
+    next_ids[:, -1] = special.pad
     span_ends = np.ones((B, L), bool)  # (B, L) the last input of a span predicts <eop>
     span_ends[:, :-1] = is_sop[:, 1:] | ~part_b[:, 1:]
-    targets = np.where(part_b, np.where(span_ends, SPECIAL.eop, next_ids), SPECIAL.pad)  # (B, L)
+    targets = np.where(part_b, np.where(span_ends, special.eop, next_ids), special.pad)  # (B, L)
     return {"targets": targets, "loss_mask": part_b, "block_position_ids": block}
 
 
@@ -323,11 +325,11 @@ def check_samples(path: str | Path, columns: dict[str, np.ndarray], seq_len: int
             )
 
 
-def encode_samples(batch: Any, id_type: str, seq_len: int) -> tuple[pa.Table, list[str]]:
+def encode_samples(batch: Any, id_type: str, seq_len: int, special: SpecialTokens = SPECIAL) -> tuple[pa.Table, list[str]]:
     """A SampleBatch as a narrow Arrow table; also the derivable columns it had to store."""
     ids = pa.uint32() if id_type == "uint32" else pa.uint16()
     small = _uint_for(seq_len + 1)
-    derived = expand_samples(batch.input_ids.astype(np.int64), batch.sep.astype(np.int64), batch.length.astype(np.int64))
+    derived = expand_samples(batch.input_ids.astype(np.int64), batch.sep.astype(np.int64), batch.length.astype(np.int64), special)
     explicit = [
         name
         for name in DERIVED
@@ -365,6 +367,11 @@ class ShardJob:
     cfg: InfillingConfig
     sentence_end_ids: tuple[int, ...]
     key: str  # content key: equal keys mean equal shard content
+    special_tokens: dict[str, int] | None = None  # a released GLM tokenizer's ids; None: glm.special_tokens
+
+    @property
+    def special(self) -> SpecialTokens:
+        return SpecialTokens(**self.special_tokens) if self.special_tokens else SPECIAL
 
     @property
     def first_row(self) -> int:
@@ -390,7 +397,12 @@ def _content_config(cfg: InfillingConfig) -> dict[str, Any]:
 
 
 def shard_jobs(
-    tokens_dir: str | Path, out_dir: str | Path, cfg: InfillingConfig, *, sentence_end_ids: Iterable[int] = ()
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    cfg: InfillingConfig,
+    *,
+    sentence_end_ids: Iterable[int] = (),
+    special_tokens: dict[str, int] | None = None,
 ) -> list[ShardJob]:
     """Every shard of the dataset: cfg.epochs training sets, then the validation set."""
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
@@ -403,6 +415,7 @@ def shard_jobs(
         "code": _code_version(),
         "layout": LAYOUT_VERSION,
         "sentence_end_ids": sentence_end_ids,
+        **({"special_tokens": special_tokens} if special_tokens else {}),
     }
     plans = [
         (packing_plan(tokens_dir, "train", row_len, seed=cfg.seed, epoch=e, shuffle=True), out_dir / epoch_dir(e))
@@ -417,7 +430,7 @@ def shard_jobs(
     for plan, directory in plans:
         for s in range(-(-plan.n_rows // cfg.samples_per_shard)):
             key = sha256_json({**base, "split": plan.split, "epoch": plan.epoch, "shard": s})
-            jobs.append(ShardJob(plan, s, str(directory / part_name(s)), cfg, sentence_end_ids, key))
+            jobs.append(ShardJob(plan, s, str(directory / part_name(s)), cfg, sentence_end_ids, key, special_tokens))
     return jobs
 
 
@@ -444,7 +457,7 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
     if (info := _existing_shard(path, job.key)) is not None:
         return {**info, "skipped": True}
     plan, cfg = job.plan, job.cfg
-    rows, lengths = read_rows(plan, job.first_row, job.n_rows)  # (n, L_in), (n,)
+    rows, lengths = read_rows(plan, job.first_row, job.n_rows, job.special)  # (n, L_in), (n,)
     batch, stats = infilling.build_samples(
         rows,
         lengths,
@@ -453,8 +466,9 @@ def build_shard(job: ShardJob) -> dict[str, Any]:
         epoch=plan.epoch,
         first_index=job.first_row,
         sentence_end_ids=job.sentence_end_ids,
+        special=job.special,
     )
-    table, explicit = encode_samples(batch, plan.id_type, cfg.seq_len)
+    table, explicit = encode_samples(batch, plan.id_type, cfg.seq_len, job.special)
     info = {
         "split": plan.split,
         "epoch": plan.epoch if plan.split != VALID else None,
@@ -485,7 +499,9 @@ def _check_tokens(tokens_dir: Path) -> None:
         raise ManifestError(f"token shards at {tokens_dir} are not ready ({problems[0]}); run the tokenize stage first")
 
 
-def _dataset_key(tokens_dir: Path, cfg: InfillingConfig, sentence_end_ids: tuple[int, ...]) -> str:
+def _dataset_key(
+    tokens_dir: Path, cfg: InfillingConfig, sentence_end_ids: tuple[int, ...], special_tokens: dict[str, int] | None = None
+) -> str:
     return sha256_json(
         {
             "config": cfg.model_dump(mode="json"),
@@ -493,6 +509,7 @@ def _dataset_key(tokens_dir: Path, cfg: InfillingConfig, sentence_end_ids: tuple
             "code": _code_version(),
             "layout": LAYOUT_VERSION,
             "sentence_end_ids": sentence_end_ids,
+            **({"special_tokens": special_tokens} if special_tokens else {}),
         }
     )
 
@@ -535,6 +552,7 @@ def write_infilling_manifest(
     results: list[dict[str, Any]],
     *,
     sentence_end_ids: Iterable[int] = (),
+    special_tokens: dict[str, int] | None = None,
 ) -> Path:
     """Close the stage: per-shard counts, merged builder stats, disk cost per token. Written last."""
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
@@ -567,7 +585,7 @@ def write_infilling_manifest(
     bytes_per_token = built_bytes / max(built_tokens, 1)
     raw_bytes_per_token = raw_bytes / raw_tokens if raw_tokens else None
     stats = {
-        "build_key": _dataset_key(tokens_dir, cfg, sentence_end_ids),
+        "build_key": _dataset_key(tokens_dir, cfg, sentence_end_ids, special_tokens),
         "layout_version": LAYOUT_VERSION,
         "seq_len": cfg.seq_len,
         "vocab_size": _token_vocab_size(tokens_dir),  # the loader checks ids against it
@@ -587,6 +605,7 @@ def write_infilling_manifest(
         "raw_bytes_per_token": raw_bytes_per_token,
         "disk_ratio": bytes_per_token / raw_bytes_per_token if raw_bytes_per_token else None,
         "sentence_end_ids": list(sentence_end_ids),
+        "special_tokens": special_tokens,  # None: glm.special_tokens; else a released GLM tokenizer's (the loader derives targets with them)
     }
     return write_manifest(out_dir, STAGE, files, config=cfg.model_dump(mode="json"), inputs=[tokens_dir], stats=stats)
 
@@ -598,6 +617,7 @@ def build_infilling_dataset(
     *,
     sentence_end_ids: Iterable[int] = (),
     progress: bool = True,
+    special_tokens: dict[str, int] | None = None,
 ) -> Path:
     """Write out_dir/epoch-EEE/ (one shuffled, re-corrupted set per epoch) and out_dir/valid/; return the manifest.
 
@@ -607,14 +627,14 @@ def build_infilling_dataset(
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
     sentence_end_ids = tuple(int(i) for i in sentence_end_ids)
     _check_tokens(tokens_dir)
-    key = _dataset_key(tokens_dir, cfg, sentence_end_ids)
+    key = _dataset_key(tokens_dir, cfg, sentence_end_ids, special_tokens)
     if stage_is_complete(out_dir):
         if read_manifest(out_dir)["stats"].get("build_key") == key:
             return out_dir / "manifest.json"
     (out_dir / "manifest.json").unlink(missing_ok=True)  # the stage is open until the new one is written
     if out_dir.exists():
         remove_stale_temporaries(out_dir)
-    jobs = shard_jobs(tokens_dir, out_dir, cfg, sentence_end_ids=sentence_end_ids)
+    jobs = shard_jobs(tokens_dir, out_dir, cfg, sentence_end_ids=sentence_end_ids, special_tokens=special_tokens)
     if progress:
         from tqdm.auto import tqdm
 
@@ -623,4 +643,6 @@ def build_infilling_dataset(
         jobs_iter = jobs
     results = [build_shard(job) for job in jobs_iter]
     _remove_stale_shards(out_dir, {Path(j.out_path).resolve() for j in jobs})
-    return write_infilling_manifest(tokens_dir, out_dir, cfg, results, sentence_end_ids=sentence_end_ids)
+    return write_infilling_manifest(
+        tokens_dir, out_dir, cfg, results, sentence_end_ids=sentence_end_ids, special_tokens=special_tokens
+    )

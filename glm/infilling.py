@@ -43,11 +43,18 @@ from typing import Sequence
 import numpy as np
 
 from glm.config import InfillingConfig
-from glm.special_tokens import SPECIAL
+from glm.special_tokens import SPECIAL, SpecialTokens
 
 OBJECTIVES = ("token", "sentence", "document", "causal")
 TOKEN, SENTENCE, DOCUMENT, CAUSAL = range(4)
 MASK_ID_OF_OBJECTIVE = np.array([SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask, SPECIAL.gmask], np.int32)
+
+
+def mask_id_of_objective(special: SpecialTokens = SPECIAL) -> np.ndarray:
+    """The blank token of each objective (token, sentence, document, causal) under `special`'s ids."""
+    return np.array([special.mask, special.smask, special.gmask, special.gmask], np.int32)
+
+
 FALLBACK_REASONS = ("empty_row", "no_span_fits", "short_document", "span_cap", "seq_len")
 # Probability that a full-length row at the default ratio needs more spans than `span_cap`.
 SPAN_CAP_TAIL = 1e-4
@@ -234,10 +241,10 @@ class _Documents:
         return self.row.astype(np.int64) * self.width + self.content_start  # (D,)
 
 
-def _documents(rows: np.ndarray, lengths: np.ndarray) -> _Documents:
+def _documents(rows: np.ndarray, lengths: np.ndarray, eos: int = SPECIAL.eos) -> _Documents:
     n, width = rows.shape
     in_row = np.arange(width, dtype=np.int32) < lengths[:, None]  # (N, L_in)
-    is_eos = (rows == SPECIAL.eos) & in_row  # (N, L_in)
+    is_eos = (rows == eos) & in_row  # (N, L_in)
     row_text = lengths - is_eos.sum(1, dtype=np.int32)  # (N,)
     starts_doc = np.empty_like(in_row)  # (N, L_in)
     starts_doc[:, 0] = True
@@ -330,10 +337,10 @@ def _token_spans(idx, keys, lengths, docs: _Documents, cfg: InfillingConfig, sta
     return idx[r], start[r, k], span_len[r, k], empty
 
 
-def _sentence_spans(idx, keys, rows, lengths, cfg: InfillingConfig, sentence_end_ids, stats: BuildStats):
+def _sentence_spans(idx, keys, rows, lengths, cfg: InfillingConfig, sentence_end_ids, stats: BuildStats, eos: int = SPECIAL.eos):
     sub = rows[idx]  # (n, L_in)
     in_row = np.arange(sub.shape[1], dtype=np.int32) < lengths[idx][:, None]  # (n, L_in)
-    is_eos = (sub == SPECIAL.eos) & in_row  # (n, L_in)
+    is_eos = (sub == eos) & in_row  # (n, L_in)
     ends = np.isin(sub, sentence_end_ids) & in_row  # (n, L_in)
     begins = np.empty_like(in_row)  # (n, L_in) a sentence starts after an <eos> or a sentence end
     begins[:, 0] = True
@@ -425,6 +432,7 @@ def sample_spans(
     epoch: int,
     first_index: int,
     sentence_end_ids: Sequence[int] = (),
+    special: SpecialTokens = SPECIAL,
 ) -> tuple[SpanPlan, BuildStats]:
     """Draw each row's objective, spans and Part B order (row k is sample first_index + k)."""
     rows, lengths = _check_rows(rows, row_lengths, cfg.seq_len)
@@ -440,7 +448,7 @@ def sample_spans(
     # drawn objective by its mix weight (glm/train.py), so a rare causal fallback stays in its group.
     task = objective.copy()  # (N,)
 
-    docs = _documents(rows, lengths)
+    docs = _documents(rows, lengths, special.eos)
     stats.text_tokens = int(docs.row_text.sum())
     no_text = docs.row_text == 0
     stats.fallbacks["empty_row"] += int((no_text & (objective != CAUSAL)).sum())
@@ -455,7 +463,7 @@ def sample_spans(
     idx = np.nonzero(objective == SENTENCE)[0]
     if len(idx):
         end_ids = np.asarray(sentence_end_ids, dtype=rows.dtype).reshape(-1)
-        parts.append(_sentence_spans(idx, keys[idx], rows, lengths, cfg, end_ids, stats))
+        parts.append(_sentence_spans(idx, keys[idx], rows, lengths, cfg, end_ids, stats, special.eos))
     idx = np.nonzero(objective == DOCUMENT)[0]
     if len(idx):
         parts.append(_document_spans(idx, keys[idx], lengths, cfg))
@@ -477,7 +485,7 @@ def sample_spans(
         stats.objectives[name] += int((objective == i).sum())
     stats.spans = int(valid.sum())
     stats.masked_tokens = int(span_lengths.sum())
-    plan = SpanPlan(objective, starts, span_lengths, order, MASK_ID_OF_OBJECTIVE[objective], task)
+    plan = SpanPlan(objective, starts, span_lengths, order, mask_id_of_objective(special)[objective], task)
     return plan, stats
 
 
@@ -492,6 +500,7 @@ def assemble(
     span_order: np.ndarray,
     mask_ids: np.ndarray | int,
     seq_len: int,
+    special: SpecialTokens = SPECIAL,
 ) -> SampleBatch:
     """Part A ++ Part B with 2D positions, for given spans (docs/method.md section 2.3).
 
@@ -576,13 +585,13 @@ def assemble(
     source += (np.arange(n, dtype=np.intp) * width)[:, None]
     input_ids = np.ascontiguousarray(rows).reshape(-1).take(source).astype(np.int32, copy=False)  # (N, L)
     del source
-    np.copyto(input_ids, SPECIAL.pad, where=padding)
+    np.copyto(input_ids, special.pad, where=padding)
     flat_ids = input_ids.reshape(-1)
     flat_ids[row_base + mask_pos[valid]] = mask_ids[span_row]
-    flat_ids[b_slots] = SPECIAL.sop
-    targets = np.full((n, seq_len), SPECIAL.pad, np.int32)  # (N, L) Part B input shifted left by one
+    flat_ids[b_slots] = special.sop
+    targets = np.full((n, seq_len), special.pad, np.int32)  # (N, L) Part B input shifted left by one
     np.copyto(targets[:, :-1], input_ids[:, 1:], where=loss_mask[:, :-1])
-    targets.reshape(-1)[b_slots + np.take_along_axis(span_len, order, 1)[b_valid]] = SPECIAL.eop
+    targets.reshape(-1)[b_slots + np.take_along_axis(span_len, order, 1)[b_valid]] = special.eop
     np.copyto(position_ids, slot, where=part_a)
     np.copyto(position_ids, 0, where=padding)
     np.subtract(slot, block_position_ids, out=block_position_ids)
@@ -610,12 +619,20 @@ def build_samples(
     epoch: int,
     first_index: int,
     sentence_end_ids: Sequence[int] = (),
+    special: SpecialTokens = SPECIAL,
 ) -> tuple[SampleBatch, BuildStats]:
     """Build one GLM sample per packed row; row k is global sample first_index + k."""
     plan, stats = sample_spans(
-        rows, row_lengths, cfg, seed=seed, epoch=epoch, first_index=first_index, sentence_end_ids=sentence_end_ids
+        rows,
+        row_lengths,
+        cfg,
+        seed=seed,
+        epoch=epoch,
+        first_index=first_index,
+        sentence_end_ids=sentence_end_ids,
+        special=special,
     )
-    batch = assemble(rows, row_lengths, plan.starts, plan.lengths, plan.order, plan.mask_ids, cfg.seq_len)
+    batch = assemble(rows, row_lengths, plan.starts, plan.lengths, plan.order, plan.mask_ids, cfg.seq_len, special)
     batch.objective, batch.task = plan.objective, plan.task
     stats.output_tokens = int(batch.length.sum())
     return batch, stats

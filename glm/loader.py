@@ -45,6 +45,7 @@ from glm.shards import (
     read_manifest,
     verify_manifest,
 )
+from glm.special_tokens import SPECIAL, SpecialTokens
 
 # `task` (B,): the objective each sample was drawn as, which the trainer weighs by the mix (glm/train.py)
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "task")
@@ -59,8 +60,15 @@ class ShardSet:
     fails with its name before a training step sees any of its samples.
     """
 
-    def __init__(self, root: Path, files: list[dict[str, Any]], seq_len: int, vocab_size: int | None = None):
-        self.root = root
+    def __init__(
+        self,
+        root: Path,
+        files: list[dict[str, Any]],
+        seq_len: int,
+        vocab_size: int | None = None,
+        special: SpecialTokens = SPECIAL,
+    ):
+        self.root, self.special = root, special
         self.files = sorted(files, key=lambda f: f["shard"])
         self.seq_len = seq_len
         self.vocab_size = vocab_size
@@ -121,7 +129,7 @@ class ShardSet:
         for s, where in groups:
             for name in (*_ROWS, *_SCALARS):
                 out[name][where] = self._views[s][name][local[where]]
-        out.update(expand_samples(out["input_ids"], out["sep"], out["length"]))
+        out.update(expand_samples(out["input_ids"], out["sep"], out["length"], self.special))
         for s, where in groups:  # shards that stored a column the layout could not derive
             for name in DERIVED:
                 if name in self._views[s]:
@@ -160,16 +168,20 @@ class InfillingData:
         self.seq_len = int(stats["seq_len"])
         self.vocab_size = int(stats["vocab_size"]) if stats.get("vocab_size") else None  # absent in older builds
         self.key = stats["build_key"]
+        # a released GLM tokenizer's ids, if the shards were built with them (targets are derived with them)
+        special = SpecialTokens(**stats["special_tokens"]) if stats.get("special_tokens") else SPECIAL
         # the mix the samples were drawn with: the trainer weighs each objective's loss by it
         self.objective_mix = {k: float(v) for k, v in self.manifest["config"]["objective_mix"].items()}
         self.check_lengths(seq_len, max_seq_len)
         files = self.manifest["files"]
         self.epochs = [
-            ShardSet(self.root, [f for f in files if f["path"].startswith(epoch_dir(e) + "/")], self.seq_len, self.vocab_size)
+            ShardSet(
+                self.root, [f for f in files if f["path"].startswith(epoch_dir(e) + "/")], self.seq_len, self.vocab_size, special
+            )
             for e in range(len(stats["epochs"]))
         ]
         valid = [f for f in files if f["path"].startswith(VALID + "/")]
-        self.valid = ShardSet(self.root, valid, self.seq_len, self.vocab_size) if valid else None
+        self.valid = ShardSet(self.root, valid, self.seq_len, self.vocab_size, special) if valid else None
         if not self.epochs or min(map(len, self.epochs)) == 0:
             raise ManifestError(f"blank-infilling dataset {self.root} has an empty training epoch; rebuild it")
 

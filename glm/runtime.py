@@ -1,4 +1,5 @@
-"""Run an exported GLM bundle with numpy, onnxruntime and sentencepiece only.
+"""Run an exported GLM bundle with numpy, onnxruntime and sentencepiece only (and `tokenizers` for
+a bundle of a released WordPiece / BPE GLM).
 
 This file is meant to be copied into an application on its own: it imports nothing from
 `glm` or torch, and reads every id it needs (special tokens, the classifier's pattern
@@ -44,6 +45,7 @@ CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 CURRENT = "current"  # in a run's export/: the symlink to the version apps should load (glm.bundles)
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
+GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
 HEADS = ("verbalizer", "linear")
 
@@ -122,6 +124,89 @@ def check_bundle_files(path: str | Path, required: Sequence[str] = ()) -> None:
             raise BundleError(
                 f"bundle {path}: {name} does not match its checksum in {SUMS_FILE} (corrupt or modified); re-export it"
             )
+
+
+# --------------------------------------------------------------------------- released GLM tokenizers
+
+
+RELEASED_KINDS = ("wordpiece", "roberta", "gpt2", "sp")  # the THUDM GLM families (glm.released_tokenizer)
+
+
+class CommandTokenizer:
+    """A released GLM's tokenizer the reference's way: text is cut at command-token strings ("[MASK]",
+    "<|startofpiece|>", ...; whitespace before an lstrip one is dropped), each piece encoded on its own.
+
+    `backend` is a sentencepiece processor (kind "sp") or an HF `tokenizers.Tokenizer` (WordPiece,
+    byte-level BPE); `commands` lists (text, id, lstrip). Shared by glm.released_tokenizer and bundles.
+    """
+
+    def __init__(self, kind: str, backend: Any, commands: Sequence[tuple[str, int, bool]], size: int):
+        self.kind, self.backend, self.size = kind, backend, size
+        self.by_text = {text: (i, lstrip) for text, i, lstrip in commands}
+        self.by_id = {i: text for text, i, _ in commands}
+        texts = sorted(self.by_text, key=len, reverse=True)  # longest first: no command cut by one it contains
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in texts) + ")")
+
+    @classmethod
+    def from_file(cls, kind: str, path: Path, commands: Sequence[Sequence[Any]], size: int) -> "CommandTokenizer":
+        """From a bundle's tokenizer file: a sentencepiece model, or an HF tokenizer.json (needs `tokenizers`)."""
+        if kind == "sp":
+            backend: Any = spm.SentencePieceProcessor()
+            backend.LoadFromSerializedProto(path.read_bytes())
+        else:
+            from tokenizers import Tokenizer as HFTokenizer  # only bundles of released BPE/WordPiece GLMs need it
+
+            backend = HFTokenizer.from_file(str(path))
+        return cls(kind, backend, [(str(t), int(i), bool(ls)) for t, i, ls in commands], size)
+
+    def encode_text(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids as plain text (command strings included)."""
+        if not texts:
+            return []
+        if self.kind == "sp":
+            return self.backend.encode(texts, out_type=int)
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a prompt: command strings become their ids."""
+        if not text.strip():
+            return []
+        parts = self.split.split(text)
+        segs: list[str | int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                segs.append(self.by_text[part][0])
+                continue
+            if k + 1 < len(parts) and self.by_text[parts[k + 1]][1]:
+                part = part.rstrip()
+            if part:
+                segs.append(part)
+        encoded = iter(self.encode_text([x for x in segs if isinstance(x, str)]))
+        ids: list[int] = []
+        for x in segs:
+            ids.extend([x] if isinstance(x, int) else next(encoded))
+        return ids
+
+    def decode(self, ids: Sequence[int], keep: Sequence[int] = ()) -> str:
+        """Text of ids; command ids decode to nothing except those in `keep` (the blanks), written as their text."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self.by_id or not 0 <= i < self.size:
+                if run:
+                    out.append(self._decode_run(run))
+                    run = []
+                if i in keep:
+                    out.append(self.by_id[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self._decode_run(run))
+        return (" " if self.kind == "wordpiece" else "").join(p for p in out if p)
+
+    def _decode_run(self, ids: list[int]) -> str:
+        if self.kind == "sp":
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=False)
 
 
 # --------------------------------------------------------------------------- config.json schema
@@ -328,7 +413,7 @@ class Bundle:
         path: Path,
         config: dict[str, Any],
         session: ort.InferenceSession,
-        tokenizer: spm.SentencePieceProcessor,
+        tokenizer: Any,  # spm.SentencePieceProcessor, or a CommandTokenizer for a released GLM
         model_path: Path | None = None,
     ):
         self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
@@ -436,11 +521,23 @@ class Bundle:
         for name in (files["tokenizer"], model_file):
             if not (path / name).is_file():
                 raise BundleError(f"bundle {path} is missing {name}; copy the whole bundle directory or re-export it")
-        tokenizer = spm.SentencePieceProcessor()
+        kind = config["tokenizer"].get("kind", "glm")
         try:
-            tokenizer.LoadFromSerializedProto((path / files["tokenizer"]).read_bytes())
-        except (RuntimeError, OSError) as e:
-            raise BundleError(f"{path / files['tokenizer']} is not a sentencepiece model ({e}); re-export the bundle") from None
+            if kind in RELEASED_KINDS:  # a released GLM's tokenizer: command ids from config.json
+                tokenizer: Any = CommandTokenizer.from_file(
+                    kind, path / files["tokenizer"], config["tokenizer"]["commands"], config["tokenizer"]["vocab_size"]
+                )
+            else:
+                tokenizer = spm.SentencePieceProcessor()
+                tokenizer.LoadFromSerializedProto((path / files["tokenizer"]).read_bytes())
+        except ImportError:
+            raise BundleError(
+                f"bundle {path} has a {kind} tokenizer, which needs the `tokenizers` package: pip install tokenizers"
+            ) from None
+        except (RuntimeError, OSError, ValueError, KeyError, TypeError) as e:
+            raise BundleError(
+                f"{path / files['tokenizer']} is not a loadable {kind} tokenizer ({e}); re-export the bundle"
+            ) from None
         try:
             session = _session(path / model_file, providers, threads)
         except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
@@ -454,16 +551,22 @@ class Bundle:
 
     def encode(self, text: str) -> list[int]:
         """Ids of a prompt: "[MASK]", "[sMASK]", "[gMASK]" in it are blanks."""
+        if isinstance(self.tokenizer, CommandTokenizer):
+            return self.tokenizer.encode(text)
         return self.tokenizer.encode(text, out_type=int)
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of user text: literal "[MASK]", "<sop>"... stay plain text (as glm.finetune.encode_text)."""
+        if isinstance(self.tokenizer, CommandTokenizer):
+            return self.tokenizer.encode_text([text])[0]
         out: list[int] = []
         for t in self.tokenizer.encode(text, out_type=int):
             out.extend(self.literal_ids.get(t, (t,)))
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
+        if isinstance(self.tokenizer, CommandTokenizer):
+            return self.tokenizer.decode(ids)
         n = self.tokenizer.get_piece_size()
         return self.tokenizer.decode([int(t) for t in ids if 0 <= t < n])  # ids past the tokenizer: padding rows of the table
 
@@ -680,6 +783,18 @@ class Bundle:
         steps = np.stack(history, axis=1)  # (B, steps)
         return [[int(t) for t in steps[r] if t >= 0] for r in range(B)]
 
+    def _refuse_generation_on_a_classifier(self, allow: bool) -> None:
+        """Fine-tuning a cloze classifier trains its language model toward the label words: its fills are
+        those words everywhere ("good good turn turn"). Say which bundle generates instead."""
+        if self.classifier is None or allow:
+            return
+        beside = next((p / GENERATION_BUNDLE for p in self.path.resolve().parents[:3] if (p / GENERATION_BUNDLE).is_dir()), None)
+        use = f"use the generation bundle {beside}" if beside else "use a generation bundle (RUN_DIR/generation/bundle)"
+        raise BundleError(
+            f"{self.path} is a fine-tuned classifier (labels {', '.join(self.labels)}): its language model was trained "
+            f"toward the label words, so it cannot fill or generate text; {use}, or pass allow_classifier=True"
+        )
+
     def fill_blanks(
         self,
         text: str,
@@ -690,8 +805,12 @@ class Bundle:
         seed: int | None = None,
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int = 0,
+        allow_classifier: bool = False,
     ) -> FillResult:
-        """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy."""
+        """Fill the [MASK] / [sMASK] / [gMASK] blanks of `text`, in order; temperature 0 = greedy.
+
+        A classifier bundle refuses (BundleError naming the generation bundle) unless allow_classifier."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
         prompt = self.encode(text)
         spans = self.fill_ids([prompt], max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0]
         filled, k = [], 0
@@ -713,11 +832,14 @@ class Bundle:
         seed: int | None = None,
         min_new_tokens: int = 0,
         no_repeat_ngram_size: int = 0,
+        allow_classifier: bool = False,
     ) -> str:
         """The continuation of `prompt`, new text only (with its leading space, if any).
 
         A [gMASK] (GLM's long-generation blank) is appended; "[MASK]" written in the prompt stays text.
+        A classifier bundle refuses (BundleError naming the generation bundle) unless allow_classifier.
         """
+        self._refuse_generation_on_a_classifier(allow_classifier)
         ids = self.encode_text(prompt)
         gmask = [ids + [self.special["gmask"]]]
         span = self.fill_ids(gmask, max_new_tokens, temperature, top_k, top_p, seed, min_new_tokens, no_repeat_ngram_size)[0][0]

@@ -8,6 +8,7 @@ The reference implementation defined these in several places and they drifted
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,23 @@ class SpecialTokens:
 
 
 SPECIAL = SpecialTokens()
+
+
+def special_of(source: Any) -> SpecialTokens:
+    """The special ids of a model, a ModelConfig or a tokenizer: an imported released GLM carries its
+    own (ModelConfig.special_tokens, ReleasedTokenizer.special); everything else uses SPECIAL."""
+    if source is None:
+        return SPECIAL
+    if isinstance(source, SpecialTokens):
+        return source
+    if isinstance(getattr(source, "special", None), SpecialTokens):  # a tokenizer
+        return source.special
+    for wrapper in ("module", "_orig_mod"):  # DDP/FSDP, torch.compile
+        source = getattr(source, wrapper, source)
+    cfg = getattr(source, "cfg", source)  # a GLM model, or its config
+    ids = getattr(cfg, "special_tokens", None)
+    return SpecialTokens(**ids) if ids else SPECIAL
+
 
 # The piece (surface string) of each special token, in id order.
 PIECES: dict[str, str] = {

@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -38,6 +39,7 @@ from glm.contracts import (
     EvalStats,
     ExportStats,
     FinetuneStats,
+    GenerationStats,
     InfillShardResult,
     InfillStats,
     PretrainStats,
@@ -165,6 +167,7 @@ class RunPaths:
     export = property(lambda self: self.root / "export")
     bundle = property(lambda self: self.root / "export" / "bundle")
     candidate = property(lambda self: self.root / "export" / ".candidate")  # exported, not yet verified
+    generation = property(lambda self: self.root / "generation")  # the pretrained model's bundle, for fill/generate
     stamps = property(lambda self: self.root / ".stages")
 
     def finetune(self, task: str) -> Path:
@@ -552,6 +555,12 @@ def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
     """A sentencepiece tokenizer trained on a sample of the train split (kept once trained)."""
     from glm.tokenizer import train_tokenizer
 
+    init = cfg.model.init
+    if init is not None and init.from_ is not None:  # a released GLM: its own tokenizer, nothing to train
+        from glm.released_tokenizer import install_released_tokenizer
+
+        install_released_tokenizer(init.tokenizer or init.from_, paths.tokenizer)
+        return
     train_tokenizer(paths.docs, paths.tokenizer, cfg.tokenizer)
 
 
@@ -564,9 +573,9 @@ def _finetune_source(cfg: PipelineConfig) -> Any:
 def _check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task)."""
     from glm.finetune import check_task
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
-    summary = check_task(cfg.finetune, Tokenizer.load(paths.tokenizer_model), cfg.model.max_seq_len)
+    summary = check_task(cfg.finetune, load_tokenizer(paths.tokenizer_model), cfg.model.max_seq_len)
     log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)
     return summary
 
@@ -620,15 +629,16 @@ def _vocab_size(paths: RunPaths) -> int:
 def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations token gate; raises glm.quality.ValidationFailed."""
     from glm.quality import validate_tokens
-    from glm.special_tokens import SPECIAL
+    from glm.special_tokens import special_of
 
-    _write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, _vocab_size(paths), SPECIAL.unk, cfg.quality))
+    unk = special_of(cfg.model).unk  # a released GLM's [UNK] id, else the pipeline's
+    _write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, _vocab_size(paths), unk, cfg.quality))
 
 
 def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
-    return tuple(int(i) for i in Tokenizer.load(paths.tokenizer_model).sentence_end_ids())
+    return tuple(int(i) for i in load_tokenizer(paths.tokenizer_model).sentence_end_ids())
 
 
 def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
@@ -639,7 +649,13 @@ def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
         (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until it closes
         if paths.infill.is_dir():
             remove_stale_temporaries(paths.infill)
-    return shard_jobs(paths.tokens, paths.infill, cfg.infilling, sentence_end_ids=_sentence_end_ids(paths))
+    return shard_jobs(
+        paths.tokens,
+        paths.infill,
+        cfg.infilling,
+        sentence_end_ids=_sentence_end_ids(paths),
+        special_tokens=cfg.model.special_tokens,
+    )
 
 
 def infill_shard_key(job: Any, paths: RunPaths | None = None) -> str:
@@ -665,7 +681,12 @@ def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping
         if stale not in keep:
             stale.unlink()
     return write_infilling_manifest(
-        paths.tokens, paths.infill, cfg.infilling, list(results), sentence_end_ids=_sentence_end_ids(paths)
+        paths.tokens,
+        paths.infill,
+        cfg.infilling,
+        list(results),
+        sentence_end_ids=_sentence_end_ids(paths),
+        special_tokens=cfg.model.special_tokens,
     )
 
 
@@ -720,7 +741,8 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     if plan.get("key") != key:
         data_key = read_stats(paths.infill, InfillStats)["build_key"]
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
-        init_from = cfg.pretrain.init_from
+        configured = cfg.pretrain.init_from or _imported_checkpoint(cfg, paths)  # model.init.from: the imported release
+        init_from = configured
         continued = False  # this run starts from weights trained on other data
         if latest is not None and _loader_data_key(latest) != data_key:
             archive = _archive_checkpoints(paths, latest)
@@ -801,6 +823,23 @@ def _pretrain_lineage(paths: RunPaths, start: Mapping[str, Any], step: int) -> l
         }
     )
     return segments
+
+
+def _imported_checkpoint(cfg: PipelineConfig, paths: RunPaths) -> str | None:
+    """model.init.from: the released GLM imported once into RUN/imported/ as a weights-only checkpoint."""
+    init = cfg.model.init
+    if init is None or init.from_ is None:
+        return None
+    from glm.checkpoint import latest_checkpoint, read_meta
+    from glm.released import import_to_checkpoint
+
+    out = paths.root / "imported"
+    source = str(Path(init.from_).resolve())
+    done = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+    if done is None or read_meta(done).get("imported_from") != source:
+        done, _ = import_to_checkpoint(init.from_, out, dtype=init.dtype, n_head=init.n_head, tokenizer_dir=init.tokenizer)
+        log.info("pretrain: imported the released GLM %s into %s", source, done)
+    return str(done)
 
 
 def _read_plan(paths: RunPaths) -> dict[str, Any]:
@@ -974,17 +1013,19 @@ def _device(cfg: PipelineConfig) -> Any:
 
 
 RUN_DIRS = {"pretrained": "pretrained", "from scratch": "from_scratch"}
+# seq2seq runs report a dev loss without per-example losses: 1% of it stands in for its standard error
+SEQ2SEQ_LOSS_SE = 0.01
 
 
 def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
     from glm.finetune import finetune_from_checkpoint
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
     task_dir = paths.finetune(cfg.finetune.task.name)
     remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
     results = finetune_from_checkpoint(
-        pretrained_checkpoint(paths), Tokenizer.load(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
+        pretrained_checkpoint(paths), load_tokenizer(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
     )
     files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
@@ -1051,11 +1092,11 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     from glm.corpus import iter_documents
     from glm.evaluate import evaluate_pretrained, write_report
     from glm.loader import ValidLoader
-    from glm.tokenizer import Tokenizer
+    from glm.tokenizer import load_tokenizer
 
     ev = cfg.evaluate
     model, _ = load_model(pretrained_checkpoint(paths), _device(cfg))
-    tok = Tokenizer.load(paths.tokenizer_model)
+    tok = load_tokenizer(paths.tokenizer_model)
     valid = ValidLoader(paths.infill, cfg.pretrain.micro_batch_size, max_batches=ev.batches)
     # enough documents for every part, short ones being skipped by infilling and last-word prediction
     wanted = max(16 * ev.batches, 4 * ev.fill_samples, 2 * ev.infill_docs, 2 * ev.lastword_docs)
@@ -1069,6 +1110,7 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
         "title": f"GLM evaluation: {cfg.name}",
         "pretrain": pretrain_results,
         cfg.finetune.kind: finetuned,
+        "export_choice": choose_export(finetuned, cfg.export.selection_margin_se),
     }
     written = write_report(paths.eval, results, pretrain_metrics_path=paths.pretrain / "metrics.jsonl")
     numbers = lambda d: {m: v for m, v in d.items() if isinstance(v, (int, float))}  # noqa: E731
@@ -1095,11 +1137,17 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     )
 
 
-def choose_export(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Which fine-tuned run to export, and why: the best on dev (accuracy for cloze, loss for seq2seq).
+def choose_export(results: dict[str, dict[str, Any]], margin_se: float = 1.0) -> dict[str, Any]:
+    """Which fine-tuned run to export, and why: the pretrained run unless another beats it on dev by
+    more than the dev set's noise.
 
-    Test scores do not choose (the test split stays a fair estimate of the exported model). A tie goes
-    to "pretrained", the first run. A run whose kept model collapsed ranks below every run that did not.
+    The from-scratch run is a diagnostic of pretraining, not a product: it is exported only when its
+    dev score beats the pretrained run's by more than `margin_se` standard errors. For accuracy the
+    standard error is the binomial one of the pretrained run's dev accuracy, sqrt(p (1 - p) / n_dev)
+    (857 dev sentences at 71%: 1.55 points); for seq2seq's dev loss, without per-example losses,
+    a relative margin of `margin_se` x SEQ2SEQ_LOSS_SE. margin_se = 0 is "best on dev, ties to
+    pretrained". A run whose kept model collapsed ranks below every run that did not. Test scores
+    never choose (the test split stays a fair estimate of the exported model).
     """
     if not results:
         raise ValueError("no fine-tuning results to choose an export from")
@@ -1107,23 +1155,49 @@ def choose_export(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     key = "best_val_accuracy" if cloze else "best_val_loss"
     sign = 1.0 if cloze else -1.0
     order = list(results)  # "pretrained" first (finetune_results' order)
+    dev = {name: results[name][key] for name in order}
+    preferred = order[0]
+    p = float(dev[preferred])
+    n_dev = (results[preferred].get("sizes") or {}).get("dev")
+    if cloze:
+        se = math.sqrt(max(p * (1.0 - p), 0.0) / n_dev) if n_dev else 0.0
+    else:
+        se = abs(p) * SEQ2SEQ_LOSS_SE
+    margin = margin_se * se
 
-    def rank(name: str) -> tuple[bool, float, int]:
+    def rank(name: str) -> tuple[bool, float]:
         r = results[name]
-        return (not r.get("collapsed", False), sign * float(r[key]), -order.index(name))
+        # the preferred run gets the margin as a head start: another must beat it by more than that
+        bonus = margin if name == preferred else 0.0
+        return (not r.get("collapsed", False), sign * float(r[key]) + bonus - 1e-12 * order.index(name))
 
     chosen = max(order, key=rank)
-    dev = {name: results[name][key] for name in order}
     others = [n for n in order if n != chosen]
+    best_other = max((n for n in order if n != preferred), key=lambda n: sign * float(dev[n]), default=None)
+    gap = None if best_other is None else sign * (float(dev[best_other]) - p)  # > 0: the other is better on dev
+    scores = ", ".join(f"{n} {dev[n]:.4g}" for n in order)
+    noise = f"one standard error {se:.3g}" + (f" (n_dev {n_dev})" if cloze and n_dev else "")
     if not others:
         why = f"the only fine-tuned run ({key} {dev[chosen]:.4g})"
     elif any(results[n].get("collapsed") for n in others) and not results[chosen].get("collapsed"):
         why = f"the other run(s) collapsed; {chosen} did not ({key} {dev[chosen]:.4g})"
-    elif all(dev[n] == dev[chosen] for n in others):
-        why = f"tie on {key} ({dev[chosen]:.4g}): pretrained is preferred"
+    elif chosen == preferred and gap is not None and gap > 0:
+        why = (
+            f"{best_other} is ahead on {key} by {gap:.3g}, within the dev set's noise "
+            f"({margin_se:g} x {noise} = {margin:.3g}): {preferred} is preferred ({scores})"
+        )
+    elif chosen == preferred:
+        why = f"{preferred} is best or tied on {key} ({scores})"
     else:
-        why = f"best {key}: " + ", ".join(f"{n} {dev[n]:.4g}" for n in order)
-    return {"run": chosen, "dir": RUN_DIRS.get(chosen, chosen), "criterion": key, "dev": dev, "reason": why}
+        why = f"{chosen} beats {preferred} on {key} by {gap:.3g}, more than {margin_se:g} x {noise} = {margin:.3g} ({scores})"
+    return {
+        "run": chosen,
+        "dir": RUN_DIRS.get(chosen, chosen),
+        "criterion": key,
+        "dev": dev,
+        "reason": why,
+        "margin": {"standard_errors": margin_se, "standard_error": se, "value": margin, "n_dev": n_dev, "dev_gap": gap},
+    }
 
 
 def export_choice(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
@@ -1133,7 +1207,7 @@ def export_choice(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
         raise StageInputMissing(
             f"no fine-tuned model at {task_dir}; run the finetune stage first (glm-pipeline run CONFIG --stage finetune)"
         )
-    choice = choose_export(finetune_results(cfg, paths))
+    choice = choose_export(finetune_results(cfg, paths), cfg.export.selection_margin_se)
     return choice | {"path": str(task_dir / choice["dir"])}
 
 
@@ -1148,7 +1222,7 @@ def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
     unverified = cfg.export.model_copy(update={"verify": False})
     choice = export_choice(cfg, paths)
-    selection = {k: choice[k] for k in ("run", "criterion", "dev", "reason")}
+    selection = {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin")}
     return export_bundle(Path(choice["path"]), paths.tokenizer_model, paths.candidate, unverified, selection=selection)
 
 
@@ -1217,7 +1291,7 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         "verified": report.get("passed"),
         "checkpoint": str(checkpoint),
         "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
-        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason")},
+        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin")},
         "version": name,
         "blessed": lineage["blessed"],
         "reason": lineage["reason"],
@@ -1290,7 +1364,7 @@ def bundle_lineage(
         "tokenizer_sha256": sha256_file(paths.tokenizer_model),
         "pretrained": {"checkpoint": pre["checkpoint"], "step": pre["step"], "lineage": pre.get("lineage")},
         "finetuned": {"checkpoint": str(checkpoint), "best_step": result.get("best_step"), "run": choice["run"]},
-        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason")},
+        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin") if k in choice},
         "code": {"package_version": version, "glm": sha256_json({s: stage_code_version(s) for s in REGISTRY})[:16]},
         "config_digest": sha256_json(cfg.model_dump(mode="json"))[:16],
         "verified": report.get("passed"),
@@ -1335,6 +1409,32 @@ def _compare_with_current(
         return None, f"current {current.get('version')} could not be re-scored ({str(e).splitlines()[0][:200]})"
     how = "labelled data changed: both bundles re-scored by glm.runtime on this run's test split"
     return {"new": new, "current": old, "examples": len(examples), "how": how}, ""
+
+
+def export_generation(cfg: PipelineConfig, paths: RunPaths) -> Path:
+    """The pretrained model as a verified generation bundle at generation/bundle, beside the classifier.
+
+    Fine-tuning a cloze classifier trains its language model away (a classifier bundle fills every
+    blank with its verbalizer words), so fill/generate use this bundle; the runtime refuses them on a
+    classifier bundle and names this one. export.generation_bundle false: nothing is exported.
+    """
+    from glm.export import export_bundle
+
+    out = paths.generation
+    if cfg.export.generation_bundle:
+        export_bundle(pretrained_checkpoint(paths), paths.tokenizer_model, out / "bundle", cfg.export)
+        files = [file_entry(p, out) for p in sorted((out / "bundle").iterdir()) if p.is_file()]
+    else:
+        remove_tree(out / "bundle", inside=out, ignore_errors=True)
+        files = []
+    return write_manifest(
+        out,
+        "generation",
+        files,
+        config=cfg.export.model_dump(mode="json"),
+        inputs=[paths.pretrain / MANIFEST, paths.tokenizer / MANIFEST],
+        stats={"exported": bool(files), "checkpoint": str(pretrained_checkpoint(paths))},
+    )
 
 
 # --------------------------------------------------------------------------- the registry: every stage, once
@@ -1468,7 +1568,7 @@ REGISTRY: dict[str, Stage] = _declare(
         "finetune",
         ("evaluate", "loader", "generate", "checkpoint", "tokenizer", "corpus", "finetune"),
         "eval/manifest.json",
-        sections=("evaluate",),
+        sections=("evaluate", "export"),  # export: the report says which run the export ships (choose_export)
         inputs=("pretrain", "finetune", "infill"),
         build=_evaluate,
         stats=EvalStats,
@@ -1483,6 +1583,17 @@ REGISTRY: dict[str, Stage] = _declare(
         inputs=("finetune", "tokenizer"),
         steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote)),
         stats=ExportStats,
+    ),
+    # the pretrained model for fill/generate: the classifier above has lost its language model
+    Stage(
+        "export-generation",
+        "export",
+        ("export", "runtime"),
+        "generation/manifest.json",
+        sections=("export",),
+        inputs=("pretrain", "tokenizer"),
+        build=export_generation,
+        stats=GenerationStats,
     ),
 )
 

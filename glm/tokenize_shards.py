@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from glm.released_tokenizer import INFO_FILE as RELEASED_INFO
 from glm.shards import (
     MANIFEST,
     ManifestError,
@@ -40,8 +41,8 @@ from glm.shards import (
     write_arrow,
     write_manifest,
 )
-from glm.special_tokens import SPECIAL
-from glm.tokenizer import MODEL_FILE, Tokenizer, docs_manifest_path
+from glm.special_tokens import special_of
+from glm.tokenizer import MODEL_FILE, Tokenizer, docs_manifest_path, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,18 @@ def token_type(vocab_size: int) -> pa.DataType:
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(path: str, mtime_ns: int, size: int) -> Tokenizer:
     # keyed on the file's stat too, so a worker reloads a tokenizer that changed on disk
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
+
+
+def _identity_file(model_path: Path) -> Path:
+    """The file whose change means a new tokenizer: tokenizer.model, or a released GLM tokenizer's info file."""
+    info = model_path.parent / RELEASED_INFO
+    return info if not model_path.is_file() and info.is_file() else model_path
 
 
 def worker_tokenizer(model_path: str | Path) -> Tokenizer:
-    """The tokenizer at `model_path`, loaded once per process."""
-    st = Path(model_path).stat()
+    """The tokenizer at `model_path` (or the released GLM tokenizer beside it), loaded once per process."""
+    st = _identity_file(Path(model_path)).stat()
     return _load_tokenizer(str(model_path), st.st_mtime_ns, st.st_size)
 
 
@@ -106,7 +113,7 @@ def tokenize_shard(
     table = _token_table(flats, lengths, doc_ids, token_type(tok.vocab_size))
     write_arrow(out_path, table)
     tokens = int(sum(len(f) for f in flats))
-    unk = int(sum(np.count_nonzero(f == SPECIAL.unk) for f in flats))
+    unk = int(sum(np.count_nonzero(f == special_of(tok).unk) for f in flats))
     return file_entry(
         out_path,
         root,
@@ -178,7 +185,7 @@ def plan_tokenize(docs_dir: str | Path, tokenizer_dir: str | Path, out_dir: str 
     docs_dir, out_dir, tokenizer_dir = Path(docs_dir), Path(out_dir), Path(tokenizer_dir)
     docs_manifest = docs_manifest_path(docs_dir)
     model_path = tokenizer_dir / MODEL_FILE if tokenizer_dir.is_dir() or tokenizer_dir.suffix != ".model" else tokenizer_dir
-    if not model_path.is_file():
+    if not _identity_file(model_path).is_file():
         raise FileNotFoundError(f"no tokenizer model at {model_path}; train the tokenizer first (glm.tokenizer.train_tokenizer)")
     tok = worker_tokenizer(model_path)  # checks the special ids before any work; in-process shards reuse it
     try:

@@ -273,6 +273,18 @@ def _ends_sentence(piece: str) -> bool:
     return bool(text) and text[-1] in _SENTENCE_END
 
 
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer at `path`: this pipeline's tokenizer.model (or its directory), or a released GLM's
+    tokenizer directory (glm.released_tokenizer: released_tokenizer.json, or the model's vocabulary files)."""
+    from glm.released_tokenizer import INFO_FILE, ReleasedTokenizer
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / INFO_FILE).is_file() or (path.is_dir() and not (path / MODEL_FILE).is_file()):
+        return ReleasedTokenizer.load(folder)
+    return Tokenizer.load(path)
+
+
 # --------------------------------------------------------------------------- training
 
 

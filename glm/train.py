@@ -535,7 +535,7 @@ def _find_resume(out_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> Pat
         path = resolve_checkpoint(cfg.init_from)
     if path is not None:
         # the architecture must match; dropout may change between runs and preset is only a label
-        free = {"preset", "dropout", "attention_dropout"}
+        free = {"preset", "dropout", "attention_dropout", "init"}  # init: where the weights came from, not what they are
         saved = {k: v for k, v in read_meta(path)["model_config"].items() if k not in free}
         wanted = {k: v for k, v in model_cfg.model_dump(mode="json").items() if k not in free}
         if saved != wanted:
@@ -559,6 +559,10 @@ def _restore(
 ) -> int:
     """Load optimizer, counters, this rank's RNG streams and data position; return the step."""
     state = load_trainer_state(resume)
+    if "optimizer" not in state:  # weights only: an imported released GLM (glm.released), a fresh start from it
+        if info.is_main:
+            log.info("starting from the weights of %s (no optimizer state: an imported model)", resume)
+        return 0
     load_full_optimizer_state(model, optimizer, state["optimizer"])
     step = int(state["step"])
     counters.update({k: state[k] for k in counters if k in state})

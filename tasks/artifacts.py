@@ -372,19 +372,23 @@ def finetune_summary(cfg: PipelineConfig, results: dict[str, dict[str, Any]], ta
         )
 
 
-def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None) -> None:
+def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None, kind: str = "onnx") -> None:
     """The bundle as Markdown (where it is, its checksums, what verification found, how to load it)
-    and a table of every verification number.
+    and a table of every verification number. kind "generation": the pretrained model's bundle
+    (keys generation-bundle, generation-verification), published beside the classifier's.
 
     Browsers refuse file:// links from the UI, so a link artifact is made only for an http(s) `url`
     where the bundle is served; a run directory on local disk has none.
     """
+    if not (bundle_dir / "verification.json").is_file():  # export.generation_bundle off: nothing to show
+        return
     report = json.loads((bundle_dir / "verification.json").read_text(encoding="utf-8"))
+    name, table = ("onnx-bundle", "export-verification") if kind == "onnx" else (f"{kind}-bundle", f"{kind}-verification")
     publish(
-        "onnx-bundle",
+        name,
         create_markdown_artifact,
         bundle_markdown(cfg, bundle_dir, report),
-        key=artifact_key(cfg, "onnx-bundle"),
+        key=artifact_key(cfg, name),
         description=f"ONNX bundle at {bundle_dir.resolve()} (verified: {report.get('passed')})",
     )
     if url is not None and urllib.parse.urlsplit(url).scheme in ("http", "https"):
@@ -399,10 +403,10 @@ def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None)
     rows = list(_verification_rows(report))
     if rows:
         publish(
-            "export-verification",
+            table,
             create_table_artifact,
             rows,
-            key=artifact_key(cfg, "export-verification"),
+            key=artifact_key(cfg, table),
             description="ONNX against PyTorch (atol %s)" % report.get("atol"),
         )
 
@@ -486,9 +490,11 @@ def bundle_markdown(cfg: PipelineConfig, bundle_dir: Path, report: dict[str, Any
         "from glm.runtime import Bundle  # or runtime.py copied into your app (numpy, onnxruntime, sentencepiece)",
         "",
         f"bundle = Bundle.load({str(where)!r})",
-        'print(bundle.fill_blanks("The film was [MASK].").text)',
     ]
-    shell = [f'glm-pipeline infer {shlex.quote(str(where))} --fill "The film was [MASK]."']
+    shell = []
+    if not classifier:  # a classifier refuses fill/generate: the run's generation bundle does that
+        python.append('print(bundle.fill_blanks("The film was [MASK].").text)')
+        shell.append(f'glm-pipeline infer {shlex.quote(str(where))} --fill "The film was [MASK]."')
     if classifier:
         python.append(f'print(bundle.classify("a wonderful film").label)  # labels: {", ".join(classifier["labels"])}')
         shell.append(f'glm-pipeline infer {shlex.quote(str(where))} --classify "a wonderful film"')

@@ -87,12 +87,20 @@ SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_loads_and_its_printout_runs_as_the_same_config(path, capsys, tmp_path):
-    assert cli.main(["config", str(path)]) == 0
+    overrides = []
+    if "init:" in path.read_text(encoding="utf-8"):  # a released GLM's config: a tiny release of its family stands in
+        from glm.released_tokenizer import FAMILIES
+
+        fixture = {"wordpiece": "glm-large", "roberta": "glm-roberta-large", "gpt2": "glm-2b", "sp": "glm-large-chinese"}
+        release = path.parents[1] / "tests" / "fixtures" / "released" / fixture[FAMILIES[path.stem]]
+        overrides = [f"model.init.from={release / 'model'}", f"model.init.tokenizer={release / 'tokenizer'}"]
+        overrides += ["model.init.n_head=4", "infilling.seq_len=64"]
+    assert cli.main(["config", str(path), *(a for o in overrides for a in ("--set", o))]) == 0
     shown = capsys.readouterr().out
     saved = tmp_path / "saved.yaml"
     saved.write_text(shown, encoding="utf-8")
     # sources reduced to the fields their kind reads: nothing the shipped config sets is lost
-    assert load_config(saved) == load_config(path)
+    assert load_config(saved) == load_config(path, overrides)
 
 
 def test_config_shows_the_fields_each_source_kind_reads(capsys):

@@ -30,6 +30,7 @@ HEAVY = (
     "evaluate-",
     "export-onnx-",
     "verify-export-",
+    "export-generation-",
 )
 
 
@@ -74,6 +75,8 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
         "onnx-bundle": "markdown",
         "export-verification": "table",
         "bundle-gate": "markdown",
+        "generation-bundle": "markdown",
+        "generation-verification": "table",
     }
     assert {f"tiny-e2e-{k}" for k in expected} <= set(found), sorted(found)
     for key, kind in expected.items():
@@ -93,22 +96,44 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
     warnings = read_manifest(paths.finetune(cfg.finetune.task.name) / "manifest.json")["stats"]["warnings"]
     if any(w["level"] == "warning" for w in warnings):
         assert all(w["message"] in found["tiny-e2e-finetune-warnings"].data for w in warnings)
+    # the report's warnings: the classifier's and, for a degenerate generator (a 6-step tiny model), generation's
+    reported = json.loads((paths.eval / "metrics.json").read_text())["warnings"]
+    assert [w for w in reported if w["check"] != "degenerate fills"] == warnings
+    if any(w["level"] == "warning" for w in reported):
         assert "## WARNING:" in report and found["tiny-e2e-evaluation-report"].description.startswith("WARNING:")
     else:
         assert "## WARNING:" not in report
 
 
-def test_the_bundle_is_the_run_best_on_dev_and_says_why(two_runs):
+def test_the_bundle_is_the_run_chosen_by_the_selection_rule_and_says_why(two_runs):
     cfg, _, _ = two_runs
     paths = stages.RunPaths(cfg.run_dir)
     results = stages.finetune_results(cfg, paths)
-    best = max(results, key=lambda n: (not results[n]["collapsed"], results[n]["best_val_accuracy"], n == "pretrained"))
+    best = stages.choose_export(results, cfg.export.selection_margin_se)["run"]
     selection = json.loads((paths.bundle / "config.json").read_text())["source"]["selection"]
     assert selection["run"] == best and selection["dev"] == {n: r["best_val_accuracy"] for n, r in results.items()}
+    assert selection["margin"]["n_dev"] == results["pretrained"]["sizes"]["dev"]
+    assert f"The bundle is the **{best}** run" in (paths.eval / "report.md").read_text()
     assert selection["reason"] and read_manifest(paths.export / "manifest.json")["stats"]["selection"] == selection
     assert json.loads((paths.bundle / "config.json").read_text())["source"]["checkpoint"].startswith(
         str((paths.finetune(cfg.finetune.task.name) / stages.RUN_DIRS[best]).resolve())
     )
+
+
+def test_the_pretrained_model_is_a_generation_bundle_beside_the_classifier(two_runs, capsys):
+    from glm import runtime
+
+    cfg, _, _ = two_runs
+    paths = stages.RunPaths(cfg.run_dir)
+    generation = paths.generation / "bundle"
+    config = json.loads((generation / "config.json").read_text())
+    assert "classifier" not in config or config["classifier"] is None
+    assert json.loads((generation / "verification.json").read_text())["passed"] is True
+    assert config["source"]["checkpoint"].startswith(str(paths.pretrain.resolve()))
+    filled = runtime.Bundle.load(generation, threads=1).fill_blanks("the movie was [MASK] .", max_new_tokens=3)
+    assert len(filled.spans) == 1
+    with pytest.raises(runtime.BundleError, match="use the generation bundle"):
+        runtime.Bundle.load(paths.bundle, threads=1).fill_blanks("the movie was [MASK] .")
 
 
 def test_runs_are_named_after_the_config_and_the_shard(two_runs):

@@ -46,6 +46,63 @@ def test_auto_picks_bf16_only_when_faster_by_the_margin_and_the_losses_agree():
     assert choose_precision("auto", "cpu", True, Measurement("fp32", 1.3, fp32.losses, fastest_step=1.3), burst)[0] == "bf16"
 
 
+def test_auto_refuses_bf16_whose_gradients_stray_from_fp32s_beyond_a_tenth_of_the_minibatch_noise():
+    fp32 = Measurement("fp32", 1.3, [6.0, 5.9], gradient_noise=0.25)
+    close = Measurement("bf16", 1.0, [6.0, 5.9], gradient_error=0.005)
+    precision, why = choose_precision("auto", "cpu", True, fp32, close)
+    assert precision == "bf16" and "gradient error 0.005 vs minibatch noise 0.25" in why
+    # losses that agree to 1e-5 over the measured steps, gradients that do not: what a few steps cannot see
+    lossy = Measurement("bf16", 1.0, [6.00001, 5.90001], gradient_error=0.1 * 0.25 * 1.5)
+    precision, why = choose_precision("auto", "cpu", True, fp32, lossy)
+    assert precision == "fp32" and "it would train worse" in why
+    assert choose_precision("auto", "cpu", True, fp32, Measurement("bf16", 1.0, [6.0, 5.9], gradient_error=math.nan))[0] == "fp32"
+
+
+def _tiny_plan_inputs():
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=640", "model.n_layer=1", "infilling.seq_len=32"])
+    return cfg.pretrain, cfg.model, lambda: iter(SyntheticBatches(640, 32, cfg.pretrain.micro_batch_size, seed=0))
+
+
+def test_the_measured_gradient_error_is_small_for_bf16_and_large_for_a_path_that_loses_precision(monkeypatch):
+    """Real steps of a tiny model in fp32 and under bf16 autocast (native or emulated: the numbers are the same).
+    Then a fault injected into the bf16 path where the measured steps cannot see it: a backward through the
+    logits that keeps only each gradient's sign (a lossy low-precision kernel). The forward is exact, so
+    the losses of the measured steps agree within BF16_MAX_LOSS_DIFF; the gradient error does not pass."""
+    import torch
+
+    from glm.model import GLM
+
+    pre, model_cfg, batches = _tiny_plan_inputs()
+    measured = budget.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
+    noise, error = measured["fp32"].gradient_noise, measured["bf16"].gradient_error
+    # measured 2026-12-07: error 0.003, noise 1.2 (random synthetic batches): far inside the bound
+    assert 0 < error < budget.BF16_MAX_GRADIENT_ERROR * noise and noise > 0.01
+
+    class SignOnlyBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.sign(grad) * grad.abs().mean()
+
+    logits = GLM.logits
+    monkeypatch.setattr(
+        GLM,
+        "logits",
+        lambda self, h: SignOnlyBackward.apply(logits(self, h)) if torch.is_autocast_enabled("cpu") else logits(self, h),
+    )
+    broken = budget.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
+    diffs = [abs(a - b) / a for a, b in zip(broken["fp32"].losses, broken["bf16"].losses)]
+    assert max(diffs) < budget.BF16_MAX_LOSS_DIFF  # measured 0.0045: the loss criterion alone would take it
+    # measured 1.07 against a bound of 0.12
+    assert broken["bf16"].gradient_error > budget.BF16_MAX_GRADIENT_ERROR * broken["fp32"].gradient_noise
+    faster = Measurement(**{**vars(broken["bf16"]), "seconds_per_step": 1e-9, "fastest_step": 1e-9})
+    precision, why = choose_precision("auto", "cpu", True, broken["fp32"], faster)
+    assert precision == "fp32" and "train worse" in why
+
+
 # --------------------------------------------------------------------------- budget
 
 

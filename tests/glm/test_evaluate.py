@@ -513,3 +513,60 @@ def test_a_model_above_every_baseline_has_no_warning_and_a_retry_is_a_note(tmp_p
     assert note["level"] == "note" and "attempt 2 of 2 (lr 0.00033) was kept" in note["message"]
     untrained = good | {"kept_untrained": True}
     assert [w["check"] for w in ev.finetune_warnings({"pretrained": untrained})] == ["untrained"]
+
+
+# --------------------------------------------------------------------------- degenerate generation
+
+
+def test_fill_diversity_counts_the_most_common_fill_and_token():
+    tok = sentiment_tokenizer()
+    the, good, fun = (tok.encode(w, specials=False) for w in ("the", "good", "fun"))
+    d = ev.fill_diversity([the, the, the, good + fun], tok)
+    assert d["blanks"] == 4 and d["distinct_fills"] == 2 and d["top_fill"] == "the" and d["top_fill_share"] == 0.75
+    assert d["top_token"] == tok.decode(the[:1]).strip() and d["tokens"] == 3 * len(the) + len(good) + len(fun)
+    assert ev.fill_diversity([], tok) == {"blanks": 0}
+
+
+def _with_fills(fills):
+    return {"infill_bleu": {"docs": 20, "ratios": {}, "fills": fills}}
+
+
+def test_degenerate_fills_are_a_warning_at_the_top_of_the_report_and_varied_ones_are_not(tmp_path):
+    tok = sentiment_tokenizer()
+    words = ["the", "good", "fun", "boring", "movie", "plot", "acting", "story", "really", "very", "a", "was"]
+    the = tok.encode("the", specials=False)
+    degenerate = ev.fill_diversity([the] * 30 + [tok.encode(w, specials=False) for w in words[1:6]], tok)
+    varied = ev.fill_diversity([tok.encode(w, specials=False) for w in words * 3], tok)
+    warnings = ev.generation_warnings(_with_fills(degenerate))
+    assert [w["check"] for w in warnings] == ["degenerate fills"]
+    assert "86% of 35 blanks are filled with 'the'" in warnings[0]["message"] and "objective_mix" in warnings[0]["try"]
+    assert ev.generation_warnings(_with_fills(varied)) == []
+    # too few blanks to judge: no warning either way
+    assert ev.generation_warnings(_with_fills(ev.fill_diversity([the] * 5, tok))) == []
+    written = ev.write_report(tmp_path, {"title": "t", "pretrain": _with_fills(degenerate)})
+    report = written["report"].read_text()
+    assert report.startswith("# t\n\n## WARNING: 1 problem(s) with the models") and "Try: more pretraining" in report
+    assert [w["check"] for w in json.loads(written["metrics"].read_text())["warnings"]] == ["degenerate fills"]
+
+
+def test_the_report_says_which_run_is_exported_and_how_close_the_choice_was(tmp_path):
+    from glm.stages import choose_export
+
+    results = {
+        "pretrained": {"best_val_accuracy": 0.713, "sizes": {"dev": 857}},
+        "from scratch": {"best_val_accuracy": 0.718, "sizes": {"dev": 857}},
+    }
+    report = ev.write_report(tmp_path, {"title": "t", "export_choice": choose_export(results)})["report"].read_text()
+    assert "## Exported model" in report and "The bundle is the **pretrained** run" in report
+    assert "Dev gap of the other run: +0.005 against a margin of 0.0155" in report
+
+
+def test_a_verbalizer_out_of_context_is_a_warning_of_the_pretrained_run(tmp_path):
+    labels = ["0", "1"]
+    truth = [0, 1, 0, 1]
+    misfit = {"label": "1", "word": "好", "message": "verbalizer '好' (label '1') is never a token of its own in running text"}
+    cloze = {"pretrained": _cloze_result(truth, truth, labels, verbalizers_out_of_context=[misfit])}
+    warnings = ev.finetune_warnings(cloze)
+    assert [(w["run"], w["check"]) for w in warnings] == [("pretrained", "verbalizer context")]
+    assert warnings[0]["message"] == misfit["message"] and "finetune.task.verbalizers" in warnings[0]["try"]
+    assert ev.finetune_warnings({"pretrained": _cloze_result(truth, truth, labels)}) == []

@@ -25,6 +25,7 @@ from tests.glm.factories import (
     sentiment_examples,
     sentiment_tokenizer,
     tiny_model,
+    train_tiny_sentencepiece,
 )
 
 
@@ -282,6 +283,27 @@ def test_cjk_verbalizer_after_a_space_is_two_pieces_and_the_error_gives_a_fix_th
         ft.ClozeTask(zh, spaced.model_copy(update={"multi_token": True}), 64).answers[0][1:]
         == ft.ClozeTask(zh, ZH, 64).answers[0]
     )
+
+
+def test_a_verbalizer_that_running_text_merges_with_its_neighbours_is_named_with_the_fix():
+    """A unigram model trained on Chinese reviews writes "很好" and "很差" as one piece each: after
+    "很" a pretrained model never saw "好" alone. The check names the word, the running text's pieces
+    and the fix; following the fix leaves nothing to report."""
+    rng = random.Random(0)
+    texts = ["房间很好", "服务很差", "总之很好。", "总之很差。", "早餐很好吃", "价格很差劲", "位置很好，很方便"]
+    zh = Tokenizer(train_tiny_sentencepiece([rng.choice(texts) + rng.choice(texts) for _ in range(400)], vocab_size=320))
+    assert [zh.id_to_piece(i) for i in zh.encode("总之很好。", specials=False)][-2:] == ["很好", "。"]
+    glued = ClozeTaskConfig(pattern="{text}总之很[MASK]。", verbalizers={"0": "差", "1": "好"})
+    misfits = ft.verbalizers_out_of_context(zh, glued)
+    assert [(m["label"], m["word"], m["context"]) for m in misfits] == [("0", "差", "总之很差。"), ("1", "好", "总之很好。")]
+    line = ft.out_of_context_message(misfits[1])
+    assert "verbalizer '好' (label '1') is never a token of its own" in line and "很好" in misfits[1]["pieces"]
+    assert "make '很好' the verbalizer and end the pattern's text before [MASK] without '很'" in line
+    fixed = ClozeTaskConfig(pattern="{text}总之[MASK]。", verbalizers={"0": "很差", "1": "很好"})
+    assert ft.verbalizers_out_of_context(zh, fixed) == []
+    # English after a space: "It was good." is written with "▁good" as in the pattern's encoding
+    en = sentiment_tokenizer()
+    assert ft.verbalizers_out_of_context(en, SINGLE) == []
 
 
 def test_pattern_too_long_for_the_model_is_a_clear_error(tok):

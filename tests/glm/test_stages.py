@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -421,18 +422,34 @@ def test_seq2seq_generation_decodes_each_fine_tuned_models_test_split(tmp_path):
 # --------------------------------------------------------------------------- which fine-tuned run is exported
 
 
-def test_the_export_is_the_run_best_on_dev_ties_and_collapses_decide_as_documented():
-    def run(dev, **kw):
-        return {"best_val_accuracy": dev, "test": {"accuracy": 0.99}, **kw}
+def test_the_export_is_pretrained_unless_another_run_beats_it_by_more_than_the_dev_noise():
+    def run(dev, n_dev=857, **kw):
+        return {"best_val_accuracy": dev, "test": {"accuracy": 0.99}, "sizes": {"dev": n_dev}, **kw}
 
-    chosen = stages.choose_export({"pretrained": run(0.70), "from scratch": run(0.75)})
-    assert chosen["run"] == "from scratch" and chosen["dir"] == "from_scratch" and chosen["criterion"] == "best_val_accuracy"
-    assert chosen["reason"] == "best best_val_accuracy: pretrained 0.7, from scratch 0.75"
-    assert chosen["dev"] == {"pretrained": 0.70, "from scratch": 0.75}
-    tie = stages.choose_export({"pretrained": run(0.75), "from scratch": run(0.75)})
-    assert tie["run"] == "pretrained" and tie["reason"].startswith("tie on best_val_accuracy")
+    # the demo's case: from scratch 71.8% vs pretrained 71.3% on 857 dev sentences (4 sentences): noise
+    se = math.sqrt(0.713 * 0.287 / 857)  # 0.0155
+    close = stages.choose_export({"pretrained": run(0.713), "from scratch": run(0.718)})
+    assert close["run"] == "pretrained" and close["dir"] == "pretrained" and close["criterion"] == "best_val_accuracy"
+    assert close["margin"]["standard_error"] == pytest.approx(se) and close["margin"]["dev_gap"] == pytest.approx(0.005)
+    assert "within the dev set's noise" in close["reason"] and "n_dev 857" in close["reason"]
+    assert close["dev"] == {"pretrained": 0.713, "from scratch": 0.718}
+    # just past one standard error: from scratch is exported, and the reason says by how much
+    far = stages.choose_export({"pretrained": run(0.713), "from scratch": run(0.713 + se + 1e-4)})
+    assert far["run"] == "from scratch" and far["dir"] == "from_scratch" and "more than 1 x one standard error" in far["reason"]
+    # margin 0 is "best on dev", ties to pretrained
+    assert stages.choose_export({"pretrained": run(0.713), "from scratch": run(0.718)}, margin_se=0)["run"] == "from scratch"
+    tie = stages.choose_export({"pretrained": run(0.75), "from scratch": run(0.75)}, margin_se=0)
+    assert tie["run"] == "pretrained" and "best or tied" in tie["reason"]
+    # a smaller dev set is noisier: the same 2-point lead is noise on 100 examples, not on 10,000
+    assert stages.choose_export({"pretrained": run(0.70, 100), "from scratch": run(0.72, 100)})["run"] == "pretrained"
+    assert stages.choose_export({"pretrained": run(0.70, 10000), "from scratch": run(0.72, 10000)})["run"] == "from scratch"
     collapsed = stages.choose_export({"pretrained": run(0.60), "from scratch": run(0.75, collapsed=True)})
     assert collapsed["run"] == "pretrained" and "collapsed" in collapsed["reason"]
+    pre_collapsed = stages.choose_export({"pretrained": run(0.75, collapsed=True), "from scratch": run(0.60)})
+    assert pre_collapsed["run"] == "from scratch"
     assert stages.choose_export({"pretrained": run(0.5)})["reason"].startswith("the only fine-tuned run")
+    # seq2seq: lower dev loss by more than 1% of it
     seq2seq = stages.choose_export({"pretrained": {"best_val_loss": 2.0}, "from scratch": {"best_val_loss": 1.5}})
     assert seq2seq["run"] == "from scratch" and seq2seq["criterion"] == "best_val_loss"
+    near = stages.choose_export({"pretrained": {"best_val_loss": 2.0}, "from scratch": {"best_val_loss": 1.99}})
+    assert near["run"] == "pretrained"
