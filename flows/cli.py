@@ -5,6 +5,7 @@
     glm-pipeline infer BUNDLE (--fill TEXT | --generate TEXT | --classify TEXT)
     glm-pipeline serve CONFIG [--cron "0 2 * * *"]                  one long-lived process with a schedule
     glm-pipeline verify RUN_DIR                                     re-hash every output; mark what fails for rebuild
+    glm-pipeline bundles RUN_DIR [--promote V | --rollback]         list bundle versions; switch export/current
     glm-pipeline deploy                                             register prefect.yaml's deployments (+ work pool)
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` is instant.
@@ -190,12 +191,46 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: nightly at 02:00)")
 
+    bundles = sub.add_parser("bundles", help="list a run's bundle versions; promote one, or roll back")
+    bundles.add_argument("run_dir", help="a run directory (runs/NAME)")
+    switch = bundles.add_mutually_exclusive_group()
+    switch.add_argument("--promote", metavar="VERSION", help="make VERSION (e.g. v0003) current, atomically")
+    switch.add_argument("--rollback", action="store_true", help="make the newest blessed version older than current current")
+    bundles.add_argument("--why", default=None, help="recorded in export/promotions.jsonl with the switch")
+
     sub.add_parser(
         "deploy",
         help="register the deployments of prefect.yaml (in the current directory) on the "
         "Prefect server at PREFECT_API_URL, creating their work pool if missing",
     )
     return parser
+
+
+def _bundles(args: argparse.Namespace) -> int:
+    """`glm-pipeline bundles RUN_DIR [--promote V | --rollback]`: the versions table, after any switch."""
+    from glm import bundles
+
+    export = Path(args.run_dir) / "export"
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"run directory {args.run_dir!r} does not exist; pass a run directory such as runs/demo")
+    if not bundles.version_names(export) and not (export / bundles.LEGACY).is_dir():
+        raise ConfigError(f"{args.run_dir!r} has no bundle versions (no {export / bundles.VERSIONS}); run the export stage first")
+    try:
+        if args.promote or args.rollback:
+            with bundles.locked(export):
+                bundles.adopt_legacy(export)
+            target = bundles.rollback_target(export) if args.rollback else args.promote
+            why = args.why or ("rolled back by hand" if args.rollback else "promoted by hand")
+            before = bundles.promote(export, target, why)
+            print(f"current: {before} -> {target}")
+    except bundles.BundleVersionError as e:
+        raise ConfigError(str(e)) from None
+    if (export / bundles.LEGACY).is_dir() and not (export / bundles.LEGACY).is_symlink():
+        print(
+            f"{export / bundles.LEGACY} is a bundle exported before versions: the next export, or any --promote, adopts it as a version"
+        )
+    print(bundles.versions_table(bundles.list_versions(export)))
+    return 0
 
 
 def _verify(run_dir: str, mark: bool) -> int:
@@ -388,6 +423,8 @@ def _command(args: argparse.Namespace) -> int:
             return 0
         if args.command == "verify":
             return _verify(args.run_dir, args.mark)
+        if args.command == "bundles":
+            return _bundles(args)
         if args.command == "deploy":
             from glm_pipeline.flows.deploy import deploy
 

@@ -132,6 +132,28 @@ def run_group(group: str, cfg: PipelineConfig, continue_steps: int | None = None
     return out
 
 
+def finish(cfg: PipelineConfig, out: dict[str, str]) -> Any:
+    """The flow run's final state: when this run's bundle was refused by the gate (glm.bundles), a
+    COMPLETED state named "Not promoted" whose message says why and which version stays current, so
+    the runs list shows it at a glance (docs/architecture.md, "Bundles"); otherwise the outputs."""
+    from pathlib import Path
+
+    from prefect.states import Completed
+
+    from glm import bundles
+
+    if "export" not in out:
+        return out
+    export = Path(cfg.run_dir) / "export"
+    stats = artifacts.export_stats(export)
+    if not stats.get("version"):
+        return out
+    stats["current"] = bundles.current_version(export)  # a version may have been promoted by hand since
+    promoted = stats.get("blessed") and stats["current"] == stats["version"]
+    message = artifacts.gate_headline(cfg, stats)
+    return Completed(name="Completed" if promoted else "Not promoted", message=message[:1000], data=out)
+
+
 # --------------------------------------------------------------------------- flows
 
 
@@ -142,7 +164,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
     with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
-        return run_group("all", config, continue_steps)
+        return finish(config, run_group("all", config, continue_steps))
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
@@ -170,7 +192,7 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
     with run_lock(config.run_dir), artifacts.sent():
-        return run_group("export", config)
+        return finish(config, run_group("export", config))
 
 
 FLOWS = {"data": data_flow, "pretrain": pretrain_flow, "finetune": finetune_flow, "export": export_flow, "all": glm_pipeline}

@@ -525,11 +525,35 @@ class EvaluateConfig(Section):
         return self
 
 
+class GateConfig(Section):
+    """The blessing gate: when a new export becomes export/current (docs/architecture.md, "Bundles")."""
+
+    max_drop: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="How much worse than the current version a new model may score and still be blessed, measured on "
+        "the same test examples (accuracy as a fraction: 0.01 = 1 point; seq2seq: test loss).",
+    )
+    floor: Literal["none", "majority", "linear"] = Field(
+        default="none",
+        description="An absolute floor a cloze model's test accuracy must reach: the majority class, or the TF-IDF + "
+        "logistic regression baseline the report computes ('linear'); 'none': no floor.",
+    )
+
+
 class ExportConfig(Section):
     opset: int = Field(default=18, ge=14)
     quantize_int8: bool = True
     verify: bool = True
     atol: float = Field(default=1e-4, gt=0.0)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    keep_versions: int = Field(
+        default=5,
+        ge=1,
+        description="Bundle versions kept under export/versions/: the newest N, every blessed one (keep_blessed) "
+        "and always the current one; older ones are removed after each export.",
+    )
+    keep_blessed: bool = Field(default=True, description="Never prune a blessed version (a rollback target).")
     generation_bundle: bool = Field(
         default=True,
         description="Also export the pretrained model as a generation bundle (RUN_DIR/generation/bundle) for fill and "

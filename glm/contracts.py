@@ -117,6 +117,10 @@ class PretrainStats(TypedDict):
     resumed_from: int | None
     precision: NotRequired[dict[str, str]]  # requested, chosen, why (glm.budget)
     budget: NotRequired[dict[str, Any]]  # what pretrain.budget_minutes chose, and the line that says so
+    start_step: NotRequired[int]  # the step this run's training started from
+    steps_this_run: NotRequired[int]  # steps trained on this run's data (0: the data was not seen)
+    continued_from: NotRequired[str | None]  # the archived checkpoint a run on grown data continued from
+    lineage: NotRequired[list[dict[str, Any]]]  # every run's data and steps: {from_step, to_step, infill, documents}
 
 
 class FinetuneRunSummary(TypedDict):
@@ -148,6 +152,10 @@ class ExportStats(TypedDict):
     verified: bool | None  # None: export.verify is false
     checkpoint: str
     fp32: dict[str, float]
+    version: NotRequired[str]  # this run's bundle version (export/versions/NAME)
+    blessed: NotRequired[bool]  # the gate's decision (glm.bundles.decide)
+    reason: NotRequired[str]  # and why
+    current: NotRequired[str | None]  # the version export/current points to after this run
 
 
 class GenerationStats(TypedDict):

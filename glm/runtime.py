@@ -43,6 +43,7 @@ FORMAT = "glm-onnx-bundle"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
+CURRENT = "current"  # in a run's export/: the symlink to the version apps should load (glm.bundles)
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
 GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
@@ -416,6 +417,8 @@ class Bundle:
         model_path: Path | None = None,
     ):
         self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
+        self.requested = path  # what the caller named (a symlink such as export/current): changed() re-resolves it
+        self.load_options: dict[str, Any] = {}
         self.model_path = model_path or path / config["files"]["model"]
         m = config["model"]
         self.n_layer, self.n_head, self.head_dim = m["n_layer"], m["n_head"], m["head_dim"]
@@ -439,8 +442,50 @@ class Bundle:
         threads: int | None = None,
         verify_checksums: bool = True,
     ) -> "Bundle":
-        """Open a bundle directory. providers=None: CUDA if it really loads, else CPU. int8: the quantized model."""
-        path = Path(path)
+        """Open a bundle directory. providers=None: CUDA if it really loads, else CPU. int8: the quantized model.
+
+        `path` may be a bundle directory, a symlink to one (a run's export/current or export/bundle), or a
+        run's export directory (its `current` is loaded). A symlink is resolved once, first, and every file
+        is read from that one version directory, so a promotion or rollback that switches `current` while
+        this loads gives the old or the new bundle, never a mix; `changed()` later tells that it moved.
+        """
+        requested = Path(path)
+        if (requested / CURRENT).exists() and not (requested / CONFIG_FILE).exists():
+            requested = requested / CURRENT  # a run's export/ directory: its current version
+        for attempt in range(3):
+            path = requested.resolve()
+            try:
+                bundle = cls._load(path, providers, int8, threads, verify_checksums)
+            except (BundleError, OSError):
+                if attempt < 2 and requested.resolve() != path:  # current moved (and the old version was pruned) mid-load
+                    continue
+                raise
+            bundle.requested = requested
+            bundle.load_options = dict(providers=providers, int8=int8, threads=threads, verify_checksums=verify_checksums)
+            return bundle
+        raise AssertionError("unreachable")
+
+    def changed(self) -> bool:
+        """True when the path this bundle was loaded from (e.g. export/current) now resolves to another
+        directory: a new version was promoted, or rolled back. A long-running app polls it and reloads."""
+        try:
+            return self.requested.resolve() != self.path
+        except OSError:
+            return False
+
+    def reload_if_changed(self, **load_options: Any) -> "Bundle":
+        """A newly loaded Bundle (with the same load options, unless given) if `current` moved, else this one."""
+        return Bundle.load(self.requested, **(self.load_options | load_options)) if self.changed() else self
+
+    @property
+    def version(self) -> str:
+        """The bundle's version (export/versions/NAME), or its directory's name."""
+        return self.path.name
+
+    @classmethod
+    def _load(
+        cls, path: Path, providers: Sequence[str] | None, int8: bool, threads: int | None, verify_checksums: bool
+    ) -> "Bundle":
         if not path.is_dir():
             raise BundleError(f"bundle directory {path} does not exist; export one with glm.export.export_bundle")
         config_path = bundle_file(path, CONFIG_FILE, f"bundle {path}: {CONFIG_FILE}")

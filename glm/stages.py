@@ -54,6 +54,7 @@ from glm.runlock import run_lock
 from glm.safety import remove_tree
 from glm.shards import (
     MANIFEST,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_file,
@@ -699,18 +700,37 @@ def _loader_data_key(checkpoint: Path) -> str | None:
     return (ranks[0].get("loader") or {}).get("data")
 
 
+def _latest_archived(paths: RunPaths) -> Path | None:
+    """The newest checkpoint of the newest archive in pretrain/history/ (archives are named TIME-step-N)."""
+    from glm.checkpoint import latest_checkpoint
+
+    history = paths.pretrain / "history"
+    archives = sorted(p for p in history.iterdir() if p.is_dir()) if history.is_dir() else []
+    for archive in reversed(archives):
+        if (found := latest_checkpoint(archive)) is not None:
+            return found
+    return None
+
+
 def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int | None = None) -> PipelineConfig:
     """The config this run trains with, written to pretrain/run-config.yaml.
 
     Continued pretraining: when the blank-infilling data changed since pretrain/'s latest
-    checkpoint (new documents were ingested), those checkpoints move to pretrain/history/ and the
-    run starts from the latest of them (train.init_from) on the new data. `continue_steps` trains
-    that many steps past the latest checkpoint; the target is fixed per stage key, so a crashed
-    run that is retried aims at the same step.
+    checkpoint (new documents were ingested), those checkpoints (and the manifest that describes
+    them) move to pretrain/history/TIME-step-N/ and the run starts from the latest of them
+    (train.init_from) on the new data. With no checkpoint in pretrain/checkpoints/ (a run that was
+    archived, then crashed or was interrupted before its first checkpoint), the newest archived
+    checkpoint is where the run starts: a grown corpus never restarts pretraining from scratch.
+
+    How far a continued run trains: `continue_steps` steps past where it starts when given (the
+    nightly deployment's parameter), else the config's per-run amount: pretrain.steps more steps
+    (or what pretrain.budget_minutes buys, counted from where it starts). The target is fixed per
+    stage key, so a crashed run that is retried aims at the same step.
 
     What must be measured is decided here once per run (glm.budget: pretrain.budget_minutes into
     steps counted from where the run starts, precision auto on a CPU with native bf16) and kept in
-    pretrain/run-plan.json; run-config.yaml holds the result under a comment that says why.
+    pretrain/run-plan.json with where the run started; run-config.yaml holds the result under a
+    comment that says why.
     """
     from glm.budget import apply_plan
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
@@ -723,15 +743,17 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
         latest = latest_checkpoint(paths.pretrain / "checkpoints") if (paths.pretrain / "checkpoints").is_dir() else None
         configured = cfg.pretrain.init_from or _imported_checkpoint(cfg, paths)  # model.init.from: the imported release
         init_from = configured
-        start = latest or (resolve_checkpoint(init_from) if init_from else None)
-        start_step = int(read_meta(start)["step"]) if start is not None else 0
+        continued = False  # this run starts from weights trained on other data
         if latest is not None and _loader_data_key(latest) != data_key:
-            archive = paths.pretrain / "history" / f"{time.strftime('%Y%m%d-%H%M%S')}-{latest.name}"
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(paths.pretrain / "checkpoints", archive)
-            init_from = str(archive / latest.name)
+            archive = _archive_checkpoints(paths, latest)
+            init_from, continued = str(archive / latest.name), True
             log.info("pretrain: the training data changed; continuing from %s on the new data", init_from)
-        same_run = latest is not None and init_from == configured  # not archived: this run goes on
+        elif latest is None and (archived := _latest_archived(paths)) is not None:
+            init_from, continued = str(archived), True
+            log.info("pretrain: no checkpoint in pretrain/checkpoints; continuing from the archived %s", init_from)
+        start = latest if latest is not None and not continued else (resolve_checkpoint(init_from) if init_from else None)
+        start_step = int(read_meta(start)["step"]) if start is not None else 0
+        same_run = latest is not None and not continued  # not archived: this run goes on
         resolved = _resolve_pretrain(cfg, paths, plan.get("resolved") if same_run else None, continue_steps)
         budget = resolved.get("budget")
         if continue_steps:
@@ -740,9 +762,12 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
             # counted from where this training starts; a resumed run reuses its plan, so this is fixed per run
             steps = budget.get("target") or start_step + budget["steps"]
             budget["target"] = steps
+        elif continued:
+            steps = start_step + cfg.pretrain.steps  # each run on grown data trains pretrain.steps more
         else:
             steps = cfg.pretrain.steps
         plan = {"key": key, "steps": steps, "init_from": init_from, "resolved": resolved}
+        plan["start"] = {"step": start_step, "checkpoint": str(start) if start is not None else None, "continued": continued}
         atomic_write_json(plan_path, plan)
     run_cfg = cfg.model_copy(deep=True)
     if "resolved" in plan:
@@ -753,6 +778,51 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     header = "".join(f"# {line}\n" for line in _plan_lines(plan))
     atomic_write_text(paths.pretrain / RUN_CONFIG, header + dump_config(run_cfg))
     return run_cfg
+
+
+def _archive_checkpoints(paths: RunPaths, latest: Path) -> Path:
+    """Move pretrain/checkpoints/ (and the manifest that describes them, whose lineage the next
+    manifest extends) to pretrain/history/TIME-step-N/; returns the archive."""
+    base = paths.pretrain / "history" / f"{time.strftime('%Y%m%d-%H%M%S')}-{latest.name}"
+    archive, n = base, 1
+    while archive.exists():  # two archivals within one second
+        archive, n = base.with_name(f"{base.name}-{n}"), n + 1
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    if (paths.pretrain / MANIFEST).is_file():
+        atomic_write_bytes(paths.pretrain / "checkpoints" / MANIFEST, (paths.pretrain / MANIFEST).read_bytes())
+    os.rename(paths.pretrain / "checkpoints", archive)
+    return archive
+
+
+def _pretrain_lineage(paths: RunPaths, start: Mapping[str, Any], step: int) -> list[dict[str, Any]]:
+    """What the final weights saw, oldest first: one segment per run of training (data, from_step, to_step).
+
+    The segments before this run come from the manifest archived with the checkpoint it started
+    from; this run's segment names the blank-infilling data and documents it trained on.
+    """
+    segments: list[dict[str, Any]] = []
+    checkpoint = Path(start["checkpoint"]) if start.get("checkpoint") else None
+    if checkpoint is not None and start.get("continued"):
+        try:
+            before = json.loads((checkpoint.parent / MANIFEST).read_text(encoding="utf-8"))["stats"]
+            segments = [dict(s) for s in before.get("lineage") or [] if s.get("from_step", 0) < start["step"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            segments = []
+        if segments:
+            segments[-1]["to_step"] = min(segments[-1]["to_step"], start["step"])
+        else:  # archived before manifests carried a lineage: what its checkpoint itself tells
+            segments = [{"from_step": 0, "to_step": start["step"], "infill": _loader_data_key(checkpoint), "documents": None}]
+    elif checkpoint is not None and start.get("step"):  # init_from another run's checkpoint
+        segments = [{"from_step": 0, "to_step": start["step"], "infill": None, "documents": None, "init_from": str(checkpoint)}]
+    segments.append(
+        {
+            "from_step": int(start.get("step") or 0),
+            "to_step": step,
+            "infill": read_stats(paths.infill, InfillStats)["build_key"],
+            "documents": manifest_digest(paths.docs / MANIFEST) if (paths.docs / MANIFEST).is_file() else None,
+        }
+    )
+    return segments
 
 
 def _imported_checkpoint(cfg: PipelineConfig, paths: RunPaths) -> str | None:
@@ -851,7 +921,15 @@ def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: TrainSummary) -
         bad_steps=result["bad_steps"],
         resumed_from=result["resumed_from"],
     )
-    resolved = _read_plan(paths).get("resolved") or {}
+    plan = _read_plan(paths)
+    start = plan.get("start") or {"step": 0, "checkpoint": None, "continued": False}
+    # the truth about what the weights saw: where this run started, how many steps it trained on
+    # this data, and every earlier run's data and steps (steps_this_run 0 means the data went unseen)
+    stats["start_step"] = int(start.get("step") or 0)
+    stats["steps_this_run"] = int(result["step"]) - stats["start_step"]
+    stats["continued_from"] = start.get("checkpoint") if start.get("continued") else None
+    stats["lineage"] = _pretrain_lineage(paths, start, int(result["step"]))
+    resolved = plan.get("resolved") or {}
     if resolved.get("precision"):
         stats["precision"] = {k: resolved["precision"][k] for k in ("requested", "chosen", "why")}
     if resolved.get("budget"):
@@ -1149,10 +1227,17 @@ def export_candidate(cfg: PipelineConfig, paths: RunPaths) -> Path:
 
 
 def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
-    """Verify export/.candidate against PyTorch, then move it to export/bundle and write the manifest.
+    """Verify export/.candidate against PyTorch, keep it as a new version, and make it current if the gate blesses it.
 
-    A bundle that fails verification stays at export/.candidate (glm.export.ExportVerificationError).
+    The candidate becomes export/versions/vNNNN (immutable, with lineage.json: where it came from and
+    the gate's decision); export/current (and export/bundle, a symlink to it) switches to it only when
+    it is blessed (glm.bundles.decide): verified, not collapsed, and not worse than the current
+    version on the same test examples by more than export.gate.max_drop. Then old versions are
+    pruned (export.keep_versions) and export/report.md tells the decision. A refused version stays
+    listed, not current, with the reason: a bundle that fails verification too (its
+    verification.json has the numbers; `glm-pipeline bundles --promote` refuses it).
     """
+    from glm import bundles
     from glm.checkpoint import resolve_checkpoint
     from glm.export import REPORT_FILE, verify_bundle, write_sha256sums
 
@@ -1160,22 +1245,59 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
     choice = export_choice(cfg, paths)
     checkpoint = resolve_checkpoint(Path(choice["path"]))
-    if cfg.export.verify:
-        report = verify_bundle(paths.candidate, checkpoint, cfg.export)
+    if cfg.export.verify:  # a failure is recorded, not raised: the version is kept, refused, with the numbers
+        report = verify_bundle(paths.candidate, checkpoint, cfg.export, raise_on_failure=False)
     else:
         report = {"passed": None, "skipped": "export.verify is false"}
     previous = json.loads((paths.candidate / REPORT_FILE).read_text(encoding="utf-8"))
     report.update({k: previous[k] for k in ("export_seconds", "files") if k in previous})
     atomic_write_json(paths.candidate / REPORT_FILE, report)
     write_sha256sums(paths.candidate)
-    remove_tree(paths.bundle, inside=paths.export, ignore_errors=True)
-    os.rename(paths.candidate, paths.bundle)
-    files = [file_entry(p, paths.export) for p in sorted(paths.bundle.iterdir()) if p.is_file()]
+    with bundles.locked(paths.export):
+        bundles.adopt_legacy(paths.export)  # a pre-versions export/bundle directory becomes the first version
+        name = bundles.next_version(paths.export)
+        lineage = bundle_lineage(cfg, paths, choice, checkpoint, report) | {"version": name}
+        current = bundles.current_version(paths.export)
+        current_lineage = bundles.read_lineage(paths.export, current) if current else None
+        compared, note = _compare_with_current(paths, choice, lineage, current_lineage)
+        lineage["compared"] = compared or {"skipped": note}
+        lineage |= bundles.decide(
+            verified=report.get("passed"),
+            failures=report.get("failures"),
+            collapsed=lineage["collapsed"],
+            metric=lineage["metric"]["name"],
+            higher_is_better=lineage["metric"]["higher_is_better"],
+            value=lineage["metric"]["value"],
+            current=current_lineage,
+            compared=compared,
+            baselines=lineage["baselines"],
+            max_drop=cfg.export.gate.max_drop,
+            floor=cfg.export.gate.floor,
+        )
+        atomic_write_json(paths.candidate / bundles.LINEAGE, lineage)
+        write_sha256sums(paths.candidate)  # lineage.json is part of the version
+        version_dir = bundles.add_version(paths.export, paths.candidate, name)
+        if lineage["blessed"]:
+            bundles.set_current(paths.export, name, f"blessed by the gate: {lineage['reason']}")
+            log.info("export: %s blessed and current (%s)", name, lineage["reason"])
+        else:
+            log.warning("export: %s NOT promoted, %s stays current: %s", name, current or "no version", lineage["reason"])
+        pruned = bundles.prune(paths.export, cfg.export.keep_versions, cfg.export.keep_blessed)
+        now_current = bundles.current_version(paths.export)
+        written = bundles.write_versions_report(paths.export, lineage | {"current": now_current == name})
+    files = [file_entry(p, paths.export) for p in sorted(version_dir.iterdir()) if p.is_file()]
+    files += [file_entry(p, paths.export) for p in written]
     stats = {
         "verified": report.get("passed"),
         "checkpoint": str(checkpoint),
         "fp32": {k: v for k, v in (report.get("fp32") or {}).items() if isinstance(v, (int, float))},
         "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin")},
+        "version": name,
+        "blessed": lineage["blessed"],
+        "reason": lineage["reason"],
+        "current": now_current,
+        "previous": current,
+        "pruned": pruned,
     }
     return write_manifest(
         paths.export,
@@ -1185,6 +1307,108 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
         inputs=[paths.finetune(cfg.finetune.task.name) / MANIFEST, paths.tokenizer / MANIFEST],
         stats=stats,
     )
+
+
+def _test_split_digest(cfg: PipelineConfig, choice: Mapping[str, Any]) -> str | None:
+    """sha256 of this run's labelled test split: two versions with the same digest were tested on the same examples."""
+    if cfg.finetune.kind == "cloze":
+        examples = _test_examples(choice)
+        return sha256_json(examples) if examples else None
+    from glm.finetune import read_labelled, split_examples  # seq2seq: re-derived, as _seq2seq_generation does
+
+    pairs = [(e.text, e.label) for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)]
+    return sha256_json(split_examples(pairs, cfg.finetune.task.split, key=lambda p: p[0])["test"])
+
+
+def _test_examples(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chosen run's test split (text, text_pair, label) from its test_predictions.jsonl (cloze only)."""
+    path = Path(choice["path"]) / "test_predictions.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{k: r.get(k) for k in ("text", "text_pair", "label")} for r in rows]
+
+
+def bundle_lineage(
+    cfg: PipelineConfig, paths: RunPaths, choice: Mapping[str, Any], checkpoint: Path, report: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Where a bundle came from: data, tokenizer, checkpoints and steps, code, config, the run chosen and
+    why, its test metrics and baselines, time (export/versions/vNNNN/lineage.json)."""
+    from importlib import metadata
+
+    from glm import bundles
+    from glm.runtime import sha256_file
+
+    result = finetune_results(cfg, paths)[choice["run"]]
+    cloze = cfg.finetune.kind == "cloze"
+    test = {k: v for k, v in (result.get("test") or {}).items() if isinstance(v, (int, float))}
+    name = "accuracy" if cloze else "loss"
+    pre = read_stats(paths.pretrain, PretrainStats)
+    try:
+        version = metadata.version("glm-pipeline")
+    except metadata.PackageNotFoundError:
+        version = None
+    baselines: dict[str, float] = {}  # what the gate's floors compare with (cloze): majority class, TF-IDF + LR
+    for short, key in (("majority", "majority"), ("linear", "linear_baseline")):
+        if isinstance(result.get(key), dict) and isinstance(result[key].get("accuracy"), (int, float)):
+            baselines[short] = result[key]["accuracy"]
+    return {
+        "time": bundles.now(),
+        "run_dir": str(paths.root),
+        "config_name": cfg.name,
+        "data": {
+            "documents_manifest": manifest_digest(paths.docs / MANIFEST),
+            "labelled_sizes": result.get("sizes"),
+            "test_split": _test_split_digest(cfg, choice),
+        },
+        "tokenizer_sha256": sha256_file(paths.tokenizer_model),
+        "pretrained": {"checkpoint": pre["checkpoint"], "step": pre["step"], "lineage": pre.get("lineage")},
+        "finetuned": {"checkpoint": str(checkpoint), "best_step": result.get("best_step"), "run": choice["run"]},
+        "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin") if k in choice},
+        "code": {"package_version": version, "glm": sha256_json({s: stage_code_version(s) for s in REGISTRY})[:16]},
+        "config_digest": sha256_json(cfg.model_dump(mode="json"))[:16],
+        "verified": report.get("passed"),
+        "collapsed": bool(result.get("collapsed", False)),
+        "test": test,
+        "baselines": baselines,
+        "metric": {"name": name, "value": test.get(name), "higher_is_better": cloze},
+    }
+
+
+def _compare_with_current(
+    paths: RunPaths, choice: Mapping[str, Any], lineage: Mapping[str, Any], current: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, str]:
+    """The new and the current model's metric on the same test examples by the same scorer, or (None, why not).
+
+    Same test split as the current version's run: both recorded test metrics (same examples, both
+    scored by PyTorch). The labelled data changed: both bundles are re-scored with glm.runtime on
+    this run's test split (the candidate from export/.candidate, the current from its version).
+    """
+    from glm import bundles
+
+    if current is None:
+        return None, "no current version"
+    metric = lineage["metric"]
+    cur_metric = current.get("metric") or {}
+    split = lineage["data"]["test_split"]
+    if split and split == (current.get("data") or {}).get("test_split") and cur_metric.get("name") == metric["name"]:
+        if isinstance(metric["value"], (int, float)) and isinstance(cur_metric.get("value"), (int, float)):
+            n = (lineage["data"].get("labelled_sizes") or {}).get("test") or len(_test_examples(choice))
+            how = "the same test split: both versions' recorded test metric"
+            return {"new": metric["value"], "current": cur_metric["value"], "examples": n, "how": how}, ""
+    examples = _test_examples(choice)
+    if not examples or metric["name"] != "accuracy":
+        return None, "the labelled data changed and only cloze bundles can be re-scored by the runtime: not compared"
+    try:
+        new = bundles.score_bundle(paths.candidate, examples)
+    except Exception as e:  # a new bundle an app cannot run is refused (decide fails the check on "error")
+        return {"error": f"the new bundle could not be scored by glm.runtime ({str(e).splitlines()[0][:200]})"}, ""
+    try:
+        old = bundles.score_bundle(bundles.versions_dir(paths.export) / current["version"], examples)
+    except Exception as e:  # a current bundle the runtime cannot score is no reason to keep it
+        return None, f"current {current.get('version')} could not be re-scored ({str(e).splitlines()[0][:200]})"
+    how = "labelled data changed: both bundles re-scored by glm.runtime on this run's test split"
+    return {"new": new, "current": old, "examples": len(examples), "how": how}, ""
 
 
 def export_generation(cfg: PipelineConfig, paths: RunPaths) -> Path:
@@ -1353,7 +1577,7 @@ REGISTRY: dict[str, Stage] = _declare(
     Stage(
         "export",
         "export",
-        ("export", "runtime"),
+        ("export", "runtime", "bundles"),
         "export/manifest.json",
         sections=("export",),
         inputs=("finetune", "tokenizer"),

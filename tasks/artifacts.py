@@ -411,6 +411,52 @@ def export_bundle(cfg: PipelineConfig, bundle_dir: Path, url: str | None = None,
         )
 
 
+def export_stats(export_dir: Path) -> dict[str, Any]:
+    """export/manifest.json's stats: this run's bundle version and the gate's decision (glm.stages.verify_and_promote)."""
+    return read_manifest(export_dir / MANIFEST).get("stats") or {}
+
+
+def gate_headline(cfg: PipelineConfig, stats: dict[str, Any]) -> str:
+    """One line: which version this run made, blessed or not and why, which one is current."""
+    version, current = stats.get("version"), stats.get("current")
+    if stats.get("blessed") and current == version:
+        return f"bundle {version} of {cfg.name} blessed and current: {stats.get('reason')}"
+    return f"bundle {version} of {cfg.name} NOT promoted ({current or 'no version'} stays current): {stats.get('reason')}"
+
+
+def bundle_gate(cfg: PipelineConfig, export_dir: Path) -> None:
+    """The export's bundle, the gate's decision with every version (export/report.md and its plot), and the
+    Prefect event `glm.bundle.blessed` or `glm.bundle.refused` an operator's automation can react to."""
+    from prefect.events import emit_event
+
+    stats = export_stats(export_dir)
+    version = stats.get("version")
+    if not version:  # an export made before versions existed
+        export_bundle(cfg, export_dir / "bundle")
+        return
+    export_bundle(cfg, export_dir / "versions" / version)
+    report = (export_dir / "report.md").read_text(encoding="utf-8")
+    headline = gate_headline(cfg, stats)
+    publish(
+        "bundle-gate",
+        create_markdown_artifact,
+        inline_images(report, export_dir),
+        key=artifact_key(cfg, "bundle-gate"),
+        description=headline[:500],
+    )
+    blessed = bool(stats.get("blessed"))
+    _run_logger().log(logging.INFO if blessed else logging.WARNING, "%s", headline)
+    emit_event(
+        event="glm.bundle.blessed" if blessed else "glm.bundle.refused",
+        resource={
+            "prefect.resource.id": f"glm.bundle.{cfg.name}.{version}",
+            "prefect.resource.name": f"{cfg.name} {version}",
+            "glm.run-dir": str(Path(cfg.run_dir).resolve()),
+        },
+        payload={k: stats.get(k) for k in ("version", "blessed", "reason", "current", "previous")},
+    )
+
+
 def bundle_markdown(cfg: PipelineConfig, bundle_dir: Path, report: dict[str, Any]) -> str:
     """Everything a user copies to use the bundle, as text: path, checksums, verification, code."""
     where = bundle_dir.resolve()

@@ -54,7 +54,7 @@ ARTIFACTS: dict[str, Callable[[PipelineConfig, stages.RunPaths], None]] = {
         cfg, stages.finetune_results(cfg, paths), paths.finetune(cfg.finetune.task.name)
     ),
     "evaluate": lambda cfg, paths: artifacts.evaluation_report(cfg, paths.eval),
-    "export": lambda cfg, paths: artifacts.export_bundle(cfg, paths.bundle),
+    "export": lambda cfg, paths: artifacts.bundle_gate(cfg, paths.export),  # + the glm.bundle.* event
     "export-generation": lambda cfg, paths: artifacts.export_bundle(cfg, paths.generation / "bundle", kind="generation"),
 }
 EVEN_WHEN_FAILED = {"validate-corpus", "validate-tokens"}  # a failed quality gate's results are what to look at

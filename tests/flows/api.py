@@ -80,3 +80,19 @@ def logs(flow_run_id: Any) -> list[Any]:
 def states(runs: list[Any]) -> dict[str, str]:
     """task run name -> state name (Completed, Cached, Failed...)."""
     return {r.name: r.state.name for r in runs}
+
+
+def events(prefix: str, resource_prefix: str, at_least: int = 1, timeout: float = 60.0) -> list[Any]:
+    """The events named `prefix`... about resources `resource_prefix`... that the server has recorded, once
+    it has at least `at_least` of them (polling at most `timeout` seconds: they are sent in the background
+    and stored a moment after they arrive)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    wanted = EventFilter(event=EventNameFilter(prefix=[prefix]), resource=EventResourceFilter(id_prefix=[resource_prefix]))
+    deadline = time.monotonic() + timeout
+    with client() as c:
+        while True:
+            found = list(c.read_events(wanted, limit=50).events)
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)  # polling the API: the server cannot be asked to tell when it has stored them

@@ -49,6 +49,7 @@ def two_runs(prefect_api, tmp_path_factory):
 def test_the_pipeline_completes_and_writes_every_stage(two_runs):
     cfg, first, _ = two_runs
     assert first.is_completed(), first.message
+    assert first.name == "Completed" and first.message.startswith("bundle v0001 of tiny-e2e blessed and current")
     outputs = first.result()
     paths = stages.RunPaths(cfg.run_dir)
     for stage in stages.STAGES:
@@ -73,6 +74,7 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
         "evaluation-report": "markdown",
         "onnx-bundle": "markdown",
         "export-verification": "table",
+        "bundle-gate": "markdown",
         "generation-bundle": "markdown",
         "generation-verification": "table",
     }
@@ -179,7 +181,10 @@ def test_a_linear_head_run_fine_tunes_evaluates_exports_and_verifies(two_runs, t
     run_stage(linear, "export")
     result = json.loads((run_dir / "finetune/sentiment/pretrained/result.json").read_text())
     assert result["labels"] == ["0", "1"] and 0.0 <= result["test"]["accuracy"] <= 1.0
-    bundle = run_dir / "export/bundle"
+    # this run's version (the gate may or may not make it current: a linear head vs the verbalizer model)
+    made = read_manifest(run_dir / "export/manifest.json")["stats"]
+    bundle = run_dir / "export/versions" / made["version"]
+    assert made["version"] == "v0002" and (run_dir / "export/current").is_symlink()  # the copy's links were restored
     assert json.loads((bundle / "config.json").read_text())["classifier"]["head"] == "linear"
     report = json.loads((bundle / "verification.json").read_text())
     assert report["passed"] and report["fp32"]["classifier"]["accuracy"] == report["fp32"]["classifier"]["accuracy_pytorch"]

@@ -200,6 +200,44 @@ def test_data_stages_are_idempotent_incremental_and_pretraining_continues_on_new
     assert (paths.pretrain / "checkpoints" / "step-000006").is_dir()
 
 
+def test_each_grown_corpus_run_continues_from_the_latest_weights_and_trains_its_steps(text_config):
+    """Without continue_steps: every run on grown data trains pretrain.steps more from the newest weights,
+    wherever they were archived, and the manifest's lineage says which data each step range saw."""
+    cfg, corpus = text_config
+    paths = stages.RunPaths(cfg.run_dir)
+    stages.run_pipeline(cfg, stage="data")
+    stages.run_pipeline(cfg, stage="pretrain")
+    first = read_manifest(paths.pretrain / "manifest.json")["stats"]
+    assert first["step"] == 4 and first["steps_this_run"] == 4 and first["continued_from"] is None
+    assert [(s["from_step"], s["to_step"]) for s in first["lineage"]] == [(0, 4)]
+
+    for cycle, (skip, step) in enumerate(((150, 8), (210, 12)), start=2):
+        _write_corpus(corpus / f"part-{cycle}.txt", _reviews(60, skip=skip))  # new files arrived
+        stages.run_pipeline(cfg, stage="data")
+        stages.run_pipeline(cfg, stage="pretrain")
+        stats = read_manifest(paths.pretrain / "manifest.json")["stats"]
+        assert stats["step"] == step and stats["steps_this_run"] == 4 and stats["resumed_from"] == step - 4, stats
+        assert "/history/" in stats["continued_from"] and stats["continued_from"].endswith(f"step-{step - 4:06d}")
+        lineage = stats["lineage"]
+        assert [(s["from_step"], s["to_step"]) for s in lineage] == [(4 * i, 4 * i + 4) for i in range(cycle)]
+        assert lineage[-1]["infill"] == read_manifest(paths.infill / "manifest.json")["stats"]["build_key"]
+        assert len({s["infill"] for s in lineage}) == cycle  # each step range names the data it saw
+        assert lineage[-1]["documents"] == manifest_digest(paths.docs / "manifest.json")
+
+    # a run that archived the checkpoints and was then interrupted before its first checkpoint: the
+    # next run (new data again) still starts from the archived weights, not from scratch
+    _write_corpus(corpus / "part-4.txt", _reviews(60, skip=270))
+    stages.run_pipeline(cfg, stage="data")
+    stages.prepare_pretrain(cfg, paths)  # archives step 12; the run dies here
+    assert not (paths.pretrain / "checkpoints").exists()
+    _write_corpus(corpus / "part-5.txt", _reviews(60, skip=330))
+    stages.run_pipeline(cfg, stage="data")
+    stages.run_pipeline(cfg, stage="pretrain")
+    stats = read_manifest(paths.pretrain / "manifest.json")["stats"]
+    assert stats["step"] == 16 and stats["resumed_from"] == 12 and stats["lineage"][-1]["from_step"] == 12
+    assert len(list((paths.pretrain / "history").iterdir())) == 3
+
+
 def test_a_changed_stage_output_is_rebuilt(text_config):
     cfg, _ = text_config
     paths = stages.RunPaths(cfg.run_dir)
