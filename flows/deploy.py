@@ -126,10 +126,8 @@ def automations(zombie_after: float) -> list:
 
 
 def _comparable(automation) -> dict:
-    """What an automation does (its trigger's generated id aside)."""
-    return automation.model_dump(
-        mode="json", include={"name", "description", "enabled", "trigger", "actions"}, exclude={"trigger": {"id"}}
-    )
+    """What an automation does (its trigger's generated id aside; sets stay sets, their JSON order varies)."""
+    return automation.model_dump(include={"name", "description", "enabled", "trigger", "actions"}, exclude={"trigger": {"id"}})
 
 
 def ensure_automations(zombie_after: float) -> list[str]:

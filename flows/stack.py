@@ -176,9 +176,9 @@ class Stack:
         self.variables["GLM_UI_PORT"] = str(self.ports.api)
         self.prefect_home = self.root / "prefect-home"
         # Postgres's own directory: the postgres user must reach it, and pytest's tmp dirs are 0700 root
-        self.pg_dir = self.root / "postgres"
+        self.pg_dir, self._pg_dir_is_temporary = self.root / "postgres", False
         if os.geteuid() == 0 and not _reachable(self.root):
-            self.pg_dir = Path(tempfile.mkdtemp(prefix="glm-stack-pg-"))
+            self.pg_dir, self._pg_dir_is_temporary = Path(tempfile.mkdtemp(prefix="glm-stack-pg-")), True
         self.pg_dir.mkdir(exist_ok=True)
 
     # ------------------------------------------------------------------ environments
@@ -384,6 +384,8 @@ class Stack:
                 proc.wait()
         if (self.pg_dir / "data").exists():
             self.postgres_ctl("stop", mode="fast")
+        if self._pg_dir_is_temporary:  # outside ROOT only because postgres could not reach ROOT
+            shutil.rmtree(self.pg_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
