@@ -11,7 +11,8 @@ nothing):
   ever end it: it would stay Running forever) is marked Crashed once `zombie_after` seconds pass
   without a heartbeat, 3 beats of the flow runs' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (prefect.yaml).
   This is the automation of Prefect's guide "How to detect and respond to zombie flows".
-- RERUN: a Crashed run of a glm deployment (tag `glm`) that has run once or twice is scheduled
+- RERUN: a Crashed run of a glm deployment (tag `glm`, on one of these work pools: not a run of
+  `glm-pipeline serve`, whose process stopping crashes its run) that has run once or twice is scheduled
   again (AwaitingRetry, the same parameters): a worker picks it up and the stages resume from their
   outputs and the last checkpoint. A third crash is left Crashed for a human.
 """
@@ -72,8 +73,8 @@ def heartbeat_frequency(prefect_yaml: Path) -> int:
     return get_current_settings().flows.heartbeat_frequency or 180
 
 
-def automations(zombie_after: float) -> list:
-    """The ZOMBIE and RERUN automations (see the module docstring)."""
+def automations(zombie_after: float, pools: list[str]) -> list:
+    """The ZOMBIE and RERUN automations (see the module docstring); RERUN only for runs of `pools`."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import StateType
@@ -111,7 +112,10 @@ def automations(zombie_after: float) -> list:
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match={"prefect.resource.id": ["prefect.flow-run.*"], "prefect.run-count": RERUN_RUN_COUNTS},
-            match_related={"prefect.resource.id": ["prefect.tag.glm"], "prefect.resource.role": "tag"},
+            match_related=[  # both: a glm run of a worker's pool (not a `glm-pipeline serve` run stopped by Ctrl-C)
+                {"prefect.resource.id": ["prefect.tag.glm"], "prefect.resource.role": "tag"},
+                {"prefect.resource.role": "work-pool", "prefect.resource.name": pools},
+            ],
             posture=Posture.Reactive,
             threshold=1,
             within=timedelta(0),
@@ -130,13 +134,13 @@ def _comparable(automation) -> dict:
     return automation.model_dump(include={"name", "description", "enabled", "trigger", "actions"}, exclude={"trigger": {"id"}})
 
 
-def ensure_automations(zombie_after: float) -> list[str]:
+def ensure_automations(zombie_after: float, pools: list[str]) -> list[str]:
     """Create the automations that are missing, update those that differ; what was done, one line each."""
     from prefect import get_client
 
     done = []
     with get_client(sync_client=True) as client:
-        for wanted in automations(zombie_after):
+        for wanted in automations(zombie_after, pools):
             existing = client.read_automations_by_name(wanted.name)
             if not existing:
                 client.create_automation(wanted)
@@ -172,6 +176,6 @@ def deploy(project: Path, zombie_after: float | None = None) -> int:
     code = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=project).returncode
     if code != 0:
         return code
-    for line in ensure_automations(zombie_after or 3 * heartbeat_frequency(prefect_yaml)):
+    for line in ensure_automations(zombie_after or 3 * heartbeat_frequency(prefect_yaml), work_pools(prefect_yaml)):
         print(line, flush=True)
     return 0

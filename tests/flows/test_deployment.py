@@ -270,3 +270,32 @@ def test_the_native_stack_gives_each_service_its_compose_environment_with_local_
     assert server["PREFECT_SERVER_DATABASE_PASSWORD"] == "pw"
     assert service_env(compose, "worker", variables, ports)["PREFECT_API_URL"] == "http://127.0.0.1:14200/api"
     assert service_env(compose, "worker", variables, ports)["PREFECT_WORKER_WEBSERVER_PORT"] == "18080"
+
+
+def test_deploy_refuses_a_zombie_window_within_one_heartbeat(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "deploy", "--zombie-after", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --zombie-after 20: must be more than 30 s, Prefect's shortest heartbeat interval"
+    ]
+
+
+def test_the_automations_crash_a_silent_run_after_three_heartbeats_and_rerun_only_worker_runs():
+    from glm_pipeline.flows.deploy import RERUN_RUN_COUNTS, automations, heartbeat_frequency, work_pools
+
+    frequency = heartbeat_frequency(ROOT / "prefect.yaml")
+    assert frequency == 30  # Prefect's minimum; 3.8.8's default is 180
+    zombie, rerun = automations(3 * frequency, work_pools(ROOT / "prefect.yaml"))
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 90
+    assert zombie.trigger.after == {"prefect.flow-run.heartbeat"} and "prefect.flow-run.Completed" in zombie.trigger.expect
+    assert zombie.trigger.for_each == {"prefect.resource.id"} and zombie.actions[0].state == "CRASHED"
+    assert rerun.trigger.expect == {"prefect.flow-run.Crashed"} and rerun.actions[0].state == "SCHEDULED"
+    assert RERUN_RUN_COUNTS == ["1", "2"]  # two re-runs, then a human looks
+    [tag, pool] = rerun.trigger.match_related
+    assert pool.model_dump()["prefect.resource.name"] == ["glm-process"] and tag.model_dump()["prefect.resource.role"] == "tag"
