@@ -40,6 +40,8 @@ from tests.integration.stack import (
     wait_state,
 )
 
+pytestmark = pytest.mark.slow  # a minute to start the stack, a minute or two per run
+
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ("POSTGRES_PASSWORD", "PREFECT_SERVER_DATABASE_PASSWORD", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
 LONG = ["pretrain.steps=240", "pretrain.checkpoint_every=10", "pretrain.eval_every=1000"]  # a minute or so of training
