@@ -163,6 +163,8 @@ class Stack:
     # extra variables for the worker (and so its flow runs)
     worker_settings: dict[str, str] = field(default_factory=dict)
     deploy_args: list[str] = field(default_factory=list)
+    # compose's .env: its ${...} values, and the whole environment of a service with `env_file`
+    dotenv: Path | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -170,7 +172,8 @@ class Stack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.compose = compose_file(self.project)
         # what compose substitutes ${...} from: the shell environment over .env
-        self.variables = {**read_dotenv(self.project / ".env"), **os.environ}
+        self.dotenv = Path(self.dotenv or self.project / ".env")
+        self.variables = {**read_dotenv(self.dotenv), **os.environ}
         if not self.variables.get("POSTGRES_PASSWORD"):
             self.variables["POSTGRES_PASSWORD"] = secrets.token_urlsafe(24)  # a private cluster: a fresh random one
         self.variables["GLM_UI_PORT"] = str(self.ports.api)
@@ -188,8 +191,12 @@ class Stack:
         return {**env, "PREFECT_HOME": str(self.prefect_home), "PYTHONUNBUFFERED": "1"}
 
     def env_of(self, service: str) -> dict[str, str]:
-        """The environment a Prefect process of `service` runs with: its compose `environment` only."""
-        env = {**self.base_env(), **service_env(self.compose, service, self.variables, self.ports)}
+        """The environment a Prefect process of `service` runs with: its compose `env_file` (the .env)
+        if it has one, then its `environment`."""
+        env = self.base_env()
+        if self.compose["services"][service].get("env_file"):
+            env.update(read_dotenv(self.dotenv))
+        env.update(service_env(self.compose, service, self.variables, self.ports))
         if service in ("prefect-server", "prefect-services"):
             env.update(self.server_settings)
         if service == "worker":

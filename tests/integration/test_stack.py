@@ -10,14 +10,12 @@ config in a temporary run directory (the `config` parameter's file + set).
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from glm_pipeline.flows.deploy import RERUN, ZOMBIE
@@ -49,16 +47,17 @@ LONG = ["pretrain.steps=240", "pretrain.checkpoint_every=10", "pretrain.eval_eve
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    password = secrets.token_urlsafe(18)
-    # the shell that starts the stack has the database password (a user who sourced .env)
-    with mock.patch.dict(os.environ, {"POSTGRES_PASSWORD": password}):
-        s = Stack(
-            tmp_path_factory.mktemp("stack"),
-            project=ROOT,
-            server_settings=SCHEDULER,
-            worker_settings={"OMP_NUM_THREADS": "1"},
-            deploy_args=["--zombie-after", str(ZOMBIE_AFTER)],
-        )
+    root = tmp_path_factory.mktemp("stack")
+    dotenv = root / ".env"  # as .env.example says: the database password (compose reads it as env_file too)
+    dotenv.write_text(f"POSTGRES_USER=prefect\nPOSTGRES_PASSWORD={secrets.token_urlsafe(18)}\nPOSTGRES_DB=prefect\n")
+    s = Stack(
+        root,
+        project=ROOT,
+        dotenv=dotenv,
+        server_settings=SCHEDULER,
+        worker_settings={"OMP_NUM_THREADS": "1"},
+        deploy_args=["--zombie-after", str(ZOMBIE_AFTER)],
+    )
     try:
         s.start()
         yield s
