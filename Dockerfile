@@ -1,7 +1,19 @@
+# Two images. `server` (docker-compose.yml's prefect-server and prefect-services): the Prefect API
+# and its background services with this project's pins, instead of the upstream image's unpinned
+# SQLAlchemy, fastapi and prefect-redis. The last stage (the default target) is the worker image.
+FROM python:3.11-slim AS server
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+COPY constraints.txt /tmp/constraints.txt
+RUN pip install -c /tmp/constraints.txt prefect prefect-redis asyncpg sqlalchemy fastapi \
+    && useradd --create-home --uid 1000 prefect
+USER prefect
+CMD ["prefect", "server", "start", "--host", "0.0.0.0", "--no-services"]
+
 # The worker image: glm-pipeline and its pinned dependencies, ready for NVIDIA GPUs.
 # torch==2.13.0 from PyPI is the CUDA build on Linux x86_64 (it bundles the CUDA runtime), and
 # onnxruntime-gpu runs the exported bundles on the GPU; the host needs the NVIDIA Container Toolkit.
-FROM python:3.11-slim
+FROM python:3.11-slim AS worker
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -198,10 +198,19 @@ def _parser() -> argparse.ArgumentParser:
     switch.add_argument("--rollback", action="store_true", help="make the newest blessed version older than current current")
     bundles.add_argument("--why", default=None, help="recorded in export/promotions.jsonl with the switch")
 
-    sub.add_parser(
+    deploy = sub.add_parser(
         "deploy",
         help="register the deployments of prefect.yaml (in the current directory) on the "
-        "Prefect server at PREFECT_API_URL, creating their work pool if missing",
+        "Prefect server at PREFECT_API_URL, creating their work pool if missing, and the automations "
+        "that crash and re-run a flow run whose heartbeats stopped",
+    )
+    deploy.add_argument(
+        "--zombie-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="mark a flow run Crashed after this long without a heartbeat (default: 3 heartbeats of prefect.yaml's "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY)",
     )
     return parser
 
@@ -428,7 +437,11 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "deploy":
             from glm_pipeline.flows.deploy import deploy
 
-            return deploy(Path.cwd())
+            if args.zombie_after is not None and args.zombie_after <= 30:
+                raise ConfigError(
+                    f"--zombie-after {args.zombie_after:g}: must be more than 30 s, Prefect's shortest heartbeat interval"
+                )
+            return deploy(Path.cwd(), args.zombie_after)
         if args.command == "export-released":
             from glm.released import export_checkpoint
 

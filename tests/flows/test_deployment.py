@@ -152,12 +152,11 @@ def test_the_compose_file_is_valid(tmp_path):
     assert set(services) == {"postgres", "redis", "prefect-server", "prefect-services", "deploy", "worker"}
     for name, svc in services.items():
         assert "restart" in svc, name
-        assert svc.get("env_file") == ".env" or name == "redis", name
         if name != "deploy":  # the one-shot deploy step exits when done
             assert svc["healthcheck"]["test"], name
     assert "--no-services" in services["prefect-server"]["command"]
     assert services["prefect-services"]["command"] == "prefect server services start"
-    assert services["prefect-services"]["environment"]["PREFECT_MESSAGING_BROKER"] == "prefect_redis.messaging"
+    assert services["prefect-services"]["environment"]["PREFECT_SERVER_EVENTS_MESSAGING_BROKER"] == "prefect_redis.messaging"
     assert services["prefect-services"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
 
 
@@ -197,3 +196,106 @@ def test_the_dockerfile_installs_the_pinned_project_and_runs_unprivileged():
     for package in ("glm", "tasks", "flows"):
         assert f"COPY {package}/ {package}/" in text
     assert re.search(r"^USER (?!root)\w+", text, re.M)
+
+
+def _setting_names(model) -> set[str]:
+    """Every environment variable name a pydantic settings model reads (its prefix + field, its aliases)."""
+    from pydantic_settings import BaseSettings
+
+    names = set()
+    prefix = (model.model_config.get("env_prefix") or "").upper()
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseSettings):
+            names |= _setting_names(f.annotation)
+            continue
+        names.add(prefix + name.upper())
+        for choice in getattr(f.validation_alias, "choices", [f.validation_alias]):
+            if isinstance(choice, str):
+                names.add(choice.upper())
+    return names
+
+
+def test_every_prefect_variable_of_the_stack_is_a_setting_of_prefect_3_8_8_or_prefect_redis():
+    """A misspelt or invented PREFECT_* variable is silently ignored by Prefect (PREFECT_UI_PORT was one)."""
+    from prefect.settings.models.root import Settings
+    from prefect_redis.client import RedisMessagingSettings
+
+    known = _setting_names(Settings) | _setting_names(RedisMessagingSettings)
+    text = COMPOSE.read_text() + (ROOT / ".env.example").read_text() + (ROOT / "Dockerfile").read_text()
+    used = set(re.findall(r"\b(PREFECT_[A-Z0-9_]+)", text))
+    for d in _prefect_yaml()["deployments"]:
+        used |= set(d["work_pool"]["job_variables"]["env"])
+    unknown = sorted(v for v in used if v.startswith("PREFECT_") and v not in known)
+    assert not unknown, f"not Prefect settings: {unknown}"
+    assert "PREFECT_SERVER_EVENTS_MESSAGING_BROKER" in used and "PREFECT_REDIS_MESSAGING_HOST" in used  # the check sees them
+
+
+def test_only_postgres_reads_the_env_file_and_no_password_reaches_the_worker():
+    services = _compose()["services"]
+    assert [name for name, svc in services.items() if "env_file" in svc] == ["postgres"]
+    for name in ("worker", "deploy"):
+        assert not [k for k in services[name].get("environment", {}) if "PASSWORD" in k or "DATABASE" in k], name
+    assert "PREFECT_SERVER_DATABASE_PASSWORD" in services["prefect-server"]["environment"]
+
+
+def test_the_server_image_is_built_with_the_project_pins_and_redis_keeps_an_append_only_file():
+    services = _compose()["services"]
+    for name in ("prefect-server", "prefect-services"):
+        assert services[name]["build"] == {"context": ".", "target": "server"}, name
+        assert "prefecthq/prefect" not in str(services[name].get("image")), name
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    server_stage = dockerfile.split("FROM python:3.11-slim AS server", 1)[1].split("\nFROM ", 1)[0]
+    assert "-c /tmp/constraints.txt" in server_stage and "prefect-redis" in server_stage
+    pins = (ROOT / "constraints.txt").read_text()
+    for pin in ("prefect==3.8.8", "fastapi<0.151", "sqlalchemy>=2.0,<2.1", "prefect-redis=="):
+        assert pin in pins, pin
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_the_native_stack_gives_each_service_its_compose_environment_with_local_addresses():
+    from glm_pipeline.flows.stack import Ports, service_env
+
+    compose, ports = _compose(), Ports(postgres=15432, redis=16379, api=14200, worker=18080)
+    variables = {"POSTGRES_PASSWORD": "pw", "GLM_UI_PORT": "14200"}
+    for name in ("prefect-server", "prefect-services", "deploy", "worker"):
+        env = service_env(compose, name, variables, ports)
+        assert set(env) == set(compose["services"][name].get("environment") or {}), name
+        assert not [v for v in env.values() if re.search(r"\b(postgres|redis|prefect-server):\d", v)], env
+    server = service_env(compose, "prefect-server", variables, ports)
+    assert server["PREFECT_SERVER_DATABASE_HOST"] == "127.0.0.1" and server["PREFECT_SERVER_DATABASE_PORT"] == "15432"
+    assert (
+        server["PREFECT_REDIS_MESSAGING_PORT"] == "16379" and server["PREFECT_SERVER_DOCKET_URL"] == "redis://127.0.0.1:16379/1"
+    )
+    assert server["PREFECT_SERVER_DATABASE_PASSWORD"] == "pw"
+    assert service_env(compose, "worker", variables, ports)["PREFECT_API_URL"] == "http://127.0.0.1:14200/api"
+    assert service_env(compose, "worker", variables, ports)["PREFECT_WORKER_WEBSERVER_PORT"] == "18080"
+
+
+def test_deploy_refuses_a_zombie_window_within_one_heartbeat(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "glm_pipeline.flows.cli", "deploy", "--zombie-after", "20"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --zombie-after 20: must be more than 30 s, Prefect's shortest heartbeat interval"
+    ]
+
+
+def test_the_automations_crash_a_silent_run_after_three_heartbeats_and_rerun_only_worker_runs():
+    from glm_pipeline.flows.deploy import RERUN_RUN_COUNTS, automations, heartbeat_frequency, work_pools
+
+    frequency = heartbeat_frequency(ROOT / "prefect.yaml")
+    assert frequency == 30  # Prefect's minimum; 3.8.8's default is 180
+    zombie, rerun = automations(3 * frequency, work_pools(ROOT / "prefect.yaml"))
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 90
+    assert zombie.trigger.after == {"prefect.flow-run.heartbeat"} and "prefect.flow-run.Completed" in zombie.trigger.expect
+    assert zombie.trigger.for_each == {"prefect.resource.id"} and zombie.actions[0].state == "CRASHED"
+    assert rerun.trigger.expect == {"prefect.flow-run.Crashed"} and rerun.actions[0].state == "SCHEDULED"
+    assert RERUN_RUN_COUNTS == ["1", "2"]  # two re-runs, then a human looks
+    [tag, pool] = rerun.trigger.match_related
+    assert pool.model_dump()["prefect.resource.name"] == ["glm-process"] and tag.model_dump()["prefect.resource.role"] == "tag"

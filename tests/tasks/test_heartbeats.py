@@ -80,3 +80,28 @@ def test_a_finished_flow_run_sends_no_more_heartbeats(monkeypatch):
         thread.join(timeout=10)  # the thread sees the final state and ends without a beat (not after an hour)
         assert not thread.is_alive()
     assert engine.beats == []
+
+
+def test_a_long_synchronous_training_step_does_not_starve_the_heartbeat(monkeypatch):
+    """Training runs in the flow run's process (orchestration.train_in_process): one torch call of
+    seconds must not hold the GIL, or the zombie automation would crash a healthy run."""
+    import time
+
+    import torch
+
+    monkeypatch.setattr(flow_engine, "MINIMUM_HEARTBEAT_INTERVAL", 0.1)  # Prefect's is 30 s: too slow for a test
+    engine = FakeEngine(heartbeat_seconds=0.1)
+    a = torch.randn(2048, 2048)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with send_heartbeats(engine):
+            assert engine.beaten.wait(timeout=10)
+            before, start = len(engine.beats), time.monotonic()
+            while time.monotonic() - start < 2.0:  # single torch calls of ~0.1-1 s each on one core
+                a = torch.tanh(a @ a / 2048)
+            during = len(engine.beats) - before
+    finally:
+        torch.set_num_threads(threads)
+    # one beat per 0.1 s would be ~20; a call holding the GIL (e.g. sum(range(10**8))) lets none through
+    assert during >= 5, during
