@@ -361,6 +361,9 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "run":
             cfg = load_config(args.config, args.overrides)  # validated before anything runs
             with run_lock(cfg.run_dir):  # before Prefect (and its ephemeral server) starts
+                from glm.stages import check_lineage
+
+                check_lineage(cfg)  # a config that cannot continue this run directory's checkpoints: refused here
                 log_file = _log_file(cfg.run_dir)
                 try:
                     with _stop_on_signals():

@@ -142,6 +142,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
     with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
+        stages.check_lineage(config)  # and one lineage: refused before anything is touched
         return run_group("all", config, continue_steps)
 
 
@@ -149,6 +150,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
     with run_lock(config.run_dir), artifacts.sent():
+        stages.check_lineage(config)
         return run_group("data", config)
 
 
@@ -156,6 +158,7 @@ def data_flow(config: ConfigParameter) -> dict[str, str]:
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
     with run_lock(config.run_dir), artifacts.sent():
+        stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
 
@@ -163,6 +166,7 @@ def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) ->
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
     with run_lock(config.run_dir), artifacts.sent():
+        stages.check_lineage(config)
         return run_group("finetune", config)
 
 
@@ -170,6 +174,7 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
     with run_lock(config.run_dir), artifacts.sent():
+        stages.check_lineage(config)
         return run_group("export", config)
 
 
