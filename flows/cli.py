@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from glm.config import ConfigError, add_override_argument, load_config
+from glm.errors import cut_lines
 from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class RunFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         _name_the_run(record)
-        return super().format(record)
+        return cut_lines(super().format(record))  # a value logged whole (a huge config) stays readable
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -248,11 +249,11 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         _name_the_run(record)
         if self.debug or not (record.exc_info or record.exc_text or record.stack_info):
-            return super().format(record)
+            return cut_lines(super().format(record))
         saved = record.exc_info, record.exc_text, record.stack_info
         record.exc_info = record.exc_text = record.stack_info = None
         try:
-            return super().format(record)
+            return cut_lines(super().format(record))
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
 
@@ -299,7 +300,7 @@ def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
 
 def _one_line(e: BaseException) -> str:
     """What failed, as the exception says it; its type too unless the message was written for the user."""
-    message = str(e).strip() or type(e).__name__
+    message = cut_lines(str(e).strip()) or type(e).__name__
     return message if isinstance(e, (ConfigError, RunDirBusy)) else f"{type(e).__name__}: {message}"
 
 
@@ -352,6 +353,23 @@ def main(argv: list[str] | None = None) -> int:
             glm_logger.setLevel(levels[1])
 
 
+# A YAML config this large cannot become a flow parameter under Prefect's 524,288-byte limit (its JSON
+# is no smaller than its YAML, comments aside): refused before parsing it, which takes minutes and GBs
+MAX_CONFIG_FILE_BYTES = 8 << 20
+
+
+def _check_config_file_size(config: str) -> None:
+    from glm.config import _config_file
+
+    size = _config_file(config).stat().st_size
+    if size > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(
+            f"config file {config} is {size:,} bytes; a run's config must fit a Prefect flow parameter (524,288 bytes): "
+            "give a directory or a glob as one source's path (e.g. {kind: text, path: 'corpus/**/*.txt'}) instead of "
+            "listing every file"
+        )
+
+
 def _command(args: argparse.Namespace) -> int:
     log_file: tuple[Path, logging.Handler] | None = None
     try:
@@ -359,6 +377,7 @@ def _command(args: argparse.Namespace) -> int:
             print(_show_config(load_config(args.config, args.overrides)), end="")
             return 0
         if args.command == "run":
+            _check_config_file_size(args.config)
             cfg = load_config(args.config, args.overrides)  # validated before anything runs
             with run_lock(cfg.run_dir):  # before Prefect (and its ephemeral server) starts
                 from glm.stages import check_lineage
@@ -376,6 +395,7 @@ def _command(args: argparse.Namespace) -> int:
                     )
                     return 128 + e.signum  # the shell's code for a process ended by that signal
         if args.command == "serve":
+            _check_config_file_size(args.config)
             cfg = load_config(args.config, args.overrides)
             from glm_pipeline.flows.pipeline import serve
 

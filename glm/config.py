@@ -633,7 +633,11 @@ class DuplicateKey(yaml.YAMLError):
     """A mapping of a config file names one key twice (YAML would silently keep the last value)."""
 
 
-class StrictLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML has it: a config of many megabytes parses several times faster, in less memory
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StrictLoader(_SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping, with both line numbers.
 
     Plain YAML loaders keep the last value, so a config with two `run_dir` keys runs in the second

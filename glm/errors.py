@@ -20,6 +20,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The longest line an error message or a log record keeps: a value echoed whole (a 50 MB config in a
+# validation error, a 300 MB document in an excerpt) would otherwise become one line of that size.
+MAX_LINE_CHARS = 2000
+
+
+def cut_lines(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """`text` with every line longer than `limit` characters cut, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return "\n".join(
+        line if len(line) <= limit else f"{line[:limit]}... [{len(line) - limit:,} more characters cut]"
+        for line in text.split("\n")
+    )
+
+
 # python -m glm.train's exit codes; 1 (an uncaught exception) and signals are crashes, retried
 EXIT_CODES: dict[str, int] = {
     "usage": 2,  # bad command line (argparse's own code)
