@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from glm.config import ConfigError, add_override_argument, load_config
-from glm.errors import cut_lines
+from glm.errors import cut_lines, disk_error_line
 from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -288,11 +288,42 @@ def _console(debug: bool) -> logging.Handler:
     return handler
 
 
+class QuietFileHandler(logging.FileHandler):
+    """A log file that, once it cannot be written (a full or read-only disk), stops trying and says so
+    once, instead of printing a "--- Logging error ---" traceback for every record after that."""
+
+    broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        if not self.broken:
+            self.broken = True
+            print(f"glm-pipeline: cannot write the log file {self.baseFilename} ({error.strerror or error}); "
+                  "the terminal keeps the run's lines", file=sys.stderr)  # fmt: skip
+        with contextlib.suppress(OSError):
+            super().close()  # flushing the rest fails the same way
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be flushed either
+            self.broken = True
+            with contextlib.suppress(OSError):
+                self.stream = None
+                logging.Handler.close(self)
+
+
 def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
     """RUN_DIR/logs/run-TIMESTAMP.log on the root logger: what the terminal shows, with full tracebacks."""
     path = Path(run_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(RunFormatter())
     logging.getLogger().addHandler(handler)
     return path, handler
@@ -308,9 +339,11 @@ def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] 
     message = _one_line(e)
     if log_file is not None:
         path, handler = log_file
+        message = disk_error_line(e, path.parent.parent) or message  # RUN_DIR/logs/run-*.log
         # the traceback into the file only (the terminal already has Prefect's one-line account)
         handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (message,), sys.exc_info()))
-        message += f"\n  full log: {path}" if "\n" in message else f" (full log: {path})"
+        if not getattr(handler, "broken", False):  # else the log file is on the full disk: it lacks the end
+            message += f"\n  full log: {path}" if "\n" in message else f" (full log: {path})"
     if debug:
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
