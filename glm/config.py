@@ -178,6 +178,7 @@ class CleaningConfig(Section):
     max_chars: int = Field(
         default=200_000,
         ge=1,
+        le=10_000_000,  # a longer document is held whole by every later stage (a 300 MB one peaked at 12.5 GB)
         description="Longest document (same unit as min_chars); longer ones are split or dropped (long_documents).",
     )
     long_documents: Literal["split", "drop"] = Field(
