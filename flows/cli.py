@@ -350,10 +350,12 @@ def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] 
 
 
 def _run(cfg: Any, stage: str, log_path: Path) -> int:
+    from glm_pipeline.flows import api_watch
     from glm_pipeline.flows.ephemeral import detach_ephemeral_server
     from glm_pipeline.flows.pipeline import RunTimedOut, run_stage
 
     detach_ephemeral_server()
+    api_watch.EXIT_WHEN_GONE = True  # a dead API: one line and out, not minutes of retries (flows/api_watch.py)
     try:
         run_stage(cfg, stage)
     except RunTimedOut as e:

@@ -33,6 +33,7 @@ import json
 from typing import Annotated, Any
 
 import glm_pipeline.tasks  # noqa: F401  (before Prefect: sets the environment that routes glm logs into runs)
+from glm_pipeline.flows import api_watch
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import configure, slug
 from glm_pipeline.tasks.stages import tasks_for
@@ -166,7 +167,11 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
-    with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
+    with (
+        run_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):  # one run per run directory, also when served or deployed
         stages.check_lineage(config)  # and one lineage: refused before anything is touched
         return run_group("all", config, continue_steps)
 
@@ -174,7 +179,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("data", config)
 
@@ -182,7 +187,7 @@ def data_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
@@ -190,7 +195,7 @@ def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) ->
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("finetune", config)
 
@@ -198,7 +203,7 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("export", config)
 
