@@ -62,6 +62,15 @@ class _Watch:
     def gone(self) -> bool:
         return self.gone_since is not None
 
+    def gone_now(self) -> bool:
+        """Gone, asking once more now: the body may end before the thread's pings have seen it go."""
+        if self.gone:
+            return True
+        if self.healthy() or (time.sleep(1.0) or self.healthy()):  # two misses, as the thread counts
+            return False
+        self.gone_since = time.strftime("%H:%M:%S")
+        return True
+
 
 def _api_url() -> str | None:
     from prefect.settings import PREFECT_API_URL
@@ -133,11 +142,11 @@ def watch(run_dir: str) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if EXIT_WHEN_GONE and w.gone and not isinstance(e, KeyboardInterrupt):
+        if EXIT_WHEN_GONE and not isinstance(e, KeyboardInterrupt) and w.gone_now():
             _leave(w, run_dir, e)
         raise
     else:
-        if EXIT_WHEN_GONE and w.gone:
+        if EXIT_WHEN_GONE and w.gone_now():
             _leave(w, run_dir, None)
     finally:
         w.stop.set()

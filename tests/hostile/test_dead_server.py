@@ -51,7 +51,7 @@ def test_a_dead_server_ends_the_run_with_one_line_and_the_next_run_marks_the_gho
         out, err = proc.communicate(timeout=150)  # it lived on for 3+ minutes before, then took 2-3.5 to exit
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise
+        raise AssertionError(f"the run was still alive 150 s after its API died:\n{proc.communicate()[1][-3000:]}") from None
     assert proc.returncode == 0, err[-3000:]
     last = err.rstrip().splitlines()[-1]
     assert last.startswith("glm-pipeline: every stage finished, but the Prefect API at http://127.0.0.1:"), last
