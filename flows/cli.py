@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from glm.config import ConfigError, add_override_argument, load_config
+from glm.errors import cut_lines, disk_error_line
 from glm.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class RunFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         _name_the_run(record)
-        return super().format(record)
+        return cut_lines(super().format(record))  # a value logged whole (a huge config) stays readable
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -300,11 +301,11 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         _name_the_run(record)
         if self.debug or not (record.exc_info or record.exc_text or record.stack_info):
-            return super().format(record)
+            return cut_lines(super().format(record))
         saved = record.exc_info, record.exc_text, record.stack_info
         record.exc_info = record.exc_text = record.stack_info = None
         try:
-            return super().format(record)
+            return cut_lines(super().format(record))
         finally:
             record.exc_info, record.exc_text, record.stack_info = saved
 
@@ -339,11 +340,42 @@ def _console(debug: bool) -> logging.Handler:
     return handler
 
 
+class QuietFileHandler(logging.FileHandler):
+    """A log file that, once it cannot be written (a full or read-only disk), stops trying and says so
+    once, instead of printing a "--- Logging error ---" traceback for every record after that."""
+
+    broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        if not self.broken:
+            self.broken = True
+            print(f"glm-pipeline: cannot write the log file {self.baseFilename} ({error.strerror or error}); "
+                  "the terminal keeps the run's lines", file=sys.stderr)  # fmt: skip
+        with contextlib.suppress(OSError):
+            super().close()  # flushing the rest fails the same way
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be flushed either
+            self.broken = True
+            with contextlib.suppress(OSError):
+                self.stream = None
+                logging.Handler.close(self)
+
+
 def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
     """RUN_DIR/logs/run-TIMESTAMP.log on the root logger: what the terminal shows, with full tracebacks."""
     path = Path(run_dir) / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(RunFormatter())
     logging.getLogger().addHandler(handler)
     return path, handler
@@ -351,7 +383,7 @@ def _log_file(run_dir: str) -> tuple[Path, logging.Handler]:
 
 def _one_line(e: BaseException) -> str:
     """What failed, as the exception says it; its type too unless the message was written for the user."""
-    message = str(e).strip() or type(e).__name__
+    message = cut_lines(str(e).strip()) or type(e).__name__
     return message if isinstance(e, (ConfigError, RunDirBusy)) else f"{type(e).__name__}: {message}"
 
 
@@ -359,19 +391,23 @@ def _fail(e: BaseException, debug: bool, log_file: tuple[Path, logging.Handler] 
     message = _one_line(e)
     if log_file is not None:
         path, handler = log_file
+        message = disk_error_line(e, path.parent.parent) or message  # RUN_DIR/logs/run-*.log
         # the traceback into the file only (the terminal already has Prefect's one-line account)
         handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (message,), sys.exc_info()))
-        message += f"\n  full log: {path}" if "\n" in message else f" (full log: {path})"
+        if not getattr(handler, "broken", False):  # else the log file is on the full disk: it lacks the end
+            message += f"\n  full log: {path}" if "\n" in message else f" (full log: {path})"
     if debug:
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
 
 
 def _run(cfg: Any, stage: str, log_path: Path) -> int:
+    from glm_pipeline.flows import api_watch
     from glm_pipeline.flows.ephemeral import detach_ephemeral_server
     from glm_pipeline.flows.pipeline import RunTimedOut, run_stage
 
     detach_ephemeral_server()
+    api_watch.EXIT_WHEN_GONE = True  # a dead API: one line and out, not minutes of retries (flows/api_watch.py)
     try:
         run_stage(cfg, stage)
     except RunTimedOut as e:
@@ -404,6 +440,23 @@ def main(argv: list[str] | None = None) -> int:
             glm_logger.setLevel(levels[1])
 
 
+# A YAML config this large cannot become a flow parameter under Prefect's 524,288-byte limit (its JSON
+# is no smaller than its YAML, comments aside): refused before parsing it, which takes minutes and GBs
+MAX_CONFIG_FILE_BYTES = 8 << 20
+
+
+def _check_config_file_size(config: str) -> None:
+    from glm.config import _config_file
+
+    size = _config_file(config).stat().st_size
+    if size > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(
+            f"config file {config} is {size:,} bytes; a run's config must fit a Prefect flow parameter (524,288 bytes): "
+            "give a directory or a glob as one source's path (e.g. {kind: text, path: 'corpus/**/*.txt'}) instead of "
+            "listing every file"
+        )
+
+
 def _command(args: argparse.Namespace) -> int:
     log_file: tuple[Path, logging.Handler] | None = None
     try:
@@ -411,8 +464,12 @@ def _command(args: argparse.Namespace) -> int:
             print(_show_config(load_config(args.config, args.overrides)), end="")
             return 0
         if args.command == "run":
+            _check_config_file_size(args.config)
             cfg = load_config(args.config, args.overrides)  # validated before anything runs
             with run_lock(cfg.run_dir):  # before Prefect (and its ephemeral server) starts
+                from glm.stages import check_lineage
+
+                check_lineage(cfg)  # a config that cannot continue this run directory's checkpoints: refused here
                 log_file = _log_file(cfg.run_dir)
                 try:
                     with _stop_on_signals():
@@ -425,6 +482,7 @@ def _command(args: argparse.Namespace) -> int:
                     )
                     return 128 + e.signum  # the shell's code for a process ended by that signal
         if args.command == "serve":
+            _check_config_file_size(args.config)
             cfg = load_config(args.config, args.overrides)
             from glm_pipeline.flows.pipeline import serve
 

