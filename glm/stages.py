@@ -1401,7 +1401,8 @@ def _test_examples(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
     path = Path(choice["path"]) / "test_predictions.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines() also breaks at U+2028 or U+0085, which JSON keeps raw inside strings
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     return [{k: r.get(k) for k in ("text", "text_pair", "label")} for r in rows]
 
 

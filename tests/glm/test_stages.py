@@ -453,3 +453,15 @@ def test_the_export_is_pretrained_unless_another_run_beats_it_by_more_than_the_d
     assert seq2seq["run"] == "from scratch" and seq2seq["criterion"] == "best_val_loss"
     near = stages.choose_export({"pretrained": {"best_val_loss": 2.0}, "from scratch": {"best_val_loss": 1.99}})
     assert near["run"] == "pretrained"
+
+
+def test_a_test_split_with_unicode_line_separators_in_its_texts_is_read_whole(tmp_path):
+    # the demo's Rotten Tomatoes sentences hold U+2028/U+0085, which json.dumps(ensure_ascii=False) keeps raw
+    rows = [
+        {"text": "a line\u2028break", "text_pair": None, "label": "1"},
+        {"text": "next\x85line", "text_pair": None, "label": "0"},
+    ]
+    (tmp_path / "test_predictions.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    assert stages._test_examples({"path": str(tmp_path)}) == rows
