@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from glm.safety import remove_tree
+from glm.safety import fsync_dir, remove_tree
 from glm.shards import atomic_write_json
 
 VERSIONS = "versions"
@@ -124,14 +124,6 @@ def next_version(export_dir: str | Path) -> str:
     return f"v{int(names[-1][1:]) + 1 if names else 1:04d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` atomically: a new symlink under a temporary name, renamed over it."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -141,7 +133,7 @@ def _swap_symlink(link: Path, target: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 def adopt_legacy(export_dir: str | Path) -> str | None:
@@ -186,7 +178,7 @@ def add_version(export_dir: str | Path, directory: str | Path, name: str) -> Pat
         raise FileExistsError(f"{target} exists; versions are never overwritten")
     target.parent.mkdir(parents=True, exist_ok=True)
     os.rename(directory, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glm.config import ModelConfig
-from glm.safety import remove_tree
+from glm.safety import fsync_dir, remove_tree
 from glm.shards import atomic_write_text, code_version, sha256_file
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,6 @@ def to_plain(obj: Any, where: str = "state") -> Any:
 # --------------------------------------------------------------------------- save
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -189,7 +181,7 @@ def save_checkpoint(
     if final.exists():  # the same step saved again after a resume: replace it
         remove_tree(final, inside=root)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / LATEST, name + "\n")
     _prune(root, step, keep)
     return final

@@ -56,3 +56,12 @@ def remove_tree(path: str | Path, *, inside: str | Path, ignore_errors: bool = F
         path.unlink()
         return
     shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
