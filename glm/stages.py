@@ -1414,7 +1414,7 @@ def bundle_lineage(
     from importlib import metadata
 
     from glm import bundles
-    from glm.runtime import sha256_file
+    from glm.tokenizer import load_tokenizer
 
     result = finetune_results(cfg, paths)[choice["run"]]
     cloze = cfg.finetune.kind == "cloze"
@@ -1438,7 +1438,7 @@ def bundle_lineage(
             "labelled_sizes": result.get("sizes"),
             "test_split": _test_split_digest(cfg, choice),
         },
-        "tokenizer_sha256": sha256_file(paths.tokenizer_model),
+        "tokenizer_sha256": load_tokenizer(paths.tokenizer_model).sha256,  # a released GLM's vocabulary files too
         "pretrained": {"checkpoint": pre["checkpoint"], "step": pre["step"], "lineage": pre.get("lineage")},
         "finetuned": {"checkpoint": str(checkpoint), "best_step": result.get("best_step"), "run": choice["run"]},
         "selection": {k: choice[k] for k in ("run", "criterion", "dev", "reason", "margin") if k in choice},
