@@ -240,8 +240,10 @@ def _finishes_whole(stack, client, run, run_dir: Path, seconds: float = 500) -> 
     messages = log_messages(client, run.id)
     steps = _step_lines(messages, 240)
     lost = sorted(set(range(1, 241)) - steps)
-    assert not lost, f"training log lines lost: steps {lost[:5]}..{lost[-5:]} ({len(lost)}); step lines: " + repr(
-        [m for m in messages if m.startswith("step ")][:3]
+    assert not lost, (
+        f"training log lines lost: steps {lost[:5]}..{lost[-5:]} ({len(lost)}); step lines: "
+        + repr([m for m in messages if m.startswith("step ")][:3])
+        + f"; {len(messages)} messages, states {state_history(client, run.id)}, first: {messages[:8]}"
     )
     assert _progress(client, run.id) == 100.0
     done = _verify(run_dir)
