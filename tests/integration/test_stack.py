@@ -274,7 +274,7 @@ def test_redis_killed_and_restarted_under_a_concurrency_limited_run(stack, clien
 
 
 @pytest.mark.xfail(
-    reason="known regression since the bundles/hostile merges (2026-12-07): the run completes and verifies, but none "
+    reason="known regression since the hostile-user merge (2026-12-07, bisected): the run completes and verifies, but none "
     "of its 240 training log lines reaches the API across a 15 s Postgres outage; passed on the stack branch alone",
     strict=False,
 )
