@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -204,4 +203,3 @@ def _fake_version(export: Path, n: int, blessed: bool) -> None:
     lineage = {"version": where.name, "time": f"2026-01-0{n}T00:00:00+00:00", "blessed": blessed, "reason": "test"}
     lineage["metric"] = {"name": "accuracy", "value": n / 10, "higher_is_better": True}
     (where / bundles.LINEAGE).write_text(json.dumps(lineage))
-    time.sleep(0)  # versions are ordered by number, not by time
