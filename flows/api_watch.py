@@ -11,6 +11,8 @@ lived on for minutes, and its flow run stayed `Running` in the API forever.
 - when the body ends and the API is gone, `glm-pipeline run` (which sets EXIT_WHEN_GONE) prints one
   line and leaves at once (os._exit: the stages' outputs are already written atomically, and
   nothing Prefect still wants to send can arrive): exit 0 when every stage finished, 1 when one failed;
+- its log records reach the API through a spool in the run directory (flows.log_spool): a line
+  the API cannot take now is sent later, by this process or the next one in the run directory;
 - the flow run's id is kept in RUN_DIR/FLOW_RUN_FILE, and the next flow run in the same run directory
   marks the previous one Crashed if the API still shows it Running or Pending: it holds the run
   directory's lock (glm.runlock), so no process of that earlier run can still be alive.
@@ -26,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from glm_pipeline.flows import log_spool
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +144,8 @@ def watch(run_dir: str) -> Iterator[None]:
     w = _Watch(url.rstrip("/"))
     w.thread.start()
     try:
-        yield
+        with log_spool.spooled(run_dir, current, api_gone=lambda: w.gone):
+            yield
     except BaseException as e:
         if EXIT_WHEN_GONE and not isinstance(e, KeyboardInterrupt) and w.gone_now():
             _leave(w, run_dir, e)

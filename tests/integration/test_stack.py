@@ -227,6 +227,9 @@ def _progress(client, flow_run_id) -> float | None:
     return next((float(a.data) for a in arts if a.type == "progress" and a.key and "pretrain-progress" in a.key), None)
 
 
+LATE_LOG_SECONDS = 60  # the spool retries every 2 s once the API is back
+
+
 def _finishes_whole(stack, client, run, run_dir: Path, seconds: float = 500) -> None:
     """The run ends Completed (maybe after an automatic re-run), with every training step's log line,
     the progress artifact at 100 % and every output verified."""
@@ -236,8 +239,15 @@ def _finishes_whole(stack, client, run, run_dir: Path, seconds: float = 500) -> 
         seconds,
         diagnose=lambda: f"{state_history(client, run.id)}\n{stack.log_tail('worker')}",
     )
-    assert final == "Completed", state_history(client, run.id)
-    messages = log_messages(client, run.id)
+    assert final == "Completed", (
+        state_history(client, run.id),
+        client.read_flow_run(run.id).state.message,
+        log_messages(client, run.id)[-12:],
+    )
+    # log lines the API could not take during an outage arrive late (flows.log_spool), not never
+    deadline = time.monotonic() + LATE_LOG_SECONDS
+    while len(_step_lines(messages := log_messages(client, run.id), 240)) < 240 and time.monotonic() < deadline:
+        time.sleep(2)
     steps = _step_lines(messages, 240)
     lost = sorted(set(range(1, 241)) - steps)
     assert not lost, (
@@ -273,16 +283,16 @@ def test_redis_killed_and_restarted_under_a_concurrency_limited_run(stack, clien
     _finishes_whole(stack, client, run, run_dir)
 
 
-@pytest.mark.xfail(
-    reason="known regression since the hostile-user merge (2026-12-07, bisected): the run completes and verifies, but none "
-    "of its 240 training log lines reaches the API across a 15 s Postgres outage; passed on the stack branch alone",
-    strict=False,
-)
+POSTGRES_OUTAGE_SECONDS = 15
+
+
 def test_postgres_restarted_under_a_run_loses_no_log_line(stack, client, tmp_path):
     run_dir = tmp_path / "run"
     run = _training(client, stack, "glm-pipeline/tiny-smoke", params(run_dir, "stack-postgres", *LONG), run_dir)
     stack.postgres_ctl("stop", mode="immediate")  # a crash: no checkpoint, no goodbye to the clients
-    time.sleep(15)
+    # lines the API refuses meanwhile are kept in the run directory's log spool and sent late
+    # (flows.log_spool; an outage longer than the zombie window is a limitation, README)
+    time.sleep(POSTGRES_OUTAGE_SECONDS)
     stack.postgres_ctl("start")
     _finishes_whole(stack, client, run, run_dir)
 
