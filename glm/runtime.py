@@ -14,6 +14,9 @@ present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step
 previous presents back as the past. key_start hides left padding (0 = no padding). A classifier
 fine-tuned with a linear head (config.json classifier.head "linear") also returns label_logits
 (B, T, n_labels), read at each text's [MASK]; a verbalizer classifier scores its words' log-probabilities.
+A classifier bundle exported since the classification graph also holds model.cls.onnx (config.json
+files.classifier): it projects only at the positions fed as select_positions (B, N) and returns only
+the verbalizer rows' log-probabilities (or the head's logits); classify/label_scores use it.
 
 Decoding follows glm.generate (docs/method.md section 6): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
@@ -48,6 +51,10 @@ INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
 GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
 HEADS = ("verbalizer", "linear")
+# the classification graph (files.classifier): the generation graph's inputs plus select_positions (B, N);
+# select_scores (B, N, K) = log P of the vocabulary rows classifier.rows there (linear head: label logits (B, N, L))
+SELECT_INPUT = "select_positions"
+SELECT_OUTPUT = "select_scores"
 
 
 class BundleError(RuntimeError):
@@ -308,6 +315,14 @@ def check_config(config: Any, where: str) -> None:
             f"{where}: 'classifier.answer_ids' must hold non-empty token-id lists within the vocabulary "
             "(one id each unless multi_token); re-export the bundle"
         )
+    rows = c.get("rows")
+    if rows is not None and (
+        not _is_ids(rows, vocab) or not {t for a in c["answer_ids"] for t in a} <= set(rows) or len(set(rows)) != len(rows)
+    ):
+        raise BundleError(
+            f"{where}: field 'classifier.rows' must list distinct token ids holding every answer id, got {rows!r}; "
+            "re-export the bundle"
+        )
     segments = c["segments"]
     if segments.count("mask") != 1 or not all(s in ("text", "text_pair", "mask") or _is_ids(s, vocab) for s in segments):
         raise BundleError(
@@ -331,12 +346,25 @@ def _graph_io(
     return inputs, outputs
 
 
-def check_graph(session: Any, config: dict[str, Any], model_path: Path) -> None:
-    """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json."""
+def _select_graph_io(config: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(name, onnx type, shape) of the classification graph's inputs and outputs."""
+    m, c = config["model"], config["classifier"]
+    inputs, outputs = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"])
+    width = len(c["labels"]) if c.get("head") == "linear" else len(c.get("rows") or ())
+    n = len(INPUTS)
+    inputs = [*inputs[:n], (SELECT_INPUT, "tensor(int64)", [None, None]), *inputs[n:]]
+    return inputs, [(SELECT_OUTPUT, "tensor(float)", [None, None, width]), *outputs[1:]]
+
+
+def check_graph(session: Any, config: dict[str, Any], model_path: Path, select: bool = False) -> None:
+    """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json
+    (select: the classification graph)."""
     m = config["model"]
     c = config["classifier"]
     n_labels = len(c["labels"]) if c is not None and c.get("head") == "linear" else None
     want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], n_labels)
+    if select:
+        want_in, want_out = _select_graph_io(config)
     for kind, want, got in (("inputs", want_in, session.get_inputs()), ("outputs", want_out, session.get_outputs())):
         have = {a.name: a for a in got}
         missing = [n for n, _, _ in want if n not in have]
@@ -415,8 +443,10 @@ class Bundle:
         session: ort.InferenceSession,
         tokenizer: Any,  # spm.SentencePieceProcessor, or a CommandTokenizer for a released GLM
         model_path: Path | None = None,
+        select_session: ort.InferenceSession | None = None,
     ):
         self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
+        self.select_session = select_session  # the classification graph, if the bundle has one
         self.requested = path  # what the caller named (a symlink such as export/current): changed() re-resolves it
         self.load_options: dict[str, Any] = {}
         self.model_path = model_path or path / config["files"]["model"]
@@ -428,6 +458,8 @@ class Bundle:
         self.literal_ids = {int(k): v for k, v in config["tokenizer"]["literal_ids"].items()}
         self.classifier: dict[str, Any] | None = config.get("classifier")
         self.has_head = self.classifier is not None and self.classifier.get("head") == "linear"
+        rows = (self.classifier or {}).get("rows") or []
+        self.row_column = {t: j for j, t in enumerate(rows)}  # token id -> its column of select_scores
         self.past_names = [n for i in range(self.n_layer) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
         self.present_names = [n for i in range(self.n_layer) for n in (f"present.{i}.key", f"present.{i}.value")]
         # presents stay on the device that computed them (io binding); only logits come back to the host
@@ -516,9 +548,15 @@ class Bundle:
         model_file = files["model_int8"] if int8 else files["model"]
         if model_file is None:
             raise BundleError(f"bundle {path} has no int8 model; re-export with export.quantize_int8=true, or load without int8")
+        select_file = None  # the classification graph; bundles from before it classify with the generation graph
+        if config["classifier"] is not None and files.get("classifier"):
+            select_file = files.get("classifier_int8") if int8 else files["classifier"]
+            if select_file is not None:
+                bundle_file(path, select_file, f"{config_path} field 'files.classifier{'_int8' if int8 else ''}'")
+        needed = [files["tokenizer"], model_file, *([select_file] if select_file else [])]
         if verify_checksums:
-            check_bundle_files(path, required=(CONFIG_FILE, files["tokenizer"], model_file))
-        for name in (files["tokenizer"], model_file):
+            check_bundle_files(path, required=(CONFIG_FILE, *needed))
+        for name in needed:
             if not (path / name).is_file():
                 raise BundleError(f"bundle {path} is missing {name}; copy the whole bundle directory or re-export it")
         kind = config["tokenizer"].get("kind", "glm")
@@ -538,14 +576,19 @@ class Bundle:
             raise BundleError(
                 f"{path / files['tokenizer']} is not a loadable {kind} tokenizer ({e}); re-export the bundle"
             ) from None
-        try:
-            session = _session(path / model_file, providers, threads)
-        except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
-            raise BundleError(
-                f"{path / model_file} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export the bundle"
-            ) from None
-        check_graph(session, config, path / model_file)
-        return cls(path, config, session, tokenizer, path / model_file)
+        sessions = []
+        for name in (model_file, select_file):
+            if name is None:
+                sessions.append(None)
+                continue
+            try:
+                sessions.append(_session(path / name, providers, threads))
+            except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
+                raise BundleError(
+                    f"{path / name} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export the bundle"
+                ) from None
+            check_graph(sessions[-1], config, path / name, select=name == select_file)
+        return cls(path, config, sessions[0], tokenizer, path / model_file, sessions[1])
 
     # ----------------------------------------------------------------- tokens
 
@@ -604,6 +647,24 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no linear classification head (no {LABEL_LOGITS} output)")
         feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
         return self.session.run([LABEL_LOGITS], feeds)[0]
+
+    def run_select(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        block_position_ids: np.ndarray,
+        sep: np.ndarray,
+        positions: np.ndarray,
+        key_start: np.ndarray | None = None,
+        past: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The classification graph: select_scores (B, N, K) at `positions` (B, N) and the presents."""
+        if self.select_session is None:
+            raise BundleError(f"bundle {self.path} has no classification graph (files.classifier); re-export it")
+        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
+        feeds[SELECT_INPUT] = np.ascontiguousarray(positions, np.int64)
+        scores, *presents = self.select_session.run([SELECT_OUTPUT, *self.present_names], feeds)
+        return scores, presents
 
     def _feeds(self, input_ids, position_ids, block_position_ids, sep, key_start, past) -> dict[str, np.ndarray]:
         B = input_ids.shape[0]
@@ -899,9 +960,13 @@ class Bundle:
             ids[r, : len(a) + 1] = a + [self.special["sop"]]
             pos[r, : len(a) + 1] = list(range(len(a))) + [m]
             blk[r, len(a)] = 1
+        first = [a[0] for a in self.classifier["answer_ids"]]
+        if self.select_session is not None:  # project at each <sop> only, the verbalizer rows only
+            scores, _ = self.run_select(ids, pos, blk, sep, sep[:, None])  # (B, 1, K)
+            return scores[:, 0, [self.row_column[t] for t in first]]  # (B, L)
         logits, _ = self.run(ids, pos, blk, sep)  # (B, T, V)
         logp = _log_softmax(logits[np.arange(B), sep])  # (B, V) at each <sop>
-        return logp[:, [a[0] for a in self.classifier["answer_ids"]]]  # (B, L)
+        return logp[:, first]  # (B, L)
 
     def _head_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Linear head: Part A alone per row, right-padded (no real token sees the padding); the label
@@ -911,8 +976,12 @@ class Bundle:
         for r, (a, _) in enumerate(items):
             ids[r, : len(a)], pos[r, : len(a)] = a, np.arange(len(a))
         sep = np.array([len(a) for a, _ in items], np.int64)  # (B,)
+        mask_pos = np.array([m for _, m in items], np.int64)  # (B,)
+        if self.select_session is not None:  # the head at each [MASK] only
+            scores, _ = self.run_select(ids, pos, np.zeros_like(pos), sep, mask_pos[:, None])  # (B, 1, L)
+            return scores[:, 0].astype(np.float32)  # (B, L)
         label_logits = self.run_label_logits(ids, pos, np.zeros_like(pos), sep)  # (B, T, L)
-        return label_logits[np.arange(B), [m for _, m in items]].astype(np.float32)  # (B, L)
+        return label_logits[np.arange(B), mask_pos].astype(np.float32)  # (B, L)
 
     def _multi_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Summed log P(answer) (+ <eop> if the classifier scores it): Part A once (left-padded), its cache
@@ -924,7 +993,11 @@ class Bundle:
             ids[r, A - len(a) :], pos[r, A - len(a) :] = a, np.arange(len(a))
         key_start = np.array([A - len(a) for a, _ in items], np.int64)  # (B,)
         sep = np.full(B, A, np.int64)  # (B,)
-        _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
+        select = self.select_session is not None
+        if select:  # Part A's cache; one (discarded) position projected instead of all
+            _, cache = self.run_select(ids, pos, np.zeros_like(pos), sep, np.full((B, 1), A - 1), key_start)
+        else:
+            _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
         cache = [np.repeat(c, L, axis=0) for c in cache]  # (B*L, H, A, D) each
         # bundles written before score_eop existed always scored the <eop>
         extra = 1 if self.classifier.get("score_eop", True) else 0
@@ -938,8 +1011,14 @@ class Bundle:
         b_ids, b_tgt, b_blk = (np.tile(x, (B, 1)) for x in (b_ids, b_tgt, b_blk))  # (B*L, K) each
         real = b_blk > 0  # (B*L, K)
         b_pos = np.repeat([m for _, m in items], L)[:, None] * real  # (B*L, K)
-        logits, _ = self.run(b_ids, b_pos, b_blk, np.repeat(sep, L), np.repeat(key_start, L), cache)  # (B*L, K, V)
-        logp = np.take_along_axis(_log_softmax(logits), b_tgt[..., None], axis=-1)[..., 0]  # (B*L, K)
+        if select:  # every Part B position, the rows of the answers (and <eop>) only
+            positions = np.tile(np.arange(K), (B * L, 1))  # (B*L, K)
+            rows, _ = self.run_select(b_ids, b_pos, b_blk, np.repeat(sep, L), positions, np.repeat(key_start, L), cache)
+            cols = np.vectorize(lambda t: self.row_column.get(int(t), 0), otypes=[np.int64])(b_tgt)  # (B*L, K); padding: any
+            logp = np.take_along_axis(rows, cols[..., None], axis=-1)[..., 0].astype(np.float64)  # (B*L, K) log P(rows)
+        else:
+            logits, _ = self.run(b_ids, b_pos, b_blk, np.repeat(sep, L), np.repeat(key_start, L), cache)  # (B*L, K, V)
+            logp = np.take_along_axis(_log_softmax(logits), b_tgt[..., None], axis=-1)[..., 0]  # (B*L, K)
         scores = (logp * real).sum(1)  # (B*L,)
         if self.classifier["length_normalise"]:
             scores = scores / real.sum(1)

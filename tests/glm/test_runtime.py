@@ -242,6 +242,29 @@ def test_classifier_fields_are_checked_at_load(built, tmp_path):
         runtime.Bundle.load(bundle)
 
 
+def test_classifier_rows_must_hold_the_answers(built, tmp_path):
+    bundle = tmp_path / "clf"
+    shutil.copytree(built.clf_bundle, bundle)
+    _edit_config(bundle, classifier__rows=[5])
+    with pytest.raises(runtime.BundleError, match=r"'classifier.rows' must list distinct token ids holding every answer id"):
+        runtime.Bundle.load(bundle)
+
+
+def test_a_classifier_bundle_without_the_classification_graph_classifies_with_the_generation_graph(built, clf, tmp_path):
+    """Bundles exported before the classification graph keep working, with the same scores."""
+    bundle = tmp_path / "clf"
+    shutil.copytree(built.clf_bundle, bundle)
+    for name in ("model.cls.onnx", "model.cls.int8.onnx"):
+        (bundle / name).unlink()
+    _without("files", "classifier")(bundle)
+    _without("files", "classifier_int8")(bundle)
+    old = runtime.Bundle.load(bundle, threads=1)
+    assert old.select_session is None and clf.select_session is not None
+    texts = ["the movie was good", "a bad film", "good " * 80]
+    np.testing.assert_allclose(old.label_scores(texts), clf.label_scores(texts), atol=1e-4)
+    assert runtime.Bundle.load(built.clf_bundle, int8=True, threads=1).select_session is not None
+
+
 def test_good_bundles_still_load_also_through_a_symlinked_directory(built, tmp_path):
     link = tmp_path / "link"
     link.symlink_to(built.clf_bundle, target_is_directory=True)  # the whole bundle elsewhere: every file stays inside it
