@@ -1,7 +1,8 @@
 """Run an exported GLM bundle with numpy, onnxruntime and sentencepiece only (and `tokenizers` for
 a bundle of a released WordPiece / BPE GLM).
 
-This file is meant to be copied into an application on its own: it imports nothing from
+Apps install it as the `glm-runtime` distribution (runtime/pyproject.toml builds a wheel from this
+very file, as the module `glm_runtime`), or copy this file on its own: it imports nothing from
 `glm` or torch, and reads every id it needs (special tokens, the classifier's pattern
 pieces) from the bundle's config.json. A bundle is a directory written by
 `glm.export.export_bundle`:
@@ -42,8 +43,9 @@ import onnxruntime as ort
 import sentencepiece as spm
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+__version__ = "1.1.0"  # the glm-runtime distribution's version (runtime/pyproject.toml reads it)
 FORMAT = "glm-onnx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the newest bundle format this runtime reads; glm.export writes it into config.json
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 CURRENT = "current"  # in a run's export/: the symlink to the version apps should load (glm.bundles)
@@ -537,8 +539,8 @@ class Bundle:
         version = config.get("format_version")
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise BundleError(
-                f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}); "
-                "update runtime.py (glm-pipeline) to read it"
+                f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}, "
+                f"glm-runtime {__version__}); upgrade it: pip install -U glm-runtime (or update glm-pipeline)"
             )
         check_config(config, str(config_path))
         files = config["files"]
@@ -908,6 +910,33 @@ class Bundle:
         # decoding the span alone would drop its leading space (sentencepiece strips it at a text start)
         return full[len(head) :] if full.startswith(head) else self.decode(span)
 
+    def fill_blanks_batch(self, texts: Sequence[str], allow_classifier: bool = False, **decoding: Any) -> list[FillResult]:
+        """fill_blanks for many texts, decoded together in one left-padded batch (decoding: fill_ids' options)."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
+        prompts = [self.encode(t) for t in texts]
+        out = []
+        for prompt, spans in zip(prompts, self.fill_ids(prompts, **decoding)):
+            filled, k = [], 0
+            for t in prompt:
+                if t in self.mask_ids and k < len(spans):
+                    filled += spans[k]
+                    k += 1
+                else:
+                    filled.append(t)
+            out.append(FillResult(self.decode(filled), [self.decode(s) for s in spans], spans))
+        return out
+
+    def generate_batch(self, prompts: Sequence[str], allow_classifier: bool = False, **decoding: Any) -> list[str]:
+        """generate for many prompts, decoded together in one left-padded batch."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
+        ids = [self.encode_text(p) for p in prompts]
+        spans = self.fill_ids([i + [self.special["gmask"]] for i in ids], **decoding)
+        out = []
+        for i, (span,) in zip(ids, spans):
+            head, full = self.decode(i), self.decode(i + span)
+            out.append(full[len(head) :] if full.startswith(head) else self.decode(span))
+        return out
+
     # ----------------------------------------------------------------- cloze classification
 
     @property
@@ -1133,3 +1162,364 @@ def infer_command(args: Any) -> int:
     except (BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- batch inference on files
+
+TABLE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+TASKS = ("classify", "fill", "generate")
+
+
+class InputError(ValueError):
+    """A batch-inference input or output file is unusable; the message names it and the fix."""
+
+
+def _table_format(path: Path, role: str) -> str:
+    fmt = TABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"{role} file {path} has the extension {path.suffix or '(none)'!r}; use .jsonl (JSON Lines), .csv or .parquet"
+        )
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401  (optional: only Parquet files need it)
+        except ImportError:
+            raise InputError(f"{role} file {path} is Parquet, which needs pyarrow: pip install 'glm-runtime[parquet]'") from None
+    return fmt
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows of a table file, cheaply (a progress bar's total); None when not known without parsing."""
+    fmt = _table_format(path, "input")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None  # CSV: quoted fields may hold newlines
+
+
+def read_rows(path: Path, batch_size: int = 1024):
+    """Yield lists of row dicts (at most batch_size each) from a JSON Lines, CSV or Parquet file, streaming."""
+    import csv
+
+    fmt = _table_format(path, "input")
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist; pass a .jsonl, .csv or .parquet file of texts")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow's errors have no common base
+            raise InputError(f"input file {path} is not a readable Parquet file ({e}); re-write it") from None
+        for batch in parquet.iter_batches(batch_size=batch_size):
+            yield batch.to_pylist()
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows: list[dict[str, Any]] = []
+        try:
+            if fmt == "csv":
+                for row in csv.DictReader(f):
+                    if None in row:  # more cells than the header names
+                        raise InputError(
+                            f"input file {path} row {len(rows) + 1}: more fields than the header has columns; quote the text fields"
+                        )
+                    rows.append(row)
+                    if len(rows) == batch_size:
+                        yield rows
+                        rows = []
+            else:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(
+                            f"input file {path} line {n} is not valid JSON ({e.msg}); fix or remove that line"
+                        ) from None
+                    if not isinstance(row, dict):
+                        raise InputError(
+                            f"input file {path} line {n} is a JSON {type(row).__name__}, not an object; write one "
+                            '{"text": ...} object per line'
+                        )
+                    rows.append(row)
+                    if len(rows) == batch_size:
+                        yield rows
+                        rows = []
+        except UnicodeDecodeError as e:
+            raise InputError(f"input file {path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+        except csv.Error as e:
+            raise InputError(f"input file {path} is not valid CSV ({e}); check its quoting") from None
+        if rows:
+            yield rows
+
+
+class _Writer:
+    """Rows to a temporary file beside `path`, renamed onto it by close(): a failure leaves nothing."""
+
+    def __init__(self, path: Path):
+        import os
+        import tempfile
+
+        self.path, self.fmt = path, _table_format(path, "output")
+        if not path.parent.is_dir():
+            raise InputError(f"output directory {path.parent} does not exist; create it or choose another output path")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.file: Any = None
+        self.csv: Any = None
+        self.parquet: Any = None
+        self.schema: Any = None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import csv
+
+        if self.fmt == "jsonl":
+            if self.file is None:
+                self.file = open(self.tmp, "w", encoding="utf-8")
+            self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        elif self.fmt == "csv":
+            if self.file is None:
+                self.file = open(self.tmp, "w", encoding="utf-8", newline="")
+                self.csv = csv.DictWriter(self.file, fieldnames=list(rows[0]), extrasaction="ignore")
+                self.csv.writeheader()
+            self.csv.writerows(
+                {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in r.items()} for r in rows
+            )
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                table = pa.Table.from_pylist(rows, schema=self.schema)  # later batches keep the first one's column types
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise InputError(
+                    f"output file {self.path}: a column changes type between rows ({e}); make the input's columns "
+                    "consistent or write .jsonl"
+                ) from None
+            if self.parquet is None:
+                self.schema = table.schema
+                self.parquet = pq.ParquetWriter(self.tmp, self.schema)
+            self.parquet.write_table(table)
+
+    def close(self) -> None:
+        import os
+
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        if self.parquet is not None:
+            self.parquet.close()
+        if self.file is None and self.parquet is None:  # no rows at all: an empty file of that format
+            self.tmp.write_text("")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        for f in (self.file, self.parquet):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception:
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _progress(total: int | None, quiet: bool):
+    """A tqdm bar on stderr if tqdm is installed, else a plain counter line every few seconds."""
+    import sys
+    import time
+
+    if quiet:
+        return lambda n: None, lambda: None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
+        return bar.update, bar.close
+    except ImportError:
+        state = {"n": 0, "last": time.monotonic()}
+
+        def update(n: int) -> None:
+            state["n"] += n
+            if time.monotonic() - state["last"] >= 2.0:
+                state["last"] = time.monotonic()
+                print(f"{state['n']}{f'/{total}' if total else ''} rows", file=sys.stderr, flush=True)
+
+        return update, lambda: print(f"{state['n']} rows done", file=sys.stderr, flush=True)
+
+
+def _texts(rows: list[dict[str, Any]], field_name: str, path: Path, first: int, optional: bool = False) -> list[Any]:
+    """The `field_name` text of each row; InputError naming the file, row and column otherwise."""
+    out = []
+    for k, row in enumerate(rows):
+        if field_name not in row:
+            if optional:
+                out.append(None)
+                continue
+            raise InputError(
+                f"input file {path} row {first + k} has no column {field_name!r} (columns: {', '.join(map(str, row)) or 'none'}); "
+                "pass --text-field NAME"
+            )
+        value = row[field_name]
+        if value is None and optional:
+            out.append(None)
+        elif not isinstance(value, str) or not value.strip():
+            raise InputError(
+                f"input file {path} row {first + k} column {field_name!r} is {value!r}, not a non-empty text; "
+                "fix or remove that row"
+            )
+        else:
+            out.append(value)
+    return out
+
+
+def predict(
+    bundle: Bundle,
+    input_path: str | Path,
+    output_path: str | Path,
+    task: str | None = None,
+    text_field: str = "text",
+    text_pair_field: str | None = None,
+    batch_size: int = 32,
+    quiet: bool = False,
+    allow_classifier: bool = False,
+    **decoding: Any,
+) -> int:
+    """Score a table file with `bundle`, streaming, and write the rows with the results added; returns the row count.
+
+    task: classify (label, probability, prob_LABEL per label), fill (filled, spans) or generate
+    (generated); default classify for a classifier bundle, else fill. The output (.jsonl/.csv/.parquet,
+    by extension) is written to a temporary file and renamed into place: an error leaves nothing.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    task = task or ("classify" if bundle.classifier is not None else "fill")
+    if task not in TASKS:
+        raise InputError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+    if task == "classify" and bundle.classifier is None:
+        raise InputError(f"bundle {bundle.path} is not a classifier; use --task fill or --task generate with it")
+    if task != "classify":
+        bundle._refuse_generation_on_a_classifier(allow_classifier)
+    _table_format(input_path, "input")
+    if not input_path.is_file():
+        raise InputError(f"input file {input_path} does not exist; pass a .jsonl, .csv or .parquet file of texts")
+    if output_path.resolve() == input_path.resolve():
+        raise InputError(f"output file {output_path} is the input file; write the results to another path")
+    total = count_rows(input_path)
+    writer = _Writer(output_path)
+    update, done = _progress(total, quiet)
+    n = 0
+    try:
+        for rows in read_rows(input_path, batch_size):
+            texts = _texts(rows, text_field, input_path, n + 1)
+            if task == "classify":
+                pairs = _texts(rows, text_pair_field, input_path, n + 1, optional=True) if text_pair_field else None
+                for row, c in zip(rows, bundle.classify_batch(texts, pairs, batch_size)):
+                    row.update(label=c.label, probability=c.probabilities[c.label])
+                    row.update({f"prob_{lab}": p for lab, p in c.probabilities.items()})
+            else:
+                if task == "fill":
+                    for k, t in enumerate(texts):
+                        if not any(i in bundle.mask_ids for i in bundle.encode(t)):
+                            raise InputError(
+                                f"input file {input_path} row {n + 1 + k} column {text_field!r} has no [MASK], [sMASK] or "
+                                "[gMASK] blank; add one, or use --task generate to continue the text"
+                            )
+                try:
+                    if task == "fill":
+                        for row, r in zip(rows, bundle.fill_blanks_batch(texts, allow_classifier, **decoding)):
+                            row.update(filled=r.text, spans=r.spans)
+                    else:
+                        for row, g in zip(rows, bundle.generate_batch(texts, allow_classifier, **decoding)):
+                            row.update(generated=g)
+                except ValueError as e:
+                    raise InputError(f"input file {input_path} rows {n + 1}-{n + len(rows)}: {e}") from None
+            writer.write(rows)
+            n += len(rows)
+            update(len(rows))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        done()
+    return n
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_predict_arguments(parser: Any) -> None:
+    """The batch command's arguments (shared by `glm-runtime predict` and `glm-pipeline predict`)."""
+    parser.add_argument("bundle", help="an exported bundle directory (or a run's export/ or export/current)")
+    parser.add_argument("input", help="texts to score: .jsonl (one JSON object per line), .csv (with a header) or .parquet")
+    parser.add_argument("output", help="where to write the rows with results: .jsonl, .csv or .parquet (written atomically)")
+    parser.add_argument("--task", choices=TASKS, default=None, help="default: classify for a classifier bundle, else fill")
+    parser.add_argument("--text-field", default="text", help="the column holding the text (default: text)")
+    parser.add_argument("--text-pair-field", default=None, help="the column of the second text of a text-pair classifier")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows scored together (default: 32)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: every core available)")
+    parser.add_argument("--int8", action="store_true", help="use the int8-quantized model if the bundle has one")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--allow-classifier", action="store_true", help="let a classifier bundle fill or generate")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def predict_command(args: Any) -> int:
+    """Run the batch command from parsed arguments; errors are one line on stderr, exit code 2."""
+    import sys
+
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --batch-size and --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        bundle = Bundle.load(args.bundle, int8=args.int8, threads=args.threads or _cores())
+        n = predict(
+            bundle,
+            args.input,
+            args.output,
+            args.task,
+            args.text_field,
+            args.text_pair_field,
+            args.batch_size,
+            args.quiet,
+            args.allow_classifier,
+            **(
+                {}
+                if (args.task or ("classify" if bundle.classifier else "fill")) == "classify"
+                else dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            ),
+        )
+    except (BundleError, InputError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {n} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "glm-runtime") -> int:
+    """`glm-runtime`: the installed runtime's command line (predict: batch inference on a file)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=f"glm-runtime {__version__}: run an exported GLM bundle")
+    parser.add_argument("--version", action="version", version=f"glm-runtime {__version__} (bundle format {FORMAT_VERSION})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_predict_arguments(sub.add_parser("predict", help="classify / fill / generate every row of a JSONL, CSV or Parquet file"))
+    args = parser.parse_args(argv)
+    return predict_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
