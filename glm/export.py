@@ -281,11 +281,21 @@ def export_classifier_onnx(model: GLM | GLMClassifier, path: str | Path, rows: S
     return _export(model, SelectGLM(backbone(model), head, rows), path, opset, True, inputs, outputs)
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+# quantize_dynamic settings compared by `python -m benchmarks onnx_profile --variant NAME`; "default" is what export writes
+QUANT_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},  # every op type onnxruntime quantizes dynamically (MatMul, Gather, ...), per-tensor scales
+    "matmul": {"op_types_to_quantize": ["MatMul"]},  # the embedding Gather stays fp32
+    "matmul-per-channel": {"op_types_to_quantize": ["MatMul"], "per_channel": True},
+    "per-channel": {"per_channel": True},
+}
+
+
+def quantize_int8(src: str | Path, dst: str | Path, variant: str = "default") -> Path:
     """Dynamic int8 weights (activations quantized on the fly) after onnxruntime's pre-processing.
 
     quant_pre_process folds the tied output projection's transpose into a constant first;
     quantizing the raw export leaves a runtime transpose that makes int8 no faster than fp32.
+    `variant`: a QUANT_VARIANTS entry (benchmarks compare them; export uses "default").
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -295,7 +305,9 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
         quant_pre_process(str(src), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large)
+        quantize_dynamic(
+            str(pre), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large, **QUANT_VARIANTS[variant]
+        )
     return dst
 
 
