@@ -11,6 +11,7 @@ The bundle directory (written to a temporary name, renamed into place once verif
 
     model.onnx         fp32, one file (external data only past protobuf's 2 GB limit)
     model.int8.onnx    optional: dynamic int8 (onnxruntime quant_pre_process + quantize_dynamic)
+    model.cls.onnx     a classifier's classification graph (SelectGLM), model.cls.int8.onnx with int8
     tokenizer.model    the sentencepiece model
     config.json        format version, dimensions, special ids, I/O names, classifier spec
     verification.json  what was checked and the numbers
