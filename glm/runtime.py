@@ -1317,7 +1317,13 @@ class _Writer:
         if self.parquet is not None:
             self.parquet.close()
         if self.file is None and self.parquet is None:  # no rows at all: an empty file of that format
-            self.tmp.write_text("")
+            if self.fmt == "parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.write_table(pa.table({}), self.tmp)
+            else:
+                self.tmp.write_text("")
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

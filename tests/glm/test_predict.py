@@ -129,3 +129,11 @@ def test_a_generation_bundle_cannot_classify(built, tmp_path, capsys):
     assert runtime.main(["predict", str(built.lm_bundle), str(src), str(tmp_path / "o.jsonl"), "--task", "classify"]) == 2
     assert "is not a classifier; use --task fill or --task generate" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_empty_input_gives_an_empty_output_of_the_same_kind(built, tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    for out in (tmp_path / "o.jsonl", tmp_path / "o.parquet"):
+        assert runtime.main(["predict", str(built.clf_bundle), str(src), str(out), "--quiet"]) == 0
+    assert (tmp_path / "o.jsonl").read_text() == "" and pq.read_table(tmp_path / "o.parquet").num_rows == 0
