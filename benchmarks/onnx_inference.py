@@ -10,7 +10,11 @@ in the same process, alternating in rounds (median of rounds), with the same int
   as OrtValues, exactly as in Bundle.fill_ids; PyTorch: model(..., past_key_values=cache));
 - greedy generation: a [gMASK] prompt, new tokens/s end to end (glm.generate.fill_blanks vs Bundle.fill_ids);
 - cloze scoring: single-token classifier scores, batches of 32 texts (glm.finetune.score_cloze vs
-  Bundle.label_scores; tokenization included on both sides).
+  Bundle.label_scores, which runs the bundle's classification graph model.cls.onnx; tokenization
+  included on both sides);
+- batch command: `predict` (glm-runtime predict / glm-pipeline predict without the bundle load) on a
+  JSON Lines file of the same texts, read, classified and written, vs the Python API
+  (Bundle.classify_batch on the texts in memory), fp32, batches of 32.
 
 reference = PyTorch eager; ratio = value / reference; "better" says which direction wins (latency:
 lower, throughput: higher).
@@ -243,6 +247,36 @@ def _bench(tmp: Path, preset: str, case: dict, threads: int, quick: bool) -> Ite
         _rounds(sides, rounds),
         {**common, "batch": 32, "texts": len(texts), "text_words": "20-60"},
     )
+
+    # ---- the batch command (file in, file out) vs the Python API on the same texts, fp32
+    src = tmp / "texts.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+    def command() -> float:
+        t0 = time.perf_counter()
+        runtime.predict(fp32, src, tmp / "out.jsonl", "classify", batch_size=32, quiet=True)
+        return len(texts) / (time.perf_counter() - t0)
+
+    def api() -> float:
+        return rate(lambda: fp32.classify_batch(texts, batch_size=32))
+
+    command()  # warm-up
+    got = _rounds({"api": api, "command": command}, rounds)
+    value, reference = _sig(got["command"]), _sig(got["api"])
+    yield {
+        "name": f"onnx_inference/{preset}",
+        "metric": "batch_predict_throughput",
+        "value": value,
+        "unit": "texts/s",
+        "reference": reference,
+        "ratio": _sig(value / reference),
+        "better": "higher",
+        "backend": "glm-runtime predict (JSONL in/out, fp32)",
+        "reference_backend": "Bundle.classify_batch (fp32)",
+        **common,
+        "batch": 32,
+        "texts": len(texts),
+    }
 
     # ---- size and what the int8 model costs in agreement
     sizes = {k: b.model_path.stat().st_size / 1e6 for k, b in bundles.items()}

@@ -3,6 +3,7 @@
     glm-pipeline run CONFIG [--set key=value ...] [--stage NAME]   run the pipeline (Prefect, embedded)
     glm-pipeline config CONFIG [--set ...]                          print the validated config
     glm-pipeline infer BUNDLE (--fill TEXT | --generate TEXT | --classify TEXT)
+    glm-pipeline predict BUNDLE INPUT OUTPUT [--task ...]              batch inference on a JSONL/CSV/Parquet file
     glm-pipeline serve CONFIG [--cron "0 2 * * *"]                  one long-lived process with a schedule
     glm-pipeline verify RUN_DIR                                     re-hash every output; mark what fails for rebuild
     glm-pipeline bundles RUN_DIR [--promote V | --rollback]         list bundle versions; switch export/current
@@ -170,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--min-new-tokens", type=int, default=1, help="<eop> held back until a blank holds this many tokens")
     infer.add_argument("--no-repeat-ngram-size", type=int, default=3, help="no n-gram of this size twice in a blank (0: off)")
     infer.add_argument("--int8", action="store_true", help="use the int8-quantized model if the bundle has one")
+
+    # listed for --help only: main() hands `predict ...` to the runtime's own parser (glm-runtime predict)
+    predict = sub.add_parser(
+        "predict",
+        add_help=False,
+        help="classify / fill / generate every row of a JSONL, CSV or Parquet file with a bundle (glm-runtime predict)",
+    )
+    predict.add_argument("rest", nargs=argparse.REMAINDER)
 
     verify = sub.add_parser("verify", help="re-hash every file of a run directory against its manifests")
     verify.add_argument("run_dir", help="a run directory (runs/NAME)")
@@ -422,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     As the program, the terminal's handler stays until the process ends: Prefect drains its API queues
     after main returns and reports that through logging, which would otherwise reach the terminal raw.
     """
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["predict"]:  # the runtime parses its own arguments (--help included)
+        from glm.runtime import main as runtime_main
+
+        return runtime_main(raw, prog="glm-pipeline")
     args = _parser().parse_args(argv)
     program = argv is None
     root, glm_logger = logging.getLogger(), logging.getLogger("glm")

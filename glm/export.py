@@ -11,6 +11,7 @@ The bundle directory (written to a temporary name, renamed into place once verif
 
     model.onnx         fp32, one file (external data only past protobuf's 2 GB limit)
     model.int8.onnx    optional: dynamic int8 (onnxruntime quant_pre_process + quantize_dynamic)
+    model.cls.onnx     a classifier's classification graph (SelectGLM), model.cls.int8.onnx with int8
     tokenizer.model    the sentencepiece model
     config.json        format version, dimensions, special ids, I/O names, classifier spec
     verification.json  what was checked and the numbers
@@ -25,6 +26,12 @@ error; those are counted and listed), and for a cloze classifier the same test a
 PyTorch (int8: fails only when more than one point worse and a sign test on the changed
 predictions says the loss is not chance, INT8_SIGN_TEST_P). A linear-head classifier (glm.heads) exports one more output,
 label_logits (B, T, n_labels), held to the same atol over the same grid of shapes.
+
+A classifier bundle also holds the classification graph model.cls.onnx (SelectGLM; int8:
+model.cls.int8.onnx): the generation graph's inputs plus select_positions (B, N), returning
+select_scores (B, N, K) = log P of the verbalizer rows config.json classifier.rows (linear head:
+the label logits (B, N, L)) and the presents. The runtime classifies with it; its scores are held
+to the same atol over the same grid of shapes (random positions), and the accuracy check runs through it.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = runtime.FORMAT_VERSION
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+CLS_FILE = "model.cls.onnx"  # a classifier's graph: projects only at the positions it is asked for
+CLS_INT8_FILE = "model.cls.int8.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 REPORT_FILE = "verification.json"
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX file holds at most 2 GB; above it weights go to external data
@@ -129,6 +138,56 @@ class CachedGLM(nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
+def classifier_io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The classification graph's input and output names, in order."""
+    inputs, outputs = io_names(n_layer)
+    past = inputs[len(runtime.INPUTS) :]
+    return [*runtime.INPUTS, runtime.SELECT_INPUT, *past], [runtime.SELECT_OUTPUT, *outputs[1:]]
+
+
+class SelectGLM(nn.Module):
+    """The classification graph: the final hidden states of the `select_positions` (B, N) only, then
+    a linear head's label logits, or log P over the vocabulary of the verbalizer rows `rows` (K,).
+
+    PyTorch's scorer (glm.finetune.score_cloze) projects at the [MASK]/<sop> only; the generation
+    graph projects every position onto the whole vocabulary (B x T x V), most of a short text's cost.
+    Log-probabilities need the normaliser over all V at a selected position (1/T of that projection);
+    only the K verbalizer rows leave the graph. Presents are returned for multi-token scoring."""
+
+    def __init__(self, model: GLM, head: nn.Module | None, rows: Sequence[int] | None):
+        super().__init__()
+        self.model, self.head = model, head
+        self.register_buffer("rows", torch.tensor(list(rows or [0]), dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, select_positions, *past: torch.Tensor):
+        pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
+        h, presents = self.model.hidden_states(
+            input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
+        )  # (B, T, C), per layer (B, H, P+T, D)
+        return (select_scores(self.model, self.head, self.rows, h, select_positions), *[t for kv in presents for t in kv])
+
+
+def select_scores(
+    model: GLM, head: nn.Module | None, rows: torch.Tensor, h: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """(B, N, L) head logits or (B, N, K) log P(rows) at `positions` (B, N) of the hidden states h (B, T, C)."""
+    h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, N, C)
+    if head is not None:
+        return head(h)  # (B, N, L)
+    return model.logits(h).log_softmax(-1).index_select(-1, rows)  # (B, N, K)
+
+
+def classifier_rows(classifier: dict[str, Any] | None, eop: int) -> list[int] | None:
+    """The vocabulary rows a verbalizer classifier scores (its answers' tokens, and <eop> when a
+    multi-token score includes it), sorted; None for a linear head or no classifier."""
+    if classifier is None or classifier.get("head") == "linear":
+        return None
+    rows = {t for a in classifier["answer_ids"] for t in a}
+    if classifier["multi_token"] and classifier.get("score_eop", True):
+        rows.add(eop)
+    return sorted(rows)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter warns about optional packages (torchvision) and axis renaming: noise here."""
@@ -145,37 +204,40 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -> Path:
-    """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`.
-
-    A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    was_training = model.training
-    model = model.float().eval()
-    head = model.head if isinstance(model, GLMClassifier) else None
-    wrapper = CachedGLM(backbone(model), head).eval()
-    # example sizes >= 2 on every dynamic axis: torch.export specialises axes whose example is 0 or 1
+def _example(cfg, device: Any, select: bool) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Example inputs and dynamic axes. Example sizes >= 2 on every dynamic axis: torch.export
+    specialises axes whose example is 0 or 1."""
     B, T, P = 2, 3, 4
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
     ids = torch.randint(NUM_SPECIAL, cfg.vocab_size, (B, T), generator=g)  # (B, T)
     pos = torch.arange(T).repeat(B, 1) + P  # (B, T)
     blk = torch.ones_like(pos)  # (B, T)
     sep, key_start = torch.full((B,), P, dtype=torch.long), torch.zeros(B, dtype=torch.long)  # (B,)
+    positions = torch.tensor([[0, T - 1]] * B)  # (B, N=2)
     past = tuple(torch.zeros(B, cfg.n_head, P, cfg.head_dim) for _ in range(2 * cfg.n_layer))  # (B, H, P, D) each
-    example = tuple(t.to(device) for t in (ids, pos, blk, sep, key_start, *past))
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
     past_len = torch.export.Dim("past", min=0)
     rows = {0: batch, 1: seq}
-    dynamic = {
+    dynamic: dict[str, Any] = {
         "input_ids": rows,
         "position_ids": rows,
         "block_position_ids": rows,
         "sep": {0: batch},
         "key_start": {0: batch},
-        "past": tuple({0: batch, 2: past_len} for _ in past),
     }
-    inputs, outputs = io_names(cfg.n_layer, head is not None)
+    example: tuple[torch.Tensor, ...] = (ids, pos, blk, sep, key_start)
+    if select:
+        dynamic["select_positions"] = {0: batch, 1: torch.export.Dim("select", min=1)}
+        example += (positions,)
+    dynamic["past"] = tuple({0: batch, 2: past_len} for _ in past)
+    return tuple(t.to(device) for t in (*example, *past)), dynamic
+
+
+def _export(model: nn.Module, wrapper: nn.Module, path: str | Path, opset: int, select: bool, inputs, outputs) -> Path:
+    example, dynamic = _example(model.cfg, next(model.parameters()).device, select)
+    was_training = model.training
+    model.float().eval()
+    wrapper.eval()
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -201,11 +263,40 @@ def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -
     return path
 
 
-def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -> Path:
+    """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`.
+
+    A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output."""
+    model = model.float()
+    head = model.head if isinstance(model, GLMClassifier) else None
+    inputs, outputs = io_names(model.cfg.n_layer, head is not None)
+    return _export(model, CachedGLM(backbone(model), head), path, opset, False, inputs, outputs)
+
+
+def export_classifier_onnx(model: GLM | GLMClassifier, path: str | Path, rows: Sequence[int] | None, opset: int = 18) -> Path:
+    """Export the classification graph (SelectGLM): a GLMClassifier's head logits, or log P of the
+    vocabulary `rows`, at the positions it is fed (input select_positions (B, N))."""
+    model = model.float()
+    head = model.head if isinstance(model, GLMClassifier) else None
+    inputs, outputs = classifier_io_names(model.cfg.n_layer)
+    return _export(model, SelectGLM(backbone(model), head, rows), path, opset, True, inputs, outputs)
+
+
+# quantize_dynamic settings compared by `python -m benchmarks onnx_profile --variant NAME`; "default" is what export writes
+QUANT_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},  # every op type onnxruntime quantizes dynamically (MatMul, Gather, ...), per-tensor scales
+    "matmul": {"op_types_to_quantize": ["MatMul"]},  # the embedding Gather stays fp32
+    "matmul-per-channel": {"op_types_to_quantize": ["MatMul"], "per_channel": True},
+    "per-channel": {"per_channel": True},
+}
+
+
+def quantize_int8(src: str | Path, dst: str | Path, variant: str = "default") -> Path:
     """Dynamic int8 weights (activations quantized on the fly) after onnxruntime's pre-processing.
 
     quant_pre_process folds the tied output projection's transpose into a constant first;
     quantizing the raw export leaves a runtime transpose that makes int8 no faster than fp32.
+    `variant`: a QUANT_VARIANTS entry (benchmarks compare them; export uses "default").
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -215,7 +306,9 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
         quant_pre_process(str(src), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large)
+        quantize_dynamic(
+            str(pre), str(dst), weight_type=QuantType.QInt8, use_external_data_format=large, **QUANT_VARIANTS[variant]
+        )
     return dst
 
 
@@ -259,6 +352,21 @@ def _torch_forward(model: GLM | GLMClassifier, x: dict[str, Any]) -> tuple[np.nd
     return backbone(model).logits(h).numpy(), [a.numpy() for kv in presents for a in kv], label_logits
 
 
+@torch.no_grad()
+def _torch_select(model: GLM | GLMClassifier, rows: Sequence[int] | None, x: dict[str, Any], positions: np.ndarray) -> np.ndarray:
+    """The classification graph's select_scores (B, N, K or L), computed in PyTorch."""
+    t = {k: torch.from_numpy(np.asarray(x[k], np.int64)) for k in runtime.INPUTS}
+    P = x["past"][0].shape[2]
+    past = None if P == 0 else [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(x["past"][0::2], x["past"][1::2])]
+    lm = backbone(model)
+    h, _ = lm.hidden_states(
+        t["input_ids"], t["position_ids"], t["block_position_ids"], t["sep"], past_key_values=past, key_start=t["key_start"]
+    )  # (B, T, C)
+    head = model.head if isinstance(model, GLMClassifier) else None
+    rows_t = torch.tensor(list(rows or [0]), dtype=torch.long)
+    return select_scores(lm, head, rows_t, h, torch.from_numpy(positions)).numpy()
+
+
 def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
     ints = [x[k] for k in runtime.INPUTS]
     logits, presents = bundle.run(*ints, past=x["past"])
@@ -286,6 +394,12 @@ def check_parity(
         }
         if ref_labels is not None and labels is not None:
             row["label_logits_max_abs_diff"] = float(np.abs(labels - ref_labels).max())
+        if bundle.select_session is not None:  # the classification graph at a few positions of each row
+            positions = rng.integers(0, T, (B, min(3, T)))  # (B, N)
+            ref = _torch_select(model, bundle.classifier.get("rows"), x, positions)
+            ids, pos, blk, sep, key_start = (x[k] for k in runtime.INPUTS)
+            got, _ = bundle.run_select(ids, pos, blk, sep, positions, key_start, past=x["past"])
+            row["select_scores_max_abs_diff"] = float(np.abs(got - ref).max())
         rows.append(row)
     return rows
 
@@ -581,6 +695,8 @@ def verify_bundle(
     report["fp32"]["presents_max_abs_diff"] = max(r["presents_max_abs_diff"] for r in parity)
     if fp32.has_head:
         report["fp32"]["label_logits_max_abs_diff"] = max(r["label_logits_max_abs_diff"] for r in parity)
+    if fp32.select_session is not None:
+        report["fp32"]["select_scores_max_abs_diff"] = max(r["select_scores_max_abs_diff"] for r in parity)
     lm = backbone(model)
     g = report["fp32"]["greedy"] = check_greedy(lm, fp32, prompts, max_new, report["fp32"]["logits_max_abs_diff"], cfg.atol)
     failures = []
@@ -595,6 +711,11 @@ def verify_bundle(
         failures.append(
             f"fp32 label logits (linear head) differ from PyTorch by up to {report['fp32']['label_logits_max_abs_diff']:.3g}, "
             f"above atol={cfg.atol:g}"
+        )
+    if report["fp32"].get("select_scores_max_abs_diff", 0.0) > cfg.atol:
+        failures.append(
+            f"fp32 classification graph ({fp32.config['files']['classifier']}) scores differ from PyTorch by up to "
+            f"{report['fp32']['select_scores_max_abs_diff']:.3g}, above atol={cfg.atol:g}"
         )
     if g["logits_max_abs_diff"] > cfg.atol:
         failures.append(
@@ -634,6 +755,8 @@ def verify_bundle(
         q["size_ratio"] = q["bytes"] / q["fp32_bytes"]
         q["parity"] = check_parity(model, int8, [(1, 1, 0), (2, min(17, model.cfg.max_seq_len), 1)], seed=1)
         q["logits_max_abs_diff"] = max(r["logits_max_abs_diff"] for r in q["parity"])
+        if int8.select_session is not None:  # reported, as the int8 logits; the accuracy check below judges it
+            q["select_scores_max_abs_diff"] = max(r["select_scores_max_abs_diff"] for r in q["parity"])
         q["greedy"] = check_greedy(lm, int8, prompts, max_new, q["logits_max_abs_diff"])  # reported, never a failure
         if "classifier" in report["fp32"] and "accuracy" in report["fp32"]["classifier"]:
             c = q["classifier"] = check_classifier(model, tokenizer, int8, data)
@@ -682,6 +805,16 @@ def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: 
         "score_eop": task.task.score_eop,
         "has_pair": task.has_pair,
         "head": task.task.head,  # linear: the graph's label_logits at the [MASK] are the scores
+        # the vocabulary rows the classification graph scores (its select_scores columns); None: linear head
+        "rows": classifier_rows(
+            {
+                "head": task.task.head,
+                "answer_ids": task.answers,
+                "multi_token": task.task.multi_token,
+                "score_eop": task.task.score_eop,
+            },
+            special_of(tokenizer).eop,
+        ),
         "segments": task.segments,  # token-id lists for the pattern's literal text, or "text"/"text_pair"/"mask"
         "text_budget": task.text_budget,  # text tokens kept; longer texts are cut from their end
     }
@@ -706,7 +839,13 @@ def _bundle_config(
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "files": {"model": MODEL_FILE, "model_int8": INT8_FILE if int8 else None, "tokenizer": _tokenizer_file(tokenizer)[0]},
+        "files": {
+            "model": MODEL_FILE,
+            "model_int8": INT8_FILE if int8 else None,
+            "tokenizer": _tokenizer_file(tokenizer)[0],
+            # the classification graph (SelectGLM): inputs + select_positions (B, N) -> select_scores
+            **({"classifier": CLS_FILE, "classifier_int8": CLS_INT8_FILE if int8 else None} if classifier else {}),
+        },
         "model": {
             "n_layer": c.n_layer,
             "n_head": c.n_head,
@@ -865,9 +1004,13 @@ def export_bundle(
     try:
         t0 = time.perf_counter()
         export_onnx(model, tmp / MODEL_FILE, cfg.opset)
+        if classifier_cfg is not None:
+            export_classifier_onnx(model, tmp / CLS_FILE, classifier_cfg["rows"], cfg.opset)
         export_seconds = time.perf_counter() - t0
         if cfg.quantize_int8:
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)
+            if classifier_cfg is not None:
+                quantize_int8(tmp / CLS_FILE, tmp / CLS_INT8_FILE)
         name, data = _tokenizer_file(tokenizer)
         atomic_write_bytes(tmp / name, data)
         if _released(tokenizer):  # the vocabulary files as released too: glm.released_tokenizer reloads them

@@ -25,6 +25,7 @@ runs and machines, and duplicate texts always land in the same split.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -33,6 +34,7 @@ import logging
 import math
 import re
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -53,6 +55,21 @@ from glm.special_tokens import NUM_SPECIAL, SPECIAL, SpecialTokens, special_of
 from glm.train import autocast_factory, lr_at
 
 logger = logging.getLogger(__name__)
+
+# Who hears of fine-tuning steps besides the log: progress(run, step, total), run = the run directory's name
+# (pretrained, from_scratch). The orchestrator sets it around a stage with `reporting` (tasks/finetuning.py:
+# the Prefect progress artifact); a context variable, so the calls between the stage and the loop stay as they are.
+_PROGRESS: ContextVar[Callable[[str, int, int], None] | None] = ContextVar("glm_finetune_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting(progress: Callable[[str, int, int], None] | None):
+    """Send every fine-tuning step run inside this block to `progress(run, step, total)`."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 class TokenizerLike(Protocol):
@@ -859,6 +876,17 @@ def train_loop(
     warmup = cfg.optim.warmup_for(total_steps) if hasattr(cfg.optim, "warmup_for") else cfg.optim.warmup_steps
     schedule = cfg.optim.model_copy(update={"warmup_steps": warmup})
     untrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # progress where a person waits (the terminal, the Prefect UI), as pretraining's "step N/M loss"
+    run, progress = log.path.parent.name, _PROGRESS.get() or (lambda run, step, total: None)
+    logger.info(
+        "fine-tuning %s: %d steps (%d per epoch), dev %s %.4f before training",
+        run,
+        total_steps,
+        steps_per_epoch,
+        score_key,
+        first[score_key],
+    )
+    progress(run, 0, total_steps)
     best_score, best_rank, best_step, best_state = first[score_key], (-math.inf, -math.inf), 0, untrained_state
     history, bad_evals, step, stop = [first | {"step": 0}], 0, 0, False
     seen, train_seconds, window_loss, window_n = 0, 0.0, 0.0, 0
@@ -896,7 +924,17 @@ def train_loop(
                     lr=lr,
                     examples_per_s=seen / max(train_seconds, 1e-9),
                 )
+                logger.info(
+                    "fine-tune %s step %d/%d loss %.4f lr %.2e examples/s %.0f",
+                    run,
+                    step,
+                    total_steps,
+                    window_loss / window_n,
+                    lr,
+                    seen / max(train_seconds, 1e-9),
+                )
                 window_loss, window_n = 0.0, 0
+            progress(run, step, total_steps)
             if cfg.eval_every:
                 due = step % cfg.eval_every == 0 or step == total_steps
             else:
@@ -911,11 +949,23 @@ def train_loop(
                 else:
                     bad_evals += 1
                     stop = bad_evals >= cfg.patience
+                logger.info(
+                    "fine-tune %s step %d/%d dev %s %.4f (best %.4f at step %d)%s",
+                    run,
+                    step,
+                    total_steps,
+                    score_key,
+                    record[score_key],
+                    best_score,
+                    best_step,
+                    f"; stopping early, {cfg.patience} evaluations without improvement" if stop and step < total_steps else "",
+                )
             if stop or step == total_steps:
                 break
         if stop:
             break
     stopped_early = stop and step < total_steps
+    progress(run, total_steps, total_steps)  # done (early stopping skips the rest)
     kept_untrained = best_step == 0 or rank(first) > best_rank
     if kept_untrained:
         best_score, best_step, best_state = first[score_key], 0, untrained_state

@@ -1,7 +1,8 @@
 """Run an exported GLM bundle with numpy, onnxruntime and sentencepiece only (and `tokenizers` for
 a bundle of a released WordPiece / BPE GLM).
 
-This file is meant to be copied into an application on its own: it imports nothing from
+Apps install it as the `glm-runtime` distribution (runtime/pyproject.toml builds a wheel from this
+very file, as the module `glm_runtime`), or copy this file on its own: it imports nothing from
 `glm` or torch, and reads every id it needs (special tokens, the classifier's pattern
 pieces) from the bundle's config.json. A bundle is a directory written by
 `glm.export.export_bundle`:
@@ -14,6 +15,9 @@ present.{i}.key/value (B, H, P+T, D). P=0 is the prompt pass; each decoding step
 previous presents back as the past. key_start hides left padding (0 = no padding). A classifier
 fine-tuned with a linear head (config.json classifier.head "linear") also returns label_logits
 (B, T, n_labels), read at each text's [MASK]; a verbalizer classifier scores its words' log-probabilities.
+A classifier bundle exported since the classification graph also holds model.cls.onnx (config.json
+files.classifier): it projects only at the positions fed as select_positions (B, N) and returns only
+the verbalizer rows' log-probabilities (or the head's logits); classify/label_scores use it.
 
 Decoding follows glm.generate (docs/method.md section 6): Part A runs once, each blank's span is
 decoded from <sop> at the blank's position id with block positions 1, 2, ...; <eop> moves to
@@ -39,8 +43,9 @@ import onnxruntime as ort
 import sentencepiece as spm
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+__version__ = "1.1.0"  # the glm-runtime distribution's version (runtime/pyproject.toml reads it)
 FORMAT = "glm-onnx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the newest bundle format this runtime reads; glm.export writes it into config.json
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 CURRENT = "current"  # in a run's export/: the symlink to the version apps should load (glm.bundles)
@@ -48,6 +53,10 @@ INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
 GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
 HEADS = ("verbalizer", "linear")
+# the classification graph (files.classifier): the generation graph's inputs plus select_positions (B, N);
+# select_scores (B, N, K) = log P of the vocabulary rows classifier.rows there (linear head: label logits (B, N, L))
+SELECT_INPUT = "select_positions"
+SELECT_OUTPUT = "select_scores"
 
 
 class BundleError(RuntimeError):
@@ -308,6 +317,14 @@ def check_config(config: Any, where: str) -> None:
             f"{where}: 'classifier.answer_ids' must hold non-empty token-id lists within the vocabulary "
             "(one id each unless multi_token); re-export the bundle"
         )
+    rows = c.get("rows")
+    if rows is not None and (
+        not _is_ids(rows, vocab) or not {t for a in c["answer_ids"] for t in a} <= set(rows) or len(set(rows)) != len(rows)
+    ):
+        raise BundleError(
+            f"{where}: field 'classifier.rows' must list distinct token ids holding every answer id, got {rows!r}; "
+            "re-export the bundle"
+        )
     segments = c["segments"]
     if segments.count("mask") != 1 or not all(s in ("text", "text_pair", "mask") or _is_ids(s, vocab) for s in segments):
         raise BundleError(
@@ -331,12 +348,25 @@ def _graph_io(
     return inputs, outputs
 
 
-def check_graph(session: Any, config: dict[str, Any], model_path: Path) -> None:
-    """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json."""
+def _select_graph_io(config: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """(name, onnx type, shape) of the classification graph's inputs and outputs."""
+    m, c = config["model"], config["classifier"]
+    inputs, outputs = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"])
+    width = len(c["labels"]) if c.get("head") == "linear" else len(c.get("rows") or ())
+    n = len(INPUTS)
+    inputs = [*inputs[:n], (SELECT_INPUT, "tensor(int64)", [None, None]), *inputs[n:]]
+    return inputs, [(SELECT_OUTPUT, "tensor(float)", [None, None, width]), *outputs[1:]]
+
+
+def check_graph(session: Any, config: dict[str, Any], model_path: Path, select: bool = False) -> None:
+    """The ONNX graph's inputs and outputs (names, past count, dtypes, ranks, fixed sizes) match config.json
+    (select: the classification graph)."""
     m = config["model"]
     c = config["classifier"]
     n_labels = len(c["labels"]) if c is not None and c.get("head") == "linear" else None
     want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], n_labels)
+    if select:
+        want_in, want_out = _select_graph_io(config)
     for kind, want, got in (("inputs", want_in, session.get_inputs()), ("outputs", want_out, session.get_outputs())):
         have = {a.name: a for a in got}
         missing = [n for n, _, _ in want if n not in have]
@@ -415,8 +445,10 @@ class Bundle:
         session: ort.InferenceSession,
         tokenizer: Any,  # spm.SentencePieceProcessor, or a CommandTokenizer for a released GLM
         model_path: Path | None = None,
+        select_session: ort.InferenceSession | None = None,
     ):
         self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
+        self.select_session = select_session  # the classification graph, if the bundle has one
         self.requested = path  # what the caller named (a symlink such as export/current): changed() re-resolves it
         self.load_options: dict[str, Any] = {}
         self.model_path = model_path or path / config["files"]["model"]
@@ -428,6 +460,8 @@ class Bundle:
         self.literal_ids = {int(k): v for k, v in config["tokenizer"]["literal_ids"].items()}
         self.classifier: dict[str, Any] | None = config.get("classifier")
         self.has_head = self.classifier is not None and self.classifier.get("head") == "linear"
+        rows = (self.classifier or {}).get("rows") or []
+        self.row_column = {t: j for j, t in enumerate(rows)}  # token id -> its column of select_scores
         self.past_names = [n for i in range(self.n_layer) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
         self.present_names = [n for i in range(self.n_layer) for n in (f"present.{i}.key", f"present.{i}.value")]
         # presents stay on the device that computed them (io binding); only logits come back to the host
@@ -505,8 +539,8 @@ class Bundle:
         version = config.get("format_version")
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise BundleError(
-                f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}); "
-                "update runtime.py (glm-pipeline) to read it"
+                f"bundle {path} has format version {version}, newer than this runtime understands ({FORMAT_VERSION}, "
+                f"glm-runtime {__version__}); upgrade it: pip install -U glm-runtime (or update glm-pipeline)"
             )
         check_config(config, str(config_path))
         files = config["files"]
@@ -516,9 +550,15 @@ class Bundle:
         model_file = files["model_int8"] if int8 else files["model"]
         if model_file is None:
             raise BundleError(f"bundle {path} has no int8 model; re-export with export.quantize_int8=true, or load without int8")
+        select_file = None  # the classification graph; bundles from before it classify with the generation graph
+        if config["classifier"] is not None and files.get("classifier"):
+            select_file = files.get("classifier_int8") if int8 else files["classifier"]
+            if select_file is not None:
+                bundle_file(path, select_file, f"{config_path} field 'files.classifier{'_int8' if int8 else ''}'")
+        needed = [files["tokenizer"], model_file, *([select_file] if select_file else [])]
         if verify_checksums:
-            check_bundle_files(path, required=(CONFIG_FILE, files["tokenizer"], model_file))
-        for name in (files["tokenizer"], model_file):
+            check_bundle_files(path, required=(CONFIG_FILE, *needed))
+        for name in needed:
             if not (path / name).is_file():
                 raise BundleError(f"bundle {path} is missing {name}; copy the whole bundle directory or re-export it")
         kind = config["tokenizer"].get("kind", "glm")
@@ -538,14 +578,19 @@ class Bundle:
             raise BundleError(
                 f"{path / files['tokenizer']} is not a loadable {kind} tokenizer ({e}); re-export the bundle"
             ) from None
-        try:
-            session = _session(path / model_file, providers, threads)
-        except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
-            raise BundleError(
-                f"{path / model_file} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export the bundle"
-            ) from None
-        check_graph(session, config, path / model_file)
-        return cls(path, config, session, tokenizer, path / model_file)
+        sessions = []
+        for name in (model_file, select_file):
+            if name is None:
+                sessions.append(None)
+                continue
+            try:
+                sessions.append(_session(path / name, providers, threads))
+            except (_ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph) as e:  # e.g. external data outside
+                raise BundleError(
+                    f"{path / name} is not a loadable ONNX model ({str(e).splitlines()[0][:200]}); re-export the bundle"
+                ) from None
+            check_graph(sessions[-1], config, path / name, select=name == select_file)
+        return cls(path, config, sessions[0], tokenizer, path / model_file, sessions[1])
 
     # ----------------------------------------------------------------- tokens
 
@@ -604,6 +649,24 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no linear classification head (no {LABEL_LOGITS} output)")
         feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
         return self.session.run([LABEL_LOGITS], feeds)[0]
+
+    def run_select(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        block_position_ids: np.ndarray,
+        sep: np.ndarray,
+        positions: np.ndarray,
+        key_start: np.ndarray | None = None,
+        past: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The classification graph: select_scores (B, N, K) at `positions` (B, N) and the presents."""
+        if self.select_session is None:
+            raise BundleError(f"bundle {self.path} has no classification graph (files.classifier); re-export it")
+        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
+        feeds[SELECT_INPUT] = np.ascontiguousarray(positions, np.int64)
+        scores, *presents = self.select_session.run([SELECT_OUTPUT, *self.present_names], feeds)
+        return scores, presents
 
     def _feeds(self, input_ids, position_ids, block_position_ids, sep, key_start, past) -> dict[str, np.ndarray]:
         B = input_ids.shape[0]
@@ -847,6 +910,33 @@ class Bundle:
         # decoding the span alone would drop its leading space (sentencepiece strips it at a text start)
         return full[len(head) :] if full.startswith(head) else self.decode(span)
 
+    def fill_blanks_batch(self, texts: Sequence[str], allow_classifier: bool = False, **decoding: Any) -> list[FillResult]:
+        """fill_blanks for many texts, decoded together in one left-padded batch (decoding: fill_ids' options)."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
+        prompts = [self.encode(t) for t in texts]
+        out = []
+        for prompt, spans in zip(prompts, self.fill_ids(prompts, **decoding)):
+            filled, k = [], 0
+            for t in prompt:
+                if t in self.mask_ids and k < len(spans):
+                    filled += spans[k]
+                    k += 1
+                else:
+                    filled.append(t)
+            out.append(FillResult(self.decode(filled), [self.decode(s) for s in spans], spans))
+        return out
+
+    def generate_batch(self, prompts: Sequence[str], allow_classifier: bool = False, **decoding: Any) -> list[str]:
+        """generate for many prompts, decoded together in one left-padded batch."""
+        self._refuse_generation_on_a_classifier(allow_classifier)
+        ids = [self.encode_text(p) for p in prompts]
+        spans = self.fill_ids([i + [self.special["gmask"]] for i in ids], **decoding)
+        out = []
+        for i, (span,) in zip(ids, spans):
+            head, full = self.decode(i), self.decode(i + span)
+            out.append(full[len(head) :] if full.startswith(head) else self.decode(span))
+        return out
+
     # ----------------------------------------------------------------- cloze classification
 
     @property
@@ -899,9 +989,13 @@ class Bundle:
             ids[r, : len(a) + 1] = a + [self.special["sop"]]
             pos[r, : len(a) + 1] = list(range(len(a))) + [m]
             blk[r, len(a)] = 1
+        first = [a[0] for a in self.classifier["answer_ids"]]
+        if self.select_session is not None:  # project at each <sop> only, the verbalizer rows only
+            scores, _ = self.run_select(ids, pos, blk, sep, sep[:, None])  # (B, 1, K)
+            return scores[:, 0, [self.row_column[t] for t in first]]  # (B, L)
         logits, _ = self.run(ids, pos, blk, sep)  # (B, T, V)
         logp = _log_softmax(logits[np.arange(B), sep])  # (B, V) at each <sop>
-        return logp[:, [a[0] for a in self.classifier["answer_ids"]]]  # (B, L)
+        return logp[:, first]  # (B, L)
 
     def _head_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Linear head: Part A alone per row, right-padded (no real token sees the padding); the label
@@ -911,8 +1005,12 @@ class Bundle:
         for r, (a, _) in enumerate(items):
             ids[r, : len(a)], pos[r, : len(a)] = a, np.arange(len(a))
         sep = np.array([len(a) for a, _ in items], np.int64)  # (B,)
+        mask_pos = np.array([m for _, m in items], np.int64)  # (B,)
+        if self.select_session is not None:  # the head at each [MASK] only
+            scores, _ = self.run_select(ids, pos, np.zeros_like(pos), sep, mask_pos[:, None])  # (B, 1, L)
+            return scores[:, 0].astype(np.float32)  # (B, L)
         label_logits = self.run_label_logits(ids, pos, np.zeros_like(pos), sep)  # (B, T, L)
-        return label_logits[np.arange(B), [m for _, m in items]].astype(np.float32)  # (B, L)
+        return label_logits[np.arange(B), mask_pos].astype(np.float32)  # (B, L)
 
     def _multi_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Summed log P(answer) (+ <eop> if the classifier scores it): Part A once (left-padded), its cache
@@ -924,7 +1022,11 @@ class Bundle:
             ids[r, A - len(a) :], pos[r, A - len(a) :] = a, np.arange(len(a))
         key_start = np.array([A - len(a) for a, _ in items], np.int64)  # (B,)
         sep = np.full(B, A, np.int64)  # (B,)
-        _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
+        select = self.select_session is not None
+        if select:  # Part A's cache; one (discarded) position projected instead of all
+            _, cache = self.run_select(ids, pos, np.zeros_like(pos), sep, np.full((B, 1), A - 1), key_start)
+        else:
+            _, cache = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
         cache = [np.repeat(c, L, axis=0) for c in cache]  # (B*L, H, A, D) each
         # bundles written before score_eop existed always scored the <eop>
         extra = 1 if self.classifier.get("score_eop", True) else 0
@@ -938,8 +1040,14 @@ class Bundle:
         b_ids, b_tgt, b_blk = (np.tile(x, (B, 1)) for x in (b_ids, b_tgt, b_blk))  # (B*L, K) each
         real = b_blk > 0  # (B*L, K)
         b_pos = np.repeat([m for _, m in items], L)[:, None] * real  # (B*L, K)
-        logits, _ = self.run(b_ids, b_pos, b_blk, np.repeat(sep, L), np.repeat(key_start, L), cache)  # (B*L, K, V)
-        logp = np.take_along_axis(_log_softmax(logits), b_tgt[..., None], axis=-1)[..., 0]  # (B*L, K)
+        if select:  # every Part B position, the rows of the answers (and <eop>) only
+            positions = np.tile(np.arange(K), (B * L, 1))  # (B*L, K)
+            rows, _ = self.run_select(b_ids, b_pos, b_blk, np.repeat(sep, L), positions, np.repeat(key_start, L), cache)
+            cols = np.vectorize(lambda t: self.row_column.get(int(t), 0), otypes=[np.int64])(b_tgt)  # (B*L, K); padding: any
+            logp = np.take_along_axis(rows, cols[..., None], axis=-1)[..., 0].astype(np.float64)  # (B*L, K) log P(rows)
+        else:
+            logits, _ = self.run(b_ids, b_pos, b_blk, np.repeat(sep, L), np.repeat(key_start, L), cache)  # (B*L, K, V)
+            logp = np.take_along_axis(_log_softmax(logits), b_tgt[..., None], axis=-1)[..., 0]  # (B*L, K)
         scores = (logp * real).sum(1)  # (B*L,)
         if self.classifier["length_normalise"]:
             scores = scores / real.sum(1)
@@ -1054,3 +1162,370 @@ def infer_command(args: Any) -> int:
     except (BundleError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- batch inference on files
+
+TABLE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+TASKS = ("classify", "fill", "generate")
+
+
+class InputError(ValueError):
+    """A batch-inference input or output file is unusable; the message names it and the fix."""
+
+
+def _table_format(path: Path, role: str) -> str:
+    fmt = TABLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(
+            f"{role} file {path} has the extension {path.suffix or '(none)'!r}; use .jsonl (JSON Lines), .csv or .parquet"
+        )
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401  (optional: only Parquet files need it)
+        except ImportError:
+            raise InputError(f"{role} file {path} is Parquet, which needs pyarrow: pip install 'glm-runtime[parquet]'") from None
+    return fmt
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows of a table file, cheaply (a progress bar's total); None when not known without parsing."""
+    fmt = _table_format(path, "input")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None  # CSV: quoted fields may hold newlines
+
+
+def read_rows(path: Path, batch_size: int = 1024):
+    """Yield lists of row dicts (at most batch_size each) from a JSON Lines, CSV or Parquet file, streaming."""
+    import csv
+
+    fmt = _table_format(path, "input")
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist; pass a .jsonl, .csv or .parquet file of texts")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow's errors have no common base
+            raise InputError(f"input file {path} is not a readable Parquet file ({e}); re-write it") from None
+        for batch in parquet.iter_batches(batch_size=batch_size):
+            yield batch.to_pylist()
+        return
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows: list[dict[str, Any]] = []
+        try:
+            if fmt == "csv":
+                for row in csv.DictReader(f):
+                    if None in row:  # more cells than the header names
+                        raise InputError(
+                            f"input file {path} row {len(rows) + 1}: more fields than the header has columns; quote the text fields"
+                        )
+                    rows.append(row)
+                    if len(rows) == batch_size:
+                        yield rows
+                        rows = []
+            else:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(
+                            f"input file {path} line {n} is not valid JSON ({e.msg}); fix or remove that line"
+                        ) from None
+                    if not isinstance(row, dict):
+                        raise InputError(
+                            f"input file {path} line {n} is a JSON {type(row).__name__}, not an object; write one "
+                            '{"text": ...} object per line'
+                        )
+                    rows.append(row)
+                    if len(rows) == batch_size:
+                        yield rows
+                        rows = []
+        except UnicodeDecodeError as e:
+            raise InputError(f"input file {path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+        except csv.Error as e:
+            raise InputError(f"input file {path} is not valid CSV ({e}); check its quoting") from None
+        if rows:
+            yield rows
+
+
+class _Writer:
+    """Rows to a temporary file beside `path`, renamed onto it by close(): a failure leaves nothing."""
+
+    def __init__(self, path: Path):
+        import os
+        import tempfile
+
+        self.path, self.fmt = path, _table_format(path, "output")
+        if not path.parent.is_dir():
+            raise InputError(f"output directory {path.parent} does not exist; create it or choose another output path")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.file: Any = None
+        self.csv: Any = None
+        self.parquet: Any = None
+        self.schema: Any = None
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import csv
+
+        if self.fmt == "jsonl":
+            if self.file is None:
+                self.file = open(self.tmp, "w", encoding="utf-8")
+            self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        elif self.fmt == "csv":
+            if self.file is None:
+                self.file = open(self.tmp, "w", encoding="utf-8", newline="")
+                self.csv = csv.DictWriter(self.file, fieldnames=list(rows[0]), extrasaction="ignore")
+                self.csv.writeheader()
+            self.csv.writerows(
+                {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in r.items()} for r in rows
+            )
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                table = pa.Table.from_pylist(rows, schema=self.schema)  # later batches keep the first one's column types
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise InputError(
+                    f"output file {self.path}: a column changes type between rows ({e}); make the input's columns "
+                    "consistent or write .jsonl"
+                ) from None
+            if self.parquet is None:
+                self.schema = table.schema
+                self.parquet = pq.ParquetWriter(self.tmp, self.schema)
+            self.parquet.write_table(table)
+
+    def close(self) -> None:
+        import os
+
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        if self.parquet is not None:
+            self.parquet.close()
+        if self.file is None and self.parquet is None:  # no rows at all: an empty file of that format
+            if self.fmt == "parquet":
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.write_table(pa.table({}), self.tmp)
+            else:
+                self.tmp.write_text("")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        for f in (self.file, self.parquet):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception:
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _progress(total: int | None, quiet: bool):
+    """A tqdm bar on stderr if tqdm is installed, else a plain counter line every few seconds."""
+    import sys
+    import time
+
+    if quiet:
+        return lambda n: None, lambda: None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="row", file=sys.stderr, dynamic_ncols=True)
+        return bar.update, bar.close
+    except ImportError:
+        state = {"n": 0, "last": time.monotonic()}
+
+        def update(n: int) -> None:
+            state["n"] += n
+            if time.monotonic() - state["last"] >= 2.0:
+                state["last"] = time.monotonic()
+                print(f"{state['n']}{f'/{total}' if total else ''} rows", file=sys.stderr, flush=True)
+
+        return update, lambda: print(f"{state['n']} rows done", file=sys.stderr, flush=True)
+
+
+def _texts(rows: list[dict[str, Any]], field_name: str, path: Path, first: int, optional: bool = False) -> list[Any]:
+    """The `field_name` text of each row; InputError naming the file, row and column otherwise."""
+    out = []
+    for k, row in enumerate(rows):
+        if field_name not in row:
+            if optional:
+                out.append(None)
+                continue
+            raise InputError(
+                f"input file {path} row {first + k} has no column {field_name!r} (columns: {', '.join(map(str, row)) or 'none'}); "
+                "pass --text-field NAME"
+            )
+        value = row[field_name]
+        if value is None and optional:
+            out.append(None)
+        elif not isinstance(value, str) or not value.strip():
+            raise InputError(
+                f"input file {path} row {first + k} column {field_name!r} is {value!r}, not a non-empty text; "
+                "fix or remove that row"
+            )
+        else:
+            out.append(value)
+    return out
+
+
+def predict(
+    bundle: Bundle,
+    input_path: str | Path,
+    output_path: str | Path,
+    task: str | None = None,
+    text_field: str = "text",
+    text_pair_field: str | None = None,
+    batch_size: int = 32,
+    quiet: bool = False,
+    allow_classifier: bool = False,
+    **decoding: Any,
+) -> int:
+    """Score a table file with `bundle`, streaming, and write the rows with the results added; returns the row count.
+
+    task: classify (label, probability, prob_LABEL per label), fill (filled, spans) or generate
+    (generated); default classify for a classifier bundle, else fill. The output (.jsonl/.csv/.parquet,
+    by extension) is written to a temporary file and renamed into place: an error leaves nothing.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    task = task or ("classify" if bundle.classifier is not None else "fill")
+    if task not in TASKS:
+        raise InputError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+    if task == "classify" and bundle.classifier is None:
+        raise InputError(f"bundle {bundle.path} is not a classifier; use --task fill or --task generate with it")
+    if task != "classify":
+        bundle._refuse_generation_on_a_classifier(allow_classifier)
+    _table_format(input_path, "input")
+    if not input_path.is_file():
+        raise InputError(f"input file {input_path} does not exist; pass a .jsonl, .csv or .parquet file of texts")
+    if output_path.resolve() == input_path.resolve():
+        raise InputError(f"output file {output_path} is the input file; write the results to another path")
+    total = count_rows(input_path)
+    writer = _Writer(output_path)
+    update, done = _progress(total, quiet)
+    n = 0
+    try:
+        for rows in read_rows(input_path, batch_size):
+            texts = _texts(rows, text_field, input_path, n + 1)
+            if task == "classify":
+                pairs = _texts(rows, text_pair_field, input_path, n + 1, optional=True) if text_pair_field else None
+                for row, c in zip(rows, bundle.classify_batch(texts, pairs, batch_size)):
+                    row.update(label=c.label, probability=c.probabilities[c.label])
+                    row.update({f"prob_{lab}": p for lab, p in c.probabilities.items()})
+            else:
+                if task == "fill":
+                    for k, t in enumerate(texts):
+                        if not any(i in bundle.mask_ids for i in bundle.encode(t)):
+                            raise InputError(
+                                f"input file {input_path} row {n + 1 + k} column {text_field!r} has no [MASK], [sMASK] or "
+                                "[gMASK] blank; add one, or use --task generate to continue the text"
+                            )
+                try:
+                    if task == "fill":
+                        for row, r in zip(rows, bundle.fill_blanks_batch(texts, allow_classifier, **decoding)):
+                            row.update(filled=r.text, spans=r.spans)
+                    else:
+                        for row, g in zip(rows, bundle.generate_batch(texts, allow_classifier, **decoding)):
+                            row.update(generated=g)
+                except ValueError as e:
+                    raise InputError(f"input file {input_path} rows {n + 1}-{n + len(rows)}: {e}") from None
+            writer.write(rows)
+            n += len(rows)
+            update(len(rows))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        done()
+    return n
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def add_predict_arguments(parser: Any) -> None:
+    """The batch command's arguments (shared by `glm-runtime predict` and `glm-pipeline predict`)."""
+    parser.add_argument("bundle", help="an exported bundle directory (or a run's export/ or export/current)")
+    parser.add_argument("input", help="texts to score: .jsonl (one JSON object per line), .csv (with a header) or .parquet")
+    parser.add_argument("output", help="where to write the rows with results: .jsonl, .csv or .parquet (written atomically)")
+    parser.add_argument("--task", choices=TASKS, default=None, help="default: classify for a classifier bundle, else fill")
+    parser.add_argument("--text-field", default="text", help="the column holding the text (default: text)")
+    parser.add_argument("--text-pair-field", default=None, help="the column of the second text of a text-pair classifier")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows scored together (default: 32)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: every core available)")
+    parser.add_argument("--int8", action="store_true", help="use the int8-quantized model if the bundle has one")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--allow-classifier", action="store_true", help="let a classifier bundle fill or generate")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def predict_command(args: Any) -> int:
+    """Run the batch command from parsed arguments; errors are one line on stderr, exit code 2."""
+    import sys
+
+    if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --batch-size and --threads must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        bundle = Bundle.load(args.bundle, int8=args.int8, threads=args.threads or _cores())
+        n = predict(
+            bundle,
+            args.input,
+            args.output,
+            args.task,
+            args.text_field,
+            args.text_pair_field,
+            args.batch_size,
+            args.quiet,
+            args.allow_classifier,
+            **(
+                {}
+                if (args.task or ("classify" if bundle.classifier else "fill")) == "classify"
+                else dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            ),
+        )
+    except (BundleError, InputError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {n} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "glm-runtime") -> int:
+    """`glm-runtime`: the installed runtime's command line (predict: batch inference on a file)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=f"glm-runtime {__version__}: run an exported GLM bundle")
+    parser.add_argument("--version", action="version", version=f"glm-runtime {__version__} (bundle format {FORMAT_VERSION})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_predict_arguments(sub.add_parser("predict", help="classify / fill / generate every row of a JSONL, CSV or Parquet file"))
+    args = parser.parse_args(argv)
+    return predict_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1093,16 +1093,19 @@ RUN_DIRS = {"pretrained": "pretrained", "from scratch": "from_scratch"}
 SEQ2SEQ_LOSS_SE = 0.01
 
 
-def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
-    """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
-    from glm.finetune import finetune_from_checkpoint
+def _finetune(cfg: PipelineConfig, paths: RunPaths, progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch).
+
+    progress(run, step, total): each training step (the orchestrator's progress artifact)."""
+    from glm.finetune import finetune_from_checkpoint, reporting
     from glm.tokenizer import load_tokenizer
 
     task_dir = paths.finetune(cfg.finetune.task.name)
     remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
-    results = finetune_from_checkpoint(
-        pretrained_checkpoint(paths), load_tokenizer(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
-    )
+    with reporting(progress):
+        results = finetune_from_checkpoint(
+            pretrained_checkpoint(paths), load_tokenizer(paths.tokenizer_model), cfg.finetune, task_dir, device=_device(cfg)
+        )
     files = [file_entry(p, task_dir) for p in sorted(task_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     headline = "best_val_accuracy" if cfg.finetune.kind == "cloze" else "best_val_loss"
     stats = {

@@ -98,20 +98,29 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class TrainingProgress:
-    """The live pretraining progress artifact: the share of pretrain.steps done.
+    """A live progress artifact: the share of pretrain.steps done (or of a fine-tuning run's steps).
 
     Updates come from every metrics record (in-process training) or every poll of the metrics
     file (subprocess); at most one per `min_interval` seconds is sent, the last one always.
     """
 
-    def __init__(self, cfg: PipelineConfig, total: int, done: int = 0, min_interval: float = 1.0):
-        self.total, self.min_interval, self.shown, self.sent_at = total, min_interval, done, time.monotonic()
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        total: int,
+        done: int = 0,
+        min_interval: float = 1.0,
+        what: str = "pretrain-progress",
+        description: str | None = None,
+    ):
+        self.total, self.min_interval, self.shown, self.sent_at = max(total, 1), min_interval, done, time.monotonic()
+        self.what = what  # the artifact's key after the run's name (fine-tuning: finetune-progress-RUN)
         self.artifact_id = publish(
-            "pretrain-progress",
+            what,
             create_progress_artifact,
             self.percent(done),
-            key=artifact_key(cfg, "pretrain-progress"),
-            description=f"Pretraining steps done of {total}",
+            key=artifact_key(cfg, what),
+            description=description or f"Pretraining steps done of {total}",
         )
 
     def percent(self, step: int) -> float:
@@ -122,7 +131,7 @@ class TrainingProgress:
         if step == self.shown or not final and now - self.sent_at < self.min_interval:
             return
         self.shown, self.sent_at = step, now
-        publish("pretrain-progress", lambda value: update_progress_artifact(self.artifact_id.result(), value), self.percent(step))
+        publish(self.what, lambda value: update_progress_artifact(self.artifact_id.result(), value), self.percent(step))
 
 
 # --------------------------------------------------------------------------- what each stage shows

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from glm_pipeline.tasks import artifacts
+from glm_pipeline.tasks.finetuning import finetune_hooks
 from glm_pipeline.tasks.options import TASK_OPTIONS, cached, cached_result
 from glm_pipeline.tasks.training import training_hooks
 from prefect import Task, task
@@ -60,7 +61,7 @@ ARTIFACTS: dict[str, Callable[[PipelineConfig, stages.RunPaths], None]] = {
 EVEN_WHEN_FAILED = {"validate-corpus", "validate-tokens"}  # a failed quality gate's results are what to look at
 
 # stage -> (cfg) -> keyword arguments only its build takes, made for this task run
-HOOKS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {"pretrain": training_hooks}
+HOOKS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {"pretrain": training_hooks, "finetune": finetune_hooks}
 
 
 @dataclasses.dataclass(frozen=True)

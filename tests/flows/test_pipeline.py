@@ -69,6 +69,7 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
         "token-statistics": "table",
         "token-validation": "table",
         "pretrain-progress": "progress",
+        "finetune-progress-pretrained": "progress",
         "pretrain-loss": "table",
         "finetune-results": "table",
         "evaluation-report": "markdown",
@@ -82,6 +83,7 @@ def test_every_artifact_is_visible_through_the_api(two_runs):
     for key, kind in expected.items():
         assert found[f"tiny-e2e-{key}"].type == kind, key
     assert float(found["tiny-e2e-pretrain-progress"].data) == pytest.approx(100.0)
+    assert float(found["tiny-e2e-finetune-progress-pretrained"].data) == pytest.approx(100.0)
     report = found["tiny-e2e-evaluation-report"].data
     assert "data:image/png;base64," in report and "](accuracy.png)" not in report  # plots render in the UI
     bundle = found["tiny-e2e-onnx-bundle"].data  # no file:// link (browsers refuse it): text to copy

@@ -123,9 +123,17 @@ def lm_bundle(built) -> runtime.Bundle:
 
 
 def test_bundle_holds_the_listed_files_with_sha256sum_checksums(built):
-    for bundle in (built.lm_bundle, built.clf_bundle):
+    for bundle, graphs in ((built.lm_bundle, []), (built.clf_bundle, ["model.cls.int8.onnx", "model.cls.onnx"])):
         names = sorted(p.name for p in bundle.iterdir())
-        assert names == ["SHA256SUMS", "config.json", "model.int8.onnx", "model.onnx", "tokenizer.model", "verification.json"]
+        assert names == [
+            "SHA256SUMS",
+            "config.json",
+            *graphs,
+            "model.int8.onnx",
+            "model.onnx",
+            "tokenizer.model",
+            "verification.json",
+        ]
         lines = (bundle / "SHA256SUMS").read_text().splitlines()
         assert [line.split("  ")[1] for line in lines] == [n for n in names if n != "SHA256SUMS"]
         for line in lines:
@@ -352,9 +360,66 @@ def test_classifier_scores_equal_score_cloze_including_odd_and_long_texts(built)
         " ".join(["very good"] * 80),  # longer than the model: cut from its end, like fine-tuning
     ]
     ref = ft.score_cloze(model, tok, texts, SINGLE)
+    assert bundle.select_session is not None  # scored by the classification graph
     got = bundle.label_scores(texts)
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert [bundle.classify(t).label for t in texts] == [["0", "1"][i] for i in ref.argmax(1)]
+
+
+def test_classifier_bundle_scores_with_a_graph_that_projects_only_the_selected_positions_and_rows(built):
+    config = json.loads((built.clf_bundle / "config.json").read_text())
+    c, files = config["classifier"], config["files"]
+    assert files["classifier"] == "model.cls.onnx" and files["classifier_int8"] == "model.cls.int8.onnx"
+    assert c["rows"] == sorted(a[0] for a in c["answer_ids"])  # single-token: only the verbalizers' rows
+    graph = onnx.load(built.clf_bundle / files["classifier"], load_external_data=False).graph
+    assert [i.name for i in graph.input][:6] == [*runtime.INPUTS, "select_positions"]
+    out = graph.output[0]
+    assert out.name == "select_scores" and out.type.tensor_type.shape.dim[2].dim_value == len(c["rows"])
+    report = json.loads((built.clf_bundle / "verification.json").read_text())
+    assert all("select_scores_max_abs_diff" in r for r in report["fp32"]["parity"])  # the whole grid of shapes
+    assert report["fp32"]["select_scores_max_abs_diff"] <= report["atol"]
+    assert "select_scores_max_abs_diff" in report["int8"]
+    bundle = runtime.Bundle.load(built.clf_bundle, threads=1)
+    ids = np.array([[20, 21, 22, 23]])  # (1, 4)
+    zeros = np.zeros_like(ids)
+    scores, presents = bundle.run_select(ids, np.arange(4)[None], zeros, np.array([4]), np.array([[3, 0, 1]]))
+    assert scores.shape == (1, 3, len(c["rows"])) and presents[0].shape[2] == 4
+    logits, _ = bundle.run(ids, np.arange(4)[None], zeros, np.array([4]))  # (1, 4, V) the generation graph
+    logp = logits[0, [3, 0, 1]] - np.log(np.exp(logits[0, [3, 0, 1]].astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(scores[0], logp[:, c["rows"]], atol=1e-4)
+
+
+def _with_classification_graph(built, tmp_path, model, tok, task_cfg) -> runtime.Bundle:
+    """The clf bundle's generation graph with `task_cfg`'s spec and its own exported classification graph."""
+    import onnxruntime as ort
+
+    spec = {"kind": "cloze", **ft.ClozeTask(tok, task_cfg, 64).spec()}
+    base = runtime.Bundle.load(built.clf_bundle, threads=1)
+    config = {**base.config, "classifier": export._classifier_config(spec, tok, 64)}
+    path = export.export_classifier_onnx(model, tmp_path / "cls.onnx", config["classifier"]["rows"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runtime.check_graph(session, config, path, select=True)
+    return runtime.Bundle(base.path, config, base.session, base.tokenizer, select_session=session)
+
+
+@pytest.mark.parametrize("score_eop", [False, True])
+def test_multi_token_scoring_through_the_classification_graph_matches_pytorch(built, tmp_path, score_eop):
+    model, _ = load_model(built.clf_checkpoint)
+    tok = Tokenizer.load(built.tokenizer)
+    multi = ClozeTaskConfig(
+        pattern="{text} It was [MASK].",
+        verbalizers={"0": "not good at all", "1": "good", "2": "very bad"},
+        multi_token=True,
+        length_normalise=True,
+        score_eop=score_eop,
+    )
+    bundle = _with_classification_graph(built, tmp_path, model, tok, multi)
+    rows = bundle.classifier["rows"]
+    assert (SPECIAL.eop in rows) == score_eop and set(rows) == {t for a in bundle.classifier["answer_ids"] for t in a} | (
+        {SPECIAL.eop} if score_eop else set()
+    )
+    texts = ["the movie was good", "bad", "a very very long story film plot really quite an acting " * 3]
+    np.testing.assert_allclose(bundle.label_scores(texts), ft.score_cloze(model, tok, texts, multi), atol=1e-4)
 
 
 @pytest.mark.parametrize("score_eop", [False, True])

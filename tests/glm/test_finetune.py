@@ -833,3 +833,25 @@ def test_when_every_attempt_collapses_the_best_on_dev_is_kept_and_flagged(tok, t
     off = FinetuneConfig(task=SINGLE, optim={"lr": 0.9}, collapse_guard={"enabled": False})
     _, attempts = ft.train_with_collapse_guard(model, off, tmp_path / "off", train_once, [0] * 10 + [1] * 10, ["0", "1"])
     assert len(attempts) == 1 and attempts[0]["kept"] and not attempts[0]["collapsed"]
+
+
+# --------------------------------------------------------------------------- progress where a person waits
+
+
+def test_fine_tuning_reports_each_step_and_logs_step_n_of_m_as_pretraining_does(tok, tmp_path, caplog):
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    cfg = FinetuneConfig(
+        task=SINGLE, epochs=2, batch_size=16, log_every=3, patience=5, optim=OptimConfig(lr=1e-3, warmup_steps=1)
+    )
+    heard = []
+    with caplog.at_level("INFO", logger="glm.finetune"), ft.reporting(lambda run, step, total: heard.append((run, step, total))):
+        result = ft.finetune_cloze(model, tok, cfg, tmp_path / "pretrained", examples=sentiment_examples(120))
+    total = heard[0][2]
+    assert heard[0] == ("pretrained", 0, total) and heard[-1] == ("pretrained", total, total) and total == result["steps"] > 3
+    first_attempt = heard[: heard.index(("pretrained", total, total)) + 1]  # a collapse guard's retry starts again at 0
+    assert [s for _, s, _ in first_attempt] == list(range(0, total + 1))  # every step, in order
+    lines = [r.getMessage() for r in caplog.records if r.name == "glm.finetune"]
+    assert any(line.startswith(f"fine-tune pretrained step 3/{total} loss ") for line in lines), lines
+    assert any(f"/{total} dev val_accuracy " in line for line in lines)
+    ft.finetune_cloze(model, tok, cfg.model_copy(update={"epochs": 1}), tmp_path / "again", examples=sentiment_examples(40))
+    assert heard[-1][0] == "pretrained"  # outside `reporting` nothing is sent

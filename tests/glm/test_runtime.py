@@ -53,11 +53,13 @@ def test_runtime_imports_only_numpy_onnxruntime_sentencepiece_and_the_standard_l
             assert node.level == 0, "relative imports tie runtime.py to its package"
             imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
-    # `tokenizers` only for bundles of released WordPiece/BPE GLMs, imported where such a bundle is loaded
-    assert third_party - {"tokenizers"} == {"numpy", "onnxruntime", "sentencepiece"}
+    # optional, imported where needed: `tokenizers` for bundles of released WordPiece/BPE GLMs, `pyarrow`
+    # for Parquet files and `tqdm` for the progress bar of the batch command
+    optional = {"tokenizers", "pyarrow", "tqdm"}
+    assert third_party - optional == {"numpy", "onnxruntime", "sentencepiece"}
     top_level = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top_level |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
-    assert "tokenizers" not in top_level
+    assert not top_level & optional
 
 
 def test_a_copy_of_runtime_py_alone_runs_a_bundle_without_torch_or_glm(built, tmp_path):
@@ -97,7 +99,10 @@ def _edit_config(bundle: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda b: _edit_config(b, format_version=2), "format version 2, newer than this runtime understands \\(1\\)"),
+        (
+            lambda b: _edit_config(b, format_version=2),
+            "format version 2, newer than this runtime understands \\(1, glm-runtime .*pip install -U glm-runtime",
+        ),
         (lambda b: (b / "tokenizer.model").unlink(), "missing tokenizer.model"),
         (lambda b: (b / "model.onnx").open("ab").write(b"\0"), "model.onnx does not match its checksum"),
         (lambda b: (b / "SHA256SUMS").unlink(), "has no SHA256SUMS"),
@@ -240,6 +245,29 @@ def test_classifier_fields_are_checked_at_load(built, tmp_path):
     _edit_config(bundle, classifier__labels=["0"])
     with pytest.raises(runtime.BundleError, match=r"'classifier.labels' \(\['0'\]\) needs one string per"):
         runtime.Bundle.load(bundle)
+
+
+def test_classifier_rows_must_hold_the_answers(built, tmp_path):
+    bundle = tmp_path / "clf"
+    shutil.copytree(built.clf_bundle, bundle)
+    _edit_config(bundle, classifier__rows=[5])
+    with pytest.raises(runtime.BundleError, match=r"'classifier.rows' must list distinct token ids holding every answer id"):
+        runtime.Bundle.load(bundle)
+
+
+def test_a_classifier_bundle_without_the_classification_graph_classifies_with_the_generation_graph(built, clf, tmp_path):
+    """Bundles exported before the classification graph keep working, with the same scores."""
+    bundle = tmp_path / "clf"
+    shutil.copytree(built.clf_bundle, bundle)
+    for name in ("model.cls.onnx", "model.cls.int8.onnx"):
+        (bundle / name).unlink()
+    _without("files", "classifier")(bundle)
+    _without("files", "classifier_int8")(bundle)
+    old = runtime.Bundle.load(bundle, threads=1)
+    assert old.select_session is None and clf.select_session is not None
+    texts = ["the movie was good", "a bad film", "good " * 80]
+    np.testing.assert_allclose(old.label_scores(texts), clf.label_scores(texts), atol=1e-4)
+    assert runtime.Bundle.load(built.clf_bundle, int8=True, threads=1).select_session is not None
 
 
 def test_good_bundles_still_load_also_through_a_symlinked_directory(built, tmp_path):

@@ -69,6 +69,31 @@ def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_
     assert sent == [("create", 25.0, "demo-pretrain-progress"), ("id-1", 50.0), ("id-1", 75.0)]
 
 
+def test_fine_tuning_progress_is_one_artifact_per_run(monkeypatch):
+    from glm_pipeline.tasks import artifacts
+    from glm_pipeline.tasks.finetuning import FinetuneProgress
+
+    from glm.config import PipelineConfig
+
+    sent = []
+    ids = iter(["id-1", "id-2"])
+    monkeypatch.setattr(
+        artifacts, "create_progress_artifact", lambda value, **kw: sent.append(("create", value, kw["key"])) or next(ids)
+    )
+    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda artifact_id, value: sent.append((artifact_id, value)))
+    progress = FinetuneProgress(PipelineConfig(name="Demo"))
+    for run in ("pretrained", "from_scratch"):
+        for step in range(0, 9):
+            progress(run, step, 8)  # within the poll interval: only the first and the last are sent
+    artifacts.wait_sent()
+    assert sent == [
+        ("create", 0.0, "demo-finetune-progress-pretrained"),
+        ("id-1", 100.0),
+        ("create", 0.0, "demo-finetune-progress-from-scratch"),
+        ("id-2", 100.0),
+    ]
+
+
 # --------------------------------------------------------------------------- the ONNX bundle
 
 
