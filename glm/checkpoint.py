@@ -272,6 +272,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- load
 
+HEAD_PREFIX = "head."  # a classification head's weights (glm.heads); no GLM parameter name starts with it
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the GLM's weights, the head's weights without the prefix) of a checkpoint's flat state."""
+    glm = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    return glm, head
+
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / MODEL_FILE))
@@ -285,33 +294,11 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """A GLM in eval mode and its ModelConfig from a step directory or a run's latest checkpoint.
 
-    A linear-head classifier's checkpoint gives its GLM alone (load_finetuned adds the head)."""
-    from glm.heads import split_state
+    A linear-head classifier's checkpoint gives its GLM alone (glm.heads.load_finetuned adds the head)."""
     from glm.model import GLM
 
     path = resolve_checkpoint(checkpoint_dir)
     cfg = ModelConfig.model_validate(read_meta(path)["model_config"])
     model = GLM(cfg)
     model.load_state_dict(split_state(load_model_state(path))[0], strict=True)
-    return model.to(device).eval(), cfg
-
-
-def load_finetuned(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
-    """What a fine-tuned checkpoint holds, in eval mode: the GLM, or for task.head linear the GLM and its
-    classification head (glm.heads.GLMClassifier), as fine-tuning scored with them."""
-    from glm.heads import GLMClassifier, head_from_state, split_state
-    from glm.model import GLM
-
-    path = resolve_checkpoint(checkpoint_dir)
-    meta = read_meta(path)
-    cfg = ModelConfig.model_validate(meta["model_config"])
-    model_state, head_state = split_state(load_model_state(path))
-    model = GLM(cfg)
-    model.load_state_dict(model_state, strict=True)
-    if (meta.get("finetune") or {}).get("head") == "linear":
-        model = GLMClassifier(model, head_from_state(head_state, str(path)))
-    elif head_state:
-        raise CheckpointError(
-            f"{path}: model.safetensors holds head weights but meta.json names no linear head; re-run fine-tuning"
-        )
     return model.to(device).eval(), cfg

@@ -50,7 +50,7 @@ from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import NUM_SPECIAL, SPECIAL, SpecialTokens, special_of
-from glm.train import autocast_factory, lr_at
+from glm.step import autocast_factory, lr_at
 
 logger = logging.getLogger(__name__)
 

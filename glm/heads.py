@@ -8,24 +8,25 @@ whole text) and applies Linear(hidden, n_labels); training is cross-entropy on t
 The GLM stays the single nanoGPT-style model: the head is a separate module, composed with it
 by `GLMClassifier` for training and scoring. A fine-tuned checkpoint stores the head next to the
 model's own weights in the same model.safetensors under `head.*` (covered by the checkpoint's
-checksum); `glm.checkpoint.load_finetuned` composes them again.
+checksum); `load_finetuned` below composes them again.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from glm.config import ClozeTaskConfig
+from glm.checkpoint import HEAD_PREFIX, CheckpointError, load_model_state, read_meta, resolve_checkpoint, split_state
+from glm.config import ClozeTaskConfig, ModelConfig
 from glm.special_tokens import SPECIAL, special_of
 
 if TYPE_CHECKING:
     from glm.finetune import EncodedCloze
     from glm.model import GLM
 
-HEAD_PREFIX = "head."  # no GLM parameter name starts with it (wte, wpe, wbpe, blocks, ln_f, rotary)
 INIT_STD = 0.02  # the model's own Linear init (glm.model.GLM._init_weights)
 
 
@@ -111,13 +112,6 @@ def attach_head(model: GLM, n_labels: int, seed: int) -> GLMClassifier:
     return GLMClassifier(model, head.to(next(model.parameters()).device))
 
 
-def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the GLM's weights, the head's weights without the prefix) of a checkpoint's flat state."""
-    glm = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
-    head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    return glm, head
-
-
 def head_from_state(state: dict[str, torch.Tensor], where: str) -> ClassificationHead:
     if set(state) != {"weight", "bias"} or state["weight"].dim() != 2:
         raise ValueError(
@@ -164,7 +158,7 @@ def head_scores(model: nn.Module, items: Sequence[EncodedCloze]) -> torch.Tensor
     if not isinstance(model, GLMClassifier):
         raise TypeError(
             f"task.head is linear but the model is a {type(model).__name__} without a head; "
-            "load a fine-tuned checkpoint with glm.checkpoint.load_finetuned"
+            "load a fine-tuned checkpoint with glm.heads.load_finetuned"
         )
     device = next(model.parameters()).device
     rows = head_rows(items, special_of(model).pad)
@@ -187,3 +181,23 @@ def linear_spec(task: Any) -> dict[str, Any]:
         "scores": "logits of the linear head (checkpoint head.weight, head.bias) on the final hidden state at [MASK], "
         "Part A only; the label distribution is their softmax",
     }
+
+
+def load_finetuned(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    """What a fine-tuned checkpoint holds, in eval mode: the GLM, or for task.head linear the GLM and its
+    classification head (glm.heads.GLMClassifier), as fine-tuning scored with them."""
+    from glm.model import GLM
+
+    path = resolve_checkpoint(checkpoint_dir)
+    meta = read_meta(path)
+    cfg = ModelConfig.model_validate(meta["model_config"])
+    model_state, head_state = split_state(load_model_state(path))
+    model = GLM(cfg)
+    model.load_state_dict(model_state, strict=True)
+    if (meta.get("finetune") or {}).get("head") == "linear":
+        model = GLMClassifier(model, head_from_state(head_state, str(path)))
+    elif head_state:
+        raise CheckpointError(
+            f"{path}: model.safetensors holds head weights but meta.json names no linear head; re-run fine-tuning"
+        )
+    return model.to(device).eval(), cfg

@@ -81,7 +81,6 @@ from glm.checkpoint import (
 from glm.config import (
     ConfigError,
     ModelConfig,
-    OptimConfig,
     PipelineConfig,
     TrainConfig,
     add_override_argument,
@@ -113,6 +112,7 @@ from glm.metrics import MetricsLog
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.shards import ManifestError
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.step import autocast_dtype, autocast_factory, cpu_has_fast_bf16, lr_at  # noqa: F401  (glm.train's names too)
 
 log = logging.getLogger("glm.train")  # also when run as __main__
 
@@ -170,56 +170,7 @@ class TrainResult:
     elapsed: float  # seconds of training, summed over resumed runs
 
 
-# --------------------------------------------------------------------------- schedule, precision, MFU
-
-
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Learning rate for the update that follows `step` completed updates (0-based).
-
-    Linear warmup to optim.lr over warmup_steps updates (the first update uses lr/warmup),
-    then cosine decay reaching min_lr_ratio x lr at the last update and staying there.
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    min_lr = optim.lr * optim.min_lr_ratio
-    decay_steps = total_steps - optim.warmup_steps - 1
-    progress = 1.0 if decay_steps <= 0 else min(1.0, (step - optim.warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (optim.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls with AVX512/AMX kernels on this CPU (else PyTorch emulates bf16)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:  # a build without oneDNN
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast dtype, or None for plain fp32. `auto`: bf16 on CUDA (if supported), fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return None
-    if device.type == "cpu" and not cpu_has_fast_bf16():
-        # measured on an AVX2-only EPYC: 50 s per `small` step in bf16 against 1.3 s in fp32 (benchmarks/pretrain.py)
-        log.warning(
-            "precision=bf16 on a CPU without AVX512/AMX bf16 kernels: PyTorch emulates bf16 and "
-            "trains ~40x slower than fp32; set precision=auto (fp32 on CPU) or fp32"
-        )
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if precision == "bf16":
-            raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use precision=fp32")
-        log.warning("this GPU has no bf16 support; training in fp32")
-        return None
-    return torch.bfloat16
-
-
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A zero-argument factory of the autocast context for `precision` on `device` (a no-op for fp32)."""
-    dtype = autocast_dtype(precision, device)
-    return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+# --------------------------------------------------------------------------- MFU (schedule and precision: glm.step)
 
 
 # dense (no sparsity) tensor-core peaks (FLOP/s) from NVIDIA's data sheets, matched as fragments

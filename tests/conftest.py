@@ -51,3 +51,20 @@ def holder(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def swap_registry():
+    """use(stages...): the pipeline's REGISTRY holds only these stages for the test (the one dict every
+    module reads, filled in place and restored, in order, afterwards)."""
+    from glm.pipeline.engine import REGISTRY
+
+    saved = dict(REGISTRY)
+
+    def use(*declared):
+        REGISTRY.clear()
+        REGISTRY.update({st.name: st for st in declared})
+
+    yield use
+    REGISTRY.clear()
+    REGISTRY.update(saved)

@@ -14,7 +14,7 @@ from tests.flows.api import states, task_runs
 
 
 @pytest.fixture
-def toy_registry(monkeypatch):
+def toy_registry(swap_registry):
     """ingest, then a toy stage that counts the documents per split: declared once, nowhere else."""
     built = []
 
@@ -26,10 +26,8 @@ def toy_registry(monkeypatch):
         (out / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
         write_manifest(out, "counts", [file_entry(out / "counts.json", out)], inputs=[paths.docs / "manifest.json"], stats=counts)
 
-    toy = stages.Stage(
-        "count-docs", "data", ("corpus",), "counts/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs
-    )
-    monkeypatch.setattr(stages, "REGISTRY", {"ingest": stages.REGISTRY["ingest"], toy.name: toy})
+    toy = stages.Stage("count-docs", "data", "counts/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs)
+    swap_registry(stages.REGISTRY["ingest"], toy)
     return built
 
 

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from glm import export, heads, runtime
 from glm import finetune as ft
-from glm.checkpoint import CheckpointError, load_finetuned, load_model, read_meta, save_checkpoint
+from glm.checkpoint import CheckpointError, load_model, read_meta, save_checkpoint
 from glm.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig
+from glm.heads import load_finetuned
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
 from glm.tokenizer import Tokenizer

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import glm.step as step
 import glm.train as train
 from glm import infilling
 from glm.checkpoint import MODEL_FILE, latest_checkpoint, load_model
@@ -334,12 +335,12 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, caplog):
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(step, "cpu_has_fast_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger=train.log.name):
         assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: honoured, with a warning
         assert autocast_dtype("auto", torch.device("cpu")) is None
     assert [r.getMessage() for r in caplog.records if "emulates bf16" in r.getMessage()], caplog.text
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(step, "cpu_has_fast_bf16", lambda: True)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=train.log.name):
         assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
