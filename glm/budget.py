@@ -233,6 +233,7 @@ def finetune_steps(
     Evaluations run every cfg.eval_every steps, else once an epoch. An explicitly set `finetune.epochs`
     caps the steps, as `pretrain.steps` caps a pretraining budget."""
     from glm.model import configure_optimizer
+    from glm.step import fine_tuning_step
 
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -244,11 +245,7 @@ def finetune_steps(
             first = (step * cfg.batch_size) % max(1, len(items))
             batch = list(items[first : first + cfg.batch_size]) or list(items[: cfg.batch_size])
             t0 = time.perf_counter()
-            with autocast():
-                loss = loss_fn(probe, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            fine_tuning_step(probe, optimizer, cfg.optim.lr, cfg, autocast, loss_fn, batch)  # the step that trains
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= WARMUP_STEPS:

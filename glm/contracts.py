@@ -2,7 +2,7 @@
 
 Stages talk through files (glm/shards.py), so a contract is a JSON shape. Each is declared once
 here as a TypedDict; the registry (glm.stages.Stage.stats) checks what a stage wrote against its
-declaration before stamping it, and readers get typed values from `read_stats`. A renamed or
+declaration before stamping it, and readers get typed values from `glm.shards.read_stats`. A renamed or
 missing key therefore fails where it is written, naming the stage and the key, instead of as a
 KeyError in whichever module reads it next. Extra keys are allowed (a stage may record more than
 its contract); the declared keys and their types are what other code may rely on.
@@ -14,7 +14,6 @@ TypedDict is that JSON with a name and a schema (pydantic validates it), without
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -219,10 +218,3 @@ def check(shape: type[T], value: Any, what: str) -> T:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors()[:5])
         raise ContractError(f"{what} does not have the shape of {shape.__name__}: {problems}") from None
     return value
-
-
-def read_stats(path: str | Path, shape: type[T]) -> T:
-    """The stats of the manifest at `path` (a stage directory or its manifest.json), checked against `shape`."""
-    from glm.shards import _manifest_path, read_manifest
-
-    return check(shape, read_manifest(path)["stats"], f"the stats of {_manifest_path(path)}")

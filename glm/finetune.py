@@ -50,7 +50,7 @@ from glm.metrics import MetricsLog
 from glm.model import configure_optimizer, infilling_loss
 from glm.shards import atomic_write_json, atomic_write_text
 from glm.special_tokens import NUM_SPECIAL, SPECIAL, SpecialTokens, special_of
-from glm.step import autocast_factory, lr_at
+from glm.step import autocast_factory, fine_tuning_step, lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -869,22 +869,14 @@ def train_loop(
             t0 = time.perf_counter()
             batch = [train_items[i] for i in indices]
             lr = lr_at(step, schedule, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast():
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
+            done = fine_tuning_step(model, optimizer, lr, cfg, autocast, loss_fn, batch)
+            if done.skipped:
                 raise FloatingPointError(
-                    f"non-finite fine-tuning loss ({float(loss.detach())}) at step {step + 1}; lower finetune.optim.lr "
-                    "or check the inputs (the best weights so far are not saved)"
+                    f"non-finite fine-tuning loss ({done.loss}) or gradient norm ({done.grad_norm}) at step {step + 1}; "
+                    "lower finetune.optim.lr or check the inputs (the best weights so far are not saved)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
             step, seen = step + 1, seen + len(batch)
-            window_loss, window_n = window_loss + float(loss.detach()), window_n + 1
+            window_loss, window_n = window_loss + done.loss, window_n + 1
             train_seconds += time.perf_counter() - t0
             epoch_pos = epoch + (b + 1) / len(batches)
             if step % cfg.log_every == 0 or step == total_steps:

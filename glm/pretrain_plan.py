@@ -34,20 +34,21 @@ def measure_pretrain_steps(
     device: torch.device,
     objective_mix: dict[str, float] | None = None,
 ) -> dict[str, Measurement]:
-    """Time WARMUP_STEPS + MEASURE_STEPS real optimizer steps (glm.train's gradient accumulation, clipping,
-    AdamW) of a fresh model per precision, initialised as training initialises it, each on `batches()` (a
+    """Time WARMUP_STEPS + MEASURE_STEPS real optimizer steps (glm.train.pretrain_step: the step training
+    takes, with its gradient accumulation, clipping, non-finite skip and AdamW) of a fresh model per precision, initialised as training initialises it, each on `batches()` (a
     fresh iterator of micro-batches) with the same dropout masks; nothing is kept. The precisions alternate
     step by step, so load from other processes hits them alike. One process: with several, each rank's
     step adds the gradient all-reduce to this."""
     from glm.distributed import DistInfo
     from glm.model import GLM, configure_optimizer
-    from glm.train import _accumulate_gradients, _mixed_loss, autocast_factory, evaluate, mix_weights
+    from glm.train import autocast_factory, evaluate, mix_weights, pretrain_step
 
     started = time.perf_counter()
     info = DistInfo(device=device)
     mix = mix_weights(objective_mix)  # the data's objective mix weighs the loss, as in training
     runs = {}
     gradients: dict[int, list[torch.Tensor]] = {}
+    lr = cfg.optim.lr / max(1, cfg.optim.warmup_steps)  # the first step's rate
     for precision in precisions:
         torch.manual_seed(cfg.seed)
         model = GLM(model_cfg).to(device).train()
@@ -55,24 +56,19 @@ def measure_pretrain_steps(
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
             model.compile()
         optimizer = configure_optimizer(model, cfg.optim, device.type)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.optim.lr / max(1, cfg.optim.warmup_steps)  # the first step's rate
         runs[precision] = (model, optimizer, autocast_factory(precision, device), batches(), [], [])
     for step in range(WARMUP_STEPS + MEASURE_STEPS):
         for model, optimizer, autocast, it, times, losses in runs.values():
             torch.manual_seed(cfg.seed + 1 + step)  # the same dropout masks in every precision
             t0 = time.perf_counter()
-            totals, _, _, groups, by_task = _accumulate_gradients(model, it, cfg.grad_accum, step, cfg, autocast, info, mix)
-            n = max(float(totals[1]), 1.0)
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(1.0 / n)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            keep = None
             if step < 2 and len(runs) > 1:  # the first step's gradients of all precisions, fp32's second
-                gradients.setdefault(id(model), []).append(_flat_gradient(model))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(_mixed_loss(by_task, groups.counts, mix) if groups is not None else float(totals[0]) / n)
+
+                def keep(m: torch.nn.Module = model) -> None:
+                    gradients.setdefault(id(m), []).append(_flat_gradient(m))
+
+            done = pretrain_step(model, optimizer, it, step, lr, cfg, autocast, info, mix, cfg.grad_accum, inspect=keep)
+            losses.append(done.loss)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step >= WARMUP_STEPS:

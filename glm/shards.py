@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from glm.contracts import FileEntry, Manifest
+from glm.contracts import FileEntry, Manifest, T, check
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -332,3 +332,8 @@ def _inside(path: Path, directory: Path) -> bool:
 
 def stage_is_complete(directory: str | Path, deep: bool = False) -> bool:
     return not verify_manifest(directory, deep=deep)
+
+
+def read_stats(path: str | Path, shape: type[T]) -> T:
+    """The stats of the manifest at `path` (a stage directory or its manifest.json), checked against `shape`."""
+    return check(shape, read_manifest(path)["stats"], f"the stats of {_manifest_path(path)}")

@@ -9,9 +9,10 @@ config (for ConfigError).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -70,3 +71,78 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     """A zero-argument factory of the autocast context for `precision` on `device` (a no-op for fp32)."""
     dtype = autocast_dtype(precision, device)
     return lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the optimizer step
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float  # the step's loss, as `backward` reported it
+    grad_norm: float  # the gradients' total norm before clipping (after scaling)
+    skipped: bool  # the loss or the gradient norm was not finite: no update was made
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
+    return float(full)
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    grad_clip: float,
+    backward: Callable[[], tuple[float, float]],
+    inspect: Callable[[], None] | None = None,
+) -> StepResult:
+    """One training step, the same for pretraining, fine-tuning and a budget's measurement.
+
+    `backward()` runs the forward passes, the loss and its backward over the step's micro-batches
+    (gradient accumulation is the caller's: a token sum for pretraining, one mean for fine-tuning)
+    and returns (the step's loss, the factor that turns the accumulated gradients into the mean's).
+    Then the gradients are scaled, clipped to `grad_clip` (0: not clipped, the norm still measured),
+    `inspect()` may look at them, and the update is made unless the loss or the gradient norm is not
+    finite (a skipped step: the caller decides how many it tolerates). Gradients are cleared before
+    and after, so nothing leaks into the next step.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss, grad_scale = backward()
+    if grad_scale != 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(grad_scale)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if inspect is not None:
+        inspect()
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, norm, skipped)
+
+
+def fine_tuning_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    cfg: Any,  # finetune config: its optim.grad_clip
+    autocast: Callable[[], Any],
+    loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor],
+    batch: Sequence[Any],
+) -> StepResult:
+    """One fine-tuning step (glm.step.optimizer_step): the batch's mean loss under `autocast`, its
+    gradients clipped to cfg.optim.grad_clip. Fine-tuning (glm.finetune.train_loop) and its budget's measurement (glm.budget) both take it."""
+
+    def backward() -> tuple[float, float]:
+        with autocast():
+            loss = loss_fn(model, batch)
+        loss.backward()
+        return float(loss.detach()), 1.0
+
+    return optimizer_step(model, optimizer, lr, cfg.optim.grad_clip, backward)

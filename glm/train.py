@@ -112,7 +112,7 @@ from glm.metrics import MetricsLog
 from glm.model import GLM, configure_optimizer, infilling_loss
 from glm.shards import ManifestError
 from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.step import autocast_dtype, autocast_factory, cpu_has_fast_bf16, lr_at  # noqa: F401  (glm.train's names too)
+from glm.step import StepResult, autocast_dtype, autocast_factory, cpu_has_fast_bf16, lr_at, optimizer_step  # noqa: F401  (glm.train's names too)
 
 log = logging.getLogger("glm.train")  # also when run as __main__
 
@@ -258,11 +258,6 @@ def _next_batch(it: Iterator[Batch], step: int) -> Any:
         raise ConfigError(f"training data ran out at step {step + 1}; build more infilling epochs or lower train.steps") from None
 
 
-def _grad_norm(norm: torch.Tensor) -> float:
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
-    return float(full)
-
-
 def mix_weights(objective_mix: dict[str, float] | None) -> torch.Tensor | None:
     """(K,) float64 weights of OBJECTIVES, summing to 1, from an objective mix (None: no mix)."""
     if objective_mix is None:
@@ -385,6 +380,49 @@ def _mixed_loss(sums: torch.Tensor, counts: torch.Tensor, mix: torch.Tensor) -> 
     w = torch.where(present, mix.to(counts.device), 0.0)
     w = w / w.sum()
     return float(sum(w[i] * (sums[i] / counts[i]) for i in torch.nonzero(present).flatten().tolist()))
+
+
+@dataclasses.dataclass
+class PretrainStep(StepResult):
+    """A pretraining step (glm.step.StepResult) and what its metrics need."""
+
+    totals: torch.Tensor | None = None  # (2,) float64 summed token losses and loss tokens over all ranks
+    n_input: int = 0  # this rank's input tokens
+    seq_len: int = 0  # the row length
+    per_objective: dict[str, Any] = dataclasses.field(default_factory=dict)  # loss/<objective>, with a mix
+
+
+def pretrain_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    it: Iterator[Any],
+    step: int,
+    lr: float,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    info: DistInfo,
+    mix: torch.Tensor | None,
+    accum: int,
+    inspect: Callable[[], None] | None = None,
+) -> PretrainStep:
+    """One pretraining step (glm.step.optimizer_step) over `accum` micro-batches of `it`: the summed token
+    losses' gradients become the global token mean's; the loss is the token mean, or with a mix the
+    mixed per-objective means. Training and the budget's measurement (glm.pretrain_plan) both take it."""
+    seen: dict[str, Any] = {}
+
+    def backward() -> tuple[float, float]:
+        totals, n_input, seq_len, groups, by_task = _accumulate_gradients(model, it, accum, step, cfg, autocast, info, mix)
+        global_tokens = max(float(totals[1]), 1.0)
+        loss = float(totals[0]) / global_tokens
+        per_objective: dict[str, Any] = {}
+        if groups is not None:
+            loss = _mixed_loss(by_task, groups.counts, mix)
+            per_objective = _per_objective("loss", by_task, groups.counts)
+        seen.update(totals=totals, n_input=n_input, seq_len=seq_len, per_objective=per_objective)
+        return loss, info.world_size / global_tokens  # sum of token losses -> global token mean
+
+    done = optimizer_step(model, optimizer, lr, cfg.optim.grad_clip, backward, inspect)
+    return PretrainStep(done.loss, done.grad_norm, done.skipped, **seen)
 
 
 def evaluate(
@@ -644,26 +682,11 @@ def pretrain(
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.optim, cfg.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            totals, n_input, seq_len, groups, by_task = _accumulate_gradients(model, it, accum, step, cfg, autocast, info, mix)
-            global_tokens = max(float(totals[1]), 1.0)
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(info.world_size / global_tokens)  # sum of token losses -> global token mean
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            loss_value = float(totals[0]) / global_tokens
-            per_objective: dict[str, Any] = {}
-            if groups is not None:
-                loss_value = _mixed_loss(by_task, groups.counts, mix)
-                per_objective = _per_objective("loss", by_task, groups.counts)
-            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+            done = pretrain_step(model, optimizer, it, step, lr, cfg, autocast, info, mix, accum)
+            loss_value, grad_norm, skipped = done.loss, done.grad_norm, done.skipped
+            totals, n_input, seq_len, per_objective = done.totals, done.n_input, done.seq_len, done.per_objective
             if skipped:
                 counters["bad_steps"] += 1
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             dt = time.perf_counter() - t0

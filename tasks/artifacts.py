@@ -37,9 +37,9 @@ from prefect.artifacts import (
 )
 
 from glm.config import PipelineConfig
-from glm.contracts import CorpusStats, TokenStats, read_stats
+from glm.contracts import CorpusStats, TokenStats
 from glm.evaluate import warnings_markdown
-from glm.shards import MANIFEST, read_manifest
+from glm.shards import MANIFEST, read_manifest, read_stats
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from glm.contracts import (
     FinetuneStats,
     PretrainStats,
     TokenizerStats,
-    read_stats,
 )
 from glm.pipeline.engine import (
     VALIDATION,
@@ -20,6 +19,7 @@ from glm.pipeline.engine import (
 )
 from glm.shards import (
     atomic_write_json,
+    read_stats,
 )
 
 

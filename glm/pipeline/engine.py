@@ -39,7 +39,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from glm.config import ConfigError, PipelineConfig, Section, yaml_load
 from glm.contracts import (
     check,
-    read_stats,
 )
 from glm.runlock import run_lock
 from glm.shards import (
@@ -49,6 +48,7 @@ from glm.shards import (
     code_of,
     file_entry,
     manifest_digest,
+    read_stats,
     sha256_json,
     verify_manifest,
 )

@@ -11,7 +11,6 @@ from glm.config import PipelineConfig
 from glm.contracts import (
     ExportStats,
     PretrainStats,
-    read_stats,
 )
 from glm.pipeline.choice import export_choice
 from glm.pipeline.common import finetune_results
@@ -27,6 +26,7 @@ from glm.shards import (
     atomic_write_json,
     file_entry,
     manifest_digest,
+    read_stats,
     sha256_json,
     write_manifest,
 )

@@ -16,7 +16,6 @@ from glm.contracts import (
     PretrainStats,
     TrainSummary,
     check,
-    read_stats,
 )
 from glm.pipeline.common import vocab_size
 from glm.pipeline.engine import (
@@ -35,6 +34,7 @@ from glm.shards import (
     atomic_write_text,
     file_entry,
     manifest_digest,
+    read_stats,
     write_manifest,
 )
 

@@ -8,8 +8,8 @@ import pytest
 
 from glm import stages
 from glm.config import PipelineConfig
-from glm.contracts import ContractError, PretrainStats, TrainSummary, check, read_stats
-from glm.shards import file_entry, write_manifest
+from glm.contracts import ContractError, PretrainStats, TrainSummary, check
+from glm.shards import file_entry, read_stats, write_manifest
 
 GOOD_PRETRAIN = {
     "checkpoint": "checkpoints/step-000002",

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from glm_pipeline.flows import cli
 
@@ -9,8 +10,8 @@ from glm_pipeline.flows import cli
 def test_glm_modules_never_import_prefect():
     code = (
         "import importlib, pkgutil, sys, glm\n"
-        "mods = [m.name for m in pkgutil.iter_modules(glm.__path__)]\n"
-        "for m in mods: importlib.import_module('glm.' + m)\n"
+        "mods = [m.name for m in pkgutil.walk_packages(glm.__path__, 'glm.')]\n"
+        "for m in mods: importlib.import_module(m)\n"
         "bad = sorted(k for k in sys.modules if k == 'prefect' or k.startswith('prefect.'))\n"
         "assert not bad, bad[:5]\n"
         "print(len(mods))\n"
@@ -18,6 +19,14 @@ def test_glm_modules_never_import_prefect():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) >= 15
+
+
+def test_the_import_contracts_hold():
+    """pyproject.toml [tool.importlinter]: glm's layers, no import cycle in glm, no Prefect in glm (make test runs it too)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = subprocess.run([str(lint), "--no-cache"], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "no import cycle in glm KEPT" in out.stdout and "0 broken" in out.stdout
 
 
 def test_cli_config_prints_validated_config(capsys):
