@@ -141,8 +141,28 @@ def _options(st: Stage, options: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run directory
 
 
+# The run directory's layout, in one place: what each stage writes lives under one of these directories
+# (declare() refuses a stage whose output is anywhere else), and RunPaths's names are these.
+LAYOUT = {
+    "docs": "docs",  # ingest: cleaned, split document shards
+    "tokenizer": "tokenizer",
+    "tokens": "tokens",
+    "infill": "infill",  # blank-infilling training shards
+    "pretrain": "pretrain",  # checkpoints, metrics, run plan
+    "finetune": "finetune",  # finetune/TASK/
+    "eval": "eval",  # the report
+    "export": "export",  # versions, current, bundle
+    "generation": "generation",  # the pretrained model's bundle, for fill/generate
+    "stamps": ".stages",  # what each stage was made from (its key)
+}
+
+
+def _under(name: str, *rest: str) -> property:
+    return property(lambda self: self.root.joinpath(LAYOUT[name], *rest))
+
+
 class RunPaths:
-    """The layout of runs/NAME (docs/architecture.md): one place for everything a run makes."""
+    """The layout of runs/NAME (docs/architecture.md, LAYOUT above): one place for everything a run makes."""
 
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
@@ -150,21 +170,21 @@ class RunPaths:
     def __repr__(self) -> str:
         return f"RunPaths({str(self.root)!r})"
 
-    docs = property(lambda self: self.root / "docs")
-    tokenizer = property(lambda self: self.root / "tokenizer")
-    tokenizer_model = property(lambda self: self.root / "tokenizer" / "tokenizer.model")
-    tokens = property(lambda self: self.root / "tokens")
-    infill = property(lambda self: self.root / "infill")
-    pretrain = property(lambda self: self.root / "pretrain")
-    eval = property(lambda self: self.root / "eval")
-    export = property(lambda self: self.root / "export")
-    bundle = property(lambda self: self.root / "export" / "bundle")
-    candidate = property(lambda self: self.root / "export" / ".candidate")  # exported, not yet verified
-    generation = property(lambda self: self.root / "generation")  # the pretrained model's bundle, for fill/generate
-    stamps = property(lambda self: self.root / ".stages")
+    docs = _under("docs")
+    tokenizer = _under("tokenizer")
+    tokenizer_model = _under("tokenizer", "tokenizer.model")
+    tokens = _under("tokens")
+    infill = _under("infill")
+    pretrain = _under("pretrain")
+    eval = _under("eval")
+    export = _under("export")
+    bundle = _under("export", "bundle")
+    candidate = _under("export", ".candidate")  # exported, not yet verified
+    generation = _under("generation")  # the pretrained model's bundle, for fill/generate
+    stamps = _under("stamps")
 
     def finetune(self, task: str) -> Path:
-        return self.root / "finetune" / task
+        return self.root / LAYOUT["finetune"] / task
 
     def output(self, stage: str, cfg: PipelineConfig) -> Path:
         """The file whose presence (and manifest check) says the stage is done (its declaration's output)."""
@@ -639,6 +659,9 @@ def declare(*declared: Stage) -> dict[str, Stage]:
     """{name: stage} of the stages in the order they run, checked: each reads only stages declared before it."""
     registry: dict[str, Stage] = {}
     for st in declared:
+        top = Path(st.output).parts[0] if st.output else None
+        if top is not None and top not in LAYOUT.values():
+            raise ValueError(f"stage {st.name!r}: its output {st.output!r} is not under a directory of the run layout (LAYOUT)")
         unknown = [name for name in st.inputs if name not in registry]
         if st.name in registry or unknown:
             raise ValueError(f"stage {st.name!r}: declared twice, or reads stages not declared before it ({unknown})")

@@ -11,6 +11,7 @@ from glm.contracts import (
 from glm.pipeline.choice import choose_export
 from glm.pipeline.common import RUN_DIRS, finetune_results, pretrained_checkpoint
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
 )
@@ -95,7 +96,7 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
 STAGE = Stage(
     "evaluate",
     "finetune",
-    "eval/manifest.json",
+    f"{LAYOUT['eval']}/{MANIFEST}",
     sections=("evaluate", "export"),  # export: the report says which run the export ships (choose_export)
     inputs=("pretrain", "finetune", "infill"),
     build=_evaluate,

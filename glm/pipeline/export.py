@@ -15,6 +15,7 @@ from glm.contracts import (
 from glm.pipeline.choice import export_choice
 from glm.pipeline.common import finetune_results
 from glm.pipeline.engine import (
+    LAYOUT,
     REGISTRY,
     RunPaths,
     Stage,
@@ -234,7 +235,7 @@ def _compare_with_current(
 STAGE = Stage(
     "export",
     "export",
-    "export/manifest.json",
+    f"{LAYOUT['export']}/{MANIFEST}",
     sections=("export",),
     inputs=("finetune", "tokenizer"),
     steps=(("export-onnx", export_candidate), ("verify-export", verify_and_promote)),

@@ -8,6 +8,7 @@ from glm.contracts import (
 )
 from glm.pipeline.common import RUN_DIRS, pretrained_checkpoint
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
 )
@@ -70,7 +71,7 @@ def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
 STAGE = Stage(
     "finetune",
     "finetune",
-    "finetune/{cfg.finetune.task.name}/manifest.json",
+    f"{LAYOUT['finetune']}/{{cfg.finetune.task.name}}/{MANIFEST}",
     sections=("finetune",),
     inputs=("pretrain", "tokenizer"),
     build=_finetune,

@@ -10,6 +10,7 @@ from glm.contracts import (
 )
 from glm.pipeline.common import pretrained_checkpoint
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
 )
@@ -51,7 +52,7 @@ def export_generation(cfg: PipelineConfig, paths: RunPaths) -> Path:
 STAGE = Stage(
     "export-generation",
     "export",
-    "generation/manifest.json",
+    f"{LAYOUT['generation']}/{MANIFEST}",
     sections=("export",),
     inputs=("pretrain", "tokenizer"),
     build=export_generation,

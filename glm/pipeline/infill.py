@@ -11,6 +11,7 @@ from glm.contracts import (
     InfillStats,
 )
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
     cache_key,
@@ -81,7 +82,7 @@ def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping
 STAGE = Stage(
     "infill",
     "data",
-    "infill/manifest.json",
+    f"{LAYOUT['infill']}/{MANIFEST}",
     sections=("infilling",),
     inputs=("tokenize", "tokenizer"),
     plan=infill_jobs,

@@ -7,10 +7,12 @@ from glm.contracts import (
     CorpusStats,
 )
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
     source_fingerprint,
 )
+from glm.shards import MANIFEST
 
 
 def _build_ingest(cfg: PipelineConfig, paths: RunPaths) -> None:
@@ -23,7 +25,7 @@ def _build_ingest(cfg: PipelineConfig, paths: RunPaths) -> None:
 STAGE = Stage(
     "ingest",
     "data",
-    "docs/manifest.json",
+    f"{LAYOUT['docs']}/{MANIFEST}",
     sections=("data",),
     extra=source_fingerprint,
     build=_build_ingest,

@@ -19,6 +19,7 @@ from glm.contracts import (
 )
 from glm.pipeline.common import vocab_size
 from glm.pipeline.engine import (
+    LAYOUT,
     RUN_CONFIG,
     RUN_PLAN,
     RunPaths,
@@ -355,7 +356,7 @@ def _pretrain_extra(cfg: PipelineConfig, continue_steps: int | None = None) -> d
 STAGE = Stage(
     "pretrain",
     "pretrain",
-    "pretrain/manifest.json",
+    f"{LAYOUT['pretrain']}/{MANIFEST}",
     sections=("model", "pretrain", "infilling"),
     inputs=("infill",),
     extra=_pretrain_extra,

@@ -11,6 +11,7 @@ from glm.contracts import (
     TokenStats,
 )
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
     cache_key,
@@ -66,7 +67,7 @@ def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mappi
 STAGE = Stage(
     "tokenize",
     "data",
-    "tokens/manifest.json",
+    f"{LAYOUT['tokens']}/{MANIFEST}",
     inputs=("ingest", "tokenizer"),
     plan=tokenize_jobs,
     shard=tokenize_shard,

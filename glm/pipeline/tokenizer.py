@@ -7,10 +7,12 @@ from glm.contracts import (
     TokenizerStats,
 )
 from glm.pipeline.engine import (
+    LAYOUT,
     RunPaths,
     Stage,
     _file_identity,
 )
+from glm.shards import MANIFEST
 
 
 def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
@@ -29,7 +31,7 @@ def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
 STAGE = Stage(
     "tokenizer",
     "data",
-    "tokenizer/manifest.json",
+    f"{LAYOUT['tokenizer']}/{MANIFEST}",
     sections=("tokenizer",),
     inputs=("ingest",),
     extra=lambda cfg: _file_identity(cfg.tokenizer.existing),

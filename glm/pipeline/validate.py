@@ -5,6 +5,7 @@ from __future__ import annotations
 from glm.config import PipelineConfig
 from glm.pipeline.common import vocab_size, write_skipped_validation
 from glm.pipeline.engine import (
+    LAYOUT,
     VALIDATION,
     RunPaths,
     Stage,
@@ -30,7 +31,7 @@ def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
 CORPUS = Stage(
     "validate-corpus",
     "data",
-    f"docs/{VALIDATION}",
+    f"{LAYOUT['docs']}/{VALIDATION}",
     sections=("quality",),
     inputs=("ingest",),
     build=_validate_corpus,
@@ -38,7 +39,7 @@ CORPUS = Stage(
 TOKENS = Stage(
     "validate-tokens",
     "data",
-    f"tokens/{VALIDATION}",
+    f"{LAYOUT['tokens']}/{VALIDATION}",
     sections=("quality",),
     inputs=("tokenize", "tokenizer"),
     build=_validate_tokens,

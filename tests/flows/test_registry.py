@@ -66,3 +66,17 @@ def test_the_flow_makes_a_task_of_a_declared_stage_and_a_rerun_is_cached(prefect
     assert second.is_completed(), second.message
     assert states(task_runs(second.state_details.flow_run_id)) == {"ingest-toy-flow": "Cached", "count-docs-toy-flow": "Cached"}
     assert toy_registry == ["toy-flow"]
+
+
+def test_the_task_tables_name_only_declared_stages(monkeypatch):
+    """tasks/stages.py's per-stage tables are checked against the registry when it is imported."""
+    from glm_pipeline.tasks import stages as task_stages
+
+    task_stages.check_tables()  # the shipped tables hold
+    monkeypatch.setitem(task_stages.ARTIFACTS, "validate-corpra", lambda cfg, paths: None)
+    with pytest.raises(ValueError, match=r"ARTIFACTS names \['validate-corpra'\], which are not stages"):
+        task_stages.check_tables()
+    monkeypatch.delitem(task_stages.ARTIFACTS, "validate-corpra")
+    monkeypatch.setitem(task_stages.RUN_NAMES, "export", "export-{cfg.name}")  # built in steps: no task named export
+    with pytest.raises(ValueError, match=r"RUN_NAMES names \['export'\], which are not task names"):
+        task_stages.check_tables()

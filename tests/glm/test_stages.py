@@ -97,7 +97,9 @@ def test_a_stage_declaration_is_checked_when_it_is_made():
     with pytest.raises(ValueError, match="needs shard, shard_key"):
         stages.Stage("count", "data", "count/manifest.json", plan=print, shard=print)
     with pytest.raises(ValueError, match=r"reads stages not declared before it \(\['ingest'\]\)"):
-        stages.declare(stages.Stage("count", "data", "count/manifest.json", inputs=("ingest",), build=print))
+        stages.declare(stages.Stage("count", "data", "docs/count.json", inputs=("ingest",), build=print))
+    with pytest.raises(ValueError, match=r"its output 'count/manifest.json' is not under a directory of the run layout"):
+        stages.declare(stages.Stage("count", "data", "count/manifest.json", build=print))
     assert [st.name for st in stages.stages_of("all")] == list(stages.REGISTRY)  # declared in the order they run
 
 
