@@ -38,7 +38,7 @@ from prefect.artifacts import (
 
 from glm.config import PipelineConfig
 from glm.contracts import CorpusStats, TokenStats
-from glm.evaluate import warnings_markdown
+from glm.report import warnings_markdown
 from glm.shards import MANIFEST, read_manifest, read_stats
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def _warning_headline(warnings: list[dict[str, Any]]) -> str:
 
 
 def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
-    """report.md, plots inlined; its warnings (glm.evaluate.finetune_warnings) open the report and its description."""
+    """report.md, plots inlined; its warnings (glm.report.finetune_warnings) open the report and its description."""
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
     metrics_file = eval_dir / "metrics.json"
     warnings = (json.loads(metrics_file.read_text(encoding="utf-8")).get("warnings") or []) if metrics_file.is_file() else []

@@ -46,8 +46,9 @@ def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     from glm.checkpoint import load_model
     from glm.corpus import iter_documents
     from glm.distributed import resolve_device
-    from glm.evaluate import evaluate_pretrained, write_report
+    from glm.evaluate import evaluate_pretrained
     from glm.loader import ValidLoader
+    from glm.report import write_report
     from glm.tokenizer import load_tokenizer
 
     ev = cfg.evaluate

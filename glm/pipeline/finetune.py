@@ -53,7 +53,7 @@ def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
         },
     }
     if cfg.finetune.kind == "cloze":
-        from glm.evaluate import finetune_warnings
+        from glm.report import finetune_warnings
 
         first = next(iter(results.values()))
         stats["baselines"] = {k: first[k]["accuracy"] for k in ("majority", "linear_baseline") if first.get(k)}

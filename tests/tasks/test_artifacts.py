@@ -203,6 +203,7 @@ def test_finetune_warnings_reach_the_table_description_and_a_markdown_artifact(m
     from glm_pipeline.tasks import artifacts
 
     from glm import evaluate as ev
+    from glm import report as rep
     from glm.config import PipelineConfig
     from glm.shards import write_manifest
 
@@ -219,7 +220,7 @@ def test_finetune_warnings_reach_the_table_description_and_a_markdown_artifact(m
         "kept_untrained": True,
     }
     results = {"pretrained": res}
-    write_manifest(tmp_path, "finetune", [], stats={"warnings": ev.finetune_warnings(results)})
+    write_manifest(tmp_path, "finetune", [], stats={"warnings": rep.finetune_warnings(results)})
     artifacts.finetune_summary(PipelineConfig(name="t"), results, tmp_path)
     (_, rows, description), (what, markdown, _) = sent
     assert [r["model"] for r in rows] == ["pretrained", "majority class", "TF-IDF + logistic regression"]
