@@ -29,6 +29,9 @@ Identity and incrementality:
 
 Crash safety: shards are written atomically and the manifest last; a re-run removes
 temporaries and shards that no manifest lists, then carries on.
+
+Over 600 lines on purpose: the source readers, cleaning, de-duplication and the salted split write one
+shard format in one pass; the incremental rules (which inputs are new) need all of them together.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ all of Part B). position_ids are stored: Part B's positions depend on the shuffl
 order, which the inputs do not record. Every shard is checked against the builder's own arrays when written; a
 shard where a column is not reproduced (e.g. a document that contains a literal <sop>
 id) stores that column explicitly, and the loader prefers stored columns.
+
+Over 600 lines on purpose: packing the token stream into rows, encoding the samples, the shard jobs'
+keys and the dataset manifest share one shard layout; one module keeps the rules of what makes a
+shard stale in one place.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Choices the paper leaves open (all counted in `BuildStats`, nothing is dropped s
 - A row whose spans would not fit seq_len keeps its first spans ("seq_len"); token draws capped
   at `span_cap(cfg)` spans before reaching the target ("span_cap"); a row with no text
   ("empty_row") becomes causal. `input_length(cfg)` sizes rows so the caps bind rarely.
+
+Over 600 lines on purpose: the objectives (token, sentence and document spans) share one keyed random
+stream and one Part A / Part B assembly; splitting them would scatter the one sample layout they all write.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ the warnings that say where the fine-tuned model stands against its baselines.
 
 Apart from glm.evaluate (the metrics) so that the report's wording and plots are in the code version of
 the evaluation stage alone: an edit here re-runs the report, not fine-tuning, which computes metrics.
+
+Over 600 lines on purpose: the report's sections, its plots and its warnings are read together (a
+warning names the plot and section it refers to); they change together, as the evaluation stage's code.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ stretches the cosine from there. A non-finite loss or gradient norm skips the up
 Exit codes: 0 done; 2 usage, 3 config, 4 data, 5 diverged, 6 read-only/full disk: permanent, also
 recorded in OUT/last-error.json (glm.errors); 1 (an uncaught exception) or a signal: a crash, which
 a retry resumes from the last checkpoint.
+
+Over 600 lines on purpose: the pretraining loop with its resume, checkpoint, metrics and failure
+classification is one state machine; the step itself is glm.step, the budget's measuring glm.pretrain_plan.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ key shows in review. Prefect tasks (tasks/) use the same keys as their cache key
 Per-shard stages come in three parts (plan, one shard, close) so an orchestrator can map the
 middle one over shards; `run_pipeline` runs everything in order, in this process.
 Adding a stage: docs/architecture.md, "Adding a stage".
+
+Over 600 lines on purpose: Stage, the run layout, keys, stamps, the runners and verify are one
+mechanism (each reads the others' records); the stages themselves are in their own modules.
 """
 
 from __future__ import annotations
