@@ -97,6 +97,8 @@ def test_the_wheel_installs_no_generic_top_level_names(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"glm", "glm_pipeline"}, top
     assert {"glm_pipeline/flows/cli.py", "glm_pipeline/tasks/stages.py", "glm_pipeline/configs/demo.yaml"} <= set(names)
+    sources = {p.relative_to(root).as_posix() for p in (root / "glm").rglob("*.py") if "__pycache__" not in p.parts}
+    assert sources - set(names) == set()  # every glm subpackage is in the wheel (pyproject lists them)
 
 
 def test_shipped_configs_load_by_name_from_any_directory(tmp_path):
