@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
+from glm.core.shards import MANIFEST, read_manifest
 from glm.pipeline import REGISTRY
 from glm.pipeline.choice import SEQ2SEQ_LOSS_SE, choose_export, export_choice, export_source
 from glm.pipeline.common import RUN_DIRS, finetune_results, pretrained_checkpoint
@@ -57,7 +58,6 @@ from glm.pipeline.generation import export_generation
 from glm.pipeline.infill import build_infill_shard, close_infill, infill_jobs, infill_shard_key
 from glm.pipeline.pretrain import close_pretrain, parse_train_result, prepare_pretrain, pretrain_command, train
 from glm.pipeline.tokenize import close_tokenize, tokenize_jobs, tokenize_shard, tokenize_shard_key
-from glm.shards import MANIFEST, read_manifest
 
 __all__ = [
     "GROUPS", "LINEAGE", "MANIFEST", "read_manifest", "REGISTRY", "RUN_CONFIG", "RUN_DIRS", "RUN_PLAN", "SEQ2SEQ_LOSS_SE", "STAGES", "KEYED",

@@ -36,10 +36,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from glm.config import PipelineConfig
-from glm.contracts import CorpusStats, TokenStats
-from glm.report import warnings_markdown
-from glm.shards import MANIFEST, read_manifest, read_stats
+from glm.core.config import PipelineConfig
+from glm.core.contracts import CorpusStats, TokenStats
+from glm.core.shards import MANIFEST, read_manifest, read_stats
+from glm.evaluation.report import warnings_markdown
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
 
 def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
     """Training and validation loss by step (thinned to at most max_rows rows)."""
-    from glm.metrics import read_metrics
+    from glm.core.metrics import read_metrics
 
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     by_step: dict[int, dict[str, Any]] = {}

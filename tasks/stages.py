@@ -22,7 +22,7 @@ from glm_pipeline.tasks.training import training_hooks
 from prefect import Task, task
 
 from glm import stages
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
 
 
 def _infill_run_name(parameters: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ def _seed_torch():
 # another process holding a run directory's lock (glm.runlock), for the lock's tests
 HOLDER = """
 import sys, time
-from glm.runlock import run_lock
+from glm.core.runlock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)

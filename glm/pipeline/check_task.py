@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
 from glm.pipeline.engine import (
     RunPaths,
     Stage,
@@ -23,8 +23,8 @@ def _finetune_source(cfg: PipelineConfig) -> Any:
 
 def _check_finetune_task(cfg: PipelineConfig, paths: RunPaths) -> dict[str, Any]:
     """Check the fine-tuning task against the tokenizer now, before pretraining (glm.finetune.check_task)."""
-    from glm.finetune import check_task
-    from glm.tokenizer import load_tokenizer
+    from glm.core.tokenizer import load_tokenizer
+    from glm.finetuning.finetune import check_task
 
     summary = check_task(cfg.finetune, load_tokenizer(paths.tokenizer_model), cfg.model.max_seq_len)
     log.info("fine-tuning task %r checks out against the tokenizer: %s", cfg.finetune.task.name, summary)

@@ -6,14 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
+from glm.core.shards import (
+    MANIFEST,
+)
 from glm.pipeline.common import RUN_DIRS, finetune_results
 from glm.pipeline.engine import (
     RunPaths,
     StageInputMissing,
-)
-from glm.shards import (
-    MANIFEST,
 )
 
 # seq2seq runs report a dev loss without per-example losses: 1% of it stands in for its standard error

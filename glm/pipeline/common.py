@@ -7,19 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     FinetuneStats,
     PretrainStats,
     TokenizerStats,
 )
+from glm.core.shards import (
+    atomic_write_json,
+    read_stats,
+)
 from glm.pipeline.engine import (
     VALIDATION,
     RunPaths,
-)
-from glm.shards import (
-    atomic_write_json,
-    read_stats,
 )
 
 

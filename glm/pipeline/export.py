@@ -7,10 +7,19 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     ExportStats,
     PretrainStats,
+)
+from glm.core.shards import (
+    MANIFEST,
+    atomic_write_json,
+    file_entry,
+    manifest_digest,
+    read_stats,
+    sha256_json,
+    write_manifest,
 )
 from glm.pipeline.choice import export_choice
 from glm.pipeline.common import finetune_results
@@ -21,15 +30,6 @@ from glm.pipeline.engine import (
     Stage,
     StageInputMissing,
     stage_code_version,
-)
-from glm.shards import (
-    MANIFEST,
-    atomic_write_json,
-    file_entry,
-    manifest_digest,
-    read_stats,
-    sha256_json,
-    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def verify_and_promote(cfg: PipelineConfig, paths: RunPaths) -> Path:
     verification.json has the numbers; `glm-pipeline bundles --promote` refuses it).
     """
     from glm import bundles
-    from glm.checkpoint import resolve_checkpoint
     from glm.export import REPORT_FILE, verify_bundle, write_sha256sums
+    from glm.training.checkpoint import resolve_checkpoint
 
     if not (paths.candidate / "SHA256SUMS").is_file():
         raise StageInputMissing(f"no exported bundle at {paths.candidate}; run the export task first")
@@ -133,7 +133,7 @@ def _test_split_digest(cfg: PipelineConfig, choice: Mapping[str, Any]) -> str | 
     if cfg.finetune.kind == "cloze":
         examples = _test_examples(choice)
         return sha256_json(examples) if examples else None
-    from glm.finetune import read_labelled, split_examples  # seq2seq: re-derived, as _seq2seq_generation does
+    from glm.finetuning.finetune import read_labelled, split_examples  # seq2seq: re-derived, as _seq2seq_generation does
 
     pairs = [(e.text, e.label) for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)]
     return sha256_json(split_examples(pairs, cfg.finetune.task.split, key=lambda p: p[0])["test"])
@@ -157,7 +157,7 @@ def bundle_lineage(
     from importlib import metadata
 
     from glm import bundles
-    from glm.tokenizer import load_tokenizer
+    from glm.core.tokenizer import load_tokenizer
 
     result = finetune_results(cfg, paths)[choice["run"]]
     cloze = cfg.finetune.kind == "cloze"

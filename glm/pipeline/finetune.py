@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     FinetuneStats,
+)
+from glm.core.safety import remove_tree
+from glm.core.shards import (
+    MANIFEST,
+    file_entry,
+    write_manifest,
 )
 from glm.pipeline.common import RUN_DIRS, pretrained_checkpoint
 from glm.pipeline.engine import (
@@ -12,19 +18,13 @@ from glm.pipeline.engine import (
     RunPaths,
     Stage,
 )
-from glm.safety import remove_tree
-from glm.shards import (
-    MANIFEST,
-    file_entry,
-    write_manifest,
-)
 
 
 def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Fine-tune the pretrained checkpoint (and, if configured, the same model from scratch)."""
+    from glm.core.tokenizer import load_tokenizer
     from glm.distributed import resolve_device
-    from glm.finetune import finetune_from_checkpoint
-    from glm.tokenizer import load_tokenizer
+    from glm.finetuning.finetune import finetune_from_checkpoint
 
     task_dir = paths.finetune(cfg.finetune.task.name)
     remove_tree(task_dir, inside=paths.root / "finetune", ignore_errors=True)  # every file is regenerated
@@ -53,7 +53,7 @@ def _finetune(cfg: PipelineConfig, paths: RunPaths) -> None:
         },
     }
     if cfg.finetune.kind == "cloze":
-        from glm.report import finetune_warnings
+        from glm.evaluation.report import finetune_warnings
 
         first = next(iter(results.values()))
         stats["baselines"] = {k: first[k]["accuracy"] for k in ("majority", "linear_baseline") if first.get(k)}

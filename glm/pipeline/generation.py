@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     GenerationStats,
+)
+from glm.core.safety import remove_tree
+from glm.core.shards import (
+    MANIFEST,
+    file_entry,
+    write_manifest,
 )
 from glm.pipeline.common import pretrained_checkpoint
 from glm.pipeline.engine import (
     LAYOUT,
     RunPaths,
     Stage,
-)
-from glm.safety import remove_tree
-from glm.shards import (
-    MANIFEST,
-    file_entry,
-    write_manifest,
 )
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     InfillShardResult,
     InfillStats,
+)
+from glm.core.shards import (
+    MANIFEST,
+    remove_stale_temporaries,
 )
 from glm.pipeline.engine import (
     LAYOUT,
@@ -18,21 +22,17 @@ from glm.pipeline.engine import (
     is_current,
     stage_key,
 )
-from glm.shards import (
-    MANIFEST,
-    remove_stale_temporaries,
-)
 
 
 def _sentence_end_ids(paths: RunPaths) -> tuple[int, ...]:
-    from glm.tokenizer import load_tokenizer
+    from glm.core.tokenizer import load_tokenizer
 
     return tuple(int(i) for i in load_tokenizer(paths.tokenizer_model).sentence_end_ids())
 
 
 def infill_jobs(cfg: PipelineConfig, paths: RunPaths) -> list[Any]:
     """Every blank-infilling shard to build (glm.infill_shards.ShardJob, small and picklable)."""
-    from glm.infill_shards import shard_jobs
+    from glm.data.infill_shards import shard_jobs
 
     if not is_current("infill", stage_key("infill", cfg, paths), paths.output("infill", cfg), paths):
         (paths.infill / MANIFEST).unlink(missing_ok=True)  # the stage is open until it closes
@@ -54,7 +54,7 @@ def infill_shard_key(job: Any, paths: RunPaths | None = None) -> str:
 
 def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
     """Pack, corrupt and write one blank-infilling shard; returns its info."""
-    from glm.infill_shards import build_shard
+    from glm.data.infill_shards import build_shard
 
     # not provably intact (its stamp did not verify): the builder must not trust the key stored inside the file either
     Path(job.out_path).unlink(missing_ok=True)
@@ -63,7 +63,7 @@ def build_infill_shard(job: Any, paths: RunPaths) -> dict[str, Any]:
 
 def close_infill(cfg: PipelineConfig, paths: RunPaths, results: Sequence[Mapping[str, Any]]) -> Path:
     """Remove shards of an earlier, larger build and write the dataset manifest."""
-    from glm.infill_shards import epoch_dir, part_name, write_infilling_manifest
+    from glm.data.infill_shards import epoch_dir, part_name, write_infilling_manifest
 
     keep = {paths.infill / ("valid" if r["split"] == "valid" else epoch_dir(r["epoch"])) / part_name(r["shard"]) for r in results}
     for stale in [*paths.infill.glob("epoch-*/part-*.arrow"), *paths.infill.glob("valid/part-*.arrow")]:

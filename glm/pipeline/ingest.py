@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     CorpusStats,
 )
+from glm.core.shards import MANIFEST
 from glm.pipeline.engine import (
     LAYOUT,
     RunPaths,
     Stage,
     source_fingerprint,
 )
-from glm.shards import MANIFEST
 
 
 def _build_ingest(cfg: PipelineConfig, paths: RunPaths) -> None:
     """Sources -> cleaned, de-duplicated, split document shards (incremental: only new inputs are read)."""
-    from glm.corpus import ingest
+    from glm.data.corpus import ingest
 
     ingest(cfg.data, paths.docs, progress=False)
 

@@ -10,12 +10,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from glm.config import PipelineConfig, dump_config
-from glm.contracts import (
+from glm.core.config import PipelineConfig, dump_config
+from glm.core.contracts import (
     InfillStats,
     PretrainStats,
     TrainSummary,
     check,
+)
+from glm.core.shards import (
+    MANIFEST,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    file_entry,
+    manifest_digest,
+    read_stats,
+    write_manifest,
 )
 from glm.pipeline.common import vocab_size
 from glm.pipeline.engine import (
@@ -28,22 +38,12 @@ from glm.pipeline.engine import (
     record_lineage,
     stage_key,
 )
-from glm.shards import (
-    MANIFEST,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    file_entry,
-    manifest_digest,
-    read_stats,
-    write_manifest,
-)
 
 log = logging.getLogger(__name__)
 
 
 def _loader_data_key(checkpoint: Path) -> str | None:
-    from glm.checkpoint import load_trainer_state
+    from glm.training.checkpoint import load_trainer_state
 
     ranks = load_trainer_state(checkpoint).get("ranks") or [{}]
     return (ranks[0].get("loader") or {}).get("data")
@@ -51,7 +51,7 @@ def _loader_data_key(checkpoint: Path) -> str | None:
 
 def _latest_archived(paths: RunPaths) -> Path | None:
     """The newest checkpoint of the newest archive in pretrain/history/ (archives are named TIME-step-N)."""
-    from glm.checkpoint import latest_checkpoint
+    from glm.training.checkpoint import latest_checkpoint
 
     history = paths.pretrain / "history"
     archives = sorted(p for p in history.iterdir() if p.is_dir()) if history.is_dir() else []
@@ -81,8 +81,8 @@ def prepare_pretrain(cfg: PipelineConfig, paths: RunPaths, continue_steps: int |
     pretrain/run-plan.json with where the run started; run-config.yaml holds the result under a
     comment that says why.
     """
-    from glm.budget import apply_plan
-    from glm.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
+    from glm.training.budget import apply_plan
+    from glm.training.checkpoint import latest_checkpoint, read_meta, resolve_checkpoint
 
     key = stage_key("pretrain", cfg, paths, continue_steps=continue_steps)
     record_lineage(cfg, paths)  # the run directory's checkpoints will be this config's (check_lineage passed)
@@ -180,8 +180,8 @@ def _imported_checkpoint(cfg: PipelineConfig, paths: RunPaths) -> str | None:
     init = cfg.model.init
     if init is None or init.from_ is None:
         return None
-    from glm.checkpoint import latest_checkpoint, read_meta
     from glm.released import import_to_checkpoint
+    from glm.training.checkpoint import latest_checkpoint, read_meta
 
     out = paths.root / "imported"
     source = str(Path(init.from_).resolve())
@@ -215,9 +215,9 @@ def _resolve_pretrain(
 ) -> dict[str, Any]:
     """glm.budget.plan_pretrain on this run's data, unless `previous` (the same run's earlier plan, made for the
     same budget and precision) already decided: a resumed run keeps its steps and precision, never re-measures."""
-    from glm.loader import InfillingData, TrainLoader
-    from glm.pretrain_plan import plan_pretrain
-    from glm.train import vocab_size_from_data
+    from glm.data.loader import InfillingData, TrainLoader
+    from glm.training.pretrain_plan import plan_pretrain
+    from glm.training.train import vocab_size_from_data
 
     pre = cfg.pretrain.model_copy(update={"budget_minutes": None}) if continue_steps else cfg.pretrain
     if previous and previous.get("precision", {}).get("requested") == pre.precision:
@@ -309,7 +309,7 @@ def train(
     `progress(step, total, final=False)` gets the steps done, first the step it starts from.
     """
     from glm import launch
-    from glm.errors import ERROR_FILE
+    from glm.core.errors import ERROR_FILE
 
     say = log_line or log.info
     run_cfg = prepare_pretrain(cfg, paths, continue_steps)

@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     TokenShardEntry,
     TokenStats,
+)
+from glm.core.shards import (
+    MANIFEST,
+    read_manifest,
 )
 from glm.pipeline.engine import (
     LAYOUT,
     RunPaths,
     Stage,
     cache_key,
-)
-from glm.shards import (
-    MANIFEST,
-    read_manifest,
 )
 
 
@@ -43,7 +43,7 @@ def tokenize_shard_key(job: Mapping[str, str], paths: RunPaths) -> str:
 
 def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
     """Tokenize one document shard; returns its token-manifest entry."""
-    from glm.tokenize_shards import tokenize_shard as _tokenize
+    from glm.data.tokenize_shards import tokenize_shard as _tokenize
 
     return _tokenize(
         job["doc_shard"], paths.tokenizer_model, job["out_path"], root=paths.tokens, input_sha256=job["input_sha256"]
@@ -52,7 +52,7 @@ def tokenize_shard(job: Mapping[str, str], paths: RunPaths) -> dict[str, Any]:
 
 def close_tokenize(cfg: PipelineConfig, paths: RunPaths, entries: Sequence[Mapping[str, Any]]) -> Path:
     """Write the token manifest from the shard entries (left untouched when nothing changed)."""
-    from glm.tokenize_shards import finish_tokenize, plan_tokenize
+    from glm.data.tokenize_shards import finish_tokenize, plan_tokenize
 
     plan = plan_tokenize(paths.docs, paths.tokenizer, paths.tokens)
     fresh = {e["path"]: dict(e) for e in entries}

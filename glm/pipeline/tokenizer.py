@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from glm.config import PipelineConfig
-from glm.contracts import (
+from glm.core.config import PipelineConfig
+from glm.core.contracts import (
     TokenizerStats,
 )
+from glm.core.shards import MANIFEST
 from glm.pipeline.engine import (
     LAYOUT,
     RunPaths,
     Stage,
     _file_identity,
 )
-from glm.shards import MANIFEST
 
 
 def _train_tokenizer(cfg: PipelineConfig, paths: RunPaths) -> None:
     """A sentencepiece tokenizer trained on a sample of the train split (kept once trained)."""
-    from glm.tokenizer import train_tokenizer
+    from glm.core.tokenizer import train_tokenizer
 
     init = cfg.model.init
     if init is not None and init.from_ is not None:  # a released GLM: its own tokenizer, nothing to train
-        from glm.released_tokenizer import install_released_tokenizer
+        from glm.core.released_tokenizer import install_released_tokenizer
 
         install_released_tokenizer(init.tokenizer or init.from_, paths.tokenizer)
         return

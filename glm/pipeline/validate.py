@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
 from glm.pipeline.common import vocab_size, write_skipped_validation
 from glm.pipeline.engine import (
     LAYOUT,
@@ -14,15 +14,15 @@ from glm.pipeline.engine import (
 
 def _validate_corpus(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations document gate; raises glm.quality.ValidationFailed."""
-    from glm.quality import validate_documents
+    from glm.data.quality import validate_documents
 
     write_skipped_validation(paths.docs, validate_documents(paths.docs, cfg.quality))
 
 
 def _validate_tokens(cfg: PipelineConfig, paths: RunPaths) -> None:
     """The Great Expectations token gate; raises glm.quality.ValidationFailed."""
-    from glm.quality import validate_tokens
-    from glm.special_tokens import special_of
+    from glm.core.special_tokens import special_of
+    from glm.data.quality import validate_tokens
 
     unk = special_of(cfg.model).unk  # a released GLM's [UNK] id, else the pipeline's
     write_skipped_validation(paths.tokens, validate_tokens(paths.tokens, vocab_size(paths), unk, cfg.quality))

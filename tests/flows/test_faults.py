@@ -19,7 +19,7 @@ from tests.flows.api import artifacts, states, task_runs
 # runs `python -m glm.train ARGS` but SIGKILLs itself right after logging step 3 (checkpoint 2 is on disk)
 KILLED_AT_STEP_3 = """
 import os, signal, sys
-import glm.train as train
+import glm.training.train as train
 write = train.MetricsLog.write
 def write_then_die(self, record):
     write(self, record)

@@ -9,7 +9,7 @@ import pytest
 from glm_pipeline.flows.pipeline import data_flow
 
 from glm import stages
-from glm.shards import file_entry, read_manifest, write_manifest
+from glm.core.shards import file_entry, read_manifest, write_manifest
 from tests.flows.api import states, task_runs
 
 

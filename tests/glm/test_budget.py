@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from glm import budget, pretrain_plan
-from glm.budget import BudgetPlan, Measurement, choose_precision, steps_for_budget
-from glm.config import load_config
-from glm.train import SyntheticBatches
+from glm.core.config import load_config
+from glm.training import budget, pretrain_plan
+from glm.training.budget import BudgetPlan, Measurement, choose_precision, steps_for_budget
+from glm.training.train import SyntheticBatches
 
 
 def _m(precision: str, s: float, losses: list[float]) -> Measurement:
@@ -70,7 +70,7 @@ def test_the_measured_gradient_error_is_small_for_bf16_and_large_for_a_path_that
     the losses of the measured steps agree within BF16_MAX_LOSS_DIFF; the gradient error does not pass."""
     import torch
 
-    from glm.model import GLM
+    from glm.core.model import GLM
 
     pre, model_cfg, batches = _tiny_plan_inputs()
     measured = pretrain_plan.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from glm import stages
-from glm.config import PipelineConfig
-from glm.contracts import ContractError, PretrainStats, TrainSummary, check
-from glm.shards import file_entry, read_stats, write_manifest
+from glm.core.config import PipelineConfig
+from glm.core.contracts import ContractError, PretrainStats, TrainSummary, check
+from glm.core.shards import file_entry, read_stats, write_manifest
 
 GOOD_PRETRAIN = {
     "checkpoint": "checkpoints/step-000002",

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm import evaluate as ev
-from glm import report as rep
-from glm.config import EvaluateConfig
-from glm.model import infilling_loss
-from glm.special_tokens import SPECIAL
+from glm.core.config import EvaluateConfig
+from glm.core.model import infilling_loss
+from glm.core.special_tokens import SPECIAL
+from glm.evaluation import evaluate as ev
+from glm.evaluation import report as rep
 from tests.glm.factories import sentiment_tokenizer, tiny_model
 
 VOCAB = 64
@@ -177,7 +177,7 @@ def test_mask_spans_blank_the_ratio_in_separated_spans():
             prompt, spans = ev.mask_spans(ids, ratio, np.random.default_rng(seed))
             assert 1 <= len(spans) <= 3 and sum(map(len, spans)) == round(ratio * 40) and all(spans)
             assert prompt.count(SPECIAL.mask) == len(spans) and "[4, 4]" not in str(prompt).replace(" ", "")
-            from glm.generate import splice
+            from glm.evaluation.generate import splice
 
             assert splice(prompt, spans) == ids
     assert ev.mask_spans([5, 6], 0.9, np.random.default_rng(0))[1] == [[5]] or ev.mask_spans(
@@ -249,7 +249,7 @@ def test_infill_bleu_is_100_for_a_perfect_filler_and_above_the_unfilled_floor():
 
 
 def test_seq2seq_generation_metrics_of_a_model_that_writes_the_reference():
-    from glm.finetune import encode_seq2seq
+    from glm.finetuning.finetune import encode_seq2seq
 
     tok = sentiment_tokenizer()
     # targets of 4+ words: corpus BLEU counts up to 4-grams, and a corpus without any scores 0

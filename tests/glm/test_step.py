@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from glm.config import FinetuneConfig, OptimConfig, model_config
-from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.step import fine_tuning_step, optimizer_step
+from glm.core.config import FinetuneConfig, OptimConfig, model_config
+from glm.core.model import GLM, configure_optimizer, infilling_loss
+from glm.training.step import fine_tuning_step, optimizer_step
 from tests.glm.test_model import GOLDEN_LOSSES, VOCAB, synthetic_batch
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm.config import EvaluateConfig
-from glm.special_tokens import SPECIAL, SpecialTokens, special_of
+from glm.core.config import EvaluateConfig
+from glm.core.special_tokens import SPECIAL, SpecialTokens, special_of
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")
 
@@ -213,7 +213,7 @@ def linear_baseline(
 
 def generation_config(cfg: EvaluateConfig, model: torch.nn.Module, max_new_tokens: int | None = None) -> Any:
     """Greedy decoding with the evaluation's min/max new tokens and no-repeat n-gram size."""
-    from glm.generate import GenerationConfig
+    from glm.evaluation.generate import GenerationConfig
 
     cap = min(max_new_tokens or cfg.max_new_tokens, model.cfg.max_seq_len - 1)
     return GenerationConfig(
@@ -236,7 +236,7 @@ def fill_samples(
 
     Returns per sample: `prompt` (text with [MASK]), `reference` (the removed span) and `filled`.
     """
-    from glm.generate import fill_blanks
+    from glm.evaluation.generate import fill_blanks
 
     rng = np.random.default_rng(seed)
     prompts, parts = [], []
@@ -342,7 +342,7 @@ def infill_bleu(
     in 1-3 spans, fill them greedily, and score the filled documents against the originals with
     corpus BLEU. `bleu_unfilled` scores the documents with the blanks simply deleted: the floor a
     model has to beat. A blank may hold up to twice the longest removed span of its batch."""
-    from glm.generate import fill_blanks
+    from glm.evaluation.generate import fill_blanks
 
     limit = min(cfg.infill_context_tokens, model.cfg.max_seq_len)
     docs = [ids[:limit] for ids in tokenizer.encode(list(texts), specials=False) if len(ids) >= 8][: cfg.infill_docs]
@@ -509,7 +509,7 @@ def seq2seq_generation_metrics(
 ) -> dict[str, Any]:
     """BLEU and ROUGE-1/2/L of greedy outputs on up to cfg.seq2seq_test_examples seq2seq test items
     (glm.finetune.EncodedSeq2Seq: source -> [gMASK] -> target), with a few examples."""
-    from glm.generate import fill_blanks
+    from glm.evaluation.generate import fill_blanks
 
     items = list(items)[: cfg.seq2seq_test_examples]
     if not items:

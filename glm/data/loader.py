@@ -26,8 +26,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from glm.config import ConfigError
-from glm.infill_shards import (
+from glm.core.config import ConfigError
+from glm.core.shards import (
+    MANIFEST,
+    CorruptShardError,
+    ManifestError,
+    read_arrow,
+    read_manifest,
+    verify_manifest,
+)
+from glm.core.special_tokens import SPECIAL, SpecialTokens
+from glm.data.infill_shards import (
     DERIVED,
     LAYOUT_VERSION,
     STAGE,
@@ -37,15 +46,6 @@ from glm.infill_shards import (
     epoch_dir,
     expand_samples,
 )
-from glm.shards import (
-    MANIFEST,
-    CorruptShardError,
-    ManifestError,
-    read_arrow,
-    read_manifest,
-    verify_manifest,
-)
-from glm.special_tokens import SPECIAL, SpecialTokens
 
 # `task` (B,): the objective each sample was drawn as, which the trainer weighs by the mix (glm/train.py)
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "task")

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm.config import ModelConfig
-from glm.safety import fsync_dir, remove_tree
-from glm.shards import atomic_write_text, code_version, sha256_file
+from glm.core.config import ModelConfig
+from glm.core.safety import fsync_dir, remove_tree
+from glm.core.shards import atomic_write_text, code_version, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -
     """A GLM in eval mode and its ModelConfig from a step directory or a run's latest checkpoint.
 
     A linear-head classifier's checkpoint gives its GLM alone (glm.heads.load_finetuned adds the head)."""
-    from glm.model import GLM
+    from glm.core.model import GLM
 
     path = resolve_checkpoint(checkpoint_dir)
     cfg = ModelConfig.model_validate(read_meta(path)["model_config"])

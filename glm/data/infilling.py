@@ -45,6 +45,9 @@ from typing import Sequence
 
 import numpy as np
 
+# glm's modules by their names before the 2026-12 layout (glm.MOVED) on purpose: this module's code is
+# hashed into every blank-infilling shard's build key (infill_shards._code_version); the new names would
+# change it, rebuild every run's data and make pretraining continue as if on new data.
 from glm.config import InfillingConfig
 from glm.special_tokens import SPECIAL, SpecialTokens
 

@@ -157,7 +157,7 @@ def disk_error_line(exc: BaseException, run_dir: str | Path) -> str | None:
 def write_error_file(directory: str | Path, kind: str, message: str, **extra: Any) -> Path | None:
     """Record a permanent failure for the orchestrator; returns the file, or None if it could not be
     written (a read-only or full disk: the exit code still says it)."""
-    from glm.shards import atomic_write_json
+    from glm.core.shards import atomic_write_json
 
     try:
         return atomic_write_json(Path(directory) / ERROR_FILE, {"kind": kind, "message": message, **extra})

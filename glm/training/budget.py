@@ -58,7 +58,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 def cpu_kind() -> dict[str, Any]:
     """The CPU's model name, its vector flags of interest, PyTorch's kernel level and whether bf16 is native."""
-    from glm.step import cpu_has_fast_bf16
+    from glm.training.step import cpu_has_fast_bf16
 
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -232,8 +232,8 @@ def finetune_steps(
 
     Evaluations run every cfg.eval_every steps, else once an epoch. An explicitly set `finetune.epochs`
     caps the steps, as `pretrain.steps` caps a pretraining budget."""
-    from glm.model import configure_optimizer
-    from glm.step import fine_tuning_step
+    from glm.core.model import configure_optimizer
+    from glm.training.step import fine_tuning_step
 
     started = time.perf_counter()
     device = next(model.parameters()).device

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from glm.checkpoint import HEAD_PREFIX, CheckpointError, load_model_state, read_meta, resolve_checkpoint, split_state
-from glm.config import ClozeTaskConfig, ModelConfig
-from glm.special_tokens import SPECIAL, special_of
+from glm.core.config import ClozeTaskConfig, ModelConfig
+from glm.core.special_tokens import SPECIAL, special_of
+from glm.training.checkpoint import HEAD_PREFIX, CheckpointError, load_model_state, read_meta, resolve_checkpoint, split_state
 
 if TYPE_CHECKING:
-    from glm.finetune import EncodedCloze
-    from glm.model import GLM
+    from glm.core.model import GLM
+    from glm.finetuning.finetune import EncodedCloze
 
 INIT_STD = 0.02  # the model's own Linear init (glm.model.GLM._init_weights)
 
@@ -186,7 +186,7 @@ def linear_spec(task: Any) -> dict[str, Any]:
 def load_finetuned(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
     """What a fine-tuned checkpoint holds, in eval mode: the GLM, or for task.head linear the GLM and its
     classification head (glm.heads.GLMClassifier), as fine-tuning scored with them."""
-    from glm.model import GLM
+    from glm.core.model import GLM
 
     path = resolve_checkpoint(checkpoint_dir)
     meta = read_meta(path)

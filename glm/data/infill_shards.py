@@ -39,6 +39,9 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
+# glm's modules by their names before the 2026-12 layout (glm.MOVED) on purpose: this module's code is
+# hashed into every blank-infilling shard's build key (infill_shards._code_version); the new names would
+# change it, rebuild every run's data and make pretraining continue as if on new data.
 from glm import infilling, special_tokens
 from glm.config import InfillingConfig
 from glm.shards import (

@@ -69,19 +69,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from glm.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_model_state,
-    load_trainer_state,
-    read_meta,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    to_plain,
-)
-from glm.config import (
+from glm.core.config import (
     ConfigError,
     ModelConfig,
     PipelineConfig,
@@ -89,6 +77,18 @@ from glm.config import (
     add_override_argument,
     load_config,
 )
+from glm.core.errors import (
+    ERROR_FILE,
+    EXIT_CODES,
+    PermanentError,
+    disk_error,
+    write_error_file,
+)
+from glm.core.metrics import MetricsLog
+from glm.core.model import GLM, configure_optimizer, infilling_loss
+from glm.core.shards import ManifestError
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data.infilling import OBJECTIVES
 from glm.distributed import (
     DistInfo,
     all_gather_objects,
@@ -103,19 +103,19 @@ from glm.distributed import (
     unwrap,
     wrap_model,
 )
-from glm.errors import (
-    ERROR_FILE,
-    EXIT_CODES,
-    PermanentError,
-    disk_error,
-    write_error_file,
+from glm.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model_state,
+    load_trainer_state,
+    read_meta,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    to_plain,
 )
-from glm.infilling import OBJECTIVES
-from glm.metrics import MetricsLog
-from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.shards import ManifestError
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.step import StepResult, autocast_dtype, autocast_factory, cpu_has_fast_bf16, lr_at, optimizer_step  # noqa: F401  (glm.train's names too)
+from glm.training.step import StepResult, autocast_dtype, autocast_factory, cpu_has_fast_bf16, lr_at, optimizer_step  # noqa: F401  (glm.train's names too)
 
 log = logging.getLogger("glm.train")  # also when run as __main__
 
@@ -860,7 +860,7 @@ class SyntheticBatches:
 
 def vocab_size_from_data(data_dir: str | Path) -> int | None:
     """The tokenizer's vocabulary, rounded up to a multiple of 64, from the token stage that built the shards."""
-    from glm.shards import read_manifest
+    from glm.core.shards import read_manifest
 
     for entry in read_manifest(data_dir).get("inputs", []):
         try:
@@ -880,7 +880,7 @@ def pretrain_on_shards(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Pretrain on a blank-infilling dataset: this rank's TrainLoader, the validation split, `pretrain`."""
-    from glm.loader import InfillingData, TrainLoader, ValidLoader
+    from glm.data.loader import InfillingData, TrainLoader, ValidLoader
 
     cfg, model_cfg = pipeline.pretrain, pipeline.model
     if model_cfg.vocab_size is None:

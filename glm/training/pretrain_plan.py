@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from glm.budget import (
+from glm.training.budget import (
     MEASURE_STEPS,
     WARMUP_STEPS,
     Measurement,
@@ -39,9 +39,9 @@ def measure_pretrain_steps(
     fresh iterator of micro-batches) with the same dropout masks; nothing is kept. The precisions alternate
     step by step, so load from other processes hits them alike. One process: with several, each rank's
     step adds the gradient all-reduce to this."""
+    from glm.core.model import GLM, configure_optimizer
     from glm.distributed import DistInfo
-    from glm.model import GLM, configure_optimizer
-    from glm.train import autocast_factory, evaluate, mix_weights, pretrain_step
+    from glm.training.train import autocast_factory, evaluate, mix_weights, pretrain_step
 
     started = time.perf_counter()
     info = DistInfo(device=device)

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from glm.released_tokenizer import INFO_FILE as RELEASED_INFO
-from glm.shards import (
+from glm.core.released_tokenizer import INFO_FILE as RELEASED_INFO
+from glm.core.shards import (
     MANIFEST,
     ManifestError,
     check_file,
@@ -41,8 +41,8 @@ from glm.shards import (
     write_arrow,
     write_manifest,
 )
-from glm.special_tokens import special_of
-from glm.tokenizer import MODEL_FILE, Tokenizer, docs_manifest_path, load_tokenizer
+from glm.core.special_tokens import special_of
+from glm.core.tokenizer import MODEL_FILE, Tokenizer, docs_manifest_path, load_tokenizer
 
 log = logging.getLogger(__name__)
 

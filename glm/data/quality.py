@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from glm.config import LENGTH_RULE, QualityConfig
-from glm.corpus import text_length
-from glm.shards import atomic_write_json, read_manifest
+from glm.core.config import LENGTH_RULE, QualityConfig
+from glm.core.shards import atomic_write_json, read_manifest
+from glm.data.corpus import text_length
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from glm.metrics import read_metrics
-from glm.shards import atomic_path, atomic_write_json, atomic_write_text
+from glm.core.metrics import read_metrics
+from glm.core.shards import atomic_path, atomic_write_json, atomic_write_text
 
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "sep", "targets", "loss_mask")
 

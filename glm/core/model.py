@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glm.config import ModelConfig, OptimConfig
+from glm.core.config import ModelConfig, OptimConfig
 
 try:  # FlexAttention: a block-sparse prefix-LM kernel on CUDA (torch >= 2.5)
     from torch.nn.attention.flex_attention import (

@@ -57,8 +57,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from glm.config import LENGTH_RULE, CleaningConfig, DataConfig, SourceConfig
-from glm.shards import (
+from glm.core.config import LENGTH_RULE, CleaningConfig, DataConfig, SourceConfig
+from glm.core.shards import (
     MANIFEST,
     ManifestError,
     file_entry,

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from glm.contracts import FileEntry, Manifest, T, check
+from glm.core.contracts import FileEntry, Manifest, T, check
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # glm/ (this module is glm/core/shards.py)
 
 
 class ManifestError(RuntimeError):

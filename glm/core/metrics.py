@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from glm.shards import atomic_write_text
+from glm.core.shards import atomic_write_text
 
 
 class MetricsLog:
