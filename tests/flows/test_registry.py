@@ -10,11 +10,12 @@ from glm_pipeline.flows.pipeline import data_flow
 
 from glm import stages
 from glm.core.shards import file_entry, read_manifest, write_manifest
+from glm.pipeline import engine
 from tests.flows.api import states, task_runs
 
 
 @pytest.fixture
-def toy_registry(swap_registry):
+def toy_registry(swap_registry, monkeypatch):
     """ingest, then a toy stage that counts the documents per split: declared once, nowhere else."""
     built = []
 
@@ -26,8 +27,12 @@ def toy_registry(swap_registry):
         (out / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
         write_manifest(out, "counts", [file_entry(out / "counts.json", out)], inputs=[paths.docs / "manifest.json"], stats=counts)
 
-    toy = stages.Stage("count-docs", "data", "counts/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs)
-    swap_registry(stages.REGISTRY["ingest"], toy)
+    # as docs/architecture.md "Adding a stage" says: its directory in the run layout, declared after ingest
+    monkeypatch.setitem(engine.LAYOUT, "counts", "counts")
+    toy = stages.Stage(
+        "count-docs", "data", f"{engine.LAYOUT['counts']}/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs
+    )
+    swap_registry(*stages.declare(stages.REGISTRY["ingest"], toy).values())
     return built
 
 
