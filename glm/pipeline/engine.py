@@ -15,7 +15,7 @@ module (glm/pipeline/STAGE.py: the declaration and its build code) and the glm m
 imports at run time, transitively (not `if TYPE_CHECKING:` imports; this engine is left out: it
 decides whether a stage runs, not what it writes). So editing glm/model.py re-runs training and
 what follows it, not ingestion, and editing the report writer re-runs only the evaluation.
-STAGE_MODULES_TABLE in tests/glm/test_stages.py is the checked-in list: a new import that widens a
+STAGE_MODULES_TABLE in tests/glm/test_stage_keys.py is the checked-in list: a new import that widens a
 key shows in review. Prefect tasks (tasks/) use the same keys as their cache keys.
 
 Per-shard stages come in three parts (plan, one shard, close) so an orchestrator can map the
