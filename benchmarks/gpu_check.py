@@ -349,7 +349,7 @@ def _mfu(device: torch.device, setup: dict[str, Any], tps: float, records: list[
     found = peak_flops(name)
     if found is None:
         return {
-            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (glm/train.py PEAK_FLOPS)"),
+            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (glm/training/train.py PEAK_FLOPS)"),
             "gpu": name,
             **extra,
             **common,

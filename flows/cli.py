@@ -62,7 +62,7 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-# What each source kind reads (glm/corpus.py's readers); the other SourceConfig fields are ignored for it.
+# What each source kind reads (glm/data/corpus.py's readers); the other SourceConfig fields are ignored for it.
 SOURCE_FIELDS: dict[str, dict[str, str]] = {
     "text": {
         "path": "a .txt/.text/.md file, a directory of them (searched recursively) or a glob",

@@ -19,7 +19,7 @@ with the reference's state-dict names (model/modeling_glm.py + mpu/transformer.p
     transformer.layers.N.mlp.dense_h_to_4h.* / dense_4h_to_h.*
     transformer.final_layernorm.*
 
-The reference block is exactly glm/model.py's learned-position GLM: pre-LN, LayerNorm eps 1e-5,
+The reference block is exactly glm/core/model.py's learned-position GLM: pre-LN, LayerNorm eps 1e-5,
 tanh-approximated GeLU, scores q.k / sqrt(head_dim) under the same prefix-LM mask (its
 `attention_scale` > 1 only rescales before a row-max shift, which softmax cancels), so the import
 is a renaming: no config knob of this project's model changes. Unknown keys are an error that names

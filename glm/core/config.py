@@ -135,7 +135,7 @@ class ModelConfig(Section):
     special_tokens: dict[str, int] | None = Field(
         default=None,
         description="The special-token ids the model was trained with (pad unk cls eos mask smask gmask sop eop); "
-        "None: this pipeline's own (glm/special_tokens.py). Set from the tokenizer of an imported released GLM.",
+        "None: this pipeline's own (glm/core/special_tokens.py). Set from the tokenizer of an imported released GLM.",
     )
 
     @model_validator(mode="after")
@@ -315,7 +315,7 @@ class TrainConfig(Section):
         default=None,
         gt=0.0,
         description="Train for about this long: steps (and, unless given, eval/checkpoint intervals and warm-up) follow "
-        "from a few measured steps (glm/budget.py); the pipeline records what it chose in pretrain/run-config.yaml.",
+        "from a few measured steps (glm/training/budget.py); the pipeline records what it chose in pretrain/run-config.yaml.",
     )
     batch_size: int = Field(default=32, ge=1, description="Global batch size in samples (all ranks, all accumulation steps).")
     micro_batch_size: int = Field(default=8, ge=1, description="Per-rank forward/backward batch.")
@@ -324,7 +324,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="auto: bf16 autocast on CUDA; on a CPU, bf16 only where it has AVX512-BF16/AMX and a few measured "
-        "steps show bf16 faster with the same losses (glm/budget.py), else fp32.",
+        "steps show bf16 faster with the same losses (glm/training/budget.py), else fp32.",
     )
     compile: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"

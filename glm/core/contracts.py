@@ -1,6 +1,6 @@
 """The shapes stages exchange: manifests, each stage's manifest stats, shard and training results.
 
-Stages talk through files (glm/shards.py), so a contract is a JSON shape. Each is declared once
+Stages talk through files (glm/core/shards.py), so a contract is a JSON shape. Each is declared once
 here as a TypedDict; the registry (glm.stages.Stage.stats) checks what a stage wrote against its
 declaration before stamping it, and readers get typed values from `glm.shards.read_stats`. A renamed or
 missing key therefore fails where it is written, naming the stage and the key, instead of as a
@@ -24,7 +24,7 @@ class ContractError(RuntimeError):
     """A stage wrote (or a reader found) data that does not have its declared shape: a bug or a foreign file."""
 
 
-# --------------------------------------------------------------------------- manifests (glm/shards.py)
+# --------------------------------------------------------------------------- manifests (glm/core/shards.py)
 
 
 class FileEntry(TypedDict):

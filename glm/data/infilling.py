@@ -451,7 +451,7 @@ def sample_spans(
     cumulative[-1] = 1.0
     objective = np.searchsorted(cumulative, _uniform(keys, "objective", 0), side="right").astype(np.int8)  # (N,)
     # A fallback changes a sample's layout, not the loss it counts toward: the trainer weighs each
-    # drawn objective by its mix weight (glm/train.py), so a rare causal fallback stays in its group.
+    # drawn objective by its mix weight (glm/training/train.py), so a rare causal fallback stays in its group.
     task = objective.copy()  # (N,)
 
     docs = _documents(rows, lengths, special.eos)

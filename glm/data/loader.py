@@ -47,7 +47,7 @@ from glm.data.infill_shards import (
     expand_samples,
 )
 
-# `task` (B,): the objective each sample was drawn as, which the trainer weighs by the mix (glm/train.py)
+# `task` (B,): the objective each sample was drawn as, which the trainer weighs by the mix (glm/training/train.py)
 BATCH_KEYS = ("input_ids", "position_ids", "block_position_ids", "targets", "loss_mask", "sep", "task")
 _ROWS = ("input_ids", "position_ids")  # (N, L) columns
 _SCALARS = ("sep", "length", "task")  # (N,) columns

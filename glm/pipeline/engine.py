@@ -13,7 +13,7 @@ and code. That test is the stage's cache key,
 recorded in `.stages/STAGE.json` next to the outputs. The code version of a stage hashes its own
 module (glm/pipeline/STAGE.py: the declaration and its build code) and the glm modules that module
 imports at run time, transitively (not `if TYPE_CHECKING:` imports; this engine is left out: it
-decides whether a stage runs, not what it writes). So editing glm/model.py re-runs training and
+decides whether a stage runs, not what it writes). So editing glm/core/model.py re-runs training and
 what follows it, not ingestion, and editing the report writer re-runs only the evaluation.
 STAGE_MODULES_TABLE in tests/glm/test_stage_keys.py is the checked-in list: a new import that widens a
 key shows in review. Prefect tasks (tasks/) use the same keys as their cache keys.
@@ -385,7 +385,7 @@ _VERSIONS: dict[str, tuple[tuple[Any, ...], str]] = {}  # stage -> (identities o
 
 
 def stage_code_version(stage: str) -> str:
-    """Hash of the sources of stage_modules(stage): editing glm/model.py changes pretraining's, not ingestion's."""
+    """Hash of the sources of stage_modules(stage): editing glm/core/model.py changes pretraining's, not ingestion's."""
     sources = {m: _SOURCES[m] for m in stage_modules(stage)}  # stage_modules refreshed each entry
     identities = tuple((m, identity) for m, (identity, _, _) in sources.items())
     known = _VERSIONS.get(stage)
