@@ -27,6 +27,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers of glm, no cycle, no Prefect (pyproject.toml [tool.importlinter])
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)

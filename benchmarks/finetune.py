@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm import finetune as ft
-from glm.config import ClozeTaskConfig, OptimConfig, model_config
-from glm.model import GLM, configure_optimizer
-from glm.special_tokens import NUM_SPECIAL
+from glm.core.config import ClozeTaskConfig, OptimConfig, model_config
+from glm.core.model import GLM, configure_optimizer
+from glm.core.special_tokens import NUM_SPECIAL
+from glm.finetuning import finetune as ft
 
 
 class WordTokenizer:

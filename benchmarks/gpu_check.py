@@ -42,10 +42,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glm import model as glm_model
-from glm.config import ExportConfig, ModelConfig, OptimConfig, TrainConfig, model_config
-from glm.model import GLM, configure_optimizer, infilling_loss, prefix_lm_mask
-from glm.train import peak_flops_of as peak_flops  # the one table: glm.train.PEAK_FLOPS
+from glm.core import model as glm_model
+from glm.core.config import ExportConfig, ModelConfig, OptimConfig, TrainConfig, model_config
+from glm.core.model import GLM, configure_optimizer, infilling_loss, prefix_lm_mask
+from glm.training.train import peak_flops_of as peak_flops  # the one table: glm.train.PEAK_FLOPS
 
 VOCAB = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +259,7 @@ def _check_model_attention(device: torch.device, quick: bool) -> Iterator[dict[s
 
 def _train(device: torch.device, setup: dict[str, Any], out: Path, **train: Any) -> list[dict[str, Any]]:
     """glm.train.pretrain on synthetic batches; the per-step metric records."""
-    from glm.train import SyntheticBatches, pretrain
+    from glm.training.train import SyntheticBatches, pretrain
 
     steps, micro = setup["steps"], setup["micro"]
     cfg = TrainConfig(
@@ -349,7 +349,7 @@ def _mfu(device: torch.device, setup: dict[str, Any], tps: float, records: list[
     found = peak_flops(name)
     if found is None:
         return {
-            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (glm/train.py PEAK_FLOPS)"),
+            **_skip("train/mfu", "mfu", "fraction", f"{name!r} is not in the peak table (glm/training/train.py PEAK_FLOPS)"),
             "gpu": name,
             **extra,
             **common,
@@ -430,7 +430,7 @@ def _free_port() -> int:
 
 def _dist_worker(args: argparse.Namespace) -> int:
     """One torchrun rank: pretrain with train.distributed=STRATEGY; rank 0 writes the loss trace."""
-    from glm.train import SyntheticBatches, pretrain
+    from glm.training.train import SyntheticBatches, pretrain
 
     setup = json.loads(args.setup)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -483,7 +483,7 @@ def check_distributed(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the ranks share GPU 0 with this process
     with tempfile.TemporaryDirectory(prefix="gpu-check-dist-") as tmp:
-        from glm.train import SyntheticBatches, pretrain
+        from glm.training.train import SyntheticBatches, pretrain
 
         cfg = TrainConfig(
             steps=setup["steps"],
@@ -576,7 +576,7 @@ def check_onnx(device: torch.device, quick: bool = False) -> Iterator[dict[str, 
     """
     from benchmarks.onnx_inference import _tokenizer
     from glm import export, runtime
-    from glm.checkpoint import save_checkpoint
+    from glm.training.checkpoint import save_checkpoint
 
     setup = _setup(device, quick)
     cfg = _model_cfg(setup)

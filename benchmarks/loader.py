@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from glm import shards
-from glm.config import InfillingConfig
-from glm.infill_shards import build_infilling_dataset, check_samples
-from glm.loader import TrainLoader, _to_torch
-from glm.special_tokens import NUM_SPECIAL
+from glm.core import shards
+from glm.core.config import InfillingConfig
+from glm.core.special_tokens import NUM_SPECIAL
+from glm.data.infill_shards import build_infilling_dataset, check_samples
+from glm.data.loader import TrainLoader, _to_torch
 
 SEQ_LEN = 512
 BATCH = 32

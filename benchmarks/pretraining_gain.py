@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from glm.config import load_config
+from glm.core.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -55,9 +55,9 @@ def _rows(name: str, accuracies: dict[str, list[float]], seeds: list[int], extra
 
 
 def _demo() -> Iterator[dict]:
-    from glm.finetune import finetune_from_checkpoint
+    from glm.core.tokenizer import Tokenizer
+    from glm.finetuning.finetune import finetune_from_checkpoint
     from glm.stages import RunPaths, pretrained_checkpoint
-    from glm.tokenizer import Tokenizer
 
     cfg = load_config(DEMO_CONFIG)
     paths = RunPaths(ROOT / cfg.run_dir)
@@ -95,10 +95,10 @@ def _quick() -> Iterator[dict]:
     import torch
 
     from benchmarks.finetune import WordTokenizer
-    from glm.checkpoint import save_checkpoint
-    from glm.config import model_config
-    from glm.finetune import LabelledExample, finetune_from_checkpoint
-    from glm.model import GLM
+    from glm.core.config import model_config
+    from glm.core.model import GLM
+    from glm.finetuning.finetune import LabelledExample, finetune_from_checkpoint
+    from glm.training.checkpoint import save_checkpoint
 
     tokenizer = WordTokenizer(64)
     rng = random.Random(0)

@@ -236,7 +236,7 @@ TASKS: dict[str, Callable[[Path, bool], tuple[dict[str, Any], dict[str, Any]] | 
 
 def task_config(name: str, work: Path, quick: bool, overrides: list[str] = ()) -> tuple[Path, dict[str, Any]] | str:
     """Write TASK's pipeline config into `work` and return its path and facts about its data (or why it cannot run)."""
-    from glm.config import apply_overrides
+    from glm.core.config import apply_overrides
 
     if name == "demo":
         demo = yaml.safe_load((ROOT / "configs" / ("tiny.yaml" if quick else "demo.yaml")).read_text(encoding="utf-8"))
@@ -259,7 +259,7 @@ def task_config(name: str, work: Path, quick: bool, overrides: list[str] = ()) -
 
 
 def run_task(name: str, work: Path, quick: bool, overrides: list[str] = ()) -> dict[str, Any]:
-    from glm.config import load_config
+    from glm.core.config import load_config
     from glm.stages import RunPaths, finetune_results, run_pipeline
 
     row: dict[str, Any] = {"name": f"quality/{name}", "metric": "test_accuracy", "unit": "accuracy"}

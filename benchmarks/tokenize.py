@@ -29,10 +29,10 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import sentencepiece as spm
 
-from glm.config import TokenizerConfig
-from glm.shards import file_entry, write_manifest, write_parquet
-from glm.tokenize_shards import BATCH_DOCS, tokenize_corpus
-from glm.tokenizer import MODEL_FILE, _chunks, train_tokenizer
+from glm.core.config import TokenizerConfig
+from glm.core.shards import file_entry, write_manifest, write_parquet
+from glm.core.tokenizer import MODEL_FILE, _chunks, train_tokenizer
+from glm.data.tokenize_shards import BATCH_DOCS, tokenize_corpus
 
 
 def imdb_reviews(limit: int) -> list[str]:

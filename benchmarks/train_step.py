@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from glm.config import OptimConfig, model_config
-from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.train import peak_flops
+from glm.core.config import OptimConfig, model_config
+from glm.core.model import GLM, configure_optimizer, infilling_loss
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.training.train import peak_flops
 
 VOCAB = 16000
 CASES = {  # preset: (seq_len, micro_batch)

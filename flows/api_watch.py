@@ -89,7 +89,7 @@ def _leave(watch: _Watch, run_dir: str, error: BaseException | None) -> None:
     if error is None:
         print(f"glm-pipeline: every stage finished, but {where}; {then}", file=sys.stderr, flush=True)
     else:
-        from glm.errors import cut_lines
+        from glm.core.errors import cut_lines
 
         message = cut_lines(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
         print(f"error: {type(error).__name__}: {message}; {where}; {then}", file=sys.stderr, flush=True)
@@ -124,7 +124,7 @@ def _mark_earlier_run(run_dir: str, current: str | None) -> None:
         except Exception as e:  # another API, a deleted run: nothing to mark
             log.debug("could not check the earlier flow run %s: %s", earlier, e)
     if current:
-        from glm.shards import atomic_write_json
+        from glm.core.shards import atomic_write_json
 
         with contextlib.suppress(OSError):
             atomic_write_json(path, {"id": current})

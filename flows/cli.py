@@ -26,9 +26,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
-from glm.config import ConfigError, add_override_argument, load_config
-from glm.errors import cut_lines, disk_error_line
-from glm.runlock import RunDirBusy, run_lock
+from glm.core.config import ConfigError, add_override_argument, load_config
+from glm.core.errors import cut_lines, disk_error_line
+from glm.core.runlock import RunDirBusy, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-# What each source kind reads (glm/corpus.py's readers); the other SourceConfig fields are ignored for it.
+# What each source kind reads (glm/data/corpus.py's readers); the other SourceConfig fields are ignored for it.
 SOURCE_FIELDS: dict[str, dict[str, str]] = {
     "text": {
         "path": "a .txt/.text/.md file, a directory of them (searched recursively) or a glob",
@@ -460,7 +460,7 @@ MAX_CONFIG_FILE_BYTES = 8 << 20
 
 
 def _check_config_file_size(config: str) -> None:
-    from glm.config import _config_file
+    from glm.core.config import _config_file
 
     size = _config_file(config).stat().st_size
     if size > MAX_CONFIG_FILE_BYTES:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from glm.config import ConfigError
+from glm.core.config import ConfigError
 
 
 def work_pools(prefect_yaml: Path) -> list[str]:

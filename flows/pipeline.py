@@ -43,8 +43,8 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from glm import stages
-from glm.config import ConfigError, PipelineConfig, load_config
-from glm.runlock import run_lock
+from glm.core.config import ConfigError, PipelineConfig, load_config
+from glm.core.runlock import run_lock
 
 
 class ConfigFile(BaseModel):

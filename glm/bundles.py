@@ -34,8 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from glm.safety import fsync_dir, remove_tree
-from glm.shards import atomic_write_json
+from glm.core.safety import fsync_dir, remove_tree
+from glm.core.shards import atomic_write_json
 
 VERSIONS = "versions"
 CURRENT = "current"
@@ -339,7 +339,7 @@ def write_versions_report(export_dir: str | Path, latest: dict[str, Any]) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from glm.shards import atomic_write_bytes, atomic_write_text
+    from glm.core.shards import atomic_write_bytes, atomic_write_text
 
     export_dir = Path(export_dir)
     versions = list_versions(export_dir)

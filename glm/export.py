@@ -54,14 +54,13 @@ import torch.nn as nn
 
 from glm import runtime
 from glm.checkpoint import (
-    load_finetuned,
     read_meta,
     resolve_checkpoint,
     write_json_in_order,
 )
 from glm.config import ClozeTaskConfig, ExportConfig
 from glm.generate import GenerationConfig, fill_blanks
-from glm.heads import GLMClassifier, backbone
+from glm.heads import GLMClassifier, backbone, load_finetuned
 from glm.model import GLM
 from glm.safety import remove_tree
 from glm.shards import (

@@ -19,7 +19,7 @@ with the reference's state-dict names (model/modeling_glm.py + mpu/transformer.p
     transformer.layers.N.mlp.dense_h_to_4h.* / dense_4h_to_h.*
     transformer.final_layernorm.*
 
-The reference block is exactly glm/model.py's learned-position GLM: pre-LN, LayerNorm eps 1e-5,
+The reference block is exactly glm/core/model.py's learned-position GLM: pre-LN, LayerNorm eps 1e-5,
 tanh-approximated GeLU, scores q.k / sqrt(head_dim) under the same prefix-LM mask (its
 `attention_scale` > 1 only rescales before a row-max shift, which softmax cancels), so the import
 is a renaming: no config knob of this project's model changes. Unknown keys are an error that names
@@ -44,8 +44,8 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from glm.config import ModelConfig
-from glm.shards import atomic_path, atomic_write_json
+from glm.core.config import ModelConfig
+from glm.core.shards import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ def import_released(
     probe; `special` (the released tokenizer's SpecialTokens) is recorded as ModelConfig.special_tokens,
     so generation and fine-tuning use the ids the model was trained with.
     """
-    from glm.model import GLM  # model imports config only; keep this module importable without building one
+    from glm.core.model import GLM  # model imports config only; keep this module importable without building one
 
     d = Path(directory)
     dt = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
@@ -491,7 +491,7 @@ def released_dimensions(
 ) -> dict[str, Any]:
     """The ModelConfig fields a released GLM fixes (dimensions and its tokenizer's special ids), read from
     its config.json, weight headers and tokenizer files (no weights are loaded)."""
-    from glm.released_tokenizer import ReleasedTokenizer
+    from glm.core.released_tokenizer import ReleasedTokenizer
 
     cfg = released_model_config(directory, n_head=n_head)
     tok = ReleasedTokenizer(Path(tokenizer) if tokenizer is not None else Path(directory))
@@ -521,8 +521,8 @@ def import_to_checkpoint(
     The tokenizer files are looked for in `tokenizer_dir`, else next to the weights (the THUDM repos
     ship them together); the model records the tokenizer's special ids.
     """
-    from glm.checkpoint import save_checkpoint
-    from glm.released_tokenizer import ReleasedTokenizer, save_released_tokenizer
+    from glm.core.released_tokenizer import ReleasedTokenizer, save_released_tokenizer
+    from glm.training.checkpoint import save_checkpoint
 
     out = Path(out_dir)
     tok = ReleasedTokenizer(Path(tokenizer_dir) if tokenizer_dir is not None else Path(released_dir))
@@ -545,8 +545,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer
     `tokenizer` (a run's tokenizer directory or tokenizer.model) its files are copied beside them: a
     released GLM's vocabulary files as they came, or this pipeline's sentencepiece tokenizer.model,
     whose special ids ([MASK]=4 ...) the reference's tokenizer classes do not know (use them by id)."""
-    from glm.checkpoint import load_model, resolve_checkpoint
-    from glm.tokenizer import load_tokenizer
+    from glm.core.tokenizer import load_tokenizer
+    from glm.training.checkpoint import load_model, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint_dir)
     model, cfg = load_model(path)

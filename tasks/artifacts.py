@@ -36,10 +36,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from glm.config import PipelineConfig
-from glm.contracts import CorpusStats, TokenStats, read_stats
-from glm.evaluate import warnings_markdown
-from glm.shards import MANIFEST, read_manifest
+from glm.core.config import PipelineConfig
+from glm.core.contracts import CorpusStats, TokenStats
+from glm.core.shards import MANIFEST, read_manifest, read_stats
+from glm.evaluation.report import warnings_markdown
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def token_statistics(cfg: PipelineConfig, tokens_dir: Path) -> None:
 
 def loss_table(cfg: PipelineConfig, metrics_path: Path, max_rows: int = 200) -> None:
     """Training and validation loss by step (thinned to at most max_rows rows)."""
-    from glm.metrics import read_metrics
+    from glm.core.metrics import read_metrics
 
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     by_step: dict[int, dict[str, Any]] = {}
@@ -282,7 +282,7 @@ def _warning_headline(warnings: list[dict[str, Any]]) -> str:
 
 
 def evaluation_report(cfg: PipelineConfig, eval_dir: Path) -> None:
-    """report.md, plots inlined; its warnings (glm.evaluate.finetune_warnings) open the report and its description."""
+    """report.md, plots inlined; its warnings (glm.report.finetune_warnings) open the report and its description."""
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
     metrics_file = eval_dir / "metrics.json"
     warnings = (json.loads(metrics_file.read_text(encoding="utf-8")).get("warnings") or []) if metrics_file.is_file() else []

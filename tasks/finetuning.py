@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from glm_pipeline.tasks import artifacts
-
 from glm.config import PipelineConfig
+from glm_pipeline.tasks import artifacts
 
 POLL_SECONDS = 1.0  # each progress artifact is updated at most this often
 

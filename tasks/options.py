@@ -21,10 +21,10 @@ from prefect.tasks import exponential_backoff
 from pydantic import ValidationError as PydanticValidationError
 
 from glm import stages
-from glm.config import ConfigError, PipelineConfig
-from glm.errors import PermanentError, disk_error
-from glm.quality import ValidationFailed
-from glm.shards import ManifestError
+from glm.core.config import ConfigError, PipelineConfig
+from glm.core.errors import PermanentError, disk_error
+from glm.core.shards import ManifestError
+from glm.data.quality import ValidationFailed
 
 # Failures that a retry cannot fix: a failed quality gate, bad config, corrupt data, a missing
 # upstream stage, a diverged or otherwise permanently failed training (glm.errors). ValueError

@@ -23,7 +23,7 @@ from glm_pipeline.tasks.training import training_hooks
 from prefect import Task, task
 
 from glm import stages
-from glm.config import PipelineConfig
+from glm.core.config import PipelineConfig
 
 
 def _infill_run_name(parameters: dict[str, Any]) -> str:
@@ -62,6 +62,34 @@ EVEN_WHEN_FAILED = {"validate-corpus", "validate-tokens"}  # a failed quality ga
 
 # stage -> (cfg) -> keyword arguments only its build takes, made for this task run
 HOOKS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {"pretrain": training_hooks, "finetune": finetune_hooks}
+
+
+def check_tables(registry: dict[str, stages.Stage] | None = None) -> None:
+    """Every stage named in the tables above is a declared stage (and every run name a task's name), checked at
+    import: a renamed or misspelled stage fails here with its name, not later as a task that silently lost
+    its artifacts or its run name."""
+    registry = stages.REGISTRY if registry is None else registry
+    tables = {"TASK_NAMES": TASK_NAMES, "ARTIFACTS": ARTIFACTS, "HOOKS": HOOKS, "EVEN_WHEN_FAILED": EVEN_WHEN_FAILED}
+    for table, names in tables.items():
+        unknown = sorted(set(names) - set(registry))
+        if unknown:
+            raise ValueError(f"tasks/stages.py {table} names {unknown}, which are not stages ({', '.join(registry)})")
+    mapped = {name for name, st in registry.items() if st.mapped}
+    if unknown := sorted(set(SHARD_TASK_NAMES) - mapped):
+        raise ValueError(f"tasks/stages.py SHARD_TASK_NAMES names {unknown}, which are not mapped stages ({', '.join(mapped)})")
+    task_names = set()  # as tasks_for makes them
+    for name, st in registry.items():
+        if st.mapped:
+            task_names |= {SHARD_TASK_NAMES.get(name, f"{name}-shard"), TASK_NAMES.get(name, f"close-{name}")}
+        elif st.steps:
+            task_names |= {step for step, _ in st.steps}
+        else:
+            task_names.add(TASK_NAMES.get(name, name))
+    if unknown := sorted(set(RUN_NAMES) - task_names):
+        raise ValueError(f"tasks/stages.py RUN_NAMES names {unknown}, which are not task names ({', '.join(sorted(task_names))})")
+
+
+check_tables()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ def _seed_torch():
 # another process holding a run directory's lock (glm.runlock), for the lock's tests
 HOLDER = """
 import sys, time
-from glm.runlock import run_lock
+from glm.core.runlock import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -51,3 +51,20 @@ def holder(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def swap_registry():
+    """use(stages...): the pipeline's REGISTRY holds only these stages for the test (the one dict every
+    module reads, filled in place and restored, in order, afterwards)."""
+    from glm.pipeline.engine import REGISTRY
+
+    saved = dict(REGISTRY)
+
+    def use(*declared):
+        REGISTRY.clear()
+        REGISTRY.update({st.name: st for st in declared})
+
+    yield use
+    REGISTRY.clear()
+    REGISTRY.update(saved)

@@ -30,7 +30,7 @@ def test_benchmark_quick_run_follows_the_convention(name):
 
 def test_quality_tasks_are_listed_and_write_configs_that_load(tmp_path):
     from benchmarks.quality import TASKS, task_config
-    from glm.config import load_config
+    from glm.core.config import load_config
 
     assert "quality" in BENCHMARKS and list(TASKS) == ["demo", "bbc-news", "chinese-sentiment"]
     for name in TASKS:

@@ -7,7 +7,7 @@ import uuid
 import glm_pipeline.tasks  # noqa: F401  (routes glm logs into Prefect before Prefect configures logging)
 import pytest
 
-from glm.config import PipelineConfig, load_config
+from glm.core.config import PipelineConfig, load_config
 
 # configs/tiny.yaml made smaller still: a few hundred documents, a few training steps
 SMALL = [

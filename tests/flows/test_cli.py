@@ -13,8 +13,8 @@ import pytest
 import yaml
 from glm_pipeline.flows import cli
 
-from glm.config import ConfigError, load_config
-from glm.runlock import RunDirBusy
+from glm.core.config import ConfigError, load_config
+from glm.core.runlock import RunDirBusy
 
 
 def _record_with_traceback() -> logging.LogRecord:
@@ -89,7 +89,7 @@ SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 def test_every_shipped_config_loads_and_its_printout_runs_as_the_same_config(path, capsys, tmp_path):
     overrides = []
     if "init:" in path.read_text(encoding="utf-8"):  # a released GLM's config: a tiny release of its family stands in
-        from glm.released_tokenizer import FAMILIES
+        from glm.core.released_tokenizer import FAMILIES
 
         fixture = {"wordpiece": "glm-large", "roberta": "glm-roberta-large", "gpt2": "glm-2b", "sp": "glm-large-chinese"}
         release = path.parents[1] / "tests" / "fixtures" / "released" / fixture[FAMILIES[path.stem]]

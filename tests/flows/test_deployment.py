@@ -27,7 +27,7 @@ def test_each_deployment_loads_its_flow_and_its_parameters_validate(deployment, 
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import validate
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     monkeypatch.chdir(ROOT)  # a run's working directory: where the deployment was made
     spec = next(d for d in PrefectYamlModel.model_validate(_prefect_yaml()).deployments if d.name == deployment)
@@ -43,7 +43,7 @@ def test_tiny_smoke_reads_configs_tiny_yaml_and_overrides_apply(monkeypatch):
     monkeypatch.chdir(ROOT)
     from glm_pipeline.flows.pipeline import glm_pipeline
 
-    from glm.config import load_config
+    from glm.core.config import load_config
 
     smoke = next(d for d in _prefect_yaml()["deployments"] if d["name"] == "tiny-smoke")
     assert smoke["parameters"] == {"config": {"file": "configs/tiny.yaml"}}  # a reference, not a copy

@@ -13,12 +13,13 @@ from glm_pipeline.flows.pipeline import data_flow, pretrain_flow, task_runner
 from safetensors.torch import load_file
 
 from glm import stages
+from glm.pipeline import pretrain as pipeline_pretrain
 from tests.flows.api import artifacts, states, task_runs
 
 # runs `python -m glm.train ARGS` but SIGKILLs itself right after logging step 3 (checkpoint 2 is on disk)
 KILLED_AT_STEP_3 = """
 import os, signal, sys
-import glm.train as train
+import glm.training.train as train
 write = train.MetricsLog.write
 def write_then_die(self, record):
     write(self, record)
@@ -89,7 +90,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
     def killing_command(run_cfg, paths, python=sys.executable):
         return [python, "-c", KILLED_AT_STEP_3, *real_command(run_cfg, paths)[3:]]  # [python, -m, glm.train, ARGS]
 
-    monkeypatch.setattr(stages, "pretrain_command", killing_command)
+    monkeypatch.setattr(pipeline_pretrain, "pretrain_command", killing_command)
     killed = pretrain_flow(cfg, return_state=True)
     assert killed.is_failed()
     assert "training process crashed (exit code -9" in str(killed.result(raise_on_failure=False))
@@ -97,7 +98,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_identical_final_weight
     checkpoints = paths.pretrain / "checkpoints"
     assert (checkpoints / "step-000002").is_dir() and not (checkpoints / "step-000006").exists()
 
-    monkeypatch.setattr(stages, "pretrain_command", real_command)
+    monkeypatch.setattr(pipeline_pretrain, "pretrain_command", real_command)
     resumed = pretrain_flow(cfg, return_state=True)
     assert resumed.is_completed(), resumed.message
     manifest = stages.read_manifest(paths.pretrain / "manifest.json")

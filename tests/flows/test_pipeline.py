@@ -10,8 +10,8 @@ from glm_pipeline.flows.cli import main as cli_main
 from glm_pipeline.flows.pipeline import glm_pipeline, run_stage
 
 from glm import stages
-from glm.config import load_config
-from glm.shards import read_manifest
+from glm.core.config import load_config
+from glm.core.shards import read_manifest
 from tests.flows.api import artifacts, client, logs, states, task_runs
 from tests.flows.conftest import SMALL
 

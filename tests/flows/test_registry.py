@@ -9,12 +9,13 @@ import pytest
 from glm_pipeline.flows.pipeline import data_flow
 
 from glm import stages
-from glm.shards import file_entry, read_manifest, write_manifest
+from glm.core.shards import file_entry, read_manifest, write_manifest
+from glm.pipeline import engine
 from tests.flows.api import states, task_runs
 
 
 @pytest.fixture
-def toy_registry(monkeypatch):
+def toy_registry(swap_registry, monkeypatch):
     """ingest, then a toy stage that counts the documents per split: declared once, nowhere else."""
     built = []
 
@@ -26,10 +27,12 @@ def toy_registry(monkeypatch):
         (out / "counts.json").write_text(json.dumps(counts), encoding="utf-8")
         write_manifest(out, "counts", [file_entry(out / "counts.json", out)], inputs=[paths.docs / "manifest.json"], stats=counts)
 
+    # as docs/architecture.md "Adding a stage" says: its directory in the run layout, declared after ingest
+    monkeypatch.setitem(engine.LAYOUT, "counts", "counts")
     toy = stages.Stage(
-        "count-docs", "data", ("corpus",), "counts/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs
+        "count-docs", "data", f"{engine.LAYOUT['counts']}/manifest.json", sections=("data",), inputs=("ingest",), build=count_docs
     )
-    monkeypatch.setattr(stages, "REGISTRY", {"ingest": stages.REGISTRY["ingest"], toy.name: toy})
+    swap_registry(*stages.declare(stages.REGISTRY["ingest"], toy).values())
     return built
 
 
@@ -68,3 +71,17 @@ def test_the_flow_makes_a_task_of_a_declared_stage_and_a_rerun_is_cached(prefect
     assert second.is_completed(), second.message
     assert states(task_runs(second.state_details.flow_run_id)) == {"ingest-toy-flow": "Cached", "count-docs-toy-flow": "Cached"}
     assert toy_registry == ["toy-flow"]
+
+
+def test_the_task_tables_name_only_declared_stages(monkeypatch):
+    """tasks/stages.py's per-stage tables are checked against the registry when it is imported."""
+    from glm_pipeline.tasks import stages as task_stages
+
+    task_stages.check_tables()  # the shipped tables hold
+    monkeypatch.setitem(task_stages.ARTIFACTS, "validate-corpra", lambda cfg, paths: None)
+    with pytest.raises(ValueError, match=r"ARTIFACTS names \['validate-corpra'\], which are not stages"):
+        task_stages.check_tables()
+    monkeypatch.delitem(task_stages.ARTIFACTS, "validate-corpra")
+    monkeypatch.setitem(task_stages.RUN_NAMES, "export", "export-{cfg.name}")  # built in steps: no task named export
+    with pytest.raises(ValueError, match=r"RUN_NAMES names \['export'\], which are not task names"):
+        task_stages.check_tables()

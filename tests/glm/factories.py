@@ -14,11 +14,11 @@ import pyarrow as pa
 import sentencepiece as spm
 import torch
 
-from glm.config import model_config
-from glm.finetune import LabelledExample
-from glm.model import GLM
-from glm.shards import file_entry, write_manifest, write_parquet
-from glm.tokenizer import Tokenizer
+from glm.core.config import model_config
+from glm.core.model import GLM
+from glm.core.shards import file_entry, write_manifest, write_parquet
+from glm.core.tokenizer import Tokenizer
+from glm.finetuning.finetune import LabelledExample
 
 FILLER = "the movie film was plot acting story really very quite an a".split()
 SENTIMENT_WORDS = FILLER + "good bad great terrible fun boring not".split()

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from glm import budget
-from glm.budget import BudgetPlan, Measurement, choose_precision, steps_for_budget
-from glm.config import load_config
-from glm.train import SyntheticBatches
+from glm.core.config import load_config
+from glm.training import budget, pretrain_plan
+from glm.training.budget import BudgetPlan, Measurement, choose_precision, steps_for_budget
+from glm.training.train import SyntheticBatches
 
 
 def _m(precision: str, s: float, losses: list[float]) -> Measurement:
@@ -70,10 +70,10 @@ def test_the_measured_gradient_error_is_small_for_bf16_and_large_for_a_path_that
     the losses of the measured steps agree within BF16_MAX_LOSS_DIFF; the gradient error does not pass."""
     import torch
 
-    from glm.model import GLM
+    from glm.core.model import GLM
 
     pre, model_cfg, batches = _tiny_plan_inputs()
-    measured = budget.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
+    measured = pretrain_plan.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
     noise, error = measured["fp32"].gradient_noise, measured["bf16"].gradient_error
     # measured 2026-12-07: error 0.003, noise 1.2 (random synthetic batches): far inside the bound
     assert 0 < error < budget.BF16_MAX_GRADIENT_ERROR * noise and noise > 0.01
@@ -93,7 +93,7 @@ def test_the_measured_gradient_error_is_small_for_bf16_and_large_for_a_path_that
         "logits",
         lambda self, h: SignOnlyBackward.apply(logits(self, h)) if torch.is_autocast_enabled("cpu") else logits(self, h),
     )
-    broken = budget.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
+    broken = pretrain_plan.measure_pretrain_steps(pre, model_cfg, batches, ("fp32", "bf16"), torch.device("cpu"))
     diffs = [abs(a - b) / a for a, b in zip(broken["fp32"].losses, broken["bf16"].losses)]
     assert max(diffs) < budget.BF16_MAX_LOSS_DIFF  # measured 0.0045: the loss criterion alone would take it
     # measured 1.07 against a bound of 0.12
@@ -154,7 +154,7 @@ def test_auto_on_this_cpu_records_a_decision_and_a_budget_from_measured_steps():
     def batches():
         return iter(SyntheticBatches(640, 32, pre.micro_batch_size, seed=0))
 
-    out = budget.plan_pretrain(pre, cfg.model, batches)
+    out = pretrain_plan.plan_pretrain(pre, cfg.model, batches)
     cpu = out["cpu"]
     assert cpu["model"] and cpu["torch_capability"] and isinstance(cpu["native_bf16"], bool)
     p = out["precision"]

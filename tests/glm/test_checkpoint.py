@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from glm.checkpoint import (
+from glm.core.config import ModelConfig, OptimConfig
+from glm.core.model import GLM, configure_optimizer
+from glm.training.checkpoint import (
     LATEST,
     META_FILE,
     MODEL_FILE,
@@ -23,8 +25,6 @@ from glm.checkpoint import (
     to_plain,
     verify_checkpoint,
 )
-from glm.config import ModelConfig, OptimConfig
-from glm.model import GLM, configure_optimizer
 
 CFG = ModelConfig(vocab_size=64, max_seq_len=32)
 

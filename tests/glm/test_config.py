@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from glm.config import ConfigError, load_config
+from glm.core.config import ConfigError, load_config
 
 
 def test_in_process_training_is_a_single_device_option():
@@ -75,7 +75,7 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused():
     "override, key", [("tokenizer.vocab_size=5", "tokenizer.vocab_size"), ("model.vocab_size=8", "model.vocab_size")]
 )
 def test_a_vocabulary_without_room_beyond_the_special_tokens_is_refused(override, key):
-    from glm.special_tokens import NUM_SPECIAL
+    from glm.core.special_tokens import NUM_SPECIAL
 
     assert int(override.split("=")[1]) <= NUM_SPECIAL
     with pytest.raises(ConfigError, match=f"{key}: Input should be greater than or equal to"):

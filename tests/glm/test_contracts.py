@@ -7,9 +7,9 @@ import json
 import pytest
 
 from glm import stages
-from glm.config import PipelineConfig
-from glm.contracts import ContractError, PretrainStats, TrainSummary, check, read_stats
-from glm.shards import file_entry, write_manifest
+from glm.core.config import PipelineConfig
+from glm.core.contracts import ContractError, PretrainStats, TrainSummary, check
+from glm.core.shards import file_entry, read_stats, write_manifest
 
 GOOD_PRETRAIN = {
     "checkpoint": "checkpoints/step-000002",
@@ -57,7 +57,7 @@ def test_the_training_result_line_is_checked():
     assert TrainSummary.__required_keys__ >= {"step", "checkpoint", "metrics_path"}
 
 
-def test_a_stage_that_breaks_its_contract_is_not_stamped(tmp_path, monkeypatch):
+def test_a_stage_that_breaks_its_contract_is_not_stamped(tmp_path, swap_registry):
     """The registry checks a stage's stats before stamping it: a broken writer fails at once, naming the
     key, and nothing marks its output as done (the next run builds it again)."""
     written = []
@@ -70,8 +70,7 @@ def test_a_stage_that_breaks_its_contract_is_not_stamped(tmp_path, monkeypatch):
         written.append(stats)
         write_manifest(out, "toy", [file_entry(out / "x.txt", out)], stats=stats)
 
-    toy = stages.Stage("toy", "data", ("contracts",), "toy/manifest.json", build=build, stats=PretrainStats)
-    monkeypatch.setattr(stages, "REGISTRY", {"toy": toy})
+    swap_registry(stages.Stage("toy", "data", "toy/manifest.json", build=build, stats=PretrainStats))
     cfg = PipelineConfig(name="toy", run_dir=str(tmp_path / "run"))
     paths = stages.RunPaths(cfg.run_dir)
     with pytest.raises(ContractError, match="PretrainStats: tokens: Field required"):

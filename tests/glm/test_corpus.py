@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from glm import corpus
-from glm.config import CleaningConfig, DataConfig, SourceConfig, load_config
-from glm.corpus import (
+from glm.core.config import CleaningConfig, DataConfig, SourceConfig, load_config
+from glm.data import corpus
+from glm.data.corpus import (
     CorpusError,
     clean_text,
     ingest,

@@ -6,11 +6,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from glm.checkpoint import latest_checkpoint, load_model, load_trainer_state
-from glm.config import ModelConfig, OptimConfig, TrainConfig
+from glm.core.config import ModelConfig, OptimConfig, TrainConfig
+from glm.core.metrics import read_metrics
 from glm.distributed import DistInfo, init_distributed, resolve_device, wrap_model
-from glm.metrics import read_metrics
-from glm.train import SyntheticBatches, pretrain
+from glm.training.checkpoint import latest_checkpoint, load_model, load_trainer_state
+from glm.training.train import SyntheticBatches, pretrain
 
 V, T, STEPS = 64, 32, 4
 PAPER_MIX = {"token": 0.5, "sentence": 0.3, "document": 0.2}

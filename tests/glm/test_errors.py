@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from glm.errors import (
+from glm.core.errors import (
     ERROR_FILE,
     EXIT_CODES,
     KINDS_BY_CODE,

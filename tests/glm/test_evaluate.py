@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm import evaluate as ev
-from glm.config import EvaluateConfig
-from glm.model import infilling_loss
-from glm.special_tokens import SPECIAL
+from glm.core.config import EvaluateConfig
+from glm.core.model import infilling_loss
+from glm.core.special_tokens import SPECIAL
+from glm.evaluation import evaluate as ev
+from glm.evaluation import report as rep
 from tests.glm.factories import sentiment_tokenizer, tiny_model
 
 VOCAB = 64
@@ -176,7 +177,7 @@ def test_mask_spans_blank_the_ratio_in_separated_spans():
             prompt, spans = ev.mask_spans(ids, ratio, np.random.default_rng(seed))
             assert 1 <= len(spans) <= 3 and sum(map(len, spans)) == round(ratio * 40) and all(spans)
             assert prompt.count(SPECIAL.mask) == len(spans) and "[4, 4]" not in str(prompt).replace(" ", "")
-            from glm.generate import splice
+            from glm.evaluation.generate import splice
 
             assert splice(prompt, spans) == ids
     assert ev.mask_spans([5, 6], 0.9, np.random.default_rng(0))[1] == [[5]] or ev.mask_spans(
@@ -248,7 +249,7 @@ def test_infill_bleu_is_100_for_a_perfect_filler_and_above_the_unfilled_floor():
 
 
 def test_seq2seq_generation_metrics_of_a_model_that_writes_the_reference():
-    from glm.finetune import encode_seq2seq
+    from glm.finetuning.finetune import encode_seq2seq
 
     tok = sentiment_tokenizer()
     # targets of 4+ words: corpus BLEU counts up to 4-grams, and a corpus without any scores 0
@@ -317,7 +318,7 @@ def _write_jsonl(path, records):
 def test_read_metrics_skips_a_torn_last_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert ev.read_metrics(p) == [{"step": 1, "loss": 2.0}]
+    assert rep.read_metrics(p) == [{"step": 1, "loss": 2.0}]
 
 
 def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
@@ -388,7 +389,7 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
         "not_finite": float("nan"),
         "array": np.arange(3),
     }
-    written = ev.write_report(tmp_path / "eval", results, pre, curves)
+    written = rep.write_report(tmp_path / "eval", results, pre, curves)
     for key in ("pretrain_loss", "finetune_curves", "accuracy", "confusion_pretrained", "confusion_from_scratch", "infill_bleu"):
         png = written[key].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, key
@@ -408,7 +409,7 @@ def test_write_report_writes_metrics_markdown_and_plots(tmp_path):
 
 
 def test_write_report_with_nothing_but_a_title(tmp_path):
-    written = ev.write_report(tmp_path, {"title": "empty"})
+    written = rep.write_report(tmp_path, {"title": "empty"})
     assert written["report"].read_text().startswith("# empty") and set(written) == {"metrics", "report"}
 
 
@@ -479,7 +480,7 @@ def test_a_model_at_majority_below_the_baselines_is_a_warning_at_the_top_of_the_
         ),
         "from scratch": _cloze_result(truth, [0, 0, 0, 1, 1, 1, 1, 2, 2, 0], labels),
     }
-    warnings = ev.finetune_warnings(cloze)
+    warnings = rep.finetune_warnings(cloze)
     assert [(w["run"], w["check"]) for w in warnings] == [
         ("pretrained", "collapsed"),
         ("pretrained", "majority"),
@@ -489,7 +490,7 @@ def test_a_model_at_majority_below_the_baselines_is_a_warning_at_the_top_of_the_
     assert "after 3 attempt(s): one label" in warnings[0]["message"] and "finetune.optim.lr" in warnings[0]["try"]
     assert "40.0% is at or below the majority class ('a' always: 40.0%)" in warnings[1]["message"]
     assert "below the linear baseline (90.0%" in warnings[2]["message"] and "pretrain.steps" in warnings[3]["try"]
-    written = ev.write_report(tmp_path, {"title": "t", "cloze": cloze})
+    written = rep.write_report(tmp_path, {"title": "t", "cloze": cloze})
     report = written["report"].read_text()
     assert report.index("## WARNING: 4 problem(s)") < report.index("| model |")
     assert "TF-IDF + logistic regression | 90.0%" in report and "Try: lower finetune.optim.lr" in report
@@ -501,18 +502,18 @@ def test_a_model_above_every_baseline_has_no_warning_and_a_retry_is_a_note(tmp_p
     truth = [0, 0, 0, 1, 1, 1]
     linear = ev.classification_metrics(truth, [0, 0, 1, 1, 1, 0], labels)
     good = _cloze_result(truth, truth, labels, linear_baseline=linear, collapsed=False, kept_untrained=False)
-    assert ev.finetune_warnings({"pretrained": good, "from scratch": good}) == []
-    assert "WARNING" not in ev.write_report(tmp_path, {"cloze": {"pretrained": good}})["report"].read_text()
+    assert rep.finetune_warnings({"pretrained": good, "from scratch": good}) == []
+    assert "WARNING" not in rep.write_report(tmp_path, {"cloze": {"pretrained": good}})["report"].read_text()
     retried = good | {
         "attempts": [
             {"attempt": 1, "lr": 1e-3, "kept": False, "collapsed": True, "reasons": ["untrained: step 0 was kept"]},
             {"attempt": 2, "lr": 3.3e-4, "kept": True, "collapsed": False, "reasons": []},
         ]
     }
-    (note,) = ev.finetune_warnings({"pretrained": retried})
+    (note,) = rep.finetune_warnings({"pretrained": retried})
     assert note["level"] == "note" and "attempt 2 of 2 (lr 0.00033) was kept" in note["message"]
     untrained = good | {"kept_untrained": True}
-    assert [w["check"] for w in ev.finetune_warnings({"pretrained": untrained})] == ["untrained"]
+    assert [w["check"] for w in rep.finetune_warnings({"pretrained": untrained})] == ["untrained"]
 
 
 # --------------------------------------------------------------------------- degenerate generation
@@ -537,13 +538,13 @@ def test_degenerate_fills_are_a_warning_at_the_top_of_the_report_and_varied_ones
     the = tok.encode("the", specials=False)
     degenerate = ev.fill_diversity([the] * 30 + [tok.encode(w, specials=False) for w in words[1:6]], tok)
     varied = ev.fill_diversity([tok.encode(w, specials=False) for w in words * 3], tok)
-    warnings = ev.generation_warnings(_with_fills(degenerate))
+    warnings = rep.generation_warnings(_with_fills(degenerate))
     assert [w["check"] for w in warnings] == ["degenerate fills"]
     assert "86% of 35 blanks are filled with 'the'" in warnings[0]["message"] and "objective_mix" in warnings[0]["try"]
-    assert ev.generation_warnings(_with_fills(varied)) == []
+    assert rep.generation_warnings(_with_fills(varied)) == []
     # too few blanks to judge: no warning either way
-    assert ev.generation_warnings(_with_fills(ev.fill_diversity([the] * 5, tok))) == []
-    written = ev.write_report(tmp_path, {"title": "t", "pretrain": _with_fills(degenerate)})
+    assert rep.generation_warnings(_with_fills(ev.fill_diversity([the] * 5, tok))) == []
+    written = rep.write_report(tmp_path, {"title": "t", "pretrain": _with_fills(degenerate)})
     report = written["report"].read_text()
     assert report.startswith("# t\n\n## WARNING: 1 problem(s) with the models") and "Try: more pretraining" in report
     assert [w["check"] for w in json.loads(written["metrics"].read_text())["warnings"]] == ["degenerate fills"]
@@ -556,7 +557,7 @@ def test_the_report_says_which_run_is_exported_and_how_close_the_choice_was(tmp_
         "pretrained": {"best_val_accuracy": 0.713, "sizes": {"dev": 857}},
         "from scratch": {"best_val_accuracy": 0.718, "sizes": {"dev": 857}},
     }
-    report = ev.write_report(tmp_path, {"title": "t", "export_choice": choose_export(results)})["report"].read_text()
+    report = rep.write_report(tmp_path, {"title": "t", "export_choice": choose_export(results)})["report"].read_text()
     assert "## Exported model" in report and "The bundle is the **pretrained** run" in report
     assert "Dev gap of the other run: +0.005 against a margin of 0.0155" in report
 
@@ -566,7 +567,7 @@ def test_a_verbalizer_out_of_context_is_a_warning_of_the_pretrained_run(tmp_path
     truth = [0, 1, 0, 1]
     misfit = {"label": "1", "word": "好", "message": "verbalizer '好' (label '1') is never a token of its own in running text"}
     cloze = {"pretrained": _cloze_result(truth, truth, labels, verbalizers_out_of_context=[misfit])}
-    warnings = ev.finetune_warnings(cloze)
+    warnings = rep.finetune_warnings(cloze)
     assert [(w["run"], w["check"]) for w in warnings] == [("pretrained", "verbalizer context")]
     assert warnings[0]["message"] == misfit["message"] and "finetune.task.verbalizers" in warnings[0]["try"]
-    assert ev.finetune_warnings({"pretrained": _cloze_result(truth, truth, labels)}) == []
+    assert rep.finetune_warnings({"pretrained": _cloze_result(truth, truth, labels)}) == []

@@ -18,19 +18,19 @@ import pytest
 import torch
 
 from glm import export, runtime
-from glm import finetune as ft
-from glm.checkpoint import load_model, save_checkpoint
-from glm.config import (
+from glm.core.config import (
     ClozeTaskConfig,
     ExportConfig,
     FinetuneConfig,
     OptimConfig,
     model_config,
 )
-from glm.generate import GenerationConfig, fill_blanks
-from glm.model import GLM
-from glm.special_tokens import SPECIAL
-from glm.tokenizer import Tokenizer
+from glm.core.model import GLM
+from glm.core.special_tokens import SPECIAL
+from glm.core.tokenizer import Tokenizer
+from glm.evaluation.generate import GenerationConfig, fill_blanks
+from glm.finetuning import finetune as ft
+from glm.training.checkpoint import load_model, save_checkpoint
 from tests.glm.factories import (
     SENTIMENT_WORDS,
     bilingual_tokenizer,

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from glm import export
-from glm import finetune as ft
-from glm.checkpoint import load_model, read_meta
-from glm.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig
-from glm.model import GLM
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.tokenizer import Tokenizer
+from glm.core.config import ClozeTaskConfig, FinetuneConfig, OptimConfig, SourceConfig
+from glm.core.model import GLM
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.core.tokenizer import Tokenizer
+from glm.finetuning import finetune as ft
+from glm.training.checkpoint import load_model, read_meta
 from tests.glm.factories import (
     FILLER,
     bilingual_tokenizer,
@@ -583,7 +583,7 @@ def test_finetune_dropout_and_bf16_options(tok, tmp_path):
 
 
 def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path):
-    from glm.checkpoint import save_checkpoint
+    from glm.training.checkpoint import save_checkpoint
 
     pretrained = tiny_model(tok.vocab_size, max_seq_len=64)
     ckpt = save_checkpoint(tmp_path / "pre", 7, pretrained.state_dict(), {}, model_config=pretrained.cfg)
@@ -601,7 +601,7 @@ def test_pretrained_and_from_scratch_runs_share_data_and_schedule(tok, tmp_path)
 
 
 def test_from_scratch_baseline_reuses_the_pretrained_models_automatic_verbalizers(tok, tmp_path):
-    from glm.checkpoint import save_checkpoint
+    from glm.training.checkpoint import save_checkpoint
 
     pretrained = tiny_model(tok.vocab_size, max_seq_len=64, seed=3)
     ckpt = save_checkpoint(tmp_path / "pre", 1, pretrained.state_dict(), {}, model_config=pretrained.cfg)
@@ -699,7 +699,7 @@ BALANCED = SINGLE.model_copy(update={"split": (0.6, 0.2, 0.2)})  # dev of ~60 ex
 
 
 def test_warmup_follows_the_run_length_unless_given():
-    from glm.config import FinetuneOptimConfig
+    from glm.core.config import FinetuneOptimConfig
 
     assert FinetuneOptimConfig().warmup_for(428) == 43 and FinetuneOptimConfig().warmup_for(3) == 1
     assert FinetuneOptimConfig(warmup_steps=50).warmup_for(428) == 50

@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
-from glm.config import OptimConfig
-from glm.generate import (
+from glm.core.config import OptimConfig
+from glm.core.model import GLM, configure_optimizer, infilling_loss
+from glm.core.special_tokens import SPECIAL
+from glm.evaluation.generate import (
     GenerationConfig,
     banned_ngram_tokens,
     fill_blanks,
@@ -17,8 +19,6 @@ from glm.generate import (
     infill_inputs,
     splice,
 )
-from glm.model import GLM, configure_optimizer, infilling_loss
-from glm.special_tokens import SPECIAL
 from tests.glm.factories import lively_model, tiny_model
 
 VOCAB = 64

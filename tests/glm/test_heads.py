@@ -13,13 +13,15 @@ import torch
 from glm_pipeline.flows.cli import main as cli_main
 from safetensors.torch import load_file
 
-from glm import export, heads, runtime
-from glm import finetune as ft
-from glm.checkpoint import CheckpointError, load_finetuned, load_model, read_meta, save_checkpoint
-from glm.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig
-from glm.model import GLM
-from glm.special_tokens import SPECIAL
-from glm.tokenizer import Tokenizer
+from glm import export, runtime
+from glm.core.config import ClozeTaskConfig, ExportConfig, FinetuneConfig, OptimConfig
+from glm.core.model import GLM
+from glm.core.special_tokens import SPECIAL
+from glm.core.tokenizer import Tokenizer
+from glm.finetuning import finetune as ft
+from glm.finetuning import heads
+from glm.finetuning.heads import load_finetuned
+from glm.training.checkpoint import CheckpointError, load_model, read_meta, save_checkpoint
 from tests.glm.factories import sentiment_examples, tiny_model
 from tests.glm.test_export import make_tokenizer
 

@@ -11,15 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from glm import infill_shards, infilling, shards
-from glm.config import InfillingConfig
-from glm.infill_shards import (
+from glm.core import shards
+from glm.core.config import InfillingConfig
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data import infill_shards, infilling
+from glm.data.infill_shards import (
     build_infilling_dataset,
     expand_samples,
     packing_plan,
     read_rows,
 )
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
 
 CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=16)
 

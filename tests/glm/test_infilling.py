@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from glm.config import InfillingConfig
-from glm.infilling import (
+from glm.core.config import InfillingConfig
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data.infilling import (
     CAUSAL,
     DOCUMENT,
     OBJECTIVES,
@@ -21,7 +22,6 @@ from glm.infilling import (
     sample_spans,
     span_cap,
 )
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
 
 MIX = {"token": 0.4, "sentence": 0.2, "document": 0.2, "causal": 0.2}
 PERIODS = np.arange(NUM_SPECIAL, NUM_SPECIAL + 50)  # 1 token in 20 ends a sentence

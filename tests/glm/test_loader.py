@@ -11,12 +11,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from glm import infilling, shards
-from glm.config import InfillingConfig, ModelConfig
-from glm.infill_shards import build_infilling_dataset, packing_plan, read_rows
-from glm.loader import BATCH_KEYS, InfillingData, TrainLoader, ValidLoader
-from glm.model import GLM, infilling_loss
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.core import shards
+from glm.core.config import InfillingConfig, ModelConfig
+from glm.core.model import GLM, infilling_loss
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data import infilling
+from glm.data.infill_shards import build_infilling_dataset, packing_plan, read_rows
+from glm.data.loader import BATCH_KEYS, InfillingData, TrainLoader, ValidLoader
 from tests.glm.test_infill_shards import flip_in_place, write_token_shards
 
 CFG = InfillingConfig(seq_len=64, epochs=2, samples_per_shard=24)

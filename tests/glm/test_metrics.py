@@ -1,6 +1,6 @@
 import json
 
-from glm.metrics import MetricsLog, read_metrics
+from glm.core.metrics import MetricsLog, read_metrics
 
 
 def test_a_torn_last_line_is_skipped_by_the_reader_and_dropped_on_resume(tmp_path):

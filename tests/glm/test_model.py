@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from glm.config import OptimConfig, model_config
-from glm.model import (
+from glm.core.config import OptimConfig, model_config
+from glm.core.model import (
     GLM,
     _flex_block_mask,
     configure_optimizer,

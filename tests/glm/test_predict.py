@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from glm.checkpoint import load_model
+from glm.tokenizer import Tokenizer
 from glm_pipeline.flows.cli import main as cli_main
 
 from glm import finetune as ft
 from glm import runtime
-from glm.checkpoint import load_model
-from glm.tokenizer import Tokenizer
 from tests.glm.test_export import SINGLE, build_bundles
 
 

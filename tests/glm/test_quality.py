@@ -4,9 +4,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from glm.config import QualityConfig
-from glm.quality import ValidationFailed, validate_documents, validate_tokens
-from glm.shards import file_entry, write_arrow, write_manifest, write_parquet
+from glm.core.config import QualityConfig
+from glm.core.shards import file_entry, write_arrow, write_manifest, write_parquet
+from glm.data.quality import ValidationFailed, validate_documents, validate_tokens
 
 GOOD_DOCS = [f"document number {i} has enough characters to pass" for i in range(40)]
 QUALITY = QualityConfig(

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glm.config import ModelConfig
-from glm.model import GLM
+from glm.core.config import ModelConfig
+from glm.core.model import GLM
 from glm.released import (
     ReleasedCheckpointError,
     export_released,

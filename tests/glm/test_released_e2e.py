@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from glm import runtime, stages
-from glm.checkpoint import load_model, read_meta
-from glm.config import PipelineConfig, load_config
-from glm.loader import InfillingData
+from glm.core.config import PipelineConfig, load_config
+from glm.core.released_tokenizer import ReleasedTokenizer
+from glm.data.loader import InfillingData
 from glm.released import import_released
-from glm.released_tokenizer import ReleasedTokenizer
+from glm.training.checkpoint import load_model, read_meta
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "tests" / "fixtures" / "released" / "glm-large"
@@ -87,7 +87,7 @@ def test_every_stage_runs_on_an_imported_model(tmp_path):
     "name", ["glm-large", "glm-515m", "glm-roberta-large", "glm-2b", "glm-10b", "glm-large-chinese", "glm-10b-chinese"]
 )
 def test_the_config_of_each_release_validates(name):
-    from glm.released_tokenizer import FAMILIES
+    from glm.core.released_tokenizer import FAMILIES
 
     data = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     assert data["model"]["init"]["from"] == f"models/{name}"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from glm.core.released_tokenizer import ReleasedTokenizer, detect_kind
 from glm.released import import_released
-from glm.released_tokenizer import ReleasedTokenizer, detect_kind
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "released"
 FAMILIES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

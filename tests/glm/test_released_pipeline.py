@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from glm import runtime
-from glm.checkpoint import load_model
-from glm.config import ClozeTaskConfig, ExportConfig
+from glm.core.config import ClozeTaskConfig, ExportConfig
+from glm.core.released_tokenizer import ReleasedTokenizer
+from glm.core.special_tokens import SPECIAL, special_of
+from glm.core.tokenizer import load_tokenizer
+from glm.evaluation.generate import GenerationConfig, fill_blanks
 from glm.export import export_bundle
-from glm.finetune import ClozeTask, score_cloze
-from glm.generate import GenerationConfig, fill_blanks
+from glm.finetuning.finetune import ClozeTask, score_cloze
 from glm.released import export_checkpoint, import_released, import_to_checkpoint
-from glm.released_tokenizer import ReleasedTokenizer
-from glm.special_tokens import SPECIAL, special_of
-from glm.tokenizer import load_tokenizer
+from glm.training.checkpoint import load_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "released"
 
@@ -58,7 +58,7 @@ def test_generation_uses_the_models_sop_and_eop(imported):
         assert len(r.spans) == 1 and len(r.spans[0]) <= 5
         assert tok.eop_id not in r.spans[0]  # <eop> (the tokenizer's id) ended or bounded the span
     # the cursor fed the tokenizer's <sop>: teacher forcing the spans reproduces the greedy choices
-    from glm.generate import infill_inputs
+    from glm.evaluation.generate import infill_inputs
 
     x = infill_inputs(prompt, res[0].spans, tok.special)
     assert x["input_ids"][len(prompt)] == tok.sop_id
@@ -137,7 +137,7 @@ def test_bpe_verbalizers_and_pattern_words_keep_their_space():
 
 
 def test_seq2seq_rows_use_the_models_gmask_sop_eop(imported):
-    from glm.finetune import encode_seq2seq, seq2seq_batch, seq2seq_loss
+    from glm.finetuning.finetune import encode_seq2seq, seq2seq_batch, seq2seq_loss
 
     family, ckpt, tok_dir = imported
     model, _ = load_model(ckpt)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from glm.runlock import LOCK_FILE, RunDirBusy, held, run_lock
+from glm.core.runlock import LOCK_FILE, RunDirBusy, held, run_lock
 
 
 def test_a_second_process_is_refused_at_once_and_told_who_holds_it(holder):

@@ -15,11 +15,11 @@ import pytest
 import torch
 from glm_pipeline.flows.cli import main as cli_main
 
-from glm import finetune as ft
 from glm import runtime
-from glm.checkpoint import load_model
+from glm.core.tokenizer import Tokenizer
 from glm.export import write_sha256sums
-from glm.tokenizer import Tokenizer
+from glm.finetuning import finetune as ft
+from glm.training.checkpoint import load_model
 from tests.glm.test_export import SINGLE, build_bundles
 
 RUNTIME_PY = Path(runtime.__file__)
@@ -502,7 +502,7 @@ def test_a_classifier_bundle_refuses_to_fill_or_generate_and_names_the_generatio
 def test_the_runtimes_no_repeat_rule_is_glm_generates():
     """runtime.py is copied into applications on its own (it imports nothing from glm), so it keeps its
     own copy of the no-repeat n-gram rule: it must ban exactly what glm.generate bans."""
-    from glm.generate import banned_ngram_tokens
+    from glm.evaluation.generate import banned_ngram_tokens
 
     rng = np.random.default_rng(0)
     for _ in range(500):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from glm.safety import UnsafeDelete, remove_tree
+from glm.core.safety import UnsafeDelete, remove_tree
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from glm import shards
+from glm.core import shards
 
 
 def test_atomic_path_keeps_old_file_when_writer_fails(tmp_path):

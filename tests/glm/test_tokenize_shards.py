@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 import sentencepiece as spm
 
-from glm.config import TokenizerConfig
-from glm.shards import (
+from glm.core.config import TokenizerConfig
+from glm.core.shards import (
     file_entry,
     manifest_digest,
     read_arrow,
@@ -22,8 +22,9 @@ from glm.shards import (
     write_manifest,
     write_parquet,
 )
-from glm.special_tokens import SPECIAL
-from glm.tokenize_shards import (
+from glm.core.special_tokens import SPECIAL
+from glm.core.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from glm.data.tokenize_shards import (
     _token_table,
     finish_tokenize,
     plan_tokenize,
@@ -31,7 +32,6 @@ from glm.tokenize_shards import (
     tokenize_corpus,
     tokenize_shard,
 )
-from glm.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 from tests.glm.factories import write_docs
 
 WORDS = "the a film story actor scene music night city river light quiet loud slow bright old new great".split()

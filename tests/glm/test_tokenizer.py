@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from glm.config import TokenizerConfig
-from glm.shards import read_manifest, verify_manifest
-from glm.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
-from glm.tokenizer import (
+from glm.core.config import TokenizerConfig
+from glm.core.shards import read_manifest, verify_manifest
+from glm.core.special_tokens import NUM_SPECIAL, PIECES, SPECIAL
+from glm.core.tokenizer import (
     MODEL_FILE,
     SPECIAL_FILE,
     Tokenizer,

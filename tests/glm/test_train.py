@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-import glm.train as train
-from glm import infilling
-from glm.checkpoint import MODEL_FILE, latest_checkpoint, load_model
-from glm.config import InfillingConfig, ModelConfig, OptimConfig, TrainConfig
+import glm.training.step as step
+import glm.training.train as train
+from glm.core.config import InfillingConfig, ModelConfig, OptimConfig, TrainConfig
+from glm.core.metrics import read_metrics
+from glm.core.model import GLM, infilling_loss
+from glm.core.special_tokens import NUM_SPECIAL, SPECIAL
+from glm.data import infilling
 from glm.distributed import DistInfo
-from glm.metrics import read_metrics
-from glm.model import GLM, infilling_loss
-from glm.special_tokens import NUM_SPECIAL, SPECIAL
-from glm.train import (
+from glm.training.checkpoint import MODEL_FILE, latest_checkpoint, load_model
+from glm.training.train import (
     NonFiniteLossError,
     SyntheticBatches,
     autocast_dtype,
@@ -334,12 +335,12 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_bf16_kernels_warns(monkeypatch, caplog):
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(step, "cpu_has_fast_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger=train.log.name):
         assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: honoured, with a warning
         assert autocast_dtype("auto", torch.device("cpu")) is None
     assert [r.getMessage() for r in caplog.records if "emulates bf16" in r.getMessage()], caplog.text
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(step, "cpu_has_fast_bf16", lambda: True)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=train.log.name):
         assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
@@ -374,9 +375,9 @@ def build_real_shards(root):
     import numpy as np
     import yaml
 
-    from glm import shards
-    from glm.config import InfillingConfig
-    from glm.infill_shards import build_infilling_dataset
+    from glm.core import shards
+    from glm.core.config import InfillingConfig
+    from glm.data.infill_shards import build_infilling_dataset
     from tests.glm.test_infill_shards import random_docs, write_token_shards
 
     rng = np.random.default_rng(0)
@@ -422,7 +423,7 @@ def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
     model, model_cfg = load_model(tmp_path / "full")
     assert model_cfg.vocab_size == 3008  # the tokenizer's 3000, rounded up to a multiple of 64
 
-    from glm.config import load_config
+    from glm.core.config import load_config
 
     with pytest.raises(_Killed):
         train.pretrain_on_shards(
@@ -438,7 +439,7 @@ def test_cli_on_real_shards_resumes_exactly(real_shards, tmp_path, capsys):
 
 
 def _main_failing(argv: list[str], out) -> tuple[int, dict | None]:
-    from glm.errors import read_error_file
+    from glm.core.errors import read_error_file
 
     return train.main([*argv, "--out", str(out)]), read_error_file(out)
 
@@ -446,7 +447,7 @@ def _main_failing(argv: list[str], out) -> tuple[int, dict | None]:
 def test_cli_exit_codes_name_permanent_failures_and_record_them(real_shards, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from glm.errors import EXIT_CODES
+    from glm.core.errors import EXIT_CODES
 
     argv = ["--config", str(real_shards / "run.yaml"), "--data", str(real_shards / "infill")]
     code, record = _main_failing([*argv, "--set", "pretrain.nosuch=1"], tmp_path / "config")
@@ -477,7 +478,7 @@ def test_an_uncaught_exception_is_a_crash_that_resumes(real_shards, tmp_path):
     import subprocess
     import sys
 
-    from glm.errors import ERROR_FILE
+    from glm.core.errors import ERROR_FILE
 
     cmd = [
         sys.executable,
@@ -507,9 +508,9 @@ def test_failures_are_classified_permanent_or_crash():
 
     from pydantic import ValidationError
 
-    from glm.checkpoint import CheckpointError
-    from glm.config import ConfigError, PipelineConfig
-    from glm.shards import ManifestError
+    from glm.core.config import ConfigError, PipelineConfig
+    from glm.core.shards import ManifestError
+    from glm.training.checkpoint import CheckpointError
 
     with pytest.raises(ValidationError) as invalid:
         PipelineConfig.model_validate({"pretrain": {"steps": 0}})

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from glm.errors import MAX_LINE_CHARS
+from glm.core.errors import MAX_LINE_CHARS
 from tests.hostile.conftest import cli, error_lines
 
 LONGEST = MAX_LINE_CHARS + 200  # a cut line and what the formatter puts around it

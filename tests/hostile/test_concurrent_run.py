@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from glm.runlock import run_lock
+from glm.core.runlock import run_lock
 from tests.hostile.conftest import cli, error_lines
 
 
@@ -30,8 +30,8 @@ def test_a_second_cli_run_fails_at_once_with_one_line_and_exit_2(holder):
 
 def test_the_plain_runner_takes_the_lock_too(holder):
     from glm import stages
-    from glm.config import load_config
-    from glm.runlock import RunDirBusy
+    from glm.core.config import load_config
+    from glm.core.runlock import RunDirBusy
 
     run, proc = holder
     with pytest.raises(RunDirBusy, match=f"pid {proc.pid}"):
@@ -42,7 +42,7 @@ def test_the_plain_runner_takes_the_lock_too(holder):
 FLOW_ALONE = """
 import sys
 from glm_pipeline.flows.pipeline import data_flow
-from glm.config import load_config
+from glm.core.config import load_config
 data_flow(load_config("configs/tiny.yaml", ["name=second", "run_dir=" + sys.argv[1]]))
 """
 

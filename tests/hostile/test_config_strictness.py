@@ -80,8 +80,8 @@ def test_numeric_label_keys_are_the_strings_the_labels_are_read_as(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "verbalizers:\n      '0': bad\n      '1': good" in done.stdout
 
-    from glm.config import load_config
-    from glm.finetune import read_labelled
+    from glm.core.config import load_config
+    from glm.finetuning.finetune import read_labelled
 
     cfg = load_config(config)
     labels = {e.label for e in read_labelled(cfg.finetune.task.source, cfg.finetune.task.label_field)}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from glm import stages
-from glm.config import load_config
-from glm.shards import read_manifest, verify_manifest
+from glm.core.config import load_config
+from glm.core.shards import read_manifest, verify_manifest
 from tests.flows.conftest import SMALL
 from tests.hostile.conftest import cli
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from glm import stages
-from glm.config import load_config
-from glm.safety import UnsafeDelete
+from glm.core.config import load_config
+from glm.core.safety import UnsafeDelete
 from tests.hostile.conftest import cli, error_lines
 
 

@@ -29,7 +29,7 @@ def test_a_missing_corpus_is_one_error_line_and_a_log_file_with_the_traceback(tm
     log = _full_log(line)
     assert log.parent == run / "logs" and log.is_file()
     text = log.read_text(encoding="utf-8")
-    assert "Traceback" in text and "glm/corpus.py" in text and "run failed: CorpusError" in text
+    assert "Traceback" in text and "glm/data/corpus.py" in text and "run failed: CorpusError" in text
 
 
 def test_debug_puts_the_traceback_on_the_terminal(tmp_path, server):
@@ -47,7 +47,7 @@ def test_debug_puts_the_traceback_on_the_terminal(tmp_path, server):
     )
     assert done.returncode == 1, done.stderr
     assert len(error_lines(done.stderr)) == 1 and "Traceback (most recent call last)" in done.stderr
-    assert 'glm/corpus.py", line' in done.stderr
+    assert 'glm/data/corpus.py", line' in done.stderr
 
 
 @pytest.fixture

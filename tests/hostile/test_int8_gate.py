@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from glm import export, runtime
-from glm.finetune import LabelledExample, score_cloze
+from glm.finetuning.finetune import LabelledExample, score_cloze
 from tests.glm.test_export import build_bundles
 
 

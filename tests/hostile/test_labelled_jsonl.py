@@ -32,9 +32,9 @@ def test_a_bad_labelled_row_names_the_file_and_its_line(tmp_path, server):
 
 
 def test_a_labelled_line_that_is_not_an_object_is_named_too(tmp_path):
-    from glm.config import SourceConfig
-    from glm.corpus import CorpusError
-    from glm.finetune import read_labelled
+    from glm.core.config import SourceConfig
+    from glm.data.corpus import CorpusError
+    from glm.finetuning.finetune import read_labelled
 
     data = tmp_path / "labelled.jsonl"
     data.write_text('{"text": "fine", "label": 1}\n\n[1, 2]\n', encoding="utf-8")

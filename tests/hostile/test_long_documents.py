@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from glm.config import ConfigError, DataConfig, load_config
-from glm.corpus import ingest, iter_documents, read_manifest
+from glm.core.config import ConfigError, DataConfig, load_config
+from glm.data.corpus import ingest, iter_documents, read_manifest
 
 WORDS = "the film was long and the plot was thin but the cast was superb".split()
 

@@ -13,7 +13,7 @@ from tests.integration.server import ROOT
 def data_stage(root: Path) -> Path:
     """A run directory whose data stage is done (glm.stages directly: only the later stages are under test)."""
     from glm import stages
-    from glm.config import load_config
+    from glm.core.config import load_config
 
     stages.run_pipeline(load_config("configs/tiny.yaml", [*SMALL, "quality.enabled=false", f"run_dir={root}"]), "data")
     return root

@@ -46,7 +46,7 @@ def test_artifacts_are_sent_in_order_in_the_callers_context_and_failures_only_wa
 def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_last(monkeypatch):
     from glm_pipeline.tasks import artifacts
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     sent = []
     monkeypatch.setattr(
@@ -70,10 +70,9 @@ def test_training_progress_sends_at_most_one_update_per_interval_and_always_the_
 
 
 def test_fine_tuning_progress_is_one_artifact_per_run(monkeypatch):
+    from glm.config import PipelineConfig
     from glm_pipeline.tasks import artifacts
     from glm_pipeline.tasks.finetuning import FinetuneProgress
-
-    from glm.config import PipelineConfig
 
     sent = []
     ids = iter(["id-1", "id-2"])
@@ -114,7 +113,7 @@ def test_bundle_markdown_gives_the_path_checksums_verification_and_code_that_run
     from glm_pipeline.flows.cli import main as cli_main
     from glm_pipeline.tasks.artifacts import bundle_markdown
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     bundle = built.clf_bundle
     report = json.loads((bundle / "verification.json").read_text())
@@ -141,7 +140,7 @@ def test_bundle_markdown_lists_near_ties_and_failures(built):
 
     from glm_pipeline.tasks.artifacts import bundle_markdown
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     report = json.loads((built.lm_bundle / "verification.json").read_text())
     tie = {
@@ -169,7 +168,7 @@ def test_bundle_markdown_lists_near_ties_and_failures(built):
 def test_the_bundle_is_a_markdown_artifact_and_a_link_only_for_an_http_url(built, monkeypatch):
     from glm_pipeline.tasks import artifacts
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     sent = []
     for name in ("create_markdown_artifact", "create_link_artifact", "create_table_artifact"):
@@ -193,7 +192,7 @@ def test_generation_metrics_become_one_table_row_each(tmp_path, monkeypatch):
 
     from glm_pipeline.tasks import artifacts
 
-    from glm.config import PipelineConfig
+    from glm.core.config import PipelineConfig
 
     metrics = {
         "pretrain": {
@@ -227,9 +226,10 @@ def test_generation_metrics_become_one_table_row_each(tmp_path, monkeypatch):
 def test_finetune_warnings_reach_the_table_description_and_a_markdown_artifact(monkeypatch, tmp_path):
     from glm_pipeline.tasks import artifacts
 
-    from glm import evaluate as ev
-    from glm.config import PipelineConfig
-    from glm.shards import write_manifest
+    from glm.core.config import PipelineConfig
+    from glm.core.shards import write_manifest
+    from glm.evaluation import evaluate as ev
+    from glm.evaluation import report as rep
 
     sent = []
     monkeypatch.setattr(artifacts, "publish", lambda what, send, data, **kw: sent.append((what, data, kw["description"])))
@@ -244,7 +244,7 @@ def test_finetune_warnings_reach_the_table_description_and_a_markdown_artifact(m
         "kept_untrained": True,
     }
     results = {"pretrained": res}
-    write_manifest(tmp_path, "finetune", [], stats={"warnings": ev.finetune_warnings(results)})
+    write_manifest(tmp_path, "finetune", [], stats={"warnings": rep.finetune_warnings(results)})
     artifacts.finetune_summary(PipelineConfig(name="t"), results, tmp_path)
     (_, rows, description), (what, markdown, _) = sent
     assert [r["model"] for r in rows] == ["pretrained", "majority class", "TF-IDF + logistic regression"]

@@ -7,8 +7,8 @@ from glm_pipeline.tasks.options import artifact_key, configure, retry_transient,
 from glm_pipeline.tasks.stages import ingest
 from prefect.states import Failed
 
-from glm.config import ConfigError, PipelineConfig
-from glm.quality import ValidationFailed
+from glm.core.config import ConfigError, PipelineConfig
+from glm.data.quality import ValidationFailed
 from glm.stages import StageInputMissing
 
 

@@ -13,7 +13,7 @@ from glm_pipeline.tasks.options import retry_transient
 from glm_pipeline.tasks.stages import ingest
 from prefect.states import Failed
 
-from glm.errors import ERROR_FILE, EXIT_CODES, write_error_file
+from glm.core.errors import ERROR_FILE, EXIT_CODES, write_error_file
 from glm.launch import (
     Finished,
     MetricsTail,
@@ -125,7 +125,7 @@ def test_a_full_or_read_only_disk_is_permanent_a_bug_is_not(error, retried):
 
 def test_in_process_training_classifies_failures_like_the_subprocess(tmp_path, monkeypatch):
     from glm import stages
-    from glm.config import load_config
+    from glm.core.config import load_config
     from tests.glm.test_train import build_real_shards
 
     shards = build_real_shards(tmp_path / "shards")
