@@ -32,6 +32,10 @@ model.cls.int8.onnx): the generation graph's inputs plus select_positions (B, N)
 select_scores (B, N, K) = log P of the verbalizer rows config.json classifier.rows (linear head:
 the label logits (B, N, L)) and the presents. The runtime classifies with it; its scores are held
 to the same atol over the same grid of shapes (random positions), and the accuracy check runs through it.
+
+Over 600 lines on purpose: the export wrappers (generation graph, classification graph), the
+quantization and the verification are one contract (what verification checks is what the graphs
+compute); split them when a second export format arrives.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ the two best logits are within float noise (a CPU's kernels can flip such near-t
 Sampling uses numpy's generator, so seeded draws are reproducible here but differ from
 torch's. Prompts longer than the model's max_seq_len are an error (fill_blanks, generate);
 classifier inputs are truncated from the end of the text, as in fine-tuning.
+
+Over 600 lines on purpose: this one file is the whole installable runtime (the wheel is built from it,
+and apps may copy it alone), so its tokenizers, decoding, classification and batch command cannot
+be split into modules without making the copy-one-file promise false.
 """
 
 from __future__ import annotations
