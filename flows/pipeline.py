@@ -94,6 +94,13 @@ def check_parameter_size(cfg: PipelineConfig) -> None:
     )
 
 
+def this_flow_run() -> str | None:
+    """The run lock's owner: a later attempt of the same flow run (a false zombie re-run) waits for the first."""
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.id}" if flow_run.id else None
+
+
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
     """The runner of per-shard tasks: orchestration.task_runner with data.workers workers."""
     kind, workers = cfg.orchestration.task_runner, cfg.data.workers
@@ -190,7 +197,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     continue_steps: train this many steps past the latest checkpoint (nightly continued pretraining).
     """
     with (
-        run_lock(config.run_dir),
+        run_lock(config.run_dir, owner=this_flow_run()),
         artifacts.sent(),
         api_watch.watch(config.run_dir),
     ):  # one run per run directory, also when served or deployed
@@ -201,7 +208,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("data", config)
 
@@ -209,7 +216,7 @@ def data_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
@@ -217,7 +224,7 @@ def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) ->
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("finetune", config)
 
@@ -225,7 +232,7 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return finish(config, run_group("export", config))
 

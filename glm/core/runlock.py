@@ -9,6 +9,11 @@ flock, not a pid file: the kernel releases the lock when its holder dies, howeve
 killed run never leaves a stale lock behind. The holder's pid, host, start time and command are
 written into the lock file only so the second run can say who holds it.
 
+An owner (a flow run's id) may be named: a process that finds the lock held by the same owner is a
+later attempt of the same run (a run marked Crashed by an orchestrator that missed its heartbeats,
+say during a database outage, and re-run while its first process still works) and waits for that
+process to end instead of failing: the first attempt's work is then the second's cache.
+
 Re-entrant per process: the CLI takes the lock and then runs a Prefect flow that takes it again in
 the same process. Processes the run starts (the training subprocess, torchrun, task workers) never
 take it: the lock belongs to the process that took it, and a forked child drops its inherited copy.
@@ -20,6 +25,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -30,6 +36,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 LOCK_FILE = ".lock"
+SAME_OWNER_POLL_SECONDS = 1.0
+SAME_OWNER_SAY_EVERY = 600.0  # seconds between "still waiting" lines
+
+log = logging.getLogger(__name__)
 
 
 class RunDirBusy(RuntimeError):
@@ -54,15 +64,16 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-def holder_info() -> dict[str, Any]:
+def holder_info(owner: str | None = None) -> dict[str, Any]:
     """What a second run is told about this process."""
     command = " ".join(shlex.join(getattr(sys, "orig_argv", sys.argv)).split())  # one line, for a one-line message
-    return {
+    info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command if len(command) <= 300 else command[:297] + "...",
     }
+    return info | ({"owner": owner} if owner else {})
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -88,21 +99,39 @@ def busy_message(run_dir: str | Path, info: dict[str, Any] | None) -> str:
     )
 
 
-def _acquire(key: str) -> int:
+def _acquire(key: str, owner: str | None = None) -> int:
     fd = os.open(os.path.join(key, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        info = _read_holder(fd)
-        os.close(fd)
-        raise RunDirBusy(busy_message(key, info)) from None
+        _lock_or_wait_for_same_owner(fd, key, owner)
     except BaseException:
         os.close(fd)
         raise
-    data = (json.dumps(holder_info()) + "\n").encode()
+    data = (json.dumps(holder_info(owner)) + "\n").encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     return fd
+
+
+def _lock_or_wait_for_same_owner(fd: int, key: str, owner: str | None) -> None:
+    """flock `fd`; RunDirBusy if another owner holds it; if the same owner does, wait for its process to end."""
+    said = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            info = _read_holder(fd)
+            if not (owner and info and info.get("owner") == owner):
+                raise RunDirBusy(busy_message(key, info)) from None
+        now = time.monotonic()
+        if said is None or now - said >= SAME_OWNER_SAY_EVERY:
+            log.warning(
+                "run directory %s is held by an earlier attempt of this run (%s, pid %s on host %s since %s): "
+                "waiting for it to end",
+                key, owner, info.get("pid"), info.get("host"), info.get("since"),
+            )  # fmt: skip
+            said = now
+        time.sleep(SAME_OWNER_POLL_SECONDS)
 
 
 def _release(fd: int) -> None:
@@ -114,8 +143,9 @@ def _release(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[Path]:
-    """Hold RUN_DIR/.lock (created, with RUN_DIR, if missing) for the block; RunDirBusy if another process holds it.
+def run_lock(run_dir: str | Path, owner: str | None = None) -> Iterator[Path]:
+    """Hold RUN_DIR/.lock (created, with RUN_DIR, if missing) for the block; RunDirBusy if another process holds it,
+    unless it holds it for the same `owner`: then wait for that process to end (module docstring).
 
     Re-entrant within a process: nested uses (the CLI, then the flow it runs) share one lock,
     released when the outermost block ends.
@@ -126,7 +156,7 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     with _guard:
         entry = _held.get(key)
         if entry is None:
-            entry = _held[key] = [_acquire(key), 0]
+            entry = _held[key] = [_acquire(key, owner), 0]
         entry[1] += 1
     try:
         yield path

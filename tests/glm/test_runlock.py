@@ -92,3 +92,49 @@ def test_a_forked_child_neither_holds_nor_releases_its_parents_lock(tmp_path):
             text=True,
         )
         assert done.returncode == 1 and "RunDirBusy" in done.stderr
+
+
+OWNED_HOLDER = """
+import sys, time
+from glm.core.runlock import run_lock
+with run_lock(sys.argv[1], owner=sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.readline()  # until told to end
+"""
+
+
+@pytest.fixture
+def owned_holder(tmp_path):
+    """Another process holding tmp_path/run's lock for the owner "flow run A", until its stdin says so."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNED_HOLDER, str(run), "flow run A"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield run, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_another_owner_is_refused_at_once(owned_holder):
+    run, proc = owned_holder
+    with pytest.raises(RunDirBusy, match=f"in use by pid {proc.pid} "):
+        with run_lock(run, owner="flow run B"):
+            pytest.fail("the lock was taken twice")
+    with pytest.raises(RunDirBusy):
+        with run_lock(run):  # no owner: never waits
+            pytest.fail("the lock was taken twice")
+
+
+def test_a_later_attempt_of_the_same_owner_waits_for_the_first_to_end(owned_holder, caplog):
+    import threading
+
+    run, proc = owned_holder
+    threading.Timer(1.5, lambda: (proc.stdin.write("end\n"), proc.stdin.flush())).start()
+    with caplog.at_level("WARNING", logger="glm.core.runlock"):
+        with run_lock(run, owner="flow run A"):
+            holder = json.loads((run / LOCK_FILE).read_text())  # ours now: the first attempt let go
+            assert holder["pid"] == os.getpid() and holder["owner"] == "flow run A"
+    assert [r.getMessage() for r in caplog.records if "earlier attempt of this run" in r.getMessage()]
