@@ -63,8 +63,9 @@ def rendezvous(pre: TrainConfig, name: str, env: dict[str, str] | None = None) -
 
 
 def torchrun_args(pre: TrainConfig, *, endpoint: str = "", rdzv_id: str = "") -> list[str]:
-    """torchrun's options for this layout: --standalone on one node; the c10d rendezvous on several."""
-    if pre.nnodes == 1:
+    """torchrun's options: --standalone on this node alone; given an endpoint, the c10d rendezvous of
+    pre.nnodes nodes (a scheduler's job uses it even for one node)."""
+    if not endpoint:
         return ["--standalone", "--nproc_per_node", str(pre.nproc)]
     return [
         "--nnodes",

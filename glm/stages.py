@@ -1037,6 +1037,13 @@ def train(
     if cfg.trains_in_process():
         say(f"training in this process (orchestration.train_in_process={cfg.orchestration.train_in_process})")
         result = launch._train_in_process(run_cfg, paths, on_metrics=lambda record: show(int(record["step"]), total))
+    elif run_cfg.pretrain.cluster is not None:  # a SLURM or Kubernetes job, submitted and watched (glm.cluster)
+        from glm import cluster
+
+        (paths.pretrain / ERROR_FILE).unlink(missing_ok=True)
+        timeout = cfg.orchestration.train_timeout_seconds
+        finished = cluster.run_job(run_cfg, paths.root, log_line=say, timeout=timeout, on_poll=lambda: show(tail.poll(), total))
+        result = parse_train_result("\n".join(finished.lines))
     else:
         cmd = pretrain_command(run_cfg, paths)
         say(f"launching: {' '.join(cmd)}")
