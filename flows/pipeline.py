@@ -95,7 +95,9 @@ def check_parameter_size(cfg: PipelineConfig) -> None:
 
 
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
-    """The runner of per-shard tasks: orchestration.task_runner with data.workers workers."""
+    """The runner of per-shard tasks: orchestration.task_runner with data.workers workers, or the
+    existing Dask cluster at orchestration.dask_address (its workers need this project installed,
+    PREFECT_API_URL pointing at the same server, and the run directory at the same path)."""
     kind, workers = cfg.orchestration.task_runner, cfg.data.workers
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
@@ -108,6 +110,8 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
             "orchestration.task_runner=dask needs prefect-dask: pip install 'glm-pipeline[dask]' "
             "(or choose task_runner threads or processes)"
         ) from None
+    if cfg.orchestration.dask_address:
+        return DaskTaskRunner(address=cfg.orchestration.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers})
 
 
@@ -123,8 +127,13 @@ def _run(task: Task, cfg: PipelineConfig, *args: Any, **options: Any) -> Any:
 def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[Any]) -> list[Any]:
     """Map `task` over shard jobs on `runner` (each task ends "Cached" when its shard is done).
 
-    Jobs are plain data (quoted: Prefect does not walk each one looking for futures)."""
-    futures = runner.map(configure(task, cfg), {"job": [quote(j) for j in jobs], "run_dir": unmapped(cfg.run_dir)})
+    Jobs are plain data (quoted: Prefect does not walk each one looking for futures). Not on Dask:
+    prefect-dask 0.3.7 hands the quote wrapper itself to the task-run name template on the worker
+    ("tuple indices must be integers"), so there they go as they are."""
+    plain = type(runner).__name__ == "DaskTaskRunner"
+    futures = runner.map(
+        configure(task, cfg), {"job": [j if plain else quote(j) for j in jobs], "run_dir": unmapped(cfg.run_dir)}
+    )
     return [f.result() for f in futures]
 
 

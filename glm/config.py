@@ -670,7 +670,17 @@ class ExportConfig(Section):
 
 
 class OrchestrationConfig(Section):
-    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        default="threads",
+        description="Where per-shard tasks (tokenize, infill) run: threads or processes of the flow's machine, or Dask "
+        "(a local cluster of data.workers processes, or the running scheduler at dask_address).",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|tls|ws|wss|inproc|ucx)://\S+$",
+        description="Scheduler of an existing Dask cluster (tcp://HOST:8786) for task_runner=dask: its workers run the "
+        "shard tasks, reading and writing the run directory, which they must mount at the same path.",
+    )
     ignore_code_version: bool = Field(
         default=False,
         description="Leave code out of the stage cache keys: a code change then re-runs nothing (comments, "
@@ -788,6 +798,15 @@ class PipelineConfig(Section):
                 and self.orchestration.train_timeout_seconds is None
             )
         return mode
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> "PipelineConfig":
+        if self.orchestration.dask_address and self.orchestration.task_runner != "dask":
+            raise ValueError(
+                f"orchestration.dask_address={self.orchestration.dask_address!r} is only used by task_runner=dask "
+                f"(got {self.orchestration.task_runner!r}); set orchestration.task_runner=dask or unset dask_address"
+            )
+        return self
 
     @model_validator(mode="after")
     def _in_process_training_is_possible(self) -> "PipelineConfig":
