@@ -36,6 +36,7 @@ import glm_pipeline.tasks  # noqa: F401  (before Prefect: sets the environment t
 from glm_pipeline.flows import api_watch
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import configure, slug
+from glm_pipeline.tasks.runguard import cluster_lock
 from glm_pipeline.tasks.stages import tasks_for
 from prefect import Task, flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -200,6 +201,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     """
     with (
         run_lock(config.run_dir),
+        cluster_lock(config.run_dir),  # the same across machines (tasks/runguard.py)
         artifacts.sent(),
         api_watch.watch(config.run_dir),
     ):  # one run per run directory, also when served or deployed
@@ -210,7 +212,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir), cluster_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("data", config)
 
@@ -218,7 +220,7 @@ def data_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir), cluster_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
@@ -226,7 +228,7 @@ def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) ->
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir), cluster_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return run_group("finetune", config)
 
@@ -234,7 +236,7 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with run_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
+    with run_lock(config.run_dir), cluster_lock(config.run_dir), artifacts.sent(), api_watch.watch(config.run_dir):
         stages.check_lineage(config)
         return finish(config, run_group("export", config))
 
