@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import re
+import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from glm.runlock import RunDirBusy
+from glm.shards import atomic_write_json
+
+log = logging.getLogger("glm.runguard")
+GUARD_FILE = ".run-guard.json"  # the slot's holder: lease id, host, pid
 
 LEASE_SECONDS = 60.0  # a dead holder's slot is free again this long after its last renewal
 WAIT_SECONDS = 2.0  # a second run waits this long for the slot, then fails
@@ -39,39 +46,88 @@ def _server_url() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
+def _alive_here(holder: dict) -> bool:
+    """Whether a recorded holder may still run: on another host (unknown), or a live pid on this one."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _acquire(name: str) -> Any:
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+
+    return acquire_concurrency_slots_with_lease(
+        [name], 1, timeout_seconds=WAIT_SECONDS, strict=True, lease_duration=LEASE_SECONDS
+    )
+
+
 @contextlib.contextmanager
 def cluster_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold the run directory's slot on the Prefect server for the block; RunDirBusy if another run holds it."""
+    """Hold the run directory's slot on the Prefect server for the block; RunDirBusy if another run holds it.
+
+    The holder's lease, host and pid are kept in RUN_DIR/.run-guard.json: a run that finds the slot
+    taken by a process of this host that no longer exists (a run whose server went away before it
+    could release its slot) revokes that lease instead of waiting for it to expire.
+    """
     if _server_url() is None:
         yield
         return
+    from uuid import UUID
+
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import release_concurrency_slots_with_lease
     from prefect.exceptions import ObjectAlreadyExists
 
-    name = limit_name(run_dir)
+    name, record = limit_name(run_dir), Path(run_dir) / GUARD_FILE
     with get_client(sync_client=True) as client:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         except ObjectAlreadyExists:  # made by an earlier run of this directory (or a concurrent one)
             pass
-    with contextlib.ExitStack() as stack:
-        try:
-            # a server that goes away mid-run must not stop the run (the flock still guards this machine)
-            guard = concurrency(
-                name,
-                occupy=1,
-                timeout_seconds=WAIT_SECONDS,
-                lease_duration=LEASE_SECONDS,
-                strict=True,
-                raise_on_lease_renewal_failure=False,
-            )
-            stack.enter_context(guard)
-        except TimeoutError:
+    try:
+        acquired = _acquire(name)
+    except TimeoutError:
+        holder = _read(record)
+        if holder is None or _alive_here(holder):
+            where = f" by pid {holder.get('pid')} on host {holder.get('host')}" if holder else ""
             raise RunDirBusy(
-                f"run directory {run_dir} is in use by another flow run (Prefect global concurrency limit {name!r} "
-                f"has its one slot taken, maybe from another machine; a killed run's slot frees within "
-                f"{LEASE_SECONDS:g} s); wait for it or stop it"
+                f"run directory {run_dir} is in use by another flow run{where} (Prefect global concurrency limit "
+                f"{name!r} has its one slot taken; a killed run's slot frees within {LEASE_SECONDS:g} s); wait for it or stop it"
             ) from None
-        yield
+        log.warning("revoking the slot of %s: pid %s on this host is gone", name, holder.get("pid"))
+        release_concurrency_slots_with_lease(UUID(holder["lease_id"]))
+        try:
+            acquired = _acquire(name)
+        except TimeoutError:
+            # the lease is unknown to the server (a restarted server keeps leases in memory): its slot
+            # would never free, so give it back directly
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=1.0)
+            acquired = _acquire(name)
+    atomic_write_json(record, {"lease_id": str(acquired.lease_id), "host": socket.gethostname(), "pid": os.getpid()})
+    try:
+        # a server that goes away mid-run must not stop the run (the flock still guards this machine)
+        with maintain_concurrency_lease(acquired.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+            yield
+    finally:
+        try:
+            release_concurrency_slots_with_lease(acquired.lease_id)
+            record.unlink(missing_ok=True)
+        except Exception as e:  # the server is gone: the lease expires, or the next run here revokes it
+            log.warning("could not release the slot of %s (%s); it frees within %g s", name, e, LEASE_SECONDS)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and "lease_id" in value else None

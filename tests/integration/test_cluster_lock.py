@@ -67,7 +67,8 @@ def test_a_second_flow_of_a_run_directory_from_another_process_is_refused(server
             [sys.executable, "-c", FLOW, str(run), "second"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
         )
         assert second.returncode != 0
-        assert f"run directory {run} is in use by another flow run (Prefect global concurrency limit {name!r}" in second.stderr
+        line = f"run directory {run} is in use by another flow run by pid {first.pid} on host "
+        assert line in second.stderr and f"(Prefect global concurrency limit {name!r} has its one slot taken" in second.stderr
         assert not (run / "docs").exists()  # the first is still waiting at ingest; the second wrote nothing
 
         gate.touch()
