@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cfg = load_config(config, args.overrides)
         cmd = train_command(run_cfg, config, Path(args.data), Path(args.out))
+        cmd += [a for override in args.overrides for a in ("--set", override)]  # the workers read the same config
     except (ConfigError, ValueError, OSError) as e:
         print(f"glm.launch: {e}", file=sys.stderr)
         return 3

@@ -180,6 +180,16 @@ def test_multi_node_settings_are_checked():
     assert cmd[cmd.index("--rdzv_endpoint") + 1] == "head:29500" and cmd[cmd.index("--rdzv_id") + 1] == "default"
 
 
+def test_a_node_passes_its_overrides_to_the_workers(shards, tmp_path):
+    """`--set` reaches glm.train too: the workers train the config the agent was started for."""
+    root, _ = shards
+    cmd = [sys.executable, "-m", "glm.launch", "--config", str(root / "single.yaml"), "--data", str(root / "infill")]
+    cmd += ["--out", str(tmp_path / "o"), "--set", "pretrain.steps=2", "--set", "pretrain.checkpoint_every=1"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+
+
 def test_a_node_without_the_config_says_so(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "glm.launch", "--config", str(tmp_path / "nope.yaml"), "--data", "d", "--out", "o"],
