@@ -275,3 +275,25 @@ def test_a_job_past_the_timeout_is_cancelled(tmp_path, shards, slurm):
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------- submitting to a (fake) Kubernetes
+
+
+def test_a_pytorchjob_is_applied_watched_and_its_logs_hold_the_result(tmp_path, shards, monkeypatch):
+    from tests import fake_kubectl
+
+    port = _port()
+    for k, v in fake_kubectl.install(tmp_path / "bin", tmp_path / "kube-state", port).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = _loopback_run(tmp_path, shards)
+    cfg.pretrain.cluster = cfg.pretrain.cluster.model_copy(
+        update={"kind": "kubernetes", "image": "local/glm:test", "rdzv_port": port}
+    )
+    lines: list[str] = []
+    finished = cluster.run_job(cfg, Path(cfg.run_dir), log_line=lines.append, timeout=300)
+    assert parse_train_result("\n".join(finished.lines))["step"] == 4
+    assert lines[0].startswith("submitted Kubernetes pytorchjob glm-default-pretrain: ")
+    meta = json.loads((Path(cfg.run_dir) / "pretrain/checkpoints/step-000004/meta.json").read_text())
+    assert meta["world_size"] == 2  # the Master and the Worker pod, one rank each
