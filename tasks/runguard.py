@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,11 +61,30 @@ def _alive_here(holder: dict) -> bool:
 
 
 def _acquire(name: str) -> Any:
-    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+    """The lease id of the limit's slot, taken; TimeoutError if it stays taken for WAIT_SECONDS.
 
-    return acquire_concurrency_slots_with_lease(
-        [name], 1, timeout_seconds=WAIT_SECONDS, strict=True, lease_duration=LEASE_SECONDS
-    )
+    One request per try (423 while the slot is taken), not prefect.concurrency's acquisition
+    service: that one gives up after its timeout even while a slow server is still granting the
+    slot, leaving a slot taken by nobody until its lease expires."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS
+                )
+                return UUID(response.json()["lease_id"])
+            except PrefectHTTPStatusError as e:
+                if e.response.status_code != 423:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"the slot of {name} stayed taken for {WAIT_SECONDS:g} s") from None
+            time.sleep(0.25)
 
 
 @contextlib.contextmanager
@@ -112,14 +132,14 @@ def cluster_lock(run_dir: str | Path) -> Iterator[None]:
             with get_client(sync_client=True) as client:
                 client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=1.0)
             acquired = _acquire(name)
-    atomic_write_json(record, {"lease_id": str(acquired.lease_id), "host": socket.gethostname(), "pid": os.getpid()})
+    atomic_write_json(record, {"lease_id": str(acquired), "host": socket.gethostname(), "pid": os.getpid()})
     try:
         # a server that goes away mid-run must not stop the run (the flock still guards this machine)
-        with maintain_concurrency_lease(acquired.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
+        with maintain_concurrency_lease(acquired, LEASE_SECONDS, raise_on_lease_renewal_failure=False):
             yield
     finally:
         try:
-            release_concurrency_slots_with_lease(acquired.lease_id)
+            release_concurrency_slots_with_lease(acquired)
             record.unlink(missing_ok=True)
         except Exception as e:  # the server is gone: the lease expires, or the next run here revokes it
             log.warning("could not release the slot of %s (%s); it frees within %g s", name, e, LEASE_SECONDS)
