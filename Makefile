@@ -16,7 +16,7 @@ export DO_NOT_TRACK := 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,server]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,server,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)

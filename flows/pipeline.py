@@ -36,6 +36,7 @@ import glm_pipeline.tasks  # noqa: F401  (before Prefect: sets the environment t
 from glm_pipeline.flows import api_watch
 from glm_pipeline.tasks import artifacts
 from glm_pipeline.tasks.options import configure, slug
+from glm_pipeline.tasks.runguard import cluster_lock
 from glm_pipeline.tasks.stages import tasks_for
 from prefect import Task, flow, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -102,7 +103,9 @@ def this_flow_run() -> str | None:
 
 
 def task_runner(cfg: PipelineConfig) -> TaskRunner:
-    """The runner of per-shard tasks: orchestration.task_runner with data.workers workers."""
+    """The runner of per-shard tasks: orchestration.task_runner with data.workers workers, or the
+    existing Dask cluster at orchestration.dask_address (its workers need this project installed,
+    PREFECT_API_URL pointing at the same server, and the run directory at the same path)."""
     kind, workers = cfg.orchestration.task_runner, cfg.data.workers
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
@@ -115,6 +118,8 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
             "orchestration.task_runner=dask needs prefect-dask: pip install 'glm-pipeline[dask]' "
             "(or choose task_runner threads or processes)"
         ) from None
+    if cfg.orchestration.dask_address:
+        return DaskTaskRunner(address=cfg.orchestration.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers})
 
 
@@ -130,8 +135,13 @@ def _run(task: Task, cfg: PipelineConfig, *args: Any, **options: Any) -> Any:
 def _map_shards(runner: TaskRunner, task: Task, cfg: PipelineConfig, jobs: list[Any]) -> list[Any]:
     """Map `task` over shard jobs on `runner` (each task ends "Cached" when its shard is done).
 
-    Jobs are plain data (quoted: Prefect does not walk each one looking for futures)."""
-    futures = runner.map(configure(task, cfg), {"job": [quote(j) for j in jobs], "run_dir": unmapped(cfg.run_dir)})
+    Jobs are plain data (quoted: Prefect does not walk each one looking for futures). Not on Dask:
+    prefect-dask 0.3.7 hands the quote wrapper itself to the task-run name template on the worker
+    ("tuple indices must be integers"), so there they go as they are."""
+    plain = type(runner).__name__ == "DaskTaskRunner"
+    futures = runner.map(
+        configure(task, cfg), {"job": [j if plain else quote(j) for j in jobs], "run_dir": unmapped(cfg.run_dir)}
+    )
     return [f.result() for f in futures]
 
 
@@ -198,6 +208,7 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
     """
     with (
         run_lock(config.run_dir, owner=this_flow_run()),
+        cluster_lock(config.run_dir),  # the same across machines (tasks/runguard.py)
         artifacts.sent(),
         api_watch.watch(config.run_dir),
     ):  # one run per run directory, also when served or deployed
@@ -208,7 +219,12 @@ def glm_pipeline(config: ConfigParameter, continue_steps: int | None = None) -> 
 @flow(name="glm-data", flow_run_name="{config.name}")
 def data_flow(config: ConfigParameter) -> dict[str, str]:
     """Documents, tokenizer, token shards and blank-infilling shards, each gated by validation."""
-    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
+    with (
+        run_lock(config.run_dir, owner=this_flow_run()),
+        cluster_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):
         stages.check_lineage(config)
         return run_group("data", config)
 
@@ -216,7 +232,12 @@ def data_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-pretrain", flow_run_name="{config.name}")
 def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) -> dict[str, str]:
     """Pretraining on the blank-infilling shards the data flow built."""
-    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
+    with (
+        run_lock(config.run_dir, owner=this_flow_run()),
+        cluster_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):
         stages.check_lineage(config)
         return run_group("pretrain", config, continue_steps)
 
@@ -224,7 +245,12 @@ def pretrain_flow(config: ConfigParameter, continue_steps: int | None = None) ->
 @flow(name="glm-finetune", flow_run_name="{config.name}")
 def finetune_flow(config: ConfigParameter) -> dict[str, str]:
     """Fine-tuning from the pretrained checkpoint, and the evaluation report."""
-    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
+    with (
+        run_lock(config.run_dir, owner=this_flow_run()),
+        cluster_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):
         stages.check_lineage(config)
         return run_group("finetune", config)
 
@@ -232,7 +258,12 @@ def finetune_flow(config: ConfigParameter) -> dict[str, str]:
 @flow(name="glm-export", flow_run_name="{config.name}")
 def export_flow(config: ConfigParameter) -> dict[str, str]:
     """The ONNX bundle of the fine-tuned model, verified against PyTorch."""
-    with run_lock(config.run_dir, owner=this_flow_run()), artifacts.sent(), api_watch.watch(config.run_dir):
+    with (
+        run_lock(config.run_dir, owner=this_flow_run()),
+        cluster_lock(config.run_dir),
+        artifacts.sent(),
+        api_watch.watch(config.run_dir),
+    ):
         stages.check_lineage(config)
         return finish(config, run_group("export", config))
 

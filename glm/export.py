@@ -57,25 +57,25 @@ import torch
 import torch.nn as nn
 
 from glm import runtime
-from glm.checkpoint import (
-    read_meta,
-    resolve_checkpoint,
-    write_json_in_order,
-)
-from glm.config import ClozeTaskConfig, ExportConfig
-from glm.generate import GenerationConfig, fill_blanks
-from glm.heads import GLMClassifier, backbone, load_finetuned
-from glm.model import GLM
-from glm.safety import remove_tree
-from glm.shards import (
+from glm.core.config import ClozeTaskConfig, ExportConfig
+from glm.core.model import GLM
+from glm.core.safety import remove_tree
+from glm.core.shards import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     code_version,
     sha256_file,
 )
-from glm.special_tokens import NUM_SPECIAL, PIECES, special_of
-from glm.tokenizer import Tokenizer, load_tokenizer
+from glm.core.special_tokens import NUM_SPECIAL, PIECES, special_of
+from glm.core.tokenizer import Tokenizer, load_tokenizer
+from glm.evaluation.generate import GenerationConfig, fill_blanks
+from glm.finetuning.heads import GLMClassifier, backbone, load_finetuned
+from glm.training.checkpoint import (
+    read_meta,
+    resolve_checkpoint,
+    write_json_in_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -607,7 +607,7 @@ def _cloze_task_config(spec: dict[str, Any]) -> ClozeTaskConfig:
 
 def check_classifier(model: GLM, tokenizer: Tokenizer, bundle: runtime.Bundle, verify_data: Any) -> dict[str, Any]:
     """Test accuracy of the bundle and of PyTorch (glm.finetune.score_cloze) on labelled data."""
-    from glm.finetune import score_cloze
+    from glm.finetuning.finetune import score_cloze
 
     spec = bundle.classifier
     texts, pairs, labels = _labelled(verify_data)
@@ -683,7 +683,7 @@ def verify_bundle(
     if tokenizer is None:
         kind = fp32.config["tokenizer"].get("kind")
         if kind in runtime.RELEASED_KINDS:  # its vocabulary files travel in the bundle beside tokenizer.json
-            from glm.released_tokenizer import ReleasedTokenizer
+            from glm.core.released_tokenizer import ReleasedTokenizer
 
             tokenizer = ReleasedTokenizer(bundle_dir, kind)
         else:
@@ -786,7 +786,7 @@ def verify_bundle(
 
 def _classifier_config(spec: dict[str, Any], tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
     """The fine-tuned spec plus the pattern pre-tokenized exactly as glm.finetune.ClozeTask does."""
-    from glm.finetune import ClozeTask
+    from glm.finetuning.finetune import ClozeTask
 
     missing = {"pattern", "verbalizers", "labels"} - set(spec)
     if missing:

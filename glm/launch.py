@@ -1,5 +1,18 @@
-"""Running pretraining as a process: streamed output, a timeout that kills its process group, the
-metrics tail for progress, and one classification of failures for in-process and subprocess training.
+"""Running pretraining as a process: the command (one process, torchrun on one node, or one node of a
+multi-node job), streamed output, a timeout that kills its process group, the metrics tail for
+progress, and one classification of failures for in-process and subprocess training.
+
+Several nodes. Every node runs the same torchrun agent (`train_command`): `--nnodes N
+--nproc_per_node P --rdzv_backend c10d --rdzv_endpoint HOST:PORT --rdzv_id ID`, the torchtitan way.
+The c10d rendezvous assigns global ranks, so no node rank needs configuring; rank 0 (whichever node it
+lands on) writes the run directory, which must therefore be on storage every node mounts. On one
+node the pipeline's pretrain stage starts its agent; on the others run
+
+    python -m glm.launch --config RUN/pretrain/run-config.yaml --data RUN/infill --out RUN/pretrain
+
+(what the stage logs as "launching: ..."), or let a scheduler start them all (pretrain.cluster,
+glm/cluster.py). A crash or kill of any node ends every node's agent (--max_restarts 0); run the
+same commands again and training resumes from the last checkpoint.
 
 Both ways classify a failure alike (glm.train.failure_kind): a config, data, divergence or disk
 problem is TrainingFailed, permanent, never retried; anything else (an uncaught exception, a
@@ -15,18 +28,80 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from glm.config import PipelineConfig
-from glm.contracts import TrainSummary, check
-from glm.errors import KINDS_BY_CODE, PermanentError, read_error_file
+from glm.core.config import ConfigError, PipelineConfig, TrainConfig
+from glm.core.contracts import TrainSummary, check
+from glm.core.errors import KINDS_BY_CODE, PermanentError, read_error_file
 
 POLL_SECONDS = 1.0
 KILL_GRACE_SECONDS = 10.0
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def rendezvous(pre: TrainConfig, name: str, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(endpoint, id) of a multi-node job: the config's, else what the scheduler set in the environment
+    (MASTER_ADDR/MASTER_PORT: a Kubernetes PyTorchJob; SLURM_JOB_ID), else the config's name as the id."""
+    env = os.environ if env is None else env
+    endpoint = pre.rdzv_endpoint
+    if endpoint is None and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        endpoint = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    if endpoint is None:
+        raise ConfigError(
+            f"pretrain.nnodes={pre.nnodes} needs the rendezvous address: set pretrain.rdzv_endpoint=HOST:PORT "
+            "(the first node's address and a free port, reachable from every node), or pretrain.cluster to submit a job"
+        )
+    rdzv_id = pre.rdzv_id or env.get("SLURM_JOB_ID") or "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)
+    return endpoint, rdzv_id
+
+
+def torchrun_args(pre: TrainConfig, *, endpoint: str = "", rdzv_id: str = "") -> list[str]:
+    """torchrun's options: --standalone on this node alone; given an endpoint, the c10d rendezvous of
+    pre.nnodes nodes (a scheduler's job uses it even for one node)."""
+    if not endpoint:
+        return ["--standalone", "--nproc_per_node", str(pre.nproc)]
+    return [
+        "--nnodes",
+        str(pre.nnodes),
+        "--nproc_per_node",
+        str(pre.nproc),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        endpoint,
+        "--rdzv_id",
+        rdzv_id,
+        "--max_restarts",
+        "0",  # a failed node ends the job: the orchestrator's retry resumes it from the last checkpoint
+    ]
+
+
+def train_command(
+    run_cfg: PipelineConfig, config: Path, data: Path, out: Path, python: str = sys.executable, env: dict[str, str] | None = None
+) -> list[str]:
+    """`python -m glm.train ...` for one process, torchrun (`python -m torch.distributed.run`) for several
+    on this node, torchrun with the c10d rendezvous for one node of several (the same on every node)."""
+    args = ["--config", str(config), "--data", str(data), "--out", str(out)]
+    pre = run_cfg.pretrain
+    if pre.world_size == 1:
+        return [python, "-m", "glm.train", *args]
+    endpoint, rdzv_id = rendezvous(pre, run_cfg.name, env) if pre.nnodes > 1 else ("", "")
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args(pre, endpoint=endpoint, rdzv_id=rdzv_id),
+        "-m",
+        "glm.train",
+        *args,
+    ]
 
 
 class TrainingTimeout(TimeoutError):
@@ -162,7 +237,7 @@ def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[
     Failures are classified as the subprocess's exit code would classify them."""
     import dataclasses
 
-    from glm.train import failure_kind, pretrain_on_shards
+    from glm.training.train import failure_kind, pretrain_on_shards
 
     try:
         result = pretrain_on_shards(run_cfg, paths.infill, paths.pretrain, on_metrics=on_metrics)
@@ -173,3 +248,41 @@ def _train_in_process(run_cfg: PipelineConfig, paths: Any, on_metrics: Callable[
         raise TrainingCrashed(f"training crashed ({type(e).__name__}: {e}); a retry resumes from the last checkpoint") from e
     summary = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
     return check(TrainSummary, summary, "the result of training in this process")
+
+
+# --------------------------------------------------------------------------- one node of several
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m glm.launch --config RUN.yaml --data INFILL --out OUT`: this node's torchrun agent for the
+    config's layout (replaces this process: signals reach torchrun). The pipeline's pretrain stage runs
+    the same on its node; start this on every other node of a multi-node run."""
+    import argparse
+
+    from glm.core.config import add_override_argument, load_config
+
+    p = argparse.ArgumentParser(prog="python -m glm.launch", description="Start this node's part of a pretraining run.")
+    p.add_argument("--config", required=True, help="the run's pretrain/run-config.yaml (the pretrain stage writes it)")
+    p.add_argument("--data", required=True, help="the blank-infilling dataset (RUN/infill)")
+    p.add_argument("--out", required=True, help="the pretraining directory (RUN/pretrain), on storage every node shares")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for --config to appear (the first node writes it)")
+    add_override_argument(p)
+    args = p.parse_args(argv)
+    config = Path(args.config)
+    deadline = time.monotonic() + args.wait
+    while not config.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        run_cfg = load_config(config, args.overrides)
+        cmd = train_command(run_cfg, config, Path(args.data), Path(args.out))
+        cmd += [a for override in args.overrides for a in ("--set", override)]  # the workers read the same config
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"glm.launch: {e}", file=sys.stderr)
+        return 3
+    print(f"glm.launch: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -307,6 +307,61 @@ class OptimConfig(Section):
     grad_clip: float = Field(default=1.0, ge=0.0)
 
 
+class ClusterConfig(Section):
+    """Pretraining as a job of an existing cluster (glm/cluster.py): the pretrain stage renders it, submits
+    it, and watches it to completion, failure or timeout. The run directory must be on storage every
+    node mounts at the same path (a shared filesystem, or the Kubernetes volume below)."""
+
+    kind: Literal["slurm", "kubernetes"] = Field(
+        description="slurm: an sbatch script running `srun torchrun`; kubernetes: a manifest."
+    )
+    rdzv_port: int = Field(
+        default=29500, ge=1, le=65535, description="Port of torchrun's c10d rendezvous on the job's first node."
+    )
+    poll_seconds: float = Field(default=30.0, gt=0.0, description="How often the job's state is asked (squeue/sacct, kubectl).")
+    python: str | None = Field(
+        default=None, description="The Python (with glm installed) on the nodes; default: this one, on the shared filesystem."
+    )
+    # SLURM
+    partition: str | None = Field(default=None, description="#SBATCH --partition.")
+    account: str | None = Field(default=None, description="#SBATCH --account.")
+    time_minutes: int = Field(default=1440, ge=1, description="#SBATCH --time: the scheduler kills the job past it.")
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run before srun in the batch script (module load ..., source ...)."
+    )
+    # Kubernetes
+    manifest: Literal["pytorchjob", "job"] = Field(
+        default="pytorchjob",
+        description="pytorchjob: a Kubeflow PyTorchJob (the training operator sets MASTER_ADDR); job: an Indexed Job "
+        "with a headless Service, for clusters without the operator.",
+    )
+    image: str | None = Field(default=None, description="Container image with this project installed (kubernetes: required).")
+    namespace: str = "default"
+    volume_claim: str | None = Field(
+        default=None, description="PersistentVolumeClaim holding the run directory, mounted at its absolute path (kubernetes)."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ClusterConfig":
+        if self.kind == "kubernetes" and not self.image:
+            raise ValueError(
+                "pretrain.cluster.kind=kubernetes needs pretrain.cluster.image (an image with glm-pipeline installed)"
+            )
+        for line in self.setup:
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"pretrain.cluster.setup line {line!r} contains a newline; give one shell line per entry")
+        return self
+
+
+def _endpoint(value: str | None) -> str | None:
+    if value is None:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not HOST:PORT; give the first node's address and a free port, e.g. node001:29500")
+    return value
+
+
 class TrainConfig(Section):
     steps: int = Field(
         default=1000, ge=1, description="Optimizer steps; with budget_minutes, the most the budget may choose if set explicitly."
@@ -328,7 +383,26 @@ class TrainConfig(Section):
     )
     compile: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
-    nproc: int = Field(default=1, ge=1, description="Processes per node for torchrun.")
+    nproc: int = Field(default=1, ge=1, description="Processes per node for torchrun (GPUs per node).")
+    nnodes: int = Field(
+        default=1,
+        ge=1,
+        description="Nodes (machines), each running nproc processes: world size nnodes x nproc. Above 1 every node runs "
+        "torchrun with the c10d rendezvous at rdzv_endpoint (glm/launch.py); pretrain.cluster submits such a job.",
+    )
+    rdzv_endpoint: Annotated[str | None, AfterValidator(_endpoint)] = Field(
+        default=None,
+        description="HOST:PORT of torchrun's c10d rendezvous, reachable from every node (usually the first node). "
+        "None: MASTER_ADDR:MASTER_PORT from the environment (as Kubernetes' PyTorchJob sets them).",
+    )
+    rdzv_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        description="Id of one multi-node job, the same on every node. None: SLURM_JOB_ID, else the config's name.",
+    )
+    cluster: ClusterConfig | None = Field(
+        default=None, description="Run pretraining as a SLURM or Kubernetes job instead of on this machine (glm/cluster.py)."
+    )
     eval_every: int = Field(default=200, ge=1)
     eval_batches: int = Field(default=20, ge=1)
     checkpoint_every: int = Field(default=200, ge=1)
@@ -340,17 +414,23 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
-        per_step = self.micro_batch_size * self.nproc
+        per_step = self.micro_batch_size * self.world_size
         if self.batch_size % per_step:
+            names, values = (" x nnodes", f" x {self.nnodes}") if self.nnodes > 1 else ("", "")
             raise ValueError(
-                f"train batch_size={self.batch_size} is not divisible by micro_batch_size x nproc = "
-                f"{self.micro_batch_size} x {self.nproc}; make it a multiple of {per_step}"
+                f"train batch_size={self.batch_size} is not divisible by micro_batch_size x nproc{names} = "
+                f"{self.micro_batch_size} x {self.nproc}{values}; make it a multiple of {per_step}"
             )
         return self
 
     @property
+    def world_size(self) -> int:
+        """Training processes in all: nproc on each of nnodes nodes."""
+        return self.nproc * self.nnodes
+
+    @property
     def grad_accum(self) -> int:
-        return self.batch_size // (self.micro_batch_size * self.nproc)
+        return self.batch_size // (self.micro_batch_size * self.world_size)
 
 
 def _label_key(key: Any) -> Any:
@@ -593,7 +673,17 @@ class ExportConfig(Section):
 
 
 class OrchestrationConfig(Section):
-    task_runner: Literal["threads", "processes", "dask"] = "threads"
+    task_runner: Literal["threads", "processes", "dask"] = Field(
+        default="threads",
+        description="Where per-shard tasks (tokenize, infill) run: threads or processes of the flow's machine, or Dask "
+        "(a local cluster of data.workers processes, or the running scheduler at dask_address).",
+    )
+    dask_address: str | None = Field(
+        default=None,
+        pattern=r"^(tcp|tls|ws|wss|inproc|ucx)://\S+$",
+        description="Scheduler of an existing Dask cluster (tcp://HOST:8786) for task_runner=dask: its workers run the "
+        "shard tasks, reading and writing the run directory, which they must mount at the same path.",
+    )
     ignore_code_version: bool = Field(
         default=False,
         description="Leave code out of the stage cache keys: a code change then re-runs nothing (comments, "
@@ -705,8 +795,21 @@ class PipelineConfig(Section):
         """Whether pretraining runs in the flow's process (orchestration.train_in_process resolved)."""
         mode = self.orchestration.train_in_process
         if mode == "auto":
-            return self.pretrain.nproc == 1 and self.orchestration.train_timeout_seconds is None
+            return (
+                self.pretrain.world_size == 1
+                and self.pretrain.cluster is None
+                and self.orchestration.train_timeout_seconds is None
+            )
         return mode
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> "PipelineConfig":
+        if self.orchestration.dask_address and self.orchestration.task_runner != "dask":
+            raise ValueError(
+                f"orchestration.dask_address={self.orchestration.dask_address!r} is only used by task_runner=dask "
+                f"(got {self.orchestration.task_runner!r}); set orchestration.task_runner=dask or unset dask_address"
+            )
+        return self
 
     @model_validator(mode="after")
     def _in_process_training_is_possible(self) -> "PipelineConfig":
@@ -716,6 +819,11 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"orchestration.train_in_process=true needs pretrain.nproc=1 (got {self.pretrain.nproc}): torchrun "
                 "always runs in a subprocess; set orchestration.train_in_process=false or pretrain.nproc=1"
+            )
+        if self.pretrain.nnodes > 1 or self.pretrain.cluster is not None:
+            raise ValueError(
+                "orchestration.train_in_process=true cannot train on several nodes or a cluster (pretrain.nnodes, "
+                "pretrain.cluster); set orchestration.train_in_process=false or auto"
             )
         if self.orchestration.train_timeout_seconds is not None:
             raise ValueError(

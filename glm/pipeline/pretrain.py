@@ -237,22 +237,11 @@ def _resolve_pretrain(
 
 
 def pretrain_command(run_cfg: PipelineConfig, paths: RunPaths, python: str = sys.executable) -> list[str]:
-    """`python -m glm.train ...` for one process, `python -m torch.distributed.run ... -m glm.train ...`
-    when pretrain.nproc > 1; `run_cfg` is what prepare_pretrain returned (and wrote)."""
-    args = ["--config", str(paths.pretrain / RUN_CONFIG), "--data", str(paths.infill), "--out", str(paths.pretrain)]
-    if run_cfg.pretrain.nproc > 1:
-        return [
-            python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(run_cfg.pretrain.nproc),
-            "-m",
-            "glm.train",
-            *args,
-        ]
-    return [python, "-m", "glm.train", *args]
+    """`python -m glm.train ...` for one process, torchrun for several (one node, or this node of
+    pretrain.nnodes: glm.launch.train_command); `run_cfg` is what prepare_pretrain returned (and wrote)."""
+    from glm.launch import train_command
+
+    return train_command(run_cfg, paths.pretrain / RUN_CONFIG, paths.infill, paths.pretrain, python=python)
 
 
 def close_pretrain(cfg: PipelineConfig, paths: RunPaths, result: TrainSummary) -> Path:
@@ -322,6 +311,13 @@ def train(
     if cfg.trains_in_process():
         say(f"training in this process (orchestration.train_in_process={cfg.orchestration.train_in_process})")
         result = launch._train_in_process(run_cfg, paths, on_metrics=lambda record: show(int(record["step"]), total))
+    elif run_cfg.pretrain.cluster is not None:  # a SLURM or Kubernetes job, submitted and watched (glm.cluster)
+        from glm import cluster
+
+        (paths.pretrain / ERROR_FILE).unlink(missing_ok=True)
+        timeout = cfg.orchestration.train_timeout_seconds
+        finished = cluster.run_job(run_cfg, paths.root, log_line=say, timeout=timeout, on_poll=lambda: show(tail.poll(), total))
+        result = parse_train_result("\n".join(finished.lines))
     else:
         cmd = pretrain_command(run_cfg, paths)
         say(f"launching: {' '.join(cmd)}")

@@ -138,8 +138,7 @@ def test_moved_modules_keep_their_old_names():
 
 def test_glm_imports_moved_modules_by_their_new_names():
     """Inside glm every import uses a module's new name, so lint-imports sees the real edge; except the
-    modules other branches were editing during the move (to be migrated at merge), and the two whose code
-    is hashed into the blank-infilling build key (a rename there would rebuild every run's data)."""
+    two whose code is hashed into the blank-infilling build key (a rename there would rebuild every run's data)."""
     import re
 
     import glm
@@ -149,4 +148,4 @@ def test_glm_imports_moved_modules_by_their_new_names():
         rf"^\s*(?:from|import)\s+glm\.({'|'.join(glm.MOVED)})\b|^\s*from\s+glm\s+import\s+.*\b({'|'.join(glm.MOVED)})\b", re.M
     )
     users = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if old.search(p.read_text(encoding="utf-8")))
-    assert set(users) <= {"export.py", "launch.py", "data/infilling.py", "data/infill_shards.py"}, users
+    assert set(users) <= {"data/infilling.py", "data/infill_shards.py"}, users

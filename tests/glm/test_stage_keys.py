@@ -95,6 +95,7 @@ STAGE_MODULES_TABLE = {
         "runtime",
     ],
     "pretrain": [
+        "cluster",
         "core.config",
         "core.contracts",
         "core.errors",
