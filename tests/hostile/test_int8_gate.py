@@ -39,11 +39,12 @@ def shifted(tmp_path_factory):
     margins = ref[:, 1] - ref[:, 0]
     shift = float(np.quantile(np.abs(margins), 0.3))  # flips roughly the 15% of texts closest to the boundary
     direction = (model.wte.weight[bad] - model.wte.weight[good]).detach().numpy()
-    graph = onnx.load(str(bundle / "model.int8.onnx"))
-    (init,) = [t for t in graph.graph.initializer if t.name == "model.ln_f.bias"]
-    bias = numpy_helper.to_array(init) + (shift * direction / float(direction @ direction)).astype(np.float32)
-    init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
-    onnx.save(graph, str(bundle / "model.int8.onnx"))
+    for name in ("model.int8.onnx", "model.cls.int8.onnx"):  # the generation and the classification graphs
+        graph = onnx.load(str(bundle / name))
+        (init,) = [t for t in graph.graph.initializer if t.name.endswith("ln_f.bias")]
+        bias = numpy_helper.to_array(init) + (shift * direction / float(direction @ direction)).astype(np.float32)
+        init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
+        onnx.save(graph, str(bundle / name))
     export.write_sha256sums(bundle)
     got = runtime.Bundle.load(bundle, int8=True, verify_checksums=False).label_scores(texts, None)
     # int8 quantizes activations per batch, so a prediction near the boundary can change with the batch:
