@@ -844,13 +844,13 @@ def test_fine_tuning_reports_each_step_and_logs_step_n_of_m_as_pretraining_does(
         task=SINGLE, epochs=2, batch_size=16, log_every=3, patience=5, optim=OptimConfig(lr=1e-3, warmup_steps=1)
     )
     heard = []
-    with caplog.at_level("INFO", logger="glm.finetune"), ft.reporting(lambda run, step, total: heard.append((run, step, total))):
+    with caplog.at_level("INFO", logger=ft.__name__), ft.reporting(lambda run, step, total: heard.append((run, step, total))):
         result = ft.finetune_cloze(model, tok, cfg, tmp_path / "pretrained", examples=sentiment_examples(120))
     total = heard[0][2]
     assert heard[0] == ("pretrained", 0, total) and heard[-1] == ("pretrained", total, total) and total == result["steps"] > 3
     first_attempt = heard[: heard.index(("pretrained", total, total)) + 1]  # a collapse guard's retry starts again at 0
     assert [s for _, s, _ in first_attempt] == list(range(0, total + 1))  # every step, in order
-    lines = [r.getMessage() for r in caplog.records if r.name == "glm.finetune"]
+    lines = [r.getMessage() for r in caplog.records if r.name == ft.__name__]
     assert any(line.startswith(f"fine-tune pretrained step 3/{total} loss ") for line in lines), lines
     assert any(f"/{total} dev val_accuracy " in line for line in lines)
     ft.finetune_cloze(model, tok, cfg.model_copy(update={"epochs": 1}), tmp_path / "again", examples=sentiment_examples(40))
