@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from glm.config import PipelineConfig
 from glm_pipeline.tasks import artifacts
 from prefect import get_run_logger
-
-from glm.config import PipelineConfig
 
 POLL_SECONDS = 1.0  # the progress artifact is updated at most this often
 
