@@ -16,7 +16,7 @@ from tests.integration.server import ROOT, client_of, stop_group
 FLOW = """
 import contextlib, pathlib, sys, time
 import glm.runlock
-glm.runlock.run_lock = lambda run_dir: contextlib.nullcontext()  # a filesystem without flock: only Prefect guards
+glm.runlock.run_lock = lambda run_dir, owner=None: contextlib.nullcontext()  # a filesystem without flock: only Prefect guards
 import glm.corpus
 if len(sys.argv) > 3:  # hold the run until the test says so (ingest waits for a file)
     real, gate = glm.corpus.ingest, pathlib.Path(sys.argv[3])
