@@ -122,18 +122,43 @@ class Finished:
     lines: list[str] = field(default_factory=list)  # the last lines of output
 
 
-def _kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the process group, SIGKILL it if it has not exited after `grace` seconds."""
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Linux /proc; empty elsewhere), children before grandchildren."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child)
+        queue += children.get(child, [])
+    return found
+
+
+def kill_tree(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it if it has not exited after `grace` seconds, then SIGKILL
+    what is left of its descendants: torchrun starts each worker in a session of its own, so a worker
+    outlives a group kill of an agent that did not stop it (and would train on, orphaned)."""
+    tree = descendants(proc.pid)  # now: once the agent is gone its workers belong to init
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
             proc.wait(timeout=wait)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run_logged(
@@ -173,13 +198,13 @@ def run_logged(
             if on_poll is not None:
                 on_poll()
             if deadline is not None and time.monotonic() >= deadline:
-                _kill_group(proc, KILL_GRACE_SECONDS)
+                kill_tree(proc, KILL_GRACE_SECONDS)
                 raise TrainingTimeout(
                     f"training ran longer than orchestration.train_timeout_seconds={timeout:g} and was killed "
                     f"(pid {proc.pid}); raise the timeout, or re-run: training resumes from its last checkpoint"
                 )
     except BaseException:
-        _kill_group(proc, KILL_GRACE_SECONDS)  # the task was cancelled or crashed: never leave training behind
+        kill_tree(proc, KILL_GRACE_SECONDS)  # the task was cancelled or crashed: never leave training behind
         raise
     finally:
         reader.join(timeout=5)

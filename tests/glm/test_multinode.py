@@ -19,10 +19,10 @@ import yaml
 from glm.config import ConfigError, PipelineConfig, TrainConfig
 from glm.metrics import read_metrics
 
-from glm.launch import rendezvous, train_command
+from glm.launch import descendants, rendezvous, train_command
 from tests.glm.test_train import build_real_shards
 
-STEPS = 10
+STEPS = 40  # node 1 is killed at step 4: the margin keeps a slow machine from finishing first
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -37,7 +37,7 @@ def shards(tmp_path_factory):
     root = build_real_shards(tmp_path_factory.mktemp("multinode"))
     config = yaml.safe_load((root / "run.yaml").read_text())
     config["model"].update(dropout=0.0, attention_dropout=0.0)  # one process and two ranks draw other dropout masks
-    config["pretrain"].update(steps=STEPS, eval_every=5, checkpoint_every=2, keep_checkpoints=10, device="cpu")
+    config["pretrain"].update(steps=STEPS, eval_every=20, checkpoint_every=4, keep_checkpoints=20, device="cpu")
     (root / "single.yaml").write_text(yaml.safe_dump(config))
     return root, config
 
@@ -54,13 +54,23 @@ def _node(config: Path, data: Path, out: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: its torchrun agent and the workers, which torchrun starts in sessions of their own."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def _wait(procs: list[subprocess.Popen], timeout: float = 180) -> list[int]:
     try:
         return [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                _kill_node(p)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -118,13 +128,12 @@ def test_a_killed_node_resumes_exactly_and_on_another_world_size(shards, referen
         while not (out / "checkpoints" / "step-000004").is_dir():
             assert time.monotonic() < deadline and nodes[1].poll() is None, "the two nodes never reached checkpoint 4"
             time.sleep(0.01)
-        os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 disappears: its agent and its worker
+        _kill_node(nodes[1])  # node 1 disappears: its agent and its worker
         survivor = nodes[0].wait(timeout=120)  # the other node's collective fails; its agent ends, not hangs
     finally:
         for p in nodes:  # kill what is left without raising: a failure above must show as itself
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                _kill_node(p)
     assert survivor != 0
     survivor_log = (root / "killed-0.log").read_text()
     assert max(_losses(out)) < STEPS, "the run finished before the kill; the test proved nothing"

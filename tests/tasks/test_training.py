@@ -36,11 +36,14 @@ def test_output_is_streamed_line_by_line_and_the_tail_is_kept():
     assert done.lines == seen
 
 
-def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path):
+@pytest.mark.parametrize("own_session", [False, True], ids=["same-group", "own-session-as-torchrun-workers"])
+def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path, own_session):
     pid_file = tmp_path / "child.pid"
-    # the process starts a child (as torchrun starts its workers) and both would run for a minute
+    # the process starts a child (as torchrun starts its workers: each in a session of its own) and both
+    # would run for a minute
     code = (
-        f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        f"start_new_session={own_session}); "
         f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)"
     )
     polls = []
@@ -50,7 +53,7 @@ def test_a_process_past_its_timeout_is_killed_with_its_children(tmp_path):
         )
     assert polls
     child = int(pid_file.read_text())
-    # the child was in the killed process group: it terminates (a pidfd becomes readable when it does)
+    # the child terminates, in the killed process group or not (a pidfd becomes readable when it does)
     try:
         fd = os.pidfd_open(child)
     except ProcessLookupError:
