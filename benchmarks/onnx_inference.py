@@ -11,7 +11,8 @@ in the same process, alternating in rounds (median of rounds), with the same int
 - greedy generation: a [gMASK] prompt, new tokens/s end to end (glm.generate.fill_blanks vs Bundle.fill_ids);
 - cloze scoring: single-token classifier scores, batches of 32 texts (glm.finetune.score_cloze vs
   Bundle.label_scores, which runs the bundle's classification graph model.cls.onnx; tokenization
-  included on both sides);
+  included on both sides). Bundle.label_scores batches texts by length; the `_input_order` rows run
+  the same graph on batches in input order, as PyTorch's scorer does, to show what the graph alone gives;
 - batch command: `predict` (glm-runtime predict / glm-pipeline predict without the bundle load) on a
   JSON Lines file of the same texts, read, classified and written, vs the Python API
   (Bundle.classify_batch on the texts in memory), fp32, batches of 32.
@@ -107,11 +108,11 @@ def _rounds(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, flo
 
 def _rows(metric: str, unit: str, better: str, results: dict[str, float], common: dict) -> Iterator[dict]:
     reference = _sig(results["pytorch"])
-    for backend in ("onnxruntime-fp32", "onnxruntime-int8"):
+    for backend in [b for b in results if b != "pytorch"]:  # onnxruntime-fp32, -int8 (and variants: -input-order)
         value = _sig(results[backend])
         yield {
             "name": f"onnx_inference/{common['preset']}",
-            "metric": f"{metric}_{backend.split('-')[1]}",
+            "metric": f"{metric}_{backend.split('-', 1)[1].replace('-', '_')}",
             "value": value,
             "unit": unit,
             "reference": reference,
@@ -240,6 +241,13 @@ def _bench(tmp: Path, preset: str, case: dict, threads: int, quick: bool) -> Ite
 
     sides = {"pytorch": torch_scores}
     sides.update({k: (lambda b=b: rate(lambda: b.label_scores(texts, batch_size=32))) for k, b in bundles.items()})
+    # what batching by length contributes: the same graph on batches in input order, as PyTorch's scorer batches
+    sides.update(
+        {
+            f"{k}-input-order": (lambda b=b: rate(lambda: b.label_scores(texts, batch_size=32, sort_by_length=False)))
+            for k, b in bundles.items()
+        }
+    )
     yield from _rows(
         "cloze_scoring_throughput",
         "texts/s",

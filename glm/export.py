@@ -155,7 +155,8 @@ class SelectGLM(nn.Module):
     PyTorch's scorer (glm.finetune.score_cloze) projects at the [MASK]/<sop> only; the generation
     graph projects every position onto the whole vocabulary (B x T x V), most of a short text's cost.
     Log-probabilities need the normaliser over all V at a selected position (1/T of that projection);
-    only the K verbalizer rows leave the graph. Presents are returned for multi-token scoring."""
+    only the K verbalizer rows leave the graph. The last block runs its queries, output projection and
+    MLP at the selected positions only (glm.model's `rows`). Presents are returned for multi-token scoring."""
 
     def __init__(self, model: GLM, head: nn.Module | None, rows: Sequence[int] | None):
         super().__init__()
@@ -165,16 +166,20 @@ class SelectGLM(nn.Module):
     def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, select_positions, *past: torch.Tensor):
         pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
         h, presents = self.model.hidden_states(
-            input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
-        )  # (B, T, C), per layer (B, H, P+T, D)
-        return (select_scores(self.model, self.head, self.rows, h, select_positions), *[t for kv in presents for t in kv])
+            input_ids,
+            position_ids,
+            block_position_ids,
+            sep,
+            past_key_values=pairs,
+            key_start=key_start,
+            use_cache=True,
+            rows=select_positions,
+        )  # (B, N, C): the last block at the selected positions only; per layer (B, H, P+T, D)
+        return (select_scores(self.model, self.head, self.rows, h), *[t for kv in presents for t in kv])
 
 
-def select_scores(
-    model: GLM, head: nn.Module | None, rows: torch.Tensor, h: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """(B, N, L) head logits or (B, N, K) log P(rows) at `positions` (B, N) of the hidden states h (B, T, C)."""
-    h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, N, C)
+def select_scores(model: GLM, head: nn.Module | None, rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(B, N, L) head logits or (B, N, K) log P(rows) from the selected positions' hidden states h (B, N, C)."""
     if head is not None:
         return head(h)  # (B, N, L)
     return model.logits(h).log_softmax(-1).index_select(-1, rows)  # (B, N, K)
@@ -266,7 +271,7 @@ def _export(model: nn.Module, wrapper: nn.Module, path: str | Path, opset: int, 
     return path
 
 
-def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -> Path:
+def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 20) -> Path:
     """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`.
 
     A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output."""
@@ -276,7 +281,7 @@ def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 18) -
     return _export(model, CachedGLM(backbone(model), head), path, opset, False, inputs, outputs)
 
 
-def export_classifier_onnx(model: GLM | GLMClassifier, path: str | Path, rows: Sequence[int] | None, opset: int = 18) -> Path:
+def export_classifier_onnx(model: GLM | GLMClassifier, path: str | Path, rows: Sequence[int] | None, opset: int = 20) -> Path:
     """Export the classification graph (SelectGLM): a GLMClassifier's head logits, or log P of the
     vocabulary `rows`, at the positions it is fed (input select_positions (B, N))."""
     model = model.float()
@@ -364,10 +369,11 @@ def _torch_select(model: GLM | GLMClassifier, rows: Sequence[int] | None, x: dic
     lm = backbone(model)
     h, _ = lm.hidden_states(
         t["input_ids"], t["position_ids"], t["block_position_ids"], t["sep"], past_key_values=past, key_start=t["key_start"]
-    )  # (B, T, C)
+    )  # (B, T, C): every position, as the generation graph; the classification graph must agree with it
+    h = h.gather(1, torch.from_numpy(positions)[..., None].expand(-1, -1, h.shape[-1]))  # (B, N, C)
     head = model.head if isinstance(model, GLMClassifier) else None
     rows_t = torch.tensor(list(rows or [0]), dtype=torch.long)
-    return select_scores(lm, head, rows_t, h, torch.from_numpy(positions)).numpy()
+    return select_scores(lm, head, rows_t, h).numpy()
 
 
 def _bundle_forward(bundle: runtime.Bundle, x: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:

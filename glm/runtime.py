@@ -965,10 +965,17 @@ class Bundle:
         return part_a, mask_pos
 
     def label_scores(
-        self, texts: Sequence[str], text_pairs: Sequence[str | None] | None = None, batch_size: int = 32
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str | None] | None = None,
+        batch_size: int = 32,
+        sort_by_length: bool = True,
     ) -> np.ndarray:
         """(N, n_labels) log-probabilities of each label's verbalizer, or a linear head's logits
-        (glm.finetune.score_cloze's scores)."""
+        (glm.finetune.score_cloze's scores), in the order of `texts`.
+
+        Texts are batched by length (shortest first; sort_by_length=False: in input order), so a batch
+        is padded to about its own length rather than to its longest text; rows come back in input order."""
         if self.classifier is None:
             raise BundleError(
                 f"bundle {self.path} is not a classifier (no cloze pattern in its config); export a fine-tuned checkpoint"
@@ -981,8 +988,14 @@ class Bundle:
             score = self._head_scores
         else:
             score = self._multi_token_scores if self.classifier["multi_token"] else self._single_token_scores
-        out = [score(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        order = list(range(len(items)))
+        if sort_by_length:
+            order.sort(key=lambda i: len(items[i][0]))  # stable: equal lengths keep input order
+        scores = np.zeros((len(items), len(self.labels)), np.float32)  # (N, L)
+        for i in range(0, len(order), batch_size):
+            chunk = order[i : i + batch_size]
+            scores[chunk] = score([items[j] for j in chunk])
+        return scores
 
     def _single_token_scores(self, items: list[tuple[list[int], int]]) -> np.ndarray:
         """Part A ++ [<sop>] per row, right-padded: padding sits after each row's <sop>, which cannot see it."""
@@ -1389,6 +1402,9 @@ def _texts(rows: list[dict[str, Any]], field_name: str, path: Path, first: int, 
     return out
 
 
+SORT_WINDOW = 16  # batches `predict` reads at once to classify: texts sorted by length within them pad less
+
+
 def predict(
     bundle: Bundle,
     input_path: str | Path,
@@ -1425,7 +1441,8 @@ def predict(
     update, done = _progress(total, quiet)
     n = 0
     try:
-        for rows in read_rows(input_path, batch_size):
+        # classification reads SORT_WINDOW batches at a time: label_scores batches them by length
+        for rows in read_rows(input_path, batch_size * (SORT_WINDOW if task == "classify" else 1)):
             texts = _texts(rows, text_field, input_path, n + 1)
             if task == "classify":
                 pairs = _texts(rows, text_pair_field, input_path, n + 1, optional=True) if text_pair_field else None

@@ -111,7 +111,10 @@ class Attention(nn.Module):
         mask: Any,
         rope: tuple[torch.Tensor, ...] | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention of every position, or (`rows` (B, N)) of those queries only: keys and values still
+        come from every position. Returns (B, T or N, C) and this layer's (k, v)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
@@ -120,12 +123,17 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, D)
             v = torch.cat([past[1], v], dim=2)  # (B, H, P+T, D)
+        if rows is not None:
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, H, N, D)
+            mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))  # (B, 1, N, S)
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex(q, k, v, mask)  # (B, H, T, D)
         else:
             p = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+            if mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)  # the additive mask in the queries' dtype (bf16 under autocast)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T or N, D)
+        y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, T or N, C)
         return self.resid_drop(self.proj(y)), (k, v)
 
 
@@ -157,10 +165,14 @@ class Block(nn.Module):
         mask: Any,
         rope: tuple[torch.Tensor, ...] | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.ln_1(x), mask, rope, past)  # (B, T, C)
-        x = x + a  # (B, T, C)
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        """(B, T, C), or with `rows` (B, N) the outputs of those positions only (B, N, C)."""
+        a, present = self.attn(self.ln_1(x), mask, rope, past, rows)  # (B, T or N, C)
+        if rows is not None:
+            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, C)
+        x = x + a  # (B, T or N, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T or N, C)
         return x, present
 
 
@@ -230,8 +242,13 @@ class GLM(nn.Module):
         past_key_values: KVCache | None = None,
         key_start: torch.Tensor | None = None,
         use_cache: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """Final-LayerNorm output (B, T, C) and, if use_cache, the per-layer (k, v) of past + these tokens."""
+        """Final-LayerNorm output (B, T, C) and, if use_cache, the per-layer (k, v) of past + these tokens.
+
+        `rows` (B, N): return the positions a classifier reads only (B, N, C); the last block then runs
+        its queries, output projection and MLP at those positions alone (its keys and values, and every
+        earlier block, still need every position)."""
         self._check_inputs(input_ids, position_ids, block_position_ids, sep, past_key_values, key_start)
         B, T = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -252,10 +269,15 @@ class GLM(nn.Module):
         if use_flex:
             mask = _flex_block_mask(sep, T, key_start)
         else:
-            mask = prefix_lm_mask(sep, T, past_len, key_start)  # (B, 1, T, P+T)
+            visible = prefix_lm_mask(sep, T, past_len, key_start)  # (B, 1, T, P+T)
+            # additive, once for every layer: a boolean mask costs each layer's exported graph a Where
+            # and a NaN guard (no row is ever fully masked: every query sees itself)
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
         presents: KVCache = []
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, present = block(x, mask, rope, None if past_key_values is None else past_key_values[i])
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = block(x, mask, rope, past, rows if i == last else None)  # (B, T, C); the last (B, N, C) with rows
             presents.append(present)
         h = self.ln_f(x)  # (B, T, C)
         return h, (presents if use_cache else None)

@@ -363,6 +363,9 @@ def test_classifier_scores_equal_score_cloze_including_odd_and_long_texts(built)
     assert bundle.select_session is not None  # scored by the classification graph
     got = bundle.label_scores(texts)
     np.testing.assert_allclose(got, ref, atol=1e-4)
+    # batches of 2, built shortest first (the texts are not in length order): rows come back in input order
+    assert [len(t) for t in texts] != sorted(len(t) for t in texts)
+    np.testing.assert_allclose(bundle.label_scores(texts, batch_size=2), ref, atol=1e-4)
     assert [bundle.classify(t).label for t in texts] == [["0", "1"][i] for i in ref.argmax(1)]
 
 
