@@ -172,8 +172,18 @@ def spooled(run_dir: str, flow_run_id: str | None, api_gone: Callable[[], bool] 
         yield
         return
     spool_dir = Path(run_dir) / SPOOL_DIR
+    if spool_dir.is_symlink() or (spool_dir.exists() and not spool_dir.is_dir()):
+        # the spool reads, writes and deletes files there: never through a link to somewhere else
+        print(
+            f"glm-pipeline: {spool_dir} is not a directory of the run (a link or a file); log lines are not spooled "
+            "this run: remove it",
+            file=sys.stderr,
+        )
+        yield
+        return
     spool_dir.mkdir(parents=True, exist_ok=True)
-    earlier = [Spool(p) for p in sorted(spool_dir.glob("*.jsonl"))]  # lines an earlier process left unsent
+    # lines an earlier process left unsent; a link planted in the spool is neither read nor deleted
+    earlier = [Spool(p) for p in sorted(spool_dir.glob("*.jsonl")) if p.is_file() and not p.is_symlink()]
     spool = Spool(spool_dir / f"{flow_run_id}-{os.getpid()}.jsonl")
     swapped: dict[int, SpooledAPILogHandler] = {}
     pairs = _api_handlers()

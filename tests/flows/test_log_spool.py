@@ -90,3 +90,26 @@ def test_a_flow_body_s_records_reach_the_api_through_the_spool_and_leave_nothing
     wait_for("the spool to be sent and removed", lambda: not list((tmp_path / log_spool.SPOOL_DIR).iterdir()), 30)
     messages = [r.message for r in logs(run_id)]
     assert "from the flow's logger" in messages and "step 1/1 loss 2.0" in messages
+
+
+def test_a_spool_that_is_a_link_is_not_used_and_a_linked_file_in_it_is_neither_read_nor_deleted(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "keep.jsonl"
+    victim.write_text('{"name": "not a spool line"}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / log_spool.SPOOL_DIR).symlink_to(outside)
+    with log_spool.spooled(str(run), "some-flow-run"):
+        assert not [h for _, h in log_spool._api_handlers() if isinstance(h, log_spool.SpooledAPILogHandler)]
+    assert "is not a directory of the run" in capsys.readouterr().err
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.jsonl"]  # nothing written there
+
+    (run / log_spool.SPOOL_DIR).unlink()
+    (run / log_spool.SPOOL_DIR).mkdir()
+    (run / log_spool.SPOOL_DIR / "planted.jsonl").symlink_to(victim)
+    run_id = _flow_run_id()
+    with log_spool.spooled(str(run), run_id):
+        pass
+    assert victim.read_text() == '{"name": "not a spool line"}\n'  # not read as lines to send, not deleted
+    assert (run / log_spool.SPOOL_DIR / "planted.jsonl").is_symlink()
