@@ -328,6 +328,28 @@ def test_kv_cache_prompt_then_incremental_equals_full(rotary, extra):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rotary", [False, True])
+def test_hidden_states_of_selected_rows_equal_the_full_forward_gathered(rotary):
+    """`rows` (a classifier's positions): the last block runs there only; the result is the full model's."""
+    model, b = tiny_model(VOCAB, rotary_2d=rotary).eval(), synthetic_batch()
+    ids, pos, blk, sep = b["input_ids"], b["position_ids"], b["block_position_ids"], b["sep"]
+    rows = torch.tensor([[0, 5, 5], [3, 1, 20], [23, 2, 9]])  # (B, N): any positions, repeats and order included
+    with torch.no_grad():
+        full, full_cache = model.hidden_states(ids, pos, blk, sep, use_cache=True)  # (B, T, C)
+        some, cache = model.hidden_states(ids, pos, blk, sep, use_cache=True, rows=rows)  # (B, N, C)
+        want = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))  # (B, N, C)
+        torch.testing.assert_close(some, want, atol=1e-5, rtol=0)
+        for (k, v), (fk, fv) in zip(cache, full_cache):  # the cache still covers every position
+            assert torch.equal(k, fk) and torch.equal(v, fv)
+        # with a past: one new token per row, the rows select it
+        P = ids.shape[1] - 1
+        _, past = model.hidden_states(ids[:, :P], pos[:, :P], blk[:, :P], sep, use_cache=True)
+        one, _ = model.hidden_states(
+            ids[:, P:], pos[:, P:], blk[:, P:], sep, past_key_values=past, rows=torch.zeros(3, 1, dtype=torch.long)
+        )
+        torch.testing.assert_close(one, full[:, P:], atol=1e-5, rtol=0)
+
+
 def test_no_graph_breaks_for_torch_compile():
     # a real fullgraph compile takes ~30 s on 2 cores; dynamo's explain runs the same tracing in < 1 s
     model, b = tiny_model(VOCAB), synthetic_batch()
