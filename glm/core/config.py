@@ -576,6 +576,14 @@ class FinetuneConfig(Section):
         return value
 
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Evaluate, keep and export an exponential moving average of the weights (torch.optim.swa_utils; "
+        "e.g. 0.99: about the last 100 steps) instead of the last step's weights. A small dev set's best point "
+        "of noisy fine-tuning weights is a lucky draw; an average of nearby weights generalises better.",
+    )
     patience: int = Field(default=2, ge=1, description="Early stopping: dev evaluations without improvement.")
     eval_every: int | None = Field(
         default=None, ge=1, description="Evaluate on dev every N steps (None: at the end of each epoch)."

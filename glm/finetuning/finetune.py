@@ -862,9 +862,17 @@ def train_loop(
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
 
+    # finetune.ema_decay: the averaged weights are what is evaluated, kept and exported
+    ema = None
+    if cfg.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    scored = model if ema is None else ema.module
+
     def evaluate(step: int, epoch: float) -> dict[str, float]:
         with autocast():
-            record = evaluate_fn(model)
+            record = evaluate_fn(scored)
         log.write(kind="eval", step=step, epoch=round(epoch, 4), **record)
         return record
 
@@ -908,6 +916,8 @@ def train_loop(
                     f"non-finite fine-tuning loss ({done.loss}) or gradient norm ({done.grad_norm}) at step {step + 1}; "
                     "lower finetune.optim.lr or check the inputs (the best weights so far are not saved)"
                 )
+            if ema is not None:
+                ema.update_parameters(model)
             step, seen = step + 1, seen + len(batch)
             window_loss, window_n = window_loss + done.loss, window_n + 1
             train_seconds += time.perf_counter() - t0
@@ -942,7 +952,7 @@ def train_loop(
                 history.append(record | {"step": step})
                 if rank(record) > best_rank:
                     best_score, best_rank, best_step, bad_evals = record[score_key], rank(record), step, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
                 else:
                     bad_evals += 1
                     stop = bad_evals >= cfg.patience
