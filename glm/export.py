@@ -124,21 +124,11 @@ class CachedGLM(nn.Module):
 
     def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, *past: torch.Tensor):
         pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
-        if self.head is not None:
-            h, presents = self.model.hidden_states(
-                input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
-            )  # (B, T, C), per layer (B, H, P+T, D)
-            return (self.model.logits(h), *[t for kv in presents for t in kv], self.head(h))
-        logits, presents = self.model(
-            input_ids,
-            position_ids,
-            block_position_ids,
-            sep,
-            past_key_values=pairs,
-            key_start=key_start,
-            use_cache=True,
-        )  # (B, T, V), per layer (B, H, P+T, D)
-        return (logits, *[t for kv in presents for t in kv])
+        h, presents = self.model.hidden_states(
+            input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
+        )  # (B, T, C), per layer (B, H, P+T, D)
+        label_logits = () if self.head is None else (self.head(h),)  # (B, T, L)
+        return (self.model.logits(h), *[t for kv in presents for t in kv], *label_logits)  # logits (B, T, V)
 
 
 def classifier_io_names(n_layer: int) -> tuple[list[str], list[str]]:
