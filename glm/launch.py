@@ -143,22 +143,39 @@ def kill_tree(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM the process group, SIGKILL it if it has not exited after `grace` seconds, then SIGKILL
     what is left of its descendants: torchrun starts each worker in a session of its own, so a worker
     outlives a group kill of an agent that did not stop it (and would train on, orphaned)."""
-    tree = descendants(proc.pid)  # now: once the agent is gone its workers belong to init
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+    # recorded now (once the agent is gone its workers belong to init), as pidfds: a worker that exits
+    # during the grace period frees its pid, and a pid reused by another process is never signalled
+    tree = _pidfds(descendants(proc.pid))
+    try:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for fd in tree:
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone
+    finally:
+        for fd in tree:
+            os.close(fd)
+
+
+def _pidfds(pids: list[int]) -> list[int]:
+    """A pidfd per live pid (Linux >= 5.3; none elsewhere, where `descendants` finds none either)."""
+    fds = []
+    for pid in pids:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            fds.append(os.pidfd_open(pid))
+        except (ProcessLookupError, AttributeError, OSError):
+            continue  # exited meanwhile, or no pidfd support
+    return fds
 
 
 def run_logged(

@@ -130,8 +130,7 @@ class Attention(nn.Module):
             y = _flex(q, k, v, mask)  # (B, H, T, D)
         else:
             p = self.attn_dropout if self.training else 0.0
-            if mask.dtype != torch.bool:
-                mask = mask.to(q.dtype)  # the additive mask in the queries' dtype (bf16 under autocast)
+            mask = mask.to(q.dtype)  # the additive mask in the queries' dtype (bf16 under autocast; else a no-op)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T or N, D)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, T or N, C)
         return self.resid_drop(self.proj(y)), (k, v)

@@ -487,7 +487,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(tok, tmp_path):
     assert not torch.equal(snapshots[1]["wte.weight"], snapshots[3]["wte.weight"])  # training did move the weights
 
 
-def test_with_ema_the_averaged_weights_are_evaluated_and_kept(tok, tmp_path):
+def test_with_ema_the_averaged_weights_are_evaluated_and_kept(tok, tmp_path, monkeypatch):
     """finetune.ema_decay: dev sees the moving average of the weights (by hand: the weights after step 1,
     then ema = d*ema + (1-d)*w after each step, as torch's AveragedModel), and the best evaluation's
     average is what the model holds at the end."""
@@ -496,7 +496,7 @@ def test_with_ema_the_averaged_weights_are_evaluated_and_kept(tok, tmp_path):
     decay = 0.5
     model = tiny_model(tok.vocab_size, max_seq_len=64)
     by_hand: dict[str, torch.Tensor] = {}
-    evaluated, trained, model_weights_after_step_3 = [], [], {}
+    evaluated, trained, last_weights = [], [], {}
 
     def evaluate_fn(m):
         evaluated.append({k: v.clone() for k, v in m.state_dict().items()})
@@ -522,22 +522,19 @@ def test_with_ema_the_averaged_weights_are_evaluated_and_kept(tok, tmp_path):
             first = not trained or not v.is_floating_point()
             by_hand[k] = v.detach().clone() if first else decay * by_hand[k] + (1 - decay) * v.detach()
         trained.append({k: v.clone() for k, v in by_hand.items()})
-        model_weights_after_step_3.update({k: v.detach().clone() for k, v in m.state_dict().items()})
+        last_weights.update({k: v.detach().clone() for k, v in m.state_dict().items()})
         return done
 
-    ft.fine_tuning_step = recording_step
-    try:
-        with ft.MetricsLog(tmp_path / "metrics.jsonl", fresh=True) as log:
-            loop = ft.train_loop(model, items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True)
-    finally:
-        ft.fine_tuning_step = original_step
+    monkeypatch.setattr(ft, "fine_tuning_step", recording_step)
+    with ft.MetricsLog(tmp_path / "metrics.jsonl", fresh=True) as log:
+        loop = ft.train_loop(model, items, loss_fn, evaluate_fn, cfg, log, score_key="val_accuracy", higher_is_better=True)
     assert loop.best_step == 1 and loop.steps == 3
     for k in ("wte.weight", "blocks.0.attn.qkv.weight"):
         torch.testing.assert_close(evaluated[1][k], trained[0][k], atol=1e-6, rtol=0)  # after step 1: the average
         torch.testing.assert_close(evaluated[3][k], trained[2][k], atol=1e-6, rtol=0)
         torch.testing.assert_close(model.state_dict()[k], trained[0][k], atol=1e-6, rtol=0)  # the best one is kept
     # the average lags the weights: what was evaluated after step 3 is not the step-3 weights
-    assert not torch.allclose(evaluated[3]["wte.weight"], model_weights_after_step_3["wte.weight"])
+    assert not torch.allclose(evaluated[3]["wte.weight"], last_weights["wte.weight"])
 
 
 def test_evaluation_schedule_and_non_finite_loss(tok, tmp_path):
