@@ -73,6 +73,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)  # (B, H, T, d)
 
 
+def _attention_for_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v written out, for exported graphs (eval: no dropout).
+
+    SDPA's ONNX form transposes the key through Reshape/Transpose/Reshape and a chain of Shape/Slice/
+    Concat nodes, so every decoding step copies each layer's whole key cache; written out, onnxruntime
+    fuses the transpose and the scale into the MatMul (FusedMatMul, transB and alpha)."""
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, H, T, S)
+    return torch.softmax(scores + mask.to(scores.dtype), dim=-1) @ v  # (B, H, T, D)
+
+
 class Rotary2D(nn.Module):
     """ChatGLM 2D rotary positions: one half of each head by position_ids, the other by block_position_ids."""
 
@@ -128,6 +138,8 @@ class Attention(nn.Module):
             mask = mask.gather(2, rows[:, None, :, None].expand(-1, 1, -1, mask.shape[3]))  # (B, 1, N, S)
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex(q, k, v, mask)  # (B, H, T, D)
+        elif torch.compiler.is_exporting():
+            y = _attention_for_export(q, k, v, mask)  # (B, H, T or N, D)
         else:
             p = self.attn_dropout if self.training else 0.0
             mask = mask.to(q.dtype)  # the additive mask in the queries' dtype (bf16 under autocast; else a no-op)
@@ -271,7 +283,7 @@ class GLM(nn.Module):
             visible = prefix_lm_mask(sep, T, past_len, key_start)  # (B, 1, T, P+T)
             # additive, once for every layer: a boolean mask costs each layer's exported graph a Where
             # and a NaN guard (no row is ever fully masked: every query sees itself)
-            mask = torch.zeros(visible.shape, dtype=torch.float32, device=x.device).masked_fill(~visible, float("-inf"))
+            mask = torch.where(visible, 0.0, float("-inf"))  # (B, 1, T, P+T) float32
         presents: KVCache = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

@@ -170,6 +170,21 @@ def test_graph_is_one_file_with_dynamic_batch_sequence_and_past_axes(built):
     assert dims["present.1.key"][:2] == ["batch", 2] and isinstance(dims["present.1.key"][2], str)
 
 
+@pytest.mark.parametrize("graph", ["model.onnx", "model.int8.onnx"])
+def test_a_decoding_step_reads_the_key_cache_without_copying_it_through_a_transpose(built, tmp_path, graph):
+    """Attention is exported written out (glm.core.model._attention_for_export): onnxruntime then folds
+    the key's transpose into the scores' MatMul. SDPA's ONNX form transposed (and reshaped) each
+    layer's whole key cache at every step; this keeps that from coming back unseen."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(built.lm_bundle / graph), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    readers = {f"present.{i}.key": [n.op_type for n in nodes if f"present.{i}.key" in n.input] for i in range(2)}
+    assert readers == {"present.0.key": ["FusedMatMul"], "present.1.key": ["FusedMatMul"]}, readers
+
+
 def test_verification_report_covers_the_shape_grid_and_passed(built):
     report = json.loads((built.lm_bundle / "verification.json").read_text())
     assert report["passed"] is True and report["failures"] == []
