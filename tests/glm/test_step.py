@@ -9,7 +9,7 @@ import torch
 
 from glm.core.config import FinetuneConfig, OptimConfig, model_config
 from glm.core.model import GLM, configure_optimizer, infilling_loss
-from glm.training.step import fine_tuning_step, optimizer_step
+from glm.training.step import autocast_factory, fine_tuning_step, optimizer_step
 from tests.glm.test_model import GOLDEN_LOSSES, VOCAB, synthetic_batch
 
 
@@ -81,3 +81,30 @@ def test_the_fine_tuning_step_clips_and_updates_as_the_hand_written_loop_did():
     assert done.grad_norm > 0.01  # the clip was active
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_cpu_bf16_training_attends_with_the_math_kernel_and_evaluation_with_the_default():
+    """CPU flash attention's bf16 backward is slower than the math kernel's (glm.training.step.autocast_factory);
+    its forward is faster. So: math while gradients are on, the default otherwise, and fp32 untouched."""
+    cpu = torch.device("cpu")
+    flash = torch.backends.cuda.flash_sdp_enabled  # the switch SDPA's CPU dispatch reads too
+    assert flash()
+    with autocast_factory("bf16", cpu)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not flash()
+    assert flash()
+    with torch.no_grad(), autocast_factory("bf16", cpu)():
+        assert torch.is_autocast_enabled("cpu") and flash()
+    with autocast_factory("fp32", cpu)():
+        assert not torch.is_autocast_enabled("cpu") and flash()
+    # the same step either way (the kernels differ in rounding only)
+    losses = []
+    for kernel in (autocast_factory("bf16", cpu), lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        torch.manual_seed(0)
+        model = GLM(model_config("tiny", vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0))
+        batch = synthetic_batch(4, 32, seed=0)
+        with kernel():
+            loss, _ = infilling_loss(model, batch)
+        loss.backward()
+        losses.append((loss.item(), model.blocks[0].attn.qkv.weight.grad.norm().item()))
+    assert math.isclose(losses[0][0], losses[1][0], rel_tol=1e-2) and math.isclose(losses[0][1], losses[1][1], rel_tol=5e-2)
