@@ -1,11 +1,15 @@
 """ONNX export of a GLM checkpoint into a verified, self-contained bundle that glm.runtime runs.
 
 One graph serves the prompt pass and every decoding step: the key/value cache is explicit
-(inputs `past_key_values.{i}.key/value` (B, H, P, D), outputs `present.{i}.key/value`
-(B, H, P+T, D)), with dynamic batch, sequence and past axes; P=0 is the prompt pass. Besides
-input_ids, position_ids, block_position_ids (B, T) and sep (B,), the graph takes `key_start`
-(B,): the first key each row may see, so left-padded batches (batched generation, multi-token
-cloze scoring) run through the same graph; feed zeros when rows are unpadded.
+and updated in place (format 2): inputs `past_length` (B,) and per layer the buffers
+`past_key_values.{i}.key/value` (B, H, capacity, D); outputs `present.{i}.key/value`, the same
+buffers with this call's keys/values written at past_length (onnxruntime's GroupQueryAttention;
+bind one OrtValue as both and nothing is copied per step), with dynamic batch, sequence and
+capacity axes; past_length 0 is the prompt pass. Besides input_ids, position_ids,
+block_position_ids (B, T) and sep (B,), the graph takes `key_start` (B,): the first key each row
+may see, so left-padded batches (batched generation, multi-token cloze scoring) run through the
+same graph; feed zeros when rows are unpadded. (Format 1, `export_onnx(in_place=False)`, took
+pasts (B, H, P, D) and returned them concatenated (B, H, P+T, D); runtimes still read it.)
 
 The bundle directory (written to a temporary name, renamed into place once verified):
 
@@ -55,10 +59,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from glm import runtime
 from glm.core.config import ClozeTaskConfig, ExportConfig
-from glm.core.model import GLM
+from glm.core.model import GLM, InPlaceCache
 from glm.core.safety import remove_tree
 from glm.core.shards import (
     atomic_write_bytes,
@@ -105,35 +110,78 @@ class ExportVerificationError(RuntimeError):
 # --------------------------------------------------------------------------- the graph
 
 
-def io_names(n_layer: int, head: bool = False) -> tuple[list[str], list[str]]:
-    """The graph's input and output names, in order (`head`: a linear-head classifier's label_logits last)."""
+def io_names(n_layer: int, head: bool = False, in_place: bool = True) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order (`head`: a linear-head classifier's label_logits last;
+    `in_place`: the cache is buffers written at past_length, format 2)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return [*runtime.INPUTS, *past], ["logits", *present, *([runtime.LABEL_LOGITS] if head else [])]
+    lengths = [runtime.PAST_LENGTH] if in_place else []
+    return [*runtime.INPUTS, *lengths, *past], ["logits", *present, *([runtime.LABEL_LOGITS] if head else [])]
+
+
+class KVBuffer(InPlaceCache):
+    """One layer's cache as buffers (B, H, capacity, D): this step's keys and values are written at
+    past_length and attention runs over every slot (the mask hides the unwritten ones).
+
+    Exported, it is onnxruntime's fused GroupQueryAttention (com.microsoft): q, k, v (B, T, C) in, no
+    transposes, no concatenation; when the runtime binds one OrtValue as both a layer's past and its
+    present, the op writes the new keys and values into it in place, so a decoding step copies no cache.
+    In eager PyTorch it is the same computation written out (tests hold the two to each other)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, past_length: torch.Tensor, n_head: int):
+        self.k, self.v, self.past_length, self.n_head = k, v, past_length, n_head  # (B, H, capacity, D) x 2, (B,)
+
+    def attend(self, q, k, v, mask):
+        B, T, C = q.shape
+        if torch.compiler.is_exporting():
+            seqlens = (self.past_length + T - 1).to(torch.int32)  # (B,) the op's "total length - 1" per row
+            total = torch.full((), self.k.shape[2], dtype=torch.int32)  # every slot is a key; the mask hides the unwritten
+            y, k_buf, v_buf = torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                [q, k, v, self.k, self.v, seqlens, total, None, None, None, mask],  # no rotary caches, no position ids
+                {"num_heads": self.n_head, "kv_num_heads": self.n_head, "causal": 0},  # the prefix-LM mask is the bias
+                dtypes=[q.dtype] * 3,
+                shapes=[q.shape, self.k.shape, self.v.shape],
+                version=1,
+            )
+            return y, (k_buf, v_buf)
+        H, D = self.n_head, C // self.n_head
+        slots = (self.past_length[:, None] + torch.arange(T, device=q.device))[:, None, :, None].expand(B, H, T, D)
+        k_buf = self.k.scatter(2, slots, k.view(B, T, H, D).transpose(1, 2))  # (B, H, capacity, D)
+        v_buf = self.v.scatter(2, slots, v.view(B, T, H, D).transpose(1, 2))  # (B, H, capacity, D)
+        y = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), k_buf, v_buf, attn_mask=mask)  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B, T, C), (k_buf, v_buf)
 
 
 class CachedGLM(nn.Module):
     """GLM with its key/value cache flattened into positional tensors: the exported forward.
 
-    With a classification head (glm.heads), the graph also returns label_logits (B, T, L): the head
-    on every position's final hidden state; a classifier reads the row's [MASK] position."""
+    in_place (format 2): past_length (B,) then per layer key/value buffers (B, H, capacity, D), returned
+    with this call's keys/values written at past_length. Otherwise (format 1) per layer (B, H, P, D)
+    pasts and (B, H, P+T, D) presents. With a classification head (glm.heads), the graph also returns
+    label_logits (B, T, L): the head on every position's final hidden state."""
 
-    def __init__(self, model: GLM, head: nn.Module | None = None):
+    def __init__(self, model: GLM, head: nn.Module | None = None, in_place: bool = True):
         super().__init__()
-        self.model, self.head = model, head
+        self.model, self.head, self.in_place = model, head, in_place
 
     def forward(self, input_ids, position_ids, block_position_ids, sep, key_start, *past: torch.Tensor):
-        pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
+        if self.in_place:
+            past_length, *buffers = past
+            n_head = self.model.cfg.n_head
+            pairs: list[Any] = [KVBuffer(k, v, past_length, n_head) for k, v in zip(buffers[0::2], buffers[1::2])]
+        else:
+            pairs = list(zip(past[0::2], past[1::2]))  # per layer (k, v), each (B, H, P, D)
         h, presents = self.model.hidden_states(
             input_ids, position_ids, block_position_ids, sep, past_key_values=pairs, key_start=key_start, use_cache=True
-        )  # (B, T, C), per layer (B, H, P+T, D)
+        )  # (B, T, C), per layer the buffers or (B, H, P+T, D)
         label_logits = () if self.head is None else (self.head(h),)  # (B, T, L)
         return (self.model.logits(h), *[t for kv in presents for t in kv], *label_logits)  # logits (B, T, V)
 
 
 def classifier_io_names(n_layer: int) -> tuple[list[str], list[str]]:
     """The classification graph's input and output names, in order."""
-    inputs, outputs = io_names(n_layer)
+    inputs, outputs = io_names(n_layer, in_place=False)
     past = inputs[len(runtime.INPUTS) :]
     return [*runtime.INPUTS, runtime.SELECT_INPUT, *past], [runtime.SELECT_OUTPUT, *outputs[1:]]
 
@@ -202,9 +250,9 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _example(cfg, device: Any, select: bool) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+def _example(cfg, device: Any, select: bool, in_place: bool = False) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
     """Example inputs and dynamic axes. Example sizes >= 2 on every dynamic axis: torch.export
-    specialises axes whose example is 0 or 1."""
+    specialises axes whose example is 0 or 1. in_place: past_length and cache buffers (capacity P+T+2)."""
     B, T, P = 2, 3, 4
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
     ids = torch.randint(NUM_SPECIAL, cfg.vocab_size, (B, T), generator=g)  # (B, T)
@@ -228,11 +276,16 @@ def _example(cfg, device: Any, select: bool) -> tuple[tuple[torch.Tensor, ...], 
         dynamic["select_positions"] = {0: batch, 1: torch.export.Dim("select", min=1)}
         example += (positions,)
     dynamic["past"] = tuple({0: batch, 2: past_len} for _ in past)
+    if in_place:  # CachedGLM's *past is past_length (B,) then the buffers (B, H, capacity, D)
+        capacity = torch.export.Dim("capacity", min=1)
+        past = (torch.full((B,), P), *(torch.zeros(B, cfg.n_head, P + T + 2, cfg.head_dim) for _ in past))
+        dynamic["past"] = ({0: batch}, *({0: batch, 2: capacity} for _ in past[1:]))
     return tuple(t.to(device) for t in (*example, *past)), dynamic
 
 
 def _export(model: nn.Module, wrapper: nn.Module, path: str | Path, opset: int, select: bool, inputs, outputs) -> Path:
-    example, dynamic = _example(model.cfg, next(model.parameters()).device, select)
+    in_place = getattr(wrapper, "in_place", False)
+    example, dynamic = _example(model.cfg, next(model.parameters()).device, select, in_place)
     was_training = model.training
     model.float().eval()
     wrapper.eval()
@@ -261,14 +314,15 @@ def _export(model: nn.Module, wrapper: nn.Module, path: str | Path, opset: int, 
     return path
 
 
-def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 20) -> Path:
+def export_onnx(model: GLM | GLMClassifier, path: str | Path, opset: int = 20, in_place: bool = True) -> Path:
     """Export `model` (fp32) with torch.onnx.export(dynamo=True) to one ONNX file at `path`.
 
-    A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output."""
+    A GLMClassifier (linear head) exports its GLM with the head's label_logits as an extra output.
+    in_place=False writes the format-1 graph (a concatenated cache), which runtimes still read."""
     model = model.float()
     head = model.head if isinstance(model, GLMClassifier) else None
-    inputs, outputs = io_names(model.cfg.n_layer, head is not None)
-    return _export(model, CachedGLM(backbone(model), head), path, opset, False, inputs, outputs)
+    inputs, outputs = io_names(model.cfg.n_layer, head is not None, in_place)
+    return _export(model, CachedGLM(backbone(model), head, in_place), path, opset, False, inputs, outputs)
 
 
 def export_classifier_onnx(model: GLM | GLMClassifier, path: str | Path, rows: Sequence[int] | None, opset: int = 20) -> Path:
@@ -832,7 +886,7 @@ def _bundle_config(
     c = model.cfg
     head = isinstance(model, GLMClassifier)
     inputs, outputs = io_names(c.n_layer, head)
-    cache = ["batch", c.n_head, "past", c.head_dim]
+    cache = ["batch", c.n_head, "capacity", c.head_dim]
     return {
         "format": runtime.FORMAT,
         "format_version": FORMAT_VERSION,
@@ -879,12 +933,26 @@ def _bundle_config(
                     "shape": ["batch"],
                     "doc": "first visible key (left padding); 0 if unpadded",
                 },
-                *({"name": n, "dtype": "float32", "shape": cache} for n in inputs[len(runtime.INPUTS) :]),
+                {
+                    "name": runtime.PAST_LENGTH,
+                    "dtype": "int64",
+                    "shape": ["batch"],
+                    "doc": "cache slots already written; this call writes slots past_length .. past_length + seq - 1",
+                },
+                *(
+                    {
+                        "name": n,
+                        "dtype": "float32",
+                        "shape": cache,
+                        "doc": "the cache buffer: bind the same memory as its present",
+                    }
+                    for n in inputs[len(runtime.INPUTS) + 1 :]
+                ),
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
                 *(
-                    {"name": n, "dtype": "float32", "shape": ["batch", c.n_head, "past + seq", c.head_dim]}
+                    {"name": n, "dtype": "float32", "shape": cache, "doc": "the buffer with this call's keys/values written"}
                     for n in outputs[1 : 1 + 2 * c.n_layer]
                 ),
                 *(

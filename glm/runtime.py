@@ -47,13 +47,20 @@ import onnxruntime as ort
 import sentencepiece as spm
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-__version__ = "1.1.0"  # the glm-runtime distribution's version (runtime/pyproject.toml reads it)
+__version__ = "1.2.0"  # the glm-runtime distribution's version (runtime/pyproject.toml reads it)
 FORMAT = "glm-onnx-bundle"
-FORMAT_VERSION = 1  # the newest bundle format this runtime reads; glm.export writes it into config.json
+# the newest bundle format this runtime reads; glm.export writes it into config.json. 2: the generation
+# graph's cache is per-layer buffers written in place at past_length (1: pasts concatenated onto; still read)
+FORMAT_VERSION = 2
+IN_PLACE_FROM = 2  # the first format whose generation graph takes past_length and cache buffers
+# format 2's GroupQueryAttention with causal=0 (the prefix-LM mask is its attention_bias): onnxruntime 1.29
+# rejects the attribute ("Unrecognized attribute"), 1.30 runs it (both measured)
+ONNXRUNTIME_FOR_IN_PLACE = (1, 30)
 CONFIG_FILE = "config.json"
 SUMS_FILE = "SHA256SUMS"
 CURRENT = "current"  # in a run's export/: the symlink to the version apps should load (glm.bundles)
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "sep", "key_start")
+PAST_LENGTH = "past_length"  # format 2: (B,) cache slots already written; this call writes the next T
 GENERATION_BUNDLE = "generation/bundle"  # where a run keeps its pretrained model's bundle, relative to the run directory
 LABEL_LOGITS = "label_logits"  # the extra output of a linear-head classifier's graph (B, T, n_labels)
 HEADS = ("verbalizer", "linear")
@@ -338,12 +345,13 @@ def check_config(config: Any, where: str) -> None:
 
 
 def _graph_io(
-    n_layer: int, n_head: int, head_dim: int, vocab_size: int, n_labels: int | None = None
+    n_layer: int, n_head: int, head_dim: int, vocab_size: int, n_labels: int | None = None, in_place: bool = False
 ) -> tuple[list[tuple], list[tuple]]:
     """(name, onnx type, shape with None for dynamic axes) of the graph's inputs and outputs
-    (n_labels: a linear-head classifier, whose graph adds label_logits)."""
+    (n_labels: a linear-head classifier, whose graph adds label_logits; in_place: format 2's past_length)."""
     cache = ("tensor(float)", [None, n_head, None, head_dim])
-    inputs = [(n, "tensor(int64)", [None] * (2 if n.endswith("ids") else 1)) for n in INPUTS]
+    names = [*INPUTS, *([PAST_LENGTH] if in_place else [])]
+    inputs = [(n, "tensor(int64)", [None] * (2 if n.endswith("ids") else 1)) for n in names]
     inputs += [(f"past_key_values.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
     outputs = [("logits", "tensor(float)", [None, None, vocab_size])]
     outputs += [(f"present.{i}.{kv}", *cache) for i in range(n_layer) for kv in ("key", "value")]
@@ -368,7 +376,7 @@ def check_graph(session: Any, config: dict[str, Any], model_path: Path, select: 
     m = config["model"]
     c = config["classifier"]
     n_labels = len(c["labels"]) if c is not None and c.get("head") == "linear" else None
-    want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], n_labels)
+    want_in, want_out = _graph_io(m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], n_labels, _in_place(config))
     if select:
         want_in, want_out = _select_graph_io(config)
     for kind, want, got in (("inputs", want_in, session.get_inputs()), ("outputs", want_out, session.get_outputs())):
@@ -394,6 +402,35 @@ def check_graph(session: Any, config: dict[str, Any], model_path: Path, select: 
                     f"{model_path}: graph {kind[:-1]} {name!r} is {a.type} {a.shape}, but config.json implies {dtype} of rank "
                     f"{len(shape)} with sizes {['*' if w is None else w for w in shape]}; re-export the bundle"
                 )
+
+
+def _in_place(config: dict[str, Any]) -> bool:
+    """Whether the bundle's generation graph updates its cache in place (format 2 and later)."""
+    return config.get("format_version", 1) >= IN_PLACE_FROM
+
+
+def onnxruntime_too_old(config: dict[str, Any], version: str = ort.__version__) -> str | None:
+    """Why this onnxruntime cannot run the bundle's graphs (one line with the fix), or None."""
+    have = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if _in_place(config) and have < ONNXRUNTIME_FOR_IN_PLACE:
+        need = ".".join(map(str, ONNXRUNTIME_FOR_IN_PLACE))
+        return (
+            f"bundle format {config['format_version']} needs onnxruntime >= {need} (GroupQueryAttention with "
+            f"causal=0), this is onnxruntime {version}: pip install -U 'onnxruntime>={need}' (or onnxruntime-gpu)"
+        )
+    return None
+
+
+@dataclass
+class DecodeCache:
+    """A batch's decoding cache, bound to the generation graph once (format 2): every layer's key and
+    value buffer (B, H, capacity, D) is bound as both its past and its present, so onnxruntime's fused
+    attention writes each call's keys/values into it at `length` and nothing is copied between steps."""
+
+    binding: Any  # onnxruntime IOBinding: logits first, then the buffers
+    buffers: list[Any]  # OrtValues on the bundle's device
+    capacity: int
+    length: int = 0  # slots written
 
 
 # --------------------------------------------------------------------------- results
@@ -470,6 +507,10 @@ class Bundle:
         self.present_names = [n for i in range(self.n_layer) for n in (f"present.{i}.key", f"present.{i}.value")]
         # presents stay on the device that computed them (io binding); only logits come back to the host
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.in_place = _in_place(config)  # format 2: the generation graph's cache is buffers written in place
+        # format 2's cache is read and written by GroupQueryAttention alone, and onnxruntime's CUDA kernel of it
+        # takes fp16/bf16 only: on a GPU the fp32 op runs on the CPU provider, so its buffers live in host memory
+        self.cache_device = "cpu" if self.in_place else self.device
 
     @classmethod
     def load(
@@ -547,6 +588,9 @@ class Bundle:
                 f"glm-runtime {__version__}); upgrade it: pip install -U glm-runtime (or update glm-pipeline)"
             )
         check_config(config, str(config_path))
+        too_old = onnxruntime_too_old(config)
+        if too_old:
+            raise BundleError(f"{path}: {too_old}")
         files = config["files"]
         for key in ("model", "model_int8", "tokenizer"):
             if files[key] is not None:
@@ -634,10 +678,17 @@ class Bundle:
         past: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One plain forward on host arrays: logits (B, T, V) and presents, each (B, H, P+T, D)."""
-        logits, *presents = self.session.run(
-            ["logits", *self.present_names], self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
-        )
-        return logits, presents
+        B, T = input_ids.shape
+        if self.in_place and B > 1 and T > 1 and past is not None and past[0].shape[2] > 0:
+            # onnxruntime's GroupQueryAttention extends a non-empty cache by several positions one row at a
+            # time only; rows are independent, so run them one by one
+            key_start = np.zeros(B, np.int64) if key_start is None else key_start
+            arrays = (input_ids, position_ids, block_position_ids, sep, key_start)
+            rows = [self.run(*(a[r : r + 1] for a in arrays), past=[c[r : r + 1] for c in past]) for r in range(B)]
+            return np.concatenate([lg for lg, _ in rows]), [np.concatenate(cs) for cs in zip(*(ps for _, ps in rows))]
+        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past, self.in_place)
+        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
+        return logits, presents  # format 2: the buffers, sized P+T, written everywhere
 
     def run_label_logits(
         self,
@@ -649,9 +700,16 @@ class Bundle:
         past: Sequence[np.ndarray] | None = None,
     ) -> np.ndarray:
         """A linear-head classifier's label logits (B, T, n_labels) at every position."""
+        B, T = input_ids.shape
+        if self.in_place and B > 1 and T > 1 and past is not None and past[0].shape[2] > 0:  # as run(): row by row
+            key_start = np.zeros(B, np.int64) if key_start is None else key_start
+            arrays = (input_ids, position_ids, block_position_ids, sep, key_start)
+            return np.concatenate(
+                [self.run_label_logits(*(a[r : r + 1] for a in arrays), past=[c[r : r + 1] for c in past]) for r in range(B)]
+            )
         if not self.has_head:
             raise BundleError(f"bundle {self.path} has no linear classification head (no {LABEL_LOGITS} output)")
-        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past)
+        feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past, self.in_place)
         return self.session.run([LABEL_LOGITS], feeds)[0]
 
     def run_select(
@@ -672,16 +730,52 @@ class Bundle:
         scores, *presents = self.select_session.run([SELECT_OUTPUT, *self.present_names], feeds)
         return scores, presents
 
-    def _feeds(self, input_ids, position_ids, block_position_ids, sep, key_start, past) -> dict[str, np.ndarray]:
-        B = input_ids.shape[0]
+    def _feeds(
+        self, input_ids, position_ids, block_position_ids, sep, key_start, past, in_place: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Host feeds; in_place (format 2): the pasts (B, H, P, D) copied into buffers of capacity P+T."""
+        B, T = input_ids.shape
         key_start = np.zeros(B, np.int64) if key_start is None else key_start
         ints = (input_ids, position_ids, block_position_ids, sep, key_start)
         feeds = {n: np.ascontiguousarray(a, np.int64) for n, a in zip(INPUTS, ints)}
-        feeds.update(zip(self.past_names, self.empty_past(B) if past is None else past))
+        past = self.empty_past(B) if past is None else past
+        if in_place:
+            P = past[0].shape[2]
+            feeds[PAST_LENGTH] = np.full(B, P, np.int64)
+            past = [np.concatenate([a, np.zeros((B, self.n_head, T, self.head_dim), np.float32)], axis=2) for a in past]
+        feeds.update(zip(self.past_names, past))
         return feeds
 
-    def _run_bound(self, arrays: Sequence[np.ndarray], past: list[Any] | None) -> tuple[np.ndarray, list[Any]]:
-        """A forward whose presents stay on the device (OrtValues), ready to be fed back as the past."""
+    def new_cache(self, capacity: int, prefix: Sequence[np.ndarray]) -> DecodeCache:
+        """A decoding cache of `capacity` positions bound to the generation graph (format 2), holding
+        `prefix` (per layer (B, H, P, D): a prompt pass's presents) in its first P slots."""
+        if not self.in_place:
+            raise BundleError(
+                f"bundle {self.path} has format version 1 (a concatenated cache); re-export it for in-place decoding"
+            )
+        B, _, P, _ = prefix[0].shape
+        if P > capacity:
+            raise ValueError(f"a cache of {capacity} positions cannot hold a prefix of {P}")
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        buffers = []
+        for past, present, start in zip(self.past_names, self.present_names, prefix):
+            host = np.zeros((B, self.n_head, capacity, self.head_dim), np.float32)  # (B, H, capacity, D)
+            host[:, :, :P] = start
+            buffer = ort.OrtValue.ortvalue_from_numpy(host, self.cache_device)  # on the CPU it shares host's memory
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)  # the same memory: written in place
+            buffers.append(buffer)
+        return DecodeCache(binding, buffers, capacity, length=P)
+
+    def _run_bound(self, arrays: Sequence[np.ndarray], past: Any) -> tuple[np.ndarray, Any]:
+        """A forward whose cache stays on the device, ready for the next call: `past` is a DecodeCache
+        (format 2, from new_cache; returned with its length advanced), or for format 1 the previous
+        call's presents (OrtValues), None on the first call."""
+        if isinstance(past, DecodeCache):
+            return self._run_in_place(arrays, past)
+        if self.in_place:
+            raise ValueError("a format-2 bundle decodes through a DecodeCache: pass bundle.new_cache(capacity, presents)")
         binding = self.session.io_binding()
         B = arrays[0].shape[0]
         for name, a in zip(INPUTS, arrays):
@@ -698,6 +792,17 @@ class Bundle:
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
         return logits.numpy(), presents
+
+    def _run_in_place(self, arrays: Sequence[np.ndarray], cache: DecodeCache) -> tuple[np.ndarray, DecodeCache]:
+        B, T = arrays[0].shape
+        if cache.length + T > cache.capacity:
+            raise ValueError(f"the decoding cache holds {cache.capacity} positions; {cache.length} written, {T} more asked")
+        for name, a in zip(INPUTS, arrays):
+            cache.binding.bind_cpu_input(name, np.ascontiguousarray(a, np.int64))
+        cache.binding.bind_cpu_input(PAST_LENGTH, np.full(B, cache.length, np.int64))
+        self.session.run_with_iobinding(cache.binding)
+        cache.length += T
+        return cache.binding.get_outputs()[0].numpy(), cache
 
     # ----------------------------------------------------------------- blank filling
 
@@ -820,7 +925,12 @@ class Bundle:
         n_blanks = np.array([len(b) for b in blank_lists])  # (B,)
         sep = np.full(B, L, np.int64)  # (B,) the padded Part A length
         key_start = np.array([L - len(p) for p in prompts], np.int64)  # (B,)
-        _, cache = self._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
+        n_steps = int(n_blanks.max()) * (max_new_tokens + 1)  # the loop's most steps, one position each
+        if self.in_place:  # the prompt pass, then buffers for every step that follows (one copy, not one a step)
+            _, presents = self.run(ids, pos, np.zeros_like(pos), sep, key_start)
+            cache: Any = self.new_cache(L + n_steps, presents)
+        else:
+            _, cache = self._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
 
         rows = np.arange(B)
         blank = np.zeros(B, np.int64)  # (B,) blank being filled
@@ -830,7 +940,7 @@ class Bundle:
         active = np.ones(B, bool)  # (B,)
         history = []
         spans: list[list[int]] = [[] for _ in range(B)]
-        for _ in range(int(n_blanks.max()) * (max_new_tokens + 1)):
+        for _ in range(n_steps):
             logits, cache = self._run_bound((token[:, None], cur_pos[:, None], bpos[:, None], sep, key_start), cache)
             chosen = np.asarray(choose(logits[:, -1], n_gen >= max_new_tokens, spans), np.int64)  # (B,)
             chosen = np.where(active, chosen, -1)  # (B,) -1: row already finished

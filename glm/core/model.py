@@ -41,12 +41,25 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) ->
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
-def prefix_lm_mask(sep: torch.Tensor, q_len: int, past_len: int, key_start: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean (B, 1, T, P+T) mask, True = may attend. Built with tensor ops only (compile/export safe)."""
-    q_pos = past_len + torch.arange(q_len, device=sep.device)  # (T,)
-    k_pos = torch.arange(past_len + q_len, device=sep.device)  # (S,)
-    k_pos_ = k_pos[None, None, :]  # (1, 1, S)
-    q_pos_ = q_pos[None, :, None]  # (1, T, 1)
+def prefix_lm_mask(
+    sep: torch.Tensor,
+    q_len: int,
+    past_len: int | torch.Tensor,
+    key_start: torch.Tensor | None = None,
+    n_keys: int | None = None,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask, True = may attend, S = n_keys or P+T. Built with tensor ops only
+    (compile/export safe). `past_len` may be a (B,) tensor and `n_keys` a cache buffer's capacity (an
+    in-place cache): the slots after a query's own position are hidden by the causal rule."""
+    steps = torch.arange(q_len, device=sep.device)[None]  # (1, T)
+    per_row = isinstance(past_len, torch.Tensor)
+    q_pos = (past_len[:, None] if per_row else past_len) + steps  # (B or 1, T)
+    if n_keys is None:
+        if per_row:
+            raise ValueError("a per-row past_len needs n_keys (the cache buffer's capacity)")
+        n_keys = past_len + q_len
+    k_pos_ = torch.arange(n_keys, device=sep.device)[None, None, :]  # (1, 1, S)
+    q_pos_ = q_pos[..., None]  # (B or 1, T, 1)
     visible = (k_pos_ < sep[:, None, None]) | (k_pos_ <= q_pos_)  # (B, T, S)
     if key_start is not None:
         visible = visible & (k_pos_ >= key_start[:, None, None])  # (B, T, S)
@@ -105,6 +118,21 @@ class Rotary2D(nn.Module):
         return torch.cat([_rope(half_a, cos_a, sin_a), _rope(half_b, cos_b, sin_b)], dim=-1)  # (B, H, T, D)
 
 
+class InPlaceCache:
+    """A layer's key/value cache held in preallocated buffers (B, H, capacity, D) that `attend` writes at
+    `past_length` (B,) and attends over, instead of the (k, v) pair each step concatenates onto. The
+    exported generation graph uses one (glm.export.KVBuffer): onnxruntime then updates the cache in place."""
+
+    k: torch.Tensor  # (B, H, capacity, D)
+    past_length: torch.Tensor  # (B,) positions already written
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """q, k, v (B, T, C) and the additive mask (B, 1, T, capacity) -> (B, T, C) and the updated buffers."""
+        raise NotImplementedError
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -126,6 +154,8 @@ class Attention(nn.Module):
         """Attention of every position, or (`rows` (B, N)) of those queries only: keys and values still
         come from every position. Returns (B, T or N, C) and this layer's (k, v)."""
         B, T, C = x.shape
+        if isinstance(past, InPlaceCache):
+            return self._attend_in_place(x, mask, rope, past)
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         if rope is not None:
@@ -146,6 +176,19 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T or N, D)
         y = y.transpose(1, 2).reshape(B, q.shape[2], C)  # (B, T or N, C)
         return self.resid_drop(self.proj(y)), (k, v)
+
+    def _attend_in_place(
+        self, x: torch.Tensor, mask: torch.Tensor, rope: tuple[torch.Tensor, ...] | None, cache: "InPlaceCache"
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Attention through a cache that writes these keys/values into its buffers and attends itself,
+        with q, k, v as (B, T, C): the layout a fused kernel takes without transposes."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # (B, T, C) each
+        if rope is not None:
+            heads = (B, T, self.n_head, self.head_dim)
+            q, k = (Rotary2D.rotate(t.view(heads).transpose(1, 2), rope).transpose(1, 2).reshape(B, T, C) for t in (q, k))
+        y, present = cache.attend(q, k, v, mask)  # (B, T, C)
+        return self.resid_drop(self.proj(y)), present
 
 
 class MLP(nn.Module):
@@ -262,7 +305,13 @@ class GLM(nn.Module):
         earlier block, still need every position)."""
         self._check_inputs(input_ids, position_ids, block_position_ids, sep, past_key_values, key_start)
         B, T = input_ids.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        n_keys = None
+        if past_key_values is None:
+            past_len: int | torch.Tensor = 0
+        elif isinstance(past_key_values[0], InPlaceCache):  # buffers: keys are every slot, written or not
+            past_len, n_keys = past_key_values[0].past_length, past_key_values[0].k.shape[2]
+        else:
+            past_len = past_key_values[0][0].shape[2]
         x = self.wte(input_ids)  # (B, T, C)
         rope = None
         if self.cfg.rotary_2d:
@@ -280,7 +329,7 @@ class GLM(nn.Module):
         if use_flex:
             mask = _flex_block_mask(sep, T, key_start)
         else:
-            visible = prefix_lm_mask(sep, T, past_len, key_start)  # (B, 1, T, P+T)
+            visible = prefix_lm_mask(sep, T, past_len, key_start, n_keys)  # (B, 1, T, P+T or capacity)
             # additive, once for every layer: a boolean mask costs each layer's exported graph a Where
             # and a NaN guard (no row is ever fully masked: every query sees itself)
             mask = torch.where(visible, 0.0, float("-inf"))  # (B, 1, T, P+T) float32

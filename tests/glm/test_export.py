@@ -145,7 +145,7 @@ def test_bundle_holds_the_listed_files_with_sha256sum_checksums(built):
 
 def test_config_records_version_dimensions_special_ids_and_io(built, lm):
     config = json.loads((built.lm_bundle / "config.json").read_text())
-    assert config["format"] == runtime.FORMAT and config["format_version"] == export.FORMAT_VERSION == 1
+    assert config["format"] == runtime.FORMAT and config["format_version"] == export.FORMAT_VERSION == 2
     m = config["model"]
     assert (m["n_layer"], m["n_head"], m["head_dim"], m["vocab_size"], m["max_seq_len"]) == (2, 2, 16, 448, 128)
     assert config["special_tokens"] == SPECIAL.as_dict()
@@ -153,7 +153,7 @@ def test_config_records_version_dimensions_special_ids_and_io(built, lm):
     assert [x["name"] for x in config["io"]["inputs"]] == inputs
     assert [x["name"] for x in config["io"]["outputs"]] == outputs
     assert inputs[:5] == ["input_ids", "position_ids", "block_position_ids", "sep", "key_start"]
-    assert inputs[5:7] == ["past_key_values.0.key", "past_key_values.0.value"] and outputs[1] == "present.0.key"
+    assert inputs[5:8] == ["past_length", "past_key_values.0.key", "past_key_values.0.value"] and outputs[1] == "present.0.key"
     assert config["classifier"] is None and config["files"]["model_int8"] == "model.int8.onnx"
     assert Path(config["source"]["checkpoint"]) == built.lm_checkpoint.resolve()
 
@@ -164,25 +164,57 @@ def test_graph_is_one_file_with_dynamic_batch_sequence_and_past_axes(built):
     graph_io = [*model.graph.input, *model.graph.output]
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph_io}
     assert dims["input_ids"] == dims["block_position_ids"] == ["batch", "seq"]
-    assert dims["sep"] == dims["key_start"] == ["batch"]
-    assert dims["past_key_values.1.value"] == ["batch", 2, "past", 16]
+    assert dims["sep"] == dims["key_start"] == dims["past_length"] == ["batch"]
+    assert dims["past_key_values.1.value"] == ["batch", 2, "capacity", 16]
     assert dims["logits"] == ["batch", "seq", 448]
-    assert dims["present.1.key"][:2] == ["batch", 2] and isinstance(dims["present.1.key"][2], str)
+    assert dims["present.1.key"] == ["batch", 2, "capacity", 16]  # the same buffer, written in place
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_the_in_place_cache_computes_what_the_concatenated_cache_does(rotary):
+    """KVBuffer's eager form (the exported op's semantics) against the model's own (k, v) concatenation:
+    a left-padded prompt, then two decoding steps, in buffers with spare capacity."""
+    model = lively_model(448, rotary_2d=rotary)
+    wrapper = export.CachedGLM(model)
+    B, L, C = 2, 5, 8
+    ids = torch.tensor([[0, 0, 20, 21, 4], [30, 31, 32, 4, 33]])
+    pos = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    sep, key_start = torch.full((B,), L), torch.tensor([2, 0])
+    shape = (B, model.cfg.n_head, C, model.cfg.head_dim)
+    buffers = [torch.zeros(shape) for _ in range(2 * model.cfg.n_layer)]
+    inputs = [(ids, pos, torch.zeros_like(pos))]
+    inputs += [(torch.tensor([[t], [t]]), torch.tensor([[2], [3]]), torch.full((B, 1), n)) for n, t in ((1, 7), (2, 9))]
+    past, length = None, 0
+    with torch.no_grad():
+        for x in inputs:
+            ref, past = model(*x, sep, key_start=key_start, past_key_values=past, use_cache=True)
+            got, *buffers = wrapper(*x, sep, key_start, torch.full((B,), length), *buffers)
+            length += x[0].shape[1]
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    for buf, ref in zip(buffers, [t for kv in past for t in kv]):
+        torch.testing.assert_close(buf[:, :, :length], ref, rtol=0, atol=1e-6)
+        assert not buf[:, :, length:].any()  # written where past_length said, nowhere else
 
 
 @pytest.mark.parametrize("graph", ["model.onnx", "model.int8.onnx"])
-def test_a_decoding_step_reads_the_key_cache_without_copying_it_through_a_transpose(built, tmp_path, graph):
-    """Attention is exported written out (glm.core.model._attention_for_export): onnxruntime then folds
-    the key's transpose into the scores' MatMul. SDPA's ONNX form transposed (and reshaped) each
-    layer's whole key cache at every step; this keeps that from coming back unseen."""
+def test_each_layer_attends_with_one_fused_op_that_owns_its_cache(built, tmp_path, graph):
+    """The generation graph's attention is onnxruntime's GroupQueryAttention (glm.export.KVBuffer), in
+    the graph onnxruntime actually runs (optimized; int8 too): per layer one node reads the layer's
+    cache buffers and writes its presents, and nothing else touches the cache: no Concat copying it
+    every step (format 1), no transpose of the keys (SDPA's ONNX form); Shape (the capacity) reads no data."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(built.lm_bundle / graph), options, providers=["CPUExecutionProvider"])
     nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
-    readers = {f"present.{i}.key": [n.op_type for n in nodes if f"present.{i}.key" in n.input] for i in range(2)}
-    assert readers == {"present.0.key": ["FusedMatMul"], "present.1.key": ["FusedMatMul"]}, readers
+    for i in range(2):
+        for kv in ("key", "value"):
+            readers = [n.op_type for n in nodes if f"past_key_values.{i}.{kv}" in n.input and n.op_type != "Shape"]
+            writers = [n.op_type for n in nodes if f"present.{i}.{kv}" in n.output]
+            assert readers == writers == ["GroupQueryAttention"], (i, kv, readers, writers)  # Shape reads no data
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and not [n for n in nodes if n.op_type in ("Concat", "Softmax", "FusedMatMul")]
 
 
 def test_verification_report_covers_the_shape_grid_and_passed(built):

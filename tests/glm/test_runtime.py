@@ -15,7 +15,7 @@ import pytest
 import torch
 from glm_pipeline.flows.cli import main as cli_main
 
-from glm import runtime
+from glm import export, runtime
 from glm.core.tokenizer import Tokenizer
 from glm.export import write_sha256sums
 from glm.finetuning import finetune as ft
@@ -100,8 +100,9 @@ def _edit_config(bundle: Path, **changes) -> None:
     "damage, message",
     [
         (
-            lambda b: _edit_config(b, format_version=2),
-            "format version 2, newer than this runtime understands \\(1, glm-runtime .*pip install -U glm-runtime",
+            lambda b: _edit_config(b, format_version=runtime.FORMAT_VERSION + 1),
+            f"format version {runtime.FORMAT_VERSION + 1}, newer than this runtime understands \\({runtime.FORMAT_VERSION}, "
+            "glm-runtime .*pip install -U glm-runtime",
         ),
         (lambda b: (b / "tokenizer.model").unlink(), "missing tokenizer.model"),
         (lambda b: (b / "model.onnx").open("ab").write(b"\0"), "model.onnx does not match its checksum"),
@@ -204,7 +205,7 @@ def _json_list(b: Path) -> None:
         (
             lambda b: _edit_config(b, model__n_head=4),
             r"graph input 'past_key_values.0.key' is tensor\(float\) "
-            r"\['batch', 2, 'past', 16\], but config.json implies .* \['\*', 4, '\*', 16\]",
+            r"\['batch', 2, 'capacity', 16\], but config.json implies .* \['\*', 4, '\*', 16\]",
         ),
         (lambda b: _edit_config(b, model__vocab_size=500), r"graph output 'logits' .* sizes \['\*', '\*', 500\]"),
     ],
@@ -307,18 +308,56 @@ def test_the_device_follows_the_providers_the_session_really_loaded(lm):
 # --------------------------------------------------------------------------- decoding
 
 
-def test_io_bound_cache_steps_equal_plain_host_runs(lm):
+def test_in_place_cache_steps_equal_plain_host_runs(lm):
+    # format 2: one buffer per layer bound as both past and present, written in place at each step
+    assert lm.in_place
     B, L = 2, 6
     ids = np.array([[0, 0, 20, 21, 4, 22], [30, 31, 32, 4, 33, 34]])
     pos = np.array([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
     sep, key_start = np.full(B, L), np.array([2, 0])
-    step = (np.array([[7], [7]]), np.array([[2], [3]]), np.ones((B, 1), np.int64), sep, key_start)
+    steps = [(np.array([[t], [t]]), np.array([[2], [3]]), np.full((B, 1), n), sep, key_start) for n, t in ((1, 7), (2, 9))]
     _, past_host = lm.run(ids, pos, np.zeros_like(pos), sep, key_start)
-    ref, _ = lm.run(*step[:4], step[4], past_host)
-    _, past_dev = lm._run_bound((ids, pos, np.zeros_like(pos), sep, key_start), None)
-    got, presents = lm._run_bound(step, past_dev)
-    np.testing.assert_array_equal(got, ref)
-    assert presents[0].shape() == [B, 2, L + 1, 16]
+    cache = lm.new_cache(L + 3, past_host)
+    buffers = [b.numpy() for b in cache.buffers]  # views of the bound memory (CPU)
+    for step in steps:
+        ref, past_host = lm.run(*step[:4], step[4], past_host)
+        got, cache = lm._run_bound(step, cache)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    assert cache.length == L + 2
+    for buf, host in zip(buffers, past_host):
+        np.testing.assert_allclose(buf[:, :, : L + 2], host, rtol=0, atol=1e-5)  # written where the cache said
+        assert not buf[:, :, L + 2 :].any()  # and nowhere else
+    with pytest.raises(ValueError, match="holds 9 positions; 8 written, 2 more asked"):
+        lm._run_bound((ids[:, :2], pos[:, :2], pos[:, :2], sep, key_start), cache)
+
+
+def test_a_format_2_bundle_names_the_onnxruntime_it_needs(lm):
+    # onnxruntime 1.29 refuses GroupQueryAttention's causal attribute ("Unrecognized attribute"), 1.30 runs
+    # the bundle (both measured in fresh venvs); an app that vendored runtime.py gets the fix, not the error
+    why = runtime.onnxruntime_too_old(lm.config, "1.29.0")
+    assert why.startswith("bundle format 2 needs onnxruntime >= 1.30") and "pip install -U 'onnxruntime>=1.30'" in why
+    assert runtime.onnxruntime_too_old(lm.config, "1.30.0") is None
+    assert runtime.onnxruntime_too_old(lm.config, "1.31.1+cu12") is None
+    assert runtime.onnxruntime_too_old({**lm.config, "format_version": 1}, "1.18.0") is None
+
+
+def test_a_format_1_bundle_still_decodes_with_this_runtime(built, lm, tmp_path):
+    # bundles exported before the in-place cache (format 1: pasts concatenated onto) stay loadable, e.g.
+    # an older version promoted back by a rollback; same model, same logits at every decoding step
+    old = _copy(built, tmp_path)
+    model = load_model(built.lm_checkpoint)[0]
+    export.export_onnx(model, old / "model.onnx", in_place=False)
+    (old / "model.int8.onnx").unlink()
+    _edit_config(old, format_version=1, files__model_int8=None)
+    v1 = runtime.Bundle.load(old, threads=1)
+    assert not v1.in_place and [i.name for i in v1.session.get_inputs()][5] == "past_key_values.0.key"
+    prompts = [lm.encode("the movie was [MASK] and the acting [sMASK]."), [40, 41, 4, 42]]
+    eop = lm.special["eop"]
+    tokens = [[t for span in row for t in [*span, eop]] for row in lm.fill_ids(prompts, max_new_tokens=4)]
+    for new, got in zip(lm.teacher_forced_logits(prompts, tokens, 4), v1.teacher_forced_logits(prompts, tokens, 4)):
+        np.testing.assert_allclose(got, new, rtol=0, atol=1e-4)
+    with pytest.raises(runtime.BundleError, match="format version 1 .*re-export it for in-place decoding"):
+        v1.new_cache(8, v1.run(*(np.zeros((1, 2), np.int64),) * 3, np.array([2]))[1])
 
 
 def test_teacher_forcing_the_bundles_own_choices_replays_its_greedy_decoding(lm):
