@@ -2,7 +2,7 @@
 
 One random-init checkpoint (preset `small`, vocabulary 16000 as onnx_inference; quick: `tiny`) is
 exported without verification (int8 included); each graph runs `steps` decoding steps (batch 1, one
-token against a cache of `past` positions, the cache bound as OrtValues as in Bundle.fill_ids) in a
+token against a cache of `past` positions, the cache buffers bound and written in place as in Bundle.fill_ids) in a
 session with SessionOptions.enable_profiling. Rows: each op type's share of the summed kernel time
 (the top ones, then "other"), per graph; a row with the CPU model and its SIMD flags (avx512*, amx*,
 vnni). Shares of time hold under background load, unlike absolute times; this benchmark reports no
@@ -83,10 +83,26 @@ def profile_step(model_path: Path, cfg, past: int, steps: int, threads: int, tmp
         "key_start": np.zeros(1, np.int64),
     }
     names = [i.name for i in session.get_inputs()]
+    in_place = "past_length" in names  # format 2: cache buffers of capacity past + 1, past of them written
+    if in_place:
+        feeds["past_length"] = np.array([past])
     for n in names[len(feeds) :]:
-        feeds[n] = rng.standard_normal((1, cfg.n_head, past, cfg.head_dim)).astype(np.float32)
-    for _ in range(steps):
-        session.run(None, feeds)
+        feeds[n] = rng.standard_normal((1, cfg.n_head, past + in_place, cfg.head_dim)).astype(np.float32)
+    if in_place:  # as Bundle.fill_ids: each buffer bound as its layer's past and present, written in place
+        binding = session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for n, a in feeds.items():
+            if n.startswith("past_key_values."):
+                value = ort.OrtValue.ortvalue_from_numpy(a)
+                binding.bind_ortvalue_input(n, value)
+                binding.bind_ortvalue_output(n.replace("past_key_values.", "present."), value)
+            else:
+                binding.bind_cpu_input(n, a)
+        for _ in range(steps):
+            session.run_with_iobinding(binding)
+    else:
+        for _ in range(steps):
+            session.run(None, feeds)
     trace = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, float] = collections.Counter()
     for event in trace:
