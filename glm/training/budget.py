@@ -220,15 +220,16 @@ def apply_plan(cfg: Any, plan: dict[str, Any]) -> Any:
 def finetune_steps(
     cfg: Any,
     model: torch.nn.Module,
-    items: Sequence[Any],
+    batches: Sequence[Sequence[Any]],
     loss_fn: Callable[[torch.nn.Module, Sequence[Any]], torch.Tensor],
     autocast: Callable[[], Any],
     steps_per_epoch: int,
     eval_seconds: float,
 ) -> BudgetPlan:
     """The fine-tuning steps that fit `cfg.budget_minutes` (one run), from WARMUP_STEPS + MEASURE_STEPS steps
-    of a copy of `model` (its own AdamW) on consecutive batches of `items`, and the time of one dev
-    evaluation; the model, the caller's optimizer and the random streams are left as they were.
+    of a copy of `model` (its own AdamW) on `batches` (lists of items, as training will batch them: see
+    glm.finetune.typical_batches), and the time of one dev evaluation; the model, the caller's optimizer
+    and the random streams are left as they were.
 
     Evaluations run every cfg.eval_every steps, else once an epoch. An explicitly set `finetune.epochs`
     caps the steps, as `pretrain.steps` caps a pretraining budget."""
@@ -242,8 +243,7 @@ def finetune_steps(
         probe = copy.deepcopy(model).train()
         optimizer = configure_optimizer(probe, cfg.optim, device.type)
         for step in range(WARMUP_STEPS + MEASURE_STEPS):
-            first = (step * cfg.batch_size) % max(1, len(items))
-            batch = list(items[first : first + cfg.batch_size]) or list(items[: cfg.batch_size])
+            batch = list(batches[step % len(batches)])
             t0 = time.perf_counter()
             fine_tuning_step(probe, optimizer, cfg.optim.lr, cfg, autocast, loss_fn, batch)  # the step that trains
             if device.type == "cuda":

@@ -597,6 +597,26 @@ def test_epoch_batches_cover_every_example_once():
     assert [b.tolist() for b in other] != [b.tolist() for b in batches]
 
 
+def test_the_budget_times_batches_of_the_epoch_s_mean_padded_size():
+    # mostly short texts and a long tail (reviews): consecutive unsorted batches nearly all hold a long
+    # text and pad to it; the batches the budget times are batches training really runs, of mean size
+    rng = np.random.default_rng(0)
+    lengths = np.where(rng.random(2000) < 0.1, 120, rng.integers(8, 24, 2000))
+    items = [f"item {i}" for i in range(2000)]
+    timed = ft.typical_batches(items, 16, lengths, True, 4, seed=3)
+    epoch = ft.epoch_batches(2000, 16, np.random.default_rng(3), lengths)
+    as_run = {tuple(items[i] for i in b) for b in epoch}
+    assert len(timed) == 4 and all(tuple(b) in as_run for b in timed)
+    padded = lambda batch: len(batch) * max(lengths[items.index(x)] for x in batch)  # noqa: E731
+    mean = np.mean([len(b) * lengths[b].max() for b in epoch])
+    assert all(abs(padded(b) - mean) <= 0.25 * mean for b in timed)
+    consecutive = np.mean([16 * lengths[i : i + 16].max() for i in range(0, 64, 16)])  # what was timed before
+    assert consecutive > 2 * mean
+    ungrouped = ft.typical_batches(items, 16, lengths, False, 4, seed=3)  # group_by_length off: its own batches
+    plain = {tuple(items[i] for i in b) for b in ft.epoch_batches(2000, 16, np.random.default_rng(3))}
+    assert all(tuple(b) in plain for b in ungrouped)
+
+
 def plain_batches(n: int, batch_size: int) -> list[np.ndarray]:
     return ft.epoch_batches(n, batch_size, np.random.default_rng(1))
 
