@@ -678,13 +678,8 @@ class Bundle:
         past: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One plain forward on host arrays: logits (B, T, V) and presents, each (B, H, P+T, D)."""
-        B, T = input_ids.shape
-        if self.in_place and B > 1 and T > 1 and past is not None and past[0].shape[2] > 0:
-            # onnxruntime's GroupQueryAttention extends a non-empty cache by several positions one row at a
-            # time only; rows are independent, so run them one by one
-            key_start = np.zeros(B, np.int64) if key_start is None else key_start
-            arrays = (input_ids, position_ids, block_position_ids, sep, key_start)
-            rows = [self.run(*(a[r : r + 1] for a in arrays), past=[c[r : r + 1] for c in past]) for r in range(B)]
+        rows = self._row_by_row(self.run, input_ids, position_ids, block_position_ids, sep, key_start, past)
+        if rows is not None:
             return np.concatenate([lg for lg, _ in rows]), [np.concatenate(cs) for cs in zip(*(ps for _, ps in rows))]
         feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past, self.in_place)
         logits, *presents = self.session.run(["logits", *self.present_names], feeds)
@@ -700,13 +695,9 @@ class Bundle:
         past: Sequence[np.ndarray] | None = None,
     ) -> np.ndarray:
         """A linear-head classifier's label logits (B, T, n_labels) at every position."""
-        B, T = input_ids.shape
-        if self.in_place and B > 1 and T > 1 and past is not None and past[0].shape[2] > 0:  # as run(): row by row
-            key_start = np.zeros(B, np.int64) if key_start is None else key_start
-            arrays = (input_ids, position_ids, block_position_ids, sep, key_start)
-            return np.concatenate(
-                [self.run_label_logits(*(a[r : r + 1] for a in arrays), past=[c[r : r + 1] for c in past]) for r in range(B)]
-            )
+        rows = self._row_by_row(self.run_label_logits, input_ids, position_ids, block_position_ids, sep, key_start, past)
+        if rows is not None:
+            return np.concatenate(rows)
         if not self.has_head:
             raise BundleError(f"bundle {self.path} has no linear classification head (no {LABEL_LOGITS} output)")
         feeds = self._feeds(input_ids, position_ids, block_position_ids, sep, key_start, past, self.in_place)
@@ -729,6 +720,17 @@ class Bundle:
         feeds[SELECT_INPUT] = np.ascontiguousarray(positions, np.int64)
         scores, *presents = self.select_session.run([SELECT_OUTPUT, *self.present_names], feeds)
         return scores, presents
+
+    def _row_by_row(self, call, input_ids, position_ids, block_position_ids, sep, key_start, past) -> list[Any] | None:
+        """`call` on each row alone when the generation graph needs it, else None: onnxruntime's
+        GroupQueryAttention extends a non-empty cache by several positions for one row at a time only
+        (format 2); rows are independent, so the results are the batch's."""
+        B, T = input_ids.shape
+        if not (self.in_place and B > 1 and T > 1 and past is not None and past[0].shape[2] > 0):
+            return None
+        key_start = np.zeros(B, np.int64) if key_start is None else key_start
+        arrays = (input_ids, position_ids, block_position_ids, sep, key_start)
+        return [call(*(a[r : r + 1] for a in arrays), past=[c[r : r + 1] for c in past]) for r in range(B)]
 
     def _feeds(
         self, input_ids, position_ids, block_position_ids, sep, key_start, past, in_place: bool = False

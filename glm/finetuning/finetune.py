@@ -871,7 +871,9 @@ def train_loop(
     autocast = autocast_factory(cfg.precision, device)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    item_lengths = [length_of(item) for item in train_items] if length_of else None
+    # lengths group batches, and size the batches a fine-tuning budget times
+    needed = length_of is not None and (cfg.group_by_length or cfg.budget_minutes is not None)
+    item_lengths = [length_of(item) for item in train_items] if needed else None
     lengths = item_lengths if cfg.group_by_length else None
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
